@@ -1,0 +1,83 @@
+//! The agent's etcd member: facts for registration and the raw snapshot stream.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, SnapshotStreaming, TlsOptions};
+use ferry_common::protocol::EtcdFacts;
+
+/// How long one etcd RPC (other than the snapshot stream) may take.
+const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS files for etcd's client port (kubeadm: /etc/kubernetes/pki/etcd/…).
+#[derive(Debug, Clone, Default)]
+pub struct EtcdTls {
+    pub cacert: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// A connection to this agent's own etcd member (the first `--etcd-endpoints` URL).
+#[derive(Clone)]
+pub struct EtcdMember {
+    client: Client,
+    pub endpoint: String,
+}
+
+impl EtcdMember {
+    pub async fn connect(endpoint: &str, tls: &EtcdTls) -> Result<Self> {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(RPC_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(10));
+        if tls.cacert.is_some() || tls.cert.is_some() {
+            let mut t = TlsOptions::new();
+            if let Some(ca) = &tls.cacert {
+                let pem = std::fs::read(ca).with_context(|| format!("read --etcd-cacert {}", ca.display()))?;
+                t = t.ca_certificate(Certificate::from_pem(pem));
+            }
+            match (&tls.cert, &tls.key) {
+                (Some(c), Some(k)) => {
+                    let cert = std::fs::read(c).with_context(|| format!("read --etcd-cert {}", c.display()))?;
+                    let key = std::fs::read(k).with_context(|| format!("read --etcd-key {}", k.display()))?;
+                    t = t.identity(Identity::from_pem(cert, key));
+                }
+                (None, None) => {}
+                _ => anyhow::bail!("--etcd-cert and --etcd-key go together; give both or neither"),
+            }
+            opts = opts.with_tls(t);
+        }
+        // Connecting is lazy in tonic: this succeeds even while etcd is down, and RPCs fail until it is up.
+        let client = Client::connect([endpoint], Some(opts)).await.with_context(|| format!("connect to etcd at {endpoint}"))?;
+        Ok(Self { client, endpoint: endpoint.to_string() })
+    }
+
+    /// The member's status as the coordinator wants it.
+    pub async fn facts(&self) -> Result<EtcdFacts> {
+        let mut c = self.client.clone();
+        let st = tokio::time::timeout(RPC_TIMEOUT, c.status())
+            .await
+            .with_context(|| format!("etcd status at {} timed out", self.endpoint))?
+            .with_context(|| format!("etcd status at {}", self.endpoint))?;
+        let header = st.header().context("etcd status carried no header")?;
+        Ok(EtcdFacts {
+            member_id: header.member_id(),
+            cluster_id: header.cluster_id(),
+            etcd_version: st.version().to_string(),
+            db_size: st.db_size(),
+            raft_applied_index: st.raft_applied_index(),
+            revision: header.revision(),
+            leader: st.leader() == header.member_id(),
+            error: None,
+        })
+    }
+
+    /// Opens etcd's snapshot stream. etcd holds a bbolt read transaction open until the stream ends.
+    pub async fn snapshot(&self) -> Result<SnapshotStreaming> {
+        let mut c = self.client.clone();
+        tokio::time::timeout(RPC_TIMEOUT, c.snapshot())
+            .await
+            .context("opening etcd's snapshot stream timed out")?
+            .context("open etcd snapshot stream")
+    }
+}

@@ -1,0 +1,146 @@
+//! One backup job on the agent: etcd's snapshot stream → sha256 check → zstd → the store.
+//!
+//! Three stages joined by small bounded channels, so memory stays at a few MiB whatever the DB size and a
+//! slow store slows the etcd reader instead of piling bytes up:
+//! etcd reader (async) → compressor (blocking thread) → sender (async, QUIC stream to the coordinator).
+//! The trailing hash message is forwarded to the compressor only after it matched, and `Finished` is sent
+//! only after both the reader and the compressor succeeded: nothing unverified can be committed.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_common::protocol::{
+    expect_frame, write_frame, BackupJob, BackupSummary, BackupTarget, JobMsg, JobReply, DATA_CHUNK,
+};
+use ferry_common::resources::Timestamp;
+use quinn::{RecvStream, SendStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::etcd::EtcdMember;
+use crate::pipeline::{Compressed, Compressor, SnapshotVerifier, Verified};
+
+/// A transfer that makes no progress for this long is aborted: etcd holds a read transaction open for the
+/// whole stream, which grows its database, so hanging is worse than failing.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the coordinator may take to commit (fsync, rename) after the last byte.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Messages in flight between stages (etcd sends 32 KiB messages; compressed chunks are up to DATA_CHUNK).
+const CHANNEL_DEPTH: usize = 8;
+/// Progress is reported at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs a backup job on a job stream the coordinator opened; reports failure on the stream itself.
+pub async fn run(etcd: EtcdMember, job: BackupJob, mut send: SendStream, mut recv: RecvStream, cancel: CancellationToken) -> Result<()> {
+    let result = tokio::select! {
+        r = stream_backup(&etcd, &job, &mut send, &mut recv) => r,
+        _ = cancel.cancelled() => Err(anyhow!("agent is shutting down")),
+    };
+    if let Err(e) = &result {
+        // Best effort: the coordinator discards the partial object either way when the stream breaks.
+        let _ = write_frame(&mut send, &JobMsg::Failed { error: format!("{e:#}") }).await;
+        let _ = send.finish();
+    }
+    result
+}
+
+async fn stream_backup(etcd: &EtcdMember, job: &BackupJob, send: &mut SendStream, recv: &mut RecvStream) -> Result<()> {
+    match job.target {
+        BackupTarget::Coordinator => {}
+    }
+    let started_at = Timestamp::now();
+    let facts = etcd.facts().await?;
+    write_frame(send, &JobMsg::Started(facts)).await.context("send job start")?;
+    let snapshot = etcd.snapshot().await?;
+
+    let (raw_tx, raw_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
+    let (progress_tx, progress_rx) = tokio::sync::watch::channel(0u64);
+    let reader = tokio::spawn(read_etcd(snapshot, raw_tx, progress_tx));
+    let level = job.zstd_level;
+    let compressor = tokio::task::spawn_blocking(move || compress(raw_rx, out_tx, level));
+
+    let mut last_progress = Instant::now();
+    loop {
+        let chunk = match tokio::time::timeout(STALL_TIMEOUT, out_rx.recv()).await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(_) => {
+                reader.abort();
+                bail!("no snapshot data for {}s; aborting so etcd is not held", STALL_TIMEOUT.as_secs())
+            }
+        };
+        tokio::time::timeout(STALL_TIMEOUT, write_frame(send, &JobMsg::Data(chunk)))
+            .await
+            .map_err(|_| anyhow!("the coordinator accepted no data for {}s", STALL_TIMEOUT.as_secs()))?
+            .context("send snapshot data")?;
+        if last_progress.elapsed() >= PROGRESS_EVERY {
+            last_progress = Instant::now();
+            let raw_bytes = *progress_rx.borrow();
+            write_frame(send, &JobMsg::Progress { raw_bytes }).await.context("send progress")?;
+        }
+    }
+    let verified = reader.await.context("etcd reader task")??;
+    let compressed = compressor.await.context("compressor task")??;
+
+    let summary = BackupSummary {
+        raw_size: verified.file_bytes,
+        raw_sha256: verified.file_sha256,
+        compressed_size: compressed.bytes,
+        compressed_sha256: compressed.sha256,
+        zstd_level: level,
+        started_at,
+        finished_at: Timestamp::now(),
+    };
+    write_frame(send, &JobMsg::Finished(summary)).await.context("send job summary")?;
+    let reply: JobReply = tokio::time::timeout(COMMIT_TIMEOUT, expect_frame(recv))
+        .await
+        .map_err(|_| anyhow!("the coordinator did not confirm the commit within {}s", COMMIT_TIMEOUT.as_secs()))?
+        .context("read commit reply")?;
+    let _ = send.finish();
+    match reply {
+        JobReply::Committed => Ok(()),
+        JobReply::Failed { error } => bail!("the coordinator refused the backup: {error}"),
+    }
+}
+
+async fn read_etcd(
+    mut snapshot: etcd_client::SnapshotStreaming,
+    raw_tx: mpsc::Sender<Vec<u8>>,
+    progress: tokio::sync::watch::Sender<u64>,
+) -> Result<Verified> {
+    let mut verifier = SnapshotVerifier::default();
+    loop {
+        let msg = tokio::time::timeout(STALL_TIMEOUT, snapshot.message())
+            .await
+            .map_err(|_| anyhow!("etcd sent no snapshot data for {}s", STALL_TIMEOUT.as_secs()))?
+            .context("read etcd snapshot stream")?;
+        let Some(msg) = msg else { break };
+        if let Some(data) = verifier.push(msg.blob().to_vec()) {
+            forward(&raw_tx, data).await?;
+            progress.send_replace(verifier.db_bytes());
+        }
+    }
+    let verified = verifier.finish()?;
+    forward(&raw_tx, verified.trailer.clone()).await?;
+    progress.send_replace(verified.file_bytes);
+    Ok(verified)
+}
+
+async fn forward(tx: &mpsc::Sender<Vec<u8>>, data: Vec<u8>) -> Result<()> {
+    tx.send(data).await.map_err(|_| anyhow!("compressor stopped"))
+}
+
+fn compress(mut rx: mpsc::Receiver<Vec<u8>>, tx: mpsc::Sender<Vec<u8>>, level: i32) -> Result<Compressed> {
+    let mut c = Compressor::new(level, DATA_CHUNK).context("start zstd")?;
+    while let Some(raw) = rx.blocking_recv() {
+        if let Some(out) = c.write(&raw).context("zstd compress")? {
+            tx.blocking_send(out).map_err(|_| anyhow!("sender stopped"))?;
+        }
+    }
+    let (last, totals) = c.finish().context("zstd finish")?;
+    if !last.is_empty() {
+        tx.blocking_send(last).map_err(|_| anyhow!("sender stopped"))?;
+    }
+    Ok(totals)
+}

@@ -1,0 +1,141 @@
+//! The agent's link to the coordinator: dial (agents may sit behind NAT, so they always dial), say hello,
+//! report etcd facts periodically, and run the jobs the coordinator sends. Reconnects with backoff whenever
+//! the link drops, and starts fine before the coordinator is up.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use ferry_common::config::AgentCredentials;
+use ferry_common::protocol::{expect_frame, write_frame, AgentMsg, EtcdFacts, Hello, HelloReply, JobRequest};
+use ferry_common::tls::{quinn_client_config, resolve};
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::etcd::EtcdMember;
+
+/// How often the agent reports its member's facts.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(10);
+/// Reconnect backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A QUIC handshake that takes longer than this is abandoned and retried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Link {
+    pub coordinator: String,
+    pub credentials: AgentCredentials,
+    pub etcd: EtcdMember,
+}
+
+impl Link {
+    /// Runs until `cancel` fires.
+    pub async fn run(self, cancel: CancellationToken) -> Result<()> {
+        let client = quinn_client_config(&self.credentials.ca_pem, &self.credentials.client)
+            .context("build TLS config from --credentials")?;
+        let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().context("bind address")?).context("open UDP socket")?;
+        endpoint.set_default_client_config(client);
+        let mut failures: u32 = 0;
+        let mut last_facts = EtcdFacts::default();
+        while !cancel.is_cancelled() {
+            match self.session(&endpoint, &cancel, &mut last_facts, &mut failures).await {
+                Ok(()) => {}
+                Err(e) => warn!("coordinator link to {} failed: {e:#}", self.coordinator),
+            }
+            if cancel.is_cancelled() {
+                break;
+            }
+            failures = failures.saturating_add(1);
+            let delay = backoff(failures);
+            info!(delay_ms = delay.as_millis() as u64, "reconnecting to the coordinator");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cancel.cancelled() => {}
+            }
+        }
+        endpoint.close(0u32.into(), b"agent shutting down");
+        endpoint.wait_idle().await;
+        Ok(())
+    }
+
+    async fn session(
+        &self,
+        endpoint: &quinn::Endpoint,
+        cancel: &CancellationToken,
+        last_facts: &mut EtcdFacts,
+        failures: &mut u32,
+    ) -> Result<()> {
+        let (addr, server_name) = resolve(&self.coordinator).await?;
+        let connecting = endpoint.connect(addr, &server_name).context("start QUIC connection")?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .context("QUIC handshake timed out")?
+            .context("QUIC handshake")?;
+        let (mut send, mut recv) = conn.open_bi().await.context("open control stream")?;
+        write_frame(&mut send, &Hello::current()).await.context("send hello")?;
+        match expect_frame(&mut recv).await.context("read hello reply")? {
+            HelloReply::Ok { software_version, .. } => info!(%software_version, "registered with the coordinator"),
+            HelloReply::Refused { reason } => bail!("the coordinator refused this agent: {reason}"),
+        }
+        *failures = 0;
+        let mut ticker = tokio::time::interval(REPORT_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    let facts = self.facts(last_facts).await;
+                    write_frame(&mut send, &AgentMsg::Report(facts)).await.context("send report")?;
+                }
+                incoming = conn.accept_bi() => {
+                    let (job_send, mut job_recv) = incoming.context("coordinator link closed")?;
+                    let etcd = self.etcd.clone();
+                    let cancel = cancel.child_token();
+                    // Created here so the job's span hangs under this agent's (cluster, member) span.
+                    let job_span = info_span!("job");
+                    tokio::spawn(async move {
+                        let request: JobRequest = match expect_frame(&mut job_recv).await {
+                            Ok(r) => r,
+                            Err(e) => return warn!("failed to read job request: {e:#}"),
+                        };
+                        match request {
+                            JobRequest::Backup(job) => {
+                                let span = info_span!(parent: &job_span, "backup", backup_id = %job.backup_id);
+                                async move {
+                                    info!(zstd_level = job.zstd_level, "backup started");
+                                    match crate::job::run(etcd, job, job_send, job_recv, cancel).await {
+                                        Ok(()) => info!("backup committed"),
+                                        Err(e) => warn!("backup failed: {e:#}"),
+                                    }
+                                }.instrument(span).await
+                            }
+                        }
+                    });
+                }
+                _ = cancel.cancelled() => {
+                    conn.close(0u32.into(), b"agent shutting down");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Current facts, or the last good ones marked with the error when etcd cannot be reached.
+    async fn facts(&self, last: &mut EtcdFacts) -> EtcdFacts {
+        match self.etcd.facts().await {
+            Ok(f) => {
+                *last = f.clone();
+                f
+            }
+            Err(e) => {
+                warn!("failed to read etcd member status: {e:#}");
+                EtcdFacts { error: Some(format!("{e:#}")), ..last.clone() }
+            }
+        }
+    }
+}
+
+/// Exponential backoff with jitter, so a restarted coordinator is not hit by every agent at once.
+fn backoff(failures: u32) -> Duration {
+    let exp = BACKOFF_MIN.saturating_mul(1u32 << failures.min(8));
+    let capped = exp.min(BACKOFF_MAX);
+    capped.mul_f64(rand::rng().random_range(0.5..1.0))
+}

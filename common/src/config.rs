@@ -1,0 +1,137 @@
+//! Config primitives shared by the daemons and ferryctl: the `ferryconfig` file and an agent's credentials
+//! directory, both holding private keys, so both are written 0600 and refused when world-readable.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::tls::CertifiedPem;
+
+/// Reading or writing a credentials file failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("{path} is readable by every user but holds a private key; run `chmod 600 {path}`")]
+    WorldReadable { path: PathBuf },
+    #[error("{path} is not a valid ferryconfig: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// What ferryctl needs to reach a coordinator as admin (`admin.ferryconfig`).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FerryConfig {
+    /// `host:port` of the coordinator's QUIC listener.
+    pub coordinator: String,
+    /// PEM of the coordinator's CA.
+    pub ca: String,
+    /// PEM client certificate.
+    pub cert: String,
+    /// PEM private key.
+    pub key: String,
+}
+
+impl std::fmt::Debug for FerryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FerryConfig").field("coordinator", &self.coordinator).field("key", &"***").finish_non_exhaustive()
+    }
+}
+
+impl FerryConfig {
+    pub fn client_pem(&self) -> CertifiedPem {
+        CertifiedPem { cert_pem: self.cert.clone(), key_pem: self.key.clone() }
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = read_secret(path)?;
+        serde_yaml_ng::from_str(&text).map_err(|e| ConfigError::Invalid { path: path.into(), reason: e.to_string() })
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+        let text = serde_yaml_ng::to_string(self)
+            .map_err(|e| ConfigError::Invalid { path: path.into(), reason: e.to_string() })?;
+        write_private(path, text.as_bytes())
+    }
+}
+
+/// File names inside an agent's `--credentials` directory.
+pub const CREDENTIALS_CA: &str = "ca.crt";
+pub const CREDENTIALS_CERT: &str = "agent.crt";
+pub const CREDENTIALS_KEY: &str = "agent.key";
+
+/// An agent's credentials: the coordinator's CA plus its own certificate and key.
+#[derive(Clone)]
+pub struct AgentCredentials {
+    pub ca_pem: String,
+    pub client: CertifiedPem,
+}
+
+impl AgentCredentials {
+    pub fn load(dir: &Path) -> Result<Self, ConfigError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            fs::read_to_string(&path).map_err(|source| ConfigError::Read { path, source })
+        };
+        Ok(Self {
+            ca_pem: read(CREDENTIALS_CA)?,
+            client: CertifiedPem { cert_pem: read(CREDENTIALS_CERT)?, key_pem: read_secret(&dir.join(CREDENTIALS_KEY))? },
+        })
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<(), ConfigError> {
+        fs::create_dir_all(dir).map_err(|source| ConfigError::Write { path: dir.into(), source })?;
+        let plain = |name: &str, body: &str| {
+            let path = dir.join(name);
+            fs::write(&path, body).map_err(|source| ConfigError::Write { path, source })
+        };
+        plain(CREDENTIALS_CA, &self.ca_pem)?;
+        plain(CREDENTIALS_CERT, &self.client.cert_pem)?;
+        write_private(&dir.join(CREDENTIALS_KEY), self.client.key_pem.as_bytes())
+    }
+}
+
+/// Reads a file holding a secret, refusing it when every user on the machine can read it.
+pub fn read_secret(path: &Path) -> Result<String, ConfigError> {
+    let meta = fs::metadata(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    if meta.permissions().mode() & 0o004 != 0 {
+        return Err(ConfigError::WorldReadable { path: path.into() });
+    }
+    fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })
+}
+
+/// Writes a file readable by its owner only, atomically (temp file, fsync, rename).
+pub fn write_private(path: &Path, body: &[u8]) -> Result<(), ConfigError> {
+    let err = |source| ConfigError::Write { path: path.into(), source };
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(err)?;
+    f.set_permissions(fs::Permissions::from_mode(0o600)).map_err(err)?;
+    f.write_all(body).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn world_readable_secrets_are_refused() {
+        let dir = std::env::temp_dir().join(format!("ferry-config-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("x.ferryconfig");
+        let cfg = FerryConfig { coordinator: "127.0.0.1:7443".into(), ca: "c".into(), cert: "c".into(), key: "k".into() };
+        cfg.save(&p).unwrap();
+        assert_eq!(FerryConfig::load(&p).unwrap().coordinator, "127.0.0.1:7443");
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        let e = FerryConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        assert!(!format!("{cfg:?}").contains("\"k\""));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

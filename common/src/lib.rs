@@ -1,0 +1,7 @@
+//! The contract between Ferry's daemons and its CLI: wire protocol, resource types, TLS and config
+//! primitives. No daemon logic lives here.
+
+pub mod config;
+pub mod protocol;
+pub mod resources;
+pub mod tls;

@@ -1,0 +1,638 @@
+//! Ferry's resources: the shape users see in `ferryctl get` and write with `ferryctl apply`.
+//!
+//! They follow the seed product's layout (`metadata` + `spec`, lowercase spec field names) so its users feel
+//! at home. Specs are typed: `apply` parses each document by its `metadata.type`, so a typo in a field name is
+//! an error, not a silently ignored key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// API group of every Ferry resource type.
+pub const GROUP: &str = "ferry.dev";
+/// Label carrying the cluster a resource belongs to (`--selector ferry.dev/cluster=NAME`).
+pub const LABEL_CLUSTER: &str = "ferry.dev/cluster";
+/// Label carrying the member a resource belongs to.
+pub const LABEL_MEMBER: &str = "ferry.dev/member";
+/// The one id of `EtcdBackupOverallStatuses`.
+pub const OVERALL_STATUS_ID: &str = "etcdbackup-overall-status";
+/// The one id of `EtcdBackupS3Configs`.
+pub const S3_CONFIG_ID: &str = "etcd-backup-s3-conf";
+
+/// A point in time as the seed product writes it: `{seconds, nanos}` since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Timestamp {
+    pub seconds: i64,
+    #[serde(default)]
+    pub nanos: i32,
+}
+
+impl Timestamp {
+    pub fn now() -> Self {
+        Self::from(SystemTime::now())
+    }
+
+    /// Human-readable UTC form for tables, e.g. `2026-11-21 05:41:22 UTC`.
+    pub fn human(&self) -> String {
+        match u64::try_from(self.seconds) {
+            Ok(s) => {
+                let t = UNIX_EPOCH + Duration::from_secs(s);
+                let iso = humantime::format_rfc3339_seconds(t).to_string();
+                format!("{} UTC", iso.trim_end_matches('Z').replace('T', " "))
+            }
+            Err(_) => format!("{}s", self.seconds),
+        }
+    }
+}
+
+impl From<SystemTime> for Timestamp {
+    fn from(t: SystemTime) -> Self {
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Self { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 },
+            Err(_) => Self::default(),
+        }
+    }
+}
+
+/// Every resource type Ferry serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ResourceType {
+    EtcdBackupS3Config,
+    EtcdBackupOverallStatus,
+    EtcdBackupStatus,
+    EtcdManualBackup,
+    EtcdBackup,
+    Cluster,
+    Agent,
+}
+
+/// `get`/`apply` named a type Ferry does not have.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown resource type {0:?}; known types: {known}", known = ResourceType::known_list())]
+pub struct UnknownType(pub String);
+
+impl ResourceType {
+    pub const ALL: [ResourceType; 7] = [
+        Self::EtcdBackupS3Config,
+        Self::EtcdBackupOverallStatus,
+        Self::EtcdBackupStatus,
+        Self::EtcdManualBackup,
+        Self::EtcdBackup,
+        Self::Cluster,
+        Self::Agent,
+    ];
+
+    /// Singular CamelCase name, e.g. `EtcdBackupStatus`.
+    pub fn singular(self) -> &'static str {
+        match self {
+            Self::EtcdBackupS3Config => "EtcdBackupS3Config",
+            Self::EtcdBackupOverallStatus => "EtcdBackupOverallStatus",
+            Self::EtcdBackupStatus => "EtcdBackupStatus",
+            Self::EtcdManualBackup => "EtcdManualBackup",
+            Self::EtcdBackup => "EtcdBackup",
+            Self::Cluster => "Cluster",
+            Self::Agent => "Agent",
+        }
+    }
+
+    /// Plural CamelCase name, e.g. `EtcdBackupStatuses`.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Self::EtcdBackupS3Config => "EtcdBackupS3Configs",
+            Self::EtcdBackupOverallStatus => "EtcdBackupOverallStatuses",
+            Self::EtcdBackupStatus => "EtcdBackupStatuses",
+            Self::EtcdManualBackup => "EtcdManualBackups",
+            Self::EtcdBackup => "EtcdBackups",
+            Self::Cluster => "Clusters",
+            Self::Agent => "Agents",
+        }
+    }
+
+    /// Full name as it appears in `metadata.type`, e.g. `EtcdBackupStatuses.ferry.dev`.
+    pub fn full_name(self) -> String {
+        format!("{}.{GROUP}", self.plural())
+    }
+
+    /// Namespace the resources of this type live in (the seed's layout).
+    pub fn namespace(self) -> &'static str {
+        match self {
+            Self::EtcdBackupS3Config | Self::EtcdManualBackup | Self::Cluster => "default",
+            Self::EtcdBackupOverallStatus | Self::EtcdBackupStatus | Self::Agent => "ephemeral",
+            Self::EtcdBackup => "external",
+        }
+    }
+
+    /// Whether users may `apply`/`delete` this type; the others are written by Ferry itself.
+    pub fn user_writable(self) -> bool {
+        matches!(self, Self::EtcdBackupS3Config | Self::EtcdManualBackup | Self::Cluster)
+    }
+
+    /// Parses any case-insensitive singular, plural or full form.
+    pub fn parse(name: &str) -> Result<Self, UnknownType> {
+        let lower = name.to_ascii_lowercase();
+        let bare = lower.strip_suffix(&format!(".{GROUP}")).unwrap_or(&lower);
+        Self::ALL
+            .into_iter()
+            .find(|t| bare == t.singular().to_ascii_lowercase() || bare == t.plural().to_ascii_lowercase())
+            .ok_or_else(|| UnknownType(name.to_string()))
+    }
+
+    fn known_list() -> String {
+        Self::ALL.iter().map(|t| t.full_name()).collect::<Vec<_>>().join(", ")
+    }
+}
+
+impl fmt::Display for ResourceType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.full_name())
+    }
+}
+
+/// Resource metadata, as the seed product shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metadata {
+    pub namespace: String,
+    #[serde(rename = "type")]
+    pub type_name: String,
+    pub id: String,
+    /// Bumped by the coordinator on every change.
+    #[serde(default)]
+    pub version: u64,
+    #[serde(default)]
+    pub phase: String,
+    #[serde(default)]
+    pub created: Option<Timestamp>,
+    #[serde(default)]
+    pub updated: Option<Timestamp>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Metadata {
+    pub fn new(rt: ResourceType, id: impl Into<String>) -> Self {
+        Self {
+            namespace: rt.namespace().to_string(),
+            type_name: rt.full_name(),
+            id: id.into(),
+            version: 0,
+            phase: "running".into(),
+            created: None,
+            updated: None,
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+        }
+    }
+
+    /// Whether this resource matches a `KEY=VALUE` selector.
+    pub fn matches(&self, selector: &Selector) -> bool {
+        self.labels.get(&selector.key) == Some(&selector.value)
+    }
+}
+
+/// `--selector KEY=VALUE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Selector {
+    pub key: String,
+    pub value: String,
+}
+
+impl std::str::FromStr for Selector {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok(Self { key: k.to_string(), value: v.to_string() }),
+            _ => Err(format!("selector {s:?} is not KEY=VALUE (e.g. {LABEL_CLUSTER}=prod)")),
+        }
+    }
+}
+
+/// `EtcdManualBackups.ferry.dev`: id = cluster; applying it with a fresh `backupat` asks for a backup now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdManualBackupSpec {
+    pub backupat: Timestamp,
+}
+
+/// Backup status codes, numbered as in the seed product.
+pub mod status {
+    pub const UNKNOWN: i32 = 0;
+    pub const OK: i32 = 1;
+    pub const ERROR: i32 = 2;
+    pub const RUNNING: i32 = 3;
+
+    pub fn name(code: i32) -> &'static str {
+        match code {
+            OK => "Ok",
+            ERROR => "Error",
+            RUNNING => "Running",
+            _ => "Unknown",
+        }
+    }
+}
+
+/// `EtcdBackupStatuses.ferry.dev`: id = cluster.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdBackupStatusSpec {
+    /// 0 unknown, 1 ok, 2 error, 3 running.
+    #[serde(default)]
+    pub status: i32,
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub lastbackuptime: Option<Timestamp>,
+    #[serde(default)]
+    pub lastbackupattempt: Option<Timestamp>,
+    /// Raw snapshot bytes read so far by the running backup.
+    #[serde(default)]
+    pub bytesdone: u64,
+}
+
+/// `EtcdBackupOverallStatuses.ferry.dev`: id `etcdbackup-overall-status`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdBackupOverallStatusSpec {
+    /// `local` or `s3`.
+    pub configurationname: String,
+    /// Empty when the store is usable.
+    #[serde(default)]
+    pub configurationerror: String,
+    /// The latest per-cluster backup status.
+    #[serde(default)]
+    pub lastbackupstatus: Option<EtcdBackupStatusSpec>,
+    #[serde(default)]
+    pub configurationattempt: u32,
+}
+
+/// `EtcdBackups.ferry.dev`: one stored backup, read from its manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdBackupSpec {
+    pub cluster: String,
+    pub createdat: Timestamp,
+    /// Object key (S3) or path (local store) of the compressed snapshot.
+    pub snapshot: String,
+    /// Stored (compressed) size in bytes.
+    pub size: u64,
+    /// Size of etcd's snapshot (database plus trailing hash) in bytes.
+    pub rawsize: u64,
+    pub member: String,
+    pub memberid: String,
+    pub etcdclusterid: String,
+    pub etcdversion: String,
+    /// etcd revision observed when the snapshot began.
+    pub revision: i64,
+    /// sha256 of the stored (compressed) object.
+    pub sha256: String,
+    /// sha256 of etcd's snapshot bytes (what `zstd -d` gives back).
+    pub rawsha256: String,
+    pub zstdlevel: i32,
+    pub startedat: Timestamp,
+    pub finishedat: Timestamp,
+}
+
+/// `Clusters.ferry.dev`: id = cluster name. Exists once an agent of the cluster registers.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    /// Automatic backups; `null` or absent turns them off.
+    #[serde(default)]
+    pub backupconfiguration: Option<BackupConfiguration>,
+}
+
+/// A duration as the seed product writes it: `{seconds, nanos}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtoDuration {
+    pub seconds: i64,
+    #[serde(default)]
+    pub nanos: i32,
+}
+
+/// `spec.backupconfiguration` of a cluster.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupConfiguration {
+    #[serde(default)]
+    pub interval: Option<ProtoDuration>,
+}
+
+/// `Agents.ferry.dev`: id `<cluster>/<member>`, one per agent that ever registered.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSpec {
+    pub cluster: String,
+    pub member: String,
+    pub connected: bool,
+    /// etcd member ID, hex.
+    pub memberid: String,
+    pub etcdclusterid: String,
+    pub etcdversion: String,
+    pub dbsize: i64,
+    pub raftappliedindex: u64,
+    pub leader: bool,
+    /// Empty when the agent reaches its etcd member.
+    #[serde(default)]
+    pub etcderror: String,
+    pub agentversion: String,
+    #[serde(default)]
+    pub connectedsince: Option<Timestamp>,
+    #[serde(default)]
+    pub lastheard: Option<Timestamp>,
+    pub address: String,
+}
+
+/// `EtcdBackupS3Configs.ferry.dev` (used by the S3 store).
+#[derive(Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdBackupS3ConfigSpec {
+    pub bucket: String,
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub endpoint: String,
+    #[serde(default)]
+    pub accesskeyid: String,
+    #[serde(default)]
+    pub secretaccesskey: String,
+    #[serde(default)]
+    pub sessiontoken: String,
+    #[serde(default)]
+    pub prefix: String,
+    #[serde(default)]
+    pub cacert: String,
+}
+
+/// What `get` shows in place of a secret.
+pub const REDACTED: &str = "***";
+
+impl EtcdBackupS3ConfigSpec {
+    /// A copy fit to show: secrets replaced by `***`.
+    pub fn redacted(&self) -> Self {
+        let hide = |s: &str| if s.is_empty() { String::new() } else { REDACTED.to_string() };
+        Self { secretaccesskey: hide(&self.secretaccesskey), sessiontoken: hide(&self.sessiontoken), ..self.clone() }
+    }
+}
+
+impl fmt::Debug for EtcdBackupS3ConfigSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = self.redacted();
+        f.debug_struct("EtcdBackupS3ConfigSpec")
+            .field("bucket", &r.bucket)
+            .field("region", &r.region)
+            .field("endpoint", &r.endpoint)
+            .field("accesskeyid", &r.accesskeyid)
+            .field("secretaccesskey", &r.secretaccesskey)
+            .field("sessiontoken", &r.sessiontoken)
+            .field("prefix", &r.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A resource's spec, typed by its resource type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Spec {
+    EtcdBackupS3Config(EtcdBackupS3ConfigSpec),
+    EtcdBackupOverallStatus(EtcdBackupOverallStatusSpec),
+    EtcdBackupStatus(EtcdBackupStatusSpec),
+    EtcdManualBackup(EtcdManualBackupSpec),
+    EtcdBackup(EtcdBackupSpec),
+    Cluster(ClusterSpec),
+    Agent(AgentSpec),
+}
+
+impl Spec {
+    pub fn resource_type(&self) -> ResourceType {
+        match self {
+            Self::EtcdBackupS3Config(_) => ResourceType::EtcdBackupS3Config,
+            Self::EtcdBackupOverallStatus(_) => ResourceType::EtcdBackupOverallStatus,
+            Self::EtcdBackupStatus(_) => ResourceType::EtcdBackupStatus,
+            Self::EtcdManualBackup(_) => ResourceType::EtcdManualBackup,
+            Self::EtcdBackup(_) => ResourceType::EtcdBackup,
+            Self::Cluster(_) => ResourceType::Cluster,
+            Self::Agent(_) => ResourceType::Agent,
+        }
+    }
+
+    /// The spec alone, as a JSON value (what YAML/JSON output shows under `spec`).
+    pub fn to_value(&self) -> serde_json::Value {
+        let v = match self {
+            Self::EtcdBackupS3Config(s) => serde_json::to_value(s),
+            Self::EtcdBackupOverallStatus(s) => serde_json::to_value(s),
+            Self::EtcdBackupStatus(s) => serde_json::to_value(s),
+            Self::EtcdManualBackup(s) => serde_json::to_value(s),
+            Self::EtcdBackup(s) => serde_json::to_value(s),
+            Self::Cluster(s) => serde_json::to_value(s),
+            Self::Agent(s) => serde_json::to_value(s),
+        };
+        v.unwrap_or(serde_json::Value::Null)
+    }
+
+    fn from_value(rt: ResourceType, v: serde_json::Value) -> Result<Self, serde_json::Error> {
+        Ok(match rt {
+            ResourceType::EtcdBackupS3Config => Self::EtcdBackupS3Config(serde_json::from_value(v)?),
+            ResourceType::EtcdBackupOverallStatus => Self::EtcdBackupOverallStatus(serde_json::from_value(v)?),
+            ResourceType::EtcdBackupStatus => Self::EtcdBackupStatus(serde_json::from_value(v)?),
+            ResourceType::EtcdManualBackup => Self::EtcdManualBackup(serde_json::from_value(v)?),
+            ResourceType::EtcdBackup => Self::EtcdBackup(serde_json::from_value(v)?),
+            ResourceType::Cluster => Self::Cluster(serde_json::from_value(v)?),
+            ResourceType::Agent => Self::Agent(serde_json::from_value(v)?),
+        })
+    }
+}
+
+/// One resource: metadata plus typed spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resource {
+    pub metadata: Metadata,
+    pub spec: Spec,
+}
+
+/// A YAML/JSON document could not be read as a Ferry resource.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("document {doc}: not valid YAML: {source}")]
+    Yaml { doc: usize, source: serde_yaml_ng::Error },
+    #[error("document {doc}: {msg}")]
+    Shape { doc: usize, msg: String },
+    #[error("document {doc}: {source}")]
+    UnknownType { doc: usize, source: UnknownType },
+    #[error("document {doc} ({rt} {id:?}): invalid spec: {source}")]
+    Spec { doc: usize, rt: ResourceType, id: String, source: serde_json::Error },
+    #[error("no resources in input; expected YAML documents with `metadata` and `spec`")]
+    Empty,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResource {
+    metadata: RawMetadata,
+    #[serde(default)]
+    spec: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+struct RawMetadata {
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(rename = "type")]
+    type_name: String,
+    id: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+    // version, phase, created, updated, owner: written by Ferry; accepted so `get -o yaml` output re-applies.
+    #[serde(flatten)]
+    _rest: BTreeMap<String, serde_json::Value>,
+}
+
+impl Resource {
+    pub fn new(id: impl Into<String>, spec: Spec) -> Self {
+        Self { metadata: Metadata::new(spec.resource_type(), id), spec }
+    }
+
+    pub fn resource_type(&self) -> ResourceType {
+        self.spec.resource_type()
+    }
+
+    /// The resource as users see it: `{metadata, spec}` with the spec untagged.
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::json!({ "metadata": self.metadata, "spec": self.spec.to_value() })
+    }
+
+    /// Parses a multi-document YAML (or JSON) text into resources, checking each document's type and spec.
+    pub fn parse_documents(text: &str) -> Result<Vec<Resource>, ParseError> {
+        let mut out = Vec::new();
+        for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+            let doc = i + 1;
+            let value = serde_yaml_ng::Value::deserialize(de).map_err(|source| ParseError::Yaml { doc, source })?;
+            if value.is_null() {
+                continue; // an empty document, e.g. a trailing `---`
+            }
+            let raw: RawResource = serde_yaml_ng::from_value(value).map_err(|e| ParseError::Shape {
+                doc,
+                msg: format!("not a Ferry resource ({e}); expected `metadata: {{type, id}}` and `spec`"),
+            })?;
+            let rt = ResourceType::parse(&raw.metadata.type_name)
+                .map_err(|source| ParseError::UnknownType { doc, source })?;
+            if let Some(ns) = &raw.metadata.namespace {
+                if ns != rt.namespace() {
+                    return Err(ParseError::Shape {
+                        doc,
+                        msg: format!("{rt} lives in namespace {:?}, not {ns:?}", rt.namespace()),
+                    });
+                }
+            }
+            let id = raw.metadata.id;
+            let spec = Spec::from_value(rt, raw.spec)
+                .map_err(|source| ParseError::Spec { doc, rt, id: id.clone(), source })?;
+            let mut metadata = Metadata::new(rt, id);
+            metadata.labels = raw.metadata.labels;
+            metadata.annotations = raw.metadata.annotations;
+            out.push(Resource { metadata, spec });
+        }
+        if out.is_empty() {
+            return Err(ParseError::Empty);
+        }
+        Ok(out)
+    }
+}
+
+/// A cluster or member name is not usable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {what} name {name:?}: use 1-63 lowercase letters, digits, '-' or '.', starting and ending with a letter or digit")]
+pub struct InvalidName {
+    pub what: &'static str,
+    pub name: String,
+}
+
+/// Checks a cluster or member name: DNS-label-like, because it becomes part of object keys and certificate SANs.
+pub fn validate_name(what: &'static str, name: &str) -> Result<(), InvalidName> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidName { what, name: name.to_string() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_names_parse_in_every_form() {
+        for s in ["etcdbackupstatus", "EtcdBackupStatuses", "etcdbackupstatuses.ferry.dev", "ETCDBACKUPSTATUS"] {
+            assert_eq!(ResourceType::parse(s).unwrap(), ResourceType::EtcdBackupStatus, "{s}");
+        }
+        assert_eq!(ResourceType::parse("agents").unwrap(), ResourceType::Agent);
+        let e = ResourceType::parse("pods").unwrap_err().to_string();
+        assert!(e.contains("unknown resource type \"pods\"") && e.contains("Clusters.ferry.dev"), "{e}");
+    }
+
+    #[test]
+    fn manual_backup_document_parses() {
+        let text = "metadata:\n  namespace: default\n  type: EtcdManualBackups.ferry.dev\n  id: prod\nspec:\n  backupat:\n    seconds: 1700000000\n    nanos: 0\n---\n";
+        let rs = Resource::parse_documents(text).unwrap();
+        assert_eq!(rs.len(), 1);
+        assert_eq!(rs[0].metadata.id, "prod");
+        assert_eq!(
+            rs[0].spec,
+            Spec::EtcdManualBackup(EtcdManualBackupSpec { backupat: Timestamp { seconds: 1_700_000_000, nanos: 0 } })
+        );
+    }
+
+    #[test]
+    fn bad_documents_say_what_is_wrong() {
+        let e = Resource::parse_documents("metadata: [").unwrap_err().to_string();
+        assert!(e.contains("not valid YAML"), "{e}");
+        let e = Resource::parse_documents("metadata: {type: Pods, id: x}\nspec: {}").unwrap_err().to_string();
+        assert!(e.contains("unknown resource type"), "{e}");
+        let e = Resource::parse_documents("metadata: {type: EtcdManualBackups.ferry.dev, id: x}\nspec: {backupAt: 1}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid spec") && e.contains("backupAt"), "{e}");
+        assert!(matches!(Resource::parse_documents("---\n"), Err(ParseError::Empty)));
+    }
+
+    #[test]
+    fn get_output_reapplies() {
+        let mut r = Resource::new("prod", Spec::Cluster(ClusterSpec::default()));
+        r.metadata.version = 3;
+        r.metadata.created = Some(Timestamp::now());
+        let yaml = serde_yaml_ng::to_string(&r.to_value()).unwrap();
+        let back = Resource::parse_documents(&yaml).unwrap();
+        assert_eq!(back[0].spec, r.spec);
+    }
+
+    #[test]
+    fn s3_secrets_are_redacted_in_debug() {
+        let s = EtcdBackupS3ConfigSpec {
+            bucket: "b".into(),
+            secretaccesskey: "hunter2".into(),
+            sessiontoken: "tok".into(),
+            ..Default::default()
+        };
+        let d = format!("{s:?}");
+        assert!(!d.contains("hunter2") && !d.contains("tok\"") && d.contains("***"), "{d}");
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("cluster", "prod-eu1").is_ok());
+        assert!(validate_name("cluster", "Prod").is_err());
+        assert!(validate_name("cluster", "a/b").is_err());
+        assert!(validate_name("cluster", "").is_err());
+        assert!(validate_name("cluster", "-a").is_err());
+    }
+}

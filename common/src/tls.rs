@@ -1,0 +1,307 @@
+//! Certificates and TLS configs for Ferry's mutual-TLS QUIC links.
+//!
+//! The coordinator owns a CA. Every certificate it issues names its holder in a URI SAN:
+//! `ferry://admin` for ferryctl, `ferry://agent/<cluster>/<member>` for an agent. The coordinator reads that
+//! SAN from the verified peer certificate to decide what the peer may do, so an agent certificate can only
+//! ever speak for its own cluster and member.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use x509_parser::extensions::GeneralName;
+
+use crate::protocol::ALPN;
+use crate::resources::{validate_name, InvalidName};
+
+/// How long a silent link lives before QUIC drops it. Keep-alives (below) keep healthy idle links open, so this
+/// only fires when the peer is really gone; well under the 30 s quinn default, so agents notice quickly.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Keep-alive interval: keeps idle links (and NAT mappings of agents behind NAT) open.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+/// Who a certificate speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// ferryctl: may do everything.
+    Admin,
+    /// An agent: speaks only for this cluster and member.
+    Agent { cluster: String, member: String },
+}
+
+impl Identity {
+    fn uri(&self) -> String {
+        match self {
+            Self::Admin => "ferry://admin".to_string(),
+            Self::Agent { cluster, member } => format!("ferry://agent/{cluster}/{member}"),
+        }
+    }
+
+    fn from_uri(uri: &str) -> Option<Self> {
+        if uri == "ferry://admin" {
+            return Some(Self::Admin);
+        }
+        let rest = uri.strip_prefix("ferry://agent/")?;
+        let (cluster, member) = rest.split_once('/')?;
+        if validate_name("cluster", cluster).is_err() || validate_name("member", member).is_err() {
+            return None;
+        }
+        Some(Self::Agent { cluster: cluster.to_string(), member: member.to_string() })
+    }
+
+    /// Reads the identity from the first certificate of a PEM bundle.
+    pub fn from_pem(cert_pem: &str) -> Result<Self, TlsError> {
+        Self::from_certificate(&certs(cert_pem, "certificate")?[0])
+    }
+
+    /// Reads the identity from a (verified) peer certificate.
+    pub fn from_certificate(der: &[u8]) -> Result<Self, TlsError> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| TlsError::Certificate(format!("unparseable peer certificate: {e}")))?;
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|e| TlsError::Certificate(format!("bad subjectAltName: {e}")))?;
+        san.into_iter()
+            .flat_map(|ext| ext.value.general_names.iter())
+            .find_map(|n| match n {
+                GeneralName::URI(u) => Self::from_uri(u),
+                _ => None,
+            })
+            .ok_or_else(|| TlsError::Certificate("certificate names no Ferry identity (ferry://… URI SAN)".into()))
+    }
+}
+
+/// Building certificates or TLS configs failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("certificate generation: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("{0}")]
+    Pem(String),
+    #[error("{0}")]
+    Certificate(String),
+    #[error("tls config: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("quic crypto config: {0}")]
+    Quic(String),
+    #[error(transparent)]
+    Name(#[from] InvalidName),
+}
+
+/// A PEM certificate and its private key.
+#[derive(Clone)]
+pub struct CertifiedPem {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for CertifiedPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertifiedPem").field("key_pem", &"***").finish_non_exhaustive()
+    }
+}
+
+/// The coordinator's certificate authority.
+pub struct CertAuthority {
+    pem: CertifiedPem,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// Certificates Ferry issues are valid this many years; operators rotate by re-issuing.
+const CERT_VALIDITY_YEARS: i32 = 10;
+
+fn base_params(cn: &str) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Ferry");
+    dn.push(DnType::CommonName, cn);
+    p.distinguished_name = dn;
+    // Backdated to last year so a peer whose clock runs slightly behind still accepts a fresh certificate.
+    p.not_before = rcgen::date_time_ymd(this_year() - 1, 1, 1);
+    p.not_after = rcgen::date_time_ymd(this_year() + CERT_VALIDITY_YEARS, 1, 1);
+    p
+}
+
+fn this_year() -> i32 {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    1970 + (secs / 31_556_952) as i32
+}
+
+impl CertAuthority {
+    /// A fresh CA.
+    pub fn generate() -> Result<Self, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = base_params("Ferry CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let cert = params.self_signed(&key)?;
+        let pem = CertifiedPem { cert_pem: cert.pem(), key_pem: key.serialize_pem() };
+        Ok(Self { issuer: Issuer::new(params, key), pem })
+    }
+
+    /// The CA saved earlier.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| TlsError::Pem(format!("CA key: {e}")))?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| TlsError::Pem(format!("CA certificate: {e}")))?;
+        Ok(Self { pem: CertifiedPem { cert_pem: cert_pem.to_string(), key_pem: key_pem.to_string() }, issuer })
+    }
+
+    pub fn pem(&self) -> &CertifiedPem {
+        &self.pem
+    }
+
+    /// A server certificate for the coordinator, valid for every name and IP given.
+    pub fn issue_server(&self, names: &[String]) -> Result<CertifiedPem, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = base_params("ferry-coordinator");
+        for n in names {
+            params.subject_alt_names.push(match n.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(n.clone().try_into()?),
+            });
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CertifiedPem { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// A client certificate for ferryctl or an agent.
+    pub fn issue_client(&self, identity: &Identity) -> Result<CertifiedPem, TlsError> {
+        if let Identity::Agent { cluster, member } = identity {
+            validate_name("cluster", cluster)?;
+            validate_name("member", member)?;
+        }
+        let key = KeyPair::generate()?;
+        let cn = match identity {
+            Identity::Admin => "ferry-admin".to_string(),
+            Identity::Agent { cluster, member } => format!("ferry-agent {cluster}/{member}"),
+        };
+        let mut params = base_params(&cn);
+        params.subject_alt_names.push(SanType::URI(identity.uri().try_into()?));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CertifiedPem { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+}
+
+fn certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem(format!("{what}: {e}")))?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem(format!("{what}: no PEM certificate found")));
+    }
+    Ok(certs)
+}
+
+fn key(pem: &str, what: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem(format!("{what}: {e}")))
+}
+
+fn roots(ca_pem: &str) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(ca_pem, "CA certificate")? {
+        roots.add(c).map_err(|e| TlsError::Pem(format!("CA certificate: {e}")))?;
+    }
+    Ok(roots)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    // Both set deliberately: quinn's defaults are a 30 s idle timeout and no keep-alive.
+    t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(20_000)))));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    Arc::new(t)
+}
+
+/// QUIC server config: requires a client certificate from `ca_pem`.
+pub fn quinn_server_config(ca_pem: &str, server: &CertifiedPem) -> Result<quinn::ServerConfig, TlsError> {
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider()).build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(&server.cert_pem, "server certificate")?, key(&server.key_pem, "server key")?)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(transport());
+    Ok(cfg)
+}
+
+/// QUIC client config: trusts only `ca_pem` and presents `client`.
+pub fn quinn_client_config(ca_pem: &str, client: &CertifiedPem) -> Result<quinn::ClientConfig, TlsError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca_pem)?)
+        .with_client_auth_cert(certs(&client.cert_pem, "client certificate")?, key(&client.key_pem, "client key")?)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(transport());
+    Ok(cfg)
+}
+
+/// A `host:port` could not be resolved.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot resolve coordinator address {addr:?} (expected HOST:PORT, e.g. 127.0.0.1:7443): {reason}")]
+pub struct ResolveError {
+    pub addr: String,
+    pub reason: String,
+}
+
+/// Resolves `host:port` and returns the address to dial plus the name to verify the certificate against.
+pub async fn resolve(addr: &str) -> Result<(SocketAddr, String), ResolveError> {
+    let err = |reason: String| ResolveError { addr: addr.to_string(), reason };
+    let (host, _) = addr.rsplit_once(':').ok_or_else(|| err("no port".into()))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let sa = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .next()
+        .ok_or_else(|| err("no addresses".into()))?;
+    Ok((sa, host))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_certificates_carry_their_identity() {
+        let ca = CertAuthority::generate().unwrap();
+        let agent = Identity::Agent { cluster: "prod".into(), member: "m1".into() };
+        let pem = ca.issue_client(&agent).unwrap();
+        let der = certs(&pem.cert_pem, "t").unwrap();
+        assert_eq!(Identity::from_certificate(&der[0]).unwrap(), agent);
+        let admin = ca.issue_client(&Identity::Admin).unwrap();
+        assert_eq!(Identity::from_certificate(&certs(&admin.cert_pem, "t").unwrap()[0]).unwrap(), Identity::Admin);
+        // A reloaded CA signs certificates that chain to the same root.
+        let again = CertAuthority::from_pem(&ca.pem().cert_pem, &ca.pem().key_pem).unwrap();
+        again.issue_server(&["localhost".into(), "127.0.0.1".into()]).unwrap();
+        assert!(ca.issue_client(&Identity::Agent { cluster: "Bad/Name".into(), member: "m".into() }).is_err());
+    }
+
+    #[test]
+    fn configs_build() {
+        let ca = CertAuthority::generate().unwrap();
+        let server = ca.issue_server(&["localhost".into()]).unwrap();
+        quinn_server_config(&ca.pem().cert_pem, &server).unwrap();
+        let client = ca.issue_client(&Identity::Admin).unwrap();
+        quinn_client_config(&ca.pem().cert_pem, &client).unwrap();
+    }
+}

@@ -1,0 +1,197 @@
+//! ferryctl's library half: dialing the coordinator and rendering resources as table, YAML or JSON.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use ferry_common::config::FerryConfig;
+use ferry_common::protocol::{expect_frame, write_frame, AdminRequest, Hello, HelloReply};
+use ferry_common::resources::{status, Resource, ResourceType, Spec, Timestamp};
+use ferry_common::tls::{quinn_client_config, resolve};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An open request to the coordinator.
+pub struct Session {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
+impl Session {
+    /// Dials the coordinator, says hello and sends `request`.
+    pub async fn open(cfg: &FerryConfig, request: &AdminRequest) -> Result<Self> {
+        let client = quinn_client_config(&cfg.ca, &cfg.client_pem()).context("build TLS config from the ferryconfig")?;
+        let (addr, server_name) = resolve(&cfg.coordinator).await?;
+        let bind = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+        let mut endpoint = quinn::Endpoint::client(bind.parse()?).context("open UDP socket")?;
+        endpoint.set_default_client_config(client);
+        let connecting = endpoint.connect(addr, &server_name)?;
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => bail!("cannot connect to the coordinator at {}: {e}; check that it runs and that the ferryconfig belongs to it", cfg.coordinator),
+            Err(_) => bail!("no answer from the coordinator at {} within {}s; check that it runs and that UDP to it is allowed", cfg.coordinator, CONNECT_TIMEOUT.as_secs()),
+        };
+        let (mut send, mut recv) = conn.open_bi().await.context("open stream")?;
+        write_frame(&mut send, &Hello::current()).await.context("send hello")?;
+        match expect_frame(&mut recv).await.context("read hello reply")? {
+            HelloReply::Ok { .. } => {}
+            HelloReply::Refused { reason } => bail!("the coordinator refused the connection: {reason}"),
+        }
+        write_frame(&mut send, request).await.context("send request")?;
+        send.finish().ok();
+        Ok(Self { endpoint, conn, send, recv })
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"done");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Output formats of `get`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Yaml,
+    Json,
+}
+
+/// Renders resources; `single` when one ID was asked for (JSON then prints an object, not an array).
+pub fn render(rt: ResourceType, resources: &[Resource], format: Format, single: bool) -> Result<String> {
+    Ok(match format {
+        Format::Json => {
+            let values: Vec<_> = resources.iter().map(Resource::to_value).collect();
+            let mut s = if single && values.len() == 1 {
+                serde_json::to_string_pretty(&values[0])?
+            } else {
+                serde_json::to_string_pretty(&values)?
+            };
+            s.push('\n');
+            s
+        }
+        Format::Yaml => {
+            let mut s = String::new();
+            for (i, r) in resources.iter().enumerate() {
+                if i > 0 {
+                    s.push_str("---\n");
+                }
+                s.push_str(&serde_yaml_ng::to_string(&r.to_value())?);
+            }
+            s
+        }
+        Format::Table => table(rt, resources),
+    })
+}
+
+fn ts(t: &Option<Timestamp>) -> String {
+    t.map(|t| t.human()).unwrap_or_else(|| "-".into())
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn table(rt: ResourceType, resources: &[Resource]) -> String {
+    let header: Vec<&str> = match rt {
+        ResourceType::EtcdBackupStatus => vec!["ID", "STATUS", "ERROR", "LAST BACKUP TIME", "LAST BACKUP ATTEMPT", "BYTES DONE"],
+        ResourceType::EtcdBackupOverallStatus => vec![
+            "ID",
+            "CONFIGURATION NAME",
+            "CONFIGURATION ERROR",
+            "LAST BACKUP STATUS",
+            "LAST BACKUP ERROR",
+            "LAST BACKUP TIME",
+            "CONFIGURATION ATTEMPT",
+        ],
+        ResourceType::EtcdManualBackup => vec!["ID", "BACKUP AT"],
+        ResourceType::EtcdBackup => vec!["ID", "CLUSTER", "CREATED AT", "SIZE", "RAW SIZE", "MEMBER", "REVISION", "SHA256"],
+        ResourceType::Cluster => vec!["ID", "BACKUP INTERVAL"],
+        ResourceType::Agent => {
+            vec!["ID", "CONNECTED", "LEADER", "MEMBER ID", "ETCD VERSION", "DB SIZE", "APPLIED INDEX", "CONNECTED SINCE", "LAST HEARD", "ERROR"]
+        }
+        ResourceType::EtcdBackupS3Config => vec!["ID", "BUCKET", "REGION", "ENDPOINT", "PREFIX", "ACCESS KEY ID", "SECRET ACCESS KEY"],
+    };
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    for r in resources {
+        let id = r.metadata.id.clone();
+        rows.push(match &r.spec {
+            Spec::EtcdBackupStatus(s) => vec![
+                id,
+                status::name(s.status).into(),
+                s.error.clone(),
+                ts(&s.lastbackuptime),
+                ts(&s.lastbackupattempt),
+                bytes(s.bytesdone),
+            ],
+            Spec::EtcdBackupOverallStatus(s) => {
+                let last = s.lastbackupstatus.clone().unwrap_or_default();
+                vec![
+                    id,
+                    s.configurationname.clone(),
+                    s.configurationerror.clone(),
+                    status::name(last.status).into(),
+                    last.error,
+                    ts(&last.lastbackuptime),
+                    s.configurationattempt.to_string(),
+                ]
+            }
+            Spec::EtcdManualBackup(s) => vec![id, s.backupat.human()],
+            Spec::EtcdBackup(s) => vec![
+                id,
+                s.cluster.clone(),
+                s.createdat.human(),
+                bytes(s.size),
+                bytes(s.rawsize),
+                s.member.clone(),
+                s.revision.to_string(),
+                s.sha256.chars().take(12).collect(),
+            ],
+            Spec::Cluster(s) => vec![
+                id,
+                s.backupconfiguration
+                    .as_ref()
+                    .and_then(|b| b.interval)
+                    .map(|i| humantime::format_duration(Duration::from_secs(i.seconds.max(0) as u64)).to_string())
+                    .unwrap_or_else(|| "off".into()),
+            ],
+            Spec::Agent(s) => vec![
+                id,
+                s.connected.to_string(),
+                s.leader.to_string(),
+                s.memberid.clone(),
+                s.etcdversion.clone(),
+                bytes(s.dbsize.max(0) as u64),
+                s.raftappliedindex.to_string(),
+                ts(&s.connectedsince),
+                ts(&s.lastheard),
+                s.etcderror.clone(),
+            ],
+            Spec::EtcdBackupS3Config(s) => {
+                let s = s.redacted();
+                vec![id, s.bucket, s.region, s.endpoint, s.prefix, s.accesskeyid, s.secretaccesskey]
+            }
+        });
+    }
+    let widths: Vec<usize> =
+        (0..rows[0].len()).map(|c| rows.iter().map(|r| r.get(c).map_or(0, |s| s.chars().count())).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row.iter().enumerate().map(|(i, cell)| format!("{cell:<w$}", w = widths[i])).collect();
+        out.push_str(line.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
+}

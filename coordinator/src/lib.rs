@@ -1,0 +1,11 @@
+//! ferry-coordinator and ferryctl: the central server that holds configuration and status and commands
+//! agents, and its resource-oriented CLI.
+
+pub mod api;
+pub mod backup;
+pub mod coordinator;
+pub mod ctl;
+pub mod local_store;
+pub mod pki;
+pub mod server;
+pub mod state;

@@ -1,0 +1,224 @@
+//! The local backup store: `<dir>/<cluster>/<backup id>.snapshot.zst` with `<backup id>.manifest.json`
+//! beside it.
+//!
+//! An object is written as a hidden `.partial` file, fsynced, renamed into place, and only then is its
+//! manifest written (again temp + fsync + rename) and the directory fsynced. Listings read manifests, so a
+//! backup is listed only once it is whole; a crash leaves at most a `.partial` file, removed at start-up.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use ferry_common::resources::{EtcdBackupSpec, Timestamp};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+const OBJECT_SUFFIX: &str = ".snapshot.zst";
+const MANIFEST_SUFFIX: &str = ".manifest.json";
+const PARTIAL_SUFFIX: &str = ".partial";
+
+/// The manifest written beside each object; a stable, documented format (see docs/ARCHITECTURE.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Manifest format version.
+    pub format: u32,
+    pub id: String,
+    pub backup: EtcdBackupSpec,
+}
+
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+impl LocalStore {
+    /// Opens (creating) the store and removes partial objects a crash left behind.
+    pub fn open(root: &Path) -> Result<Self> {
+        fs::create_dir_all(root).with_context(|| format!("create local store dir {}", root.display()))?;
+        for cluster in fs::read_dir(root).with_context(|| format!("read {}", root.display()))? {
+            let cluster = cluster?.path();
+            if !cluster.is_dir() {
+                continue;
+            }
+            for f in fs::read_dir(&cluster)? {
+                let p = f?.path();
+                if p.to_string_lossy().ends_with(PARTIAL_SUFFIX) || p.extension().is_some_and(|e| e == "tmp") {
+                    tracing::info!(path = %p.display(), "removing partial backup left by an earlier run");
+                    fs::remove_file(&p).with_context(|| format!("remove {}", p.display()))?;
+                }
+            }
+        }
+        Ok(Self { root: root.to_path_buf() })
+    }
+
+    fn cluster_dir(&self, cluster: &str) -> PathBuf {
+        self.root.join(cluster)
+    }
+
+    /// Starts a new backup of `cluster`, reserving a unique id `<cluster>-<unix seconds>[-N]`.
+    pub async fn begin(&self, cluster: &str, at: Timestamp) -> Result<PendingBackup> {
+        let dir = self.cluster_dir(cluster);
+        tokio::fs::create_dir_all(&dir).await.with_context(|| format!("create {}", dir.display()))?;
+        for n in 0..1000u32 {
+            let id = if n == 0 { format!("{cluster}-{}", at.seconds) } else { format!("{cluster}-{}-{n}", at.seconds) };
+            let object = dir.join(format!("{id}{OBJECT_SUFFIX}"));
+            let partial = dir.join(format!(".{id}{OBJECT_SUFFIX}{PARTIAL_SUFFIX}"));
+            if object.exists() || dir.join(format!("{id}{MANIFEST_SUFFIX}")).exists() {
+                continue;
+            }
+            // create_new makes the reservation atomic against a concurrent backup in the same second.
+            match tokio::fs::OpenOptions::new().write(true).create_new(true).open(&partial).await {
+                Ok(file) => {
+                    return Ok(PendingBackup {
+                        id,
+                        cluster: cluster.to_string(),
+                        dir: dir.clone(),
+                        partial,
+                        object,
+                        file: Some(file),
+                        sha: Sha256::new(),
+                        bytes: 0,
+                        done: false,
+                    })
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e).with_context(|| format!("create {}", partial.display())),
+            }
+        }
+        bail!("could not find a free backup id for cluster {cluster}")
+    }
+
+    /// Every backup of `cluster` (or of all clusters), newest first.
+    pub fn list(&self, cluster: Option<&str>) -> Result<Vec<Manifest>> {
+        let mut out = Vec::new();
+        let dirs: Vec<PathBuf> = match cluster {
+            Some(c) => vec![self.cluster_dir(c)],
+            None => fs::read_dir(&self.root)
+                .with_context(|| format!("read {}", self.root.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_dir())
+                .collect(),
+        };
+        for dir in dirs {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).with_context(|| format!("read {}", dir.display())),
+            };
+            for e in entries {
+                let p = e?.path();
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                if name.starts_with('.') || !name.ends_with(MANIFEST_SUFFIX) {
+                    continue;
+                }
+                let text = fs::read(&p).with_context(|| format!("read {}", p.display()))?;
+                match serde_json::from_slice::<Manifest>(&text) {
+                    Ok(m) => out.push(m),
+                    Err(e) => tracing::warn!(path = %p.display(), "skipping unreadable manifest: {e}"),
+                }
+            }
+        }
+        out.sort_by(|a, b| b.backup.createdat.cmp(&a.backup.createdat).then_with(|| b.id.cmp(&a.id)));
+        Ok(out)
+    }
+
+    /// One backup's manifest.
+    pub fn find(&self, cluster: &str, id: &str) -> Result<Option<Manifest>> {
+        if id.contains('/') || id.starts_with('.') {
+            return Ok(None);
+        }
+        let p = self.cluster_dir(cluster).join(format!("{id}{MANIFEST_SUFFIX}"));
+        match fs::read(&p) {
+            Ok(text) => Ok(Some(serde_json::from_slice(&text).with_context(|| format!("parse {}", p.display()))?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("read {}", p.display())),
+        }
+    }
+
+    /// Opens a backup's object for reading.
+    pub async fn open_object(&self, m: &Manifest) -> Result<tokio::fs::File> {
+        let p = self.root.join(&m.backup.snapshot);
+        tokio::fs::File::open(&p).await.with_context(|| format!("open {}", p.display()))
+    }
+}
+
+/// A backup being written. Dropped without `commit`, its partial file is removed.
+pub struct PendingBackup {
+    pub id: String,
+    cluster: String,
+    dir: PathBuf,
+    partial: PathBuf,
+    object: PathBuf,
+    file: Option<tokio::fs::File>,
+    sha: Sha256,
+    bytes: u64,
+    done: bool,
+}
+
+impl PendingBackup {
+    pub async fn write(&mut self, data: &[u8]) -> Result<()> {
+        let f = self.file.as_mut().context("backup already closed")?;
+        f.write_all(data).await.with_context(|| format!("write {}", self.partial.display()))?;
+        self.sha.update(data);
+        self.bytes += data.len() as u64;
+        Ok(())
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Makes the backup durable and visible. `spec` must describe what was written: its size and sha256
+    /// are checked against the bytes actually received.
+    pub async fn commit(mut self, mut spec: EtcdBackupSpec) -> Result<Manifest> {
+        let sha = hex::encode(self.sha.clone().finalize());
+        if spec.size != self.bytes || spec.sha256 != sha {
+            bail!(
+                "received {} bytes with sha256 {sha}, but the agent sent {} bytes with sha256 {}; discarding",
+                self.bytes,
+                spec.size,
+                spec.sha256
+            );
+        }
+        let mut f = self.file.take().context("backup already closed")?;
+        f.flush().await?;
+        f.sync_all().await.with_context(|| format!("fsync {}", self.partial.display()))?;
+        drop(f);
+        tokio::fs::rename(&self.partial, &self.object).await.with_context(|| format!("rename into {}", self.object.display()))?;
+        spec.snapshot = format!("{}/{}{OBJECT_SUFFIX}", self.cluster, self.id);
+        let manifest = Manifest { format: 1, id: self.id.clone(), backup: spec };
+        let dir = self.dir.clone();
+        let id = self.id.clone();
+        let object = self.object.clone();
+        let m = manifest.clone();
+        let written = tokio::task::spawn_blocking(move || write_manifest(&dir, &id, &m)).await?;
+        if let Err(e) = written {
+            let _ = fs::remove_file(&object);
+            return Err(e);
+        }
+        self.done = true;
+        Ok(manifest)
+    }
+}
+
+fn write_manifest(dir: &Path, id: &str, m: &Manifest) -> Result<()> {
+    let path = dir.join(format!("{id}{MANIFEST_SUFFIX}"));
+    let tmp = dir.join(format!(".{id}{MANIFEST_SUFFIX}.tmp"));
+    let body = serde_json::to_vec_pretty(m)?;
+    let mut f = fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    f.write_all(&body)?;
+    f.sync_all()?;
+    fs::rename(&tmp, &path).with_context(|| format!("rename into {}", path.display()))?;
+    // The renames are durable only once the directory itself is synced.
+    fs::File::open(dir)?.sync_all().with_context(|| format!("fsync {}", dir.display()))?;
+    Ok(())
+}
+
+impl Drop for PendingBackup {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_file(&self.partial);
+        }
+    }
+}
