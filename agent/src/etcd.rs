@@ -48,7 +48,8 @@ impl EtcdMember {
             opts = opts.with_tls(t);
         }
         // Connecting is lazy in tonic: this succeeds even while etcd is down, and RPCs fail until it is up.
-        let client = Client::connect([endpoint], Some(opts)).await.with_context(|| format!("connect to etcd at {endpoint}"))?;
+        let client =
+            Client::connect([endpoint], Some(opts)).await.with_context(|| format!("connect to etcd at {endpoint}"))?;
         Ok(Self { client, endpoint: endpoint.to_string() })
     }
 

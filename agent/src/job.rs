@@ -31,7 +31,13 @@ const CHANNEL_DEPTH: usize = 8;
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs a backup job on a job stream the coordinator opened; reports failure on the stream itself.
-pub async fn run(etcd: EtcdMember, job: BackupJob, mut send: SendStream, mut recv: RecvStream, cancel: CancellationToken) -> Result<()> {
+pub async fn run(
+    etcd: EtcdMember,
+    job: BackupJob,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    cancel: CancellationToken,
+) -> Result<()> {
     let result = tokio::select! {
         r = stream_backup(&etcd, &job, &mut send, &mut recv) => r,
         _ = cancel.cancelled() => Err(anyhow!("agent is shutting down")),

@@ -33,7 +33,8 @@ impl Link {
     pub async fn run(self, cancel: CancellationToken) -> Result<()> {
         let client = quinn_client_config(&self.credentials.ca_pem, &self.credentials.client)
             .context("build TLS config from --credentials")?;
-        let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().context("bind address")?).context("open UDP socket")?;
+        let mut endpoint =
+            quinn::Endpoint::client("0.0.0.0:0".parse().context("bind address")?).context("open UDP socket")?;
         endpoint.set_default_client_config(client);
         let mut failures: u32 = 0;
         let mut last_facts = EtcdFacts::default();

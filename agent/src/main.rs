@@ -49,8 +49,9 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let credentials = AgentCredentials::load(&args.credentials)
-        .with_context(|| format!("load --credentials {} (create it with `ferryctl agent-credentials`)", args.credentials.display()))?;
+    let credentials = AgentCredentials::load(&args.credentials).with_context(|| {
+        format!("load --credentials {} (create it with `ferryctl agent-credentials`)", args.credentials.display())
+    })?;
     let identity = Identity::from_pem(&credentials.client.cert_pem).context("read agent certificate")?;
     let Identity::Agent { cluster, member } = identity else {
         anyhow::bail!("the certificate in --credentials is not an agent certificate; create one with `ferryctl agent-credentials`");
@@ -77,9 +78,8 @@ async fn run(args: Args) -> Result<()> {
 }
 
 async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+        return std::future::pending().await;
     };
     tokio::select! {
         _ = term.recv() => {}

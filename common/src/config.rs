@@ -13,10 +13,10 @@ use crate::tls::CertifiedPem;
 /// Reading or writing a credentials file failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    #[error("read {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
+    #[error("write {path}: {error}")]
+    Write { path: PathBuf, error: std::io::Error },
     #[error("{path} is readable by every user but holds a private key; run `chmod 600 {path}`")]
     WorldReadable { path: PathBuf },
     #[error("{path} is not a valid ferryconfig: {reason}")]
@@ -39,7 +39,10 @@ pub struct FerryConfig {
 
 impl std::fmt::Debug for FerryConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FerryConfig").field("coordinator", &self.coordinator).field("key", &"***").finish_non_exhaustive()
+        f.debug_struct("FerryConfig")
+            .field("coordinator", &self.coordinator)
+            .field("key", &"***")
+            .finish_non_exhaustive()
     }
 }
 
@@ -76,19 +79,22 @@ impl AgentCredentials {
     pub fn load(dir: &Path) -> Result<Self, ConfigError> {
         let read = |name: &str| {
             let path = dir.join(name);
-            fs::read_to_string(&path).map_err(|source| ConfigError::Read { path, source })
+            fs::read_to_string(&path).map_err(|error| ConfigError::Read { path, error })
         };
         Ok(Self {
             ca_pem: read(CREDENTIALS_CA)?,
-            client: CertifiedPem { cert_pem: read(CREDENTIALS_CERT)?, key_pem: read_secret(&dir.join(CREDENTIALS_KEY))? },
+            client: CertifiedPem {
+                cert_pem: read(CREDENTIALS_CERT)?,
+                key_pem: read_secret(&dir.join(CREDENTIALS_KEY))?,
+            },
         })
     }
 
     pub fn save(&self, dir: &Path) -> Result<(), ConfigError> {
-        fs::create_dir_all(dir).map_err(|source| ConfigError::Write { path: dir.into(), source })?;
+        fs::create_dir_all(dir).map_err(|error| ConfigError::Write { path: dir.into(), error })?;
         let plain = |name: &str, body: &str| {
             let path = dir.join(name);
-            fs::write(&path, body).map_err(|source| ConfigError::Write { path, source })
+            fs::write(&path, body).map_err(|error| ConfigError::Write { path, error })
         };
         plain(CREDENTIALS_CA, &self.ca_pem)?;
         plain(CREDENTIALS_CERT, &self.client.cert_pem)?;
@@ -98,16 +104,16 @@ impl AgentCredentials {
 
 /// Reads a file holding a secret, refusing it when every user on the machine can read it.
 pub fn read_secret(path: &Path) -> Result<String, ConfigError> {
-    let meta = fs::metadata(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let meta = fs::metadata(path).map_err(|error| ConfigError::Read { path: path.into(), error })?;
     if meta.permissions().mode() & 0o004 != 0 {
         return Err(ConfigError::WorldReadable { path: path.into() });
     }
-    fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })
+    fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.into(), error })
 }
 
 /// Writes a file readable by its owner only, atomically (temp file, fsync, rename).
 pub fn write_private(path: &Path, body: &[u8]) -> Result<(), ConfigError> {
-    let err = |source| ConfigError::Write { path: path.into(), source };
+    let err = |error| ConfigError::Write { path: path.into(), error };
     let tmp = path.with_extension("tmp");
     let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(err)?;
     f.set_permissions(fs::Permissions::from_mode(0o600)).map_err(err)?;
@@ -125,7 +131,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ferry-config-test-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let p = dir.join("x.ferryconfig");
-        let cfg = FerryConfig { coordinator: "127.0.0.1:7443".into(), ca: "c".into(), cert: "c".into(), key: "k".into() };
+        let cfg =
+            FerryConfig { coordinator: "127.0.0.1:7443".into(), ca: "c".into(), cert: "c".into(), key: "k".into() };
         cfg.save(&p).unwrap();
         assert_eq!(FerryConfig::load(&p).unwrap().coordinator, "127.0.0.1:7443");
         fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();

@@ -34,7 +34,7 @@ pub const DATA_CHUNK: usize = 256 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("stream i/o: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("frame of {len} bytes exceeds the {max}-byte limit")]
     TooLarge { len: usize, max: usize },
     #[error("undecodable message (is the peer a different Ferry version?): {0}")]
@@ -43,6 +43,12 @@ pub enum FrameError {
     Encode(postcard::Error),
     #[error("stream ended before the expected message")]
     Closed,
+}
+
+impl From<std::io::Error> for FrameError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
 }
 
 /// Writes one length-prefixed postcard frame.
@@ -191,12 +197,27 @@ pub enum JobReply {
 /// ferryctl → coordinator.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum AdminRequest {
-    Get { rt: ResourceType, id: Option<String>, selector: Option<Selector> },
-    Apply { resources: Vec<Resource> },
-    Delete { rt: ResourceType, id: String },
-    AgentCredentials { cluster: String, member: String },
+    Get {
+        rt: ResourceType,
+        id: Option<String>,
+        selector: Option<Selector>,
+    },
+    Apply {
+        resources: Vec<Resource>,
+    },
+    Delete {
+        rt: ResourceType,
+        id: String,
+    },
+    AgentCredentials {
+        cluster: String,
+        member: String,
+    },
     /// Stream a stored backup: answered by `DownloadStart`, `Data`..., `DownloadEnd`.
-    Download { cluster: String, backup_id: String },
+    Download {
+        cluster: String,
+        backup_id: String,
+    },
 }
 
 /// What `apply` did with one resource.
@@ -213,13 +234,19 @@ pub enum AdminResponse {
     Resources(Vec<Resource>),
     Applied(Vec<ApplyOutcome>),
     Deleted,
-    Credentials { ca_pem: String, cert_pem: String, key_pem: String },
+    Credentials {
+        ca_pem: String,
+        cert_pem: String,
+        key_pem: String,
+    },
     /// The backup (an `EtcdBackups` resource) whose bytes follow.
-    DownloadStart(Resource),
+    DownloadStart(Box<Resource>),
     Data(Vec<u8>),
     DownloadEnd,
     /// The request failed; the message says why and what to do.
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[cfg(test)]

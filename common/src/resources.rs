@@ -456,14 +456,14 @@ pub struct Resource {
 /// A YAML/JSON document could not be read as a Ferry resource.
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
-    #[error("document {doc}: not valid YAML: {source}")]
-    Yaml { doc: usize, source: serde_yaml_ng::Error },
+    #[error("document {doc}: not valid YAML: {error}")]
+    Yaml { doc: usize, error: serde_yaml_ng::Error },
     #[error("document {doc}: {msg}")]
     Shape { doc: usize, msg: String },
-    #[error("document {doc}: {source}")]
-    UnknownType { doc: usize, source: UnknownType },
-    #[error("document {doc} ({rt} {id:?}): invalid spec: {source}")]
-    Spec { doc: usize, rt: ResourceType, id: String, source: serde_json::Error },
+    #[error("document {doc}: {error}")]
+    UnknownType { doc: usize, error: UnknownType },
+    #[error("document {doc} ({rt} {id:?}): invalid spec: {error}")]
+    Spec { doc: usize, rt: ResourceType, id: String, error: serde_json::Error },
     #[error("no resources in input; expected YAML documents with `metadata` and `spec`")]
     Empty,
 }
@@ -511,7 +511,7 @@ impl Resource {
         let mut out = Vec::new();
         for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
             let doc = i + 1;
-            let value = serde_yaml_ng::Value::deserialize(de).map_err(|source| ParseError::Yaml { doc, source })?;
+            let value = serde_yaml_ng::Value::deserialize(de).map_err(|error| ParseError::Yaml { doc, error })?;
             if value.is_null() {
                 continue; // an empty document, e.g. a trailing `---`
             }
@@ -519,8 +519,8 @@ impl Resource {
                 doc,
                 msg: format!("not a Ferry resource ({e}); expected `metadata: {{type, id}}` and `spec`"),
             })?;
-            let rt = ResourceType::parse(&raw.metadata.type_name)
-                .map_err(|source| ParseError::UnknownType { doc, source })?;
+            let rt =
+                ResourceType::parse(&raw.metadata.type_name).map_err(|error| ParseError::UnknownType { doc, error })?;
             if let Some(ns) = &raw.metadata.namespace {
                 if ns != rt.namespace() {
                     return Err(ParseError::Shape {
@@ -530,8 +530,8 @@ impl Resource {
                 }
             }
             let id = raw.metadata.id;
-            let spec = Spec::from_value(rt, raw.spec)
-                .map_err(|source| ParseError::Spec { doc, rt, id: id.clone(), source })?;
+            let spec =
+                Spec::from_value(rt, raw.spec).map_err(|error| ParseError::Spec { doc, rt, id: id.clone(), error })?;
             let mut metadata = Metadata::new(rt, id);
             metadata.labels = raw.metadata.labels;
             metadata.annotations = raw.metadata.annotations;

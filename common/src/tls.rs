@@ -64,9 +64,8 @@ impl Identity {
     pub fn from_certificate(der: &[u8]) -> Result<Self, TlsError> {
         let (_, cert) = x509_parser::parse_x509_certificate(der)
             .map_err(|e| TlsError::Certificate(format!("unparseable peer certificate: {e}")))?;
-        let san = cert
-            .subject_alternative_name()
-            .map_err(|e| TlsError::Certificate(format!("bad subjectAltName: {e}")))?;
+        let san =
+            cert.subject_alternative_name().map_err(|e| TlsError::Certificate(format!("bad subjectAltName: {e}")))?;
         san.into_iter()
             .flat_map(|ext| ext.value.general_names.iter())
             .find_map(|n| match n {
@@ -81,19 +80,37 @@ impl Identity {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("certificate generation: {0}")]
-    Generate(#[from] rcgen::Error),
+    Generate(rcgen::Error),
     #[error("{0}")]
     Pem(String),
     #[error("{0}")]
     Certificate(String),
     #[error("tls config: {0}")]
-    Rustls(#[from] rustls::Error),
+    Rustls(rustls::Error),
     #[error("client verifier: {0}")]
-    Verifier(#[from] rustls::server::VerifierBuilderError),
+    Verifier(rustls::server::VerifierBuilderError),
     #[error("quic crypto config: {0}")]
     Quic(String),
     #[error(transparent)]
     Name(#[from] InvalidName),
+}
+
+impl From<rcgen::Error> for TlsError {
+    fn from(e: rcgen::Error) -> Self {
+        Self::Generate(e)
+    }
+}
+
+impl From<rustls::Error> for TlsError {
+    fn from(e: rustls::Error) -> Self {
+        Self::Rustls(e)
+    }
+}
+
+impl From<rustls::server::VerifierBuilderError> for TlsError {
+    fn from(e: rustls::server::VerifierBuilderError) -> Self {
+        Self::Verifier(e)
+    }
 }
 
 /// A PEM certificate and its private key.
@@ -141,7 +158,8 @@ impl CertAuthority {
         let key = KeyPair::generate()?;
         let mut params = base_params("Ferry CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let cert = params.self_signed(&key)?;
         let pem = CertifiedPem { cert_pem: cert.pem(), key_pem: key.serialize_pem() };
         Ok(Self { issuer: Issuer::new(params, key), pem })
@@ -150,7 +168,8 @@ impl CertAuthority {
     /// The CA saved earlier.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
         let key = KeyPair::from_pem(key_pem).map_err(|e| TlsError::Pem(format!("CA key: {e}")))?;
-        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| TlsError::Pem(format!("CA certificate: {e}")))?;
+        let issuer =
+            Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| TlsError::Pem(format!("CA certificate: {e}")))?;
         Ok(Self { pem: CertifiedPem { cert_pem: cert_pem.to_string(), key_pem: key_pem.to_string() }, issuer })
     }
 
@@ -223,7 +242,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     // Both set deliberately: quinn's defaults are a 30 s idle timeout and no keep-alive.
-    t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(20_000)))));
+    t.max_idle_timeout(Some(
+        IDLE_TIMEOUT.try_into().unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(20_000))),
+    ));
     t.keep_alive_interval(Some(KEEP_ALIVE));
     Arc::new(t)
 }

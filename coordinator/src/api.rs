@@ -23,7 +23,9 @@ const MANUAL_BACKUP_WINDOW_SECS: i64 = 60;
 pub async fn handle(coord: &Arc<Coordinator>, request: AdminRequest, send: &mut SendStream) -> Result<()> {
     let response = match request {
         AdminRequest::Download { cluster, backup_id } => return download(coord, &cluster, &backup_id, send).await,
-        AdminRequest::Get { rt, id, selector } => get(coord, rt, id.as_deref(), selector.as_ref()).map(AdminResponse::Resources),
+        AdminRequest::Get { rt, id, selector } => {
+            get(coord, rt, id.as_deref(), selector.as_ref()).map(AdminResponse::Resources)
+        }
         AdminRequest::Apply { resources } => apply(coord, resources).map(AdminResponse::Applied),
         AdminRequest::Delete { rt, id } => delete(coord, rt, &id).map(|()| AdminResponse::Deleted),
         AdminRequest::AgentCredentials { cluster, member } => credentials(coord, &cluster, &member),
@@ -50,7 +52,12 @@ fn backup_resource(m: Manifest) -> Resource {
     Resource { metadata: meta, spec: Spec::EtcdBackup(m.backup) }
 }
 
-fn get(coord: &Arc<Coordinator>, rt: ResourceType, id: Option<&str>, selector: Option<&Selector>) -> Result<Vec<Resource>> {
+fn get(
+    coord: &Arc<Coordinator>,
+    rt: ResourceType,
+    id: Option<&str>,
+    selector: Option<&Selector>,
+) -> Result<Vec<Resource>> {
     let mut all = match rt {
         ResourceType::EtcdBackup => {
             // A cluster selector narrows the listing to one directory instead of reading every manifest.
@@ -71,7 +78,10 @@ fn get(coord: &Arc<Coordinator>, rt: ResourceType, id: Option<&str>, selector: O
     if let Some(id) = id {
         all.retain(|r| r.metadata.id == id);
         if all.is_empty() {
-            return refuse(format!("{rt} {id:?} not found; list them with `ferryctl get {}`", rt.plural().to_lowercase()));
+            return refuse(format!(
+                "{rt} {id:?} not found; list them with `ferryctl get {}`",
+                rt.plural().to_lowercase()
+            ));
         }
     }
     Ok(all)
@@ -154,13 +164,17 @@ fn check_manual_backup(coord: &Arc<Coordinator>, cluster: &str, spec: &EtcdManua
             "no agent of cluster {cluster:?} ever registered; start ferry-agent with credentials for it (`ferryctl agent-credentials --cluster {cluster} …`) and check `ferryctl get agents`"
         ));
     }
-    if let Some(Resource { spec: Spec::EtcdManualBackup(old), .. }) = coord.state.get(ResourceType::EtcdManualBackup, cluster)? {
+    if let Some(Resource { spec: Spec::EtcdManualBackup(old), .. }) =
+        coord.state.get(ResourceType::EtcdManualBackup, cluster)?
+    {
         if old.backupat == at {
             return Ok(false);
         }
     }
     if coord.is_running(cluster) {
-        return refuse(format!("a backup of cluster {cluster} is already running; wait for it (`ferryctl get etcdbackupstatus {cluster}`)"));
+        return refuse(format!(
+            "a backup of cluster {cluster} is already running; wait for it (`ferryctl get etcdbackupstatus {cluster}`)"
+        ));
     }
     Ok(true)
 }
@@ -179,7 +193,11 @@ fn delete(coord: &Arc<Coordinator>, rt: ResourceType, id: &str) -> Result<()> {
 fn credentials(coord: &Arc<Coordinator>, cluster: &str, member: &str) -> Result<AdminResponse> {
     let pem = coord.ca.issue_client(&Identity::Agent { cluster: cluster.into(), member: member.into() })?;
     info!(%cluster, %member, "issued agent credentials");
-    Ok(AdminResponse::Credentials { ca_pem: coord.ca.pem().cert_pem.clone(), cert_pem: pem.cert_pem, key_pem: pem.key_pem })
+    Ok(AdminResponse::Credentials {
+        ca_pem: coord.ca.pem().cert_pem.clone(),
+        cert_pem: pem.cert_pem,
+        key_pem: pem.key_pem,
+    })
 }
 
 async fn download(coord: &Arc<Coordinator>, cluster: &str, backup_id: &str, send: &mut SendStream) -> Result<()> {
@@ -191,10 +209,14 @@ async fn download(coord: &Arc<Coordinator>, cluster: &str, backup_id: &str, send
             );
             return write_frame(send, &AdminResponse::Error { message }).await.context("send response");
         }
-        Err(e) => return write_frame(send, &AdminResponse::Error { message: format!("{e:#}") }).await.context("send response"),
+        Err(e) => {
+            return write_frame(send, &AdminResponse::Error { message: format!("{e:#}") })
+                .await
+                .context("send response")
+        }
     };
     let mut file = coord.store.open_object(&manifest).await?;
-    write_frame(send, &AdminResponse::DownloadStart(backup_resource(manifest))).await?;
+    write_frame(send, &AdminResponse::DownloadStart(Box::new(backup_resource(manifest)))).await?;
     let mut buf = vec![0u8; DATA_CHUNK];
     loop {
         let n = file.read(&mut buf).await.context("read backup object")?;

@@ -74,13 +74,10 @@ async fn run(coord: Arc<Coordinator>, cluster: String, _guard: RunningGuard) {
 /// Picks the member to back up: reachable, and a follower before the leader so the leader keeps its capacity;
 /// among equals the most caught-up.
 fn choose(agents: &[LiveAgent]) -> Option<&LiveAgent> {
-    agents
-        .iter()
-        .filter(|a| a.facts.as_ref().is_some_and(|f| f.error.is_none()))
-        .min_by_key(|a| {
-            let f = a.facts.as_ref().map(|f| (f.leader, u64::MAX - f.raft_applied_index)).unwrap_or((true, u64::MAX));
-            (f, a.member.clone())
-        })
+    agents.iter().filter(|a| a.facts.as_ref().is_some_and(|f| f.error.is_none())).min_by_key(|a| {
+        let f = a.facts.as_ref().map(|f| (f.leader, u64::MAX - f.raft_applied_index)).unwrap_or((true, u64::MAX));
+        (f, a.member.clone())
+    })
 }
 
 async fn take(coord: &Arc<Coordinator>, cluster: &str) -> Result<Manifest> {
@@ -96,8 +93,13 @@ async fn take(coord: &Arc<Coordinator>, cluster: &str) -> Result<Manifest> {
     let mut pending = coord.store.begin(cluster, Timestamp::now()).await?;
     info!(%member, backup_id = %pending.id, "backup started");
 
-    let (mut send, mut recv) = agent.conn.open_bi().await.with_context(|| format!("open job stream to agent {member}"))?;
-    let job = BackupJob { backup_id: pending.id.clone(), zstd_level: coord.settings.zstd_level, target: BackupTarget::Coordinator };
+    let (mut send, mut recv) =
+        agent.conn.open_bi().await.with_context(|| format!("open job stream to agent {member}"))?;
+    let job = BackupJob {
+        backup_id: pending.id.clone(),
+        zstd_level: coord.settings.zstd_level,
+        target: BackupTarget::Coordinator,
+    };
     write_frame(&mut send, &JobRequest::Backup(job)).await.context("send job")?;
 
     let mut facts = None;

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::Result;
 use ferry_common::protocol::EtcdFacts;
 use ferry_common::resources::{
-    AgentSpec, ClusterSpec, EtcdBackupOverallStatusSpec, EtcdBackupStatusSpec, Resource, ResourceType, Spec,
-    Timestamp, LABEL_CLUSTER, LABEL_MEMBER, OVERALL_STATUS_ID,
+    AgentSpec, ClusterSpec, EtcdBackupOverallStatusSpec, EtcdBackupStatusSpec, Resource, ResourceType, Spec, Timestamp,
+    LABEL_CLUSTER, LABEL_MEMBER, OVERALL_STATUS_ID,
 };
 use ferry_common::tls::CertAuthority;
 use tokio_util::sync::CancellationToken;
@@ -75,7 +75,12 @@ impl Drop for RunningGuard {
 }
 
 impl Coordinator {
-    pub fn new(state: Arc<dyn StateStore>, store: LocalStore, ca: CertAuthority, settings: Settings) -> Result<Arc<Self>> {
+    pub fn new(
+        state: Arc<dyn StateStore>,
+        store: LocalStore,
+        ca: CertAuthority,
+        settings: Settings,
+    ) -> Result<Arc<Self>> {
         let coord = Arc::new(Self {
             state,
             store,

@@ -21,7 +21,8 @@ pub struct Session {
 impl Session {
     /// Dials the coordinator, says hello and sends `request`.
     pub async fn open(cfg: &FerryConfig, request: &AdminRequest) -> Result<Self> {
-        let client = quinn_client_config(&cfg.ca, &cfg.client_pem()).context("build TLS config from the ferryconfig")?;
+        let client =
+            quinn_client_config(&cfg.ca, &cfg.client_pem()).context("build TLS config from the ferryconfig")?;
         let (addr, server_name) = resolve(&cfg.coordinator).await?;
         let bind = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
         let mut endpoint = quinn::Endpoint::client(bind.parse()?).context("open UDP socket")?;
@@ -106,7 +107,9 @@ fn bytes(n: u64) -> String {
 
 fn table(rt: ResourceType, resources: &[Resource]) -> String {
     let header: Vec<&str> = match rt {
-        ResourceType::EtcdBackupStatus => vec!["ID", "STATUS", "ERROR", "LAST BACKUP TIME", "LAST BACKUP ATTEMPT", "BYTES DONE"],
+        ResourceType::EtcdBackupStatus => {
+            vec!["ID", "STATUS", "ERROR", "LAST BACKUP TIME", "LAST BACKUP ATTEMPT", "BYTES DONE"]
+        }
         ResourceType::EtcdBackupOverallStatus => vec![
             "ID",
             "CONFIGURATION NAME",
@@ -117,12 +120,27 @@ fn table(rt: ResourceType, resources: &[Resource]) -> String {
             "CONFIGURATION ATTEMPT",
         ],
         ResourceType::EtcdManualBackup => vec!["ID", "BACKUP AT"],
-        ResourceType::EtcdBackup => vec!["ID", "CLUSTER", "CREATED AT", "SIZE", "RAW SIZE", "MEMBER", "REVISION", "SHA256"],
+        ResourceType::EtcdBackup => {
+            vec!["ID", "CLUSTER", "CREATED AT", "SIZE", "RAW SIZE", "MEMBER", "REVISION", "SHA256"]
+        }
         ResourceType::Cluster => vec!["ID", "BACKUP INTERVAL"],
         ResourceType::Agent => {
-            vec!["ID", "CONNECTED", "LEADER", "MEMBER ID", "ETCD VERSION", "DB SIZE", "APPLIED INDEX", "CONNECTED SINCE", "LAST HEARD", "ERROR"]
+            vec![
+                "ID",
+                "CONNECTED",
+                "LEADER",
+                "MEMBER ID",
+                "ETCD VERSION",
+                "DB SIZE",
+                "APPLIED INDEX",
+                "CONNECTED SINCE",
+                "LAST HEARD",
+                "ERROR",
+            ]
         }
-        ResourceType::EtcdBackupS3Config => vec!["ID", "BUCKET", "REGION", "ENDPOINT", "PREFIX", "ACCESS KEY ID", "SECRET ACCESS KEY"],
+        ResourceType::EtcdBackupS3Config => {
+            vec!["ID", "BUCKET", "REGION", "ENDPOINT", "PREFIX", "ACCESS KEY ID", "SECRET ACCESS KEY"]
+        }
     };
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for r in resources {
@@ -185,8 +203,9 @@ fn table(rt: ResourceType, resources: &[Resource]) -> String {
             }
         });
     }
-    let widths: Vec<usize> =
-        (0..rows[0].len()).map(|c| rows.iter().map(|r| r.get(c).map_or(0, |s| s.chars().count())).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r.get(c).map_or(0, |s| s.chars().count())).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
     for row in rows {
         let line: Vec<String> = row.iter().enumerate().map(|(i, cell)| format!("{cell:<w$}", w = widths[i])).collect();

@@ -185,7 +185,9 @@ impl PendingBackup {
         f.flush().await?;
         f.sync_all().await.with_context(|| format!("fsync {}", self.partial.display()))?;
         drop(f);
-        tokio::fs::rename(&self.partial, &self.object).await.with_context(|| format!("rename into {}", self.object.display()))?;
+        tokio::fs::rename(&self.partial, &self.object)
+            .await
+            .with_context(|| format!("rename into {}", self.object.display()))?;
         spec.snapshot = format!("{}/{}{OBJECT_SUFFIX}", self.cluster, self.id);
         let manifest = Manifest { format: 1, id: self.id.clone(), backup: spec };
         let dir = self.dir.clone();

@@ -20,7 +20,11 @@ pub struct Pki {
 /// Loads or creates the CA, issues the server certificate and makes sure `admin.ferryconfig` exists.
 pub fn init(state_dir: &Path, listen: SocketAddr, advertise: &[String]) -> Result<Pki> {
     let dir = state_dir.join("pki");
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).with_context(|| format!("create {}", dir.display()))?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("create {}", dir.display()))?;
     let (crt, key) = (dir.join("ca.crt"), dir.join("ca.key"));
     let ca = if crt.exists() && key.exists() {
         let cert_pem = fs::read_to_string(&crt).with_context(|| format!("read {}", crt.display()))?;

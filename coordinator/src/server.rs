@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use ferry_common::protocol::{expect_frame, read_frame, write_frame, AdminRequest, AgentMsg, Hello, HelloReply, PROTOCOL_VERSION};
+use ferry_common::protocol::{
+    expect_frame, read_frame, write_frame, AdminRequest, AgentMsg, Hello, HelloReply, PROTOCOL_VERSION,
+};
 use ferry_common::resources::Timestamp;
 use ferry_common::tls::Identity;
 use rustls::pki_types::CertificateDer;
@@ -83,7 +85,8 @@ async fn handle(coord: Arc<Coordinator>, conn: quinn::Connection, identity: Iden
         let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
         bail!("refused: {reason}");
     }
-    let reply = HelloReply::Ok { protocol_version: PROTOCOL_VERSION, software_version: env!("CARGO_PKG_VERSION").into() };
+    let reply =
+        HelloReply::Ok { protocol_version: PROTOCOL_VERSION, software_version: env!("CARGO_PKG_VERSION").into() };
     write_frame(&mut send, &reply).await.context("send hello reply")?;
 
     match identity {
@@ -119,7 +122,13 @@ async fn handle(coord: Arc<Coordinator>, conn: quinn::Connection, identity: Iden
     }
 }
 
-async fn agent_loop(coord: &Coordinator, cluster: &str, member: &str, conn_id: u64, recv: &mut quinn::RecvStream) -> Result<()> {
+async fn agent_loop(
+    coord: &Coordinator,
+    cluster: &str,
+    member: &str,
+    conn_id: u64,
+    recv: &mut quinn::RecvStream,
+) -> Result<()> {
     loop {
         let msg = tokio::select! {
             m = read_frame::<_, AgentMsg>(recv) => m.context("read agent report")?,

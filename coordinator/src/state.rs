@@ -13,17 +13,24 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("state store: {0}")]
-    Db(#[from] redb::Error),
-    #[error("state store holds an unreadable record {key:?}: {source}")]
-    Corrupt { key: String, source: serde_json::Error },
+    Db(redb::Error),
+    #[error("state store holds an unreadable record {key:?}: {error}")]
+    Corrupt { key: String, error: serde_json::Error },
     #[error("encode resource: {0}")]
     Encode(serde_json::Error),
 }
 
 macro_rules! db_err {
-    ($($t:ty),*) => {$(impl From<$t> for StateError { fn from(e: $t) -> Self { Self::Db(e.into()) } })*};
+    ($($t:ty),*) => {$(impl From<$t> for StateError { #[allow(clippy::useless_conversion)] fn from(e: $t) -> Self { Self::Db(e.into()) } })*};
 }
-db_err!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+db_err!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
 
 /// Where resources live. Writes bump `metadata.version` and stamp `created`/`updated`.
 pub trait StateStore: Send + Sync {
@@ -57,7 +64,7 @@ impl RedbStore {
 }
 
 fn decode(k: &str, v: &[u8]) -> Result<Resource, StateError> {
-    serde_json::from_slice(v).map_err(|source| StateError::Corrupt { key: k.to_string(), source })
+    serde_json::from_slice(v).map_err(|error| StateError::Corrupt { key: k.to_string(), error })
 }
 
 impl StateStore for RedbStore {

@@ -70,7 +70,8 @@ async fn run(args: Args) -> Result<()> {
         .mode(0o700)
         .create(&args.state_dir)
         .with_context(|| format!("create --state-dir {}", args.state_dir.display()))?;
-    let state = RedbStore::open(&args.state_dir.join("state.redb")).context("open the state store (is another coordinator using this --state-dir?)")?;
+    let state = RedbStore::open(&args.state_dir.join("state.redb"))
+        .context("open the state store (is another coordinator using this --state-dir?)")?;
     let pki = ferry_coordinator::pki::init(&args.state_dir, args.listen, &args.advertise_names)?;
     let store_dir = args.local_store_dir.clone().unwrap_or_else(|| args.state_dir.join("backups"));
     let store = LocalStore::open(&store_dir)?;
@@ -78,7 +79,8 @@ async fn run(args: Args) -> Result<()> {
     let settings = Settings { zstd_level: args.zstd_level, store_name: "local".into() };
     let coord = Coordinator::new(Arc::new(state), store, pki.ca, settings)?;
 
-    let endpoint = quinn::Endpoint::server(server_config, args.listen).with_context(|| format!("listen on {} (UDP)", args.listen))?;
+    let endpoint = quinn::Endpoint::server(server_config, args.listen)
+        .with_context(|| format!("listen on {} (UDP)", args.listen))?;
     info!(listen = %args.listen, store = %store_dir.display(), "coordinator ready");
     let server = tokio::spawn(ferry_coordinator::server::serve(coord.clone(), endpoint.clone()));
 
@@ -86,8 +88,8 @@ async fn run(args: Args) -> Result<()> {
     info!("shutting down: no new connections; waiting up to {}s for running backups", SHUTDOWN_GRACE.as_secs());
     coord.tasks.close();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        // Jobs end on their own; connection tasks of idle agents only end on cancel.
-        while coord.tasks.len() > 0 && running_jobs(&coord) {
+        // Jobs end on their own; connection tasks of idle agents only end on cancel, so wait for jobs only.
+        while coord.any_running() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
@@ -104,14 +106,9 @@ async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn running_jobs(coord: &Coordinator) -> bool {
-    coord.any_running()
-}
-
 async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+        return std::future::pending().await;
     };
     tokio::select! {
         _ = term.recv() => {}

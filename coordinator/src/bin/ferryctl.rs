@@ -144,7 +144,9 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{rt}/{id} deleted");
         }
         Command::AgentCredentials { cluster, member, out } => {
-            match call(&cfg()?, AdminRequest::AgentCredentials { cluster: cluster.clone(), member: member.clone() }).await? {
+            match call(&cfg()?, AdminRequest::AgentCredentials { cluster: cluster.clone(), member: member.clone() })
+                .await?
+            {
                 AdminResponse::Credentials { ca_pem, cert_pem, key_pem } => {
                     AgentCredentials { ca_pem, client: CertifiedPem { cert_pem, key_pem } }.save(&out)?;
                     println!("wrote credentials for agent {cluster}/{member} to {}", out.display());
@@ -160,10 +162,19 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 /// Writes through a temp file beside the target and renames only after every check passed.
-async fn download(cfg: &FerryConfig, cluster: String, backup_id: String, output: &Path, decompress: bool) -> Result<()> {
+async fn download(
+    cfg: &FerryConfig,
+    cluster: String,
+    backup_id: String,
+    output: &Path,
+    decompress: bool,
+) -> Result<()> {
     let mut s = Session::open(cfg, &AdminRequest::Download { cluster, backup_id }).await?;
     let backup = match expect_frame(&mut s.recv).await.context("read response")? {
-        AdminResponse::DownloadStart(Resource { spec: Spec::EtcdBackup(b), .. }) => b,
+        AdminResponse::DownloadStart(r) => match r.spec {
+            Spec::EtcdBackup(b) => b,
+            other => bail!("unexpected download header {other:?}"),
+        },
         AdminResponse::Error { message } => bail!(message),
         other => bail!("unexpected response {other:?}"),
     };
@@ -201,7 +212,11 @@ async fn download(cfg: &FerryConfig, cluster: String, backup_id: String, output:
         return Err(e);
     }
     std::fs::rename(&tmp, output).with_context(|| format!("rename into {}", output.display()))?;
-    println!("wrote {} ({}, sha256 verified)", output.display(), if decompress { "etcd snapshot" } else { "zstd as stored" });
+    println!(
+        "wrote {} ({}, sha256 verified)",
+        output.display(),
+        if decompress { "etcd snapshot" } else { "zstd as stored" }
+    );
     Ok(())
 }
 

@@ -1,0 +1,12 @@
+//! End-to-end tests: real etcd members, the real `ferry-coordinator`, `ferry-agent` and `ferryctl`.
+//!
+//! Build the binaries first: `cargo build --workspace --bins && cargo test --workspace`.
+
+mod fixtures;
+
+mod backup;
+mod failures;
+mod harness;
+mod persistence;
+mod rejections;
+mod security;
