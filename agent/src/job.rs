@@ -2,11 +2,12 @@
 //!
 //! Three stages joined by small bounded channels, so memory stays at a few MiB whatever the DB size and a
 //! slow store slows the etcd reader instead of piling bytes up:
-//! etcd reader (async) → compressor (blocking thread) → sender (async, QUIC stream to the coordinator).
-//! The trailing hash message is forwarded to the compressor only after it matched, and `Finished` is sent
-//! only after both the reader and the compressor succeeded: nothing unverified can be committed.
+//! etcd reader (async) → compressor (blocking thread) → sender (async: QUIC stream to the coordinator for the
+//! local store, or an S3 multipart upload). The trailing hash message is forwarded to the compressor only after
+//! it matched; the S3 upload is completed and `Finished` sent only after both the reader and the compressor
+//! succeeded: nothing unverified can be committed. Any failure aborts the multipart upload.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_common::protocol::{
@@ -16,9 +17,12 @@ use ferry_common::resources::Timestamp;
 use quinn::{RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use crate::etcd::EtcdMember;
 use crate::pipeline::{Compressed, Compressor, SnapshotVerifier, Verified};
+use crate::throttle::Throttle;
+use crate::upload::MultipartUpload;
 
 /// A transfer that makes no progress for this long is aborted: etcd holds a read transaction open for the
 /// whole stream, which grows its database, so hanging is worse than failing.
@@ -39,7 +43,7 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<()> {
     let result = tokio::select! {
-        r = stream_backup(&etcd, &job, &mut send, &mut recv) => r,
+        r = stream_backup(&etcd, &job, &mut send, &mut recv, &cancel) => r,
         _ = cancel.cancelled() => Err(anyhow!("agent is shutting down")),
     };
     if let Err(e) = &result {
@@ -50,54 +54,35 @@ pub async fn run(
     result
 }
 
-async fn stream_backup(etcd: &EtcdMember, job: &BackupJob, send: &mut SendStream, recv: &mut RecvStream) -> Result<()> {
-    match job.target {
-        BackupTarget::Coordinator => {}
-    }
+async fn stream_backup(
+    etcd: &EtcdMember,
+    job: &BackupJob,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    cancel: &CancellationToken,
+) -> Result<()> {
     let started_at = Timestamp::now();
     let facts = etcd.facts().await?;
     write_frame(send, &JobMsg::Started(facts)).await.context("send job start")?;
-    let snapshot = etcd.snapshot().await?;
-
-    let (raw_tx, raw_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
-    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
-    let (progress_tx, progress_rx) = tokio::sync::watch::channel(0u64);
-    let reader = tokio::spawn(read_etcd(snapshot, raw_tx, progress_tx));
-    let level = job.zstd_level;
-    let compressor = tokio::task::spawn_blocking(move || compress(raw_rx, out_tx, level));
-
-    let mut last_progress = Instant::now();
-    loop {
-        let chunk = match tokio::time::timeout(STALL_TIMEOUT, out_rx.recv()).await {
-            Ok(Some(c)) => c,
-            Ok(None) => break,
-            Err(_) => {
-                reader.abort();
-                bail!("no snapshot data for {}s; aborting so etcd is not held", STALL_TIMEOUT.as_secs())
+    let mut sink = match &job.target {
+        BackupTarget::Coordinator => Sink::Coordinator,
+        BackupTarget::S3(target) => {
+            let upload = MultipartUpload::create(target, cancel.child_token()).await?;
+            write_frame(send, &JobMsg::UploadStarted { upload_id: upload.upload_id.clone() })
+                .await
+                .context("send upload id")?;
+            Sink::S3(Box::new(upload))
+        }
+    };
+    let result = pump(etcd, job, &mut sink, send, started_at).await;
+    if let Sink::S3(upload) = &mut sink {
+        if result.is_err() {
+            if let Err(e) = upload.abort().await {
+                warn!("failed to abort the multipart upload (the coordinator will retry): {e}");
             }
-        };
-        tokio::time::timeout(STALL_TIMEOUT, write_frame(send, &JobMsg::Data(chunk)))
-            .await
-            .map_err(|_| anyhow!("the coordinator accepted no data for {}s", STALL_TIMEOUT.as_secs()))?
-            .context("send snapshot data")?;
-        if last_progress.elapsed() >= PROGRESS_EVERY {
-            last_progress = Instant::now();
-            let raw_bytes = *progress_rx.borrow();
-            write_frame(send, &JobMsg::Progress { raw_bytes }).await.context("send progress")?;
         }
     }
-    let verified = reader.await.context("etcd reader task")??;
-    let compressed = compressor.await.context("compressor task")??;
-
-    let summary = BackupSummary {
-        raw_size: verified.file_bytes,
-        raw_sha256: verified.file_sha256,
-        compressed_size: compressed.bytes,
-        compressed_sha256: compressed.sha256,
-        zstd_level: level,
-        started_at,
-        finished_at: Timestamp::now(),
-    };
+    let summary = result?;
     write_frame(send, &JobMsg::Finished(summary)).await.context("send job summary")?;
     let reply: JobReply = tokio::time::timeout(COMMIT_TIMEOUT, expect_frame(recv))
         .await
@@ -107,6 +92,80 @@ async fn stream_backup(etcd: &EtcdMember, job: &BackupJob, send: &mut SendStream
     match reply {
         JobReply::Committed => Ok(()),
         JobReply::Failed { error } => bail!("the coordinator refused the backup: {error}"),
+    }
+}
+
+/// Where compressed bytes go.
+enum Sink {
+    /// `JobMsg::Data` frames on the job stream.
+    Coordinator,
+    S3(Box<MultipartUpload>),
+}
+
+/// Runs the pipeline to the end; for S3 the upload is completed only after etcd's hash matched.
+async fn pump(
+    etcd: &EtcdMember,
+    job: &BackupJob,
+    sink: &mut Sink,
+    send: &mut SendStream,
+    started_at: Timestamp,
+) -> Result<BackupSummary> {
+    let snapshot = etcd.snapshot().await?;
+    let (raw_tx, raw_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
+    let (progress_tx, progress_rx) = tokio::sync::watch::channel(0u64);
+    let mut reader = AbortOnDrop(tokio::spawn(read_etcd(snapshot, raw_tx, progress_tx)));
+    let level = job.zstd_level;
+    let compressor = tokio::task::spawn_blocking(move || compress(raw_rx, out_tx, level));
+
+    let mut throttle = Throttle::new(job.upload_limit_bps);
+    let mut progress = tokio::time::interval(PROGRESS_EVERY);
+    loop {
+        tokio::select! {
+            chunk = tokio::time::timeout(STALL_TIMEOUT, out_rx.recv()) => {
+                let chunk = match chunk {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(_) => bail!("no snapshot data for {}s; aborting so etcd is not held", STALL_TIMEOUT.as_secs()),
+                };
+                throttle.consume(chunk.len()).await;
+                match sink {
+                    Sink::Coordinator => tokio::time::timeout(STALL_TIMEOUT, write_frame(send, &JobMsg::Data(chunk)))
+                        .await
+                        .map_err(|_| anyhow!("the coordinator accepted no data for {}s", STALL_TIMEOUT.as_secs()))?
+                        .context("send snapshot data")?,
+                    Sink::S3(upload) => upload.write(&chunk).await?,
+                }
+            }
+            _ = progress.tick() => {
+                let raw_bytes = *progress_rx.borrow();
+                write_frame(send, &JobMsg::Progress { raw_bytes }).await.context("send progress")?;
+            }
+        }
+    }
+    let verified = (&mut reader.0).await.context("etcd reader task")??;
+    let compressed = compressor.await.context("compressor task")??;
+    if let Sink::S3(upload) = sink {
+        // etcd's hash matched: only now may the object appear.
+        upload.complete().await?;
+    }
+    Ok(BackupSummary {
+        raw_size: verified.file_bytes,
+        raw_sha256: verified.file_sha256,
+        compressed_size: compressed.bytes,
+        compressed_sha256: compressed.sha256,
+        zstd_level: level,
+        started_at,
+        finished_at: Timestamp::now(),
+    })
+}
+
+/// Stops the etcd reader (and so etcd's snapshot stream) when the job ends early.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

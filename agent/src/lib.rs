@@ -4,3 +4,5 @@ pub mod etcd;
 pub mod job;
 pub mod link;
 pub mod pipeline;
+pub mod throttle;
+pub mod upload;

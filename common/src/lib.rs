@@ -4,4 +4,5 @@
 pub mod config;
 pub mod protocol;
 pub mod resources;
+pub mod s3;
 pub mod tls;

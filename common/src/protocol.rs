@@ -16,7 +16,7 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::resources::{Resource, ResourceType, Selector, Timestamp};
+use crate::resources::{EtcdBackupS3ConfigSpec, Resource, ResourceType, Selector, Timestamp};
 
 /// Bumped on any incompatible change to the messages below.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -144,6 +144,20 @@ pub enum AgentMsg {
 pub enum BackupTarget {
     /// Back to the coordinator on the job stream, which writes them to its local store.
     Coordinator,
+    /// Straight to S3 by multipart upload.
+    S3(S3Target),
+}
+
+/// An S3 object to upload. Carries the store's credentials for this one job; the agent keeps them in memory
+/// only (the spec's `Debug` redacts them).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct S3Target {
+    pub config: EtcdBackupS3ConfigSpec,
+    pub key: String,
+    /// Bytes per part (S3: at least 5 MiB except the last).
+    pub part_size: u64,
+    /// Parts uploading at once; memory is bounded by `part_size × (parts_in_flight + 1)`.
+    pub parts_in_flight: u32,
 }
 
 /// A backup the coordinator asks an agent to take.
@@ -152,6 +166,8 @@ pub struct BackupJob {
     pub backup_id: String,
     pub zstd_level: i32,
     pub target: BackupTarget,
+    /// Upload cap in bytes per second; 0 = unlimited.
+    pub upload_limit_bps: u64,
 }
 
 /// Coordinator → agent: first frame of a job stream.
@@ -179,6 +195,9 @@ pub enum JobMsg {
     Started(EtcdFacts),
     /// Compressed snapshot bytes (local store only).
     Data(Vec<u8>),
+    /// A multipart upload was created (S3 only): the coordinator remembers it so it can abort it even if
+    /// this agent dies.
+    UploadStarted { upload_id: String },
     /// Raw snapshot bytes read from etcd so far.
     Progress { raw_bytes: u64 },
     /// Every byte is sent and etcd's trailing hash matched.

@@ -5,15 +5,16 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use ferry_common::protocol::{write_frame, AdminRequest, AdminResponse, ApplyOutcome, DATA_CHUNK};
 use ferry_common::resources::{
-    validate_name, EtcdManualBackupSpec, Metadata, Resource, ResourceType, Selector, Spec, Timestamp, LABEL_CLUSTER,
+    validate_name, EtcdBackupS3ConfigSpec, EtcdManualBackupSpec, Metadata, Resource, ResourceType, Selector, Spec,
+    Timestamp, LABEL_CLUSTER, REDACTED, S3_CONFIG_ID,
 };
 use ferry_common::tls::Identity;
 use quinn::SendStream;
-use tokio::io::AsyncReadExt;
 use tracing::info;
 
 use crate::coordinator::Coordinator;
-use crate::local_store::Manifest;
+use crate::s3_store::{S3Conn, S3Store};
+use crate::store::{BackupStore, Manifest};
 
 /// A manual backup's `backupat` must be this close to the coordinator's clock (the seed's rule), so that
 /// re-applying an old file does not take a surprise backup.
@@ -24,9 +25,9 @@ pub async fn handle(coord: &Arc<Coordinator>, request: AdminRequest, send: &mut 
     let response = match request {
         AdminRequest::Download { cluster, backup_id } => return download(coord, &cluster, &backup_id, send).await,
         AdminRequest::Get { rt, id, selector } => {
-            get(coord, rt, id.as_deref(), selector.as_ref()).map(AdminResponse::Resources)
+            get(coord, rt, id.as_deref(), selector.as_ref()).await.map(AdminResponse::Resources)
         }
-        AdminRequest::Apply { resources } => apply(coord, resources).map(AdminResponse::Applied),
+        AdminRequest::Apply { resources } => apply(coord, resources).await.map(AdminResponse::Applied),
         AdminRequest::Delete { rt, id } => delete(coord, rt, &id).map(|()| AdminResponse::Deleted),
         AdminRequest::AgentCredentials { cluster, member } => credentials(coord, &cluster, &member),
     };
@@ -52,7 +53,7 @@ fn backup_resource(m: Manifest) -> Resource {
     Resource { metadata: meta, spec: Spec::EtcdBackup(m.backup) }
 }
 
-fn get(
+async fn get(
     coord: &Arc<Coordinator>,
     rt: ResourceType,
     id: Option<&str>,
@@ -60,9 +61,9 @@ fn get(
 ) -> Result<Vec<Resource>> {
     let mut all = match rt {
         ResourceType::EtcdBackup => {
-            // A cluster selector narrows the listing to one directory instead of reading every manifest.
+            // A cluster selector narrows the listing to one cluster instead of reading every manifest.
             let cluster = selector.filter(|s| s.key == LABEL_CLUSTER).map(|s| s.value.as_str());
-            coord.store.list(cluster)?.into_iter().map(backup_resource).collect()
+            coord.store.list(cluster, &coord.cancel).await?.into_iter().map(backup_resource).collect()
         }
         ResourceType::Agent => coord.agent_resources()?,
         _ => coord.state.list(rt)?,
@@ -87,27 +88,28 @@ fn get(
     Ok(all)
 }
 
-fn apply(coord: &Arc<Coordinator>, resources: Vec<Resource>) -> Result<Vec<ApplyOutcome>> {
+async fn apply(coord: &Arc<Coordinator>, mut resources: Vec<Resource>) -> Result<Vec<ApplyOutcome>> {
     // Check every document before writing any, so a bad file changes nothing.
     let mut backups = Vec::new();
-    for r in &resources {
+    let mut s3 = None;
+    for r in &mut resources {
         let rt = r.resource_type();
         let id = &r.metadata.id;
         if !rt.user_writable() {
             return refuse(format!("{rt} is written by Ferry itself and cannot be applied"));
         }
-        match &r.spec {
+        match &mut r.spec {
             Spec::EtcdManualBackup(spec) => {
                 if check_manual_backup(coord, id, spec)? {
                     backups.push(id.clone());
                 }
             }
             Spec::Cluster(_) => validate_name("cluster", id)?,
-            Spec::EtcdBackupS3Config(_) => {
-                return refuse(format!(
-                    "this coordinator uses the {} backup store; the S3 store is not available in this version",
-                    coord.settings.store_name
-                ))
+            Spec::EtcdBackupS3Config(spec) => {
+                if s3.is_some() {
+                    return refuse("the input holds two EtcdBackupS3Configs; apply one");
+                }
+                s3 = Some(check_s3_config(coord, id, spec).await?);
             }
             _ => return refuse(format!("{rt} cannot be applied")),
         }
@@ -120,6 +122,9 @@ fn apply(coord: &Arc<Coordinator>, resources: Vec<Resource>) -> Result<Vec<Apply
         let rt = r.resource_type();
         let id = r.metadata.id.clone();
         let old = coord.state.get(rt, &id)?;
+        if rt == ResourceType::EtcdBackupS3Config {
+            coord.set_configuration_status("", true)?;
+        }
         let outcome = match &old {
             Some(o) if o.spec == r.spec && o.metadata.labels == r.metadata.labels => {
                 out.push(ApplyOutcome::Unchanged { rt, id });
@@ -136,10 +141,50 @@ fn apply(coord: &Arc<Coordinator>, resources: Vec<Resource>) -> Result<Vec<Apply
         info!(%rt, %id, "applied");
         out.push(outcome);
     }
+    if let (Some(conn), BackupStore::S3(store)) = (s3, &coord.store) {
+        store.set(conn);
+        info!("S3 configuration applied; the next backup uses it");
+        store.retry_pending_aborts().await;
+    }
     for cluster in backups {
         crate::backup::start(coord, &cluster)?;
     }
     Ok(out)
+}
+
+/// Validates an S3 config by listing its bucket with exactly its settings. Every attempt is counted in the
+/// overall status; a failing one leaves the stored config as it was.
+async fn check_s3_config(coord: &Arc<Coordinator>, id: &str, spec: &mut EtcdBackupS3ConfigSpec) -> Result<S3Conn> {
+    if !matches!(coord.store, BackupStore::S3(_)) {
+        return refuse(format!(
+            "this coordinator runs with --backup-store {}; restart it with --backup-store s3 to use an S3 config",
+            coord.store.name()
+        ));
+    }
+    if id != S3_CONFIG_ID {
+        return refuse(format!("the S3 config's id must be {S3_CONFIG_ID:?}, not {id:?}"));
+    }
+    // `get -o yaml` shows secrets as ***: re-applying that output keeps the stored secrets.
+    if spec.secretaccesskey == REDACTED || spec.sessiontoken == REDACTED {
+        let old = match coord.state.get(ResourceType::EtcdBackupS3Config, id)? {
+            Some(Resource { spec: Spec::EtcdBackupS3Config(old), .. }) => old,
+            _ => return refuse("secretaccesskey is *** but no secret is stored yet; give the real secret"),
+        };
+        if spec.secretaccesskey == REDACTED {
+            spec.secretaccesskey = old.secretaccesskey;
+        }
+        if spec.sessiontoken == REDACTED {
+            spec.sessiontoken = old.sessiontoken;
+        }
+    }
+    let current_error = coord.configuration_error()?;
+    match S3Store::validate(spec).await {
+        Ok(conn) => Ok(conn),
+        Err(msg) => {
+            coord.set_configuration_status(&current_error, true)?;
+            refuse(format!("S3 config not applied, the stored one is unchanged: {msg}"))
+        }
+    }
 }
 
 /// Validates a manual backup request; `true` if it asks for a new backup (not a re-apply of the same one).
@@ -201,29 +246,32 @@ fn credentials(coord: &Arc<Coordinator>, cluster: &str, member: &str) -> Result<
 }
 
 async fn download(coord: &Arc<Coordinator>, cluster: &str, backup_id: &str, send: &mut SendStream) -> Result<()> {
-    let manifest = match coord.store.find(cluster, backup_id) {
+    let error = |message: String| AdminResponse::Error { message };
+    let manifest = match coord.store.find(cluster, backup_id, &coord.cancel).await {
         Ok(Some(m)) => m,
         Ok(None) => {
             let message = format!(
                 "backup {backup_id:?} of cluster {cluster:?} not found; list them with `ferryctl get etcdbackup --selector {LABEL_CLUSTER}={cluster}`"
             );
-            return write_frame(send, &AdminResponse::Error { message }).await.context("send response");
+            return write_frame(send, &error(message)).await.context("send response");
         }
-        Err(e) => {
-            return write_frame(send, &AdminResponse::Error { message: format!("{e:#}") })
-                .await
-                .context("send response")
-        }
+        Err(e) => return write_frame(send, &error(format!("{e:#}"))).await.context("send response"),
     };
-    let mut file = coord.store.open_object(&manifest).await?;
+    let mut object = match coord.store.open(&manifest).await {
+        Ok(o) => o,
+        Err(e) => return write_frame(send, &error(format!("{e:#}"))).await.context("send response"),
+    };
     write_frame(send, &AdminResponse::DownloadStart(Box::new(backup_resource(manifest)))).await?;
     let mut buf = vec![0u8; DATA_CHUNK];
     loop {
-        let n = file.read(&mut buf).await.context("read backup object")?;
-        if n == 0 {
-            break;
+        let piece = match object.next(&mut buf).await {
+            Ok(Some(p)) => p,
+            Ok(None) => break,
+            Err(e) => return write_frame(send, &error(format!("read backup: {e:#}"))).await.context("send response"),
+        };
+        for chunk in piece.chunks(DATA_CHUNK) {
+            write_frame(send, &AdminResponse::Data(chunk.to_vec())).await.context("send backup data")?;
         }
-        write_frame(send, &AdminResponse::Data(buf[..n].to_vec())).await.context("send backup data")?;
     }
     write_frame(send, &AdminResponse::DownloadEnd).await.context("send response")
 }

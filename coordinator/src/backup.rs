@@ -6,12 +6,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use ferry_common::protocol::{expect_frame, write_frame, BackupJob, BackupTarget, JobMsg, JobReply, JobRequest};
+use ferry_common::protocol::{
+    expect_frame, write_frame, BackupJob, BackupTarget, JobMsg, JobReply, JobRequest, S3Target,
+};
 use ferry_common::resources::{status, EtcdBackupSpec, Timestamp};
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::coordinator::{Coordinator, LiveAgent, RunningGuard};
-use crate::local_store::Manifest;
+use crate::local_store::PendingBackup;
+use crate::s3_store::{S3Conn, S3Store};
+use crate::store::{BackupStore, Manifest};
 
 /// No message from the agent for this long aborts the job (it reports progress every second).
 const STALL_TIMEOUT: Duration = Duration::from_secs(90);
@@ -80,6 +84,12 @@ fn choose(agents: &[LiveAgent]) -> Option<&LiveAgent> {
     })
 }
 
+/// Where this job's bytes land, decided before the agent is asked.
+enum Destination {
+    Local(PendingBackup),
+    S3 { conn: Arc<S3Conn>, key: String, upload_id: Option<String> },
+}
+
 async fn take(coord: &Arc<Coordinator>, cluster: &str) -> Result<Manifest> {
     let agents = coord.live_agents(cluster);
     let agent = choose(&agents).ok_or_else(|| {
@@ -90,15 +100,53 @@ async fn take(coord: &Arc<Coordinator>, cluster: &str) -> Result<Manifest> {
         }
     })?;
     let member = agent.member.clone();
-    let mut pending = coord.store.begin(cluster, Timestamp::now()).await?;
-    info!(%member, backup_id = %pending.id, "backup started");
+    let now = Timestamp::now();
+    let (id, mut dest, target) = match &coord.store {
+        BackupStore::Local(local) => {
+            let pending = local.begin(cluster, now).await?;
+            (pending.id.clone(), Destination::Local(pending), BackupTarget::Coordinator)
+        }
+        BackupStore::S3(s3) => {
+            s3.retry_pending_aborts().await;
+            let conn = s3.conn()?;
+            let id = s3.free_id(&conn, cluster, now, &coord.cancel).await?;
+            let key = S3Store::object_key(&conn.spec, cluster, &id);
+            let target = BackupTarget::S3(S3Target {
+                config: conn.spec.clone(),
+                key: key.clone(),
+                part_size: coord.settings.part_size,
+                parts_in_flight: coord.settings.parts_in_flight,
+            });
+            (id, Destination::S3 { conn, key, upload_id: None }, target)
+        }
+    };
+    info!(%member, backup_id = %id, "backup started");
+    let result = run_job(coord, cluster, agent, &id, &mut dest, target).await;
+    if result.is_err() {
+        if let (BackupStore::S3(s3), Destination::S3 { conn, key, upload_id }) = (&coord.store, &dest) {
+            s3.discard(conn, key, upload_id.as_deref()).await;
+        }
+    }
+    // A local partial file is removed when `dest` drops uncommitted.
+    result
+}
 
+async fn run_job(
+    coord: &Arc<Coordinator>,
+    cluster: &str,
+    agent: &LiveAgent,
+    id: &str,
+    dest: &mut Destination,
+    target: BackupTarget,
+) -> Result<Manifest> {
+    let member = &agent.member;
     let (mut send, mut recv) =
         agent.conn.open_bi().await.with_context(|| format!("open job stream to agent {member}"))?;
     let job = BackupJob {
-        backup_id: pending.id.clone(),
+        backup_id: id.to_string(),
         zstd_level: coord.settings.zstd_level,
-        target: BackupTarget::Coordinator,
+        target,
+        upload_limit_bps: coord.settings.upload_limit_bps,
     };
     write_frame(&mut send, &JobRequest::Backup(job)).await.context("send job")?;
 
@@ -113,7 +161,14 @@ async fn take(coord: &Arc<Coordinator>, cluster: &str) -> Result<Manifest> {
         };
         match msg {
             JobMsg::Started(f) => facts = Some(f),
-            JobMsg::Data(d) => pending.write(&d).await?,
+            JobMsg::Data(d) => match dest {
+                Destination::Local(pending) => pending.write(&d).await?,
+                Destination::S3 { .. } => bail!("agent {member} sent data for an S3 backup"),
+            },
+            JobMsg::UploadStarted { upload_id: u } => match dest {
+                Destination::S3 { upload_id, .. } => *upload_id = Some(u),
+                Destination::Local(_) => bail!("agent {member} started an S3 upload for a local backup"),
+            },
             JobMsg::Progress { raw_bytes } => {
                 if last_progress.elapsed() >= PROGRESS_EVERY {
                     last_progress = Instant::now();
@@ -140,7 +195,21 @@ async fn take(coord: &Arc<Coordinator>, cluster: &str) -> Result<Manifest> {
                     startedat: summary.started_at,
                     finishedat: summary.finished_at,
                 };
-                return match pending.commit(spec).await {
+                let committed = match dest {
+                    Destination::Local(pending) => pending.commit(spec).await,
+                    Destination::S3 { conn, key, .. } => {
+                        let mut spec = spec;
+                        spec.snapshot = key.clone();
+                        let manifest = Manifest { format: 1, id: id.to_string(), backup: spec };
+                        match &coord.store {
+                            BackupStore::S3(s3) => {
+                                s3.commit(conn, key, &manifest, &coord.cancel).await.map(|()| manifest)
+                            }
+                            BackupStore::Local(_) => Err(anyhow!("store changed during the job")),
+                        }
+                    }
+                };
+                return match committed {
                     Ok(m) => {
                         write_frame(&mut send, &JobReply::Committed).await.ok();
                         send.finish().ok();

@@ -15,16 +15,22 @@ use ferry_common::tls::CertAuthority;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::local_store::LocalStore;
 use crate::state::StateStore;
+use crate::store::BackupStore;
 
 /// Coordinator settings that jobs need.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// zstd level agents compress with.
     pub zstd_level: i32,
-    /// `local` or `s3`, as `configurationname` shows it.
-    pub store_name: String,
+    /// S3 multipart part size in bytes.
+    pub part_size: u64,
+    /// S3 parts uploading at once per job.
+    pub parts_in_flight: u32,
+    /// Upload cap per job in bytes per second; 0 = unlimited.
+    pub upload_limit_bps: u64,
+    /// Download cap per job in bytes per second; 0 = unlimited.
+    pub download_limit_bps: u64,
 }
 
 /// An agent connected right now.
@@ -42,7 +48,7 @@ pub struct LiveAgent {
 
 pub struct Coordinator {
     pub state: Arc<dyn StateStore>,
-    pub store: LocalStore,
+    pub store: BackupStore,
     pub ca: CertAuthority,
     pub settings: Settings,
     /// Process-wide cancellation: parent of every connection's and job's token.
@@ -77,7 +83,7 @@ impl Drop for RunningGuard {
 impl Coordinator {
     pub fn new(
         state: Arc<dyn StateStore>,
-        store: LocalStore,
+        store: BackupStore,
         ca: CertAuthority,
         settings: Settings,
     ) -> Result<Arc<Self>> {
@@ -101,8 +107,12 @@ impl Coordinator {
             Some(Resource { spec: Spec::EtcdBackupOverallStatus(s), .. }) => s,
             _ => EtcdBackupOverallStatusSpec::default(),
         };
-        overall.configurationname = self.settings.store_name.clone();
-        overall.configurationerror = String::new();
+        overall.configurationname = self.store.name().to_string();
+        overall.configurationerror = match &self.store {
+            BackupStore::Local(_) => String::new(),
+            // Until a config is applied; set again once the stored one (if any) is checked.
+            BackupStore::S3(_) => "not initialized".to_string(),
+        };
         self.state.put(Resource::new(OVERALL_STATUS_ID, Spec::EtcdBackupOverallStatus(overall)))?;
         // Nothing is connected at start; agents that were, reconnect and say so.
         for mut r in self.state.list(ResourceType::Agent)? {
@@ -234,6 +244,33 @@ impl Coordinator {
 
     pub fn is_running(&self, cluster: &str) -> bool {
         lock(&self.running).contains(cluster)
+    }
+
+    /// Records the outcome of a store configuration attempt in the overall status.
+    pub fn set_configuration_status(&self, error: &str, count_attempt: bool) -> Result<()> {
+        let mut o = match self.state.get(ResourceType::EtcdBackupOverallStatus, OVERALL_STATUS_ID)? {
+            Some(o) => o,
+            None => {
+                Resource::new(OVERALL_STATUS_ID, Spec::EtcdBackupOverallStatus(EtcdBackupOverallStatusSpec::default()))
+            }
+        };
+        if let Spec::EtcdBackupOverallStatus(s) = &mut o.spec {
+            s.configurationname = self.store.name().to_string();
+            s.configurationerror = error.to_string();
+            if count_attempt {
+                s.configurationattempt += 1;
+            }
+        }
+        self.state.put(o)?;
+        Ok(())
+    }
+
+    /// The overall status's configuration error ("" when the store is usable).
+    pub fn configuration_error(&self) -> Result<String> {
+        Ok(match self.state.get(ResourceType::EtcdBackupOverallStatus, OVERALL_STATUS_ID)? {
+            Some(Resource { spec: Spec::EtcdBackupOverallStatus(s), .. }) => s.configurationerror,
+            _ => String::new(),
+        })
     }
 
     /// Changes a cluster's backup status and mirrors it into the overall status.

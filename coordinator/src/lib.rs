@@ -7,5 +7,7 @@ pub mod coordinator;
 pub mod ctl;
 pub mod local_store;
 pub mod pki;
+pub mod s3_store;
 pub mod server;
 pub mod state;
+pub mod store;

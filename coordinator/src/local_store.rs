@@ -11,22 +11,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use ferry_common::resources::{EtcdBackupSpec, Timestamp};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-const OBJECT_SUFFIX: &str = ".snapshot.zst";
-const MANIFEST_SUFFIX: &str = ".manifest.json";
-const PARTIAL_SUFFIX: &str = ".partial";
+use crate::store::{sort_newest_first, Manifest, MANIFEST_SUFFIX, OBJECT_SUFFIX};
 
-/// The manifest written beside each object; a stable, documented format (see docs/ARCHITECTURE.md).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Manifest {
-    /// Manifest format version.
-    pub format: u32,
-    pub id: String,
-    pub backup: EtcdBackupSpec,
-}
+const PARTIAL_SUFFIX: &str = ".partial";
 
 pub struct LocalStore {
     root: PathBuf,
@@ -119,7 +109,7 @@ impl LocalStore {
                 }
             }
         }
-        out.sort_by(|a, b| b.backup.createdat.cmp(&a.backup.createdat).then_with(|| b.id.cmp(&a.id)));
+        sort_newest_first(&mut out);
         Ok(out)
     }
 
@@ -171,7 +161,10 @@ impl PendingBackup {
 
     /// Makes the backup durable and visible. `spec` must describe what was written: its size and sha256
     /// are checked against the bytes actually received.
-    pub async fn commit(mut self, mut spec: EtcdBackupSpec) -> Result<Manifest> {
+    pub async fn commit(&mut self, mut spec: EtcdBackupSpec) -> Result<Manifest> {
+        if self.done {
+            bail!("backup {} is already committed", self.id);
+        }
         let sha = hex::encode(self.sha.clone().finalize());
         if spec.size != self.bytes || spec.sha256 != sha {
             bail!(

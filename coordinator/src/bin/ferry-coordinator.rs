@@ -8,10 +8,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
+use ferry_common::resources::{Resource, ResourceType, Spec, S3_CONFIG_ID};
 use ferry_common::tls::quinn_server_config;
 use ferry_coordinator::coordinator::{Coordinator, Settings};
 use ferry_coordinator::local_store::LocalStore;
+use ferry_coordinator::s3_store::{S3Conn, S3Store};
 use ferry_coordinator::state::RedbStore;
+use ferry_coordinator::store::BackupStore;
 use tracing::{info, warn};
 
 /// How long running backups get to finish after SIGTERM before they are aborted.
@@ -46,6 +49,23 @@ struct Args {
     /// zstd level agents compress snapshots with (1-19).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
     zstd_level: i32,
+    /// S3 multipart part size in MiB (S3 needs at least 5).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(5..=5120))]
+    upload_part_size_mib: u64,
+    /// S3 parts an agent uploads at once; agent memory is about part size × (this + 1).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    upload_parts_in_flight: u32,
+    /// Upload bandwidth cap per backup in megabits per second (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    upload_limit_mbps: u64,
+    /// Download bandwidth cap per restore in megabits per second (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    download_limit_mbps: u64,
+}
+
+/// Megabits per second to bytes per second.
+fn mbps(m: u64) -> u64 {
+    m.saturating_mul(1_000_000 / 8)
 }
 
 #[tokio::main]
@@ -62,9 +82,6 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<()> {
-    if args.backup_store == StoreKind::S3 {
-        bail!("--backup-store s3 is not available in this version; use --backup-store local");
-    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -74,14 +91,31 @@ async fn run(args: Args) -> Result<()> {
         .context("open the state store (is another coordinator using this --state-dir?)")?;
     let pki = ferry_coordinator::pki::init(&args.state_dir, args.listen, &args.advertise_names)?;
     let store_dir = args.local_store_dir.clone().unwrap_or_else(|| args.state_dir.join("backups"));
-    let store = LocalStore::open(&store_dir)?;
+    let store = match args.backup_store {
+        StoreKind::Local => BackupStore::Local(LocalStore::open(&store_dir)?),
+        StoreKind::S3 => {
+            if args.local_store_dir.is_some() {
+                bail!("--local-store-dir goes with --backup-store local");
+            }
+            BackupStore::S3(S3Store::default())
+        }
+    };
     let server_config = quinn_server_config(&pki.ca.pem().cert_pem, &pki.server)?;
-    let settings = Settings { zstd_level: args.zstd_level, store_name: "local".into() };
+    let settings = Settings {
+        zstd_level: args.zstd_level,
+        part_size: args.upload_part_size_mib * 1024 * 1024,
+        parts_in_flight: args.upload_parts_in_flight,
+        upload_limit_bps: mbps(args.upload_limit_mbps),
+        download_limit_bps: mbps(args.download_limit_mbps),
+    };
     let coord = Coordinator::new(Arc::new(state), store, pki.ca, settings)?;
+    if matches!(coord.store, BackupStore::S3(_)) {
+        load_s3_config(&coord).await?;
+    }
 
     let endpoint = quinn::Endpoint::server(server_config, args.listen)
         .with_context(|| format!("listen on {} (UDP)", args.listen))?;
-    info!(listen = %args.listen, store = %store_dir.display(), "coordinator ready");
+    info!(listen = %args.listen, store = coord.store.name(), "coordinator ready");
     let server = tokio::spawn(ferry_coordinator::server::serve(coord.clone(), endpoint.clone()));
 
     shutdown_signal().await;
@@ -103,6 +137,42 @@ async fn run(args: Args) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), coord.tasks.wait()).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     info!("coordinator stopped");
+    Ok(())
+}
+
+/// Uses the stored S3 config at once, and checks it in the background so a slow or down endpoint does not
+/// hold up start-up; the check's outcome shows in `configurationerror`.
+async fn load_s3_config(coord: &Arc<Coordinator>) -> Result<()> {
+    let BackupStore::S3(store) = &coord.store else { return Ok(()) };
+    let spec = match coord.state.get(ResourceType::EtcdBackupS3Config, S3_CONFIG_ID)? {
+        Some(Resource { spec: Spec::EtcdBackupS3Config(spec), .. }) => spec,
+        _ => return Ok(()),
+    };
+    let client = ferry_common::s3::client(&spec).await.context("build S3 client from the stored config")?;
+    store.set(S3Conn { spec: spec.clone(), client });
+    coord.set_configuration_status("", false)?;
+    let c = coord.clone();
+    coord.tasks.spawn(async move {
+        if let Err(msg) = S3Store::validate(&spec).await {
+            warn!("the stored S3 config does not work right now: {msg}");
+            if let Err(e) = c.set_configuration_status(&msg, false) {
+                warn!("failed to record configuration status: {e:#}");
+            }
+        }
+    });
+    // Aborts that failed while S3 was unreachable are retried until they succeed.
+    let c = coord.clone();
+    coord.tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                _ = c.cancel.cancelled() => return,
+            }
+            if let BackupStore::S3(s3) = &c.store {
+                s3.retry_pending_aborts().await;
+            }
+        }
+    });
     Ok(())
 }
 

@@ -1,0 +1,348 @@
+//! S3 primitives shared by the agent (uploads) and the coordinator (validation, listing, manifests):
+//! building a client from an `EtcdBackupS3Configs` spec, telling S3 errors apart in words a user can act on,
+//! and the one retry-with-backoff helper every S3 call goes through.
+
+use std::time::Duration;
+
+use aws_credential_types::Credentials;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Region, RequestChecksumCalculation, ResponseChecksumValidation, SharedCredentialsProvider,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode, TlsContext, TrustStore};
+use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::timeout::TimeoutConfig;
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+
+use crate::resources::EtcdBackupS3ConfigSpec;
+
+/// Region used when the config names none; S3-compatible servers mostly ignore it, but SigV4 needs one.
+pub const DEFAULT_REGION: &str = "us-east-1";
+/// A TCP/TLS connection to the endpoint that takes longer than this counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// One attempt of one S3 call (an 8 MiB part on a slow link included) may take this long before it is
+/// abandoned as stalled and retried.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Attempts per S3 call before giving up.
+pub const MAX_ATTEMPTS: u32 = 5;
+
+/// The S3 config is not usable as written.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("spec.bucket is required")]
+    NoBucket,
+    #[error("spec.accesskeyid and spec.secretaccesskey go together: give both, or neither to use the standard AWS credential chain")]
+    HalfCredentials,
+    #[error("spec.sessiontoken needs spec.accesskeyid and spec.secretaccesskey")]
+    TokenWithoutKeys,
+    #[error("spec.endpoint {0:?} is not an http:// or https:// URL")]
+    BadEndpoint(String),
+    #[error("spec.cacert is not a usable PEM bundle: {0}")]
+    BadCaCert(String),
+}
+
+/// Checks a config's shape (not whether the bucket answers: see [`S3Error`]).
+pub fn check_config(c: &EtcdBackupS3ConfigSpec) -> Result<(), ConfigError> {
+    if c.bucket.trim().is_empty() {
+        return Err(ConfigError::NoBucket);
+    }
+    if c.accesskeyid.is_empty() != c.secretaccesskey.is_empty() {
+        return Err(ConfigError::HalfCredentials);
+    }
+    if !c.sessiontoken.is_empty() && c.accesskeyid.is_empty() {
+        return Err(ConfigError::TokenWithoutKeys);
+    }
+    if !c.endpoint.is_empty() && !(c.endpoint.starts_with("http://") || c.endpoint.starts_with("https://")) {
+        return Err(ConfigError::BadEndpoint(c.endpoint.clone()));
+    }
+    if !c.cacert.is_empty() {
+        use rustls_pki_types::pem::PemObject;
+        let certs: Result<Vec<_>, _> = rustls_pki_types::CertificateDer::pem_slice_iter(c.cacert.as_bytes()).collect();
+        match certs {
+            Ok(v) if !v.is_empty() => {}
+            Ok(_) => return Err(ConfigError::BadCaCert("no certificate in it".into())),
+            Err(e) => return Err(ConfigError::BadCaCert(e.to_string())),
+        }
+    }
+    Ok(())
+}
+
+/// Builds a client that speaks to exactly what the config names.
+pub async fn client(c: &EtcdBackupS3ConfigSpec) -> Result<aws_sdk_s3::Client, ConfigError> {
+    check_config(c)?;
+    let mut trust = TrustStore::default();
+    if !c.cacert.is_empty() {
+        trust = trust.with_pem_certificate(c.cacert.as_bytes().to_vec());
+    }
+    let tls_context =
+        TlsContext::builder().with_trust_store(trust).build().map_err(|e| ConfigError::BadCaCert(e.to_string()))?;
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+        .tls_context(tls_context)
+        .build_https();
+    let region = if c.region.is_empty() { DEFAULT_REGION.to_string() } else { c.region.clone() };
+    let credentials = if c.accesskeyid.is_empty() {
+        // The standard chain where this process runs: env, profile, web identity (IRSA), ECS, IMDS.
+        let provider_config =
+            aws_config::provider_config::ProviderConfig::without_region().with_http_client(http.clone());
+        SharedCredentialsProvider::new(
+            aws_config::default_provider::credentials::DefaultCredentialsChain::builder()
+                .configure(provider_config)
+                .region(Region::new(region.clone()))
+                .build()
+                .await,
+        )
+    } else {
+        let token = (!c.sessiontoken.is_empty()).then(|| c.sessiontoken.clone());
+        SharedCredentialsProvider::new(Credentials::new(
+            &c.accesskeyid,
+            &c.secretaccesskey,
+            token,
+            None,
+            "ferry-config",
+        ))
+    };
+    let mut b = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(region))
+        .http_client(http)
+        .credentials_provider(credentials)
+        // Ferry retries every call itself (with_retries below); SDK retries inside would multiply attempts.
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                .build(),
+        )
+        // Many S3-compatible servers reject the checksums the SDK sends by default since 2025.
+        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+    if !c.endpoint.is_empty() {
+        // Custom endpoints rarely have wildcard DNS for virtual-hosted buckets.
+        b = b.endpoint_url(c.endpoint.clone()).force_path_style(true);
+    }
+    Ok(aws_sdk_s3::Client::from_conf(b.build()))
+}
+
+/// What went wrong with an S3 call, in the terms a user fixes it by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum S3ErrorKind {
+    Unreachable,
+    Timeout,
+    NoSuchBucket,
+    BadSignature,
+    UnknownAccessKey,
+    AccessDenied,
+    NotFound,
+    Cancelled,
+    Other,
+}
+
+/// A failed S3 call.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct S3Error {
+    pub kind: S3ErrorKind,
+    pub message: String,
+    /// Whether trying again may help (network trouble, 5xx, throttling).
+    pub retryable: bool,
+}
+
+impl S3Error {
+    pub fn cancelled(what: &str) -> Self {
+        Self { kind: S3ErrorKind::Cancelled, message: format!("{what}: cancelled"), retryable: false }
+    }
+
+    /// Classifies an SDK error; `what` names the call (e.g. `upload part 3 of backups/x.zst`).
+    pub fn from_sdk<E>(what: &str, bucket: &str, e: &SdkError<E, HttpResponse>) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let detail = error_chain(e);
+        let (kind, message, retryable) = match e {
+            SdkError::DispatchFailure(d) if d.is_timeout() => {
+                (S3ErrorKind::Timeout, format!("the S3 endpoint did not answer in time ({detail})"), true)
+            }
+            SdkError::DispatchFailure(_) | SdkError::ConstructionFailure(_) => (
+                S3ErrorKind::Unreachable,
+                format!("the S3 endpoint is unreachable ({detail}); check spec.endpoint and that the server runs"),
+                true,
+            ),
+            SdkError::TimeoutError(_) => {
+                (S3ErrorKind::Timeout, format!("the S3 call timed out after {}s", ATTEMPT_TIMEOUT.as_secs()), true)
+            }
+            _ => {
+                let status = match e {
+                    SdkError::ServiceError(s) => s.raw().status().as_u16(),
+                    SdkError::ResponseError(r) => r.raw().status().as_u16(),
+                    _ => 0,
+                };
+                let code = e.code().unwrap_or_default();
+                match code {
+                    "NoSuchBucket" => (
+                        S3ErrorKind::NoSuchBucket,
+                        format!("bucket {bucket:?} does not exist; create it or fix spec.bucket"),
+                        false,
+                    ),
+                    "SignatureDoesNotMatch" => (
+                        S3ErrorKind::BadSignature,
+                        "signature mismatch: the server refused the request signature — check spec.secretaccesskey"
+                            .to_string(),
+                        false,
+                    ),
+                    "InvalidAccessKeyId" => (
+                        S3ErrorKind::UnknownAccessKey,
+                        "the server does not know this access key — check spec.accesskeyid".to_string(),
+                        false,
+                    ),
+                    "AccessDenied" => (
+                        S3ErrorKind::AccessDenied,
+                        format!("access denied to bucket {bucket:?}: the credentials lack permission for this call"),
+                        false,
+                    ),
+                    "NoSuchKey" | "NotFound" | "NoSuchUpload" => {
+                        (S3ErrorKind::NotFound, format!("not found ({code})"), false)
+                    }
+                    _ if status == 404 => (S3ErrorKind::NotFound, "not found (HTTP 404)".to_string(), false),
+                    _ => {
+                        let msg = e.message().unwrap_or_default();
+                        let retryable = status >= 500 || status == 429 || status == 408 || code == "SlowDown";
+                        (S3ErrorKind::Other, format!("S3 error {code} (HTTP {status}): {msg} {detail}"), retryable)
+                    }
+                }
+            }
+        };
+        Self { kind, message: format!("{what}: {message}"), retryable }
+    }
+}
+
+/// An error and its causes, joined by ": ", without the SDK's `Debug` dump.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let s = err.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
+}
+
+/// Runs `op` until it succeeds, fails permanently, runs out of attempts or is cancelled; waits with
+/// jittered exponential backoff between attempts.
+pub async fn with_retries<T, F, Fut>(cancel: &CancellationToken, what: &str, mut op: F) -> Result<T, S3Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, S3Error>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = tokio::select! {
+            r = op() => r,
+            _ = cancel.cancelled() => return Err(S3Error::cancelled(what)),
+        };
+        match result {
+            Ok(v) => return Ok(v),
+            Err(e) if !e.retryable || attempt >= MAX_ATTEMPTS => return Err(e),
+            Err(e) => {
+                let delay = backoff(attempt);
+                tracing::warn!(attempt, delay_ms = delay.as_millis() as u64, "{what} failed, retrying: {e}");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = cancel.cancelled() => return Err(S3Error::cancelled(what)),
+                }
+            }
+        }
+    }
+}
+
+/// Aborts a multipart upload, with retries, so its parts are freed; an upload already gone counts as
+/// aborted. Not cancellable: it is the cleanup that runs after a job was cancelled.
+pub async fn abort_upload(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    upload_id: &str,
+) -> Result<(), S3Error> {
+    let what = format!("abort multipart upload s3://{bucket}/{key}");
+    let r = with_retries(&CancellationToken::new(), &what, || async {
+        client
+            .abort_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+            .map_err(|e| S3Error::from_sdk(&what, bucket, &e))?;
+        Ok(())
+    })
+    .await;
+    match r {
+        Err(e) if e.kind == S3ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(200).saturating_mul(1 << attempt.min(6));
+    base.min(Duration::from_secs(10)).mul_f64(rand::rng().random_range(0.5..1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> EtcdBackupS3ConfigSpec {
+        EtcdBackupS3ConfigSpec { bucket: "b".into(), ..Default::default() }
+    }
+
+    #[test]
+    fn config_shape_is_checked() {
+        assert!(check_config(&cfg()).is_ok());
+        assert!(matches!(check_config(&EtcdBackupS3ConfigSpec::default()), Err(ConfigError::NoBucket)));
+        let half = EtcdBackupS3ConfigSpec { accesskeyid: "a".into(), ..cfg() };
+        assert!(matches!(check_config(&half), Err(ConfigError::HalfCredentials)));
+        let ep = EtcdBackupS3ConfigSpec { endpoint: "s3.local:9000".into(), ..cfg() };
+        assert!(matches!(check_config(&ep), Err(ConfigError::BadEndpoint(_))));
+        let ca = EtcdBackupS3ConfigSpec { cacert: "not pem".into(), ..cfg() };
+        assert!(matches!(check_config(&ca), Err(ConfigError::BadCaCert(_))));
+    }
+
+    #[tokio::test]
+    async fn retries_stop_on_permanent_errors_and_cancel() {
+        let cancel = CancellationToken::new();
+        let mut calls = 0;
+        let r: Result<(), _> = with_retries(&cancel, "op", || {
+            calls += 1;
+            async { Err(S3Error { kind: S3ErrorKind::NoSuchBucket, message: "x".into(), retryable: false }) }
+        })
+        .await;
+        assert!(r.is_err());
+        assert_eq!(calls, 1);
+
+        let mut calls = 0;
+        let r: Result<u32, _> = with_retries(&cancel, "op", || {
+            calls += 1;
+            let n = calls;
+            async move {
+                if n < 3 {
+                    Err(S3Error { kind: S3ErrorKind::Unreachable, message: "x".into(), retryable: true })
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await;
+        assert_eq!(r.unwrap(), 3);
+
+        cancel.cancel();
+        let r: Result<(), _> = with_retries(&cancel, "op", || std::future::pending()).await;
+        assert_eq!(r.unwrap_err().kind, S3ErrorKind::Cancelled);
+    }
+}
