@@ -145,7 +145,7 @@ pub enum BackupTarget {
     /// Back to the coordinator on the job stream, which writes them to its local store.
     Coordinator,
     /// Straight to S3 by multipart upload.
-    S3(S3Target),
+    S3(Box<S3Target>),
 }
 
 /// An S3 object to upload. Carries the store's credentials for this one job; the agent keeps them in memory

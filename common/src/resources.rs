@@ -251,6 +251,9 @@ pub struct EtcdBackupStatusSpec {
     /// Raw snapshot bytes read so far by the running backup.
     #[serde(default)]
     pub bytesdone: u64,
+    /// Member the latest (or running) backup was taken from.
+    #[serde(default)]
+    pub member: String,
 }
 
 /// `EtcdBackupOverallStatuses.ferry.dev`: id `etcdbackup-overall-status`.
@@ -314,12 +317,34 @@ pub struct ProtoDuration {
     pub nanos: i32,
 }
 
-/// `spec.backupconfiguration` of a cluster.
+/// `spec.backupconfiguration` of a cluster: when to back up automatically and what to keep.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackupConfiguration {
+    /// Time between backups (from the newest one). Exactly one of `interval` and `schedule` is set.
     #[serde(default)]
     pub interval: Option<ProtoDuration>,
+    /// A 5-field cron expression in UTC, e.g. `0 */6 * * *`.
+    #[serde(default)]
+    pub schedule: String,
+    /// Which backups to keep; absent keeps every backup.
+    #[serde(default)]
+    pub retention: Option<Retention>,
+}
+
+/// A retention policy: the newest `keeplast`, plus the newest backup of each of the last `hourly` hours,
+/// `daily` days and `weekly` weeks. The newest successful backup is always kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    #[serde(default)]
+    pub keeplast: u32,
+    #[serde(default)]
+    pub hourly: u32,
+    #[serde(default)]
+    pub daily: u32,
+    #[serde(default)]
+    pub weekly: u32,
 }
 
 /// `Agents.ferry.dev`: id `<cluster>/<member>`, one per agent that ever registered.

@@ -54,7 +54,7 @@ pub fn check_config(c: &EtcdBackupS3ConfigSpec) -> Result<(), ConfigError> {
     if !c.sessiontoken.is_empty() && c.accesskeyid.is_empty() {
         return Err(ConfigError::TokenWithoutKeys);
     }
-    if !c.endpoint.is_empty() && !(c.endpoint.starts_with("http://") || c.endpoint.starts_with("https://")) {
+    if !(c.endpoint.is_empty() || c.endpoint.starts_with("http://") || c.endpoint.starts_with("https://")) {
         return Err(ConfigError::BadEndpoint(c.endpoint.clone()));
     }
     if !c.cacert.is_empty() {
@@ -342,7 +342,7 @@ mod tests {
         assert_eq!(r.unwrap(), 3);
 
         cancel.cancel();
-        let r: Result<(), _> = with_retries(&cancel, "op", || std::future::pending()).await;
+        let r: Result<(), _> = with_retries(&cancel, "op", std::future::pending).await;
         assert_eq!(r.unwrap_err().kind, S3ErrorKind::Cancelled);
     }
 }

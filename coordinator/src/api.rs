@@ -12,9 +12,11 @@ use ferry_common::tls::Identity;
 use quinn::SendStream;
 use tracing::info;
 
+use crate::backup::Trigger;
 use crate::coordinator::Coordinator;
 use crate::s3_store::{S3Conn, S3Store};
 use crate::store::{BackupStore, Manifest};
+use crate::{retention, schedule};
 
 /// A manual backup's `backupat` must be this close to the coordinator's clock (the seed's rule), so that
 /// re-applying an old file does not take a surprise backup.
@@ -104,7 +106,19 @@ async fn apply(coord: &Arc<Coordinator>, mut resources: Vec<Resource>) -> Result
                     backups.push(id.clone());
                 }
             }
-            Spec::Cluster(_) => validate_name("cluster", id)?,
+            Spec::Cluster(spec) => {
+                validate_name("cluster", id)?;
+                if let Some(cfg) = &spec.backupconfiguration {
+                    if let Err(e) = schedule::plan(cfg, &coord.settings.bounds) {
+                        return refuse(format!("cluster {id}: {e}"));
+                    }
+                    if let Some(r) = &cfg.retention {
+                        if let Err(e) = retention::check(r) {
+                            return refuse(format!("cluster {id}: {e}"));
+                        }
+                    }
+                }
+            }
             Spec::EtcdBackupS3Config(spec) => {
                 if s3.is_some() {
                     return refuse("the input holds two EtcdBackupS3Configs; apply one");
@@ -147,7 +161,7 @@ async fn apply(coord: &Arc<Coordinator>, mut resources: Vec<Resource>) -> Result
         store.retry_pending_aborts().await;
     }
     for cluster in backups {
-        crate::backup::start(coord, &cluster)?;
+        crate::backup::start(coord, &cluster, Trigger::Manual)?;
     }
     Ok(out)
 }
@@ -166,9 +180,10 @@ async fn check_s3_config(coord: &Arc<Coordinator>, id: &str, spec: &mut EtcdBack
     }
     // `get -o yaml` shows secrets as ***: re-applying that output keeps the stored secrets.
     if spec.secretaccesskey == REDACTED || spec.sessiontoken == REDACTED {
-        let old = match coord.state.get(ResourceType::EtcdBackupS3Config, id)? {
-            Some(Resource { spec: Spec::EtcdBackupS3Config(old), .. }) => old,
-            _ => return refuse("secretaccesskey is *** but no secret is stored yet; give the real secret"),
+        let Some(Resource { spec: Spec::EtcdBackupS3Config(old), .. }) =
+            coord.state.get(ResourceType::EtcdBackupS3Config, id)?
+        else {
+            return refuse("secretaccesskey is *** but no secret is stored yet; give the real secret");
         };
         if spec.secretaccesskey == REDACTED {
             spec.secretaccesskey = old.secretaccesskey;

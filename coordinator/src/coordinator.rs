@@ -15,8 +15,11 @@ use ferry_common::tls::CertAuthority;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::schedule::Bounds;
+use crate::scheduler::Scheduler;
 use crate::state::StateStore;
 use crate::store::BackupStore;
+use tokio::sync::Semaphore;
 
 /// Coordinator settings that jobs need.
 #[derive(Debug, Clone)]
@@ -31,6 +34,10 @@ pub struct Settings {
     pub upload_limit_bps: u64,
     /// Download cap per job in bytes per second; 0 = unlimited.
     pub download_limit_bps: u64,
+    /// Limits and jitter of automatic backups.
+    pub bounds: Bounds,
+    /// Backups running at once across clusters.
+    pub max_concurrent_backups: usize,
 }
 
 /// An agent connected right now.
@@ -57,8 +64,13 @@ pub struct Coordinator {
     pub tasks: TaskTracker,
     /// Live agents by (cluster, member).
     agents: Mutex<HashMap<(String, String), LiveAgent>>,
-    /// Clusters with a backup running.
+    /// Clusters with a backup running or queued.
     running: Mutex<HashSet<String>>,
+    /// Job slots: at most `max_concurrent_backups` backups transfer at once.
+    pub job_slots: Arc<Semaphore>,
+    pub scheduler: Scheduler,
+    /// Backups deleted by retention, per cluster.
+    retention_deleted: Mutex<HashMap<String, u64>>,
     next_conn_id: AtomicU64,
 }
 
@@ -87,6 +99,7 @@ impl Coordinator {
         ca: CertAuthority,
         settings: Settings,
     ) -> Result<Arc<Self>> {
+        let slots = settings.max_concurrent_backups.max(1);
         let coord = Arc::new(Self {
             state,
             store,
@@ -96,6 +109,9 @@ impl Coordinator {
             tasks: TaskTracker::new(),
             agents: Mutex::new(HashMap::new()),
             running: Mutex::new(HashSet::new()),
+            job_slots: Arc::new(Semaphore::new(slots)),
+            scheduler: Scheduler::default(),
+            retention_deleted: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU64::new(1),
         });
         coord.init_resources()?;
@@ -236,6 +252,10 @@ impl Coordinator {
         lock(&self.running)
             .insert(cluster.to_string())
             .then(|| RunningGuard { coord: self.clone(), cluster: cluster.to_string() })
+    }
+
+    pub fn count_retention_deletion(&self, cluster: &str) {
+        *lock(&self.retention_deleted).entry(cluster.to_string()).or_default() += 1;
     }
 
     pub fn any_running(&self) -> bool {

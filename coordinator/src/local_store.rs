@@ -133,6 +133,27 @@ impl LocalStore {
     }
 }
 
+impl LocalStore {
+    /// Deletes a backup: manifest first, then object, each removal made durable.
+    pub async fn delete(&self, m: &Manifest) -> Result<()> {
+        let dir = self.cluster_dir(&m.backup.cluster);
+        let manifest = dir.join(format!("{}{MANIFEST_SUFFIX}", m.id));
+        let object = self.root.join(&m.backup.snapshot);
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            for p in [&manifest, &object] {
+                match fs::remove_file(p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e).with_context(|| format!("remove {}", p.display())),
+                }
+                fs::File::open(&dir)?.sync_all().with_context(|| format!("fsync {}", dir.display()))?;
+            }
+            Ok(())
+        })
+        .await?
+    }
+}
+
 /// A backup being written. Dropped without `commit`, its partial file is removed.
 pub struct PendingBackup {
     pub id: String,

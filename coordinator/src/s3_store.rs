@@ -320,11 +320,35 @@ impl S3Store {
         }
     }
 
+    /// Deletes a backup: manifest first, then object.
+    pub async fn delete(&self, m: &Manifest) -> Result<()> {
+        let conn = self.conn()?;
+        let bucket = &conn.spec.bucket;
+        // The manifest records where its object is; the prefix may have changed since.
+        let okey = m.backup.snapshot.clone();
+        let mkey = format!("{}{MANIFEST_SUFFIX}", okey.trim_end_matches(OBJECT_SUFFIX));
+        for key in [&mkey, &okey] {
+            let what = format!("delete s3://{bucket}/{key}");
+            with_retries(&CancellationToken::new(), &what, || async {
+                conn.client
+                    .delete_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .send()
+                    .await
+                    .map_err(|e| S3Error::from_sdk(&what, bucket, &e))
+            })
+            .await?;
+            lock(&self.manifests).remove(key);
+        }
+        Ok(())
+    }
+
     /// Opens a backup's object for download.
     pub async fn open(&self, m: &Manifest) -> Result<ByteStream> {
         let conn = self.conn()?;
         let bucket = &conn.spec.bucket;
-        let key = Self::object_key(&conn.spec, &m.backup.cluster, &m.id);
+        let key = m.backup.snapshot.clone();
         let what = format!("download s3://{bucket}/{key}");
         let r = with_retries(&CancellationToken::new(), &what, || async {
             conn.client

@@ -39,7 +39,7 @@ pub enum ObjectReader {
 
 impl ObjectReader {
     /// The next piece of the object; `None` at the end.
-    pub async fn next(&mut self, buf: &mut Vec<u8>) -> Result<Option<Vec<u8>>> {
+    pub async fn next(&mut self, buf: &mut [u8]) -> Result<Option<Vec<u8>>> {
         use tokio::io::AsyncReadExt;
         match self {
             Self::Local(f) => {
@@ -72,6 +72,14 @@ impl BackupStore {
         match self {
             Self::Local(l) => l.find(cluster, id),
             Self::S3(s) => s.find(cluster, id, cancel).await,
+        }
+    }
+
+    /// Deletes a backup: its manifest first (so it is no longer listed), then its object.
+    pub async fn delete(&self, m: &Manifest) -> Result<()> {
+        match self {
+            Self::Local(l) => l.delete(m).await,
+            Self::S3(s) => s.delete(m).await,
         }
     }
 

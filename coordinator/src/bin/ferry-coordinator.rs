@@ -13,6 +13,7 @@ use ferry_common::tls::quinn_server_config;
 use ferry_coordinator::coordinator::{Coordinator, Settings};
 use ferry_coordinator::local_store::LocalStore;
 use ferry_coordinator::s3_store::{S3Conn, S3Store};
+use ferry_coordinator::schedule::Bounds;
 use ferry_coordinator::state::RedbStore;
 use ferry_coordinator::store::BackupStore;
 use tracing::{info, warn};
@@ -61,6 +62,21 @@ struct Args {
     /// Download bandwidth cap per restore in megabits per second (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     download_limit_mbps: u64,
+    /// Shortest backup interval a cluster may ask for.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    min_backup_interval: Duration,
+    /// Longest backup interval a cluster may ask for.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    max_backup_interval: Duration,
+    /// Random offset of each scheduled backup, in percent of its interval (spreads clusters out).
+    #[arg(long, default_value_t = 5.0)]
+    backup_jitter_percent: f64,
+    /// Upper bound of that offset.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    max_backup_jitter: Duration,
+    /// Backups running at once across clusters; the rest queue in due order.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    max_concurrent_backups: u32,
 }
 
 /// Megabits per second to bytes per second.
@@ -107,7 +123,20 @@ async fn run(args: Args) -> Result<()> {
         parts_in_flight: args.upload_parts_in_flight,
         upload_limit_bps: mbps(args.upload_limit_mbps),
         download_limit_bps: mbps(args.download_limit_mbps),
+        bounds: Bounds {
+            min_interval: args.min_backup_interval,
+            max_interval: args.max_backup_interval,
+            jitter_fraction: args.backup_jitter_percent / 100.0,
+            max_jitter: args.max_backup_jitter,
+        },
+        max_concurrent_backups: args.max_concurrent_backups as usize,
     };
+    if args.min_backup_interval > args.max_backup_interval {
+        bail!("--min-backup-interval is longer than --max-backup-interval");
+    }
+    if !(0.0..=50.0).contains(&args.backup_jitter_percent) {
+        bail!("--backup-jitter-percent must be between 0 and 50");
+    }
     let coord = Coordinator::new(Arc::new(state), store, pki.ca, settings)?;
     if matches!(coord.store, BackupStore::S3(_)) {
         load_s3_config(&coord).await?;
@@ -117,6 +146,7 @@ async fn run(args: Args) -> Result<()> {
         .with_context(|| format!("listen on {} (UDP)", args.listen))?;
     info!(listen = %args.listen, store = coord.store.name(), "coordinator ready");
     let server = tokio::spawn(ferry_coordinator::server::serve(coord.clone(), endpoint.clone()));
+    coord.tasks.spawn(ferry_coordinator::scheduler::run(coord.clone()));
 
     shutdown_signal().await;
     info!("shutting down: no new connections; waiting up to {}s for running backups", SHUTDOWN_GRACE.as_secs());
@@ -144,9 +174,10 @@ async fn run(args: Args) -> Result<()> {
 /// hold up start-up; the check's outcome shows in `configurationerror`.
 async fn load_s3_config(coord: &Arc<Coordinator>) -> Result<()> {
     let BackupStore::S3(store) = &coord.store else { return Ok(()) };
-    let spec = match coord.state.get(ResourceType::EtcdBackupS3Config, S3_CONFIG_ID)? {
-        Some(Resource { spec: Spec::EtcdBackupS3Config(spec), .. }) => spec,
-        _ => return Ok(()),
+    let Some(Resource { spec: Spec::EtcdBackupS3Config(spec), .. }) =
+        coord.state.get(ResourceType::EtcdBackupS3Config, S3_CONFIG_ID)?
+    else {
+        return Ok(());
     };
     let client = ferry_common::s3::client(&spec).await.context("build S3 client from the stored config")?;
     store.set(S3Conn { spec: spec.clone(), client });

@@ -10,6 +10,7 @@ use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, ApplyOut
 use ferry_common::resources::{Resource, ResourceType, Selector, Spec};
 use ferry_common::tls::CertifiedPem;
 use ferry_coordinator::ctl::{render, Format, Session};
+use ferry_coordinator::template;
 use sha2::{Digest, Sha256};
 
 /// ferryctl: manage a Ferry coordinator.
@@ -62,6 +63,31 @@ enum Command {
         #[command(subcommand)]
         command: BackupCommand,
     },
+    /// Work with clusters.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Cluster templates: `ferryctl cluster template -f FILE diff|sync`.
+    Template {
+        /// The template file (`-` reads standard input).
+        #[arg(short, long, global = true)]
+        file: Option<PathBuf>,
+        #[command(subcommand)]
+        action: TemplateAction,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+enum TemplateAction {
+    /// Show what `sync` would change, as a unified diff.
+    Diff,
+    /// Apply the template's clusters.
+    Sync,
 }
 
 #[derive(Subcommand, Debug)]
@@ -117,24 +143,9 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Apply { file } => {
-            let text = if file.as_os_str() == "-" {
-                let mut s = String::new();
-                std::io::stdin().read_to_string(&mut s).context("read standard input")?;
-                s
-            } else {
-                std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?
-            };
-            let resources = Resource::parse_documents(&text)?;
+            let resources = Resource::parse_documents(&read_input(&file)?)?;
             match call(&cfg()?, AdminRequest::Apply { resources }).await? {
-                AdminResponse::Applied(outcomes) => {
-                    for o in outcomes {
-                        match o {
-                            ApplyOutcome::Created { rt, id } => println!("{rt}/{id} created"),
-                            ApplyOutcome::Updated { rt, id } => println!("{rt}/{id} updated"),
-                            ApplyOutcome::Unchanged { rt, id } => println!("{rt}/{id} unchanged"),
-                        }
-                    }
-                }
+                AdminResponse::Applied(outcomes) => print_outcomes(outcomes),
                 other => bail!("unexpected response {other:?}"),
             }
         }
@@ -157,8 +168,70 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Backup { command: BackupCommand::Download { cluster, backup_id, output, decompress } } => {
             download(&cfg()?, cluster, backup_id, &output, decompress).await?;
         }
+        Command::Cluster { command: ClusterCommand::Template { file, action } } => {
+            let file = file.ok_or_else(|| anyhow!("give the template with -f FILE"))?;
+            template(&cfg()?, &file, action).await?;
+        }
     }
     Ok(())
+}
+
+fn read_input(file: &Path) -> Result<String> {
+    if file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).context("read standard input")?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))
+    }
+}
+
+async fn template(cfg: &FerryConfig, file: &Path, action: TemplateAction) -> Result<()> {
+    let (clusters, notices) = template::parse(&read_input(file)?)?;
+    for n in notices {
+        eprintln!("notice: {n}");
+    }
+    let current = match call(cfg, AdminRequest::Get { rt: ResourceType::Cluster, id: None, selector: None }).await? {
+        AdminResponse::Resources(rs) => rs,
+        other => bail!("unexpected response {other:?}"),
+    };
+    let mut changed = Vec::new();
+    for d in &clusters {
+        let cur = current.iter().find(|r| r.metadata.id == d.name);
+        let cur_spec = cur.and_then(|r| match &r.spec {
+            Spec::Cluster(c) => Some(c),
+            _ => None,
+        });
+        let diff = template::diff(&d.name, cur_spec, &d.spec);
+        if diff.is_empty() {
+            continue;
+        }
+        if action == TemplateAction::Diff {
+            print!("{diff}");
+        }
+        changed.push(template::resource(d, cur));
+    }
+    if action == TemplateAction::Sync {
+        if changed.is_empty() {
+            println!("in sync: nothing to change");
+            return Ok(());
+        }
+        match call(cfg, AdminRequest::Apply { resources: changed }).await? {
+            AdminResponse::Applied(outcomes) => print_outcomes(outcomes),
+            other => bail!("unexpected response {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+fn print_outcomes(outcomes: Vec<ApplyOutcome>) {
+    for o in outcomes {
+        match o {
+            ApplyOutcome::Created { rt, id } => println!("{rt}/{id} created"),
+            ApplyOutcome::Updated { rt, id } => println!("{rt}/{id} updated"),
+            ApplyOutcome::Unchanged { rt, id } => println!("{rt}/{id} unchanged"),
+        }
+    }
 }
 
 /// Writes through a temp file beside the target and renames only after every check passed.

@@ -1,0 +1,113 @@
+//! Which backups a retention policy keeps: a pure function of the backups and the policy.
+//!
+//! Kept: the newest `keeplast`; plus, for each of the last `hourly` hours, `daily` days and `weekly` weeks
+//! (UTC, weeks starting Monday) *that have backups*, the newest backup of that period; and always the newest
+//! backup. Counting periods that have backups (as restic does) rather than calendar periods back from now
+//! means a coordinator that was down for a week deletes nothing because time passed without new backups.
+
+use std::collections::HashSet;
+
+use ferry_common::resources::{Retention, Timestamp};
+
+/// Ids to delete, given `(id, createdat)` of every listed (successful) backup of one cluster.
+pub fn to_delete(backups: &[(String, Timestamp)], policy: &Retention) -> Vec<String> {
+    let mut sorted: Vec<&(String, Timestamp)> = backups.iter().collect();
+    sorted.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
+    let mut keep: HashSet<&str> = HashSet::new();
+    if let Some(newest) = sorted.first() {
+        keep.insert(&newest.0);
+    }
+    for b in sorted.iter().take(policy.keeplast as usize) {
+        keep.insert(&b.0);
+    }
+    let hour = |t: &Timestamp| t.seconds.div_euclid(3600);
+    let day = |t: &Timestamp| t.seconds.div_euclid(86400);
+    // 1970-01-01 was a Thursday; shifting by 3 days makes weeks start on Monday.
+    let week = |t: &Timestamp| (t.seconds.div_euclid(86400) + 3).div_euclid(7);
+    for (count, period) in
+        [(policy.hourly, &hour as &dyn Fn(&Timestamp) -> i64), (policy.daily, &day), (policy.weekly, &week)]
+    {
+        let mut seen = HashSet::new();
+        for b in &sorted {
+            if seen.len() >= count as usize {
+                break;
+            }
+            // Newest first: the first backup seen in a period is that period's newest.
+            if seen.insert(period(&b.1)) {
+                keep.insert(&b.0);
+            }
+        }
+    }
+    sorted.iter().filter(|b| !keep.contains(b.0.as_str())).map(|b| b.0.clone()).collect()
+}
+
+/// Checks a policy: one that keeps nothing but the newest backup is almost certainly a mistake.
+pub fn check(policy: &Retention) -> Result<(), String> {
+    if policy.keeplast == 0 && policy.hourly == 0 && policy.daily == 0 && policy.weekly == 0 {
+        return Err("retention keeps nothing (all of keeplast, hourly, daily, weekly are 0); set at least one, or remove retention to keep every backup".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: i64 = 3600;
+    const D: i64 = 86400;
+
+    fn at(id: &str, seconds: i64) -> (String, Timestamp) {
+        (id.to_string(), Timestamp { seconds, nanos: 0 })
+    }
+
+    fn sorted(mut v: Vec<String>) -> Vec<String> {
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn keeplast_keeps_the_newest_n() {
+        let b: Vec<_> = (0..5).map(|i| at(&format!("b{i}"), 1_000_000 + i * 60)).collect();
+        let r = Retention { keeplast: 2, ..Default::default() };
+        assert_eq!(sorted(to_delete(&b, &r)), ["b0", "b1", "b2"]);
+    }
+
+    #[test]
+    fn the_newest_backup_is_never_deleted() {
+        let b = vec![at("old", 1_000_000), at("new", 2_000_000)];
+        assert_eq!(to_delete(&b, &Retention::default()), ["old"]);
+        assert!(to_delete(&[at("only", 5)], &Retention::default()).is_empty());
+    }
+
+    #[test]
+    fn hourly_daily_weekly_keep_the_newest_of_each_period() {
+        // Monday 2026-11-16 00:00 UTC.
+        let monday = 1_794_787_200;
+        let b = vec![
+            at("mon-00:10", monday + 600),
+            at("mon-00:50", monday + 3000),     // newest of hour 0 on Monday
+            at("mon-01:20", monday + H + 1200), // newest of hour 1 on Monday
+            at("tue-09:00", monday + D + 9 * H),
+            at("tue-23:00", monday + D + 23 * H), // newest of Tuesday
+            at("last-sun", monday - D + 5 * H),   // the week before
+            at("last-sat", monday - 2 * D),
+        ];
+        let hourly = Retention { hourly: 2, ..Default::default() };
+        // The two newest hours with backups: Tuesday 23h and Tuesday 9h.
+        assert_eq!(sorted(to_delete(&b, &hourly)), ["last-sat", "last-sun", "mon-00:10", "mon-00:50", "mon-01:20"]);
+        let daily = Retention { daily: 3, ..Default::default() };
+        // Newest of Tuesday, Monday and the Sunday before.
+        assert_eq!(sorted(to_delete(&b, &daily)), ["last-sat", "mon-00:10", "mon-00:50", "tue-09:00"]);
+        let weekly = Retention { weekly: 2, ..Default::default() };
+        // Newest of this week (Tue 23h) and of last week (Sunday).
+        assert_eq!(sorted(to_delete(&b, &weekly)), ["last-sat", "mon-00:10", "mon-00:50", "mon-01:20", "tue-09:00"]);
+        let combined = Retention { keeplast: 1, hourly: 1, daily: 2, weekly: 2 };
+        assert_eq!(sorted(to_delete(&b, &combined)), ["last-sat", "mon-00:10", "mon-00:50", "tue-09:00"]);
+    }
+
+    #[test]
+    fn empty_policies_are_refused() {
+        assert!(check(&Retention::default()).is_err());
+        assert!(check(&Retention { daily: 7, ..Default::default() }).is_ok());
+    }
+}

@@ -1,0 +1,204 @@
+//! When a cluster's next automatic backup is due: the pure part of scheduling, kept apart from the loop
+//! that acts on it so it can be tested without clocks or clusters.
+//!
+//! The next backup is due one interval (or the next cron time) after the *newest existing backup*, not after
+//! the coordinator started: a restart causes no extra backup, and one missed while the coordinator was down
+//! is due at once. A cluster with no backup yet is due at once.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use croner::Cron;
+use ferry_common::resources::{BackupConfiguration, Timestamp};
+use rand::Rng;
+
+/// The coordinator's limits on automatic backups.
+#[derive(Debug, Clone)]
+pub struct Bounds {
+    pub min_interval: Duration,
+    pub max_interval: Duration,
+    /// Jitter as a fraction of the interval (0.05 = ±5 %).
+    pub jitter_fraction: f64,
+    /// Upper bound on the jitter, whatever the interval.
+    pub max_jitter: Duration,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Self {
+            min_interval: Duration::from_secs(3600),
+            max_interval: Duration::from_secs(24 * 3600),
+            jitter_fraction: 0.05,
+            max_jitter: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A parsed, checked backup configuration.
+#[derive(Debug, Clone)]
+pub enum Plan {
+    Interval(Duration),
+    Cron(Box<Cron>),
+}
+
+fn human(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// Cron occurrences sampled to check a schedule's spacing against the bounds.
+const CRON_SAMPLES: usize = 64;
+
+/// Checks a configuration against the bounds; the error says what is wrong and which bounds apply.
+pub fn plan(cfg: &BackupConfiguration, b: &Bounds) -> Result<Plan, String> {
+    let bounds = format!(
+        "the coordinator allows {} to {} (--min-backup-interval, --max-backup-interval)",
+        human(b.min_interval),
+        human(b.max_interval)
+    );
+    match (&cfg.interval, cfg.schedule.trim()) {
+        (Some(_), s) if !s.is_empty() => Err("set either backupconfiguration.interval or .schedule, not both".into()),
+        (None, "") => Err("backupconfiguration needs an interval (e.g. {seconds: 3600, nanos: 0}) or a cron schedule; use `backupconfiguration: null` to turn automatic backups off".into()),
+        (Some(i), _) => {
+            if i.seconds < 0 || !(0..1_000_000_000).contains(&i.nanos) {
+                return Err(format!("backupconfiguration.interval {{seconds: {}, nanos: {}}} is not a valid duration", i.seconds, i.nanos));
+            }
+            let d = Duration::new(i.seconds as u64, i.nanos as u32);
+            if d < b.min_interval || d > b.max_interval {
+                return Err(format!("backup interval {} is out of bounds: {bounds}", human(d)));
+            }
+            Ok(Plan::Interval(d))
+        }
+        (None, expr) => {
+            let cron = Cron::from_str(expr).map_err(|e| format!("backupconfiguration.schedule {expr:?} is not a cron expression: {e}"))?;
+            // The gaps between consecutive runs must all lie within the bounds.
+            let mut t = Utc::now();
+            let mut prev: Option<DateTime<Utc>> = None;
+            for _ in 0..CRON_SAMPLES {
+                let next = cron
+                    .find_next_occurrence(&t, false)
+                    .map_err(|e| format!("backupconfiguration.schedule {expr:?} never fires: {e}"))?;
+                if let Some(p) = prev {
+                    let gap = (next - p).to_std().unwrap_or_default();
+                    if gap < b.min_interval || gap > b.max_interval {
+                        return Err(format!(
+                            "backupconfiguration.schedule {expr:?} runs {} apart at times, out of bounds: {bounds}",
+                            human(gap)
+                        ));
+                    }
+                }
+                prev = Some(next);
+                t = next;
+            }
+            Ok(Plan::Cron(Box::new(cron)))
+        }
+    }
+}
+
+fn to_chrono(t: Timestamp) -> DateTime<Utc> {
+    DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32).unwrap_or_default()
+}
+
+fn from_chrono(t: DateTime<Utc>) -> Timestamp {
+    Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+}
+
+impl Plan {
+    /// The nominal time between backups (for jitter and timeouts): the interval, or the gap after `after`.
+    pub fn period(&self, after: Timestamp) -> Duration {
+        match self {
+            Self::Interval(d) => *d,
+            Self::Cron(c) => {
+                let a = to_chrono(after);
+                let n1 = c.find_next_occurrence(&a, false).unwrap_or(a);
+                let n2 = c.find_next_occurrence(&n1, false).unwrap_or(n1);
+                (n2 - n1).to_std().unwrap_or_default()
+            }
+        }
+    }
+
+    /// When the backup after `newest` is due, before jitter; `None` (no backup yet) means now.
+    pub fn due(&self, newest: Option<Timestamp>, now: Timestamp) -> Timestamp {
+        let Some(newest) = newest else { return now };
+        match self {
+            Self::Interval(d) => {
+                let t = Duration::new(newest.seconds.max(0) as u64, newest.nanos.max(0) as u32) + *d;
+                Timestamp { seconds: t.as_secs() as i64, nanos: t.subsec_nanos() as i32 }
+            }
+            Self::Cron(c) => c.find_next_occurrence(&to_chrono(newest), false).map(from_chrono).unwrap_or(now),
+        }
+    }
+}
+
+/// A random offset for one scheduled backup, so that many clusters on the same interval do not fire together:
+/// up to ±`jitter_fraction` of the period, capped at `max_jitter`.
+pub fn jitter(period: Duration, b: &Bounds) -> i64 {
+    let max = period.mul_f64(b.jitter_fraction.clamp(0.0, 0.5)).min(b.max_jitter).as_millis() as i64;
+    if max == 0 {
+        return 0;
+    }
+    rand::rng().random_range(-max..=max)
+}
+
+/// `t` moved by `ms` milliseconds.
+pub fn shift(t: Timestamp, ms: i64) -> Timestamp {
+    let total = t.seconds as i128 * 1000 + (t.nanos / 1_000_000) as i128 + ms as i128;
+    Timestamp { seconds: total.div_euclid(1000) as i64, nanos: (total.rem_euclid(1000) * 1_000_000) as i32 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_common::resources::ProtoDuration;
+
+    fn every(secs: i64) -> BackupConfiguration {
+        BackupConfiguration { interval: Some(ProtoDuration { seconds: secs, nanos: 0 }), ..Default::default() }
+    }
+
+    #[test]
+    fn intervals_outside_the_bounds_are_refused_naming_them() {
+        let b = Bounds::default();
+        assert!(plan(&every(3600), &b).is_ok());
+        let e = plan(&every(60), &b).unwrap_err();
+        assert!(e.contains("1m") && e.contains("out of bounds") && e.contains("1h") && e.contains("1day"), "{e}");
+        assert!(plan(&every(2 * 86400), &b).is_err());
+        assert!(plan(&BackupConfiguration::default(), &b).is_err());
+        let both = BackupConfiguration { schedule: "0 * * * *".into(), ..every(3600) };
+        assert!(plan(&both, &b).unwrap_err().contains("not both"));
+    }
+
+    #[test]
+    fn cron_schedules_are_parsed_and_their_spacing_checked() {
+        let b = Bounds::default();
+        let six_hourly = BackupConfiguration { schedule: "0 */6 * * *".into(), ..Default::default() };
+        let p = plan(&six_hourly, &b).unwrap();
+        assert_eq!(p.period(Timestamp::now()), Duration::from_secs(6 * 3600));
+        let every_minute = BackupConfiguration { schedule: "* * * * *".into(), ..Default::default() };
+        assert!(plan(&every_minute, &b).unwrap_err().contains("out of bounds"));
+        let junk = BackupConfiguration { schedule: "every day".into(), ..Default::default() };
+        assert!(plan(&junk, &b).unwrap_err().contains("not a cron expression"));
+    }
+
+    #[test]
+    fn next_backup_is_due_one_interval_after_the_newest() {
+        let p = Plan::Interval(Duration::from_secs(3600));
+        let now = Timestamp { seconds: 10_000, nanos: 0 };
+        assert_eq!(p.due(None, now), now, "no backup yet: due at once");
+        assert_eq!(p.due(Some(Timestamp { seconds: 9_000, nanos: 0 }), now).seconds, 12_600);
+        // Missed while down: due in the past, so taken at once.
+        assert!(p.due(Some(Timestamp { seconds: 1_000, nanos: 0 }), now) < now);
+    }
+
+    #[test]
+    fn jitter_is_bounded_and_spreads() {
+        let b = Bounds::default();
+        let hour = Duration::from_secs(3600);
+        let values: Vec<i64> = (0..200).map(|_| jitter(hour, &b)).collect();
+        assert!(values.iter().all(|v| v.abs() <= 180_000), "±5% of 1h is ±3m");
+        let distinct: std::collections::HashSet<_> = values.iter().map(|v| v / 1000).collect();
+        assert!(distinct.len() > 50, "jitter should spread backups over many seconds");
+        let day = Duration::from_secs(86400);
+        assert!((0..200).all(|_| jitter(day, &b).abs() <= 300_000), "capped at 5 minutes");
+        assert_eq!(shift(Timestamp { seconds: 10, nanos: 0 }, -1500), Timestamp { seconds: 8, nanos: 500_000_000 });
+    }
+}

@@ -1,0 +1,152 @@
+//! Automatic backups: a loop that, once a second, starts the backups that are due.
+//!
+//! Per cluster it remembers the newest backup (read once from the store, then updated by every backup,
+//! manual ones included), a jitter offset drawn after each backup, and a failure backoff. Due backups are
+//! started in due order; `--max-concurrent-backups` job slots (a fair semaphore) make the rest queue in
+//! that order.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use ferry_common::resources::{Resource, ResourceType, Spec, Timestamp};
+use tracing::{info, warn};
+
+use crate::backup::{self, Trigger};
+use crate::coordinator::Coordinator;
+use crate::schedule::{self, Bounds, Plan};
+
+/// How often the loop looks for due backups.
+const TICK: Duration = Duration::from_secs(1);
+/// First retry delay after a failed automatic backup; doubles per failure, capped at the cluster's period.
+const RETRY_BASE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Default, Clone)]
+struct ClusterState {
+    /// Read from the store once; until then the cluster is not scheduled.
+    loaded: bool,
+    newest: Option<Timestamp>,
+    jitter_ms: i64,
+    failures: u32,
+    retry_at: Option<Timestamp>,
+    /// The configuration error last logged, so it is logged once.
+    invalid: Option<String>,
+}
+
+#[derive(Default)]
+pub struct Scheduler {
+    clusters: Mutex<HashMap<String, ClusterState>>,
+    rotation: Mutex<HashMap<String, usize>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Scheduler {
+    /// A backup of `cluster` was stored (manual or scheduled): the next one is due a period after it.
+    pub fn backup_succeeded(&self, cluster: &str, finished: Timestamp, plan: Option<&Plan>, bounds: &Bounds) {
+        let mut all = lock(&self.clusters);
+        let st = all.entry(cluster.to_string()).or_default();
+        st.newest = Some(st.newest.map_or(finished, |n| n.max(finished)));
+        st.failures = 0;
+        st.retry_at = None;
+        st.jitter_ms = plan.map_or(0, |p| schedule::jitter(p.period(finished), bounds));
+    }
+
+    /// A backup of `cluster` failed on every member: retry later, backing off.
+    pub fn backup_failed(&self, cluster: &str, now: Timestamp, period: Duration) {
+        let mut all = lock(&self.clusters);
+        let st = all.entry(cluster.to_string()).or_default();
+        st.failures = st.failures.saturating_add(1);
+        let delay = RETRY_BASE.saturating_mul(1 << st.failures.min(10).saturating_sub(1)).min(period.max(RETRY_BASE));
+        st.retry_at = Some(schedule::shift(now, delay.as_millis() as i64));
+    }
+
+    /// Rotates the choice among equally good members.
+    pub fn next_rotation(&self, cluster: &str) -> usize {
+        let mut r = lock(&self.rotation);
+        let n = r.entry(cluster.to_string()).or_default();
+        *n = n.wrapping_add(1);
+        *n
+    }
+}
+
+/// Runs until the coordinator is cancelled.
+pub async fn run(coord: Arc<Coordinator>) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = coord.cancel.cancelled() => return,
+        }
+        if let Err(e) = pass(&coord).await {
+            warn!("failed to schedule backups: {e:#}");
+        }
+    }
+}
+
+async fn pass(coord: &Arc<Coordinator>) -> Result<()> {
+    let now = Timestamp::now();
+    let bounds = &coord.settings.bounds;
+    let mut due = Vec::new();
+    for r in coord.state.list(ResourceType::Cluster)? {
+        let Resource { metadata, spec: Spec::Cluster(spec) } = r else { continue };
+        let cluster = metadata.id;
+        let Some(cfg) = spec.backupconfiguration else { continue };
+        let plan = match schedule::plan(&cfg, bounds) {
+            Ok(p) => p,
+            Err(e) => {
+                let mut all = lock(&coord.scheduler.clusters);
+                let st = all.entry(cluster.clone()).or_default();
+                if st.invalid.as_ref() != Some(&e) {
+                    warn!(%cluster, "automatic backups paused: {e}");
+                    st.invalid = Some(e);
+                }
+                continue;
+            }
+        };
+        if coord.is_running(&cluster) {
+            continue;
+        }
+        let loaded = lock(&coord.scheduler.clusters).get(&cluster).is_some_and(|s| s.loaded);
+        if !loaded {
+            // Once per cluster: the newest backup in the store decides when the next is due, so a restart
+            // neither adds a backup nor forgets one that was missed.
+            let newest = match coord.store.list(Some(&cluster), &coord.cancel).await {
+                Ok(list) => list.first().map(|m| m.backup.createdat),
+                Err(e) => {
+                    warn!(%cluster, "cannot list backups to schedule the next one: {e:#}");
+                    continue;
+                }
+            };
+            let mut all = lock(&coord.scheduler.clusters);
+            let st = all.entry(cluster.clone()).or_default();
+            st.loaded = true;
+            st.newest = st.newest.max(newest);
+            st.jitter_ms = st.newest.map_or(0, |n| schedule::jitter(plan.period(n), bounds));
+        }
+        let st = lock(&coord.scheduler.clusters).get(&cluster).cloned().unwrap_or_default();
+        if st.retry_at.is_some_and(|t| t > now) {
+            continue;
+        }
+        let at = match st.newest {
+            // No backup yet: at once, no jitter.
+            None => now,
+            Some(_) => schedule::shift(plan.due(st.newest, now), st.jitter_ms),
+        };
+        if at <= now {
+            due.push((at, cluster));
+        }
+    }
+    due.sort();
+    for (at, cluster) in due {
+        match backup::start(coord, &cluster, Trigger::Scheduled) {
+            Ok(()) => info!(%cluster, due = %at.human(), "scheduled backup queued"),
+            Err(e) => warn!(%cluster, "failed to start scheduled backup: {e}"),
+        }
+    }
+    Ok(())
+}
