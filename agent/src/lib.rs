@@ -4,5 +4,6 @@ pub mod etcd;
 pub mod job;
 pub mod link;
 pub mod pipeline;
+pub mod restore;
 pub mod throttle;
 pub mod upload;

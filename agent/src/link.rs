@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use ferry_common::config::AgentCredentials;
-use ferry_common::protocol::{expect_frame, write_frame, AgentMsg, EtcdFacts, Hello, HelloReply, JobRequest};
+use ferry_common::protocol::{expect_frame, write_frame, AgentMsg, EtcdFacts, Hello, HelloReply, Intent, JobRequest};
 use ferry_common::tls::{quinn_client_config, resolve};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
@@ -73,7 +73,7 @@ impl Link {
             .context("QUIC handshake timed out")?
             .context("QUIC handshake")?;
         let (mut send, mut recv) = conn.open_bi().await.context("open control stream")?;
-        write_frame(&mut send, &Hello::current()).await.context("send hello")?;
+        write_frame(&mut send, &Hello::new(Intent::AgentLink)).await.context("send hello")?;
         match expect_frame(&mut recv).await.context("read hello reply")? {
             HelloReply::Ok { software_version, .. } => info!(%software_version, "registered with the coordinator"),
             HelloReply::Refused { reason } => bail!("the coordinator refused this agent: {reason}"),

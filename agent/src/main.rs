@@ -6,23 +6,77 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use ferry_agent::etcd::{EtcdMember, EtcdTls};
 use ferry_agent::link::Link;
-use ferry_common::config::AgentCredentials;
+use ferry_agent::restore::RestoreRequest;
+use ferry_common::config::{AgentCredentials, FerryConfig};
+use ferry_common::snapshot::RestoreAs;
 use ferry_common::tls::Identity;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, Instrument};
 
 /// Ferry agent: backs up the etcd member it runs beside, on the coordinator's command.
 #[derive(Parser, Debug)]
-#[command(version)]
-struct Args {
-    /// Coordinator QUIC address, HOST:PORT.
+#[command(version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: Args,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Rebuild this member's data dir from a backup (run as an init container, before etcd starts).
+    Restore(RestoreArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RestoreArgs {
+    /// Coordinator QUIC address, HOST:PORT (read from --ferryconfig when that is given).
     #[arg(long, env = "FERRY_COORDINATOR")]
-    coordinator: String,
-    /// Directory with ca.crt, agent.crt and agent.key (from `ferryctl agent-credentials`).
+    coordinator: Option<String>,
+    /// Agent credentials (ca.crt, agent.crt, agent.key): restores this agent's own cluster.
+    #[arg(long, env = "FERRY_CREDENTIALS", conflicts_with = "ferryconfig", required_unless_present = "ferryconfig")]
+    credentials: Option<PathBuf>,
+    /// An admin ferryconfig instead of agent credentials: may restore any cluster's backup (--from-cluster).
+    #[arg(long)]
+    ferryconfig: Option<PathBuf>,
+    /// Cluster whose backup to restore (admin credentials only; seeds a new cluster from another's backup).
+    #[arg(long, requires = "ferryconfig")]
+    from_cluster: Option<String>,
+    /// Backup id, or `latest`.
+    #[arg(long)]
+    backup: String,
+    /// etcd data dir to create (e.g. /var/lib/etcd).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// This member's name (etcd --name).
+    #[arg(long)]
+    name: String,
+    /// The new cluster's members, NAME=PEER_URL,… (etcd --initial-cluster).
+    #[arg(long)]
+    initial_cluster: String,
+    /// A token unique to the restored cluster (etcd --initial-cluster-token).
+    #[arg(long)]
+    initial_cluster_token: String,
+    /// This member's peer URL (etcd --initial-advertise-peer-urls).
+    #[arg(long)]
+    initial_advertise_peer_urls: String,
+    /// Restore even though the data dir has data; the old contents are moved aside, never deleted.
+    #[arg(long)]
+    force: bool,
+}
+
+/// Run mode. Checked by hand, not by clap: clap cannot make these required only without a subcommand.
+#[derive(clap::Args, Debug)]
+struct Args {
+    /// Coordinator QUIC address, HOST:PORT (required).
+    #[arg(long, env = "FERRY_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Directory with ca.crt, agent.crt and agent.key, from `ferryctl agent-credentials` (required).
     #[arg(long, env = "FERRY_CREDENTIALS")]
-    credentials: PathBuf,
-    /// etcd client URLs; the first is this agent's own member.
-    #[arg(long, value_delimiter = ',', required = true)]
+    credentials: Option<PathBuf>,
+    /// etcd client URLs; the first is this agent's own member (required).
+    #[arg(long, value_delimiter = ',')]
     etcd_endpoints: Vec<String>,
     /// CA bundle for etcd's client port.
     #[arg(long)]
@@ -42,23 +96,34 @@ async fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    if let Err(e) = run(Args::parse()).await {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Restore(r)) => restore(r).await,
+        None => run(cli.run).await,
+    };
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
 async fn run(args: Args) -> Result<()> {
-    let credentials = AgentCredentials::load(&args.credentials).with_context(|| {
-        format!("load --credentials {} (create it with `ferryctl agent-credentials`)", args.credentials.display())
+    let (Some(coordinator), Some(creds_dir), Some(endpoint)) =
+        (args.coordinator, args.credentials, args.etcd_endpoints.first().cloned())
+    else {
+        anyhow::bail!(
+            "--coordinator, --credentials and --etcd-endpoints are required (see --help); to restore a member, use `ferry-agent restore`"
+        );
+    };
+    let credentials = AgentCredentials::load(&creds_dir).with_context(|| {
+        format!("load --credentials {} (create it with `ferryctl agent-credentials`)", creds_dir.display())
     })?;
     let identity = Identity::from_pem(&credentials.client.cert_pem).context("read agent certificate")?;
     let Identity::Agent { cluster, member } = identity else {
         anyhow::bail!("the certificate in --credentials is not an agent certificate; create one with `ferryctl agent-credentials`");
     };
-    let endpoint = &args.etcd_endpoints[0];
     let tls = EtcdTls { cacert: args.etcd_cacert, cert: args.etcd_cert, key: args.etcd_key };
-    let etcd = EtcdMember::connect(endpoint, &tls).await?;
+    let etcd = EtcdMember::connect(&endpoint, &tls).await?;
 
     let cancel = CancellationToken::new();
     let signals = cancel.clone();
@@ -68,11 +133,51 @@ async fn run(args: Args) -> Result<()> {
     });
     let span = info_span!("agent", %cluster, %member);
     async {
-        info!(coordinator = %args.coordinator, etcd = %endpoint, "agent starting");
-        Link { coordinator: args.coordinator, credentials, etcd }.run(cancel).await?;
+        info!(%coordinator, etcd = %endpoint, "agent starting");
+        Link { coordinator, credentials, etcd }.run(cancel).await?;
         info!("agent stopped");
         Ok(())
     }
+    .instrument(span)
+    .await
+}
+
+async fn restore(a: RestoreArgs) -> Result<()> {
+    let (coordinator, ca_pem, client) = match (&a.ferryconfig, &a.credentials) {
+        (Some(path), _) => {
+            let cfg = FerryConfig::load(path).with_context(|| format!("load --ferryconfig {}", path.display()))?;
+            if a.from_cluster.is_none() {
+                anyhow::bail!(
+                    "with an admin --ferryconfig, name the cluster whose backup to restore: --from-cluster NAME"
+                );
+            }
+            (a.coordinator.clone().unwrap_or_else(|| cfg.coordinator.clone()), cfg.ca.clone(), cfg.client_pem())
+        }
+        (None, Some(dir)) => {
+            let creds = AgentCredentials::load(dir).with_context(|| format!("load --credentials {}", dir.display()))?;
+            let coordinator =
+                a.coordinator.clone().context("--coordinator HOST:PORT is required with --credentials")?;
+            (coordinator, creds.ca_pem, creds.client)
+        }
+        (None, None) => anyhow::bail!("give --credentials DIR (agent) or --ferryconfig PATH (admin)"),
+    };
+    let member = RestoreAs {
+        name: a.name,
+        initial_cluster: a.initial_cluster,
+        initial_cluster_token: a.initial_cluster_token,
+        initial_advertise_peer_urls: a.initial_advertise_peer_urls,
+    };
+    let span = info_span!("restore", member = %member.name, data_dir = %a.data_dir.display());
+    ferry_agent::restore::run(RestoreRequest {
+        coordinator,
+        ca_pem,
+        client,
+        from_cluster: a.from_cluster,
+        backup: a.backup,
+        data_dir: a.data_dir,
+        member,
+        force: a.force,
+    })
     .instrument(span)
     .await
 }

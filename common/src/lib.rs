@@ -1,8 +1,10 @@
 //! The contract between Ferry's daemons and its CLI: wire protocol, resource types, TLS and config
 //! primitives. No daemon logic lives here.
 
+pub mod client;
 pub mod config;
 pub mod protocol;
 pub mod resources;
 pub mod s3;
+pub mod snapshot;
 pub mod tls;

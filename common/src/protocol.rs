@@ -105,11 +105,21 @@ pub struct Hello {
     pub protocol_version: u32,
     /// The sender's crate version, for logs and `get agents`.
     pub software_version: String,
+    pub intent: Intent,
+}
+
+/// What a connection is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Intent {
+    /// An agent's long-lived link: reports, and jobs from the coordinator.
+    AgentLink,
+    /// One [`AdminRequest`] and its answer (ferryctl, or `ferry-agent restore`).
+    Request,
 }
 
 impl Hello {
-    pub fn current() -> Self {
-        Self { protocol_version: PROTOCOL_VERSION, software_version: env!("CARGO_PKG_VERSION").to_string() }
+    pub fn new(intent: Intent) -> Self {
+        Self { protocol_version: PROTOCOL_VERSION, software_version: env!("CARGO_PKG_VERSION").to_string(), intent }
     }
 }
 
@@ -232,11 +242,27 @@ pub enum AdminRequest {
         cluster: String,
         member: String,
     },
-    /// Stream a stored backup: answered by `DownloadStart`, `Data`..., `DownloadEnd`.
+    /// Stream a stored backup (`backup_id` may be `latest`): answered by `DownloadStart`, `Data`…, `DownloadEnd`.
     Download {
         cluster: String,
         backup_id: String,
     },
+    /// Where to restore a backup from (`backup` may be `latest`). Agents may ask only for their own cluster
+    /// (`cluster: None`); admins name the cluster. Answered by `RestoreFrom`, then for the local store
+    /// `Data`…, `DownloadEnd`.
+    Restore {
+        cluster: Option<String>,
+        backup: String,
+    },
+}
+
+/// Where a restore reads its backup.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum RestoreSource {
+    /// The bytes follow on this stream.
+    Coordinator,
+    /// Read the object from S3 with these settings (for this restore only).
+    S3(Box<S3Target>),
 }
 
 /// What `apply` did with one resource.
@@ -262,6 +288,11 @@ pub enum AdminResponse {
     DownloadStart(Box<Resource>),
     Data(Vec<u8>),
     DownloadEnd,
+    RestoreFrom {
+        backup: Box<Resource>,
+        source: RestoreSource,
+        download_limit_bps: u64,
+    },
     /// The request failed; the message says why and what to do.
     Error {
         message: String,

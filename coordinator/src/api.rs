@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use ferry_common::protocol::{write_frame, AdminRequest, AdminResponse, ApplyOutcome, DATA_CHUNK};
+use ferry_common::protocol::{
+    write_frame, AdminRequest, AdminResponse, ApplyOutcome, RestoreSource, S3Target, DATA_CHUNK,
+};
 use ferry_common::resources::{
     validate_name, EtcdBackupS3ConfigSpec, EtcdManualBackupSpec, Metadata, Resource, ResourceType, Selector, Spec,
     Timestamp, LABEL_CLUSTER, REDACTED, S3_CONFIG_ID,
@@ -22,10 +24,35 @@ use crate::{retention, schedule};
 /// re-applying an old file does not take a surprise backup.
 const MANUAL_BACKUP_WINDOW_SECS: i64 = 60;
 
-/// Answers one admin request on `send`.
-pub async fn handle(coord: &Arc<Coordinator>, request: AdminRequest, send: &mut SendStream) -> Result<()> {
+/// Answers one request on `send`. Agents may only ask where to restore their own cluster from.
+pub async fn handle(
+    coord: &Arc<Coordinator>,
+    identity: &Identity,
+    request: AdminRequest,
+    send: &mut SendStream,
+) -> Result<()> {
+    if let Identity::Agent { cluster, .. } = identity {
+        let AdminRequest::Restore { cluster: wanted, backup } = request else {
+            let message = "an agent certificate may only restore its own cluster's backups".to_string();
+            return write_frame(send, &AdminResponse::Error { message }).await.context("send response");
+        };
+        if let Some(w) = wanted.filter(|w| w != cluster) {
+            let message = format!(
+                "an agent of cluster {cluster} may only restore cluster {cluster}'s backups, not {w}'s; seeding a cluster from another cluster's backup takes an admin credential (--ferryconfig admin.ferryconfig --from-cluster {w})"
+            );
+            return write_frame(send, &AdminResponse::Error { message }).await.context("send response");
+        }
+        return restore(coord, cluster, &backup, send).await;
+    }
     let response = match request {
         AdminRequest::Download { cluster, backup_id } => return download(coord, &cluster, &backup_id, send).await,
+        AdminRequest::Restore { cluster: Some(cluster), backup } => {
+            return restore(coord, &cluster, &backup, send).await
+        }
+        AdminRequest::Restore { cluster: None, .. } => Err(Refused(
+            "restoring with an admin credential needs the cluster to restore from (--from-cluster NAME)".into(),
+        )
+        .into()),
         AdminRequest::Get { rt, id, selector } => {
             get(coord, rt, id.as_deref(), selector.as_ref()).await.map(AdminResponse::Resources)
         }
@@ -260,33 +287,103 @@ fn credentials(coord: &Arc<Coordinator>, cluster: &str, member: &str) -> Result<
     })
 }
 
-async fn download(coord: &Arc<Coordinator>, cluster: &str, backup_id: &str, send: &mut SendStream) -> Result<()> {
-    let error = |message: String| AdminResponse::Error { message };
-    let manifest = match coord.store.find(cluster, backup_id, &coord.cancel).await {
-        Ok(Some(m)) => m,
-        Ok(None) => {
-            let message = format!(
-                "backup {backup_id:?} of cluster {cluster:?} not found; list them with `ferryctl get etcdbackup --selector {LABEL_CLUSTER}={cluster}`"
-            );
-            return write_frame(send, &error(message)).await.context("send response");
-        }
-        Err(e) => return write_frame(send, &error(format!("{e:#}"))).await.context("send response"),
+/// Finds a backup by id, or the newest with `latest`.
+async fn resolve(coord: &Arc<Coordinator>, cluster: &str, backup_id: &str) -> Result<Manifest> {
+    let found = if backup_id == "latest" {
+        coord.store.list(Some(cluster), &coord.cancel).await?.into_iter().next()
+    } else {
+        coord.store.find(cluster, backup_id, &coord.cancel).await?
     };
-    let mut object = match coord.store.open(&manifest).await {
+    found.ok_or_else(|| {
+        Refused(format!(
+            "backup {backup_id:?} of cluster {cluster:?} not found; list them with `ferryctl get etcdbackup --selector {LABEL_CLUSTER}={cluster}`"
+        ))
+        .into()
+    })
+}
+
+/// Streams a backup's stored bytes as `Data` frames and ends with `DownloadEnd`.
+async fn stream_object(coord: &Arc<Coordinator>, manifest: &Manifest, send: &mut SendStream) -> Result<()> {
+    let mut object = match coord.store.open(manifest).await {
         Ok(o) => o,
-        Err(e) => return write_frame(send, &error(format!("{e:#}"))).await.context("send response"),
+        Err(e) => {
+            return write_frame(send, &AdminResponse::Error { message: format!("{e:#}") })
+                .await
+                .context("send response")
+        }
     };
-    write_frame(send, &AdminResponse::DownloadStart(Box::new(backup_resource(manifest)))).await?;
     let mut buf = vec![0u8; DATA_CHUNK];
     loop {
         let piece = match object.next(&mut buf).await {
             Ok(Some(p)) => p,
             Ok(None) => break,
-            Err(e) => return write_frame(send, &error(format!("read backup: {e:#}"))).await.context("send response"),
+            Err(e) => {
+                let message = format!("read backup: {e:#}");
+                return write_frame(send, &AdminResponse::Error { message }).await.context("send response");
+            }
         };
         for chunk in piece.chunks(DATA_CHUNK) {
             write_frame(send, &AdminResponse::Data(chunk.to_vec())).await.context("send backup data")?;
         }
     }
     write_frame(send, &AdminResponse::DownloadEnd).await.context("send response")
+}
+
+async fn download(coord: &Arc<Coordinator>, cluster: &str, backup_id: &str, send: &mut SendStream) -> Result<()> {
+    let manifest = match resolve(coord, cluster, backup_id).await {
+        Ok(m) => m,
+        Err(e) => {
+            return write_frame(send, &AdminResponse::Error { message: format!("{e:#}") })
+                .await
+                .context("send response")
+        }
+    };
+    write_frame(send, &AdminResponse::DownloadStart(Box::new(backup_resource(manifest.clone())))).await?;
+    stream_object(coord, &manifest, send).await
+}
+
+/// Tells a restoring agent where its backup is: the bytes on this stream (local store), or the S3 object and
+/// the credentials to read it, for this restore only.
+async fn restore(coord: &Arc<Coordinator>, cluster: &str, backup_id: &str, send: &mut SendStream) -> Result<()> {
+    let manifest = match resolve(coord, cluster, backup_id).await {
+        Ok(m) => m,
+        Err(e) => {
+            return write_frame(send, &AdminResponse::Error { message: format!("{e:#}") })
+                .await
+                .context("send response")
+        }
+    };
+    info!(%cluster, backup_id = %manifest.id, "restore requested");
+    let download_limit_bps = coord.settings.download_limit_bps;
+    let backup = Box::new(backup_resource(manifest.clone()));
+    match &coord.store {
+        BackupStore::Local(_) => {
+            write_frame(
+                send,
+                &AdminResponse::RestoreFrom { backup, source: RestoreSource::Coordinator, download_limit_bps },
+            )
+            .await?;
+            stream_object(coord, &manifest, send).await
+        }
+        BackupStore::S3(s3) => {
+            let conn = match s3.conn() {
+                Ok(c) => c,
+                Err(e) => {
+                    return write_frame(send, &AdminResponse::Error { message: format!("{e:#}") })
+                        .await
+                        .context("send response")
+                }
+            };
+            let target = S3Target {
+                config: conn.spec.clone(),
+                key: manifest.backup.snapshot.clone(),
+                part_size: coord.settings.part_size,
+                parts_in_flight: coord.settings.parts_in_flight,
+            };
+            let source = RestoreSource::S3(Box::new(target));
+            write_frame(send, &AdminResponse::RestoreFrom { backup, source, download_limit_bps })
+                .await
+                .context("send response")
+        }
+    }
 }

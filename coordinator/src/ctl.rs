@@ -1,55 +1,9 @@
-//! ferryctl's library half: dialing the coordinator and rendering resources as table, YAML or JSON.
+//! ferryctl's library half: rendering resources as table, YAML or JSON.
 
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use ferry_common::config::FerryConfig;
-use ferry_common::protocol::{expect_frame, write_frame, AdminRequest, Hello, HelloReply};
+use anyhow::Result;
 use ferry_common::resources::{status, Resource, ResourceType, Spec, Timestamp};
-use ferry_common::tls::{quinn_client_config, resolve};
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// An open request to the coordinator.
-pub struct Session {
-    endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
-    pub send: quinn::SendStream,
-    pub recv: quinn::RecvStream,
-}
-
-impl Session {
-    /// Dials the coordinator, says hello and sends `request`.
-    pub async fn open(cfg: &FerryConfig, request: &AdminRequest) -> Result<Self> {
-        let client =
-            quinn_client_config(&cfg.ca, &cfg.client_pem()).context("build TLS config from the ferryconfig")?;
-        let (addr, server_name) = resolve(&cfg.coordinator).await?;
-        let bind = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
-        let mut endpoint = quinn::Endpoint::client(bind.parse()?).context("open UDP socket")?;
-        endpoint.set_default_client_config(client);
-        let connecting = endpoint.connect(addr, &server_name)?;
-        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => bail!("cannot connect to the coordinator at {}: {e}; check that it runs and that the ferryconfig belongs to it", cfg.coordinator),
-            Err(_) => bail!("no answer from the coordinator at {} within {}s; check that it runs and that UDP to it is allowed", cfg.coordinator, CONNECT_TIMEOUT.as_secs()),
-        };
-        let (mut send, mut recv) = conn.open_bi().await.context("open stream")?;
-        write_frame(&mut send, &Hello::current()).await.context("send hello")?;
-        match expect_frame(&mut recv).await.context("read hello reply")? {
-            HelloReply::Ok { .. } => {}
-            HelloReply::Refused { reason } => bail!("the coordinator refused the connection: {reason}"),
-        }
-        write_frame(&mut send, request).await.context("send request")?;
-        send.finish().ok();
-        Ok(Self { endpoint, conn, send, recv })
-    }
-
-    /// Closes the connection politely.
-    pub async fn close(self) {
-        self.conn.close(0u32.into(), b"done");
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
-    }
-}
 
 /// Output formats of `get`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_common::protocol::{
-    expect_frame, read_frame, write_frame, AdminRequest, AgentMsg, Hello, HelloReply, PROTOCOL_VERSION,
+    expect_frame, read_frame, write_frame, AdminRequest, AgentMsg, Hello, HelloReply, Intent, PROTOCOL_VERSION,
 };
 use ferry_common::resources::Timestamp;
 use ferry_common::tls::Identity;
@@ -89,17 +89,18 @@ async fn handle(coord: Arc<Coordinator>, conn: quinn::Connection, identity: Iden
         HelloReply::Ok { protocol_version: PROTOCOL_VERSION, software_version: env!("CARGO_PKG_VERSION").into() };
     write_frame(&mut send, &reply).await.context("send hello reply")?;
 
-    match identity {
-        Identity::Admin => {
+    match (&identity, hello.intent) {
+        (_, Intent::Request) => {
             let request: AdminRequest = expect_frame(&mut recv).await.context("read request")?;
-            debug!(?request, "admin request");
-            crate::api::handle(&coord, request, &mut send).await?;
+            debug!(?request, "request");
+            crate::api::handle(&coord, &identity, request, &mut send).await?;
             send.finish().ok();
             // Let the client read everything; it closes the connection when done.
             let _ = tokio::time::timeout(ADMIN_LINGER, conn.closed()).await;
             Ok(())
         }
-        Identity::Agent { cluster, member } => {
+        (Identity::Admin, Intent::AgentLink) => bail!("an admin certificate cannot act as an agent"),
+        (Identity::Agent { cluster, member }, Intent::AgentLink) => {
             let conn_id = coord.next_conn_id();
             let now = Timestamp::now();
             let live = LiveAgent {
@@ -112,10 +113,10 @@ async fn handle(coord: Arc<Coordinator>, conn: quinn::Connection, identity: Iden
                 connected_since: now,
                 last_heard: now,
             };
-            coord.agent_connected(&cluster, live)?;
+            coord.agent_connected(cluster, live)?;
             info!("agent connected");
-            let result = agent_loop(&coord, &cluster, &member, conn_id, &mut recv).await;
-            coord.agent_disconnected(&cluster, &member, conn_id)?;
+            let result = agent_loop(&coord, cluster, member, conn_id, &mut recv).await;
+            coord.agent_disconnected(cluster, member, conn_id)?;
             info!("agent disconnected");
             result
         }

@@ -1,0 +1,74 @@
+//! The client side of one request to the coordinator (ferryctl, `ferry-agent restore`): dial with mutual
+//! TLS, say hello, send one [`AdminRequest`], read the answers.
+
+use std::time::Duration;
+
+use crate::protocol::{expect_frame, write_frame, AdminRequest, FrameError, Hello, HelloReply, Intent};
+use crate::tls::{quinn_client_config, resolve, CertifiedPem};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The request could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("cannot connect to the coordinator at {addr}: {reason}; check that it runs and that these credentials belong to it")]
+    Connect { addr: String, reason: String },
+    #[error("no answer from the coordinator at {0} within 10s; check that it runs and that UDP to it is allowed")]
+    Timeout(String),
+    #[error("the coordinator refused the connection: {0}")]
+    Refused(String),
+    #[error("talking to the coordinator: {0}")]
+    Frame(#[from] FrameError),
+}
+
+/// An open request to the coordinator.
+pub struct Session {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    pub recv: quinn::RecvStream,
+}
+
+impl Session {
+    /// Dials `coordinator` (`host:port`), says hello and sends `request`.
+    pub async fn open(
+        coordinator: &str,
+        ca_pem: &str,
+        client: &CertifiedPem,
+        request: &AdminRequest,
+    ) -> Result<Self, ClientError> {
+        let setup = |e: String| ClientError::Setup(e);
+        let config =
+            quinn_client_config(ca_pem, client).map_err(|e| setup(format!("TLS config from the credentials: {e}")))?;
+        let (addr, server_name) = resolve(coordinator).await.map_err(|e| setup(e.to_string()))?;
+        let bind = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+        let bind = bind.parse().map_err(|e| setup(format!("{e}")))?;
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| setup(format!("open UDP socket: {e}")))?;
+        endpoint.set_default_client_config(config);
+        let connecting = endpoint.connect(addr, &server_name).map_err(|e| setup(e.to_string()))?;
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(ClientError::Connect { addr: coordinator.to_string(), reason: e.to_string() }),
+            Err(_) => return Err(ClientError::Timeout(coordinator.to_string())),
+        };
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| ClientError::Connect { addr: coordinator.to_string(), reason: e.to_string() })?;
+        write_frame(&mut send, &Hello::new(Intent::Request)).await?;
+        match expect_frame(&mut recv).await? {
+            HelloReply::Ok { .. } => {}
+            HelloReply::Refused { reason } => return Err(ClientError::Refused(reason)),
+        }
+        write_frame(&mut send, request).await?;
+        let _ = send.finish();
+        Ok(Self { endpoint, conn, recv })
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"done");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}

@@ -1,0 +1,329 @@
+//! Reading a stored backup back: every check a restore depends on, while the bytes stream in, and etcd's own
+//! restore tool. Shared by `ferryctl backup download|verify` and `ferry-agent restore`.
+//!
+//! A stored backup is one zstd frame whose decompressed bytes are exactly etcd's snapshot file: the bbolt
+//! database followed by the 32-byte sha256 of it. [`VerifyingWriter`] checks, in this order of failure:
+//! the stored object's size and sha256 against the manifest, that it decompresses, the decompressed size and
+//! sha256 against the manifest, and etcd's trailing hash. The file is written beside its target and renamed
+//! into place only when every check passed.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::resources::EtcdBackupSpec;
+
+/// A check on a backup failed; the message names it.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("the stored object is {got} bytes but its manifest says {want}: the backup is truncated or damaged")]
+    StoredSize { got: u64, want: u64 },
+    #[error("sha256 of the stored object is {got} but its manifest says {want}: the backup is corrupted")]
+    StoredHash { got: String, want: String },
+    #[error("the stored object does not decompress ({0}): the backup is corrupted or truncated")]
+    Decompress(String),
+    #[error("the decompressed snapshot is {got} bytes but the manifest says {want}")]
+    RawSize { got: u64, want: u64 },
+    #[error("sha256 of the decompressed snapshot is {got} but the manifest says {want}")]
+    RawHash { got: String, want: String },
+    #[error("etcd's own sha256 at the end of the snapshot does not match its contents: the snapshot is corrupted")]
+    EtcdHash,
+    #[error("the snapshot is shorter than etcd's 32-byte trailing hash")]
+    TooShort,
+    #[error("write {path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error("{tool} failed: {detail}")]
+    Tool { tool: String, detail: String },
+}
+
+/// Hashes the raw (decompressed) bytes twice: all of them, and all but the last 32, which are etcd's hash.
+struct RawCheck<W: Write> {
+    out: W,
+    whole: Sha256,
+    db: Sha256,
+    tail: Vec<u8>,
+    bytes: u64,
+}
+
+impl<W: Write> Write for RawCheck<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.out.write_all(buf)?;
+        self.whole.update(buf);
+        self.bytes += buf.len() as u64;
+        // Keep the last 32 bytes back from the database hash until we know more follow.
+        self.tail.extend_from_slice(buf);
+        if self.tail.len() > 32 {
+            let n = self.tail.len() - 32;
+            self.db.update(&self.tail[..n]);
+            self.tail.drain(..n);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+enum Sink {
+    Stored(File),
+    Raw(Box<zstd::stream::write::Decoder<'static, RawCheck<File>>>),
+}
+
+/// Writes a backup to `target` (as stored, or decompressed) while checking it against its manifest.
+pub struct VerifyingWriter {
+    sink: Option<Sink>,
+    tmp: PathBuf,
+    target: PathBuf,
+    sha: Sha256,
+    bytes: u64,
+    spec: EtcdBackupSpec,
+    done: bool,
+}
+
+impl VerifyingWriter {
+    /// `decompress`: write etcd's snapshot file rather than the zstd object.
+    pub fn create(target: &Path, spec: &EtcdBackupSpec, decompress: bool) -> Result<Self, SnapshotError> {
+        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "backup".into());
+        let tmp = target.with_file_name(format!(".{name}.part"));
+        let io = |error| SnapshotError::Io { path: tmp.clone(), error };
+        let file = File::create(&tmp).map_err(io)?;
+        let sink = if decompress {
+            let check =
+                RawCheck { out: file, whole: Sha256::new(), db: Sha256::new(), tail: Vec::with_capacity(64), bytes: 0 };
+            Sink::Raw(Box::new(zstd::stream::write::Decoder::new(check).map_err(io)?))
+        } else {
+            Sink::Stored(file)
+        };
+        Ok(Self {
+            sink: Some(sink),
+            tmp,
+            target: target.to_path_buf(),
+            sha: Sha256::new(),
+            bytes: 0,
+            spec: spec.clone(),
+            done: false,
+        })
+    }
+
+    /// Stored (compressed) bytes so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn write(&mut self, data: &[u8]) -> Result<(), SnapshotError> {
+        self.sha.update(data);
+        self.bytes += data.len() as u64;
+        if self.bytes > self.spec.size {
+            return Err(SnapshotError::StoredSize { got: self.bytes, want: self.spec.size });
+        }
+        match self.sink.as_mut() {
+            Some(Sink::Stored(f)) => {
+                f.write_all(data).map_err(|error| SnapshotError::Io { path: self.tmp.clone(), error })
+            }
+            Some(Sink::Raw(d)) => d.write_all(data).map_err(|e| SnapshotError::Decompress(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs the final checks; on success the file is in place at the target, fsynced.
+    pub fn finish(mut self) -> Result<PathBuf, SnapshotError> {
+        if self.bytes != self.spec.size {
+            return Err(SnapshotError::StoredSize { got: self.bytes, want: self.spec.size });
+        }
+        let got = hex::encode(self.sha.clone().finalize());
+        if got != self.spec.sha256 {
+            return Err(SnapshotError::StoredHash { got, want: self.spec.sha256.clone() });
+        }
+        let file = match self.sink.take() {
+            Some(Sink::Stored(f)) => f,
+            Some(Sink::Raw(mut d)) => {
+                d.flush().map_err(|e| SnapshotError::Decompress(e.to_string()))?;
+                let check = d.into_inner();
+                if check.bytes != self.spec.rawsize {
+                    return Err(SnapshotError::RawSize { got: check.bytes, want: self.spec.rawsize });
+                }
+                let got = hex::encode(check.whole.finalize());
+                if got != self.spec.rawsha256 {
+                    return Err(SnapshotError::RawHash { got, want: self.spec.rawsha256.clone() });
+                }
+                if check.tail.len() < 32 {
+                    return Err(SnapshotError::TooShort);
+                }
+                if check.db.finalize()[..] != check.tail[..] {
+                    return Err(SnapshotError::EtcdHash);
+                }
+                check.out
+            }
+            None => return Err(SnapshotError::TooShort),
+        };
+        let io = |error| SnapshotError::Io { path: self.target.clone(), error };
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&self.tmp, &self.target).map_err(io)?;
+        self.done = true;
+        Ok(self.target.clone())
+    }
+}
+
+impl Drop for VerifyingWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Membership of the member a snapshot is restored as.
+#[derive(Debug, Clone)]
+pub struct RestoreAs {
+    pub name: String,
+    pub initial_cluster: String,
+    pub initial_cluster_token: String,
+    pub initial_advertise_peer_urls: String,
+}
+
+/// etcd's restore tool: `etcdutl` where present (etcd ≥ 3.5), else `etcdctl` (3.4).
+pub fn restore_tool() -> &'static str {
+    let on_path = |name: &str| {
+        std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+    };
+    if on_path("etcdutl") {
+        "etcdutl"
+    } else {
+        "etcdctl"
+    }
+}
+
+/// Restores `snapshot` into `data_dir` (which must not exist) with etcd's own tool.
+pub fn restore(snapshot: &Path, data_dir: &Path, member: &RestoreAs) -> Result<(), SnapshotError> {
+    let tool = restore_tool();
+    let out = Command::new(tool)
+        .env("ETCDCTL_API", "3")
+        .args(["snapshot", "restore"])
+        .arg(snapshot)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--name", &member.name])
+        .args(["--initial-cluster", &member.initial_cluster])
+        .args(["--initial-cluster-token", &member.initial_cluster_token])
+        .args(["--initial-advertise-peer-urls", &member.initial_advertise_peer_urls])
+        .output()
+        .map_err(|e| SnapshotError::Tool {
+            tool: tool.into(),
+            detail: format!("cannot run it ({e}); install etcd's client tools"),
+        })?;
+    if !out.status.success() {
+        let detail =
+            String::from_utf8_lossy(&out.stderr).lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+        return Err(SnapshotError::Tool { tool: format!("{tool} snapshot restore"), detail });
+    }
+    Ok(())
+}
+
+/// What etcd's `snapshot status` says of a snapshot file.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct SnapshotStatus {
+    pub hash: u64,
+    pub revision: i64,
+    #[serde(rename = "totalKey")]
+    pub total_key: u64,
+    #[serde(rename = "totalSize")]
+    pub total_size: u64,
+}
+
+/// Runs `snapshot status -w json` with etcd's tool.
+pub fn status(snapshot: &Path) -> Result<SnapshotStatus, SnapshotError> {
+    let tool = restore_tool();
+    let out = Command::new(tool)
+        .env("ETCDCTL_API", "3")
+        .args(["snapshot", "status", "-w", "json"])
+        .arg(snapshot)
+        .output()
+        .map_err(|e| SnapshotError::Tool { tool: tool.into(), detail: e.to_string() })?;
+    if !out.status.success() {
+        return Err(SnapshotError::Tool {
+            tool: format!("{tool} snapshot status"),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| SnapshotError::Tool { tool: format!("{tool} snapshot status"), detail: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backup(raw: &[u8]) -> (Vec<u8>, EtcdBackupSpec) {
+        let stored = zstd::encode_all(raw, 3).unwrap();
+        let spec = EtcdBackupSpec {
+            cluster: "c".into(),
+            createdat: Default::default(),
+            snapshot: String::new(),
+            size: stored.len() as u64,
+            rawsize: raw.len() as u64,
+            member: String::new(),
+            memberid: String::new(),
+            etcdclusterid: String::new(),
+            etcdversion: String::new(),
+            revision: 0,
+            sha256: hex::encode(Sha256::digest(&stored)),
+            rawsha256: hex::encode(Sha256::digest(raw)),
+            zstdlevel: 3,
+            startedat: Default::default(),
+            finishedat: Default::default(),
+        };
+        (stored, spec)
+    }
+
+    fn snapshot_file(db: &[u8]) -> Vec<u8> {
+        let mut f = db.to_vec();
+        f.extend_from_slice(&Sha256::digest(db));
+        f
+    }
+
+    fn write_all(
+        target: &Path,
+        stored: &[u8],
+        spec: &EtcdBackupSpec,
+        decompress: bool,
+    ) -> Result<PathBuf, SnapshotError> {
+        let mut w = VerifyingWriter::create(target, spec, decompress)?;
+        for c in stored.chunks(1000) {
+            w.write(c)?;
+        }
+        w.finish()
+    }
+
+    #[test]
+    fn good_backups_land_and_bad_ones_are_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("ferry-snap-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let raw = snapshot_file(&(0..50_000u32).map(|i| (i % 97) as u8).collect::<Vec<_>>());
+        let (stored, spec) = backup(&raw);
+        let t = dir.join("ok.db");
+        write_all(&t, &stored, &spec, true).unwrap();
+        assert_eq!(std::fs::read(&t).unwrap(), raw);
+        write_all(&dir.join("ok.zst"), &stored, &spec, false).unwrap();
+
+        let mut flipped = stored.clone();
+        flipped[stored.len() / 2] ^= 1;
+        let e = write_all(&dir.join("bad.db"), &flipped, &spec, true).unwrap_err();
+        assert!(matches!(e, SnapshotError::StoredHash { .. } | SnapshotError::Decompress(_)), "{e}");
+        assert!(!dir.join("bad.db").exists() && !dir.join(".bad.db.part").exists(), "nothing left behind");
+
+        let e = write_all(&dir.join("short.db"), &stored[..stored.len() - 10], &spec, true).unwrap_err();
+        assert!(matches!(e, SnapshotError::StoredSize { .. } | SnapshotError::Decompress(_)), "{e}");
+
+        // A snapshot whose trailing hash is wrong, with a manifest that matches it (what a broken etcd would send).
+        let mut bad_trailer = raw.clone();
+        let n = bad_trailer.len();
+        bad_trailer[n - 1] ^= 1;
+        let (stored, spec) = backup(&bad_trailer);
+        let e = write_all(&dir.join("trailer.db"), &stored, &spec, true).unwrap_err();
+        assert!(matches!(e, SnapshotError::EtcdHash), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
