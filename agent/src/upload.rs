@@ -13,6 +13,7 @@ use ferry_common::protocol::S3Target;
 use ferry_common::s3::{abort_upload, with_retries, S3Error, S3ErrorKind};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// S3's smallest part, except the last.
 pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
@@ -69,8 +70,11 @@ impl MultipartUpload {
         })
     }
 
-    /// Appends compressed bytes, uploading every full part.
+    /// Appends compressed bytes, uploading every full part. Fails as soon as any part failed for good.
     pub async fn write(&mut self, data: &[u8]) -> Result<(), S3Error> {
+        while let Some(done) = self.in_flight.try_join_next() {
+            self.collect(done)?;
+        }
         self.buf.extend_from_slice(data);
         while self.buf.len() >= self.part_size {
             let part = self.buf.split_to(self.part_size).freeze();
@@ -89,7 +93,7 @@ impl MultipartUpload {
         let number = self.next_part;
         self.next_part += 1;
         let cancel = self.cancel.clone();
-        self.in_flight.spawn(async move {
+        let part_task = async move {
             let what = format!("upload part {number} of s3://{bucket}/{key}");
             let etag = with_retries(&cancel, &what, || async {
                 let r = client
@@ -106,21 +110,27 @@ impl MultipartUpload {
             })
             .await?;
             Ok(CompletedPart::builder().part_number(number).e_tag(etag).build())
-        });
+        };
+        // Part tasks log under the job's span (cluster, member, backup id).
+        self.in_flight.spawn(part_task.instrument(tracing::Span::current()));
         Ok(())
     }
 
     async fn reap_one(&mut self) -> Result<(), S3Error> {
         match self.in_flight.join_next().await {
-            Some(Ok(Ok(part))) => {
+            Some(done) => self.collect(done),
+            None => Ok(()),
+        }
+    }
+
+    fn collect(&mut self, done: Result<Result<CompletedPart, S3Error>, tokio::task::JoinError>) -> Result<(), S3Error> {
+        match done {
+            Ok(Ok(part)) => {
                 self.done.push(part);
                 Ok(())
             }
-            Some(Ok(Err(e))) => Err(e),
-            Some(Err(e)) => {
-                Err(S3Error { kind: S3ErrorKind::Other, message: format!("part task: {e}"), retryable: false })
-            }
-            None => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(S3Error { kind: S3ErrorKind::Other, message: format!("part task: {e}"), retryable: false }),
         }
     }
 

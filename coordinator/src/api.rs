@@ -258,6 +258,13 @@ fn check_manual_backup(coord: &Arc<Coordinator>, cluster: &str, spec: &EtcdManua
             return Ok(false);
         }
     }
+    let store_error = coord.configuration_error()?;
+    if !store_error.is_empty() {
+        return refuse(format!(
+            "the {} backup store is not usable ({store_error}); fix its configuration first (`ferryctl get etcdbackupoverallstatus`)",
+            coord.store.name()
+        ));
+    }
     if coord.is_running(cluster) {
         return refuse(format!(
             "a backup of cluster {cluster} is already running; wait for it (`ferryctl get etcdbackupstatus {cluster}`)"

@@ -220,8 +220,18 @@ async fn take(coord: &Arc<Coordinator>, cluster: &str, agent: &LiveAgent) -> Res
         Err(_) => Err(anyhow!("the backup from {member} did not finish within {}s", limit.as_secs())),
     };
     if result.is_err() {
-        if let (BackupStore::S3(s3), Destination::S3 { conn, key, upload_id }) = (&coord.store, &dest) {
-            s3.discard(conn, key, upload_id.as_deref()).await;
+        if let Destination::S3 { conn, key, upload_id } = dest {
+            // In the background: with S3 down, cleanup retries would hold up the status (and the next member).
+            let c = coord.clone();
+            coord.tasks.spawn(
+                async move {
+                    if let BackupStore::S3(s3) = &c.store {
+                        s3.discard(&conn, &key, upload_id.as_deref()).await;
+                    }
+                }
+                .in_current_span(),
+            );
+            return result;
         }
     }
     // A local partial file is removed when `dest` drops uncommitted.

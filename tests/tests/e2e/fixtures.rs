@@ -9,7 +9,8 @@
 //! - [`etcd`]: [`EtcdCluster`] and the deterministic test data.
 //! - [`ferry`]: [`Coordinator`], [`Agent`] and [`Ferryctl`].
 //! - [`logs`]: checks on daemon logs.
-//! - [`restore`]: restore a snapshot with `etcdctl` and read it back.
+//! - [`restore`]: restore a snapshot with `etcdctl` and read it back; decompress with `zstd`.
+//! - [`s3`]: [`S3Server`] (a real `s3s-fs`), its Ferry config, and the `aws` CLI as an independent client.
 
 // The fixture API is wider than what today's tests call (e.g. `stop_member`); less used items are reached
 // through their module (`fixtures::ferry::BackupStore`).
@@ -21,6 +22,7 @@ pub(crate) mod logs;
 pub(crate) mod ports;
 pub(crate) mod process;
 pub(crate) mod restore;
+pub(crate) mod s3;
 
 use std::path::Path;
 use std::time::Duration;
@@ -32,7 +34,8 @@ pub(crate) use ferry::{
     manual_backup_yaml, unix_now, Agent, Coordinator, CoordinatorOptions, CtlOutput, Stop, STATUS_OK,
 };
 pub(crate) use logs::assert_no_unexpected_errors;
-pub(crate) use restore::restore_and_read;
+pub(crate) use restore::{restore_and_read, restore_and_read_raw, zstd_decompress};
+pub(crate) use s3::{S3Server, TEST_BUCKET};
 
 /// Generous upper bound for a daemon to come up and answer.
 pub(crate) const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,11 +50,12 @@ pub(crate) fn test_dir(what: &str) -> anyhow::Result<TempDir> {
     Ok(dir)
 }
 
-/// Compares two key/value maps and panics with a short, readable summary (not a 3000-entry dump).
+/// Compares two key/value maps and panics with a short, readable summary (not a 3000-entry dump). Values
+/// are `String`s or, for random data, `Vec<u8>`s.
 #[track_caller]
-pub(crate) fn assert_same_kvs(
-    expected: &std::collections::HashMap<String, String>,
-    actual: &std::collections::HashMap<String, String>,
+pub(crate) fn assert_same_kvs<V: PartialEq>(
+    expected: &std::collections::HashMap<String, V>,
+    actual: &std::collections::HashMap<String, V>,
     what: &str,
 ) {
     let mut missing: Vec<&String> = expected.keys().filter(|k| !actual.contains_key(*k)).collect();

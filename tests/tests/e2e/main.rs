@@ -9,4 +9,5 @@ mod failures;
 mod harness;
 mod persistence;
 mod rejections;
+mod s3;
 mod security;

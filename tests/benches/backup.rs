@@ -1,0 +1,564 @@
+//! Backup benchmark: a Ferry backup to S3 against what a user would script without Ferry, in one run.
+//!
+//! `cargo build --release --bins && cargo bench -p ferry-tests --bench backup`
+//!
+//! For each database size (default 1 GiB and 2 GiB of Kubernetes-like objects; `FERRY_BENCH_GIB=0.25,0.5`
+//! picks others) it fills a fresh single-member etcd (quota raised) from a deterministic generator, then times:
+//! 1. `etcdctl snapshot save` to local disk alone;
+//! 2. the sequential pipeline: `etcdctl snapshot save` → `zstd -3` → `aws s3 cp` to the same s3s-fs;
+//! 3. a Ferry backup to that s3s-fs (apply → status ok), with the agent's peak RSS and disk writes;
+//! 4. the same with the upload capped (S3 slower than etcd), to show memory stays flat under backpressure.
+//!
+//! Needs etcd, etcdctl, zstd, s3s-fs and the aws CLI on the PATH (`.ci/run` installs them) and the release
+//! binaries in target/release. Prints a table; it is a benchmark, never a pass/fail test.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use etcd_client::{Client, TxnOp};
+
+const ACCESS_KEY: &str = "benchaccess";
+const SECRET_KEY: &str = "benchsecretkey";
+const BUCKET: &str = "bench";
+const CLUSTER: &str = "bench";
+/// The upload cap of the throttled run, Mbit/s: slower than etcd streams its snapshot.
+const THROTTLED_MBPS: u64 = 800;
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(cmd: &mut Command, log: &Path) -> Result<Proc> {
+    let f = std::fs::File::create(log)?;
+    let child = cmd
+        .stdout(Stdio::from(f.try_clone()?))
+        .stderr(Stdio::from(f))
+        .spawn()
+        .with_context(|| format!("spawn {cmd:?}"))?;
+    Ok(Proc(child))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn release_bin(name: &str) -> Result<PathBuf> {
+    // target/release/deps/backup-xxxx → target/release
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(Path::parent).context("bench binary location")?;
+    let p = dir.join(name);
+    if !p.exists() {
+        bail!("{} not found: run `cargo build --release --bins` first", p.display());
+    }
+    Ok(p)
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn timed(cmd: &mut Command) -> Result<Duration> {
+    let t = Instant::now();
+    run(cmd)?;
+    Ok(t.elapsed())
+}
+
+/// Kubernetes-like objects from a fixed seed: JSON with repeated field names, names, labels, uids, image
+/// digests and a share of base64 secret data — compressible like real clusters, not zeros, not noise.
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn hex(&mut self, n: usize) -> String {
+        let mut s = String::with_capacity(n);
+        while s.len() < n {
+            s.push_str(&format!("{:016x}", self.next()));
+        }
+        s.truncate(n);
+        s
+    }
+    fn b64(&mut self, n: usize) -> String {
+        const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        (0..n).map(|_| A[(self.next() % 64) as usize] as char).collect()
+    }
+    fn object(&mut self, i: u64) -> (String, String) {
+        let ns = format!("team-{}", i % 40);
+        let app = format!("svc-{}", (i / 7) % 300);
+        match i % 10 {
+            0 => {
+                let key = format!("/registry/secrets/{ns}/{app}-tls-{i}");
+                let v = format!(
+                    r#"{{"kind":"Secret","apiVersion":"v1","metadata":{{"name":"{app}-tls-{i}","namespace":"{ns}","uid":"{}","resourceVersion":"{}","creationTimestamp":"2026-0{}-1{}T0{}:1{}:00Z","labels":{{"app":"{app}"}}}},"type":"kubernetes.io/tls","data":{{"tls.crt":"{}","tls.key":"{}"}}}}"#,
+                    self.hex(32),
+                    i,
+                    1 + i % 9,
+                    i % 10,
+                    i % 10,
+                    i % 6,
+                    self.b64(1400),
+                    self.b64(900)
+                );
+                (key, v)
+            }
+            1 | 2 => {
+                let key = format!("/registry/configmaps/{ns}/{app}-config-{i}");
+                let mut data = String::new();
+                for k in 0..12 {
+                    data.push_str(&format!(
+                        r#""setting_{k}.yaml":"server:\n  port: {}\n  host: {app}.{ns}.svc.cluster.local\n  timeout: {}s\n  replicas: {}\nfeatures:\n  flag_{k}: true\n","#,
+                        8000 + self.next() % 1000, self.next() % 120, self.next() % 9
+                    ));
+                }
+                data.pop();
+                let v = format!(
+                    r#"{{"kind":"ConfigMap","apiVersion":"v1","metadata":{{"name":"{app}-config-{i}","namespace":"{ns}","uid":"{}","resourceVersion":"{i}","labels":{{"app":"{app}","tier":"backend"}}}},"data":{{{data}}}}}"#,
+                    self.hex(32)
+                );
+                (key, v)
+            }
+            _ => {
+                let key = format!("/registry/pods/{ns}/{app}-{}-{}", self.hex(10), self.hex(5));
+                let mut env = String::new();
+                for k in 0..14 {
+                    env.push_str(&format!(
+                        r#"{{"name":"ENV_{k}_{}","value":"{}"}},"#,
+                        app.to_uppercase(),
+                        self.hex(20)
+                    ));
+                }
+                env.pop();
+                let v = format!(
+                    r#"{{"kind":"Pod","apiVersion":"v1","metadata":{{"name":"{app}-{i}","generateName":"{app}-","namespace":"{ns}","uid":"{}","resourceVersion":"{i}","creationTimestamp":"2026-11-0{}T1{}:2{}:3{}Z","labels":{{"app":"{app}","pod-template-hash":"{}","team":"{ns}"}},"ownerReferences":[{{"apiVersion":"apps/v1","kind":"ReplicaSet","name":"{app}-{}","uid":"{}","controller":true,"blockOwnerDeletion":true}}],"managedFields":[{{"manager":"kube-controller-manager","operation":"Update","apiVersion":"v1","time":"2026-11-01T10:00:00Z","fieldsType":"FieldsV1","fieldsV1":{{"f:metadata":{{"f:generateName":{{}},"f:labels":{{".":{{}},"f:app":{{}},"f:pod-template-hash":{{}}}},"f:ownerReferences":{{}}}},"f:spec":{{"f:containers":{{}},"f:dnsPolicy":{{}},"f:restartPolicy":{{}},"f:schedulerName":{{}}}}}}}}]}},"spec":{{"containers":[{{"name":"{app}","image":"registry.example.com/{ns}/{app}@sha256:{}","ports":[{{"containerPort":{},"protocol":"TCP"}}],"env":[{env}],"resources":{{"limits":{{"cpu":"{}m","memory":"{}Mi"}},"requests":{{"cpu":"{}m","memory":"{}Mi"}}}},"volumeMounts":[{{"name":"kube-api-access-{}","readOnly":true,"mountPath":"/var/run/secrets/kubernetes.io/serviceaccount"}}],"terminationMessagePath":"/dev/termination-log","imagePullPolicy":"IfNotPresent"}}],"restartPolicy":"Always","terminationGracePeriodSeconds":30,"dnsPolicy":"ClusterFirst","serviceAccountName":"default","nodeName":"node-{}","schedulerName":"default-scheduler"}},"status":{{"phase":"Running","conditions":[{{"type":"Ready","status":"True","lastTransitionTime":"2026-11-01T10:00:0{}Z"}},{{"type":"ContainersReady","status":"True"}},{{"type":"PodScheduled","status":"True"}}],"hostIP":"10.0.{}.{}","podIP":"10.244.{}.{}","containerStatuses":[{{"name":"{app}","ready":true,"restartCount":{},"image":"registry.example.com/{ns}/{app}:v1.{}","imageID":"registry.example.com/{ns}/{app}@sha256:{}","containerID":"containerd://{}","started":true}}]}}}}"#,
+                    self.hex(32),
+                    i % 9,
+                    i % 10,
+                    i % 6,
+                    i % 10,
+                    self.hex(10),
+                    self.hex(10),
+                    self.hex(32),
+                    self.hex(64),
+                    8000 + i % 100,
+                    100 + i % 900,
+                    128 + i % 1024,
+                    50 + i % 200,
+                    64 + i % 512,
+                    self.hex(5),
+                    i % 60,
+                    i % 10,
+                    i % 250,
+                    i % 250,
+                    i % 250,
+                    i % 250,
+                    i % 5,
+                    i % 40,
+                    self.hex(64),
+                    self.hex(64)
+                );
+                (key, v)
+            }
+        }
+    }
+}
+
+/// Writes at least `bytes` of objects with 8 concurrent writers, 64 puts per transaction.
+async fn fill(endpoint: &str, bytes: u64) -> Result<(u64, u64)> {
+    let mut tasks = Vec::new();
+    let per_task = bytes / 8;
+    for t in 0..8u64 {
+        let endpoint = endpoint.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut client = Client::connect([endpoint], None).await?;
+            let mut g = Gen(0x9E37_79B9_7F4A_7C15 ^ (t + 1));
+            let (mut written, mut keys, mut i) = (0u64, 0u64, t);
+            while written < per_task {
+                let mut ops = Vec::with_capacity(64);
+                for _ in 0..64 {
+                    let (k, v) = g.object(i);
+                    written += (k.len() + v.len()) as u64;
+                    ops.push(TxnOp::put(k, v, None));
+                    i += 8;
+                    keys += 1;
+                }
+                client.txn(etcd_client::Txn::new().and_then(ops)).await?;
+            }
+            anyhow::Ok((written, keys))
+        }));
+    }
+    let mut total = (0, 0);
+    for t in tasks {
+        let (w, k) = t.await??;
+        total.0 += w;
+        total.1 += k;
+    }
+    Ok(total)
+}
+
+fn db_size(endpoint: &str) -> Result<u64> {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", endpoint, "endpoint", "status", "-w", "json"])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parse etcdctl endpoint status")?;
+    v[0]["Status"]["dbSize"].as_u64().context("dbSize in etcdctl output")
+}
+
+fn file_size(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Peak RSS (VmHWM) and bytes written to storage by a process.
+fn proc_stats(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024;
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    let writes = io
+        .lines()
+        .find(|l| l.starts_with("write_bytes:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(0);
+    (hwm, writes)
+}
+
+struct Ferry {
+    dir: PathBuf,
+    config: PathBuf,
+    addr: String,
+    s3_endpoint: String,
+    etcd: String,
+    coordinator: Option<Proc>,
+}
+
+impl Ferry {
+    fn ctl(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
+        use std::io::Write;
+        let mut cmd = Command::new(release_bin("ferryctl")?);
+        cmd.arg("--ferryconfig").arg(&self.config).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        if stdin.is_some() {
+            cmd.stdin(Stdio::piped());
+        }
+        let mut child = cmd.spawn()?;
+        if let (Some(text), Some(mut i)) = (stdin, child.stdin.take()) {
+            i.write_all(text.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("ferryctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn start_coordinator(&mut self, extra: &[String]) -> Result<()> {
+        self.coordinator = None;
+        let mut cmd = Command::new(release_bin("ferry-coordinator")?);
+        cmd.arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .args(["--listen", &self.addr, "--backup-store", "s3"])
+            .args(extra);
+        self.coordinator = Some(spawn(&mut cmd, &self.dir.join("coordinator.log"))?);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.ctl(&["get", "agents"], None).is_err() {
+            if Instant::now() > deadline {
+                bail!("coordinator did not come up; see {}", self.dir.join("coordinator.log").display());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let cfg = format!(
+            "metadata:\n  namespace: default\n  type: EtcdBackupS3Configs.ferry.dev\n  id: etcd-backup-s3-conf\nspec:\n  bucket: {BUCKET}\n  endpoint: {}\n  accesskeyid: {ACCESS_KEY}\n  secretaccesskey: {SECRET_KEY}\n  prefix: ferry\n",
+            self.s3_endpoint
+        );
+        self.ctl(&["apply", "-f", "-"], Some(&cfg))?;
+        Ok(())
+    }
+
+    fn start_agent(&self) -> Result<Proc> {
+        let creds = self.dir.join("agent-creds");
+        if !creds.exists() {
+            self.ctl(
+                &["agent-credentials", "--cluster", CLUSTER, "--member", "m1", "--out", &creds.to_string_lossy()],
+                None,
+            )?;
+        }
+        let mut cmd = Command::new(release_bin("ferry-agent")?);
+        cmd.args(["--coordinator", &self.addr, "--credentials"]).arg(&creds).args(["--etcd-endpoints", &self.etcd]);
+        let agent = spawn(&mut cmd, &self.dir.join("agent.log"))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = self.ctl(&["get", "agents", "-o", "json"], None)?;
+            let v: serde_json::Value = serde_json::from_str(&out)?;
+            if v.as_array().is_some_and(|a| {
+                a.iter().any(|a| a["spec"]["connected"] == true && a["spec"]["dbsize"].as_i64() > Some(0))
+            }) {
+                return Ok(agent);
+            }
+            if Instant::now() > deadline {
+                bail!("agent did not connect; see {}", self.dir.join("agent.log").display());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// One backup: (wall time from apply to status ok, stored bytes).
+    fn backup(&self, seq: i64) -> Result<(Duration, u64)> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64 + seq;
+        let yaml = format!(
+            "metadata:\n  namespace: default\n  type: EtcdManualBackups.ferry.dev\n  id: {CLUSTER}\nspec:\n  backupat:\n    seconds: {now}\n    nanos: 0\n"
+        );
+        let t = Instant::now();
+        self.ctl(&["apply", "-f", "-"], Some(&yaml))?;
+        loop {
+            let v: serde_json::Value =
+                serde_json::from_str(&self.ctl(&["get", "etcdbackupstatus", CLUSTER, "-o", "json"], None)?)?;
+            match v["spec"]["status"].as_i64() {
+                Some(1) => {
+                    let elapsed = t.elapsed();
+                    let list: serde_json::Value =
+                        serde_json::from_str(&self.ctl(&["get", "etcdbackup", "-o", "json"], None)?)?;
+                    return Ok((elapsed, list[0]["spec"]["size"].as_u64().unwrap_or(0)));
+                }
+                Some(2) => bail!("ferry backup failed: {}", v["spec"]["error"]),
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}
+
+struct Row {
+    gib: f64,
+    method: String,
+    wall: Duration,
+    rss: Option<u64>,
+    disk_writes: Option<u64>,
+    stored: u64,
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1}", b as f64 / (1024.0 * 1024.0))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let sizes: Vec<f64> = std::env::var("FERRY_BENCH_GIB")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1.0, 2.0]);
+    let mut rows = Vec::new();
+    for (n, gib) in sizes.iter().enumerate() {
+        rows.extend(bench_size(*gib, n).await?);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+async fn bench_size(gib: f64, n: usize) -> Result<Vec<Row>> {
+    let dir = std::env::temp_dir().join(format!("ferry-bench-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("s3/").join(BUCKET))?;
+    let (cport, pport, s3port, qport) = (free_port()?, free_port()?, free_port()?, free_port()?);
+    let etcd_url = format!("http://127.0.0.1:{cport}");
+    let peer = format!("http://127.0.0.1:{pport}");
+    let _etcd = spawn(
+        Command::new("etcd").args([
+            "--name",
+            "bench",
+            "--data-dir",
+            &dir.join("etcd").to_string_lossy(),
+            "--listen-client-urls",
+            &etcd_url,
+            "--advertise-client-urls",
+            &etcd_url,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("bench={peer}"),
+            "--quota-backend-bytes",
+            "17179869184",
+        ]),
+        &dir.join("etcd.log"),
+    )?;
+    let s3_endpoint = format!("http://127.0.0.1:{s3port}");
+    let _s3 = spawn(
+        Command::new("s3s-fs")
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &s3port.to_string(),
+                "--access-key",
+                ACCESS_KEY,
+                "--secret-key",
+                SECRET_KEY,
+            ])
+            .arg(dir.join("s3")),
+        &dir.join("s3s.log"),
+    )?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let target = (gib * 1024.0 * 1024.0 * 1024.0) as u64;
+    eprintln!("[{gib} GiB] filling etcd…");
+    let t = Instant::now();
+    let (written, keys) = fill(&etcd_url, target).await?;
+    let db = db_size(&etcd_url)?;
+    eprintln!(
+        "[{gib} GiB] wrote {} MiB in {keys} objects in {:.1}s; etcd DB is {} MiB",
+        mib(written),
+        t.elapsed().as_secs_f64(),
+        mib(db)
+    );
+
+    let mut rows = Vec::new();
+    let snap = dir.join("snap.db");
+
+    eprintln!("[{gib} GiB] etcdctl snapshot save…");
+    let wall = timed(
+        Command::new("etcdctl").env("ETCDCTL_API", "3").args(["--endpoints", &etcd_url, "snapshot", "save"]).arg(&snap),
+    )?;
+    rows.push(Row {
+        gib,
+        method: "etcdctl snapshot save (local disk)".into(),
+        wall,
+        rss: None,
+        disk_writes: Some(file_size(&snap)),
+        stored: file_size(&snap),
+    });
+    std::fs::remove_file(&snap)?;
+
+    eprintln!("[{gib} GiB] etcdctl save → zstd -3 → aws s3 cp…");
+    let zst = dir.join("snap.db.zst");
+    let t = Instant::now();
+    run(Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &etcd_url, "snapshot", "save"])
+        .arg(&snap))?;
+    run(Command::new("zstd").args(["-3", "-q", "-f"]).arg(&snap).arg("-o").arg(&zst))?;
+    run(Command::new("aws")
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .args(["--endpoint-url", &s3_endpoint, "s3", "cp", "--only-show-errors"])
+        .arg(&zst)
+        .arg(format!("s3://{BUCKET}/pipeline/snap.db.zst")))?;
+    let wall = t.elapsed();
+    rows.push(Row {
+        gib,
+        method: "etcdctl save → zstd -3 → aws s3 cp".into(),
+        wall,
+        rss: None,
+        disk_writes: Some(file_size(&snap) + file_size(&zst)),
+        stored: file_size(&zst),
+    });
+    std::fs::remove_file(&snap)?;
+    std::fs::remove_file(&zst)?;
+
+    let mut ferry = Ferry {
+        config: dir.join("state/admin.ferryconfig"),
+        addr: format!("127.0.0.1:{qport}"),
+        dir: dir.clone(),
+        s3_endpoint,
+        etcd: etcd_url.clone(),
+        coordinator: None,
+    };
+    for (label, extra, seq) in [
+        ("ferry → S3", vec![], 0),
+        (
+            &*format!("ferry → S3, upload capped at {THROTTLED_MBPS} Mbit/s"),
+            vec!["--upload-limit-mbps".to_string(), THROTTLED_MBPS.to_string()],
+            2,
+        ),
+    ] {
+        eprintln!("[{gib} GiB] {label}…");
+        ferry.start_coordinator(&extra)?;
+        let agent = ferry.start_agent()?;
+        let (_, writes_before) = proc_stats(agent.0.id());
+        let (wall, stored) = ferry.backup(seq)?;
+        let (rss, writes_after) = proc_stats(agent.0.id());
+        rows.push(Row {
+            gib,
+            method: label.to_string(),
+            wall,
+            rss: Some(rss),
+            disk_writes: Some(writes_after - writes_before),
+            stored,
+        });
+    }
+    drop(ferry);
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!("[{gib} GiB] etcd DB {} MiB", mib(db));
+    Ok(rows
+        .into_iter()
+        .map(|mut r| {
+            // Throughput is reported against etcd's DB size, the bytes every method has to move.
+            r.gib = db as f64 / (1024.0 * 1024.0 * 1024.0);
+            r
+        })
+        .collect())
+}
+
+fn print_table(rows: &[Row]) {
+    println!();
+    println!(
+        "| {:>6} | {:<44} | {:>7} | {:>10} | {:>10} | {:>7} | {:>13} | {:>15} | {:>10} |",
+        "DB GiB",
+        "method",
+        "wall s",
+        "× save",
+        "× pipeline",
+        "MB/s",
+        "agent peak RSS",
+        "disk written MiB",
+        "stored MiB"
+    );
+    println!(
+        "|{:-<8}|{:-<46}|{:-<9}|{:-<12}|{:-<12}|{:-<9}|{:-<15}|{:-<17}|{:-<12}|",
+        "", "", "", "", "", "", "", "", ""
+    );
+    for r in rows {
+        let same: Vec<&Row> = rows.iter().filter(|o| (o.gib - r.gib).abs() < 1e-9).collect();
+        let save = same.iter().find(|o| o.method.starts_with("etcdctl snapshot save")).map(|o| o.wall);
+        let pipe = same.iter().find(|o| o.method.contains("aws s3 cp")).map(|o| o.wall);
+        let ratio = |b: Option<Duration>| {
+            b.map(|b| format!("{:.2}", r.wall.as_secs_f64() / b.as_secs_f64())).unwrap_or_default()
+        };
+        let mbs = r.gib * 1024.0 * 1024.0 * 1024.0 / 1e6 / r.wall.as_secs_f64();
+        println!(
+            "| {:>6.2} | {:<44} | {:>7.2} | {:>10} | {:>10} | {:>7.0} | {:>13} | {:>15} | {:>10} |",
+            r.gib,
+            r.method,
+            r.wall.as_secs_f64(),
+            ratio(save),
+            ratio(pipe),
+            mbs,
+            r.rss.map(|b| format!("{} MiB", mib(b))).unwrap_or_else(|| "-".into()),
+            r.disk_writes.map(mib).unwrap_or_default(),
+            mib(r.stored)
+        );
+    }
+}
