@@ -75,11 +75,17 @@ impl MultipartUpload {
         while let Some(done) = self.in_flight.try_join_next() {
             self.collect(done)?;
         }
-        self.buf.extend_from_slice(data);
-        while self.buf.len() >= self.part_size {
-            let part = self.buf.split_to(self.part_size).freeze();
-            self.buf.reserve(self.part_size);
-            self.send_part(part).await?;
+        // Fill exactly to the part size, then hand the whole buffer over: growing past it would make BytesMut
+        // double its allocation, and every part in flight would then hold twice its size.
+        let mut data = data;
+        while !data.is_empty() {
+            let n = (self.part_size - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.buf.len() == self.part_size {
+                let part = std::mem::replace(&mut self.buf, BytesMut::with_capacity(self.part_size)).freeze();
+                self.send_part(part).await?;
+            }
         }
         Ok(())
     }
