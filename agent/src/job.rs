@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::etcd::EtcdMember;
+use crate::metrics::METRICS;
 use crate::pipeline::{Compressed, Compressor, SnapshotVerifier, Verified};
 use crate::throttle::Throttle;
 use crate::upload::MultipartUpload;
@@ -42,10 +43,8 @@ pub async fn run(
     mut recv: RecvStream,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let result = tokio::select! {
-        r = stream_backup(&etcd, &job, &mut send, &mut recv, &cancel) => r,
-        _ = cancel.cancelled() => Err(anyhow!("agent is shutting down")),
-    };
+    // Cancellation is watched inside the pipeline, so a cancelled S3 job still aborts its upload.
+    let result = stream_backup(&etcd, &job, &mut send, &mut recv, &cancel).await;
     if let Err(e) = &result {
         // Best effort: the coordinator discards the partial object either way when the stream breaks.
         let _ = write_frame(&mut send, &JobMsg::Failed { error: format!("{e:#}") }).await;
@@ -74,7 +73,7 @@ async fn stream_backup(
             Sink::S3(Box::new(upload))
         }
     };
-    let result = pump(etcd, job, &mut sink, send, started_at).await;
+    let result = pump(etcd, job, &mut sink, send, started_at, cancel).await;
     if let Sink::S3(upload) = &mut sink {
         if result.is_err() {
             if let Err(e) = upload.abort().await {
@@ -109,6 +108,7 @@ async fn pump(
     sink: &mut Sink,
     send: &mut SendStream,
     started_at: Timestamp,
+    cancel: &CancellationToken,
 ) -> Result<BackupSummary> {
     let snapshot = etcd.snapshot().await?;
     let (raw_tx, raw_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
@@ -119,6 +119,9 @@ async fn pump(
     let compressor = tokio::task::spawn_blocking(move || compress(raw_rx, out_tx, level));
 
     let mut throttle = Throttle::new(job.upload_limit_bps);
+    let started = std::time::Instant::now();
+    // Idle again once this job ends, whichever way.
+    let _idle = IdleOnDrop;
     let mut progress = tokio::time::interval(PROGRESS_EVERY);
     loop {
         tokio::select! {
@@ -129,6 +132,7 @@ async fn pump(
                     Err(_) => bail!("no snapshot data for {}s; aborting so etcd is not held", STALL_TIMEOUT.as_secs()),
                 };
                 throttle.consume(chunk.len()).await;
+                METRICS.stored_bytes.inc_by(chunk.len() as u64);
                 match sink {
                     Sink::Coordinator => tokio::time::timeout(STALL_TIMEOUT, write_frame(send, &JobMsg::Data(chunk)))
                         .await
@@ -137,8 +141,11 @@ async fn pump(
                     Sink::S3(upload) => upload.write(&chunk).await?,
                 }
             }
+            _ = cancel.cancelled() => bail!("the agent is shutting down; the backup is abandoned (its upload aborted)"),
             _ = progress.tick() => {
                 let raw_bytes = *progress_rx.borrow();
+                let secs = started.elapsed().as_secs_f64().max(0.001);
+                METRICS.job_throughput.set(raw_bytes as f64 / secs);
                 write_frame(send, &JobMsg::Progress { raw_bytes }).await.context("send progress")?;
             }
         }
@@ -158,6 +165,15 @@ async fn pump(
         started_at,
         finished_at: Timestamp::now(),
     })
+}
+
+/// Resets the throughput gauge when a job ends.
+struct IdleOnDrop;
+
+impl Drop for IdleOnDrop {
+    fn drop(&mut self) {
+        METRICS.job_throughput.set(0.0);
+    }
 }
 
 /// Stops the etcd reader (and so etcd's snapshot stream) when the job ends early.
@@ -181,6 +197,7 @@ async fn read_etcd(
             .map_err(|_| anyhow!("etcd sent no snapshot data for {}s", STALL_TIMEOUT.as_secs()))?
             .context("read etcd snapshot stream")?;
         let Some(msg) = msg else { break };
+        METRICS.etcd_read_bytes.inc_by(msg.blob().len() as u64);
         if let Some(data) = verifier.push(msg.blob().to_vec()) {
             forward(&raw_tx, data).await?;
             progress.send_replace(verifier.db_bytes());

@@ -3,6 +3,7 @@
 pub mod etcd;
 pub mod job;
 pub mod link;
+pub mod metrics;
 pub mod pipeline;
 pub mod restore;
 pub mod throttle;

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::etcd::EtcdMember;
+use crate::metrics::METRICS;
 
 /// How often the agent reports its member's facts.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(10);
@@ -22,15 +23,21 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A QUIC handshake that takes longer than this is abandoned and retried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long running backups get to finish after SIGTERM before they are cancelled (and their uploads aborted).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
 pub struct Link {
     pub coordinator: String,
     pub credentials: AgentCredentials,
     pub etcd: EtcdMember,
+    /// Running backup jobs, waited for at shutdown.
+    pub jobs: tokio_util::task::TaskTracker,
 }
 
 impl Link {
-    /// Runs until `cancel` fires.
-    pub async fn run(self, cancel: CancellationToken) -> Result<()> {
+    /// Runs until `cancel` fires; then waits up to [`SHUTDOWN_GRACE`] for running jobs, and cancels them
+    /// through `jobs_cancel` if they are still running.
+    pub async fn run(self, cancel: CancellationToken, jobs_cancel: CancellationToken) -> Result<()> {
         let client = quinn_client_config(&self.credentials.ca_pem, &self.credentials.client)
             .context("build TLS config from --credentials")?;
         let mut endpoint =
@@ -39,7 +46,7 @@ impl Link {
         let mut failures: u32 = 0;
         let mut last_facts = EtcdFacts::default();
         while !cancel.is_cancelled() {
-            match self.session(&endpoint, &cancel, &mut last_facts, &mut failures).await {
+            match self.session(&endpoint, &cancel, &jobs_cancel, &mut last_facts, &mut failures).await {
                 Ok(()) => {}
                 Err(e) => warn!("coordinator link to {} failed: {e:#}", self.coordinator),
             }
@@ -54,6 +61,7 @@ impl Link {
                 _ = cancel.cancelled() => {}
             }
         }
+        drain(&self.jobs, &jobs_cancel).await;
         endpoint.close(0u32.into(), b"agent shutting down");
         endpoint.wait_idle().await;
         Ok(())
@@ -63,6 +71,7 @@ impl Link {
         &self,
         endpoint: &quinn::Endpoint,
         cancel: &CancellationToken,
+        jobs_cancel: &CancellationToken,
         last_facts: &mut EtcdFacts,
         failures: &mut u32,
     ) -> Result<()> {
@@ -79,6 +88,8 @@ impl Link {
             HelloReply::Refused { reason } => bail!("the coordinator refused this agent: {reason}"),
         }
         *failures = 0;
+        METRICS.coordinator_connected.set(1);
+        let _disconnected = DisconnectedOnDrop;
         let mut ticker = tokio::time::interval(REPORT_INTERVAL);
         loop {
             tokio::select! {
@@ -89,10 +100,11 @@ impl Link {
                 incoming = conn.accept_bi() => {
                     let (job_send, mut job_recv) = incoming.context("coordinator link closed")?;
                     let etcd = self.etcd.clone();
-                    let cancel = cancel.child_token();
+                    // Jobs get their own token: at shutdown they may finish within the grace period.
+                    let cancel = jobs_cancel.child_token();
                     // Created here so the job's span hangs under this agent's (cluster, member) span.
                     let job_span = info_span!("job");
-                    tokio::spawn(async move {
+                    self.jobs.spawn(async move {
                         let request: JobRequest = match expect_frame(&mut job_recv).await {
                             Ok(r) => r,
                             Err(e) => return warn!("failed to read job request: {e:#}"),
@@ -112,6 +124,9 @@ impl Link {
                     });
                 }
                 _ = cancel.cancelled() => {
+                    // Take no new jobs, but keep the link (which running jobs stream over) until they finish
+                    // or the grace period ends.
+                    drain(&self.jobs, jobs_cancel).await;
                     conn.close(0u32.into(), b"agent shutting down");
                     return Ok(());
                 }
@@ -123,14 +138,39 @@ impl Link {
     async fn facts(&self, last: &mut EtcdFacts) -> EtcdFacts {
         match self.etcd.facts().await {
             Ok(f) => {
+                METRICS.etcd_up.set(1);
                 *last = f.clone();
                 f
             }
             Err(e) => {
+                METRICS.etcd_up.set(0);
                 warn!("failed to read etcd member status: {e:#}");
                 EtcdFacts { error: Some(format!("{e:#}")), ..last.clone() }
             }
         }
+    }
+}
+
+/// Lets running jobs finish within [`SHUTDOWN_GRACE`], then cancels the rest and waits for their cleanup.
+async fn drain(jobs: &tokio_util::task::TaskTracker, jobs_cancel: &CancellationToken) {
+    jobs.close();
+    if jobs.is_empty() {
+        return;
+    }
+    info!(grace_s = SHUTDOWN_GRACE.as_secs(), "waiting for running backups before exiting");
+    if tokio::time::timeout(SHUTDOWN_GRACE, jobs.wait()).await.is_err() {
+        warn!("backups still running after the grace period; cancelling them (their uploads are aborted)");
+        jobs_cancel.cancel();
+        jobs.wait().await;
+    }
+}
+
+/// Marks the link down when a session ends, however it ends.
+struct DisconnectedOnDrop;
+
+impl Drop for DisconnectedOnDrop {
+    fn drop(&mut self) {
+        METRICS.coordinator_connected.set(0);
     }
 }
 

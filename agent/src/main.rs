@@ -7,7 +7,10 @@ use clap::Parser;
 use ferry_agent::etcd::{EtcdMember, EtcdTls};
 use ferry_agent::link::Link;
 use ferry_agent::restore::RestoreRequest;
+use std::sync::Arc;
+
 use ferry_common::config::{AgentCredentials, FerryConfig};
+use ferry_common::observe::{bind as bind_observe, init_logging, serve as serve_observe, LogFormat};
 use ferry_common::snapshot::RestoreAs;
 use ferry_common::tls::Identity;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +20,9 @@ use tracing::{info, info_span, Instrument};
 #[derive(Parser, Debug)]
 #[command(version, args_conflicts_with_subcommands = true)]
 struct Cli {
+    /// Log format on stderr; the level comes from RUST_LOG.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
@@ -87,16 +93,15 @@ struct Args {
     /// Client key for etcd.
     #[arg(long)]
     etcd_key: Option<PathBuf>,
+    /// TCP address for /metrics, /healthz and /readyz (off when not given).
+    #[arg(long, env = "FERRY_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     let result = match cli.command {
         Some(Command::Restore(r)) => restore(r).await,
         None => run(cli.run).await,
@@ -131,10 +136,22 @@ async fn run(args: Args) -> Result<()> {
         shutdown_signal().await;
         signals.cancel();
     });
+    if let Some(addr) = args.metrics_listen {
+        let listener = bind_observe(addr).await.with_context(|| format!("listen on --metrics-listen {addr}"))?;
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_observe(listener, Arc::new(ferry_agent::metrics::Observed), cancel).await {
+                tracing::warn!("failed to serve metrics: {e}");
+            }
+        });
+    }
     let span = info_span!("agent", %cluster, %member);
     async {
         info!(%coordinator, etcd = %endpoint, "agent starting");
-        Link { coordinator, credentials, etcd }.run(cancel).await?;
+        let jobs_cancel = CancellationToken::new();
+        Link { coordinator, credentials, etcd, jobs: tokio_util::task::TaskTracker::new() }
+            .run(cancel, jobs_cancel)
+            .await?;
         info!("agent stopped");
         Ok(())
     }

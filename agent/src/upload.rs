@@ -15,6 +15,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::metrics::METRICS;
+
 /// S3's smallest part, except the last.
 pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
 
@@ -114,8 +116,9 @@ impl MultipartUpload {
                     .map_err(|e| S3Error::from_sdk(&what, &bucket, &e))?;
                 Ok(r.e_tag().unwrap_or_default().to_string())
             })
-            .await?;
-            Ok(CompletedPart::builder().part_number(number).e_tag(etag).build())
+            .await;
+            METRICS.part(etag.is_ok());
+            Ok(CompletedPart::builder().part_number(number).e_tag(etag?).build())
         };
         // Part tasks log under the job's span (cluster, member, backup id).
         self.in_flight.spawn(part_task.instrument(tracing::Span::current()));

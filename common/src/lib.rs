@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod config;
+pub mod observe;
 pub mod protocol;
 pub mod resources;
 pub mod s3;

@@ -15,6 +15,7 @@ use tracing::{info, info_span, warn, Instrument};
 
 use crate::coordinator::{Coordinator, LiveAgent, RunningGuard};
 use crate::local_store::PendingBackup;
+use crate::metrics::Metrics;
 use crate::retention;
 use crate::s3_store::{S3Conn, S3Store};
 use crate::schedule::{self, Plan};
@@ -61,6 +62,8 @@ async fn run(coord: Arc<Coordinator>, cluster: String, _guard: RunningGuard) {
     // Fair semaphore: queued backups start in the order they were queued (due order for scheduled ones).
     let Ok(_slot) = coord.job_slots.clone().acquire_owned().await else { return };
     let attempt = Timestamp::now();
+    let labels = Metrics::cluster(&cluster);
+    coord.metrics.last_attempt.get_or_create(&labels).set(attempt.seconds as f64);
     let marked = coord.update_status(&cluster, |s| {
         s.status = status::RUNNING;
         s.error.clear();
@@ -76,6 +79,13 @@ async fn run(coord: Arc<Coordinator>, cluster: String, _guard: RunningGuard) {
         Ok(m) => {
             info!(backup_id = %m.id, size = m.backup.size, rawsize = m.backup.rawsize, member = %m.backup.member, "backup stored");
             coord.scheduler.backup_succeeded(&cluster, m.backup.createdat, plan.as_ref(), &coord.settings.bounds);
+            let metrics = &coord.metrics;
+            metrics.backups.get_or_create(&Metrics::result(&cluster, true)).inc();
+            metrics.last_success.get_or_create(&labels).set(m.backup.finishedat.seconds as f64);
+            metrics.size.get_or_create(&labels).set(m.backup.size as i64);
+            metrics.raw_size.get_or_create(&labels).set(m.backup.rawsize as i64);
+            let secs = |t: Timestamp| t.seconds as f64 + f64::from(t.nanos) / 1e9;
+            metrics.duration.observe((secs(m.backup.finishedat) - secs(attempt)).max(0.0));
             if let Err(e) = apply_retention(&coord, &cluster).await {
                 warn!("failed to apply retention: {e:#}");
             }
@@ -91,6 +101,7 @@ async fn run(coord: Arc<Coordinator>, cluster: String, _guard: RunningGuard) {
             warn!("backup failed: {e:#}");
             let period = plan.as_ref().map_or(Duration::from_secs(3600), |p| p.period(Timestamp::now()));
             coord.scheduler.backup_failed(&cluster, Timestamp::now(), period);
+            coord.metrics.backups.get_or_create(&Metrics::result(&cluster, false)).inc();
             coord.update_status(&cluster, |s| {
                 s.status = status::ERROR;
                 s.error = format!("{e:#}");

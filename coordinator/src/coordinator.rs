@@ -15,6 +15,7 @@ use ferry_common::tls::CertAuthority;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::metrics::Metrics;
 use crate::schedule::Bounds;
 use crate::scheduler::Scheduler;
 use crate::state::StateStore;
@@ -69,8 +70,9 @@ pub struct Coordinator {
     /// Job slots: at most `max_concurrent_backups` backups transfer at once.
     pub job_slots: Arc<Semaphore>,
     pub scheduler: Scheduler,
-    /// Backups deleted by retention, per cluster.
-    retention_deleted: Mutex<HashMap<String, u64>>,
+    pub metrics: Metrics,
+    /// Set once the QUIC listener is up (for `/readyz`).
+    pub listening: std::sync::atomic::AtomicBool,
     next_conn_id: AtomicU64,
 }
 
@@ -111,7 +113,8 @@ impl Coordinator {
             running: Mutex::new(HashSet::new()),
             job_slots: Arc::new(Semaphore::new(slots)),
             scheduler: Scheduler::default(),
-            retention_deleted: Mutex::new(HashMap::new()),
+            metrics: Metrics::default(),
+            listening: std::sync::atomic::AtomicBool::new(false),
             next_conn_id: AtomicU64::new(1),
         });
         coord.init_resources()?;
@@ -129,6 +132,7 @@ impl Coordinator {
             // Until a config is applied; set again once the stored one (if any) is checked.
             BackupStore::S3(_) => "not initialized".to_string(),
         };
+        self.metrics.store_configuration_error.set(i64::from(!overall.configurationerror.is_empty()));
         self.state.put(Resource::new(OVERALL_STATUS_ID, Spec::EtcdBackupOverallStatus(overall)))?;
         // Nothing is connected at start; agents that were, reconnect and say so.
         for mut r in self.state.list(ResourceType::Agent)? {
@@ -172,6 +176,7 @@ impl Coordinator {
         if let Some(old) = old {
             old.conn.close(0u32.into(), b"replaced by a newer connection of the same agent");
         }
+        self.count_agents(cluster);
         self.persist_agent(cluster, &agent, true)
     }
 
@@ -205,6 +210,7 @@ impl Coordinator {
                 _ => None,
             }
         };
+        self.count_agents(cluster);
         match gone {
             Some(a) => self.persist_agent(cluster, &a, false),
             None => Ok(()),
@@ -255,7 +261,12 @@ impl Coordinator {
     }
 
     pub fn count_retention_deletion(&self, cluster: &str) {
-        *lock(&self.retention_deleted).entry(cluster.to_string()).or_default() += 1;
+        self.metrics.retention_deleted.get_or_create(&Metrics::cluster(cluster)).inc();
+    }
+
+    fn count_agents(&self, cluster: &str) {
+        let n = lock(&self.agents).keys().filter(|(c, _)| c == cluster).count();
+        self.metrics.agents_connected.get_or_create(&Metrics::cluster(cluster)).set(n as i64);
     }
 
     pub fn any_running(&self) -> bool {
@@ -274,6 +285,7 @@ impl Coordinator {
                 Resource::new(OVERALL_STATUS_ID, Spec::EtcdBackupOverallStatus(EtcdBackupOverallStatusSpec::default()))
             }
         };
+        self.metrics.store_configuration_error.set(i64::from(!error.is_empty()));
         if let Spec::EtcdBackupOverallStatus(s) = &mut o.spec {
             s.configurationname = self.store.name().to_string();
             s.configurationerror = error.to_string();
@@ -314,6 +326,21 @@ impl Coordinator {
             self.state.put(o)?;
         }
         Ok(())
+    }
+}
+
+impl ferry_common::observe::Observed for Coordinator {
+    fn metrics(&self) -> String {
+        self.metrics.render()
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        // The state store is open once the coordinator exists; what remains is the QUIC listener.
+        if self.listening.load(std::sync::atomic::Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err("the QUIC listener is not up yet".into())
+        }
     }
 }
 

@@ -6,6 +6,7 @@ pub mod backup;
 pub mod coordinator;
 pub mod ctl;
 pub mod local_store;
+pub mod metrics;
 pub mod pki;
 pub mod retention;
 pub mod s3_store;

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::backup::{self, Trigger};
 use crate::coordinator::Coordinator;
+use crate::metrics::Metrics;
 use crate::schedule::{self, Bounds, Plan};
 
 /// How often the loop looks for due backups.
@@ -108,7 +109,14 @@ async fn pass(coord: &Arc<Coordinator>) -> Result<()> {
                 continue;
             }
         };
+        coord.metrics.interval.get_or_create(&Metrics::cluster(&cluster)).set(plan.period(now).as_secs_f64());
         if coord.is_running(&cluster) {
+            continue;
+        }
+        // Nobody to back up from (e.g. just after a restart, before the agents redial): not a failure, and no
+        // backoff, so the backup starts the moment an agent that reaches etcd is back. Agents that stay away
+        // show in `get agents` and in the FerryBackupTooOld alert.
+        if !coord.live_agents(&cluster).iter().any(|a| a.facts.as_ref().is_some_and(|f| f.error.is_none())) {
             continue;
         }
         let loaded = lock(&coord.scheduler.clusters).get(&cluster).is_some_and(|s| s.loaded);
@@ -122,6 +130,13 @@ async fn pass(coord: &Arc<Coordinator>) -> Result<()> {
                     continue;
                 }
             };
+            if let Some(n) = newest {
+                // After a restart the gauge starts from the store, so "backup too old" alerts keep working.
+                let g = coord.metrics.last_success.get_or_create(&Metrics::cluster(&cluster));
+                if g.get() < n.seconds as f64 {
+                    g.set(n.seconds as f64);
+                }
+            }
             let mut all = lock(&coord.scheduler.clusters);
             let st = all.entry(cluster.clone()).or_default();
             st.loaded = true;

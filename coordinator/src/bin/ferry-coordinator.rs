@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
+use ferry_common::observe::{bind as bind_observe, init_logging, serve as serve_observe, LogFormat, Observed};
 use ferry_common::resources::{Resource, ResourceType, Spec, S3_CONFIG_ID};
 use ferry_common::tls::quinn_server_config;
 use ferry_coordinator::coordinator::{Coordinator, Settings};
@@ -37,6 +38,12 @@ struct Args {
     /// QUIC (UDP) address to listen on.
     #[arg(long, default_value = "127.0.0.1:7443")]
     listen: SocketAddr,
+    /// TCP address for /metrics, /healthz and /readyz (off when not given).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Log format on stderr; the level comes from RUST_LOG.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
     /// Where backups are stored.
     #[arg(long, value_enum, default_value = "local")]
     backup_store: StoreKind,
@@ -86,12 +93,9 @@ fn mbps(m: u64) -> u64 {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    if let Err(e) = run(Args::parse()).await {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    if let Err(e) = run(args).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -145,6 +149,16 @@ async fn run(args: Args) -> Result<()> {
     let endpoint = quinn::Endpoint::server(server_config, args.listen)
         .with_context(|| format!("listen on {} (UDP)", args.listen))?;
     info!(listen = %args.listen, store = coord.store.name(), "coordinator ready");
+    coord.listening.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(addr) = args.metrics_listen {
+        let listener = bind_observe(addr).await.with_context(|| format!("listen on --metrics-listen {addr}"))?;
+        let (observed, cancel) = (coord.clone() as Arc<dyn Observed>, coord.cancel.clone());
+        coord.tasks.spawn(async move {
+            if let Err(e) = serve_observe(listener, observed, cancel).await {
+                warn!("failed to serve metrics on {addr}: {e}");
+            }
+        });
+    }
     let server = tokio::spawn(ferry_coordinator::server::serve(coord.clone(), endpoint.clone()));
     coord.tasks.spawn(ferry_coordinator::scheduler::run(coord.clone()));
 

@@ -7,7 +7,7 @@
 //! - [`ports`]: free loopback ports.
 //! - [`process`]: a spawned daemon with a log file, stopped on drop.
 //! - [`etcd`]: [`EtcdCluster`] and the deterministic test data.
-//! - [`ferry`]: [`Coordinator`], [`Agent`] and [`Ferryctl`].
+//! - [`ferry`]: [`Coordinator`], [`Agent`], [`Ferryctl`] and the one-shot `ferry-agent restore`.
 //! - [`logs`]: checks on daemon logs.
 //! - [`restore`]: restore a snapshot with `etcdctl` and read it back; decompress with `zstd`.
 //! - [`s3`]: [`S3Server`] (a real `s3s-fs`), its Ferry config, and the `aws` CLI as an independent client.

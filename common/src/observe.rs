@@ -1,0 +1,148 @@
+//! What both daemons expose to operators: `/metrics` (Prometheus), `/healthz` (alive) and `/readyz` (ready)
+//! on `--metrics-listen`, and their log format (`--log-format text|json`, level from `RUST_LOG`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tokio_util::sync::CancellationToken;
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Sets up logging to stderr; the level comes from `RUST_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).init(),
+    }
+}
+
+/// What the endpoints ask the daemon.
+pub trait Observed: Send + Sync + 'static {
+    /// Metrics in OpenMetrics text format.
+    fn metrics(&self) -> String;
+    /// `Ok` when ready to serve, else why not.
+    fn ready(&self) -> Result<(), String>;
+}
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// OpenMetrics text → the classic Prometheus text format, for clients that do not ask for OpenMetrics
+/// (curl, `promtool check metrics`): counters are declared under their `_total` name, `# UNIT` and `# EOF`
+/// lines go.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            if let Some(name) = rest.strip_suffix(" counter") {
+                counters.insert(name.to_string());
+            }
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+async fn metrics(headers: HeaderMap, o: Arc<dyn Observed>) -> Response {
+    let text = o.metrics();
+    let wants_openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    if wants_openmetrics {
+        ([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response()
+    } else {
+        ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], to_prometheus_text(&text)).into_response()
+    }
+}
+
+/// Binds `--metrics-listen`; done at start-up so a taken port fails the daemon at once.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// Serves the endpoints until `cancel` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    observed: Arc<dyn Observed>,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let m = observed.clone();
+    let r = observed.clone();
+    let app = Router::new()
+        .route("/metrics", get(move |h: HeaderMap| metrics(h, m.clone())))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let r = r.clone();
+                async move {
+                    match r.ready() {
+                        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+                    }
+                }
+            }),
+        );
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
+    axum::serve(listener, app).with_graceful_shutdown(async move { cancel.cancelled().await }).await
+}
+
+/// The process's resident memory (bytes) and CPU time (seconds), from /proc.
+pub fn process_stats() -> (u64, f64) {
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .map_or(0, |pages| pages * 4096);
+    // utime and stime are fields 14 and 15, in clock ticks (100 per second on Linux).
+    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = after.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0);
+    (rss, cpu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_converts_to_classic_text() {
+        let om = "# HELP ferry_backups Backups.\n# TYPE ferry_backups counter\nferry_backups_total{cluster=\"a\"} 3\n# HELP ferry_x X.\n# TYPE ferry_x gauge\n# UNIT ferry_x seconds\nferry_x 1.0\n# EOF\n";
+        let t = to_prometheus_text(om);
+        assert!(
+            t.contains("# TYPE ferry_backups_total counter\n") && t.contains("# HELP ferry_backups_total Backups.\n"),
+            "{t}"
+        );
+        assert!(t.contains("# TYPE ferry_x gauge\n") && !t.contains("EOF") && !t.contains("UNIT"), "{t}");
+        let (rss, _cpu) = process_stats();
+        assert!(rss > 0);
+    }
+}

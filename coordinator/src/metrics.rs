@@ -1,0 +1,117 @@
+//! The coordinator's Prometheus metrics. Names follow Prometheus conventions (base units, `_total`,
+//! `_seconds`, `_bytes`); labels carry cluster names and results only, never secrets.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub cluster: String,
+    /// `success` or `error`.
+    pub result: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub last_success: Family<ClusterLabels, FloatGauge>,
+    pub last_attempt: Family<ClusterLabels, FloatGauge>,
+    pub backups: Family<ResultLabels, Counter>,
+    pub duration: Histogram,
+    pub size: Family<ClusterLabels, Gauge>,
+    pub raw_size: Family<ClusterLabels, Gauge>,
+    pub agents_connected: Family<ClusterLabels, Gauge>,
+    pub store_configuration_error: Gauge,
+    pub retention_deleted: Family<ClusterLabels, Counter>,
+    pub interval: Family<ClusterLabels, FloatGauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("ferry");
+        let m = Self {
+            last_success: Family::default(),
+            last_attempt: Family::default(),
+            backups: Family::default(),
+            // 1 s … ~4.5 h: small clusters take seconds, multi-GiB ones minutes to hours on thin links.
+            duration: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
+            size: Family::default(),
+            raw_size: Family::default(),
+            agents_connected: Family::default(),
+            store_configuration_error: Gauge::default(),
+            retention_deleted: Family::default(),
+            interval: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "backup_last_success_timestamp_seconds",
+            "Unix time of the cluster's newest successful backup",
+            m.last_success.clone(),
+        );
+        registry.register(
+            "backup_last_attempt_timestamp_seconds",
+            "Unix time of the cluster's latest backup attempt",
+            m.last_attempt.clone(),
+        );
+        registry.register("backups", "Backups finished, by result (success or error)", m.backups.clone());
+        registry.register("backup_duration_seconds", "Time from a backup's start to its commit", m.duration.clone());
+        registry.register(
+            "backup_size_bytes",
+            "Stored (compressed) size of the cluster's latest backup",
+            m.size.clone(),
+        );
+        registry.register(
+            "backup_raw_size_bytes",
+            "etcd snapshot size of the cluster's latest backup",
+            m.raw_size.clone(),
+        );
+        registry.register("agents_connected", "Agents of the cluster connected now", m.agents_connected.clone());
+        registry.register(
+            "store_configuration_error",
+            "1 while the backup store is not usable",
+            m.store_configuration_error.clone(),
+        );
+        registry.register(
+            "retention_deleted",
+            "Backups deleted by the cluster's retention policy",
+            m.retention_deleted.clone(),
+        );
+        registry.register(
+            "backup_interval_seconds",
+            "The cluster's automatic backup period (absent when off)",
+            m.interval.clone(),
+        );
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// OpenMetrics text of every metric.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut s, &self.registry) {
+            tracing::warn!("failed to encode metrics: {e}");
+        }
+        s
+    }
+
+    pub fn cluster(cluster: &str) -> ClusterLabels {
+        ClusterLabels { cluster: cluster.to_string() }
+    }
+
+    pub fn result(cluster: &str, ok: bool) -> ResultLabels {
+        ResultLabels { cluster: cluster.to_string(), result: if ok { "success" } else { "error" }.to_string() }
+    }
+}
