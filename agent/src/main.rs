@@ -10,7 +10,7 @@ use ferry_agent::restore::RestoreRequest;
 use std::sync::Arc;
 
 use ferry_common::config::{AgentCredentials, FerryConfig};
-use ferry_common::observe::{bind as bind_observe, init_logging, serve as serve_observe, LogFormat};
+use ferry_common::observe::{bind as bind_observe, init_logging, serve as serve_observe, shutdown_signal, LogFormat};
 use ferry_common::snapshot::RestoreAs;
 use ferry_common::tls::Identity;
 use tokio_util::sync::CancellationToken;
@@ -197,14 +197,4 @@ async fn restore(a: RestoreArgs) -> Result<()> {
     })
     .instrument(span)
     .await
-}
-
-async fn shutdown_signal() {
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

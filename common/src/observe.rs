@@ -111,6 +111,17 @@ pub async fn serve(
     axum::serve(listener, app).with_graceful_shutdown(async move { cancel.cancelled().await }).await
 }
 
+/// Resolves on SIGTERM or Ctrl-C: where both daemons begin their ordered shutdown.
+pub async fn shutdown_signal() {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 /// The process's resident memory (bytes) and CPU time (seconds), from /proc.
 pub fn process_stats() -> (u64, f64) {
     let rss = std::fs::read_to_string("/proc/self/statm")

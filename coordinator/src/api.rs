@@ -34,13 +34,13 @@ pub async fn handle(
     if let Identity::Agent { cluster, .. } = identity {
         let AdminRequest::Restore { cluster: wanted, backup } = request else {
             let message = "an agent certificate may only restore its own cluster's backups".to_string();
-            return write_frame(send, &AdminResponse::Error { message }).await.context("send response");
+            return reply_error(send, message).await;
         };
         if let Some(w) = wanted.filter(|w| w != cluster) {
             let message = format!(
                 "an agent of cluster {cluster} may only restore cluster {cluster}'s backups, not {w}'s; seeding a cluster from another cluster's backup takes an admin credential (--ferryconfig admin.ferryconfig --from-cluster {w})"
             );
-            return write_frame(send, &AdminResponse::Error { message }).await.context("send response");
+            return reply_error(send, message).await;
         }
         return restore(coord, cluster, &backup, send).await;
     }
@@ -62,6 +62,11 @@ pub async fn handle(
     };
     let response = response.unwrap_or_else(|e| AdminResponse::Error { message: format!("{e:#}") });
     write_frame(send, &response).await.context("send response")
+}
+
+/// Answers the request with an error message (what is wrong and what to do).
+async fn reply_error(send: &mut SendStream, message: String) -> Result<()> {
+    write_frame(send, &AdminResponse::Error { message }).await.context("send response")
 }
 
 /// A request the user must fix; its message goes back to ferryctl as is.
@@ -313,11 +318,7 @@ async fn resolve(coord: &Arc<Coordinator>, cluster: &str, backup_id: &str) -> Re
 async fn stream_object(coord: &Arc<Coordinator>, manifest: &Manifest, send: &mut SendStream) -> Result<()> {
     let mut object = match coord.store.open(manifest).await {
         Ok(o) => o,
-        Err(e) => {
-            return write_frame(send, &AdminResponse::Error { message: format!("{e:#}") })
-                .await
-                .context("send response")
-        }
+        Err(e) => return reply_error(send, format!("{e:#}")).await,
     };
     let mut buf = vec![0u8; DATA_CHUNK];
     loop {
@@ -326,7 +327,7 @@ async fn stream_object(coord: &Arc<Coordinator>, manifest: &Manifest, send: &mut
             Ok(None) => break,
             Err(e) => {
                 let message = format!("read backup: {e:#}");
-                return write_frame(send, &AdminResponse::Error { message }).await.context("send response");
+                return reply_error(send, message).await;
             }
         };
         for chunk in piece.chunks(DATA_CHUNK) {
@@ -339,11 +340,7 @@ async fn stream_object(coord: &Arc<Coordinator>, manifest: &Manifest, send: &mut
 async fn download(coord: &Arc<Coordinator>, cluster: &str, backup_id: &str, send: &mut SendStream) -> Result<()> {
     let manifest = match resolve(coord, cluster, backup_id).await {
         Ok(m) => m,
-        Err(e) => {
-            return write_frame(send, &AdminResponse::Error { message: format!("{e:#}") })
-                .await
-                .context("send response")
-        }
+        Err(e) => return reply_error(send, format!("{e:#}")).await,
     };
     write_frame(send, &AdminResponse::DownloadStart(Box::new(backup_resource(manifest.clone())))).await?;
     stream_object(coord, &manifest, send).await
@@ -354,11 +351,7 @@ async fn download(coord: &Arc<Coordinator>, cluster: &str, backup_id: &str, send
 async fn restore(coord: &Arc<Coordinator>, cluster: &str, backup_id: &str, send: &mut SendStream) -> Result<()> {
     let manifest = match resolve(coord, cluster, backup_id).await {
         Ok(m) => m,
-        Err(e) => {
-            return write_frame(send, &AdminResponse::Error { message: format!("{e:#}") })
-                .await
-                .context("send response")
-        }
+        Err(e) => return reply_error(send, format!("{e:#}")).await,
     };
     info!(%cluster, backup_id = %manifest.id, "restore requested");
     let download_limit_bps = coord.settings.download_limit_bps;
@@ -375,11 +368,7 @@ async fn restore(coord: &Arc<Coordinator>, cluster: &str, backup_id: &str, send:
         BackupStore::S3(s3) => {
             let conn = match s3.conn() {
                 Ok(c) => c,
-                Err(e) => {
-                    return write_frame(send, &AdminResponse::Error { message: format!("{e:#}") })
-                        .await
-                        .context("send response")
-                }
+                Err(e) => return reply_error(send, format!("{e:#}")).await,
             };
             let target = S3Target {
                 config: conn.spec.clone(),

@@ -105,19 +105,7 @@ impl S3Store {
     }
 
     async fn exists(&self, conn: &S3Conn, key: &str, cancel: &CancellationToken) -> Result<bool> {
-        let bucket = &conn.spec.bucket;
-        let what = format!("check s3://{bucket}/{key}");
-        let r = with_retries(cancel, &what, || async {
-            conn.client
-                .head_object()
-                .bucket(bucket)
-                .key(key)
-                .send()
-                .await
-                .map_err(|e| S3Error::from_sdk(&what, bucket, &e))
-        })
-        .await;
-        match r {
+        match head(conn, key, cancel).await {
             Ok(_) => Ok(true),
             Err(e) if e.kind == S3ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e.into()),
@@ -240,17 +228,7 @@ impl S3Store {
         cancel: &CancellationToken,
     ) -> Result<()> {
         let bucket = &conn.spec.bucket;
-        let what = format!("check uploaded s3://{bucket}/{key}");
-        let head = with_retries(cancel, &what, || async {
-            conn.client
-                .head_object()
-                .bucket(bucket)
-                .key(key)
-                .send()
-                .await
-                .map_err(|e| S3Error::from_sdk(&what, bucket, &e))
-        })
-        .await?;
+        let head = head(conn, key, cancel).await?;
         let size = head.content_length().unwrap_or(-1);
         if size != manifest.backup.size as i64 {
             bail!("the uploaded object is {size} bytes, but the agent sent {} bytes", manifest.backup.size);
@@ -362,6 +340,20 @@ impl S3Store {
         .await?;
         Ok(r.body)
     }
+}
+
+/// HEAD of one object, with retries.
+async fn head(
+    conn: &S3Conn,
+    key: &str,
+    cancel: &CancellationToken,
+) -> Result<aws_sdk_s3::operation::head_object::HeadObjectOutput, S3Error> {
+    let bucket = &conn.spec.bucket;
+    let what = format!("check s3://{bucket}/{key}");
+    with_retries(cancel, &what, || async {
+        conn.client.head_object().bucket(bucket).key(key).send().await.map_err(|e| S3Error::from_sdk(&what, bucket, &e))
+    })
+    .await
 }
 
 async fn abort(conn: &S3Conn, key: &str, upload_id: &str) -> Result<(), S3Error> {

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use ferry_common::observe::{bind as bind_observe, init_logging, serve as serve_observe, LogFormat, Observed};
+use ferry_common::observe::{
+    bind as bind_observe, init_logging, serve as serve_observe, shutdown_signal, LogFormat, Observed,
+};
 use ferry_common::resources::{Resource, ResourceType, Spec, S3_CONFIG_ID};
 use ferry_common::tls::quinn_server_config;
 use ferry_coordinator::coordinator::{Coordinator, Settings};
@@ -219,14 +221,4 @@ async fn load_s3_config(coord: &Arc<Coordinator>) -> Result<()> {
         }
     });
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
