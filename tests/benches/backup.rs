@@ -367,14 +367,16 @@ async fn main() -> Result<()> {
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1.0, 2.0]);
     let mut rows = Vec::new();
+    let mut restore_rows = Vec::new();
     for (n, gib) in sizes.iter().enumerate() {
-        rows.extend(bench_size(*gib, n).await?);
+        rows.extend(bench_size(*gib, n, &mut restore_rows).await?);
     }
     print_table(&rows);
+    print_restore_table(&restore_rows);
     Ok(())
 }
 
-async fn bench_size(gib: f64, n: usize) -> Result<Vec<Row>> {
+async fn bench_size(gib: f64, n: usize, restore_rows: &mut Vec<RestoreRow>) -> Result<Vec<Row>> {
     let dir = std::env::temp_dir().join(format!("ferry-bench-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("s3/").join(BUCKET))?;
@@ -509,9 +511,13 @@ async fn bench_size(gib: f64, n: usize) -> Result<Vec<Row>> {
             stored,
         });
     }
+    restore_rows.extend(bench_restore(&ferry, gib)?);
     drop(ferry);
     let _ = std::fs::remove_dir_all(&dir);
     eprintln!("[{gib} GiB] etcd DB {} MiB", mib(db));
+    for r in restore_rows.iter_mut().filter(|r| (r.gib - gib).abs() < 1e-9) {
+        r.gib = db as f64 / (1024.0 * 1024.0 * 1024.0);
+    }
     Ok(rows
         .into_iter()
         .map(|mut r| {
@@ -520,6 +526,97 @@ async fn bench_size(gib: f64, n: usize) -> Result<Vec<Row>> {
             r
         })
         .collect())
+}
+
+struct RestoreRow {
+    gib: f64,
+    method: &'static str,
+    wall: Duration,
+}
+
+/// Restores the newest backup three ways: the standard tools with and without fetching it from S3 first,
+/// and `ferry-agent restore` (which fetches, checks and restores in one go).
+fn bench_restore(ferry: &Ferry, gib: f64) -> Result<Vec<RestoreRow>> {
+    let list: serde_json::Value = serde_json::from_str(&ferry.ctl(&["get", "etcdbackup", "-o", "json"], None)?)?;
+    let key = list[0]["spec"]["snapshot"].as_str().context("snapshot key")?.to_string();
+    let id = list[0]["metadata"]["id"].as_str().context("backup id")?.to_string();
+    let dir = ferry.dir.join("restore");
+    std::fs::create_dir_all(&dir)?;
+    let member = [
+        "--name",
+        "r1",
+        "--initial-cluster",
+        "r1=http://127.0.0.1:2380",
+        "--initial-cluster-token",
+        "bench",
+        "--initial-advertise-peer-urls",
+        "http://127.0.0.1:2380",
+    ];
+    let zst = dir.join("backup.snapshot.zst");
+    let db = dir.join("snapshot.db");
+    eprintln!("[{gib} GiB] restore with aws s3 cp → zstd -d → etcdctl snapshot restore…");
+    let fetch = timed(
+        Command::new("aws")
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .args(["--endpoint-url", &ferry.s3_endpoint, "s3", "cp", "--only-show-errors"])
+            .arg(format!("s3://{BUCKET}/{key}"))
+            .arg(&zst),
+    )?;
+    let local = timed(Command::new("zstd").args(["-d", "-q", "-f"]).arg(&zst).arg("-o").arg(&db))?
+        + timed(
+            Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .args(["snapshot", "restore"])
+                .arg(&db)
+                .arg("--data-dir")
+                .arg(dir.join("tools"))
+                .args(member),
+        )?;
+    eprintln!("[{gib} GiB] ferry-agent restore…");
+    let creds = ferry.dir.join("agent-creds");
+    let ferry_wall = timed(
+        Command::new(release_bin("ferry-agent")?)
+            .args(["restore", "--coordinator", &ferry.addr, "--credentials"])
+            .arg(&creds)
+            .args(["--backup", &id, "--data-dir"])
+            .arg(dir.join("ferry"))
+            .args(member),
+    )?;
+    Ok(vec![
+        RestoreRow { gib, method: "aws s3 cp → zstd -d → etcdctl snapshot restore", wall: fetch + local },
+        RestoreRow { gib, method: "zstd -d → etcdctl snapshot restore (object local)", wall: local },
+        RestoreRow { gib, method: "ferry-agent restore (fetch + checks + restore)", wall: ferry_wall },
+    ])
+}
+
+fn print_restore_table(rows: &[RestoreRow]) {
+    println!();
+    println!(
+        "| {:>6} | {:<50} | {:>7} | {:>14} | {:>17} |",
+        "DB GiB", "restore method", "wall s", "× tools+fetch", "× tools (local)"
+    );
+    println!("|{:-<8}|{:-<52}|{:-<9}|{:-<16}|{:-<19}|", "", "", "", "", "");
+    for r in rows {
+        let same: Vec<&RestoreRow> = rows.iter().filter(|o| (o.gib - r.gib).abs() < 1e-9).collect();
+        let ratio = |prefix: &str| {
+            same.iter()
+                .find(|o| o.method.starts_with(prefix))
+                .map(|o| format!("{:.2}", r.wall.as_secs_f64() / o.wall.as_secs_f64()))
+                .unwrap_or_default()
+        };
+        println!(
+            "| {:>6.2} | {:<50} | {:>7.2} | {:>14} | {:>17} |",
+            r.gib,
+            r.method,
+            r.wall.as_secs_f64(),
+            ratio("aws s3 cp"),
+            ratio("zstd -d")
+        );
+    }
 }
 
 fn print_table(rows: &[Row]) {

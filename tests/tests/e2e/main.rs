@@ -14,3 +14,4 @@ mod restore;
 mod s3;
 mod schedule;
 mod security;
+mod shutdown;
