@@ -62,6 +62,34 @@ pub fn init(state_dir: &Path, listen: SocketAddr, advertise: &[String]) -> Resul
     Ok(Pki { ca, server })
 }
 
+/// The QUIC endpoint's keys, kept across restarts: the stateless-reset key and the key that connection IDs
+/// are validated with. With both, a restarted coordinator recognises its old connection IDs and resets them,
+/// so agents redial at once instead of waiting out the idle timeout.
+pub fn quic_endpoint_config(state_dir: &Path) -> Result<quinn::EndpointConfig> {
+    let secret = quic_secret(state_dir)?;
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+    let tag = ring::hmac::sign(&reset_key, b"ferry connection id key");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&tag.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut config = quinn::EndpointConfig::new(std::sync::Arc::new(reset_key));
+    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    Ok(config)
+}
+
+fn quic_secret(state_dir: &Path) -> Result<Vec<u8>> {
+    let path = state_dir.join("pki").join("quic.key");
+    let secret = if path.exists() {
+        hex::decode(read_secret(&path)?.trim())
+            .with_context(|| format!("{} is not hex; delete it to make a new one", path.display()))?
+    } else {
+        let secret: [u8; 32] = rand::random();
+        write_private(&path, hex::encode(secret).as_bytes())?;
+        secret.to_vec()
+    };
+    Ok(secret)
+}
+
 /// The address clients should dial: the listen address, or an advertised name when listening on all.
 fn client_address(listen: SocketAddr, advertise: &[String]) -> String {
     let port = listen.port();

@@ -148,7 +148,9 @@ async fn run(args: Args) -> Result<()> {
         load_s3_config(&coord).await?;
     }
 
-    let endpoint = quinn::Endpoint::server(server_config, args.listen)
+    let endpoint_config = ferry_coordinator::pki::quic_endpoint_config(&args.state_dir)?;
+    let socket = std::net::UdpSocket::bind(args.listen).with_context(|| format!("listen on {} (UDP)", args.listen))?;
+    let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, Arc::new(quinn::TokioRuntime))
         .with_context(|| format!("listen on {} (UDP)", args.listen))?;
     info!(listen = %args.listen, store = coord.store.name(), "coordinator ready");
     coord.listening.store(true, std::sync::atomic::Ordering::Relaxed);
