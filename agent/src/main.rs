@@ -170,6 +170,9 @@ async fn restore(a: RestoreArgs) -> Result<()> {
             }
             (a.coordinator.clone().unwrap_or_else(|| cfg.coordinator.clone()), cfg.ca.clone(), cfg.client_pem())
         }
+        (None, Some(_)) if a.from_cluster.is_some() => anyhow::bail!(
+            "--from-cluster needs an admin credential (--ferryconfig admin.ferryconfig): an agent's credentials restore only its own cluster"
+        ),
         (None, Some(dir)) => {
             let creds = AgentCredentials::load(dir).with_context(|| format!("load --credentials {}", dir.display()))?;
             let coordinator =
