@@ -5,6 +5,7 @@
 mod fixtures;
 
 mod backup;
+mod coverage;
 mod failures;
 mod harness;
 mod observe;
