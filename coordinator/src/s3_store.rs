@@ -253,20 +253,8 @@ impl S3Store {
     }
 
     async fn delete_object(&self, conn: &S3Conn, key: &str) {
-        let bucket = &conn.spec.bucket;
-        let what = format!("delete s3://{bucket}/{key}");
-        let r = with_retries(&CancellationToken::new(), &what, || async {
-            conn.client
-                .delete_object()
-                .bucket(bucket)
-                .key(key)
-                .send()
-                .await
-                .map_err(|e| S3Error::from_sdk(&what, bucket, &e))
-        })
-        .await;
-        if let Err(e) = r {
-            warn!("failed to {what}: {e}");
+        if let Err(e) = delete(conn, key).await {
+            warn!("failed to delete {key}: {e}");
         }
     }
 
@@ -301,22 +289,11 @@ impl S3Store {
     /// Deletes a backup: manifest first, then object.
     pub async fn delete(&self, m: &Manifest) -> Result<()> {
         let conn = self.conn()?;
-        let bucket = &conn.spec.bucket;
         // The manifest records where its object is; the prefix may have changed since.
         let okey = m.backup.snapshot.clone();
         let mkey = format!("{}{MANIFEST_SUFFIX}", okey.trim_end_matches(OBJECT_SUFFIX));
         for key in [&mkey, &okey] {
-            let what = format!("delete s3://{bucket}/{key}");
-            with_retries(&CancellationToken::new(), &what, || async {
-                conn.client
-                    .delete_object()
-                    .bucket(bucket)
-                    .key(key)
-                    .send()
-                    .await
-                    .map_err(|e| S3Error::from_sdk(&what, bucket, &e))
-            })
-            .await?;
+            delete(&conn, key).await?;
             lock(&self.manifests).remove(key);
         }
         Ok(())
@@ -354,6 +331,23 @@ async fn head(
         conn.client.head_object().bucket(bucket).key(key).send().await.map_err(|e| S3Error::from_sdk(&what, bucket, &e))
     })
     .await
+}
+
+/// DELETE of one object, with retries. Not cancellable: it is cleanup.
+async fn delete(conn: &S3Conn, key: &str) -> Result<(), S3Error> {
+    let bucket = &conn.spec.bucket;
+    let what = format!("delete s3://{bucket}/{key}");
+    with_retries(&CancellationToken::new(), &what, || async {
+        conn.client
+            .delete_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| S3Error::from_sdk(&what, bucket, &e))
+    })
+    .await
+    .map(|_| ())
 }
 
 async fn abort(conn: &S3Conn, key: &str, upload_id: &str) -> Result<(), S3Error> {
