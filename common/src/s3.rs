@@ -166,6 +166,13 @@ impl S3Error {
             SdkError::DispatchFailure(d) if d.is_timeout() => {
                 (S3ErrorKind::Timeout, format!("the S3 endpoint did not answer in time ({detail})"), true)
             }
+            SdkError::DispatchFailure(_) if detail.contains("invalid peer certificate") => (
+                S3ErrorKind::Unreachable,
+                format!(
+                    "the S3 endpoint's TLS certificate is not trusted ({detail}); if it comes from a private CA, put that CA's PEM bundle in spec.cacert"
+                ),
+                false,
+            ),
             SdkError::DispatchFailure(_) | SdkError::ConstructionFailure(_) => (
                 S3ErrorKind::Unreachable,
                 format!("the S3 endpoint is unreachable ({detail}); check spec.endpoint and that the server runs"),

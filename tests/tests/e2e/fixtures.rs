@@ -11,6 +11,7 @@
 //! - [`logs`]: checks on daemon logs.
 //! - [`restore`]: restore a snapshot with `etcdctl` and read it back; decompress with `zstd`.
 //! - [`s3`]: [`S3Server`] (a real `s3s-fs`), its Ferry config, and the `aws` CLI as an independent client.
+//! - [`tls_proxy`]: [`tls_proxy::TlsProxy`], HTTPS with a private CA in front of a plain-HTTP server.
 
 // The fixture API is wider than what today's tests call (e.g. `stop_member`); less used items are reached
 // through their module (`fixtures::ferry::BackupStore`).
@@ -23,6 +24,7 @@ pub(crate) mod ports;
 pub(crate) mod process;
 pub(crate) mod restore;
 pub(crate) mod s3;
+pub(crate) mod tls_proxy;
 
 use std::path::Path;
 use std::time::Duration;

@@ -13,6 +13,7 @@ mod persistence;
 mod rejections;
 mod restore;
 mod s3;
+mod s3_tls;
 mod schedule;
 mod security;
 mod shutdown;
