@@ -10,17 +10,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-};
+use rcgen::ExtendedKeyUsagePurpose;
 use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::fixtures::etcd::{test_key, test_value, which};
 use crate::fixtures::ferry::{STATUS_ERROR, STATUS_RUNNING};
 use crate::fixtures::logs::log_tail;
+use crate::fixtures::pki::TestCa;
 use crate::fixtures::ports::free_port;
-use crate::fixtures::process::Daemon;
+use crate::fixtures::process::{output_within, success_stdout, Daemon};
 use crate::fixtures::{
     assert_no_unexpected_errors, assert_same_kvs, expected_test_kvs, manual_backup_yaml, poll_until, restore_and_read,
     test_dir, unix_now, Agent, Coordinator, CoordinatorOptions, EtcdCluster, STARTUP_TIMEOUT, STATUS_OK, TEST_PREFIX,
@@ -45,31 +44,15 @@ impl EtcdPki {
     /// Generates a CA, a server certificate for `127.0.0.1`/`localhost` and a client certificate, and writes
     /// them as PEM files into `dir`.
     fn generate(dir: &Path) -> anyhow::Result<Self> {
-        let ca_key = KeyPair::generate()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.distinguished_name.push(DnType::CommonName, "ferry-e2e etcd-ca");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        let ca_cert = ca_params.self_signed(&ca_key)?;
-        let issuer = Issuer::new(ca_params, ca_key);
-
+        let ca = TestCa::new("ferry-e2e etcd-ca")?;
         // The server certificate is a client one too: etcd 3.4's gRPC gateway dials the member's own client
         // port with it (kubeadm's etcd/server.crt carries both usages for the same reason).
-        let server_key = KeyPair::generate()?;
-        let mut server_params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
-        server_params.distinguished_name.push(DnType::CommonName, "m1");
-        server_params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        server_params.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let server_cert = server_params.signed_by(&server_key, &issuer)?;
-
-        let client_key = KeyPair::generate()?;
-        let mut client_params = CertificateParams::new(Vec::<String>::new())?;
-        client_params.distinguished_name.push(DnType::CommonName, "ferry-agent");
-        client_params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let client_cert = client_params.signed_by(&client_key, &issuer)?;
+        let server = ca.issue(
+            "m1",
+            &["localhost", "127.0.0.1"],
+            &[ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+        )?;
+        let client = ca.issue("ferry-agent", &[], &[ExtendedKeyUsagePurpose::ClientAuth])?;
 
         let pki = Self {
             ca: dir.join("ca.crt"),
@@ -78,11 +61,11 @@ impl EtcdPki {
             client_cert: dir.join("healthcheck-client.crt"),
             client_key: dir.join("healthcheck-client.key"),
         };
-        std::fs::write(&pki.ca, ca_cert.pem())?;
-        std::fs::write(&pki.server_cert, server_cert.pem())?;
-        std::fs::write(&pki.server_key, server_key.serialize_pem())?;
-        std::fs::write(&pki.client_cert, client_cert.pem())?;
-        std::fs::write(&pki.client_key, client_key.serialize_pem())?;
+        std::fs::write(&pki.ca, ca.pem())?;
+        std::fs::write(&pki.server_cert, server.cert.pem())?;
+        std::fs::write(&pki.server_key, server.key.serialize_pem())?;
+        std::fs::write(&pki.client_cert, client.cert.pem())?;
+        std::fs::write(&pki.client_key, client.key.serialize_pem())?;
         Ok(pki)
     }
 
@@ -183,17 +166,8 @@ async fn etcdctl(url: &str, pki: &EtcdPki, client_cert: bool, args: &[&str]) -> 
     }
     cmd.args(args).kill_on_drop(true);
     let command = format!("etcdctl {}", args.join(" "));
-    let output = tokio::time::timeout(ETCDCTL_TIMEOUT, cmd.output())
-        .await
-        .with_context(|| format!("`{command}` did not finish within {ETCDCTL_TIMEOUT:?}"))?
-        .with_context(|| format!("run `{command}`"))?;
-    anyhow::ensure!(
-        output.status.success(),
-        "`{command}` failed with {}: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    let output = output_within(cmd.output(), &command, ETCDCTL_TIMEOUT).await?;
+    success_stdout(&command, &output)
 }
 
 /// Waits until the connected agent of `cluster`/`m1` has reported on its etcd member (an etcd version, or an

@@ -20,6 +20,7 @@
 pub(crate) mod etcd;
 pub(crate) mod ferry;
 pub(crate) mod logs;
+pub(crate) mod pki;
 pub(crate) mod ports;
 pub(crate) mod process;
 pub(crate) mod restore;
