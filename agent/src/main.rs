@@ -10,7 +10,7 @@ use ferry_agent::restore::RestoreRequest;
 use std::sync::Arc;
 
 use ferry_common::config::{AgentCredentials, FerryConfig};
-use ferry_common::observe::{bind as bind_observe, init_logging, serve as serve_observe, shutdown_signal, LogFormat};
+use ferry_common::observe::{init_logging, listen, shutdown_signal, LogFormat};
 use ferry_common::snapshot::RestoreAs;
 use ferry_common::tls::Identity;
 use tokio_util::sync::CancellationToken;
@@ -137,13 +137,10 @@ async fn run(args: Args) -> Result<()> {
         signals.cancel();
     });
     if let Some(addr) = args.metrics_listen {
-        let listener = bind_observe(addr).await.with_context(|| format!("listen on --metrics-listen {addr}"))?;
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            if let Err(e) = serve_observe(listener, Arc::new(ferry_agent::metrics::Observed), cancel).await {
-                tracing::warn!("failed to serve metrics: {e}");
-            }
-        });
+        let server = listen(addr, Arc::new(ferry_agent::metrics::Observed), cancel.clone())
+            .await
+            .with_context(|| format!("listen on --metrics-listen {addr}"))?;
+        tokio::spawn(server);
     }
     let span = info_span!("agent", %cluster, %member);
     async {

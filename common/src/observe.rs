@@ -79,13 +79,22 @@ async fn metrics(headers: HeaderMap, o: Arc<dyn Observed>) -> Response {
     }
 }
 
-/// Binds `--metrics-listen`; done at start-up so a taken port fails the daemon at once.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
+/// Binds `--metrics-listen` now, so a taken port fails start-up, and returns the server to spawn; it serves
+/// until `cancel` fires and logs if it fails.
+pub async fn listen(
+    addr: SocketAddr,
+    observed: Arc<dyn Observed>,
+    cancel: CancellationToken,
+) -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    Ok(async move {
+        if let Err(e) = serve(listener, observed, cancel).await {
+            tracing::warn!(%addr, "failed to serve /metrics: {e}");
+        }
+    })
 }
 
-/// Serves the endpoints until `cancel` fires.
-pub async fn serve(
+async fn serve(
     listener: tokio::net::TcpListener,
     observed: Arc<dyn Observed>,
     cancel: CancellationToken,

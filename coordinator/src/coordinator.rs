@@ -76,7 +76,7 @@ pub struct Coordinator {
     next_conn_id: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these short locks leaves consistent data (each critical section is one
     // map operation), so poisoning is not a reason to stop serving.
     m.lock().unwrap_or_else(|p| p.into_inner())

@@ -16,6 +16,7 @@ use ferry_common::s3::{with_retries, S3Error, S3ErrorKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::coordinator::lock;
 use crate::store::{Manifest, MANIFEST_SUFFIX, OBJECT_SUFFIX};
 
 /// How long `apply` waits for a new config's test listing.
@@ -43,10 +44,6 @@ pub struct S3Store {
     /// Kept in memory: a coordinator restart forgets them, so buckets should also carry a lifecycle rule
     /// that aborts incomplete multipart uploads (see docs/ARCHITECTURE.md).
     pending_aborts: Mutex<Vec<PendingAbort>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl S3Store {

@@ -14,7 +14,7 @@ use ferry_common::resources::{Resource, ResourceType, Spec, Timestamp};
 use tracing::{info, warn};
 
 use crate::backup::{self, Trigger};
-use crate::coordinator::Coordinator;
+use crate::coordinator::{lock, Coordinator};
 use crate::metrics::Metrics;
 use crate::schedule::{self, Bounds, Plan};
 
@@ -39,10 +39,6 @@ struct ClusterState {
 pub struct Scheduler {
     clusters: Mutex<HashMap<String, ClusterState>>,
     rotation: Mutex<HashMap<String, usize>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Scheduler {

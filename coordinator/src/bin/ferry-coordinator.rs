@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use ferry_common::observe::{
-    bind as bind_observe, init_logging, serve as serve_observe, shutdown_signal, LogFormat, Observed,
-};
+use ferry_common::observe::{init_logging, listen, shutdown_signal, LogFormat, Observed};
 use ferry_common::resources::{Resource, ResourceType, Spec, S3_CONFIG_ID};
 use ferry_common::tls::quinn_server_config;
 use ferry_coordinator::coordinator::{Coordinator, Settings};
@@ -155,13 +153,10 @@ async fn run(args: Args) -> Result<()> {
     info!(listen = %args.listen, store = coord.store.name(), "coordinator ready");
     coord.listening.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(addr) = args.metrics_listen {
-        let listener = bind_observe(addr).await.with_context(|| format!("listen on --metrics-listen {addr}"))?;
-        let (observed, cancel) = (coord.clone() as Arc<dyn Observed>, coord.cancel.clone());
-        coord.tasks.spawn(async move {
-            if let Err(e) = serve_observe(listener, observed, cancel).await {
-                warn!("failed to serve metrics on {addr}: {e}");
-            }
-        });
+        let server = listen(addr, coord.clone() as Arc<dyn Observed>, coord.cancel.clone())
+            .await
+            .with_context(|| format!("listen on --metrics-listen {addr}"))?;
+        coord.tasks.spawn(server);
     }
     let server = tokio::spawn(ferry_coordinator::server::serve(coord.clone(), endpoint.clone()));
     coord.tasks.spawn(ferry_coordinator::scheduler::run(coord.clone()));
