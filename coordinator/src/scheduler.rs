@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
-use ferry_common::resources::{Resource, ResourceType, Spec, Timestamp};
+use ferry_common::resources::{BackupConfiguration, Resource, ResourceType, Spec, Timestamp};
 use tracing::{info, warn};
 
 use crate::backup::{self, Trigger};
@@ -31,8 +31,9 @@ struct ClusterState {
     jitter_ms: i64,
     failures: u32,
     retry_at: Option<Timestamp>,
-    /// The configuration error last logged, so it is logged once.
-    invalid: Option<String>,
+    /// The configuration last checked and its outcome: checking a cron schedule samples many runs, so it is
+    /// redone only when the configuration changes (and an invalid one is logged once).
+    checked: Option<(BackupConfiguration, Result<Plan, String>)>,
 }
 
 #[derive(Default)]
@@ -93,18 +94,22 @@ async fn pass(coord: &Arc<Coordinator>) -> Result<()> {
         let Resource { metadata, spec: Spec::Cluster(spec) } = r else { continue };
         let cluster = metadata.id;
         let Some(cfg) = spec.backupconfiguration else { continue };
-        let plan = match schedule::plan(&cfg, bounds) {
-            Ok(p) => p,
-            Err(e) => {
-                let mut all = lock(&coord.scheduler.clusters);
-                let st = all.entry(cluster.clone()).or_default();
-                if st.invalid.as_ref() != Some(&e) {
-                    warn!(%cluster, "automatic backups paused: {e}");
-                    st.invalid = Some(e);
+        let checked = {
+            let mut all = lock(&coord.scheduler.clusters);
+            let st = all.entry(cluster.clone()).or_default();
+            match &st.checked {
+                Some((c, result)) if *c == cfg => result.clone(),
+                _ => {
+                    let result = schedule::plan(&cfg, bounds);
+                    if let Err(e) = &result {
+                        warn!(%cluster, "automatic backups paused: {e}");
+                    }
+                    st.checked = Some((cfg, result.clone()));
+                    result
                 }
-                continue;
             }
         };
+        let Ok(plan) = checked else { continue };
         coord.metrics.interval.get_or_create(&Metrics::cluster(&cluster)).set(plan.period(now).as_secs_f64());
         if coord.is_running(&cluster) {
             continue;
