@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use sha2::{Digest as _, Sha256};
 
 use crate::fixtures::{
-    assert_no_unexpected_errors, assert_same_kvs, expected_test_kvs, restore_and_read, unix_now, Coordinator,
+    assert_daemon_logs_clean, assert_same_kvs, expected_test_kvs, restore_and_read, unix_now, Coordinator,
     CoordinatorOptions, EtcdCluster, STATUS_OK, TEST_PREFIX,
 };
 
@@ -87,9 +87,6 @@ async fn manual_backup_of_three_member_cluster_restores_every_key() -> anyhow::R
     assert_same_kvs(&expected, &restored_test_keys, "keys restored from the backup");
     assert_same_kvs(&etcd.read_prefix("").await?, &restored, "whole keyspace: live cluster vs restored backup");
 
-    assert_no_unexpected_errors(coordinator.log_path(), &[]);
-    for agent in &agents {
-        assert_no_unexpected_errors(agent.log_path(), &[]);
-    }
+    assert_daemon_logs_clean(&coordinator, &agents);
     Ok(())
 }

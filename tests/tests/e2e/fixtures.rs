@@ -117,3 +117,11 @@ where
 pub(crate) fn file_len(path: &Path) -> anyhow::Result<u64> {
     Ok(std::fs::metadata(path)?.len())
 }
+
+/// No unexpected ERROR lines in the coordinator's log nor in any agent's.
+pub(crate) fn assert_daemon_logs_clean(coordinator: &Coordinator, agents: &[Agent]) {
+    assert_no_unexpected_errors(coordinator.log_path(), &[]);
+    for agent in agents {
+        assert_no_unexpected_errors(agent.log_path(), &[]);
+    }
+}

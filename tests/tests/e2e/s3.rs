@@ -13,9 +13,9 @@ use sha2::{Digest as _, Sha256};
 use crate::fixtures::ferry::{CoordinatorOptions, CtlOutput, STATUS_ERROR, STATUS_RUNNING};
 use crate::fixtures::s3::{S3Config, S3_CONFIG_ID, S3_KEY_PREFIX, TEST_SECRET_KEY};
 use crate::fixtures::{
-    assert_no_unexpected_errors, assert_same_kvs, expected_test_kvs, manual_backup_yaml, poll_until, ports,
-    restore_and_read, restore_and_read_raw, unix_now, zstd_decompress, Coordinator, EtcdCluster, S3Server, STATUS_OK,
-    TEST_BUCKET, TEST_PREFIX,
+    assert_daemon_logs_clean, assert_no_unexpected_errors, assert_same_kvs, expected_test_kvs, manual_backup_yaml,
+    poll_until, ports, restore_and_read, restore_and_read_raw, unix_now, zstd_decompress, Coordinator, EtcdCluster,
+    S3Server, STATUS_OK, TEST_BUCKET, TEST_PREFIX,
 };
 
 const CLUSTER: &str = "prod";
@@ -250,10 +250,7 @@ async fn s3_backup_restores_with_independent_tools() -> anyhow::Result<()> {
     assert_same_kvs(&etcd.read_prefix("").await?, &restored, "whole keyspace: live cluster vs restored backup");
 
     assert!(s3.leftover_uploads().is_empty(), "unfinished uploads: {:?}", s3.leftover_uploads());
-    assert_no_unexpected_errors(coordinator.log_path(), &[]);
-    for agent in &agents {
-        assert_no_unexpected_errors(agent.log_path(), &[]);
-    }
+    assert_daemon_logs_clean(&coordinator, &agents);
     Ok(())
 }
 
@@ -285,10 +282,7 @@ async fn s3_backup_over_several_parts() -> anyhow::Result<()> {
     assert_same_kvs(&written, &under(&restored, TEST_PREFIX), "random values restored from the S3 object");
 
     assert!(s3.leftover_uploads().is_empty(), "unfinished uploads: {:?}", s3.leftover_uploads());
-    assert_no_unexpected_errors(coordinator.log_path(), &[]);
-    for agent in &agents {
-        assert_no_unexpected_errors(agent.log_path(), &[]);
-    }
+    assert_daemon_logs_clean(&coordinator, &agents);
     Ok(())
 }
 
@@ -346,10 +340,7 @@ async fn s3_server_stopped_mid_upload_leaves_no_parts_and_next_backup_succeeds()
     assert_same_kvs(&written, &under(&restored, TEST_PREFIX), "random values restored after the outage");
 
     // The outage is logged as WARN (retries, the failed backup, the abort left for later): no ERROR.
-    assert_no_unexpected_errors(coordinator.log_path(), &[]);
-    for agent in &agents {
-        assert_no_unexpected_errors(agent.log_path(), &[]);
-    }
+    assert_daemon_logs_clean(&coordinator, &agents);
     Ok(())
 }
 
@@ -390,10 +381,7 @@ async fn s3_secrets_appear_in_no_log() -> anyhow::Result<()> {
     logs.extend(agents.iter().map(|a| a.log_path()));
     let outputs: Vec<&CtlOutput> = outputs.iter().collect();
     assert_secret_nowhere(TEST_SECRET_KEY, &outputs, &logs);
-    assert_no_unexpected_errors(coordinator.log_path(), &[]);
-    for agent in &agents {
-        assert_no_unexpected_errors(agent.log_path(), &[]);
-    }
+    assert_daemon_logs_clean(&coordinator, &agents);
     Ok(())
 }
 
@@ -416,9 +404,6 @@ async fn s3_status_shows_running_with_bytes_done() -> anyhow::Result<()> {
     let raw_size = spec["rawsize"].as_u64().context("backup spec.rawsize")?;
     assert!(bytes_done <= raw_size, "bytesdone {bytes_done} counts raw bytes, at most the snapshot's {raw_size}");
 
-    assert_no_unexpected_errors(coordinator.log_path(), &[]);
-    for agent in &agents {
-        assert_no_unexpected_errors(agent.log_path(), &[]);
-    }
+    assert_daemon_logs_clean(&coordinator, &agents);
     Ok(())
 }

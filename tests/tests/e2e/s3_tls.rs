@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::fixtures::s3::S3Config;
 use crate::fixtures::tls_proxy::TlsProxy;
 use crate::fixtures::{
-    assert_no_unexpected_errors, assert_same_kvs, expected_test_kvs, restore_and_read, Coordinator, CoordinatorOptions,
+    assert_daemon_logs_clean, assert_same_kvs, expected_test_kvs, restore_and_read, Coordinator, CoordinatorOptions,
     EtcdCluster, S3Server, STATUS_OK, TEST_PREFIX,
 };
 
@@ -61,9 +61,6 @@ async fn s3_endpoint_with_a_private_ca_works_with_cacert_and_is_refused_without(
 
     assert!(s3.leftover_uploads().is_empty(), "unfinished uploads: {:?}", s3.leftover_uploads());
     // A refused config is an answer to the operator, not an ERROR in the coordinator's log.
-    assert_no_unexpected_errors(coordinator.log_path(), &[]);
-    for agent in &agents {
-        assert_no_unexpected_errors(agent.log_path(), &[]);
-    }
+    assert_daemon_logs_clean(&coordinator, &agents);
     Ok(())
 }

@@ -16,8 +16,8 @@ use serde_json::{json, Value};
 use crate::fixtures::ferry::CtlOutput;
 use crate::fixtures::logs::log_tail;
 use crate::fixtures::{
-    assert_no_unexpected_errors, assert_same_kvs, manual_backup_yaml, poll_until, restore_and_read_raw, unix_now,
-    Agent, Coordinator, CoordinatorOptions, EtcdCluster, Stop, STATUS_OK, TEST_PREFIX,
+    assert_daemon_logs_clean, assert_no_unexpected_errors, assert_same_kvs, manual_backup_yaml, poll_until,
+    restore_and_read_raw, unix_now, Agent, Coordinator, CoordinatorOptions, EtcdCluster, Stop, STATUS_OK, TEST_PREFIX,
 };
 
 const CLUSTER: &str = "prod";
@@ -177,10 +177,7 @@ async fn first_backup_comes_at_once_then_one_per_interval() -> anyhow::Result<()
         );
     }
 
-    assert_no_unexpected_errors(coordinator.log_path(), &[]);
-    for agent in &agents {
-        assert_no_unexpected_errors(agent.log_path(), &[]);
-    }
+    assert_daemon_logs_clean(&coordinator, &agents);
     Ok(())
 }
 
@@ -239,10 +236,7 @@ async fn coordinator_restart_adds_no_backup_and_catches_up_a_missed_one() -> any
     let status = coordinator.backup_status(CLUSTER).await?;
     assert_eq!(status["status"], STATUS_OK, "{status:#}");
 
-    assert_no_unexpected_errors(coordinator.log_path(), &[]);
-    for agent in &agents {
-        assert_no_unexpected_errors(agent.log_path(), &[]);
-    }
+    assert_daemon_logs_clean(&coordinator, &agents);
     Ok(())
 }
 
@@ -341,10 +335,7 @@ machines: [w1]
     let status = coordinator.wait_backup_status(CLUSTER, Duration::from_secs(15)).await?;
     assert_eq!(status["status"], STATUS_OK, "{status:#}");
 
-    assert_no_unexpected_errors(coordinator.log_path(), &[]);
-    for agent in &agents {
-        assert_no_unexpected_errors(agent.log_path(), &[]);
-    }
+    assert_daemon_logs_clean(&coordinator, &agents);
     Ok(())
 }
 
@@ -396,10 +387,7 @@ async fn follower_is_chosen_over_the_leader() -> anyhow::Result<()> {
     assert!(distinct.len() >= 2, "the followers take turns: {members:?}");
     assert_eq!(etcd_leader(&etcd).await?, leader_id, "the leader changed during the test; it proves nothing");
 
-    assert_no_unexpected_errors(coordinator.log_path(), &[]);
-    for agent in &agents {
-        assert_no_unexpected_errors(agent.log_path(), &[]);
-    }
+    assert_daemon_logs_clean(&coordinator, &agents);
     Ok(())
 }
 
@@ -509,10 +497,7 @@ async fn retention_keeps_exactly_keeplast() -> anyhow::Result<()> {
             "the deletion of {id} is logged"
         );
     }
-    assert_no_unexpected_errors(coordinator.log_path(), &[]);
-    for agent in &agents {
-        assert_no_unexpected_errors(agent.log_path(), &[]);
-    }
+    assert_daemon_logs_clean(&coordinator, &agents);
     Ok(())
 }
 
@@ -594,9 +579,6 @@ async fn twenty_clusters_on_one_interval_do_not_start_in_the_same_second() -> an
         "jitter should spread the second round over several seconds; it started in {second_round_seconds:?}"
     );
 
-    assert_no_unexpected_errors(coordinator.log_path(), &[]);
-    for agent in &agents {
-        assert_no_unexpected_errors(agent.log_path(), &[]);
-    }
+    assert_daemon_logs_clean(&coordinator, &agents);
     Ok(())
 }
