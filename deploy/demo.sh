@@ -199,7 +199,7 @@ echo "\$ ferryctl get agents"
 # --- 3. backup ------------------------------------------------------------------------------------------
 section "3. Requesting a manual backup (EtcdManualBackups.ferry.dev, backupat = now)"
 MANUAL="metadata:
-  namespace: default
+  namespace: ephemeral
   type: EtcdManualBackups.ferry.dev
   id: $CLUSTER
 spec:

@@ -116,11 +116,14 @@ impl ResourceType {
         format!("{}.{GROUP}", self.plural())
     }
 
-    /// Namespace the resources of this type live in (the seed's layout).
+    /// Namespace the resources of this type live in: the seed's (Omni's) namespaces, so that its documented
+    /// YAML applies with only the group renamed. `default` holds configuration, `ephemeral` requests and
+    /// live state, `metrics` status, `external` what lives outside the state store (the backups).
     pub fn namespace(self) -> &'static str {
         match self {
-            Self::EtcdBackupS3Config | Self::EtcdManualBackup | Self::Cluster => "default",
-            Self::EtcdBackupOverallStatus | Self::EtcdBackupStatus | Self::Agent => "ephemeral",
+            Self::EtcdBackupS3Config | Self::Cluster => "default",
+            Self::EtcdManualBackup | Self::Agent => "ephemeral",
+            Self::EtcdBackupOverallStatus | Self::EtcdBackupStatus => "metrics",
             Self::EtcdBackup => "external",
         }
     }
@@ -550,7 +553,11 @@ impl Resource {
                 if ns != rt.namespace() {
                     return Err(ParseError::Shape {
                         doc,
-                        msg: format!("{rt} lives in namespace {:?}, not {ns:?}", rt.namespace()),
+                        msg: format!(
+                            "{rt} lives in namespace {:?}, not {ns:?}: set `metadata.namespace: {}` (or leave it out)",
+                            rt.namespace(),
+                            rt.namespace()
+                        ),
                     });
                 }
             }
@@ -607,13 +614,42 @@ mod tests {
 
     #[test]
     fn manual_backup_document_parses() {
-        let text = "metadata:\n  namespace: default\n  type: EtcdManualBackups.ferry.dev\n  id: prod\nspec:\n  backupat:\n    seconds: 1700000000\n    nanos: 0\n---\n";
+        let text = "metadata:\n  namespace: ephemeral\n  type: EtcdManualBackups.ferry.dev\n  id: prod\nspec:\n  backupat:\n    seconds: 1700000000\n    nanos: 0\n---\n";
         let rs = Resource::parse_documents(text).unwrap();
         assert_eq!(rs.len(), 1);
         assert_eq!(rs[0].metadata.id, "prod");
         assert_eq!(
             rs[0].spec,
             Spec::EtcdManualBackup(EtcdManualBackupSpec { backupat: Timestamp { seconds: 1_700_000_000, nanos: 0 } })
+        );
+    }
+
+    /// The seed's documented YAML, with `omni.sidero.dev` replaced by `ferry.dev`, applies as written.
+    #[test]
+    fn seed_documented_yaml_parses() {
+        let manual = "metadata:\n  namespace: ephemeral\n  type: EtcdManualBackups.ferry.dev\n  id: talos-default\n\
+                      spec:\n  backupat:\n    seconds: 1701163200\n    nanos: 0\n";
+        assert_eq!(Resource::parse_documents(manual).unwrap()[0].resource_type(), ResourceType::EtcdManualBackup);
+        let s3 =
+            "metadata:\n  namespace: default\n  type: EtcdBackupS3Configs.ferry.dev\n  id: etcd-backup-s3-conf\n  \
+                  version: undefined\n  owner:\n  phase: running\n  created: 2023-12-12T17:43:12+00:00\n  \
+                  updated: 2023-12-12T17:43:12+00:00\nspec:\n  bucket: mybucket\n  region: us-east-1\n  \
+                  endpoint: http://127.0.0.1:9000\n  accesskeyid: access\n  secretaccesskey: secret123\n  \
+                  sessiontoken: \"\"\n";
+        assert_eq!(Resource::parse_documents(s3).unwrap()[0].resource_type(), ResourceType::EtcdBackupS3Config);
+    }
+
+    #[test]
+    fn wrong_namespace_names_the_right_one() {
+        let e = Resource::parse_documents(
+            "metadata: {namespace: default, type: EtcdManualBackups.ferry.dev, id: x}\nspec: {backupat: {seconds: 1, nanos: 0}}",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("lives in namespace \"ephemeral\", not \"default\"")
+                && e.contains("metadata.namespace: ephemeral"),
+            "{e}"
         );
     }
 

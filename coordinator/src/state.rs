@@ -64,7 +64,11 @@ impl RedbStore {
 }
 
 fn decode(k: &str, v: &[u8]) -> Result<Resource, StateError> {
-    serde_json::from_slice(v).map_err(|error| StateError::Corrupt { key: k.to_string(), error })
+    let mut r: Resource =
+        serde_json::from_slice(v).map_err(|error| StateError::Corrupt { key: k.to_string(), error })?;
+    // Records written before the namespaces followed the seed's carry the old one; the type decides.
+    r.metadata.namespace = r.resource_type().namespace().to_owned();
+    Ok(r)
 }
 
 impl StateStore for RedbStore {

@@ -326,7 +326,7 @@ impl Ferry {
     fn backup(&self, seq: i64) -> Result<(Duration, u64)> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64 + seq;
         let yaml = format!(
-            "metadata:\n  namespace: default\n  type: EtcdManualBackups.ferry.dev\n  id: {CLUSTER}\nspec:\n  backupat:\n    seconds: {now}\n    nanos: 0\n"
+            "metadata:\n  namespace: ephemeral\n  type: EtcdManualBackups.ferry.dev\n  id: {CLUSTER}\nspec:\n  backupat:\n    seconds: {now}\n    nanos: 0\n"
         );
         let t = Instant::now();
         self.ctl(&["apply", "-f", "-"], Some(&yaml))?;

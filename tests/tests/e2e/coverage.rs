@@ -14,12 +14,13 @@ use rcgen::ExtendedKeyUsagePurpose;
 use serde_json::Value;
 use tempfile::TempDir;
 
-use crate::fixtures::etcd::{test_key, test_value, which};
+use crate::fixtures::etcd::{test_key, test_value};
 use crate::fixtures::ferry::{STATUS_ERROR, STATUS_RUNNING};
 use crate::fixtures::logs::log_tail;
 use crate::fixtures::pki::TestCa;
 use crate::fixtures::ports::free_port;
 use crate::fixtures::process::{output_within, success_stdout, Daemon};
+use crate::fixtures::tools::etcd_tool;
 use crate::fixtures::{
     assert_no_unexpected_errors, assert_same_kvs, expected_test_kvs, manual_backup_yaml, poll_until, restore_and_read,
     test_dir, unix_now, Agent, Coordinator, CoordinatorOptions, EtcdCluster, STARTUP_TIMEOUT, STATUS_OK, TEST_PREFIX,
@@ -122,7 +123,7 @@ impl TlsEtcd {
         let logging = [("--logger", "zap"), ("--log-outputs", "stderr")];
         let args: Vec<String> =
             flags.iter().chain(&quick).chain(&logging).map(|(flag, value)| format!("{flag}={value}")).collect();
-        let process = Daemon::spawn("etcd m1 (TLS)", &which("etcd")?, &args, &[], &dir.path().join("etcd-m1.log"))?;
+        let process = Daemon::spawn("etcd m1 (TLS)", &etcd_tool("etcd")?, &args, &[], &dir.path().join("etcd-m1.log"))?;
         let mut etcd = Self { process, client_url, pki, _dir: dir };
         etcd.wait_healthy().await?;
         Ok(etcd)
@@ -152,7 +153,7 @@ impl TlsEtcd {
 /// Runs `etcdctl --endpoints URL --cacert CA [--cert CERT --key KEY] args...` and returns its stdout when it
 /// succeeds, its stderr as the error otherwise. `client_cert` false leaves the client certificate out.
 async fn etcdctl(url: &str, pki: &EtcdPki, client_cert: bool, args: &[&str]) -> anyhow::Result<String> {
-    let mut cmd = tokio::process::Command::new(which("etcdctl")?);
+    let mut cmd = tokio::process::Command::new(etcd_tool("etcdctl")?);
     // ETCDCTL_* from the environment would add to or override the flags.
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("ETCD") {

@@ -12,6 +12,7 @@
 //! - [`restore`]: restore a snapshot with `etcdctl` and read it back; decompress with `zstd`.
 //! - [`s3`]: [`S3Server`] (a real `s3s-fs`), its Ferry config, and the `aws` CLI as an independent client.
 //! - [`tls_proxy`]: [`tls_proxy::TlsProxy`], HTTPS with a private CA in front of a plain-HTTP server.
+//! - [`tools`]: where etcd 3.5 and the other programs come from; the check that the daemons are fresh.
 
 // The fixture API is wider than what today's tests call (e.g. `stop_member`); less used items are reached
 // through their module (`fixtures::ferry::BackupStore`).
@@ -26,6 +27,7 @@ pub(crate) mod process;
 pub(crate) mod restore;
 pub(crate) mod s3;
 pub(crate) mod tls_proxy;
+pub(crate) mod tools;
 
 use std::path::Path;
 use std::time::Duration;

@@ -3,6 +3,8 @@
 
 use anyhow::Context as _;
 
+use crate::fixtures::tools::etcd_tool;
+
 use crate::fixtures::{
     assert_same_kvs, expected_test_kvs, restore_and_read, Coordinator, CoordinatorOptions, EtcdCluster, TEST_PREFIX,
 };
@@ -19,7 +21,7 @@ async fn etcdctl_snapshot_of_three_member_cluster_restores_every_key() -> anyhow
     assert_same_kvs(&expected, &etcd.read_prefix(TEST_PREFIX).await?, "keys read with m3 stopped");
 
     let snapshot = etcd.dir().join("etcdctl.snapshot");
-    let output = tokio::process::Command::new("etcdctl")
+    let output = tokio::process::Command::new(etcd_tool("etcdctl")?)
         .env("ETCDCTL_API", "3")
         .args(["--endpoints", etcd.member(0).client_url(), "snapshot", "save"])
         .arg(&snapshot)

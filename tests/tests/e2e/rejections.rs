@@ -80,3 +80,12 @@ async fn apply_of_malformed_yaml_fails_with_a_clear_error() -> anyhow::Result<()
     assert_cli_error(&out, &["yaml", "parse"]);
     Ok(())
 }
+
+#[tokio::test]
+async fn manual_backup_in_the_wrong_namespace_is_rejected_naming_the_right_one() -> anyhow::Result<()> {
+    let (_etcd, coordinator, _agents) = coordinator_with_cluster().await?;
+    let yaml = manual_backup_yaml(CLUSTER, unix_now(), 0).replace("namespace: ephemeral", "namespace: default");
+    let out = coordinator.ctl().apply_yaml(&yaml).await?;
+    assert_cli_error(&out, &["lives in namespace \"ephemeral\""]);
+    assert_no_manual_backup_stored(&coordinator, CLUSTER).await
+}
