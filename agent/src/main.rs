@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use ferry_agent::etcd::{EtcdMember, EtcdTls};
 use ferry_agent::link::Link;
-use ferry_agent::restore::RestoreRequest;
+use ferry_agent::restore::{BumpChoice, RestoreRequest};
 use std::sync::Arc;
 
 use ferry_common::config::{AgentCredentials, FerryConfig};
@@ -70,6 +70,14 @@ struct RestoreArgs {
     /// Restore even though the data dir has data; the old contents are moved aside, never deleted.
     #[arg(long)]
     force: bool,
+    /// Raise the restored revision by exactly N (and mark it compacted) instead of the planned bump. Give
+    /// every member of the cluster the same N.
+    #[arg(long, value_name = "N", conflicts_with = "no_bump_revision")]
+    bump_revision: Option<u64>,
+    /// Restore at the snapshot's own revision. Kubernetes' watch caches then wait for revisions that will
+    /// come back with other contents and silently miss changes: restart every kube-apiserver after it.
+    #[arg(long)]
+    no_bump_revision: bool,
 }
 
 /// Run mode. Checked by hand, not by clap: clap cannot make these required only without a subcommand.
@@ -194,6 +202,11 @@ async fn restore(a: RestoreArgs) -> Result<()> {
         data_dir: a.data_dir,
         member,
         force: a.force,
+        bump: match (a.bump_revision, a.no_bump_revision) {
+            (_, true) => BumpChoice::Off,
+            (Some(n), false) => BumpChoice::By(n),
+            (None, false) => BumpChoice::Planned,
+        },
     })
     .instrument(span)
     .await

@@ -13,13 +13,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ferry_common::client::Session;
-use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, RestoreSource};
+use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, RestoreSource, RevisionSeen};
 use ferry_common::resources::{EtcdBackupSpec, Spec};
 use ferry_common::s3::{with_retries, S3Error};
-use ferry_common::snapshot::{RestoreAs, VerifyingWriter};
+use ferry_common::snapshot::{planned_bump, RestoreAs, RevisionBump, VerifyingWriter};
 use ferry_common::tls::CertifiedPem;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::throttle::Throttle;
 
@@ -39,6 +39,18 @@ pub struct RestoreRequest {
     pub data_dir: PathBuf,
     pub member: RestoreAs,
     pub force: bool,
+    pub bump: BumpChoice,
+}
+
+/// How the restored revision is raised (see `docs/RESTORE.md`, "Why the revision bump").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BumpChoice {
+    /// Above the highest revision the coordinator saw the cluster reach, with a margin: the default.
+    Planned,
+    /// Exactly this much (`--bump-revision N`).
+    By(u64),
+    /// Not at all (`--no-bump-revision`).
+    Off,
 }
 
 fn unix_now() -> u64 {
@@ -60,6 +72,16 @@ fn existing_entries(dir: &Path) -> Result<Vec<PathBuf>> {
 
 pub async fn run(req: RestoreRequest) -> Result<()> {
     let dir = &req.data_dir;
+    // Before anything is downloaded: the tool must be able to do what was asked.
+    if req.bump == BumpChoice::Off {
+        warn!(
+            "--no-bump-revision: the restored revision is the snapshot's own, below what the cluster reached; \
+             Kubernetes watch caches and informers then wait for revisions that will come back with other data \
+             and silently miss changes. Restart every kube-apiserver (and relist controllers) after this restore"
+        );
+    } else {
+        ferry_common::snapshot::check_can_bump()?;
+    }
     let existing = existing_entries(dir)?;
     if !existing.is_empty() && !req.force {
         bail!(
@@ -82,12 +104,13 @@ pub async fn run(req: RestoreRequest) -> Result<()> {
 }
 
 async fn restore_into(req: &RestoreRequest, snapshot: &Path, existing: &[PathBuf], stamp: u64) -> Result<()> {
-    let backup = fetch(req, snapshot).await?;
+    let (backup, highest) = fetch(req, snapshot).await?;
     info!(backup = %backup.snapshot, revision = backup.revision, "backup downloaded; every hash matched");
+    let bump = plan_bump(req.bump, snapshot, highest)?;
 
     let dir = &req.data_dir;
     let staging = dir.join(format!("{FERRY_PREFIX}restoring-{stamp}"));
-    let restored = ferry_common::snapshot::restore(snapshot, &staging, &req.member);
+    let restored = ferry_common::snapshot::restore(snapshot, &staging, &req.member, bump);
     if let Err(e) = restored {
         let _ = std::fs::remove_dir_all(&staging);
         return Err(e.into());
@@ -113,6 +136,43 @@ async fn restore_into(req: &RestoreRequest, snapshot: &Path, existing: &[PathBuf
     std::fs::File::open(dir)?.sync_all().with_context(|| format!("fsync {}", dir.display()))?;
     info!(data_dir = %dir.display(), member = %req.member.name, "restore complete; etcd can start");
     Ok(())
+}
+
+/// The bump for this restore, said out loud: every member of a restored cluster must get the same one.
+fn plan_bump(choice: BumpChoice, snapshot: &Path, highest: Option<RevisionSeen>) -> Result<Option<RevisionBump>> {
+    if choice == BumpChoice::Off {
+        return Ok(None);
+    }
+    let at = ferry_common::snapshot::status(snapshot)?.revision;
+    let by = match choice {
+        BumpChoice::By(n) => n,
+        _ => planned_bump(highest.map_or(0, |h| h.revision), at),
+    };
+    let to = at.saturating_add(i64::try_from(by).unwrap_or(i64::MAX));
+    match highest {
+        Some(h) => info!(
+            snapshot_revision = at,
+            bump = by,
+            restored_revision = to,
+            highest_seen = h.revision,
+            highest_seen_at = h.at.seconds,
+            "the restored revision is bumped above the highest one the cluster was seen at, and marked compacted"
+        ),
+        None => info!(
+            snapshot_revision = at,
+            bump = by,
+            restored_revision = to,
+            "the restored revision is bumped (the coordinator saw no revision of this cluster) and marked compacted"
+        ),
+    }
+    if highest.is_some_and(|h| to <= h.revision) {
+        warn!(
+            highest_seen = highest.map_or(0, |h| h.revision),
+            "--bump-revision {by} leaves the restored revision at or below one the cluster already reached"
+        );
+    }
+    println!("restored revision: {at} -> {to} (bumped by {by}, marked compacted)");
+    Ok(Some(RevisionBump { by }))
 }
 
 /// Logs bytes and throughput as the download goes.
@@ -143,14 +203,18 @@ impl Progress {
     }
 }
 
-/// Asks the coordinator for the backup and writes the verified snapshot file to `snapshot`.
-async fn fetch(req: &RestoreRequest, snapshot: &Path) -> Result<EtcdBackupSpec> {
+/// Asks the coordinator for the backup and writes the verified snapshot file to `snapshot`; also returns
+/// the highest revision the coordinator saw the cluster at.
+async fn fetch(req: &RestoreRequest, snapshot: &Path) -> Result<(EtcdBackupSpec, Option<RevisionSeen>)> {
     let request = AdminRequest::Restore { cluster: req.from_cluster.clone(), backup: req.backup.clone() };
     let mut s = Session::open(&req.coordinator, &req.ca_pem, &req.client, &request).await?;
     let result = async {
-        let (backup, source, limit) = match expect_frame(&mut s.recv).await.context("read the coordinator's answer")? {
-            AdminResponse::RestoreFrom { backup, source, download_limit_bps } => match backup.spec {
-                Spec::EtcdBackup(b) => (b, source, download_limit_bps),
+        let (backup, source, limit, highest) = match expect_frame(&mut s.recv)
+            .await
+            .context("read the coordinator's answer")?
+        {
+            AdminResponse::RestoreFrom { backup, source, download_limit_bps, highest_revision } => match backup.spec {
+                Spec::EtcdBackup(b) => (b, source, download_limit_bps, highest_revision),
                 other => bail!("unexpected backup description {other:?}"),
             },
             AdminResponse::Error { message } => bail!(message),
@@ -197,7 +261,7 @@ async fn fetch(req: &RestoreRequest, snapshot: &Path) -> Result<EtcdBackupSpec> 
         }
         progress.tick(w.bytes(), true);
         w.finish()?;
-        Ok(backup)
+        Ok((backup, highest))
     }
     .await;
     s.close().await;

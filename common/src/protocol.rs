@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::resources::{EtcdBackupS3ConfigSpec, Resource, ResourceType, Selector, Timestamp};
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
 pub const ALPN: &[u8] = b"ferry/1";
@@ -256,6 +256,13 @@ pub enum AdminRequest {
     },
 }
 
+/// The highest etcd revision a cluster's agents reported, and when the coordinator first saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevisionSeen {
+    pub revision: i64,
+    pub at: crate::resources::Timestamp,
+}
+
 /// Where a restore reads its backup.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum RestoreSource {
@@ -292,6 +299,9 @@ pub enum AdminResponse {
         backup: Box<Resource>,
         source: RestoreSource,
         download_limit_bps: u64,
+        /// The highest revision the cluster being restored was seen at, pinned for this restore so that
+        /// every member computes the same revision bump; `None` when the coordinator never saw one.
+        highest_revision: Option<RevisionSeen>,
     },
     /// The request failed; the message says why and what to do.
     Error {

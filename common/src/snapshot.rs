@@ -37,6 +37,37 @@ pub enum SnapshotError {
     Io { path: PathBuf, error: std::io::Error },
     #[error("{tool} failed: {detail}")]
     Tool { tool: String, detail: String },
+    #[error(
+        "{found} cannot bump the restored revision, which Kubernetes needs after a restore (its watch caches would \
+         miss changes): put etcdutl {MIN_BUMP_VERSION} or newer on PATH (from the etcd release your cluster runs), \
+         or pass --no-bump-revision to restore without the bump"
+    )]
+    CannotBump { found: String },
+}
+
+/// The first etcdutl with `snapshot restore --bump-revision --mark-compacted`.
+pub const MIN_BUMP_VERSION: &str = "3.5.10";
+/// The restored revision lands at least this far above the highest revision the cluster is known to have
+/// reached: a margin for writes made after the last report Ferry saw (agents report every 10 s).
+pub const BUMP_MARGIN_MIN: i64 = 100_000;
+/// ... or this fraction of that revision, when larger (a busy cluster writes more between reports).
+pub const BUMP_MARGIN_PERCENT: i64 = 10;
+
+/// How far to bump a snapshot at `snapshot_revision` so that the restored member's revision is above
+/// `highest_seen` (the highest revision the cluster reached, 0 when unknown) by the margin above. Every
+/// member restoring the same snapshot with the same `highest_seen` gets the same bump, as they must.
+pub fn planned_bump(highest_seen: i64, snapshot_revision: i64) -> u64 {
+    let floor = highest_seen.max(snapshot_revision).max(0);
+    let margin = (floor / 100 * BUMP_MARGIN_PERCENT).max(BUMP_MARGIN_MIN);
+    let target = floor.saturating_add(margin);
+    u64::try_from(target - snapshot_revision.max(0)).unwrap_or(0)
+}
+
+/// The etcd revision bump of a restore, and what it was computed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RevisionBump {
+    /// Added to the snapshot's revision (`etcdutl snapshot restore --bump-revision`).
+    pub by: u64,
 }
 
 /// Hashes the raw (decompressed) bytes twice: all of them, and all but the last 32, which are etcd's hash.
@@ -184,6 +215,28 @@ pub struct RestoreAs {
     pub initial_advertise_peer_urls: String,
 }
 
+/// The version of `etcdutl` on PATH (`etcdutl version: 3.5.16` -> `(3, 5, 16)`), `None` without one.
+pub fn etcdutl_version() -> Option<(u32, u32, u32)> {
+    let out = Command::new("etcdutl").arg("version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.lines().find_map(|l| l.strip_prefix("etcdutl version:"))?.trim();
+    let mut parts = version.split(['.', '-', '+']).map(str::parse::<u32>);
+    Some((parts.next()?.ok()?, parts.next()?.ok()?, parts.next()?.ok()?))
+}
+
+/// Fails, saying what to install, unless etcd's tool here can bump a restored revision.
+pub fn check_can_bump() -> Result<(), SnapshotError> {
+    match etcdutl_version() {
+        Some(v) if v >= (3, 5, 10) => Ok(()),
+        Some((a, b, c)) => Err(SnapshotError::CannotBump { found: format!("etcdutl {a}.{b}.{c}") }),
+        None => Err(SnapshotError::CannotBump { found: "etcdctl (no etcdutl on PATH; etcd 3.4's tools)".into() }),
+    }
+}
+
+/// Above this snapshot size, restore with a larger bbolt memory map than etcd's 10 GiB default, which a
+/// database near that size outgrows while the restore writes it (etcd-io/etcd#13189).
+const DEFAULT_MMAP_SIZE: u64 = 10 << 30;
+
 /// etcd's restore tool: `etcdutl` where present (etcd ≥ 3.5), else `etcdctl` (3.4).
 pub fn restore_tool() -> &'static str {
     let on_path = |name: &str| {
@@ -196,11 +249,17 @@ pub fn restore_tool() -> &'static str {
     }
 }
 
-/// Restores `snapshot` into `data_dir` (which must not exist) with etcd's own tool.
-pub fn restore(snapshot: &Path, data_dir: &Path, member: &RestoreAs) -> Result<(), SnapshotError> {
+/// Restores `snapshot` into `data_dir` (which must not exist) with etcd's own tool; with a `bump`, the
+/// restored revision is raised by it and marked compacted (needs etcdutl ≥ 3.5.10: [`check_can_bump`]).
+pub fn restore(
+    snapshot: &Path,
+    data_dir: &Path,
+    member: &RestoreAs,
+    bump: Option<RevisionBump>,
+) -> Result<(), SnapshotError> {
     let tool = restore_tool();
-    let out = Command::new(tool)
-        .env("ETCDCTL_API", "3")
+    let mut cmd = Command::new(tool);
+    cmd.env("ETCDCTL_API", "3")
         .args(["snapshot", "restore"])
         .arg(snapshot)
         .arg("--data-dir")
@@ -208,12 +267,21 @@ pub fn restore(snapshot: &Path, data_dir: &Path, member: &RestoreAs) -> Result<(
         .args(["--name", &member.name])
         .args(["--initial-cluster", &member.initial_cluster])
         .args(["--initial-cluster-token", &member.initial_cluster_token])
-        .args(["--initial-advertise-peer-urls", &member.initial_advertise_peer_urls])
-        .output()
-        .map_err(|e| SnapshotError::Tool {
-            tool: tool.into(),
-            detail: format!("cannot run it ({e}); install etcd's client tools"),
-        })?;
+        .args(["--initial-advertise-peer-urls", &member.initial_advertise_peer_urls]);
+    if let Some(bump) = bump {
+        check_can_bump()?;
+        // etcd requires the compaction mark with a bump: watchers from before the restore are then told
+        // their revision is compacted and relist, instead of waiting for revisions that now mean other data.
+        cmd.args(["--bump-revision", &bump.by.to_string(), "--mark-compacted"]);
+    }
+    let size = std::fs::metadata(snapshot).map(|m| m.len()).unwrap_or(0);
+    if tool == "etcdutl" && size > DEFAULT_MMAP_SIZE / 2 {
+        cmd.args(["--initial-memory-map-size", &(size * 2).max(DEFAULT_MMAP_SIZE).to_string()]);
+    }
+    let out = cmd.output().map_err(|e| SnapshotError::Tool {
+        tool: tool.into(),
+        detail: format!("cannot run it ({e}); install etcd's client tools"),
+    })?;
     if !out.status.success() {
         let detail =
             String::from_utf8_lossy(&out.stderr).lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
@@ -295,6 +363,20 @@ mod tests {
             w.write(c)?;
         }
         w.finish()
+    }
+
+    #[test]
+    fn bump_lands_above_the_highest_revision_seen_with_a_margin() {
+        // Small clusters: the 100 000 floor. The snapshot (at 500) is below what the cluster reached (9 000).
+        assert_eq!(planned_bump(9_000, 500), 9_000 + 100_000 - 500);
+        // Nothing seen (a coordinator that never heard of the cluster): above the snapshot itself.
+        assert_eq!(planned_bump(0, 500), 100_000);
+        // Busy clusters: 10 % of the highest revision.
+        assert_eq!(planned_bump(50_000_000, 49_000_000), 50_000_000 + 5_000_000 - 49_000_000);
+        // Reports lower than the snapshot (a stale record) never lower the target.
+        assert_eq!(planned_bump(100, 2_000_000), 200_000);
+        // Same inputs, same bump: every member of a restored cluster agrees.
+        assert_eq!(planned_bump(123_456, 1_000), planned_bump(123_456, 1_000));
     }
 
     #[test]

@@ -355,12 +355,19 @@ async fn restore(coord: &Arc<Coordinator>, cluster: &str, backup_id: &str, send:
     };
     info!(%cluster, backup_id = %manifest.id, "restore requested");
     let download_limit_bps = coord.settings.download_limit_bps;
+    // TODO(issue 12, after the coordinator layout): the highest revision seen, pinned per restore.
+    let highest_revision = None;
     let backup = Box::new(backup_resource(manifest.clone()));
     match &coord.store {
         BackupStore::Local(_) => {
             write_frame(
                 send,
-                &AdminResponse::RestoreFrom { backup, source: RestoreSource::Coordinator, download_limit_bps },
+                &AdminResponse::RestoreFrom {
+                    backup,
+                    source: RestoreSource::Coordinator,
+                    download_limit_bps,
+                    highest_revision,
+                },
             )
             .await?;
             stream_object(coord, &manifest, send).await
@@ -377,7 +384,7 @@ async fn restore(coord: &Arc<Coordinator>, cluster: &str, backup_id: &str, send:
                 parts_in_flight: coord.settings.parts_in_flight,
             };
             let source = RestoreSource::S3(Box::new(target));
-            write_frame(send, &AdminResponse::RestoreFrom { backup, source, download_limit_bps })
+            write_frame(send, &AdminResponse::RestoreFrom { backup, source, download_limit_bps, highest_revision })
                 .await
                 .context("send response")
         }

@@ -315,7 +315,7 @@ async fn verify(cfg: &FerryConfig, cluster: String, backup_id: String) -> Result
         initial_cluster_token: "ferry-verify".into(),
         initial_advertise_peer_urls: peer.clone(),
     };
-    ferry_common::snapshot::restore(&snapshot, &data_dir, &member)?;
+    ferry_common::snapshot::restore(&snapshot, &data_dir, &member, None)?;
     println!("restored with {} snapshot restore into a scratch dir", ferry_common::snapshot::restore_tool());
     let keys = count_keys(&data_dir, &peer)?;
     println!("backup:    {cluster}/{}", backup.createdat.human());

@@ -465,3 +465,173 @@ async fn backup_verify_reports_the_key_count_written() -> anyhow::Result<()> {
     assert_no_unexpected_errors(coordinator.log_path(), &[]);
     Ok(())
 }
+
+/// The revision a restore printed: `restored revision: A -> B (...)` -> `(A, B)`.
+fn restored_revision(out: &CtlOutput) -> anyhow::Result<(i64, i64)> {
+    let line = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("restored revision: "))
+        .with_context(|| format!("`{}` printed no `restored revision:` line: {}", out.command, out.stdout))?;
+    let (from, rest) = line.split_once(" -> ").context("`A -> B`")?;
+    let to = rest.split_whitespace().next().context("B")?;
+    Ok((from.parse()?, to.parse()?))
+}
+
+/// The revision member `url` serves (its own header, not the leader's).
+async fn member_revision(url: &str) -> anyhow::Result<i64> {
+    let mut client = crate::fixtures::etcd::connect(&[url.to_owned()]).await?;
+    let status = tokio::time::timeout(REQUEST_TIMEOUT, client.status())
+        .await
+        .context("status: timed out")?
+        .map_err(|e| anyhow::anyhow!("status of {url}: {e:?}"))?;
+    Ok(status.header().context("status header")?.revision())
+}
+
+/// The disaster Kubernetes must survive: after a restore, every member's revision is above the highest one
+/// the live cluster reached, and a watch from just after the backup is told its revision is compacted (so a
+/// kube-apiserver's watch cache relists instead of waiting for revisions that now mean other data).
+#[tokio::test]
+async fn restore_bumps_every_member_above_the_live_revision_and_marks_it_compacted() -> anyhow::Result<()> {
+    const KEYS: usize = 500;
+    const WRITES_AFTER: usize = 300;
+    anyhow::ensure!(
+        crate::fixtures::tools::etcd_can_bump_revision(),
+        "this test needs etcd 3.5 (etcdutl): run it without FERRY_ETCD_DIR pointing at etcd 3.4"
+    );
+    let mut etcd = EtcdCluster::start(3).await?;
+    etcd.put_keys(KEYS).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let mut agents = coordinator.start_agents(CLUSTER, &etcd).await?;
+    let (id, spec) = backup(&coordinator, CLUSTER).await?;
+    let backup_revision = spec["revision"].as_i64().context("backup spec.revision")?;
+
+    // Life goes on after the backup: one revision per write, far past the backup's.
+    let mut client = etcd.client().await?;
+    let mut live_revision = 0;
+    for i in 0..WRITES_AFTER {
+        let put = client.put(format!("/registry/after-backup/{i:04}"), "lost in the disaster", None).await?;
+        live_revision = put.header().context("put header")?.revision();
+    }
+    assert!(live_revision >= backup_revision + WRITES_AFTER as i64, "live {live_revision} vs backup {backup_revision}");
+
+    for agent in &mut agents {
+        agent.stop().await;
+    }
+    etcd.stop_all().await?;
+    for member in etcd.members() {
+        std::fs::remove_dir_all(member.data_dir())?;
+    }
+
+    // Every member restores with the defaults: no bump flag.
+    let token = format!("ferry-e2e-bumped-{}", std::process::id());
+    let mut restored = Vec::new();
+    for member in etcd.members() {
+        let credentials = coordinator.issue_agent_credentials(CLUSTER, member.name()).await?;
+        let mut args = as_agent(&coordinator, &credentials);
+        args.extend(
+            [
+                "--backup",
+                &id,
+                "--data-dir",
+                &member.data_dir().display().to_string(),
+                "--name",
+                member.name(),
+                "--initial-cluster",
+                etcd.initial_cluster(),
+                "--initial-cluster-token",
+                &token,
+                "--initial-advertise-peer-urls",
+                member.peer_url(),
+            ]
+            .iter()
+            .map(|s| (*s).to_owned()),
+        );
+        let out = agent_restore(&args).await?.ok()?;
+        restored.push(restored_revision(&out)?);
+    }
+    assert!(restored.windows(2).all(|w| w[0] == w[1]), "every member must get the same bump: {restored:?}");
+    let (snapshot_revision, bumped_to) = restored[0];
+    assert!(snapshot_revision >= backup_revision, "snapshot at {snapshot_revision}, backup said {backup_revision}");
+    assert!(bumped_to > live_revision, "restored at {bumped_to}, not above the live cluster's {live_revision}");
+    etcd.start_stopped_members().await?;
+
+    // Every member serves a revision above anything the live cluster reached.
+    for member in etcd.members() {
+        let revision = member_revision(member.client_url()).await?;
+        assert!(revision > live_revision, "{} serves revision {revision} <= live {live_revision}", member.name());
+    }
+    // The backup's keys are back, and nothing written after it.
+    assert_same_kvs(&expected_test_kvs(KEYS), &etcd.read_prefix(TEST_PREFIX).await?, "keys after the restore");
+    assert!(etcd.read_prefix("/registry/after-backup/").await?.is_empty(), "writes after the backup came back");
+
+    // A watcher that had seen revisions past the backup is told to relist.
+    let mut client = etcd.client().await?;
+    let mut stream = tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        client.watch(
+            TEST_PREFIX,
+            Some(etcd_client::WatchOptions::new().with_prefix().with_start_revision(backup_revision + 1)),
+        ),
+    )
+    .await
+    .context("watch: timed out")??;
+    let response = tokio::time::timeout(REQUEST_TIMEOUT, stream.message())
+        .await
+        .context("watch response: timed out")??
+        .context("watch stream ended")?;
+    let response = if response.created() && response.compact_revision() == 0 {
+        // Some etcd versions confirm the watch first, then cancel it.
+        tokio::time::timeout(REQUEST_TIMEOUT, stream.message())
+            .await
+            .context("watch cancel: timed out")??
+            .context("watch stream ended")?
+    } else {
+        response
+    };
+    assert!(
+        response.compact_revision() >= bumped_to,
+        "the watch from {} should be cancelled as compacted at {bumped_to}: {response:?}",
+        backup_revision + 1
+    );
+    assert_no_unexpected_errors(coordinator.log_path(), &[]);
+    Ok(())
+}
+
+/// Where only etcd 3.4's tools are (no etcdutl), a restore refuses up front, naming the etcdutl it needs,
+/// unless told `--no-bump-revision`; then it restores at the snapshot's own revision.
+#[tokio::test]
+async fn restore_without_etcdutl_refuses_unless_told_not_to_bump() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    etcd.put_keys(200).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let _agents = coordinator.start_agents(CLUSTER, &etcd).await?;
+    let (id, _) = backup(&coordinator, CLUSTER).await?;
+    let credentials = coordinator.issue_agent_credentials(CLUSTER, "m1").await?;
+
+    // etcdctl alone, as on a host with etcd 3.4's client tools.
+    let dir = test_dir("restore-34-tools")?;
+    let tools = dir.path().join("bin");
+    std::fs::create_dir_all(&tools)?;
+    std::os::unix::fs::symlink(crate::fixtures::tools::etcd_tool("etcdctl")?, tools.join("etcdctl"))?;
+    let path = std::env::join_paths([tools.as_path(), Path::new("/usr/bin"), Path::new("/bin")])?;
+    if path.to_string_lossy().split(':').any(|d| Path::new(d).join("etcdutl").exists()) {
+        anyhow::bail!("this test needs a PATH without etcdutl; /usr/bin has one here");
+    }
+    let data = dir.path().join("member.etcd");
+    let (_, peer) = peer_url();
+    let args = [as_agent(&coordinator, &credentials), one_member(&id, &data, &peer)].concat();
+
+    let out = crate::fixtures::ferry::agent_restore_with_path(&args, &path).await?;
+    assert_restore_refused(&out, &["etcdutl 3.5.10"]);
+    assert!(out.stderr.contains("--no-bump-revision"), "the error says how to go on without the bump: {}", out.stderr);
+    assert!(!data.exists(), "a refused restore created {}", data.display());
+
+    let out =
+        crate::fixtures::ferry::agent_restore_with_path(&[args, vec!["--no-bump-revision".into()]].concat(), &path)
+            .await?
+            .ok()?;
+    assert!(out.stderr.contains("silently miss changes"), "--no-bump-revision warns what it risks: {}", out.stderr);
+    assert!(data.join("member").is_dir(), "restored without the bump");
+    Ok(())
+}
