@@ -2,11 +2,13 @@
 # Ferry demo: back up a 3-member etcd cluster and prove the backup restores.
 #
 # Run from anywhere inside the repo on a Debian machine: `deploy/demo.sh`. It installs what is missing
-# (etcd, etcdctl, protoc, zstd), builds Ferry in release mode, and then, all on loopback inside ./demo-run:
+# (protoc, zstd; etcd 3.5 — the version Kubernetes runs — into .tools/ with `tests/setup.sh etcd`), builds
+# Ferry in release mode, and then, all on loopback inside ./demo-run:
 #   1. starts a 3-member etcd cluster (m1..m3) and writes test keys into it,
 #   2. starts ferry-coordinator and one ferry-agent per member (cluster "demo"),
 #   3. takes a manual backup and shows the status resources,
-#   4. downloads the backup, restores it with `etcdctl snapshot restore`, and counts the keys.
+#   4. downloads the backup, restores it with `etcdutl snapshot restore --bump-revision --mark-compacted`
+#      (etcd's own tool, as Kubernetes needs it), and counts the keys.
 # Every process it starts is stopped when it exits, also on failure or Ctrl-C; logs stay in ./demo-run.
 #
 # Environment:
@@ -97,7 +99,7 @@ fail_with_logs() {
 # --- 0. prerequisites -------------------------------------------------------------------------------------
 section "Prerequisites"
 missing=()
-for tool in etcd etcdctl protoc zstd; do
+for tool in protoc zstd; do
     command -v "$tool" >/dev/null || missing+=("$tool")
 done
 if ((${#missing[@]})); then
@@ -105,11 +107,13 @@ if ((${#missing[@]})); then
     SUDO=""
     if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; fi
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server etcd-client protobuf-compiler zstd
-    # Debian's etcd-server package starts a system etcd on 2379/2380; ours use other ports, so leave it.
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y protobuf-compiler zstd
 else
-    info "etcd, etcdctl, protoc and zstd are installed"
+    info "protoc and zstd are installed"
 fi
+# etcd 3.5 (etcd, etcdctl, etcdutl) into .tools/, leaving any system etcd alone.
+"$ROOT/tests/setup.sh" etcd | sed 's/^/  /'
+export PATH="$ROOT/.tools/etcd-3.5/usr/bin:$PATH"
 info "$(etcd --version | head -n 1)"
 
 if [[ -n "${DEMO_BIN_DIR:-}" ]]; then
@@ -234,19 +238,22 @@ BACKUP_ID=$("$FERRYCTL" get etcdbackup --selector "ferry.dev/cluster=$CLUSTER" -
 [[ -n "$BACKUP_ID" ]] || fail "no backup listed for cluster $CLUSTER"
 
 # --- 4. restore -----------------------------------------------------------------------------------------
-section "4. Downloading backup $BACKUP_ID and restoring it with etcdctl"
+section "4. Downloading backup $BACKUP_ID and restoring it with etcdutl"
 SNAPSHOT="$WORK/$BACKUP_ID.snapshot"
 echo "\$ ferryctl backup download $CLUSTER $BACKUP_ID -o ${SNAPSHOT#"$ROOT"/} --decompress"
 "$FERRYCTL" backup download "$CLUSTER" "$BACKUP_ID" -o "$SNAPSHOT" --decompress
 info "snapshot: $(stat -c %s "$SNAPSHOT") bytes"
-etcdctl snapshot status "$SNAPSHOT" -w table
+etcdutl snapshot status "$SNAPSHOT" -w table
 
 RESTORE_PEER_URL="http://127.0.0.1:$RESTORE_PEER"
-echo "\$ etcdctl snapshot restore ${SNAPSHOT#"$ROOT"/} --data-dir demo-run/etcd-restored ..."
-etcdctl snapshot restore "$SNAPSHOT" --data-dir "$WORK/etcd-restored" \
+# The bump puts the restored revision above anything clients saw, and the compaction mark makes their
+# watches relist: what a Kubernetes control plane needs after a restore (docs/RESTORE.md).
+echo "\$ etcdutl snapshot restore ${SNAPSHOT#"$ROOT"/} --data-dir demo-run/etcd-restored --bump-revision 100000 --mark-compacted ..."
+etcdutl snapshot restore "$SNAPSHOT" --data-dir "$WORK/etcd-restored" \
     --name restored --initial-cluster "restored=$RESTORE_PEER_URL" \
-    --initial-advertise-peer-urls "$RESTORE_PEER_URL" >"$WORK/restore.log" 2>&1 \
-    || fail_with_logs "etcdctl snapshot restore failed" "$WORK/restore.log"
+    --initial-advertise-peer-urls "$RESTORE_PEER_URL" \
+    --bump-revision 100000 --mark-compacted >"$WORK/restore.log" 2>&1 \
+    || fail_with_logs "etcdutl snapshot restore failed" "$WORK/restore.log"
 start "etcd on the restored data" "$WORK/etcd-restored.log" etcd \
     --name restored --data-dir "$WORK/etcd-restored" \
     --listen-client-urls "http://127.0.0.1:$RESTORE_CLIENT" \
@@ -257,6 +264,7 @@ wait_for "restored etcd health" 30 etcdctl --endpoints "http://127.0.0.1:$RESTOR
     || fail_with_logs "etcd on the restored data did not come up" "$WORK/etcd-restored.log"
 RESTORED=$(count_keys "http://127.0.0.1:$RESTORE_CLIENT")
 info "keys under /demo/ in the restored etcd: $RESTORED (written: $KEYS)"
+info "revision of the restored etcd: $(etcdctl --endpoints "http://127.0.0.1:$RESTORE_CLIENT" endpoint status -w json | grep -o '"revision":[0-9]*' | head -n 1 | cut -d: -f2) (bumped past the backup's)"
 SAMPLE=$(printf '/demo/key-%05d' $((KEYS / 2)))
 info "$SAMPLE = $(etcdctl --endpoints "http://127.0.0.1:$RESTORE_CLIENT" get "$SAMPLE" --print-value-only)"
 ((RESTORED == KEYS)) || fail "the restored etcd has $RESTORED keys, expected $KEYS"
