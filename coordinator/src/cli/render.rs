@@ -181,7 +181,7 @@ mod tests {
     use super::*;
 
     fn cluster(b: Option<BackupConfiguration>) -> Resource {
-        Resource::new("c", Spec::Cluster(ClusterSpec { backupconfiguration: b, ..Default::default() }))
+        Resource::new("c", Spec::Cluster(ClusterSpec { backupconfiguration: b }))
     }
 
     #[test]

@@ -233,7 +233,7 @@ impl BackupStore {
     ) -> Result<Pending, StoreError> {
         let kind = match &self.backend {
             Backend::Local(l) => PendingKind::Local(Box::new(l.begin(cluster, at, cancel).await?)),
-            Backend::S3(s) => PendingKind::S3(s.begin(cluster, at, upload, cancel).await?),
+            Backend::S3(s) => PendingKind::S3(Box::new(s.begin(cluster, at, upload, cancel).await?)),
         };
         Ok(Pending { kind, failures: self.failures.clone() })
     }
@@ -248,7 +248,7 @@ pub struct Pending {
 
 enum PendingKind {
     Local(Box<PendingLocal>),
-    S3(PendingUpload),
+    S3(Box<PendingUpload>),
 }
 
 impl Pending {
