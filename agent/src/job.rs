@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_common::protocol::{
-    expect_frame, write_frame, BackupJob, BackupSummary, BackupTarget, JobMsg, JobReply, DATA_CHUNK,
+    expect_frame, write_frame, BackupJob, BackupSummary, BackupTarget, JobMsg, JobReply, COMMIT_REPLY_WAIT, DATA_CHUNK,
 };
 use ferry_common::resources::Timestamp;
 use quinn::{RecvStream, SendStream};
@@ -28,8 +28,6 @@ use crate::upload::MultipartUpload;
 /// A transfer that makes no progress for this long is aborted: etcd holds a read transaction open for the
 /// whole stream, which grows its database, so hanging is worse than failing.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long the coordinator may take to commit (fsync, rename) after the last byte.
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Messages in flight between stages (etcd sends 32 KiB messages; compressed chunks are up to DATA_CHUNK).
 const CHANNEL_DEPTH: usize = 8;
 /// Progress is reported at most this often.
@@ -83,9 +81,11 @@ async fn stream_backup(
     }
     let summary = result?;
     write_frame(send, &JobMsg::Finished(summary)).await.context("send job summary")?;
-    let reply: JobReply = tokio::time::timeout(COMMIT_TIMEOUT, expect_frame(recv))
+    // Longer than the coordinator may take to commit (protocol::COMMIT_TIMEOUT, S3 retries included), so a
+    // slow commit is not reported as failed here while the coordinator still completes it.
+    let reply: JobReply = tokio::time::timeout(COMMIT_REPLY_WAIT, expect_frame(recv))
         .await
-        .map_err(|_| anyhow!("the coordinator did not confirm the commit within {}s", COMMIT_TIMEOUT.as_secs()))?
+        .map_err(|_| anyhow!("the coordinator did not confirm the commit within {}s", COMMIT_REPLY_WAIT.as_secs()))?
         .context("read commit reply")?;
     let _ = send.finish();
     match reply {
@@ -123,14 +123,14 @@ async fn pump(
     // Idle again once this job ends, whichever way.
     let _idle = IdleOnDrop;
     let mut progress = tokio::time::interval(PROGRESS_EVERY);
+    // One deadline, moved only by data: a timeout created anew in each turn of the loop would be reset by the
+    // progress tick below every second and could never fire.
+    let mut stall = StallClock::new(STALL_TIMEOUT);
     loop {
         tokio::select! {
-            chunk = tokio::time::timeout(STALL_TIMEOUT, out_rx.recv()) => {
-                let chunk = match chunk {
-                    Ok(Some(c)) => c,
-                    Ok(None) => break,
-                    Err(_) => bail!("no snapshot data for {}s; aborting so etcd is not held", STALL_TIMEOUT.as_secs()),
-                };
+            chunk = out_rx.recv() => {
+                let Some(chunk) = chunk else { break };
+                stall.progressed();
                 throttle.consume(chunk.len()).await;
                 METRICS.stored_bytes.inc_by(chunk.len() as u64);
                 match sink {
@@ -140,6 +140,10 @@ async fn pump(
                         .context("send snapshot data")?,
                     Sink::S3(upload) => upload.write(&chunk).await?,
                 }
+                stall.progressed();
+            }
+            () = stall.expired() => {
+                bail!("no snapshot data for {}s; aborting so etcd is not held", STALL_TIMEOUT.as_secs())
             }
             _ = cancel.cancelled() => bail!("the agent is shutting down; the backup is abandoned (its upload aborted)"),
             _ = progress.tick() => {
@@ -165,6 +169,28 @@ async fn pump(
         started_at,
         finished_at: Timestamp::now(),
     })
+}
+
+/// The stall deadline of a transfer: it moves only when data moves, whatever else wakes the loop.
+struct StallClock {
+    limit: Duration,
+    deadline: tokio::time::Instant,
+}
+
+impl StallClock {
+    fn new(limit: Duration) -> Self {
+        Self { limit, deadline: tokio::time::Instant::now() + limit }
+    }
+
+    /// Data moved: the deadline starts again.
+    fn progressed(&mut self) {
+        self.deadline = tokio::time::Instant::now() + self.limit;
+    }
+
+    /// Completes once no data moved for the limit.
+    async fn expired(&self) {
+        tokio::time::sleep_until(self.deadline).await
+    }
 }
 
 /// Resets the throughput gauge when a job ends.
@@ -225,4 +251,37 @@ fn compress(mut rx: mpsc::Receiver<Vec<u8>>, tx: mpsc::Sender<Vec<u8>>, level: i
         tx.blocking_send(last).map_err(|_| anyhow!("sender stopped"))?;
     }
     Ok(totals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The loop shape of `pump`: a progress tick far more often than the stall limit, and no data. The stall
+    /// must still fire (scaled down: 50 ms ticks, 300 ms limit).
+    #[tokio::test]
+    async fn the_stall_timeout_fires_although_progress_ticks_keep_the_loop_busy() {
+        let limit = Duration::from_millis(300);
+        let (_tx, mut rx) = mpsc::channel::<Vec<u8>>(1);
+        let mut progress = tokio::time::interval(Duration::from_millis(50));
+        let mut stall = StallClock::new(limit);
+        let start = std::time::Instant::now();
+        let mut ticks = 0u32;
+        let fired = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                tokio::select! {
+                    chunk = rx.recv() => {
+                        let _ = chunk;
+                        stall.progressed();
+                    }
+                    () = stall.expired() => break,
+                    _ = progress.tick() => ticks += 1,
+                }
+            }
+        })
+        .await;
+        assert!(fired.is_ok(), "the stall never fired");
+        assert!(start.elapsed() >= limit && start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+        assert!(ticks >= 4, "progress ticked all along ({ticks} ticks)");
+    }
 }

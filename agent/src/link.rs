@@ -5,10 +5,11 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use ferry_common::backoff::Backoff;
+use ferry_common::client::bind_address_for;
 use ferry_common::config::AgentCredentials;
 use ferry_common::protocol::{expect_frame, write_frame, AgentMsg, EtcdFacts, Hello, HelloReply, Intent, JobRequest};
 use ferry_common::tls::{quinn_client_config, resolve};
-use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
@@ -17,9 +18,8 @@ use crate::metrics::METRICS;
 
 /// How often the agent reports its member's facts.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(10);
-/// Reconnect backoff bounds.
-const BACKOFF_MIN: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Reconnect backoff: jittered, so a restarted coordinator is not hit by every agent at once.
+const RECONNECT_BACKOFF: Backoff = Backoff { base: Duration::from_secs(1), max: Duration::from_secs(30), jitter: 0.5 };
 /// A QUIC handshake that takes longer than this is abandoned and retried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -40,21 +40,39 @@ impl Link {
     pub async fn run(self, cancel: CancellationToken, jobs_cancel: CancellationToken) -> Result<()> {
         let client = quinn_client_config(&self.credentials.ca_pem, &self.credentials.client)
             .context("build TLS config from --credentials")?;
-        let mut endpoint =
-            quinn::Endpoint::client("0.0.0.0:0".parse().context("bind address")?).context("open UDP socket")?;
-        endpoint.set_default_client_config(client);
+        // One UDP socket per address family, made when the coordinator's address first resolves to it: a socket
+        // bound to 0.0.0.0 cannot reach an IPv6 coordinator, nor one bound to [::] an IPv4 one everywhere.
+        let mut endpoint: Option<quinn::Endpoint> = None;
         let mut failures: u32 = 0;
         let mut last_facts = EtcdFacts::default();
         while !cancel.is_cancelled() {
-            match self.session(&endpoint, &cancel, &jobs_cancel, &mut last_facts, &mut failures).await {
-                Ok(()) => {}
-                Err(e) => warn!("coordinator link to {} failed: {e:#}", self.coordinator),
+            let result = async {
+                let (addr, server_name) = resolve(&self.coordinator).await?;
+                let bind = bind_address_for(addr);
+                let ep = match endpoint.take() {
+                    Some(ep) if ep.local_addr().is_ok_and(|a| a.is_ipv6() == bind.is_ipv6()) => ep,
+                    old => {
+                        if let Some(old) = old {
+                            old.close(0u32.into(), b"address family changed");
+                        }
+                        let mut ep =
+                            quinn::Endpoint::client(bind).with_context(|| format!("open UDP socket on {bind}"))?;
+                        ep.set_default_client_config(client.clone());
+                        ep
+                    }
+                };
+                let ep = endpoint.insert(ep);
+                self.session(ep, addr, &server_name, &cancel, &jobs_cancel, &mut last_facts, &mut failures).await
+            }
+            .await;
+            if let Err(e) = result {
+                warn!("coordinator link to {} failed: {e:#}", self.coordinator);
             }
             if cancel.is_cancelled() {
                 break;
             }
             failures = failures.saturating_add(1);
-            let delay = backoff(failures);
+            let delay = RECONNECT_BACKOFF.delay(failures);
             info!(delay_ms = delay.as_millis() as u64, "reconnecting to the coordinator");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -62,21 +80,25 @@ impl Link {
             }
         }
         drain(&self.jobs, &jobs_cancel).await;
-        endpoint.close(0u32.into(), b"agent shutting down");
-        endpoint.wait_idle().await;
+        if let Some(endpoint) = endpoint {
+            endpoint.close(0u32.into(), b"agent shutting down");
+            endpoint.wait_idle().await;
+        }
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn session(
         &self,
         endpoint: &quinn::Endpoint,
+        addr: std::net::SocketAddr,
+        server_name: &str,
         cancel: &CancellationToken,
         jobs_cancel: &CancellationToken,
         last_facts: &mut EtcdFacts,
         failures: &mut u32,
     ) -> Result<()> {
-        let (addr, server_name) = resolve(&self.coordinator).await?;
-        let connecting = endpoint.connect(addr, &server_name).context("start QUIC connection")?;
+        let connecting = endpoint.connect(addr, server_name).context("start QUIC connection")?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .context("QUIC handshake timed out")?
@@ -172,11 +194,4 @@ impl Drop for DisconnectedOnDrop {
     fn drop(&mut self) {
         METRICS.coordinator_connected.set(0);
     }
-}
-
-/// Exponential backoff with jitter, so a restarted coordinator is not hit by every agent at once.
-fn backoff(failures: u32) -> Duration {
-    let exp = BACKOFF_MIN.saturating_mul(1u32 << failures.min(8));
-    let capped = exp.min(BACKOFF_MAX);
-    capped.mul_f64(rand::rng().random_range(0.5..1.0))
 }

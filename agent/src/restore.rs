@@ -15,7 +15,6 @@ use anyhow::{bail, Context, Result};
 use ferry_common::client::Session;
 use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, RestoreSource, RevisionSeen};
 use ferry_common::resources::{EtcdBackupSpec, Spec};
-use ferry_common::s3::{with_retries, S3Error};
 use ferry_common::snapshot::{planned_bump, RestoreAs, RevisionBump, VerifyingWriter};
 use ferry_common::tls::CertifiedPem;
 use tokio_util::sync::CancellationToken;
@@ -217,7 +216,7 @@ async fn fetch(req: &RestoreRequest, snapshot: &Path) -> Result<(EtcdBackupSpec,
                 Spec::EtcdBackup(b) => (b, source, download_limit_bps, highest_revision),
                 other => bail!("unexpected backup description {other:?}"),
             },
-            AdminResponse::Error { message } => bail!(message),
+            AdminResponse::Error { message, .. } => bail!(message),
             other => bail!("unexpected answer {other:?}"),
         };
         info!(size = backup.size, rawsize = backup.rawsize, from = %backup.member, "restoring backup");
@@ -233,7 +232,7 @@ async fn fetch(req: &RestoreRequest, snapshot: &Path) -> Result<(EtcdBackupSpec,
                         progress.tick(w.bytes(), false);
                     }
                     AdminResponse::DownloadEnd => break,
-                    AdminResponse::Error { message } => bail!(message),
+                    AdminResponse::Error { message, .. } => bail!(message),
                     other => bail!("unexpected answer {other:?}"),
                 }
             },
@@ -241,17 +240,9 @@ async fn fetch(req: &RestoreRequest, snapshot: &Path) -> Result<(EtcdBackupSpec,
                 let client = ferry_common::s3::client(&target.config).await?;
                 let bucket = &target.config.bucket;
                 let what = format!("download s3://{bucket}/{}", target.key);
-                let obj = with_retries(&CancellationToken::new(), &what, || async {
-                    client
-                        .get_object()
-                        .bucket(bucket)
-                        .key(&target.key)
-                        .send()
-                        .await
-                        .map_err(|e| S3Error::from_sdk(&what, bucket, &e))
-                })
-                .await?;
-                let mut body = obj.body;
+                let obj = ferry_common::s3::get_object(&client, bucket, &target.key, &what, &CancellationToken::new())
+                    .await?;
+                let mut body = obj;
                 while let Some(chunk) = body.try_next().await.with_context(|| format!("{what}: read"))? {
                     throttle.consume(chunk.len()).await;
                     w.write(&chunk)?;

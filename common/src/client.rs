@@ -1,6 +1,7 @@
 //! The client side of one request to the coordinator (ferryctl, `ferry-agent restore`): dial with mutual
 //! TLS, say hello, send one [`AdminRequest`], read the answers.
 
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use crate::protocol::{expect_frame, write_frame, AdminRequest, FrameError, Hello, HelloReply, Intent};
@@ -23,6 +24,15 @@ pub enum ClientError {
     Frame(#[from] FrameError),
 }
 
+/// The local address a client socket binds to reach `peer`: any port on the unspecified address of the same
+/// family, so an IPv6-only coordinator (e.g. `[::1]`) is reachable as well as an IPv4 one.
+pub fn bind_address_for(peer: SocketAddr) -> SocketAddr {
+    match peer {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    }
+}
+
 /// An open request to the coordinator.
 pub struct Session {
     endpoint: quinn::Endpoint,
@@ -42,9 +52,8 @@ impl Session {
         let config =
             quinn_client_config(ca_pem, client).map_err(|e| setup(format!("TLS config from the credentials: {e}")))?;
         let (addr, server_name) = resolve(coordinator).await.map_err(|e| setup(e.to_string()))?;
-        let bind = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
-        let bind = bind.parse().map_err(|e| setup(format!("{e}")))?;
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| setup(format!("open UDP socket: {e}")))?;
+        let mut endpoint =
+            quinn::Endpoint::client(bind_address_for(addr)).map_err(|e| setup(format!("open UDP socket: {e}")))?;
         endpoint.set_default_client_config(config);
         let connecting = endpoint.connect(addr, &server_name).map_err(|e| setup(e.to_string()))?;
         let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
@@ -70,5 +79,16 @@ impl Session {
     pub async fn close(self) {
         self.conn.close(0u32.into(), b"done");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_bind_the_family_of_the_peer() {
+        assert!(bind_address_for("[::1]:7443".parse().unwrap()).is_ipv6());
+        assert!(bind_address_for("127.0.0.1:7443".parse().unwrap()).is_ipv4());
     }
 }

@@ -1,6 +1,7 @@
 //! The contract between Ferry's daemons and its CLI: wire protocol, resource types, TLS and config
 //! primitives. No daemon logic lives here.
 
+pub mod backoff;
 pub mod client;
 pub mod config;
 pub mod observe;

@@ -13,19 +13,31 @@
 //! - admin stream (ferryctl → coordinator, first stream): `Hello`, then one [`AdminRequest`] and its
 //!   [`AdminResponse`]s.
 
+use std::time::Duration;
+
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::resources::{EtcdBackupS3ConfigSpec, Resource, ResourceType, Selector, Timestamp};
 
-/// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Bumped on any incompatible change to the messages below (2: `AdminResponse::Error` carries a kind;
+/// 3: `RestoreFrom` carries the highest revision seen).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
 pub const ALPN: &[u8] = b"ferry/1";
 
 /// Largest frame either side accepts. Resource listings are the largest messages; data is chunked far below.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// How long the coordinator may take to commit a backup after the agent's `Finished` (fsync and rename, or
+/// S3 HEAD and manifest PUT with retries); past it the coordinator gives up, discards the backup and answers
+/// `JobReply::Failed`.
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How long an agent waits for the commit reply: longer than the coordinator may take, so the agent never
+/// gives up on (and reports as failed) a backup the coordinator is about to commit.
+pub const COMMIT_REPLY_WAIT: Duration = Duration::from_secs(COMMIT_TIMEOUT.as_secs() + 30);
 
 /// Size of a data chunk on the wire: big enough to amortise framing, small enough to keep memory bounded.
 pub const DATA_CHUNK: usize = 256 * 1024;
@@ -43,6 +55,8 @@ pub enum FrameError {
     Encode(postcard::Error),
     #[error("stream ended before the expected message")]
     Closed,
+    #[error("stream ended inside a frame")]
+    Truncated,
 }
 
 impl From<std::io::Error> for FrameError {
@@ -68,17 +82,21 @@ where
     Ok(())
 }
 
-/// Reads one frame; `Ok(None)` when the stream ended cleanly at a frame boundary.
+/// Reads one frame; `Ok(None)` when the stream ended cleanly at a frame boundary. An end anywhere else —
+/// inside the length prefix included — is [`FrameError::Truncated`].
 pub async fn read_frame<R, T>(r: &mut R) -> Result<Option<T>, FrameError>
 where
     R: AsyncRead + Unpin,
     T: DeserializeOwned,
 {
     let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
+    let mut have = 0;
+    while have < len.len() {
+        match r.read(&mut len[have..]).await? {
+            0 if have == 0 => return Ok(None),
+            0 => return Err(FrameError::Truncated),
+            n => have += n,
+        }
     }
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME {
@@ -86,7 +104,11 @@ where
         return Err(FrameError::TooLarge { len, max: MAX_FRAME });
     }
     let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
+    match r.read_exact(&mut body).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Truncated),
+        Err(e) => return Err(e.into()),
+    }
     postcard::from_bytes(&body).map(Some).map_err(FrameError::Decode)
 }
 
@@ -303,10 +325,33 @@ pub enum AdminResponse {
         /// every member computes the same revision bump; `None` when the coordinator never saw one.
         highest_revision: Option<RevisionSeen>,
     },
-    /// The request failed; the message says why and what to do.
+    /// The request failed; the message says why and what to do, the kind whose side the fault is on.
     Error {
+        kind: ErrorKind,
         message: String,
     },
+}
+
+/// Why a request failed: the caller's input (fix it and retry) or the server (retry later, tell the operator).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The request is wrong as given (bad field, out of bounds, not allowed for this credential).
+    Invalid,
+    /// What the request names does not exist.
+    NotFound,
+    /// The request clashes with the current state (a backup already running).
+    Conflict,
+    /// The server cannot do it right now (shutting down, store unreachable).
+    Unavailable,
+    /// The server failed (state store, I/O).
+    Internal,
+}
+
+impl ErrorKind {
+    /// Whether the fault is in the request, not in the server.
+    pub fn is_refused_input(self) -> bool {
+        matches!(self, Self::Invalid | Self::NotFound | Self::Conflict)
+    }
 }
 
 #[cfg(test)]
@@ -326,6 +371,24 @@ mod tests {
         let huge = ((MAX_FRAME + 1) as u32).to_be_bytes();
         let mut r = &huge[..];
         assert!(matches!(read_frame::<_, JobMsg>(&mut r).await, Err(FrameError::TooLarge { .. })));
+    }
+
+    #[tokio::test]
+    async fn an_end_inside_a_frame_is_an_error_not_a_clean_end() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &JobMsg::Progress { raw_bytes: 5 }).await.unwrap();
+        for cut in 1..buf.len() {
+            let mut r = &buf[..cut];
+            let got = read_frame::<_, JobMsg>(&mut r).await;
+            assert!(matches!(got, Err(FrameError::Truncated)), "cut after {cut} bytes: {got:?}");
+        }
+        let mut r = &buf[..0];
+        assert!(read_frame::<_, JobMsg>(&mut r).await.unwrap().is_none(), "nothing at all is a clean end");
+    }
+
+    #[test]
+    fn the_agent_waits_longer_for_the_commit_than_the_coordinator_may_take() {
+        assert!(COMMIT_REPLY_WAIT > COMMIT_TIMEOUT);
     }
 
     #[tokio::test]

@@ -10,12 +10,13 @@ use aws_sdk_s3::config::{
     BehaviorVersion, Region, RequestChecksumCalculation, ResponseChecksumValidation, SharedCredentialsProvider,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode, TlsContext, TrustStore};
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
-use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::resources::EtcdBackupS3ConfigSpec;
 
 /// Region used when the config names none; S3-compatible servers mostly ignore it, but SigV4 needs one.
@@ -27,6 +28,17 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Attempts per S3 call before giving up.
 pub const MAX_ATTEMPTS: u32 = 5;
+/// Between attempts of one call: short, since most failures are a blip; capped so five attempts stay within
+/// about half a minute of waiting.
+const RETRY_BACKOFF: Backoff = Backoff { base: Duration::from_millis(400), max: Duration::from_secs(10), jitter: 0.5 };
+
+/// The longest one call through [`with_retries`] can take: every attempt times out and every wait is the
+/// longest. Callers that wait for someone else's S3 call (the agent for the coordinator's commit) size their
+/// deadline from this.
+pub const fn max_call_duration() -> Duration {
+    // Attempts × per-attempt timeout, plus (attempts − 1) waits of at most the cap.
+    Duration::from_secs(MAX_ATTEMPTS as u64 * ATTEMPT_TIMEOUT.as_secs() + (MAX_ATTEMPTS as u64 - 1) * 10)
+}
 
 /// The S3 config is not usable as written.
 #[derive(Debug, thiserror::Error)]
@@ -258,7 +270,7 @@ where
             Ok(v) => return Ok(v),
             Err(e) if !e.retryable || attempt >= MAX_ATTEMPTS => return Err(e),
             Err(e) => {
-                let delay = backoff(attempt);
+                let delay = RETRY_BACKOFF.delay(attempt);
                 tracing::warn!(attempt, delay_ms = delay.as_millis() as u64, "{what} failed, retrying: {e}");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -296,9 +308,73 @@ pub async fn abort_upload(
     }
 }
 
-fn backoff(attempt: u32) -> Duration {
-    let base = Duration::from_millis(200).saturating_mul(1 << attempt.min(6));
-    base.min(Duration::from_secs(10)).mul_f64(rand::rng().random_range(0.5..1.0))
+/// HEAD of one object, with retries.
+pub async fn head_object(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    cancel: &CancellationToken,
+) -> Result<aws_sdk_s3::operation::head_object::HeadObjectOutput, S3Error> {
+    let what = format!("check s3://{bucket}/{key}");
+    with_retries(cancel, &what, || async {
+        client.head_object().bucket(bucket).key(key).send().await.map_err(|e| S3Error::from_sdk(&what, bucket, &e))
+    })
+    .await
+}
+
+/// GET of one object, with retries for the request; the body streams afterwards.
+pub async fn get_object(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    what: &str,
+    cancel: &CancellationToken,
+) -> Result<ByteStream, S3Error> {
+    let r = with_retries(cancel, what, || async {
+        client.get_object().bucket(bucket).key(key).send().await.map_err(|e| S3Error::from_sdk(what, bucket, &e))
+    })
+    .await?;
+    Ok(r.body)
+}
+
+/// GET of one small object read whole (a manifest), with retries covering the body too.
+pub async fn get_bytes(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    cancel: &CancellationToken,
+) -> Result<bytes::Bytes, S3Error> {
+    let what = format!("read s3://{bucket}/{key}");
+    with_retries(cancel, &what, || async {
+        let r = client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| S3Error::from_sdk(&what, bucket, &e))?;
+        r.body.collect().await.map(|b| b.into_bytes()).map_err(|e| S3Error {
+            kind: S3ErrorKind::Unreachable,
+            message: format!("{what}: {e}"),
+            retryable: true,
+        })
+    })
+    .await
+}
+
+/// DELETE of one object, with retries; an object already gone counts as deleted (S3 says so anyway).
+pub async fn delete_object(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    cancel: &CancellationToken,
+) -> Result<(), S3Error> {
+    let what = format!("delete s3://{bucket}/{key}");
+    with_retries(cancel, &what, || async {
+        client.delete_object().bucket(bucket).key(key).send().await.map_err(|e| S3Error::from_sdk(&what, bucket, &e))
+    })
+    .await
+    .map(|_| ())
 }
 
 #[cfg(test)]

@@ -1,18 +1,34 @@
 //! ferry-coordinator and ferryctl: the central server that holds configuration and status and commands
 //! agents, and its resource-oriented CLI.
+//!
+//! One owner per piece of state, each behind a narrow handle:
+//! - [`state`]: resources, crash-safe (the `StateStore` trait, redb today);
+//! - [`agents`]: the registry of live agents and the `Agents` resources;
+//! - [`status`]: cluster and overall backup status, each update one state-store transaction;
+//! - [`store`]: the backup store (local or S3) behind one interface, a `Pending` object per job;
+//! - [`backup`]: `Jobs`, which starts, runs and drains backup jobs and reports each outcome on a channel;
+//! - [`schedule`]: the scheduler task, owner of its per-cluster state, fed by those outcomes;
+//! - [`net`] and [`api`]: the QUIC listener and the admin requests it serves;
+//! - [`cli`]: ferryctl's half (tables, cluster templates).
+//!
+//! Imports point one way: `schedule` → `backup` → {`store`, `status`, `agents`} → `state`; nothing below imports
+//! what is above it.
 
+pub mod agents;
 pub mod api;
 pub mod backup;
-pub mod coordinator;
-pub mod ctl;
-pub mod local_store;
+pub mod cli;
+pub mod config;
 pub mod metrics;
+pub mod net;
 pub mod pki;
-pub mod retention;
-pub mod s3_store;
 pub mod schedule;
-pub mod scheduler;
-pub mod server;
 pub mod state;
+pub mod status;
 pub mod store;
-pub mod template;
+
+/// Locks a short-lived mutex. A panic while holding one of these leaves consistent data (each critical section
+/// is one map operation), so poisoning is not a reason to stop serving.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,7 +1,8 @@
 //! The coordinator's Prometheus metrics. Names follow Prometheus conventions (base units, `_total`,
 //! `_seconds`, `_bytes`); labels carry cluster names and results only, never secrets.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -113,5 +114,69 @@ impl Metrics {
 
     pub fn result(cluster: &str, ok: bool) -> ResultLabels {
         ResultLabels { cluster: cluster.to_string(), result: if ok { "success" } else { "error" }.to_string() }
+    }
+
+    /// Automatic backups of `cluster` are off (or paused by an invalid configuration): no interval to show.
+    pub fn clear_interval(&self, cluster: &str) {
+        self.interval.remove(&Self::cluster(cluster));
+    }
+
+    /// `cluster` was deleted: every series labelled with it goes, so dashboards and alerts forget it.
+    pub fn remove_cluster(&self, cluster: &str) {
+        let l = Self::cluster(cluster);
+        for family in [&self.last_success, &self.last_attempt, &self.interval] {
+            family.remove(&l);
+        }
+        for family in [&self.size, &self.raw_size, &self.agents_connected] {
+            family.remove(&l);
+        }
+        self.retention_deleted.remove(&l);
+        for ok in [true, false] {
+            self.backups.remove(&Self::result(cluster, ok));
+        }
+    }
+}
+
+/// What `/metrics` and `/readyz` show: the metrics, and whether the QUIC listener is up.
+pub struct Observer {
+    pub metrics: Arc<Metrics>,
+    /// Set once the QUIC listener is up.
+    pub listening: AtomicBool,
+}
+
+impl ferry_common::observe::Observed for Observer {
+    fn metrics(&self) -> String {
+        self.metrics.render()
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        // The state store is open once the coordinator exists; what remains is the QUIC listener.
+        if self.listening.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err("the QUIC listener is not up yet".into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_removed_cluster_leaves_no_series() {
+        let m = Metrics::default();
+        let l = Metrics::cluster("gone");
+        m.last_success.get_or_create(&l).set(1.0);
+        m.interval.get_or_create(&l).set(3600.0);
+        m.size.get_or_create(&l).set(5);
+        m.backups.get_or_create(&Metrics::result("gone", true)).inc();
+        m.retention_deleted.get_or_create(&l).inc();
+        m.interval.get_or_create(&Metrics::cluster("kept")).set(3600.0);
+        assert!(m.render().contains("cluster=\"gone\""));
+        m.remove_cluster("gone");
+        let text = m.render();
+        assert!(!text.contains("cluster=\"gone\""), "{text}");
+        assert!(text.contains("cluster=\"kept\""), "{text}");
     }
 }

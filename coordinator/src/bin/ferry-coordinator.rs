@@ -1,4 +1,5 @@
-//! `ferry-coordinator`: parses flags, opens the state dir and wires the QUIC server to the stores.
+//! `ferry-coordinator`: parses flags, opens the state dir, wires the owners together (state store, status,
+//! agent registry, backup store, jobs, scheduler, API, listener) and shuts them down in order.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
@@ -11,16 +12,29 @@ use clap::{Parser, ValueEnum};
 use ferry_common::observe::{init_logging, listen, shutdown_signal, LogFormat, Observed};
 use ferry_common::resources::{Resource, ResourceType, Spec, S3_CONFIG_ID};
 use ferry_common::tls::quinn_server_config;
-use ferry_coordinator::coordinator::{Coordinator, Settings};
-use ferry_coordinator::local_store::LocalStore;
-use ferry_coordinator::s3_store::{S3Conn, S3Store};
-use ferry_coordinator::schedule::Bounds;
-use ferry_coordinator::state::RedbStore;
-use ferry_coordinator::store::BackupStore;
+use ferry_coordinator::agents::Agents;
+use ferry_coordinator::api::{Api, ApiDeps};
+use ferry_coordinator::backup::{JobDeps, Jobs};
+use ferry_coordinator::config::{Bounds, Settings};
+use ferry_coordinator::metrics::{Metrics, Observer};
+use ferry_coordinator::net::Server;
+use ferry_coordinator::schedule::{self, SchedulerDeps};
+use ferry_coordinator::state::{RedbStore, StateStore};
+use ferry_coordinator::status::Status;
+use ferry_coordinator::store::{BackupStore, S3Conn};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-/// How long running backups get to finish after SIGTERM before they are aborted.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long running backups get to finish after SIGTERM before they are cancelled (the default of
+/// `--shutdown-grace`).
+const SHUTDOWN_GRACE: &str = "30s";
+/// After cancelling, how long jobs get to clean up (remove partial files, abort uploads).
+const CANCEL_DEADLINE: Duration = Duration::from_secs(10);
+/// How long open connections get to close.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
+/// How often multipart-upload aborts that failed (S3 down) are retried.
+const ABORT_RETRY_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum StoreKind {
@@ -84,6 +98,10 @@ struct Args {
     /// Backups running at once across clusters; the rest queue in due order.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
     max_concurrent_backups: u32,
+    /// After SIGTERM, how long running backups get to finish before they are cancelled (no new backup starts
+    /// meanwhile).
+    #[arg(long, default_value = SHUTDOWN_GRACE, value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
 }
 
 /// Megabits per second to bytes per second.
@@ -107,20 +125,28 @@ async fn run(args: Args) -> Result<()> {
         .mode(0o700)
         .create(&args.state_dir)
         .with_context(|| format!("create --state-dir {}", args.state_dir.display()))?;
-    let state = RedbStore::open(&args.state_dir.join("state.redb"))
-        .context("open the state store (is another coordinator using this --state-dir?)")?;
+    let state: Arc<dyn StateStore> = Arc::new(
+        RedbStore::open(&args.state_dir.join("state.redb"))
+            .context("open the state store (is another coordinator using this --state-dir?)")?,
+    );
     let pki = ferry_coordinator::pki::init(&args.state_dir, args.listen, &args.advertise_names)?;
     let store_dir = args.local_store_dir.clone().unwrap_or_else(|| args.state_dir.join("backups"));
-    let store = match args.backup_store {
-        StoreKind::Local => BackupStore::Local(LocalStore::open(&store_dir)?),
+    let store = Arc::new(match args.backup_store {
+        StoreKind::Local => BackupStore::local(&store_dir).context("open the local store")?,
         StoreKind::S3 => {
             if args.local_store_dir.is_some() {
                 bail!("--local-store-dir goes with --backup-store local");
             }
-            BackupStore::S3(S3Store::default())
+            BackupStore::s3()
         }
-    };
+    });
     let server_config = quinn_server_config(&pki.ca.pem().cert_pem, &pki.server)?;
+    if args.min_backup_interval > args.max_backup_interval {
+        bail!("--min-backup-interval is longer than --max-backup-interval");
+    }
+    if !(0.0..=50.0).contains(&args.backup_jitter_percent) {
+        bail!("--backup-jitter-percent must be between 0 and 50");
+    }
     let settings = Settings {
         zstd_level: args.zstd_level,
         part_size: args.upload_part_size_mib * 1024 * 1024,
@@ -135,49 +161,88 @@ async fn run(args: Args) -> Result<()> {
         },
         max_concurrent_backups: args.max_concurrent_backups as usize,
     };
-    if args.min_backup_interval > args.max_backup_interval {
-        bail!("--min-backup-interval is longer than --max-backup-interval");
+
+    // The owners, each with its own handle.
+    let metrics = Arc::new(Metrics::default());
+    let status = Status::new(state.clone(), metrics.clone(), store.name(), store.initial_configuration_error())
+        .context("initialize status")?;
+    let agents = Agents::new(state.clone(), metrics.clone()).context("initialize agents")?;
+    let (outcomes_tx, outcomes_rx) = tokio::sync::mpsc::unbounded_channel();
+    let jobs = Jobs::new(
+        JobDeps {
+            agents: agents.clone(),
+            store: store.clone(),
+            status: status.clone(),
+            state: state.clone(),
+            metrics: metrics.clone(),
+            settings: settings.clone(),
+        },
+        outcomes_tx,
+    );
+    // Background work of the store and the API (config checks, abort retries, request store calls).
+    let background = CancellationToken::new();
+    let background_tasks = TaskTracker::new();
+    if store.takes_s3_config() {
+        load_s3_config(&state, &store, &status, &background, &background_tasks).await?;
     }
-    if !(0.0..=50.0).contains(&args.backup_jitter_percent) {
-        bail!("--backup-jitter-percent must be between 0 and 50");
-    }
-    let coord = Coordinator::new(Arc::new(state), store, pki.ca, settings)?;
-    if matches!(coord.store, BackupStore::S3(_)) {
-        load_s3_config(&coord).await?;
-    }
+    let api = Arc::new(Api::new(ApiDeps {
+        state: state.clone(),
+        store: store.clone(),
+        status: status.clone(),
+        agents: agents.clone(),
+        jobs: jobs.clone(),
+        ca: pki.ca,
+        settings: settings.clone(),
+        cancel: background.clone(),
+    }));
+    let server = Server::new(api, agents.clone());
 
     let endpoint_config = ferry_coordinator::pki::quic_endpoint_config(&args.state_dir)?;
     let socket = std::net::UdpSocket::bind(args.listen).with_context(|| format!("listen on {} (UDP)", args.listen))?;
     let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, Arc::new(quinn::TokioRuntime))
         .with_context(|| format!("listen on {} (UDP)", args.listen))?;
-    info!(listen = %args.listen, store = coord.store.name(), "coordinator ready");
-    coord.listening.store(true, std::sync::atomic::Ordering::Relaxed);
+    info!(listen = %args.listen, store = store.name(), "coordinator ready");
+    let observer = Arc::new(Observer { metrics: metrics.clone(), listening: true.into() });
     if let Some(addr) = args.metrics_listen {
-        let server = listen(addr, coord.clone() as Arc<dyn Observed>, coord.cancel.clone())
+        let serve = listen(addr, observer as Arc<dyn Observed>, background.clone())
             .await
             .with_context(|| format!("listen on --metrics-listen {addr}"))?;
-        coord.tasks.spawn(server);
+        background_tasks.spawn(serve);
     }
-    let server = tokio::spawn(ferry_coordinator::server::serve(coord.clone(), endpoint.clone()));
-    coord.tasks.spawn(ferry_coordinator::scheduler::run(coord.clone()));
+    let stop_accepting = CancellationToken::new();
+    let listener = tokio::spawn(server.clone().serve(endpoint.clone(), stop_accepting.clone()));
+    let stop_scheduler = CancellationToken::new();
+    let scheduler = schedule::spawn(
+        SchedulerDeps { state, store, agents, jobs: jobs.clone(), metrics, bounds: settings.bounds.clone() },
+        outcomes_rx,
+        stop_scheduler.clone(),
+    );
 
     shutdown_signal().await;
-    info!("shutting down: no new connections; waiting up to {}s for running backups", SHUTDOWN_GRACE.as_secs());
-    coord.tasks.close();
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        // Jobs end on their own; connection tasks of idle agents only end on cancel, so wait for jobs only.
-        while coord.any_running() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    // 1. Nothing new: the listener refuses connections, the scheduler stops, no job starts (queued ones give up,
+    //    manual applies on connections already open are refused).
+    info!(
+        grace_s = args.shutdown_grace.as_secs_f64(),
+        "shutting down: no new connections or backups; waiting for running backups"
+    );
+    stop_accepting.cancel();
+    stop_scheduler.cancel();
+    jobs.stop_starting();
+    let _ = listener.await;
+    let _ = scheduler.await;
+    // 2. Running jobs get the grace period; 3. then they are cancelled and clean up.
+    if !jobs.drain(args.shutdown_grace).await {
+        warn!("backups still running after the grace period; cancelling them (partial objects are discarded, uploads aborted)");
+        if !jobs.cancel(CANCEL_DEADLINE).await {
+            warn!("backup cleanup did not finish within {}s", CANCEL_DEADLINE.as_secs());
         }
-    })
-    .await;
-    if drained.is_err() {
-        warn!("backups still running after the grace period; aborting them (partial objects are discarded)");
     }
-    coord.cancel.cancel();
-    let _ = server.await;
+    // 4. Connections close, background work stops.
+    background.cancel();
+    server.close_connections(CLOSE_DEADLINE).await;
     endpoint.close(0u32.into(), b"coordinator shutting down");
-    let _ = tokio::time::timeout(Duration::from_secs(5), coord.tasks.wait()).await;
+    background_tasks.close();
+    let _ = tokio::time::timeout(CLOSE_DEADLINE, background_tasks.wait()).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     info!("coordinator stopped");
     Ok(())
@@ -185,35 +250,39 @@ async fn run(args: Args) -> Result<()> {
 
 /// Uses the stored S3 config at once, and checks it in the background so a slow or down endpoint does not
 /// hold up start-up; the check's outcome shows in `configurationerror`.
-async fn load_s3_config(coord: &Arc<Coordinator>) -> Result<()> {
-    let BackupStore::S3(store) = &coord.store else { return Ok(()) };
+async fn load_s3_config(
+    state: &Arc<dyn StateStore>,
+    store: &Arc<BackupStore>,
+    status: &Status,
+    cancel: &CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<()> {
+    // Aborts that failed while S3 was unreachable are retried until they succeed.
+    let (s, c) = (store.clone(), cancel.clone());
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(ABORT_RETRY_EVERY) => {}
+                () = c.cancelled() => return,
+            }
+            s.retry_pending_aborts(&c).await;
+        }
+    });
     let Some(Resource { spec: Spec::EtcdBackupS3Config(spec), .. }) =
-        coord.state.get(ResourceType::EtcdBackupS3Config, S3_CONFIG_ID)?
+        state.get(ResourceType::EtcdBackupS3Config, S3_CONFIG_ID)?
     else {
         return Ok(());
     };
-    let client = ferry_common::s3::client(&spec).await.context("build S3 client from the stored config")?;
-    store.set(S3Conn { spec: spec.clone(), client });
-    coord.set_configuration_status("", false)?;
-    let c = coord.clone();
-    coord.tasks.spawn(async move {
-        if let Err(msg) = S3Store::validate(&spec).await {
+    let conn =
+        S3Conn::unchecked(&spec).await.map_err(|e| anyhow::anyhow!("build S3 client from the stored config: {e}"))?;
+    store.set_s3_config(conn);
+    status.set_configuration("", false)?;
+    let (s, st) = (store.clone(), status.clone());
+    tasks.spawn(async move {
+        if let Err(msg) = s.check_s3_config(&spec).await {
             warn!("the stored S3 config does not work right now: {msg}");
-            if let Err(e) = c.set_configuration_status(&msg, false) {
+            if let Err(e) = st.set_configuration(&msg, false) {
                 warn!("failed to record configuration status: {e:#}");
-            }
-        }
-    });
-    // Aborts that failed while S3 was unreachable are retried until they succeed.
-    let c = coord.clone();
-    coord.tasks.spawn(async move {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
-                _ = c.cancel.cancelled() => return,
-            }
-            if let BackupStore::S3(s3) = &c.store {
-                s3.retry_pending_aborts().await;
             }
         }
     });

@@ -7,13 +7,13 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use ferry_common::client::Session;
 use ferry_common::config::{AgentCredentials, FerryConfig};
-use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, ApplyOutcome};
+use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, ApplyOutcome, ErrorKind};
 use ferry_common::resources::EtcdBackupSpec;
 use ferry_common::resources::{Resource, ResourceType, Selector, Spec};
 use ferry_common::snapshot::{RestoreAs, VerifyingWriter};
 use ferry_common::tls::CertifiedPem;
-use ferry_coordinator::ctl::{render, Format};
-use ferry_coordinator::template;
+use ferry_coordinator::cli::render::{render, Format};
+use ferry_coordinator::cli::template;
 
 /// ferryctl: manage a Ferry coordinator.
 #[derive(Parser, Debug)]
@@ -113,13 +113,43 @@ enum BackupCommand {
     },
 }
 
+/// Exit code when the input was refused: a bad flag or file, or the coordinator said the request is wrong.
+const EXIT_REFUSED: i32 = 1;
+/// Exit code when the coordinator failed or could not be reached.
+const EXIT_FAILED: i32 = 2;
+
+/// The coordinator answered with an error; its kind decides the exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct Answered {
+    kind: ErrorKind,
+    message: String,
+}
+
+/// Whether an error is the server's or the transport's (exit 2), not the input's (exit 1).
+fn is_server_failure(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<Answered>().is_some_and(|a| !a.kind.is_refused_input())
+            || c.downcast_ref::<ferry_common::client::ClientError>()
+                .is_some_and(|ce| !matches!(ce, ferry_common::client::ClientError::Setup(_)))
+            || c.downcast_ref::<ferry_common::protocol::FrameError>().is_some()
+    })
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_REFUSED } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
     if let Err(e) = run(cli).await {
         let msg = format!("{e:#}").replace('\n', " ");
         eprintln!("error: {msg}");
-        std::process::exit(1);
+        std::process::exit(if is_server_failure(&e) { EXIT_FAILED } else { EXIT_REFUSED });
     }
 }
 
@@ -135,7 +165,7 @@ async fn call(cfg: &FerryConfig, request: AdminRequest) -> Result<AdminResponse>
     let response = expect_frame(&mut s.recv).await.context("read response")?;
     s.close().await;
     match response {
-        AdminResponse::Error { message } => Err(anyhow!(message)),
+        AdminResponse::Error { kind, message } => Err(Answered { kind, message }.into()),
         r => Ok(r),
     }
 }
@@ -262,7 +292,7 @@ async fn fetch(
                 Spec::EtcdBackup(b) => b,
                 other => bail!("unexpected download header {other:?}"),
             },
-            AdminResponse::Error { message } => bail!(message),
+            AdminResponse::Error { kind, message } => return Err(Answered { kind, message }.into()),
             other => bail!("unexpected response {other:?}"),
         };
         let mut w = VerifyingWriter::create(output, &backup, decompress)?;
@@ -270,7 +300,7 @@ async fn fetch(
             match expect_frame(&mut s.recv).await.context("read backup data")? {
                 AdminResponse::Data(d) => w.write(&d)?,
                 AdminResponse::DownloadEnd => break,
-                AdminResponse::Error { message } => bail!(message),
+                AdminResponse::Error { kind, message } => return Err(Answered { kind, message }.into()),
                 other => bail!("unexpected response {other:?}"),
             }
         }

@@ -8,6 +8,7 @@ mod backup;
 mod coverage;
 mod failures;
 mod harness;
+mod network;
 mod observe;
 mod persistence;
 mod rejections;

@@ -89,3 +89,22 @@ async fn manual_backup_in_the_wrong_namespace_is_rejected_naming_the_right_one()
     assert_cli_error(&out, &["lives in namespace \"ephemeral\""]);
     assert_no_manual_backup_stored(&coordinator, CLUSTER).await
 }
+
+#[tokio::test]
+async fn ferryctl_exits_1_for_refused_input_and_2_when_the_coordinator_fails_or_is_gone() -> anyhow::Result<()> {
+    let (_etcd, mut coordinator, _agents) = coordinator_with_cluster().await?;
+    let ctl = coordinator.ctl();
+    let stale = ctl.apply_yaml(&manual_backup_yaml(CLUSTER, unix_now() - 3600, 0)).await?;
+    assert_cli_error(&stale, &["within one minute"]);
+    assert_eq!(stale.status.code(), Some(1), "input the coordinator refused: {stale:?}");
+    let missing = ctl.run(&["get", "cluster", "nosuch"]).await?;
+    assert_eq!(missing.status.code(), Some(1), "not found is the caller's: {missing:?}");
+    let bad_flag = ctl.run(&["get", "cluster", "--no-such-flag"]).await?;
+    assert_eq!(bad_flag.status.code(), Some(1), "a bad flag is refused input: {bad_flag:?}");
+
+    coordinator.kill();
+    let gone = ctl.with_timeout(std::time::Duration::from_secs(30)).run(&["get", "agents"]).await?;
+    assert_cli_error(&gone, &["coordinator"]);
+    assert_eq!(gone.status.code(), Some(2), "an unreachable coordinator is not the input's fault: {gone:?}");
+    Ok(())
+}

@@ -1,24 +1,11 @@
-//! The coordinator's state store: resources, kept crash-safe.
-//!
-//! Behind one small trait so that highly available coordinators can later keep the same resources in an
-//! external etcd; the embedded implementation is redb, whose commits are durable (fsync) before they return,
-//! so nothing acknowledged to ferryctl is lost to a restart or `kill -9`.
+//! The embedded state store: one redb file in the state dir.
 
 use std::path::Path;
 
 use ferry_common::resources::{Resource, ResourceType, Timestamp};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
-/// A state store operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StateError {
-    #[error("state store: {0}")]
-    Db(redb::Error),
-    #[error("state store holds an unreadable record {key:?}: {error}")]
-    Corrupt { key: String, error: serde_json::Error },
-    #[error("encode resource: {0}")]
-    Encode(serde_json::Error),
-}
+use super::{StateError, StateStore, StateTxn};
 
 macro_rules! db_err {
     ($($t:ty),*) => {$(impl From<$t> for StateError { #[allow(clippy::useless_conversion)] fn from(e: $t) -> Self { Self::Db(e.into()) } })*};
@@ -31,16 +18,6 @@ db_err!(
     redb::StorageError,
     redb::CommitError
 );
-
-/// Where resources live. Writes bump `metadata.version` and stamp `created`/`updated`.
-pub trait StateStore: Send + Sync {
-    fn get(&self, rt: ResourceType, id: &str) -> Result<Option<Resource>, StateError>;
-    fn list(&self, rt: ResourceType) -> Result<Vec<Resource>, StateError>;
-    /// Stores `r`, returning it as stored (with its new version).
-    fn put(&self, r: Resource) -> Result<Resource, StateError>;
-    /// Removes a resource; `false` if it did not exist.
-    fn delete(&self, rt: ResourceType, id: &str) -> Result<bool, StateError>;
-}
 
 const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources");
 
@@ -71,6 +48,35 @@ fn decode(k: &str, v: &[u8]) -> Result<Resource, StateError> {
     Ok(r)
 }
 
+/// Reads and writes of one redb write transaction.
+struct RedbTxn<'t> {
+    table: redb::Table<'t, &'static str, &'static [u8]>,
+}
+
+impl StateTxn for RedbTxn<'_> {
+    fn get(&mut self, rt: ResourceType, id: &str) -> Result<Option<Resource>, StateError> {
+        let k = key(rt, id);
+        let v = self.table.get(k.as_str())?;
+        v.map(|v| decode(&k, v.value())).transpose()
+    }
+
+    fn put(&mut self, r: Resource) -> Result<Resource, StateError> {
+        put_in(&mut self.table, r)
+    }
+}
+
+fn put_in(table: &mut redb::Table<'_, &'static str, &'static [u8]>, mut r: Resource) -> Result<Resource, StateError> {
+    let k = key(r.resource_type(), &r.metadata.id);
+    let old = table.get(k.as_str())?.map(|v| decode(&k, v.value())).transpose()?;
+    let now = Timestamp::now();
+    r.metadata.version = old.as_ref().map_or(1, |o| o.metadata.version + 1);
+    r.metadata.created = old.and_then(|o| o.metadata.created).or(Some(now));
+    r.metadata.updated = Some(now);
+    let bytes = serde_json::to_vec(&r).map_err(StateError::Encode)?;
+    table.insert(k.as_str(), bytes.as_slice())?;
+    Ok(r)
+}
+
 impl StateStore for RedbStore {
     fn get(&self, rt: ResourceType, id: &str) -> Result<Option<Resource>, StateError> {
         let tx = self.db.begin_read()?;
@@ -93,21 +99,22 @@ impl StateStore for RedbStore {
         Ok(out)
     }
 
-    fn put(&self, mut r: Resource) -> Result<Resource, StateError> {
-        let k = key(r.resource_type(), &r.metadata.id);
+    fn put(&self, r: Resource) -> Result<Resource, StateError> {
+        let tx = self.db.begin_write()?;
+        let stored = put_in(&mut tx.open_table(RESOURCES)?, r)?;
+        tx.commit()?;
+        Ok(stored)
+    }
+
+    fn transact(&self, f: &mut dyn FnMut(&mut dyn StateTxn) -> Result<(), StateError>) -> Result<(), StateError> {
         let tx = self.db.begin_write()?;
         {
-            let mut table = tx.open_table(RESOURCES)?;
-            let old = table.get(k.as_str())?.map(|v| decode(&k, v.value())).transpose()?;
-            let now = Timestamp::now();
-            r.metadata.version = old.as_ref().map_or(1, |o| o.metadata.version + 1);
-            r.metadata.created = old.and_then(|o| o.metadata.created).or(Some(now));
-            r.metadata.updated = Some(now);
-            let bytes = serde_json::to_vec(&r).map_err(StateError::Encode)?;
-            table.insert(k.as_str(), bytes.as_slice())?;
+            let mut txn = RedbTxn { table: tx.open_table(RESOURCES)? };
+            // Dropping `tx` uncommitted on error aborts it.
+            f(&mut txn)?;
         }
         tx.commit()?;
-        Ok(r)
+        Ok(())
     }
 
     fn delete(&self, rt: ResourceType, id: &str) -> Result<bool, StateError> {

@@ -7,7 +7,32 @@
 
 use std::collections::HashSet;
 
-use ferry_common::resources::{Retention, Timestamp};
+use anyhow::Result;
+use ferry_common::resources::{Resource, ResourceType, Retention, Spec, Timestamp};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::JobDeps;
+use crate::metrics::Metrics;
+
+/// Applies `cluster`'s retention policy (if it has one) after a successful backup: a deletion removes the
+/// manifest first, then the object, so nothing half-deleted is listed.
+pub(super) async fn apply(deps: &JobDeps, cluster: &str, cancel: &CancellationToken) -> Result<()> {
+    let policy = match deps.state.get(ResourceType::Cluster, cluster)? {
+        Some(Resource { spec: Spec::Cluster(c), .. }) => c.backupconfiguration.and_then(|b| b.retention),
+        _ => None,
+    };
+    let Some(policy) = policy else { return Ok(()) };
+    let all = deps.store.list(Some(cluster), cancel).await?;
+    let listed: Vec<(String, Timestamp)> = all.iter().map(|m| (m.id.clone(), m.backup.createdat)).collect();
+    for id in to_delete(&listed, &policy) {
+        let Some(m) = all.iter().find(|m| m.id == id) else { continue };
+        deps.store.delete(m, cancel).await?;
+        deps.metrics.retention_deleted.get_or_create(&Metrics::cluster(cluster)).inc();
+        info!(backup_id = %id, createdat = %m.backup.createdat.human(), ?policy, "retention deleted backup");
+    }
+    Ok(())
+}
 
 /// Ids to delete, given `(id, createdat)` of every listed (successful) backup of one cluster.
 pub fn to_delete(backups: &[(String, Timestamp)], policy: &Retention) -> Vec<String> {

@@ -9,33 +9,46 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use ferry_common::resources::{EtcdBackupSpec, Timestamp};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
 
-use crate::store::{sort_newest_first, Manifest, MANIFEST_SUFFIX, OBJECT_SUFFIX};
+use super::{sort_newest_first, Manifest, StoreError, MANIFEST_SUFFIX, OBJECT_SUFFIX};
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+    StoreError::io(what)
+}
+
+fn cancelled(cancel: &CancellationToken) -> Result<()> {
+    if cancel.is_cancelled() {
+        return Err(StoreError::Cancelled);
+    }
+    Ok(())
+}
 
 const PARTIAL_SUFFIX: &str = ".partial";
 
-pub struct LocalStore {
+pub(super) struct LocalStore {
     root: PathBuf,
 }
 
 impl LocalStore {
     /// Opens (creating) the store and removes partial objects a crash left behind.
-    pub fn open(root: &Path) -> Result<Self> {
-        fs::create_dir_all(root).with_context(|| format!("create local store dir {}", root.display()))?;
-        for cluster in fs::read_dir(root).with_context(|| format!("read {}", root.display()))? {
-            let cluster = cluster?.path();
+    pub(super) fn open(root: &Path) -> Result<Self> {
+        fs::create_dir_all(root).map_err(io(format!("create local store dir {}", root.display())))?;
+        for cluster in fs::read_dir(root).map_err(io(format!("read {}", root.display())))? {
+            let cluster = cluster.map_err(io(format!("read {}", root.display())))?.path();
             if !cluster.is_dir() {
                 continue;
             }
-            for f in fs::read_dir(&cluster)? {
-                let p = f?.path();
+            for f in fs::read_dir(&cluster).map_err(io(format!("read {}", cluster.display())))? {
+                let p = f.map_err(io(format!("read {}", cluster.display())))?.path();
                 if p.to_string_lossy().ends_with(PARTIAL_SUFFIX) || p.extension().is_some_and(|e| e == "tmp") {
                     tracing::info!(path = %p.display(), "removing partial backup left by an earlier run");
-                    fs::remove_file(&p).with_context(|| format!("remove {}", p.display()))?;
+                    fs::remove_file(&p).map_err(io(format!("remove {}", p.display())))?;
                 }
             }
         }
@@ -47,9 +60,10 @@ impl LocalStore {
     }
 
     /// Starts a new backup of `cluster`, reserving a unique id `<cluster>-<unix seconds>[-N]`.
-    pub async fn begin(&self, cluster: &str, at: Timestamp) -> Result<PendingBackup> {
+    pub(super) async fn begin(&self, cluster: &str, at: Timestamp, cancel: &CancellationToken) -> Result<PendingLocal> {
+        cancelled(cancel)?;
         let dir = self.cluster_dir(cluster);
-        tokio::fs::create_dir_all(&dir).await.with_context(|| format!("create {}", dir.display()))?;
+        tokio::fs::create_dir_all(&dir).await.map_err(io(format!("create {}", dir.display())))?;
         for n in 0..1000u32 {
             let id = if n == 0 { format!("{cluster}-{}", at.seconds) } else { format!("{cluster}-{}-{n}", at.seconds) };
             let object = dir.join(format!("{id}{OBJECT_SUFFIX}"));
@@ -60,7 +74,7 @@ impl LocalStore {
             // create_new makes the reservation atomic against a concurrent backup in the same second.
             match tokio::fs::OpenOptions::new().write(true).create_new(true).open(&partial).await {
                 Ok(file) => {
-                    return Ok(PendingBackup {
+                    return Ok(PendingLocal {
                         id,
                         cluster: cluster.to_string(),
                         dir: dir.clone(),
@@ -73,19 +87,20 @@ impl LocalStore {
                     })
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e).with_context(|| format!("create {}", partial.display())),
+                Err(e) => return Err(io(format!("create {}", partial.display()))(e)),
             }
         }
-        bail!("could not find a free backup id for cluster {cluster}")
+        Err(StoreError::NoFreeId(cluster.to_string()))
     }
 
     /// Every backup of `cluster` (or of all clusters), newest first.
-    pub fn list(&self, cluster: Option<&str>) -> Result<Vec<Manifest>> {
+    pub(super) fn list(&self, cluster: Option<&str>, cancel: &CancellationToken) -> Result<Vec<Manifest>> {
+        cancelled(cancel)?;
         let mut out = Vec::new();
         let dirs: Vec<PathBuf> = match cluster {
             Some(c) => vec![self.cluster_dir(c)],
             None => fs::read_dir(&self.root)
-                .with_context(|| format!("read {}", self.root.display()))?
+                .map_err(io(format!("read {}", self.root.display())))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.is_dir())
                 .collect(),
@@ -94,15 +109,15 @@ impl LocalStore {
             let entries = match fs::read_dir(&dir) {
                 Ok(e) => e,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e).with_context(|| format!("read {}", dir.display())),
+                Err(e) => return Err(io(format!("read {}", dir.display()))(e)),
             };
             for e in entries {
-                let p = e?.path();
+                let p = e.map_err(io(format!("read {}", dir.display())))?.path();
                 let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 if name.starts_with('.') || !name.ends_with(MANIFEST_SUFFIX) {
                     continue;
                 }
-                let text = fs::read(&p).with_context(|| format!("read {}", p.display()))?;
+                let text = fs::read(&p).map_err(io(format!("read {}", p.display())))?;
                 match serde_json::from_slice::<Manifest>(&text) {
                     Ok(m) => out.push(m),
                     Err(e) => tracing::warn!(path = %p.display(), "skipping unreadable manifest: {e}"),
@@ -114,28 +129,33 @@ impl LocalStore {
     }
 
     /// One backup's manifest.
-    pub fn find(&self, cluster: &str, id: &str) -> Result<Option<Manifest>> {
+    pub(super) fn find(&self, cluster: &str, id: &str, cancel: &CancellationToken) -> Result<Option<Manifest>> {
+        cancelled(cancel)?;
         if id.contains('/') || id.starts_with('.') {
             return Ok(None);
         }
         let p = self.cluster_dir(cluster).join(format!("{id}{MANIFEST_SUFFIX}"));
         match fs::read(&p) {
-            Ok(text) => Ok(Some(serde_json::from_slice(&text).with_context(|| format!("parse {}", p.display()))?)),
+            Ok(text) => serde_json::from_slice(&text)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("parse {}: {e}", p.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("read {}", p.display())),
+            Err(e) => Err(io(format!("read {}", p.display()))(e)),
         }
     }
 
     /// Opens a backup's object for reading.
-    pub async fn open_object(&self, m: &Manifest) -> Result<tokio::fs::File> {
+    pub(super) async fn open_object(&self, m: &Manifest, cancel: &CancellationToken) -> Result<tokio::fs::File> {
+        cancelled(cancel)?;
         let p = self.root.join(&m.backup.snapshot);
-        tokio::fs::File::open(&p).await.with_context(|| format!("open {}", p.display()))
+        tokio::fs::File::open(&p).await.map_err(io(format!("open {}", p.display())))
     }
 }
 
 impl LocalStore {
     /// Deletes a backup: manifest first, then object, each removal made durable.
-    pub async fn delete(&self, m: &Manifest) -> Result<()> {
+    pub(super) async fn delete(&self, m: &Manifest, cancel: &CancellationToken) -> Result<()> {
+        cancelled(cancel)?;
         let dir = self.cluster_dir(&m.backup.cluster);
         let manifest = dir.join(format!("{}{MANIFEST_SUFFIX}", m.id));
         let object = self.root.join(&m.backup.snapshot);
@@ -144,19 +164,20 @@ impl LocalStore {
                 match fs::remove_file(p) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e).with_context(|| format!("remove {}", p.display())),
+                    Err(e) => return Err(io(format!("remove {}", p.display()))(e)),
                 }
-                fs::File::open(&dir)?.sync_all().with_context(|| format!("fsync {}", dir.display()))?;
+                fsync_dir(&dir)?;
             }
             Ok(())
         })
-        .await?
+        .await
+        .map_err(|e| StoreError::Io { what: "delete backup".into(), error: std::io::Error::other(e) })?
     }
 }
 
 /// A backup being written. Dropped without `commit`, its partial file is removed.
-pub struct PendingBackup {
-    pub id: String,
+pub(super) struct PendingLocal {
+    pub(super) id: String,
     cluster: String,
     dir: PathBuf,
     partial: PathBuf,
@@ -167,48 +188,49 @@ pub struct PendingBackup {
     done: bool,
 }
 
-impl PendingBackup {
-    pub async fn write(&mut self, data: &[u8]) -> Result<()> {
-        let f = self.file.as_mut().context("backup already closed")?;
-        f.write_all(data).await.with_context(|| format!("write {}", self.partial.display()))?;
+impl PendingLocal {
+    pub(super) async fn write(&mut self, data: &[u8], cancel: &CancellationToken) -> Result<()> {
+        cancelled(cancel)?;
+        let f =
+            self.file.as_mut().ok_or_else(|| StoreError::Mismatch(format!("backup {} is already closed", self.id)))?;
+        f.write_all(data).await.map_err(io(format!("write {}", self.partial.display())))?;
         self.sha.update(data);
         self.bytes += data.len() as u64;
         Ok(())
     }
 
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
     /// Makes the backup durable and visible. `spec` must describe what was written: its size and sha256
     /// are checked against the bytes actually received.
-    pub async fn commit(&mut self, mut spec: EtcdBackupSpec) -> Result<Manifest> {
+    pub(super) async fn commit(&mut self, mut spec: EtcdBackupSpec, cancel: &CancellationToken) -> Result<Manifest> {
+        cancelled(cancel)?;
         if self.done {
-            bail!("backup {} is already committed", self.id);
+            return Err(StoreError::Mismatch(format!("backup {} is already committed", self.id)));
         }
         let sha = hex::encode(self.sha.clone().finalize());
         if spec.size != self.bytes || spec.sha256 != sha {
-            bail!(
+            return Err(StoreError::Mismatch(format!(
                 "received {} bytes with sha256 {sha}, but the agent sent {} bytes with sha256 {}; discarding",
-                self.bytes,
-                spec.size,
-                spec.sha256
-            );
+                self.bytes, spec.size, spec.sha256
+            )));
         }
-        let mut f = self.file.take().context("backup already closed")?;
-        f.flush().await?;
-        f.sync_all().await.with_context(|| format!("fsync {}", self.partial.display()))?;
+        let closed = || StoreError::Mismatch(format!("backup {} is already closed", self.id));
+        let mut f = self.file.take().ok_or_else(closed)?;
+        f.flush().await.map_err(io(format!("write {}", self.partial.display())))?;
+        f.sync_all().await.map_err(io(format!("fsync {}", self.partial.display())))?;
         drop(f);
         tokio::fs::rename(&self.partial, &self.object)
             .await
-            .with_context(|| format!("rename into {}", self.object.display()))?;
+            .map_err(io(format!("rename into {}", self.object.display())))?;
         spec.snapshot = format!("{}/{}{OBJECT_SUFFIX}", self.cluster, self.id);
         let manifest = Manifest { format: 1, id: self.id.clone(), backup: spec };
         let dir = self.dir.clone();
         let id = self.id.clone();
         let object = self.object.clone();
         let m = manifest.clone();
-        let written = tokio::task::spawn_blocking(move || write_manifest(&dir, &id, &m)).await?;
+        let written = tokio::task::spawn_blocking(move || write_manifest(&dir, &id, &m))
+            .await
+            .map_err(|e| StoreError::Io { what: "write manifest".into(), error: std::io::Error::other(e) })
+            .and_then(|r| r);
         if let Err(e) = written {
             let _ = fs::remove_file(&object);
             return Err(e);
@@ -221,17 +243,20 @@ impl PendingBackup {
 fn write_manifest(dir: &Path, id: &str, m: &Manifest) -> Result<()> {
     let path = dir.join(format!("{id}{MANIFEST_SUFFIX}"));
     let tmp = dir.join(format!(".{id}{MANIFEST_SUFFIX}.tmp"));
-    let body = serde_json::to_vec_pretty(m)?;
-    let mut f = fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-    f.write_all(&body)?;
-    f.sync_all()?;
-    fs::rename(&tmp, &path).with_context(|| format!("rename into {}", path.display()))?;
+    let body = serde_json::to_vec_pretty(m).map_err(|e| StoreError::Corrupt(format!("encode manifest: {e}")))?;
+    let mut f = fs::File::create(&tmp).map_err(io(format!("create {}", tmp.display())))?;
+    f.write_all(&body).map_err(io(format!("write {}", tmp.display())))?;
+    f.sync_all().map_err(io(format!("fsync {}", tmp.display())))?;
+    fs::rename(&tmp, &path).map_err(io(format!("rename into {}", path.display())))?;
     // The renames are durable only once the directory itself is synced.
-    fs::File::open(dir)?.sync_all().with_context(|| format!("fsync {}", dir.display()))?;
-    Ok(())
+    fsync_dir(dir)
 }
 
-impl Drop for PendingBackup {
+fn fsync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(format!("fsync {}", dir.display())))
+}
+
+impl Drop for PendingLocal {
     fn drop(&mut self) {
         if !self.done {
             let _ = fs::remove_file(&self.partial);

@@ -13,27 +13,7 @@ use croner::Cron;
 use ferry_common::resources::{BackupConfiguration, Timestamp};
 use rand::Rng;
 
-/// The coordinator's limits on automatic backups.
-#[derive(Debug, Clone)]
-pub struct Bounds {
-    pub min_interval: Duration,
-    pub max_interval: Duration,
-    /// Jitter as a fraction of the interval (0.05 = ±5 %).
-    pub jitter_fraction: f64,
-    /// Upper bound on the jitter, whatever the interval.
-    pub max_jitter: Duration,
-}
-
-impl Default for Bounds {
-    fn default() -> Self {
-        Self {
-            min_interval: Duration::from_secs(3600),
-            max_interval: Duration::from_secs(24 * 3600),
-            jitter_fraction: 0.05,
-            max_jitter: Duration::from_secs(300),
-        }
-    }
-}
+pub use crate::config::Bounds;
 
 /// A parsed, checked backup configuration.
 #[derive(Debug, Clone)]

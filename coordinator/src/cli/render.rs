@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use ferry_common::resources::{status, Resource, ResourceType, Spec, Timestamp};
+use ferry_common::resources::{status, BackupConfiguration, Resource, ResourceType, Spec, Timestamp};
 
 /// Output formats of `get`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -56,6 +56,18 @@ fn bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// A cluster's automatic backups in one cell: the interval, the cron schedule, or `off`.
+fn backup_schedule(b: Option<&BackupConfiguration>) -> String {
+    let Some(b) = b else { return "off".into() };
+    if let Some(i) = b.interval {
+        return humantime::format_duration(Duration::from_secs(i.seconds.max(0) as u64)).to_string();
+    }
+    match b.schedule.trim() {
+        "" => "off".into(),
+        cron => format!("cron {cron:?}"),
     }
 }
 
@@ -131,14 +143,7 @@ fn table(rt: ResourceType, resources: &[Resource]) -> String {
                 s.revision.to_string(),
                 s.sha256.chars().take(12).collect(),
             ],
-            Spec::Cluster(s) => vec![
-                id,
-                s.backupconfiguration
-                    .as_ref()
-                    .and_then(|b| b.interval)
-                    .map(|i| humantime::format_duration(Duration::from_secs(i.seconds.max(0) as u64)).to_string())
-                    .unwrap_or_else(|| "off".into()),
-            ],
+            Spec::Cluster(s) => vec![id, backup_schedule(s.backupconfiguration.as_ref())],
             Spec::Agent(s) => vec![
                 id,
                 s.connected.to_string(),
@@ -167,4 +172,26 @@ fn table(rt: ResourceType, resources: &[Resource]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_common::resources::{ClusterSpec, ProtoDuration};
+
+    use super::*;
+
+    fn cluster(b: Option<BackupConfiguration>) -> Resource {
+        Resource::new("c", Spec::Cluster(ClusterSpec { backupconfiguration: b }))
+    }
+
+    #[test]
+    fn get_clusters_shows_interval_cron_or_off() {
+        let every =
+            BackupConfiguration { interval: Some(ProtoDuration { seconds: 3600, nanos: 0 }), ..Default::default() };
+        let cron = BackupConfiguration { schedule: "0 */6 * * *".into(), ..Default::default() };
+        let rs = [cluster(Some(every)), cluster(Some(cron)), cluster(None)];
+        let out = table(ResourceType::Cluster, &rs);
+        let rows: Vec<&str> = out.lines().skip(1).map(|l| l.split_once("   ").map_or("", |(_, v)| v.trim())).collect();
+        assert_eq!(rows, ["1h", "cron \"0 */6 * * *\"", "off"], "{out}");
+    }
 }

@@ -1,0 +1,193 @@
+//! The registry of live agents and the `Agents` resources: who is connected now (in memory, with their latest
+//! facts) and who ever registered (in the state store).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ferry_common::protocol::EtcdFacts;
+use ferry_common::resources::{
+    AgentSpec, ClusterSpec, Resource, ResourceType, Spec, Timestamp, LABEL_CLUSTER, LABEL_MEMBER,
+};
+
+use crate::lock;
+use crate::metrics::Metrics;
+use crate::state::{StateError, StateStore};
+
+/// An agent connected right now.
+#[derive(Clone)]
+pub struct LiveAgent {
+    pub member: String,
+    pub conn: quinn::Connection,
+    pub conn_id: u64,
+    pub facts: Option<EtcdFacts>,
+    pub software_version: String,
+    pub address: SocketAddr,
+    pub connected_since: Timestamp,
+    pub last_heard: Timestamp,
+}
+
+/// The registry; cheap to clone (a handle).
+#[derive(Clone)]
+pub struct Agents {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Arc<dyn StateStore>,
+    metrics: Arc<Metrics>,
+    /// Live agents by (cluster, member).
+    live: Mutex<HashMap<(String, String), LiveAgent>>,
+    next_conn_id: AtomicU64,
+}
+
+impl Agents {
+    /// A registry with nobody connected; records left "connected" by an earlier run are marked disconnected.
+    pub fn new(state: Arc<dyn StateStore>, metrics: Arc<Metrics>) -> Result<Self, StateError> {
+        for mut r in state.list(ResourceType::Agent)? {
+            if let Spec::Agent(a) = &mut r.spec {
+                if a.connected {
+                    a.connected = false;
+                    state.put(r)?;
+                }
+            }
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                state,
+                metrics,
+                live: Mutex::new(HashMap::new()),
+                next_conn_id: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// A fresh id for a connection, to tell an agent's old connection from its new one.
+    pub fn next_conn_id(&self) -> u64 {
+        self.inner.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// An agent connected: remember it, and make sure its cluster and status resources exist.
+    pub fn connected(&self, cluster: &str, agent: LiveAgent) -> Result<(), StateError> {
+        let state = &self.inner.state;
+        if state.get(ResourceType::Cluster, cluster)?.is_none() {
+            let mut r = Resource::new(cluster, Spec::Cluster(ClusterSpec::default()));
+            r.metadata.labels.insert(LABEL_CLUSTER.into(), cluster.into());
+            state.put(r)?;
+        }
+        crate::status::ensure_exists(state.as_ref(), cluster)?;
+        let old = lock(&self.inner.live).insert((cluster.to_string(), agent.member.clone()), agent.clone());
+        if let Some(old) = old {
+            old.conn.close(0u32.into(), b"replaced by a newer connection of the same agent");
+        }
+        self.count(cluster);
+        self.persist(cluster, &agent, true)
+    }
+
+    /// A report arrived.
+    pub fn reported(&self, cluster: &str, member: &str, conn_id: u64, facts: EtcdFacts) -> Result<(), StateError> {
+        let first = {
+            let mut live = lock(&self.inner.live);
+            let Some(a) = live.get_mut(&(cluster.to_string(), member.to_string())) else { return Ok(()) };
+            if a.conn_id != conn_id {
+                return Ok(());
+            }
+            let first = a.facts.is_none();
+            a.facts = Some(facts);
+            a.last_heard = Timestamp::now();
+            first.then(|| a.clone())
+        };
+        // Persist the first report only; later ones live in memory (`get agents` overlays them).
+        match first {
+            Some(a) => self.persist(cluster, &a, true),
+            None => Ok(()),
+        }
+    }
+
+    /// The agent's connection ended.
+    pub fn disconnected(&self, cluster: &str, member: &str, conn_id: u64) -> Result<(), StateError> {
+        let gone = {
+            let mut live = lock(&self.inner.live);
+            let key = (cluster.to_string(), member.to_string());
+            match live.get(&key) {
+                Some(a) if a.conn_id == conn_id => live.remove(&key),
+                _ => None,
+            }
+        };
+        self.count(cluster);
+        match gone {
+            Some(a) => self.persist(cluster, &a, false),
+            None => Ok(()),
+        }
+    }
+
+    fn persist(&self, cluster: &str, a: &LiveAgent, connected: bool) -> Result<(), StateError> {
+        let mut r = Resource::new(format!("{cluster}/{}", a.member), Spec::Agent(agent_spec(cluster, a, connected)));
+        r.metadata.labels.insert(LABEL_CLUSTER.into(), cluster.into());
+        r.metadata.labels.insert(LABEL_MEMBER.into(), a.member.clone());
+        self.inner.state.put(r)?;
+        Ok(())
+    }
+
+    /// Agents as `get agents` shows them: every agent that ever registered, live facts overlaid.
+    pub fn resources(&self) -> Result<Vec<Resource>, StateError> {
+        let live = lock(&self.inner.live).clone();
+        let mut out = self.inner.state.list(ResourceType::Agent)?;
+        for r in &mut out {
+            if let Spec::Agent(spec) = &mut r.spec {
+                if let Some(a) = live.get(&(spec.cluster.clone(), spec.member.clone())) {
+                    *spec = agent_spec(&spec.cluster.clone(), a, true);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Connected agents of a cluster.
+    pub fn live(&self, cluster: &str) -> Vec<LiveAgent> {
+        lock(&self.inner.live).iter().filter(|((c, _), _)| c == cluster).map(|(_, a)| a.clone()).collect()
+    }
+
+    /// Whether a connected agent of `cluster` reaches its etcd member (so a backup can start).
+    pub fn any_reaches_etcd(&self, cluster: &str) -> bool {
+        lock(&self.inner.live)
+            .iter()
+            .any(|((c, _), a)| c == cluster && a.facts.as_ref().is_some_and(|f| f.error.is_none()))
+    }
+
+    /// Whether an agent of `cluster` ever registered.
+    pub fn cluster_known(&self, cluster: &str) -> Result<bool, StateError> {
+        Ok(self
+            .inner
+            .state
+            .list(ResourceType::Agent)?
+            .iter()
+            .any(|r| matches!(&r.spec, Spec::Agent(a) if a.cluster == cluster)))
+    }
+
+    fn count(&self, cluster: &str) {
+        let n = lock(&self.inner.live).keys().filter(|(c, _)| c == cluster).count();
+        self.inner.metrics.agents_connected.get_or_create(&Metrics::cluster(cluster)).set(n as i64);
+    }
+}
+
+fn agent_spec(cluster: &str, a: &LiveAgent, connected: bool) -> AgentSpec {
+    let f = a.facts.clone().unwrap_or_default();
+    AgentSpec {
+        cluster: cluster.to_string(),
+        member: a.member.clone(),
+        connected,
+        memberid: format!("{:x}", f.member_id),
+        etcdclusterid: format!("{:x}", f.cluster_id),
+        etcdversion: f.etcd_version,
+        dbsize: f.db_size,
+        raftappliedindex: f.raft_applied_index,
+        leader: f.leader,
+        etcderror: f.error.unwrap_or_default(),
+        agentversion: a.software_version.clone(),
+        connectedsince: Some(a.connected_since),
+        lastheard: Some(a.last_heard),
+        address: a.address.to_string(),
+    }
+}

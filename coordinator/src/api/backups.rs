@@ -1,0 +1,94 @@
+//! Requests about stored backups: download (the bytes on the request stream) and restore (the bytes, or where
+//! in S3 to read them).
+
+use anyhow::{Context, Result};
+use ferry_common::protocol::{write_frame, AdminResponse, RestoreSource, DATA_CHUNK};
+use ferry_common::resources::{Metadata, Resource, ResourceType, Spec, LABEL_CLUSTER};
+use quinn::SendStream;
+use tracing::info;
+
+use super::{reply_error, Api, ApiError};
+use crate::store::Manifest;
+
+/// A stored backup as an `EtcdBackups` resource.
+pub(super) fn backup_resource(m: Manifest) -> Resource {
+    let mut meta = Metadata::new(ResourceType::EtcdBackup, m.id);
+    meta.labels.insert(LABEL_CLUSTER.into(), m.backup.cluster.clone());
+    meta.created = Some(m.backup.createdat);
+    meta.updated = Some(m.backup.createdat);
+    meta.version = 1;
+    Resource { metadata: meta, spec: Spec::EtcdBackup(m.backup) }
+}
+
+impl Api {
+    /// Finds a backup by id, or the newest with `latest`.
+    async fn resolve(&self, cluster: &str, backup_id: &str) -> Result<Manifest, ApiError> {
+        let found = if backup_id == "latest" {
+            self.store.list(Some(cluster), &self.cancel).await?.into_iter().next()
+        } else {
+            self.store.find(cluster, backup_id, &self.cancel).await?
+        };
+        found.ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "backup {backup_id:?} of cluster {cluster:?} not found; list them with `ferryctl get etcdbackup --selector {LABEL_CLUSTER}={cluster}`"
+            ))
+        })
+    }
+
+    /// Streams a backup's stored bytes as `Data` frames and ends with `DownloadEnd`.
+    async fn stream_object(&self, manifest: &Manifest, send: &mut SendStream) -> Result<()> {
+        let mut object = match self.store.open(manifest, &self.cancel).await {
+            Ok(o) => o,
+            Err(e) => return reply_error(send, e.into()).await,
+        };
+        let mut buf = vec![0u8; DATA_CHUNK];
+        loop {
+            let piece = match object.next(&mut buf).await {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    let e = ApiError::from(e);
+                    return reply_error(send, ApiError::Internal(format!("read backup: {e}"))).await;
+                }
+            };
+            for chunk in piece.chunks(DATA_CHUNK) {
+                write_frame(send, &AdminResponse::Data(chunk.to_vec())).await.context("send backup data")?;
+            }
+        }
+        write_frame(send, &AdminResponse::DownloadEnd).await.context("send response")
+    }
+
+    pub(super) async fn download(&self, cluster: &str, backup_id: &str, send: &mut SendStream) -> Result<()> {
+        let manifest = match self.resolve(cluster, backup_id).await {
+            Ok(m) => m,
+            Err(e) => return reply_error(send, e).await,
+        };
+        write_frame(send, &AdminResponse::DownloadStart(Box::new(backup_resource(manifest.clone())))).await?;
+        self.stream_object(&manifest, send).await
+    }
+
+    /// Tells a restoring agent where its backup is: the bytes on this stream (local store), or the S3 object
+    /// and the credentials to read it, for this restore only.
+    pub(super) async fn restore(&self, cluster: &str, backup_id: &str, send: &mut SendStream) -> Result<()> {
+        let manifest = match self.resolve(cluster, backup_id).await {
+            Ok(m) => m,
+            Err(e) => return reply_error(send, e).await,
+        };
+        info!(%cluster, backup_id = %manifest.id, "restore requested");
+        let source = match self.store.restore_source(&manifest, self.upload_settings()) {
+            Ok(s) => s,
+            Err(e) => return reply_error(send, e.into()).await,
+        };
+        let bytes_follow = matches!(source, RestoreSource::Coordinator);
+        let backup = Box::new(backup_resource(manifest.clone()));
+        let download_limit_bps = self.settings.download_limit_bps;
+        let highest_revision = None;
+        write_frame(send, &AdminResponse::RestoreFrom { backup, source, download_limit_bps, highest_revision })
+            .await
+            .context("send response")?;
+        if bytes_follow {
+            self.stream_object(&manifest, send).await?;
+        }
+        Ok(())
+    }
+}

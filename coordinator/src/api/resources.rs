@@ -1,0 +1,245 @@
+//! Resource requests: get, apply (with every document checked before any is written), delete, and agent
+//! credentials.
+
+use ferry_common::protocol::{AdminResponse, ApplyOutcome};
+use ferry_common::resources::{
+    validate_name, EtcdBackupS3ConfigSpec, EtcdManualBackupSpec, Resource, ResourceType, Selector, Spec, Timestamp,
+    LABEL_CLUSTER, REDACTED, S3_CONFIG_ID,
+};
+use ferry_common::tls::Identity;
+use tracing::info;
+
+use super::backups::backup_resource;
+use super::{Api, ApiError};
+use crate::backup::{retention, Trigger};
+use crate::schedule::plan;
+use crate::store::S3Conn;
+
+/// A manual backup's `backupat` must be this close to the coordinator's clock (the seed's rule), so that
+/// re-applying an old file does not take a surprise backup.
+const MANUAL_BACKUP_WINDOW_SECS: i64 = 60;
+
+type Result<T, E = ApiError> = std::result::Result<T, E>;
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T> {
+    Err(ApiError::Invalid(msg.into()))
+}
+
+impl Api {
+    pub(super) async fn get(
+        &self,
+        rt: ResourceType,
+        id: Option<&str>,
+        selector: Option<&Selector>,
+    ) -> Result<Vec<Resource>> {
+        let mut all = match rt {
+            ResourceType::EtcdBackup => {
+                // A cluster selector narrows the listing to one cluster instead of reading every manifest.
+                let cluster = selector.filter(|s| s.key == LABEL_CLUSTER).map(|s| s.value.as_str());
+                self.store.list(cluster, &self.cancel).await?.into_iter().map(backup_resource).collect()
+            }
+            ResourceType::Agent => self.agents.resources()?,
+            _ => self.state.list(rt)?,
+        };
+        for r in &mut all {
+            if let Spec::EtcdBackupS3Config(s) = &r.spec {
+                r.spec = Spec::EtcdBackupS3Config(s.redacted());
+            }
+        }
+        if let Some(sel) = selector {
+            all.retain(|r| r.metadata.matches(sel));
+        }
+        if let Some(id) = id {
+            all.retain(|r| r.metadata.id == id);
+            if all.is_empty() {
+                return Err(ApiError::NotFound(format!(
+                    "{rt} {id:?} not found; list them with `ferryctl get {}`",
+                    rt.plural().to_lowercase()
+                )));
+            }
+        }
+        Ok(all)
+    }
+
+    pub(super) async fn apply(&self, mut resources: Vec<Resource>) -> Result<Vec<ApplyOutcome>> {
+        // Check every document before writing any, so a bad file changes nothing.
+        let mut backups = Vec::new();
+        let mut s3 = None;
+        for r in &mut resources {
+            let rt = r.resource_type();
+            let id = &r.metadata.id;
+            if !rt.user_writable() {
+                return invalid(format!("{rt} is written by Ferry itself and cannot be applied"));
+            }
+            match &mut r.spec {
+                Spec::EtcdManualBackup(spec) => {
+                    if self.check_manual_backup(id, spec)? {
+                        backups.push(id.clone());
+                    }
+                }
+                Spec::Cluster(spec) => {
+                    validate_name("cluster", id)?;
+                    if let Some(cfg) = &spec.backupconfiguration {
+                        if let Err(e) = plan::plan(cfg, &self.settings.bounds) {
+                            return invalid(format!("cluster {id}: {e}"));
+                        }
+                        if let Some(r) = &cfg.retention {
+                            if let Err(e) = retention::check(r) {
+                                return invalid(format!("cluster {id}: {e}"));
+                            }
+                        }
+                    }
+                }
+                Spec::EtcdBackupS3Config(spec) => {
+                    if s3.is_some() {
+                        return invalid("the input holds two EtcdBackupS3Configs; apply one");
+                    }
+                    s3 = Some(self.check_s3_config(id, spec).await?);
+                }
+                _ => return invalid(format!("{rt} cannot be applied")),
+            }
+        }
+        if backups.iter().enumerate().any(|(i, c)| backups[..i].contains(c)) {
+            return invalid("the input asks for two manual backups of the same cluster; apply one");
+        }
+        let mut out = Vec::new();
+        for r in resources {
+            let rt = r.resource_type();
+            let id = r.metadata.id.clone();
+            let old = self.state.get(rt, &id)?;
+            if rt == ResourceType::EtcdBackupS3Config {
+                self.status.set_configuration("", true)?;
+            }
+            let outcome = match &old {
+                Some(o) if o.spec == r.spec && o.metadata.labels == r.metadata.labels => {
+                    out.push(ApplyOutcome::Unchanged { rt, id });
+                    continue;
+                }
+                Some(_) => ApplyOutcome::Updated { rt, id: id.clone() },
+                None => ApplyOutcome::Created { rt, id: id.clone() },
+            };
+            let mut r = r;
+            if let Some(o) = old {
+                r.metadata.created = o.metadata.created;
+            }
+            self.state.put(r)?;
+            info!(%rt, %id, "applied");
+            out.push(outcome);
+        }
+        if let Some(conn) = s3 {
+            self.store.set_s3_config(conn);
+            info!("S3 configuration applied; the next backup uses it");
+            self.store.retry_pending_aborts(&self.cancel).await;
+        }
+        for cluster in backups {
+            self.jobs.start(&cluster, Trigger::Manual)?;
+        }
+        Ok(out)
+    }
+
+    /// Validates an S3 config by listing its bucket with exactly its settings. Every attempt is counted in the
+    /// overall status; a failing one leaves the stored config as it was.
+    async fn check_s3_config(&self, id: &str, spec: &mut EtcdBackupS3ConfigSpec) -> Result<S3Conn> {
+        if !self.store.takes_s3_config() {
+            return invalid(format!(
+                "this coordinator runs with --backup-store {}; restart it with --backup-store s3 to use an S3 config",
+                self.store.name()
+            ));
+        }
+        if id != S3_CONFIG_ID {
+            return invalid(format!("the S3 config's id must be {S3_CONFIG_ID:?}, not {id:?}"));
+        }
+        // `get -o yaml` shows secrets as ***: re-applying that output keeps the stored secrets.
+        if spec.secretaccesskey == REDACTED || spec.sessiontoken == REDACTED {
+            let Some(Resource { spec: Spec::EtcdBackupS3Config(old), .. }) =
+                self.state.get(ResourceType::EtcdBackupS3Config, id)?
+            else {
+                return invalid("secretaccesskey is *** but no secret is stored yet; give the real secret");
+            };
+            if spec.secretaccesskey == REDACTED {
+                spec.secretaccesskey = old.secretaccesskey;
+            }
+            if spec.sessiontoken == REDACTED {
+                spec.sessiontoken = old.sessiontoken;
+            }
+        }
+        let current_error = self.status.configuration_error()?;
+        match self.store.check_s3_config(spec).await {
+            Ok(conn) => Ok(conn),
+            Err(msg) => {
+                self.status.set_configuration(&current_error, true)?;
+                invalid(format!("S3 config not applied, the stored one is unchanged: {msg}"))
+            }
+        }
+    }
+
+    /// Validates a manual backup request; `true` if it asks for a new backup (not a re-apply of the same one).
+    fn check_manual_backup(&self, cluster: &str, spec: &EtcdManualBackupSpec) -> Result<bool> {
+        let at = spec.backupat;
+        if at.nanos != 0 {
+            return invalid(format!("spec.backupat.nanos must be 0, got {}; set backupat to whole seconds", at.nanos));
+        }
+        let now = Timestamp::now().seconds;
+        let skew = at.seconds - now;
+        if skew.abs() > MANUAL_BACKUP_WINDOW_SECS {
+            return invalid(format!(
+                "spec.backupat.seconds {} is {}s {} the coordinator's clock; it must be within one minute of now ({now}): set it to the current time, e.g. $(date +%s)",
+                at.seconds,
+                skew.abs(),
+                if skew < 0 { "behind" } else { "ahead of" },
+            ));
+        }
+        validate_name("cluster", cluster)?;
+        if !self.agents.cluster_known(cluster)? {
+            return Err(ApiError::NotFound(format!(
+                "no agent of cluster {cluster:?} ever registered; start ferry-agent with credentials for it (`ferryctl agent-credentials --cluster {cluster} …`) and check `ferryctl get agents`"
+            )));
+        }
+        if let Some(Resource { spec: Spec::EtcdManualBackup(old), .. }) =
+            self.state.get(ResourceType::EtcdManualBackup, cluster)?
+        {
+            if old.backupat == at {
+                return Ok(false);
+            }
+        }
+        let store_error = self.status.configuration_error()?;
+        if !store_error.is_empty() {
+            return Err(ApiError::Unavailable(format!(
+                "the {} backup store is not usable ({store_error}); fix its configuration first (`ferryctl get etcdbackupoverallstatus`)",
+                self.store.name()
+            )));
+        }
+        if self.jobs.is_running(cluster) {
+            return Err(ApiError::Conflict(format!(
+                "a backup of cluster {cluster} is already running; wait for it (`ferryctl get etcdbackupstatus {cluster}`)"
+            )));
+        }
+        Ok(true)
+    }
+
+    pub(super) fn delete(&self, rt: ResourceType, id: &str) -> Result<()> {
+        if !rt.user_writable() {
+            return invalid(format!("{rt} is written by Ferry itself and cannot be deleted"));
+        }
+        if !self.state.delete(rt, id)? {
+            return Err(ApiError::NotFound(format!("{rt} {id:?} not found")));
+        }
+        info!(%rt, %id, "deleted");
+        Ok(())
+    }
+
+    pub(super) fn credentials(&self, cluster: &str, member: &str) -> Result<AdminResponse> {
+        validate_name("cluster", cluster)?;
+        validate_name("member", member)?;
+        let pem = self
+            .ca
+            .issue_client(&Identity::Agent { cluster: cluster.into(), member: member.into() })
+            .map_err(|e| ApiError::Internal(format!("issue agent certificate: {e}")))?;
+        info!(%cluster, %member, "issued agent credentials");
+        Ok(AdminResponse::Credentials {
+            ca_pem: self.ca.pem().cert_pem.clone(),
+            cert_pem: pem.cert_pem,
+            key_pem: pem.key_pem,
+        })
+    }
+}

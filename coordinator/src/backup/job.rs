@@ -1,0 +1,249 @@
+//! One backup job from the coordinator's side: pick a member, command its agent, receive the compressed
+//! snapshot into the store's pending object (or let the agent upload it), and commit it only when the agent
+//! says etcd's hash matched and what arrived matches what the agent sent.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_common::protocol::{
+    expect_frame, write_frame, BackupJob, EtcdFacts, JobMsg, JobReply, JobRequest, COMMIT_TIMEOUT,
+};
+use ferry_common::resources::{EtcdBackupSpec, Timestamp};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use super::members::order_members;
+use super::Inner;
+use crate::agents::LiveAgent;
+use crate::store::{Manifest, Pending, StoreError, UploadSettings};
+
+/// No message from the agent for this long aborts the job (it reports progress every second).
+const STALL_TIMEOUT: Duration = Duration::from_secs(90);
+/// Status progress is written at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Every job gets at least this long, plus time for its DB size at `ASSUMED_RATE`.
+const JOB_TIMEOUT_BASE: Duration = Duration::from_secs(600);
+/// A pessimistic end-to-end rate for sizing job timeouts (bytes per second).
+const ASSUMED_RATE: u64 = 4 * 1024 * 1024;
+
+/// How long one job may take: generous for its DB size, so large clusters are not cut off.
+pub fn job_timeout(db_size: i64, upload_limit_bps: u64) -> Duration {
+    let rate = if upload_limit_bps > 0 { upload_limit_bps.min(ASSUMED_RATE) } else { ASSUMED_RATE };
+    JOB_TIMEOUT_BASE + Duration::from_secs(db_size.max(0) as u64 / rate.max(1))
+}
+
+/// Tries each candidate member in turn; fails only when every one failed.
+pub(super) async fn take_with_failover(inner: &Inner, cluster: &str) -> Result<Manifest> {
+    let deps = &inner.deps;
+    let agents = deps.agents.live(cluster);
+    let facts: Vec<(String, EtcdFacts)> =
+        agents.iter().filter_map(|a| a.facts.clone().map(|f| (a.member.clone(), f))).collect();
+    let order = order_members(&facts, inner.rotation.next(cluster));
+    if order.is_empty() {
+        if agents.is_empty() {
+            bail!("no agent of cluster {cluster} is connected; check `ferryctl get agents`");
+        }
+        bail!("no connected agent of cluster {cluster} reaches its etcd member; check `ferryctl get agents`");
+    }
+    let mut failures = Vec::new();
+    for member in &order {
+        if inner.cancel.is_cancelled() {
+            bail!("the coordinator is shutting down; the backup is cancelled");
+        }
+        // The agent may have gone since the order was made; its replacement connection counts.
+        let Some(agent) = deps.agents.live(cluster).into_iter().find(|a| &a.member == member) else {
+            failures.push(format!("{member}: disconnected"));
+            continue;
+        };
+        deps.status.update(cluster, |s| s.member = member.clone())?;
+        match take(inner, cluster, &agent).await {
+            Ok(m) => return Ok(m),
+            Err(e) => {
+                warn!(%member, "backup from this member failed: {e:#}");
+                failures.push(format!("{member}: {e:#}"));
+            }
+        }
+    }
+    bail!("the backup failed on every member: {}", failures.join("; "))
+}
+
+async fn take(inner: &Inner, cluster: &str, agent: &LiveAgent) -> Result<Manifest> {
+    let deps = &inner.deps;
+    let member = agent.member.clone();
+    let upload = UploadSettings { part_size: deps.settings.part_size, parts_in_flight: deps.settings.parts_in_flight };
+    let mut pending = deps.store.begin(cluster, Timestamp::now(), upload, &inner.cancel).await?;
+    info!(%member, backup_id = %pending.id(), "backup started");
+    let db_size = agent.facts.as_ref().map_or(0, |f| f.db_size);
+    let limit = job_timeout(db_size, deps.settings.upload_limit_bps);
+    let streamed = match tokio::time::timeout(limit, stream(inner, cluster, agent, &mut pending)).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow!("the backup from {member} did not finish within {}s", limit.as_secs())),
+    };
+    let (spec, mut send) = match streamed {
+        Ok(done) => done,
+        Err(e) => {
+            // In the background (but joined at shutdown): with S3 down, cleanup retries would hold up the status
+            // and the next member.
+            inner.tracker.spawn(pending.abort().in_current_span());
+            return Err(e);
+        }
+    };
+    let committed = commit_within(pending, spec, &inner.cancel, COMMIT_TIMEOUT).await;
+    let reply = match &committed {
+        Ok(_) => JobReply::Committed,
+        Err(e) => JobReply::Failed { error: format!("{e:#}") },
+    };
+    write_frame(&mut send, &reply).await.ok();
+    send.finish().ok();
+    committed
+}
+
+/// Commits `pending`, giving up after `limit` (the agent waits a little longer for the reply): the commit is
+/// then cancelled, which discards what it had, rather than dropped half-way.
+async fn commit_within(
+    pending: Pending,
+    spec: EtcdBackupSpec,
+    cancel: &CancellationToken,
+    limit: Duration,
+) -> Result<Manifest> {
+    let token = cancel.child_token();
+    let commit = pending.commit(spec, &token);
+    tokio::pin!(commit);
+    tokio::select! {
+        r = &mut commit => r.map_err(anyhow::Error::from),
+        () = tokio::time::sleep(limit) => {
+            token.cancel();
+            let _ = commit.await;
+            Err(anyhow!("the backup store did not commit within {}s; the backup is discarded", limit.as_secs()))
+        }
+    }
+}
+
+/// Runs the job on the agent up to its `Finished`: returns what to commit and the stream to answer on.
+async fn stream(
+    inner: &Inner,
+    cluster: &str,
+    agent: &LiveAgent,
+    pending: &mut Pending,
+) -> Result<(EtcdBackupSpec, quinn::SendStream)> {
+    let deps = &inner.deps;
+    let cancel = &inner.cancel;
+    let member = &agent.member;
+    let (mut send, mut recv) =
+        agent.conn.open_bi().await.with_context(|| format!("open job stream to agent {member}"))?;
+    let job = BackupJob {
+        backup_id: pending.id().to_string(),
+        zstd_level: deps.settings.zstd_level,
+        target: pending.target(),
+        upload_limit_bps: deps.settings.upload_limit_bps,
+    };
+    write_frame(&mut send, &JobRequest::Backup(job)).await.context("send job")?;
+
+    let mut facts = None;
+    let mut last_progress = Instant::now();
+    loop {
+        let msg: JobMsg = tokio::select! {
+            m = tokio::time::timeout(STALL_TIMEOUT, expect_frame(&mut recv)) => m
+                .map_err(|_| anyhow!("agent {member} sent nothing for {}s", STALL_TIMEOUT.as_secs()))?
+                .with_context(|| format!("job stream from agent {member}"))?,
+            () = cancel.cancelled() => bail!("the coordinator is shutting down; the backup is cancelled"),
+        };
+        match msg {
+            JobMsg::Started(f) => facts = Some(f),
+            JobMsg::Data(d) => pending.write(&d, cancel).await.map_err(|e| wrong_path(e, member))?,
+            JobMsg::UploadStarted { upload_id } => {
+                pending.upload_started(upload_id).map_err(|e| wrong_path(e, member))?
+            }
+            JobMsg::Progress { raw_bytes } => {
+                if last_progress.elapsed() >= PROGRESS_EVERY {
+                    last_progress = Instant::now();
+                    deps.status.update(cluster, |s| s.bytesdone = raw_bytes)?;
+                }
+            }
+            JobMsg::Failed { error } => bail!("agent {member}: {error}"),
+            JobMsg::Finished(summary) => {
+                let f = facts.clone().unwrap_or_default();
+                let spec = EtcdBackupSpec {
+                    cluster: cluster.to_string(),
+                    createdat: summary.finished_at,
+                    snapshot: String::new(),
+                    size: summary.compressed_size,
+                    rawsize: summary.raw_size,
+                    member: member.clone(),
+                    memberid: format!("{:x}", f.member_id),
+                    etcdclusterid: format!("{:x}", f.cluster_id),
+                    etcdversion: f.etcd_version,
+                    revision: f.revision,
+                    sha256: hex::encode(summary.compressed_sha256),
+                    rawsha256: hex::encode(summary.raw_sha256),
+                    zstdlevel: summary.zstd_level,
+                    startedat: summary.started_at,
+                    finishedat: summary.finished_at,
+                };
+                return Ok((spec, send));
+            }
+        }
+    }
+}
+
+/// An agent sent something its job's store does not take: the agent's fault, named.
+fn wrong_path(e: StoreError, member: &str) -> anyhow::Error {
+    match e {
+        StoreError::WrongPath { .. } => anyhow!("agent {member} sent something its job did not ask for: {e}"),
+        e => e.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_timeout_grows_with_db_size() {
+        assert_eq!(job_timeout(0, 0), JOB_TIMEOUT_BASE);
+        assert!(job_timeout(8 << 30, 0) > job_timeout(1 << 30, 0));
+        assert!(job_timeout(1 << 30, 1 << 20) > job_timeout(1 << 30, 0), "a bandwidth cap needs more time");
+    }
+
+    /// The coordinator's side of the commit deadline: a store that never commits is given up on after the
+    /// limit (in the daemon `COMMIT_TIMEOUT`, shorter than the agent's `COMMIT_REPLY_WAIT`), and what it had
+    /// is discarded.
+    #[tokio::test]
+    async fn a_commit_that_hangs_is_given_up_within_the_limit() {
+        use crate::store::{BackupStore, Failures};
+        assert!(ferry_common::protocol::COMMIT_REPLY_WAIT > COMMIT_TIMEOUT);
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            BackupStore::local(dir.path()).unwrap().with_failures(Failures { hang_commit: true, ..Default::default() });
+        let cancel = CancellationToken::new();
+        let upload = UploadSettings { part_size: 8 << 20, parts_in_flight: 4 };
+        let mut pending = store.begin("c", Timestamp::now(), upload, &cancel).await.unwrap();
+        pending.write(b"data", &cancel).await.unwrap();
+        let started = Instant::now();
+        let limit = Duration::from_millis(300);
+        let now = Timestamp::now();
+        let spec = EtcdBackupSpec {
+            cluster: "c".into(),
+            createdat: now,
+            snapshot: String::new(),
+            size: 4,
+            rawsize: 4,
+            member: "m".into(),
+            memberid: String::new(),
+            etcdclusterid: String::new(),
+            etcdversion: String::new(),
+            revision: 1,
+            sha256: String::new(),
+            rawsha256: String::new(),
+            zstdlevel: 3,
+            startedat: now,
+            finishedat: now,
+        };
+        let r = tokio::time::timeout(Duration::from_secs(5), commit_within(pending, spec, &cancel, limit)).await;
+        let err = r.expect("commit_within returns by itself").unwrap_err();
+        assert!(format!("{err}").contains("did not commit within"), "{err}");
+        assert!(started.elapsed() >= limit && started.elapsed() < Duration::from_secs(3));
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("c")).unwrap().collect();
+        assert!(left.is_empty(), "nothing is left of the discarded backup: {left:?}");
+    }
+}

@@ -1,0 +1,58 @@
+//! The coordinator's settings, as the flags gave them, that jobs and the API need.
+
+use std::time::Duration;
+
+/// Coordinator settings that jobs need.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// zstd level agents compress with.
+    pub zstd_level: i32,
+    /// S3 multipart part size in bytes.
+    pub part_size: u64,
+    /// S3 parts uploading at once per job.
+    pub parts_in_flight: u32,
+    /// Upload cap per job in bytes per second; 0 = unlimited.
+    pub upload_limit_bps: u64,
+    /// Download cap per job in bytes per second; 0 = unlimited.
+    pub download_limit_bps: u64,
+    /// Limits and jitter of automatic backups.
+    pub bounds: Bounds,
+    /// Backups running at once across clusters.
+    pub max_concurrent_backups: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            zstd_level: 3,
+            part_size: 8 << 20,
+            parts_in_flight: 4,
+            upload_limit_bps: 0,
+            download_limit_bps: 0,
+            bounds: Bounds::default(),
+            max_concurrent_backups: 8,
+        }
+    }
+}
+
+/// The coordinator's limits on automatic backups.
+#[derive(Debug, Clone)]
+pub struct Bounds {
+    pub min_interval: Duration,
+    pub max_interval: Duration,
+    /// Jitter as a fraction of the interval (0.05 = ±5 %).
+    pub jitter_fraction: f64,
+    /// Upper bound on the jitter, whatever the interval.
+    pub max_jitter: Duration,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Self {
+            min_interval: Duration::from_secs(3600),
+            max_interval: Duration::from_secs(24 * 3600),
+            jitter_fraction: 0.05,
+            max_jitter: Duration::from_secs(300),
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! The QUIC listener: mutual TLS handshake, protocol-version hello, then an admin request (to [`Api`]) or an
+//! agent's control stream ([`agent_link`]). One tracing span per connection; every connection's token is a
+//! child of the listener's, so connections close together, last, at shutdown.
+
+mod agent_link;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_common::protocol::{expect_frame, write_frame, AdminRequest, Hello, HelloReply, Intent, PROTOCOL_VERSION};
+use ferry_common::tls::Identity;
+use rustls::pki_types::CertificateDer;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::agents::Agents;
+use crate::api::Api;
+
+/// A client must say hello this soon after the handshake.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an admin client may take to read its response before the connection is dropped.
+const ADMIN_LINGER: Duration = Duration::from_secs(30);
+
+/// The listener and its connections.
+pub struct Server {
+    api: Arc<Api>,
+    agents: Agents,
+    /// Parent of every connection's token: cancelled last at shutdown, closing them all.
+    connections: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Server {
+    pub fn new(api: Arc<Api>, agents: Agents) -> Arc<Self> {
+        Arc::new(Self { api, agents, connections: CancellationToken::new(), tracker: TaskTracker::new() })
+    }
+
+    /// Accepts connections until `stop_accepting` fires; from then on new connections are refused while the
+    /// open ones (agents' links, which running jobs use) stay.
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint, stop_accepting: CancellationToken) {
+        loop {
+            let incoming = tokio::select! {
+                i = endpoint.accept() => i,
+                () = stop_accepting.cancelled() => break,
+            };
+            let Some(incoming) = incoming else { break };
+            let server = self.clone();
+            self.tracker.spawn(async move { server.connection(incoming).await });
+        }
+        // New handshakes are refused from now on, rather than left waiting for an accept that never comes.
+        endpoint.set_server_config(None);
+    }
+
+    /// Shutdown, last step: closes every connection and waits up to `deadline` for their tasks.
+    pub async fn close_connections(&self, deadline: Duration) {
+        self.connections.cancel();
+        self.tracker.close();
+        let _ = tokio::time::timeout(deadline, self.tracker.wait()).await;
+    }
+
+    async fn connection(self: Arc<Self>, incoming: quinn::Incoming) {
+        {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                // Wrong CA, wrong ALPN, a scanner: the client's problem, not ours.
+                Err(e) => return warn!(%remote, "refused a connection: TLS handshake failed: {e}"),
+            };
+            let identity = match peer_identity(&conn) {
+                Ok(i) => i,
+                Err(e) => {
+                    warn!(%remote, "refused a connection: {e:#}");
+                    return conn.close(1u32.into(), b"no ferry identity in certificate");
+                }
+            };
+            let span = match &identity {
+                Identity::Admin => info_span!("admin", %remote),
+                Identity::Agent { cluster, member } => info_span!("agent", %cluster, %member, %remote),
+            };
+            async move {
+                if let Err(e) = self.handle(conn, identity).await {
+                    info!("connection ended: {e:#}");
+                }
+            }
+            .instrument(span)
+            .await
+        }
+    }
+}
+
+fn peer_identity(conn: &quinn::Connection) -> Result<Identity> {
+    let any = conn.peer_identity().ok_or_else(|| anyhow!("no client certificate"))?;
+    let certs = any.downcast::<Vec<CertificateDer<'static>>>().map_err(|_| anyhow!("unexpected peer identity type"))?;
+    let leaf = certs.first().ok_or_else(|| anyhow!("empty client certificate chain"))?;
+    Ok(Identity::from_certificate(leaf)?)
+}
+
+impl Server {
+    async fn handle(&self, conn: quinn::Connection, identity: Identity) -> Result<()> {
+        let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+            .await
+            .context("no stream within the hello timeout")?
+            .context("accept first stream")?;
+        let hello: Hello = tokio::time::timeout(HELLO_TIMEOUT, expect_frame(&mut recv))
+            .await
+            .context("no hello within the timeout")?
+            .context("read hello")?;
+        if hello.protocol_version != PROTOCOL_VERSION {
+            let reason = format!(
+            "protocol version {} is not supported by this coordinator (version {}, protocol {PROTOCOL_VERSION}); run matching Ferry versions",
+            hello.protocol_version,
+            env!("CARGO_PKG_VERSION")
+        );
+            write_frame(&mut send, &HelloReply::Refused { reason: reason.clone() }).await?;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+            bail!("refused: {reason}");
+        }
+        let reply =
+            HelloReply::Ok { protocol_version: PROTOCOL_VERSION, software_version: env!("CARGO_PKG_VERSION").into() };
+        write_frame(&mut send, &reply).await.context("send hello reply")?;
+
+        match (&identity, hello.intent) {
+            (_, Intent::Request) => {
+                let request: AdminRequest = expect_frame(&mut recv).await.context("read request")?;
+                debug!(?request, "request");
+                self.api.handle(&identity, request, &mut send).await?;
+                send.finish().ok();
+                // Let the client read everything; it closes the connection when done.
+                tokio::select! {
+                    _ = tokio::time::timeout(ADMIN_LINGER, conn.closed()) => {}
+                    () = self.connections.cancelled() => {}
+                }
+                Ok(())
+            }
+            (Identity::Admin, Intent::AgentLink) => bail!("an admin certificate cannot act as an agent"),
+            (Identity::Agent { cluster, member }, Intent::AgentLink) => {
+                let cancel = self.connections.child_token();
+                agent_link::run(&self.agents, cluster, member, hello.software_version, &conn, &mut recv, &cancel).await
+            }
+        }
+    }
+}

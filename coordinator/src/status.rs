@@ -1,0 +1,163 @@
+//! Backup status: one `EtcdBackupStatuses` per cluster and the `EtcdBackupOverallStatuses` singleton.
+//!
+//! Several writers touch them — a job's progress ticks and outcome, a configuration change of the store —
+//! so every update is one state-store transaction (read, change, write), and none can overwrite another's.
+
+use std::sync::Arc;
+
+use ferry_common::resources::{
+    status, EtcdBackupOverallStatusSpec, EtcdBackupStatusSpec, Resource, ResourceType, Spec, LABEL_CLUSTER,
+    OVERALL_STATUS_ID,
+};
+
+use crate::metrics::Metrics;
+use crate::state::{StateError, StateStore, StateTxn};
+
+/// The status owner; cheap to clone (a handle).
+#[derive(Clone)]
+pub struct Status {
+    state: Arc<dyn StateStore>,
+    metrics: Arc<Metrics>,
+    /// `local` or `s3`, shown as `configurationname`.
+    store_name: &'static str,
+}
+
+/// Creates `cluster`'s status if it has none yet.
+pub(crate) fn ensure_exists(state: &dyn StateStore, cluster: &str) -> Result<(), StateError> {
+    state.transact(&mut |tx| {
+        if tx.get(ResourceType::EtcdBackupStatus, cluster)?.is_none() {
+            tx.put(new_cluster_status(cluster))?;
+        }
+        Ok(())
+    })
+}
+
+fn new_cluster_status(cluster: &str) -> Resource {
+    let mut r = Resource::new(cluster, Spec::EtcdBackupStatus(EtcdBackupStatusSpec::default()));
+    r.metadata.labels.insert(LABEL_CLUSTER.into(), cluster.into());
+    r
+}
+
+fn overall(tx: &mut dyn StateTxn) -> Result<Resource, StateError> {
+    Ok(tx.get(ResourceType::EtcdBackupOverallStatus, OVERALL_STATUS_ID)?.unwrap_or_else(|| {
+        Resource::new(OVERALL_STATUS_ID, Spec::EtcdBackupOverallStatus(EtcdBackupOverallStatusSpec::default()))
+    }))
+}
+
+impl Status {
+    /// Opens the status resources at start: the overall status names the store and its initial error, and a
+    /// backup left "running" by a coordinator that stopped mid-backup turns to an error.
+    pub fn new(
+        state: Arc<dyn StateStore>,
+        metrics: Arc<Metrics>,
+        store_name: &'static str,
+        initial_configuration_error: &str,
+    ) -> Result<Self, StateError> {
+        let s = Self { state, metrics, store_name };
+        s.set_configuration(initial_configuration_error, false)?;
+        for mut r in s.state.list(ResourceType::EtcdBackupStatus)? {
+            if let Spec::EtcdBackupStatus(st) = &mut r.spec {
+                if st.status == status::RUNNING {
+                    st.status = status::ERROR;
+                    st.error = "the coordinator restarted while this backup ran".into();
+                    s.state.put(r)?;
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    /// Records the outcome of a store configuration attempt in the overall status.
+    pub fn set_configuration(&self, error: &str, count_attempt: bool) -> Result<(), StateError> {
+        self.state.transact(&mut |tx| {
+            let mut o = overall(tx)?;
+            let Spec::EtcdBackupOverallStatus(s) = &mut o.spec else {
+                return Err(StateError::WrongType(OVERALL_STATUS_ID.into()));
+            };
+            s.configurationname = self.store_name.to_string();
+            s.configurationerror = error.to_string();
+            if count_attempt {
+                s.configurationattempt += 1;
+            }
+            tx.put(o)?;
+            Ok(())
+        })?;
+        self.metrics.store_configuration_error.set(i64::from(!error.is_empty()));
+        Ok(())
+    }
+
+    /// The overall status's configuration error ("" when the store is usable).
+    pub fn configuration_error(&self) -> Result<String, StateError> {
+        Ok(match self.state.get(ResourceType::EtcdBackupOverallStatus, OVERALL_STATUS_ID)? {
+            Some(Resource { spec: Spec::EtcdBackupOverallStatus(s), .. }) => s.configurationerror,
+            _ => String::new(),
+        })
+    }
+
+    /// Changes a cluster's backup status and mirrors it into the overall status, in one transaction.
+    pub fn update(&self, cluster: &str, f: impl Fn(&mut EtcdBackupStatusSpec)) -> Result<(), StateError> {
+        self.state.transact(&mut |tx| {
+            let mut r = tx.get(ResourceType::EtcdBackupStatus, cluster)?.unwrap_or_else(|| new_cluster_status(cluster));
+            let Spec::EtcdBackupStatus(spec) = &mut r.spec else {
+                return Err(StateError::WrongType(format!("status of {cluster}")));
+            };
+            f(spec);
+            let latest = spec.clone();
+            tx.put(r)?;
+            if let Some(mut o) = tx.get(ResourceType::EtcdBackupOverallStatus, OVERALL_STATUS_ID)? {
+                if let Spec::EtcdBackupOverallStatus(s) = &mut o.spec {
+                    s.lastbackupstatus = Some(latest);
+                }
+                tx.put(o)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::RedbStore;
+
+    /// Progress ticks (read-modify-write of the cluster status, mirrored into the overall status) racing
+    /// configuration changes (read-modify-write of the overall status): every update must survive.
+    #[test]
+    fn concurrent_progress_ticks_and_configuration_changes_lose_no_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let state: Arc<dyn StateStore> = Arc::new(RedbStore::open(&dir.path().join("state.redb")).unwrap());
+        let status = Status::new(state.clone(), Arc::new(Metrics::default()), "local", "").unwrap();
+        const TICKS: u64 = 200;
+        const CONFIGS: u32 = 100;
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                let status = status.clone();
+                s.spawn(move || {
+                    for _ in 0..TICKS / 2 {
+                        status.update("c", |st| st.bytesdone += 1).unwrap();
+                    }
+                });
+            }
+            let status = status.clone();
+            s.spawn(move || {
+                for i in 0..CONFIGS {
+                    let error = if i % 2 == 0 { "down" } else { "" };
+                    status.set_configuration(error, true).unwrap();
+                }
+            });
+        });
+        let Some(Resource { spec: Spec::EtcdBackupStatus(c), .. }) =
+            state.get(ResourceType::EtcdBackupStatus, "c").unwrap()
+        else {
+            panic!("no cluster status")
+        };
+        assert_eq!(c.bytesdone, TICKS, "a progress tick was lost");
+        let Some(Resource { spec: Spec::EtcdBackupOverallStatus(o), .. }) =
+            state.get(ResourceType::EtcdBackupOverallStatus, OVERALL_STATUS_ID).unwrap()
+        else {
+            panic!("no overall status")
+        };
+        assert_eq!(o.configurationattempt, CONFIGS, "a configuration attempt was lost");
+        assert_eq!(o.lastbackupstatus.map(|l| l.bytesdone), Some(TICKS), "the mirrored status was overwritten");
+    }
+}

@@ -1,0 +1,341 @@
+//! The backup store, one implementation per backend: the local filesystem ([`local`]: bytes travel through
+//! the coordinator) or S3 ([`s3`]: agents upload straight to the bucket), and a failure-injecting wrapper for
+//! tests ([`failing`]).
+//!
+//! Callers see one interface: list, find, open, delete, and [`BackupStore::begin`], which reserves a backup id
+//! and returns the job's [`Pending`] object — `write` the bytes (local) or note the agent's upload (S3), then
+//! `commit` or `abort`. Every call takes a cancellation token. No caller outside this module knows which
+//! backend it talks to.
+
+mod failing;
+mod local;
+mod s3;
+
+use std::sync::Arc;
+
+use ferry_common::protocol::{BackupTarget, RestoreSource, S3Target};
+use ferry_common::resources::{EtcdBackupS3ConfigSpec, EtcdBackupSpec, Timestamp};
+use ferry_common::s3::S3Error;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+pub use self::failing::Failures;
+use self::local::{LocalStore, PendingLocal};
+pub use self::s3::S3Conn;
+use self::s3::{PendingUpload, S3Store};
+
+pub const OBJECT_SUFFIX: &str = ".snapshot.zst";
+pub const MANIFEST_SUFFIX: &str = ".manifest.json";
+
+/// The manifest written beside each object; a stable, documented format (see docs/ARCHITECTURE.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Manifest format version.
+    pub format: u32,
+    pub id: String,
+    pub backup: EtcdBackupSpec,
+}
+
+pub(crate) fn sort_newest_first(v: &mut [Manifest]) {
+    v.sort_by(|a, b| b.backup.createdat.cmp(&a.backup.createdat).then_with(|| b.id.cmp(&a.id)));
+}
+
+/// A backup store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The S3 store has no working configuration yet.
+    #[error(
+        "the S3 store is not configured: apply an EtcdBackupS3Configs.ferry.dev resource with id etcd-backup-s3-conf"
+    )]
+    NotConfigured,
+    /// An S3 call failed (after its retries).
+    #[error(transparent)]
+    S3(#[from] S3Error),
+    /// A filesystem call of the local store failed.
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
+    /// What the agent sent does not match what arrived, or the object is not what its manifest says.
+    #[error("{0}")]
+    Mismatch(String),
+    /// A stored manifest is unreadable.
+    #[error("{0}")]
+    Corrupt(String),
+    /// The job sent something this backend does not take (data for S3, an upload id for local).
+    #[error("this {store} store does not take {what}")]
+    WrongPath { store: &'static str, what: &'static str },
+    /// No free backup id in a second's worth of tries.
+    #[error("could not find a free backup id for cluster {0}")]
+    NoFreeId(String),
+    /// The call was cancelled (shutdown).
+    #[error("cancelled")]
+    Cancelled,
+    /// Injected by the failing wrapper (tests).
+    #[error("injected failure: {0}")]
+    Injected(String),
+}
+
+impl StoreError {
+    /// Whether the store could not be reached or is not set up, as opposed to a fault of the data.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::NotConfigured | Self::S3(_) | Self::Cancelled)
+    }
+
+    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |error| Self::Io { what, error }
+    }
+}
+
+/// What a job tells agents about uploads (S3 only).
+#[derive(Debug, Clone, Copy)]
+pub struct UploadSettings {
+    /// Bytes per multipart part.
+    pub part_size: u64,
+    /// Parts uploading at once.
+    pub parts_in_flight: u32,
+}
+
+/// The backup store of this coordinator.
+pub struct BackupStore {
+    backend: Backend,
+    /// Injected failures (tests only; `None` in the daemon).
+    failures: Option<Arc<Failures>>,
+}
+
+enum Backend {
+    Local(LocalStore),
+    S3(S3Store),
+}
+
+impl BackupStore {
+    /// The local store in `dir` (created if missing); partial objects a crash left are removed.
+    pub fn local(dir: &std::path::Path) -> Result<Self, StoreError> {
+        Ok(Self { backend: Backend::Local(LocalStore::open(dir)?), failures: None })
+    }
+
+    /// An S3 store, unusable until a configuration is set ([`Self::set_s3_config`]).
+    pub fn s3() -> Self {
+        Self { backend: Backend::S3(S3Store::default()), failures: None }
+    }
+
+    /// The same store with failures injected (tests).
+    pub fn with_failures(mut self, failures: Failures) -> Self {
+        self.failures = Some(Arc::new(failures));
+        self
+    }
+
+    /// `local` or `s3`, as `configurationname` shows it.
+    pub fn name(&self) -> &'static str {
+        match &self.backend {
+            Backend::Local(_) => "local",
+            Backend::S3(_) => "s3",
+        }
+    }
+
+    /// The overall status's `configurationerror` at start: the local store is ready, an S3 one is not until
+    /// its stored configuration was loaded.
+    pub fn initial_configuration_error(&self) -> &'static str {
+        match &self.backend {
+            Backend::Local(_) => "",
+            Backend::S3(_) => "not initialized",
+        }
+    }
+
+    /// Whether this store is configured by an `EtcdBackupS3Configs` resource.
+    pub fn takes_s3_config(&self) -> bool {
+        matches!(self.backend, Backend::S3(_))
+    }
+
+    /// Builds a client for `spec` and proves it works by listing the bucket with exactly these settings.
+    pub async fn check_s3_config(&self, spec: &EtcdBackupS3ConfigSpec) -> Result<S3Conn, String> {
+        s3::validate(spec).await
+    }
+
+    /// Uses `conn` from now on (S3 only; ignored by the local store).
+    pub fn set_s3_config(&self, conn: S3Conn) {
+        if let Backend::S3(s) = &self.backend {
+            s.set(conn);
+        }
+    }
+
+    /// Retries aborting multipart uploads whose abort failed earlier (S3 only).
+    pub async fn retry_pending_aborts(&self, cancel: &CancellationToken) {
+        if let Backend::S3(s) = &self.backend {
+            s.retry_pending_aborts(cancel).await;
+        }
+    }
+
+    /// Every backup of `cluster` (or all clusters), newest first.
+    pub async fn list(&self, cluster: Option<&str>, cancel: &CancellationToken) -> Result<Vec<Manifest>, StoreError> {
+        if let Some(f) = &self.failures {
+            f.on_list(cluster, cancel).await?;
+        }
+        match &self.backend {
+            Backend::Local(l) => l.list(cluster, cancel),
+            Backend::S3(s) => s.list(cluster, cancel).await,
+        }
+    }
+
+    /// One backup's manifest, if it exists.
+    pub async fn find(
+        &self,
+        cluster: &str,
+        id: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Manifest>, StoreError> {
+        match &self.backend {
+            Backend::Local(l) => l.find(cluster, id, cancel),
+            Backend::S3(s) => s.find(cluster, id, cancel).await,
+        }
+    }
+
+    /// Deletes a backup: its manifest first (so it is no longer listed), then its object.
+    pub async fn delete(&self, m: &Manifest, cancel: &CancellationToken) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Local(l) => l.delete(m, cancel).await,
+            Backend::S3(s) => s.delete(m, cancel).await,
+        }
+    }
+
+    /// Opens a backup's object for reading.
+    pub async fn open(&self, m: &Manifest, cancel: &CancellationToken) -> Result<ObjectReader, StoreError> {
+        Ok(ObjectReader(match &self.backend {
+            Backend::Local(l) => Reader::Local(l.open_object(m, cancel).await?),
+            Backend::S3(s) => Reader::S3(s.open(m, cancel).await?),
+        }))
+    }
+
+    /// Where a restore reads `m` from: the bytes on the request stream (local), or the S3 object with this
+    /// store's settings, for that restore only.
+    pub fn restore_source(&self, m: &Manifest, upload: UploadSettings) -> Result<RestoreSource, StoreError> {
+        match &self.backend {
+            Backend::Local(_) => Ok(RestoreSource::Coordinator),
+            Backend::S3(s) => {
+                let conn = s.conn()?;
+                Ok(RestoreSource::S3(Box::new(S3Target {
+                    config: conn.spec.clone(),
+                    key: m.backup.snapshot.clone(),
+                    part_size: upload.part_size,
+                    parts_in_flight: upload.parts_in_flight,
+                })))
+            }
+        }
+    }
+
+    /// Starts a backup of `cluster`: reserves an id `<cluster>-<unix seconds>[-N]` and returns the job's
+    /// pending object.
+    pub async fn begin(
+        &self,
+        cluster: &str,
+        at: Timestamp,
+        upload: UploadSettings,
+        cancel: &CancellationToken,
+    ) -> Result<Pending, StoreError> {
+        let kind = match &self.backend {
+            Backend::Local(l) => PendingKind::Local(Box::new(l.begin(cluster, at, cancel).await?)),
+            Backend::S3(s) => PendingKind::S3(Box::new(s.begin(cluster, at, upload, cancel).await?)),
+        };
+        Ok(Pending { kind, failures: self.failures.clone() })
+    }
+}
+
+/// One job's backup, from `begin` to `commit` or `abort`. Dropped without either, a local partial file is
+/// removed; an S3 upload should be aborted explicitly (`abort`), since that is a remote call.
+pub struct Pending {
+    kind: PendingKind,
+    failures: Option<Arc<Failures>>,
+}
+
+enum PendingKind {
+    Local(Box<PendingLocal>),
+    S3(Box<PendingUpload>),
+}
+
+impl Pending {
+    /// The reserved backup id.
+    pub fn id(&self) -> &str {
+        match &self.kind {
+            PendingKind::Local(p) => &p.id,
+            PendingKind::S3(p) => &p.id,
+        }
+    }
+
+    /// Where the agent sends the compressed bytes.
+    pub fn target(&self) -> BackupTarget {
+        match &self.kind {
+            PendingKind::Local(_) => BackupTarget::Coordinator,
+            PendingKind::S3(p) => BackupTarget::S3(Box::new(p.target.clone())),
+        }
+    }
+
+    /// Appends bytes the agent sent on the job stream (local store).
+    pub async fn write(&mut self, data: &[u8], cancel: &CancellationToken) -> Result<(), StoreError> {
+        if let Some(f) = &self.failures {
+            f.on_write()?;
+        }
+        match &mut self.kind {
+            PendingKind::Local(p) => p.write(data, cancel).await,
+            PendingKind::S3(_) => Err(StoreError::WrongPath { store: "s3", what: "data on the job stream" }),
+        }
+    }
+
+    /// The agent created its multipart upload (S3): remembered so it can be aborted if the job fails.
+    pub fn upload_started(&mut self, upload_id: String) -> Result<(), StoreError> {
+        match &mut self.kind {
+            PendingKind::S3(p) => {
+                p.upload_id = Some(upload_id);
+                Ok(())
+            }
+            PendingKind::Local(_) => Err(StoreError::WrongPath { store: "local", what: "an S3 upload" }),
+        }
+    }
+
+    /// Makes the backup durable and listed. `spec` must describe what was written: its size (and for the
+    /// local store its sha256) is checked against what arrived. On failure nothing is left behind.
+    pub async fn commit(self, spec: EtcdBackupSpec, cancel: &CancellationToken) -> Result<Manifest, StoreError> {
+        if let Some(f) = &self.failures {
+            f.on_commit(cancel).await?;
+        }
+        match self.kind {
+            PendingKind::Local(mut p) => p.commit(spec, cancel).await,
+            PendingKind::S3(p) => p.commit(spec, cancel).await,
+        }
+    }
+
+    /// Discards the backup: the partial file (local), or the multipart upload and any object the agent
+    /// completed without a manifest (S3; an abort that fails is retried later).
+    pub async fn abort(self) {
+        match self.kind {
+            PendingKind::Local(p) => drop(p),
+            PendingKind::S3(p) => p.abort().await,
+        }
+    }
+}
+
+/// A stored object being read.
+pub struct ObjectReader(Reader);
+
+enum Reader {
+    Local(tokio::fs::File),
+    S3(aws_sdk_s3::primitives::ByteStream),
+}
+
+impl ObjectReader {
+    /// The next piece of the object; `None` at the end.
+    pub async fn next(&mut self, buf: &mut [u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        use tokio::io::AsyncReadExt;
+        match &mut self.0 {
+            Reader::Local(f) => {
+                let n = f.read(buf).await.map_err(StoreError::io("read backup object"))?;
+                Ok((n > 0).then(|| buf[..n].to_vec()))
+            }
+            Reader::S3(s) => s.try_next().await.map(|b| b.map(|b| b.to_vec())).map_err(|e| {
+                StoreError::S3(S3Error {
+                    kind: ferry_common::s3::S3ErrorKind::Unreachable,
+                    message: format!("read backup object: {e}"),
+                    retryable: true,
+                })
+            }),
+        }
+    }
+}
