@@ -170,7 +170,13 @@ fn plan_bump(choice: BumpChoice, snapshot: &Path, highest: Option<RevisionSeen>)
             "--bump-revision {by} leaves the restored revision at or below one the cluster already reached"
         );
     }
-    println!("restored revision: {at} -> {to} (bumped by {by}, marked compacted)");
+    match highest {
+        Some(h) => println!(
+            "restored revision: {at} -> {to} (bumped by {by}, marked compacted; the cluster was seen at revision {})",
+            h.revision
+        ),
+        None => println!("restored revision: {at} -> {to} (bumped by {by}, marked compacted)"),
+    }
     Ok(Some(RevisionBump { by }))
 }
 

@@ -257,7 +257,36 @@ pub struct EtcdBackupStatusSpec {
     /// Member the latest (or running) backup was taken from.
     #[serde(default)]
     pub member: String,
+    /// The highest etcd revision an agent of this cluster reported (0: none yet); a restore is bumped
+    /// above it so that Kubernetes' watch caches never see a revision twice.
+    #[serde(default)]
+    pub highestrevision: i64,
+    /// When the coordinator first saw [`Self::highestrevision`].
+    #[serde(default)]
+    pub highestrevisionat: Option<Timestamp>,
+    /// The revision floor handed to the members restoring one backup, kept so that they all get the same
+    /// bump although restored members report their new, higher revisions in between.
+    #[serde(default)]
+    pub restoreplan: Option<RestorePlan>,
 }
+
+/// See [`EtcdBackupStatusSpec::restoreplan`].
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestorePlan {
+    /// The backup being restored.
+    pub backup: String,
+    pub highestrevision: i64,
+    #[serde(default)]
+    pub highestrevisionat: Option<Timestamp>,
+    /// When the first member asked; the plan holds for [`RESTORE_PLAN_HOLDS_SECONDS`] after it.
+    pub createdat: Timestamp,
+}
+
+/// How long the members restoring one backup keep getting the same revision floor: long enough for an
+/// operator to restore every member of a cluster, short enough that a later restore of the same backup
+/// (after the restored cluster served writes) plans anew.
+pub const RESTORE_PLAN_HOLDS_SECONDS: i64 = 24 * 3600;
 
 /// `EtcdBackupOverallStatuses.ferry.dev`: id `etcdbackup-overall-status`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -363,6 +392,9 @@ pub struct AgentSpec {
     pub etcdversion: String,
     pub dbsize: i64,
     pub raftappliedindex: u64,
+    /// The member's etcd revision at the last report.
+    #[serde(default)]
+    pub revision: i64,
     pub leader: bool,
     /// Empty when the agent reaches its etcd member.
     #[serde(default)]

@@ -39,8 +39,27 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// Live agents by (cluster, member).
     live: Mutex<HashMap<(String, String), LiveAgent>>,
+    /// Per cluster, the highest revision reported, when it was first seen and when it was last persisted.
+    highest: Mutex<HashMap<String, HighestRevision>>,
     next_conn_id: AtomicU64,
 }
+
+/// A cluster's highest revision as the registry tracks it.
+#[derive(Clone, Copy, Default)]
+struct HighestRevision {
+    revision: i64,
+    at: Timestamp,
+    persisted: i64,
+    persisted_at: i64,
+}
+
+/// A cluster's highest revision is written to the state store at most this often (agents report every
+/// 10 s; a write per report would be most of the coordinator's writes). The restore bump's margin covers
+/// what a crash loses in between.
+const PERSIST_HIGHEST_EVERY_SECONDS: i64 = 60;
+/// Reported revisions above this are ignored as nonsense (at a million writes a second, a cluster needs 30
+/// years to get here); a lying agent must not push its cluster's restore towards etcd's i64 limit.
+const MAX_PLAUSIBLE_REVISION: i64 = 1 << 50;
 
 impl Agents {
     /// A registry with nobody connected; records left "connected" by an earlier run are marked disconnected.
@@ -58,6 +77,7 @@ impl Agents {
                 state,
                 metrics,
                 live: Mutex::new(HashMap::new()),
+                highest: Mutex::new(HashMap::new()),
                 next_conn_id: AtomicU64::new(1),
             }),
         })
@@ -87,6 +107,7 @@ impl Agents {
 
     /// A report arrived.
     pub fn reported(&self, cluster: &str, member: &str, conn_id: u64, facts: EtcdFacts) -> Result<(), StateError> {
+        let revision = facts.error.is_none().then_some(facts.revision);
         let first = {
             let mut live = lock(&self.inner.live);
             let Some(a) = live.get_mut(&(cluster.to_string(), member.to_string())) else { return Ok(()) };
@@ -98,11 +119,43 @@ impl Agents {
             a.last_heard = Timestamp::now();
             first.then(|| a.clone())
         };
+        if let Some(revision) = revision {
+            self.saw_revision(cluster, revision)?;
+        }
         // Persist the first report only; later ones live in memory (`get agents` overlays them).
         match first {
             Some(a) => self.persist(cluster, &a, true),
             None => Ok(()),
         }
+    }
+
+    /// Tracks the highest revision of `cluster`, persisting it when it grew and was last written a while ago.
+    fn saw_revision(&self, cluster: &str, revision: i64) -> Result<(), StateError> {
+        if !(1..=MAX_PLAUSIBLE_REVISION).contains(&revision) {
+            return Ok(());
+        }
+        let now = Timestamp::now();
+        let to_persist = {
+            let mut highest = lock(&self.inner.highest);
+            let h = highest.entry(cluster.to_owned()).or_default();
+            if revision > h.revision {
+                (h.revision, h.at) = (revision, now);
+            }
+            let due = h.revision > h.persisted && now.seconds - h.persisted_at >= PERSIST_HIGHEST_EVERY_SECONDS;
+            if due {
+                (h.persisted, h.persisted_at) = (h.revision, now.seconds);
+            }
+            due.then_some(*h)
+        };
+        match to_persist {
+            Some(h) => crate::status::raise_highest_revision(self.inner.state.as_ref(), cluster, h.revision, h.at),
+            None => Ok(()),
+        }
+    }
+
+    /// The highest revision an agent of `cluster` reported since the coordinator started, and when.
+    pub fn highest_revision(&self, cluster: &str) -> Option<(i64, Timestamp)> {
+        lock(&self.inner.highest).get(cluster).map(|h| (h.revision, h.at))
     }
 
     /// The agent's connection ended.
@@ -183,6 +236,7 @@ fn agent_spec(cluster: &str, a: &LiveAgent, connected: bool) -> AgentSpec {
         etcdversion: f.etcd_version,
         dbsize: f.db_size,
         raftappliedindex: f.raft_applied_index,
+        revision: f.revision,
         leader: f.leader,
         etcderror: f.error.unwrap_or_default(),
         agentversion: a.software_version.clone(),

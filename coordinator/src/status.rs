@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use ferry_common::resources::{
-    status, EtcdBackupOverallStatusSpec, EtcdBackupStatusSpec, Resource, ResourceType, Spec, LABEL_CLUSTER,
-    OVERALL_STATUS_ID,
+    status, EtcdBackupOverallStatusSpec, EtcdBackupStatusSpec, Resource, ResourceType, RestorePlan, Spec, Timestamp,
+    LABEL_CLUSTER, OVERALL_STATUS_ID, RESTORE_PLAN_HOLDS_SECONDS,
 };
 
 use crate::metrics::Metrics;
@@ -28,6 +28,68 @@ pub(crate) fn ensure_exists(state: &dyn StateStore, cluster: &str) -> Result<(),
         if tx.get(ResourceType::EtcdBackupStatus, cluster)?.is_none() {
             tx.put(new_cluster_status(cluster))?;
         }
+        Ok(())
+    })
+}
+
+/// Raises `cluster`'s recorded highest revision to `revision` (first seen `at`); lower values change nothing.
+pub(crate) fn raise_highest_revision(
+    state: &dyn StateStore,
+    cluster: &str,
+    revision: i64,
+    at: Timestamp,
+) -> Result<(), StateError> {
+    update_cluster(state, cluster, &mut |st| {
+        if revision > st.highestrevision {
+            st.highestrevision = revision;
+            st.highestrevisionat = Some(at);
+        }
+    })
+}
+
+/// The revision floor for a restore of `backup` of `cluster`: the plan of an earlier member restoring the
+/// same backup while it holds, else a new plan from the highest revision recorded or `live` (the registry's
+/// newest, which may not be persisted yet).
+pub(crate) fn restore_plan(
+    state: &dyn StateStore,
+    cluster: &str,
+    backup: &str,
+    live: Option<(i64, Timestamp)>,
+    now: Timestamp,
+) -> Result<RestorePlan, StateError> {
+    let mut plan = RestorePlan::default();
+    update_cluster(state, cluster, &mut |st| {
+        if let Some(p) = &st.restoreplan {
+            if p.backup == backup && now.seconds - p.createdat.seconds < RESTORE_PLAN_HOLDS_SECONDS {
+                plan = p.clone();
+                return;
+            }
+        }
+        let (mut revision, mut at) = (st.highestrevision, st.highestrevisionat);
+        if let Some((r, t)) = live.filter(|(r, _)| *r > revision) {
+            (revision, at) = (r, Some(t));
+        }
+        plan =
+            RestorePlan { backup: backup.to_owned(), highestrevision: revision, highestrevisionat: at, createdat: now };
+        st.restoreplan = Some(plan.clone());
+    })?;
+    Ok(plan)
+}
+
+/// Read-modify-write of a cluster's status in one transaction (no mirror into the overall status: for the
+/// fields that are not about the last backup).
+fn update_cluster(
+    state: &dyn StateStore,
+    cluster: &str,
+    f: &mut dyn FnMut(&mut EtcdBackupStatusSpec),
+) -> Result<(), StateError> {
+    state.transact(&mut |tx| {
+        let mut r = tx.get(ResourceType::EtcdBackupStatus, cluster)?.unwrap_or_else(|| new_cluster_status(cluster));
+        let Spec::EtcdBackupStatus(spec) = &mut r.spec else {
+            return Err(StateError::WrongType(format!("status of {cluster}")));
+        };
+        f(spec);
+        tx.put(r)?;
         Ok(())
     })
 }
@@ -119,6 +181,33 @@ impl Status {
 mod tests {
     use super::*;
     use crate::state::RedbStore;
+
+    /// Members restoring one backup get one floor, although the first restored member's agent reports its
+    /// new (bumped) revision before the next member asks; a day later, or for another backup, a new plan.
+    #[test]
+    fn restore_plans_hold_for_one_backup_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let at = |s| Timestamp { seconds: s, nanos: 0 };
+        {
+            let state = RedbStore::open(&path).unwrap();
+            raise_highest_revision(&state, "c", 5_000, at(100)).unwrap();
+            raise_highest_revision(&state, "c", 4_000, at(200)).unwrap(); // lower: ignored
+            let first = restore_plan(&state, "c", "c-1", Some((5_200, at(300))), at(1_000)).unwrap();
+            assert_eq!((first.highestrevision, first.highestrevisionat), (5_200, Some(at(300))));
+            raise_highest_revision(&state, "c", 900_000, at(1_100)).unwrap(); // a restored member reports
+            let second = restore_plan(&state, "c", "c-1", Some((900_000, at(1_100))), at(1_200)).unwrap();
+            assert_eq!(second, first, "the second member gets the first member's floor");
+        }
+        // After a coordinator restart the plan and the highest revision are still there.
+        let state = RedbStore::open(&path).unwrap();
+        let third = restore_plan(&state, "c", "c-1", None, at(2_000)).unwrap();
+        assert_eq!(third.highestrevision, 5_200);
+        let later = restore_plan(&state, "c", "c-1", None, at(1_000 + RESTORE_PLAN_HOLDS_SECONDS)).unwrap();
+        assert_eq!(later.highestrevision, 900_000, "a day later the same backup plans anew");
+        let other = restore_plan(&state, "c", "c-2", None, at(1_000 + RESTORE_PLAN_HOLDS_SECONDS)).unwrap();
+        assert_eq!((other.backup.as_str(), other.highestrevision), ("c-2", 900_000));
+    }
 
     /// Progress ticks (read-modify-write of the cluster status, mirrored into the overall status) racing
     /// configuration changes (read-modify-write of the overall status): every update must survive.

@@ -2,8 +2,8 @@
 //! in S3 to read them).
 
 use anyhow::{Context, Result};
-use ferry_common::protocol::{write_frame, AdminResponse, RestoreSource, DATA_CHUNK};
-use ferry_common::resources::{Metadata, Resource, ResourceType, Spec, LABEL_CLUSTER};
+use ferry_common::protocol::{write_frame, AdminResponse, RestoreSource, RevisionSeen, DATA_CHUNK};
+use ferry_common::resources::{Metadata, Resource, ResourceType, Spec, Timestamp, LABEL_CLUSTER};
 use quinn::SendStream;
 use tracing::info;
 
@@ -82,7 +82,21 @@ impl Api {
         let bytes_follow = matches!(source, RestoreSource::Coordinator);
         let backup = Box::new(backup_resource(manifest.clone()));
         let download_limit_bps = self.settings.download_limit_bps;
-        let highest_revision = None;
+        // One floor for every member restoring this backup: see `status::restore_plan`.
+        let plan = match crate::status::restore_plan(
+            self.state.as_ref(),
+            cluster,
+            &manifest.id,
+            self.agents.highest_revision(cluster),
+            Timestamp::now(),
+        ) {
+            Ok(p) => p,
+            Err(e) => return reply_error(send, ApiError::Internal(format!("plan the restore: {e}"))).await,
+        };
+        let highest_revision = (plan.highestrevision > 0).then(|| RevisionSeen {
+            revision: plan.highestrevision,
+            at: plan.highestrevisionat.unwrap_or(plan.createdat),
+        });
         write_frame(send, &AdminResponse::RestoreFrom { backup, source, download_limit_bps, highest_revision })
             .await
             .context("send response")?;

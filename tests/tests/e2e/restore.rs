@@ -514,6 +514,19 @@ async fn restore_bumps_every_member_above_the_live_revision_and_marks_it_compact
         live_revision = put.header().context("put header")?.revision();
     }
     assert!(live_revision >= backup_revision + WRITES_AFTER as i64, "live {live_revision} vs backup {backup_revision}");
+    // The agents report it (every 10 s): the coordinator now knows how far the cluster got.
+    crate::fixtures::poll_until(
+        "every agent to report the live revision",
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        || async {
+            let agents = coordinator.ctl().get_json("agents", None).await?;
+            let revisions: Vec<i64> =
+                agents.as_array().context("agents")?.iter().filter_map(|a| a["spec"]["revision"].as_i64()).collect();
+            Ok((revisions.len() == 3 && revisions.iter().all(|r| *r >= live_revision)).then_some(()))
+        },
+    )
+    .await?;
 
     for agent in &mut agents {
         agent.stop().await;
@@ -548,6 +561,13 @@ async fn restore_bumps_every_member_above_the_live_revision_and_marks_it_compact
             .map(|s| (*s).to_owned()),
         );
         let out = agent_restore(&args).await?.ok()?;
+        let seen_at: i64 = out
+            .stdout
+            .split("the cluster was seen at revision ")
+            .nth(1)
+            .and_then(|rest| rest.trim_end().trim_end_matches(')').parse().ok())
+            .with_context(|| format!("the restore says which revision the cluster was seen at: {}", out.stdout))?;
+        assert!(seen_at >= live_revision, "{}: planned from revision {seen_at} < live {live_revision}", member.name());
         restored.push(restored_revision(&out)?);
     }
     assert!(restored.windows(2).all(|w| w[0] == w[1]), "every member must get the same bump: {restored:?}");
