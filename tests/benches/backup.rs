@@ -9,8 +9,13 @@
 //! 3. a Ferry backup to that s3s-fs (apply → status ok), with the agent's peak RSS and disk writes;
 //! 4. the same with the upload capped (S3 slower than etcd), to show memory stays flat under backpressure.
 //!
-//! Needs etcd, etcdctl, zstd, s3s-fs and the aws CLI on the PATH (`.ci/run` installs them) and the release
-//! binaries in target/release. Prints a table; it is a benchmark, never a pass/fail test.
+//! Then it restores the newest backup with `zstd -d` + `etcdutl snapshot restore` (with and without fetching
+//! it first) and with `ferry-agent restore`, both bumping the revision as a Kubernetes restore needs.
+//! `FERRY_BENCH_ONLY=restore` skips the backup comparisons (one Ferry backup, then the restores).
+//!
+//! Runs on etcd 3.5 from `.tools/etcd-3.5` (`tests/setup.sh` puts it there; `FERRY_ETCD_DIR` picks another).
+//! Needs zstd, s3s-fs and the aws CLI (`tests/setup.sh` installs them) and the release binaries in
+//! target/release. Prints a table; it is a benchmark, never a pass/fail test.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -360,8 +365,35 @@ fn mib(b: u64) -> String {
     format!("{:.1}", b as f64 / (1024.0 * 1024.0))
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+/// Puts the etcd under test first on PATH, for this process and every program it starts; returns its
+/// version line.
+fn use_etcd_under_test() -> Result<String> {
+    let dir = std::env::var_os("FERRY_ETCD_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/etcd-3.5/usr/bin"));
+    if !dir.join("etcd").is_file() {
+        bail!("no etcd in {}: run tests/setup.sh (or set FERRY_ETCD_DIR)", dir.display());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let joined = std::env::join_paths(std::iter::once(dir.clone()).chain(std::env::split_paths(&path)))?;
+    // Single-threaded here: set before the runtime starts any task that reads the environment.
+    std::env::set_var("PATH", joined);
+    let out = Command::new(dir.join("etcd")).arg("--version").output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_owned())
+}
+
+fn only_restore() -> bool {
+    std::env::var("FERRY_BENCH_ONLY").is_ok_and(|v| v == "restore")
+}
+
+fn main() -> Result<()> {
+    let etcd = use_etcd_under_test()?;
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("machine: {cores} cores; {etcd}");
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(bench())
+}
+
+async fn bench() -> Result<()> {
     let sizes: Vec<f64> = std::env::var("FERRY_BENCH_GIB")
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
@@ -371,7 +403,9 @@ async fn main() -> Result<()> {
     for (n, gib) in sizes.iter().enumerate() {
         rows.extend(bench_size(*gib, n, &mut restore_rows).await?);
     }
-    print_table(&rows);
+    if !rows.is_empty() {
+        print_table(&rows);
+    }
     print_restore_table(&restore_rows);
     Ok(())
 }
@@ -436,6 +470,26 @@ async fn bench_size(gib: f64, n: usize, restore_rows: &mut Vec<RestoreRow>) -> R
 
     let mut rows = Vec::new();
     let snap = dir.join("snap.db");
+    let mut ferry = Ferry {
+        config: dir.join("state/admin.ferryconfig"),
+        addr: format!("127.0.0.1:{qport}"),
+        dir: dir.clone(),
+        s3_endpoint: s3_endpoint.clone(),
+        etcd: etcd_url.clone(),
+        coordinator: None,
+    };
+    if only_restore() {
+        ferry.start_coordinator(&[])?;
+        let _agent = ferry.start_agent()?;
+        ferry.backup(0)?;
+        restore_rows.extend(bench_restore(&ferry, gib)?);
+        for r in restore_rows.iter_mut().filter(|r| (r.gib - gib).abs() < 1e-9) {
+            r.gib = db as f64 / (1024.0 * 1024.0 * 1024.0);
+        }
+        drop(ferry);
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(Vec::new());
+    }
 
     eprintln!("[{gib} GiB] etcdctl snapshot save…");
     let wall = timed(
@@ -480,14 +534,6 @@ async fn bench_size(gib: f64, n: usize, restore_rows: &mut Vec<RestoreRow>) -> R
     std::fs::remove_file(&snap)?;
     std::fs::remove_file(&zst)?;
 
-    let mut ferry = Ferry {
-        config: dir.join("state/admin.ferryconfig"),
-        addr: format!("127.0.0.1:{qport}"),
-        dir: dir.clone(),
-        s3_endpoint,
-        etcd: etcd_url.clone(),
-        coordinator: None,
-    };
     for (label, extra, seq) in [
         ("ferry → S3", vec![], 0),
         (
@@ -554,7 +600,7 @@ fn bench_restore(ferry: &Ferry, gib: f64) -> Result<Vec<RestoreRow>> {
     ];
     let zst = dir.join("backup.snapshot.zst");
     let db = dir.join("snapshot.db");
-    eprintln!("[{gib} GiB] restore with aws s3 cp → zstd -d → etcdctl snapshot restore…");
+    eprintln!("[{gib} GiB] restore with aws s3 cp → zstd -d → etcdutl snapshot restore…");
     let fetch = timed(
         Command::new("aws")
             .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
@@ -568,13 +614,14 @@ fn bench_restore(ferry: &Ferry, gib: f64) -> Result<Vec<RestoreRow>> {
     )?;
     let local = timed(Command::new("zstd").args(["-d", "-q", "-f"]).arg(&zst).arg("-o").arg(&db))?
         + timed(
-            Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
+            Command::new("etcdutl")
                 .args(["snapshot", "restore"])
                 .arg(&db)
                 .arg("--data-dir")
                 .arg(dir.join("tools"))
-                .args(member),
+                .args(member)
+                // What a Kubernetes restore needs, as Ferry does by default.
+                .args(["--bump-revision", "100000", "--mark-compacted"]),
         )?;
     eprintln!("[{gib} GiB] ferry-agent restore…");
     let creds = ferry.dir.join("agent-creds");
@@ -587,8 +634,8 @@ fn bench_restore(ferry: &Ferry, gib: f64) -> Result<Vec<RestoreRow>> {
             .args(member),
     )?;
     Ok(vec![
-        RestoreRow { gib, method: "aws s3 cp → zstd -d → etcdctl snapshot restore", wall: fetch + local },
-        RestoreRow { gib, method: "zstd -d → etcdctl snapshot restore (object local)", wall: local },
+        RestoreRow { gib, method: "aws s3 cp → zstd -d → etcdutl snapshot restore", wall: fetch + local },
+        RestoreRow { gib, method: "zstd -d → etcdutl snapshot restore (object local)", wall: local },
         RestoreRow { gib, method: "ferry-agent restore (fetch + checks + restore)", wall: ferry_wall },
     ])
 }
