@@ -81,6 +81,7 @@ async fn run(coord: Arc<Coordinator>, cluster: String, _guard: RunningGuard) {
             coord.scheduler.backup_succeeded(&cluster, m.backup.createdat, plan.as_ref(), &coord.settings.bounds);
             let metrics = &coord.metrics;
             metrics.backups.get_or_create(&Metrics::result(&cluster, true)).inc();
+            metrics.consecutive_failures.get_or_create(&labels).set(0);
             metrics.last_success.get_or_create(&labels).set(m.backup.finishedat.seconds as f64);
             metrics.size.get_or_create(&labels).set(m.backup.size as i64);
             metrics.raw_size.get_or_create(&labels).set(m.backup.rawsize as i64);
@@ -102,6 +103,8 @@ async fn run(coord: Arc<Coordinator>, cluster: String, _guard: RunningGuard) {
             let period = plan.as_ref().map_or(Duration::from_secs(3600), |p| p.period(Timestamp::now()));
             coord.scheduler.backup_failed(&cluster, Timestamp::now(), period);
             coord.metrics.backups.get_or_create(&Metrics::result(&cluster, false)).inc();
+            // A gauge, not a rate: the scheduler's backoff spaces failures out, but the streak only grows.
+            coord.metrics.consecutive_failures.get_or_create(&labels).inc();
             coord.update_status(&cluster, |s| {
                 s.status = status::ERROR;
                 s.error = format!("{e:#}");

@@ -193,6 +193,7 @@ impl Coordinator {
             a.last_heard = Timestamp::now();
             first.then(|| a.clone())
         };
+        self.count_agents(cluster);
         // Persist the first report only; later ones live in memory (`get agents` overlays them).
         match first {
             Some(a) => self.persist_agent(cluster, &a, true),
@@ -265,8 +266,15 @@ impl Coordinator {
     }
 
     fn count_agents(&self, cluster: &str) {
-        let n = lock(&self.agents).keys().filter(|(c, _)| c == cluster).count();
-        self.metrics.agents_connected.get_or_create(&Metrics::cluster(cluster)).set(n as i64);
+        let (n, reachable) = {
+            let agents = lock(&self.agents);
+            let live: Vec<&LiveAgent> = agents.iter().filter(|((c, _), _)| c == cluster).map(|(_, a)| a).collect();
+            let reachable = live.iter().filter(|a| a.facts.as_ref().is_some_and(|f| f.error.is_none())).count();
+            (live.len(), reachable)
+        };
+        let labels = Metrics::cluster(cluster);
+        self.metrics.agents_connected.get_or_create(&labels).set(n as i64);
+        self.metrics.etcd_reachable_agents.get_or_create(&labels).set(reachable as i64);
     }
 
     pub fn any_running(&self) -> bool {

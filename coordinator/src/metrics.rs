@@ -33,6 +33,8 @@ pub struct Metrics {
     pub size: Family<ClusterLabels, Gauge>,
     pub raw_size: Family<ClusterLabels, Gauge>,
     pub agents_connected: Family<ClusterLabels, Gauge>,
+    pub etcd_reachable_agents: Family<ClusterLabels, Gauge>,
+    pub consecutive_failures: Family<ClusterLabels, Gauge>,
     pub store_configuration_error: Gauge,
     pub retention_deleted: Family<ClusterLabels, Counter>,
     pub interval: Family<ClusterLabels, FloatGauge>,
@@ -50,6 +52,8 @@ impl Default for Metrics {
             size: Family::default(),
             raw_size: Family::default(),
             agents_connected: Family::default(),
+            etcd_reachable_agents: Family::default(),
+            consecutive_failures: Family::default(),
             store_configuration_error: Gauge::default(),
             retention_deleted: Family::default(),
             interval: Family::default(),
@@ -79,6 +83,16 @@ impl Default for Metrics {
         );
         registry.register("agents_connected", "Agents of the cluster connected now", m.agents_connected.clone());
         registry.register(
+            "cluster_etcd_reachable_agents",
+            "Connected agents of the cluster whose latest report reached etcd",
+            m.etcd_reachable_agents.clone(),
+        );
+        registry.register(
+            "backup_consecutive_failures",
+            "Backups of the cluster failed in a row since its last success (0 after a success)",
+            m.consecutive_failures.clone(),
+        );
+        registry.register(
             "store_configuration_error",
             "1 while the backup store is not usable",
             m.store_configuration_error.clone(),
@@ -105,6 +119,35 @@ impl Metrics {
             tracing::warn!("failed to encode metrics: {e}");
         }
         s
+    }
+
+    /// Automatic backups of `cluster` were turned off: its interval (and the failure streak, which alerts
+    /// only while backups are expected) go, so "overdue" and "failing" alerts stop for it.
+    pub fn automatic_backups_off(&self, cluster: &str) {
+        let labels = Self::cluster(cluster);
+        self.interval.remove(&labels);
+        self.consecutive_failures.remove(&labels);
+    }
+
+    /// `cluster` was deleted: every series labelled with it goes.
+    pub fn forget_cluster(&self, cluster: &str) {
+        let labels = Self::cluster(cluster);
+        for family in [&self.last_success, &self.last_attempt, &self.interval] {
+            family.remove(&labels);
+        }
+        for family in [
+            &self.size,
+            &self.raw_size,
+            &self.agents_connected,
+            &self.etcd_reachable_agents,
+            &self.consecutive_failures,
+        ] {
+            family.remove(&labels);
+        }
+        self.retention_deleted.remove(&labels);
+        for ok in [true, false] {
+            self.backups.remove(&Self::result(cluster, ok));
+        }
     }
 
     pub fn cluster(cluster: &str) -> ClusterLabels {

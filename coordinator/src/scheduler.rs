@@ -5,7 +5,7 @@
 //! started in due order; `--max-concurrent-backups` job slots (a fair semaphore) make the rest queue in
 //! that order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,10 +22,17 @@ use crate::schedule::{self, Bounds, Plan};
 const TICK: Duration = Duration::from_secs(1);
 /// First retry delay after a failed automatic backup; doubles per failure, capped at the cluster's period.
 const RETRY_BASE: Duration = Duration::from_secs(30);
+/// Retry delay for reading a cluster's newest backup from a store that failed to answer.
+const SEED_RETRY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default, Clone)]
 struct ClusterState {
-    /// Read from the store once; until then the cluster is not scheduled.
+    /// The newest backup was read from the store (and the metrics seeded from it), for every cluster at
+    /// start, whether or not an agent is connected; until then the cluster is not scheduled.
+    seeded: bool,
+    /// When to retry reading the store after it failed (so an outage does not log every tick).
+    seed_retry_at: Option<Timestamp>,
+    /// The jitter of the next backup was drawn (needs the cluster's plan, so after seeding).
     loaded: bool,
     newest: Option<Timestamp>,
     jitter_ms: i64,
@@ -71,6 +78,42 @@ impl Scheduler {
     }
 }
 
+/// Once per cluster (retried while the store fails): reads its newest backup from the store and seeds the
+/// per-cluster gauges from it, at start and whether or not an agent reaches etcd, so that alerts on backup age,
+/// on a cluster never backed up and on agents that never come back work right after a coordinator restart.
+async fn seed(coord: &Arc<Coordinator>, cluster: &str, now: Timestamp) {
+    let pending = lock(&coord.scheduler.clusters)
+        .get(cluster)
+        .is_none_or(|st| !st.seeded && st.seed_retry_at.is_none_or(|t| t <= now));
+    if !pending {
+        return;
+    }
+    let labels = Metrics::cluster(cluster);
+    // Absent series would keep "== 0" alerts silent for a cluster whose agents never reconnect.
+    let _ = coord.metrics.agents_connected.get_or_create(&labels);
+    let _ = coord.metrics.etcd_reachable_agents.get_or_create(&labels);
+    let newest = match coord.store.list(Some(cluster), &coord.cancel).await {
+        Ok(list) => list.first().map(|m| (m.backup.createdat, m.backup.finishedat)),
+        Err(e) => {
+            warn!(%cluster, "failed to list backups to seed metrics and schedule (retrying in {SEED_RETRY:?}): {e:#}");
+            let mut all = lock(&coord.scheduler.clusters);
+            all.entry(cluster.to_string()).or_default().seed_retry_at =
+                Some(schedule::shift(now, SEED_RETRY.as_millis() as i64));
+            return;
+        }
+    };
+    if let Some((_, finished)) = newest {
+        let g = coord.metrics.last_success.get_or_create(&labels);
+        if g.get() < finished.seconds as f64 {
+            g.set(finished.seconds as f64);
+        }
+    }
+    let mut all = lock(&coord.scheduler.clusters);
+    let st = all.entry(cluster.to_string()).or_default();
+    st.seeded = true;
+    st.newest = st.newest.max(newest.map(|(created, _)| created));
+}
+
 /// Runs until the coordinator is cancelled.
 pub async fn run(coord: Arc<Coordinator>) {
     let mut tick = tokio::time::interval(TICK);
@@ -90,10 +133,16 @@ async fn pass(coord: &Arc<Coordinator>) -> Result<()> {
     let now = Timestamp::now();
     let bounds = &coord.settings.bounds;
     let mut due = Vec::new();
+    let mut existing = HashSet::new();
     for r in coord.state.list(ResourceType::Cluster)? {
         let Resource { metadata, spec: Spec::Cluster(spec) } = r else { continue };
         let cluster = metadata.id;
-        let Some(cfg) = spec.backupconfiguration else { continue };
+        existing.insert(cluster.clone());
+        seed(coord, &cluster, now).await;
+        let Some(cfg) = spec.backupconfiguration else {
+            coord.metrics.automatic_backups_off(&cluster);
+            continue;
+        };
         let checked = {
             let mut all = lock(&coord.scheduler.clusters);
             let st = all.entry(cluster.clone()).or_default();
@@ -110,7 +159,10 @@ async fn pass(coord: &Arc<Coordinator>) -> Result<()> {
             }
         };
         let Ok(plan) = checked else { continue };
-        coord.metrics.interval.get_or_create(&Metrics::cluster(&cluster)).set(plan.period(now).as_secs_f64());
+        let labels = Metrics::cluster(&cluster);
+        coord.metrics.interval.get_or_create(&labels).set(plan.period(now).as_secs_f64());
+        // Present (from 0) while automatic backups are on, like the interval.
+        let _ = coord.metrics.consecutive_failures.get_or_create(&labels);
         if coord.is_running(&cluster) {
             continue;
         }
@@ -120,29 +172,18 @@ async fn pass(coord: &Arc<Coordinator>) -> Result<()> {
         if !coord.live_agents(&cluster).iter().any(|a| a.facts.as_ref().is_some_and(|f| f.error.is_none())) {
             continue;
         }
-        let loaded = lock(&coord.scheduler.clusters).get(&cluster).is_some_and(|s| s.loaded);
-        if !loaded {
-            // Once per cluster: the newest backup in the store decides when the next is due, so a restart
+        {
+            // The newest backup in the store (read by `seed`) decides when the next is due, so a restart
             // neither adds a backup nor forgets one that was missed.
-            let newest = match coord.store.list(Some(&cluster), &coord.cancel).await {
-                Ok(list) => list.first().map(|m| m.backup.createdat),
-                Err(e) => {
-                    warn!(%cluster, "cannot list backups to schedule the next one: {e:#}");
-                    continue;
-                }
-            };
-            if let Some(n) = newest {
-                // After a restart the gauge starts from the store, so "backup too old" alerts keep working.
-                let g = coord.metrics.last_success.get_or_create(&Metrics::cluster(&cluster));
-                if g.get() < n.seconds as f64 {
-                    g.set(n.seconds as f64);
-                }
-            }
             let mut all = lock(&coord.scheduler.clusters);
             let st = all.entry(cluster.clone()).or_default();
-            st.loaded = true;
-            st.newest = st.newest.max(newest);
-            st.jitter_ms = st.newest.map_or(0, |n| schedule::jitter(plan.period(n), bounds));
+            if !st.seeded {
+                continue;
+            }
+            if !st.loaded {
+                st.loaded = true;
+                st.jitter_ms = st.newest.map_or(0, |n| schedule::jitter(plan.period(n), bounds));
+            }
         }
         let st = lock(&coord.scheduler.clusters).get(&cluster).cloned().unwrap_or_default();
         if st.retry_at.is_some_and(|t| t > now) {
@@ -156,6 +197,14 @@ async fn pass(coord: &Arc<Coordinator>) -> Result<()> {
         if at <= now {
             due.push((at, cluster));
         }
+    }
+    // Deleted clusters: their series go, so no alert fires for a cluster that no longer exists.
+    let deleted: Vec<String> =
+        lock(&coord.scheduler.clusters).keys().filter(|c| !existing.contains(*c)).cloned().collect();
+    for cluster in deleted {
+        lock(&coord.scheduler.clusters).remove(&cluster);
+        coord.metrics.forget_cluster(&cluster);
+        info!(%cluster, "cluster deleted: its metrics are removed");
     }
     due.sort();
     for (at, cluster) in due {
