@@ -117,7 +117,7 @@ async fn prometheus_reads_the_last_backup_time_and_promtool_accepts_live_metrics
     let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus");
     let config = std::fs::read_to_string(shipped.join("prometheus.yml"))?
         .replace("15s", "1s")
-        .replace(r#"["ferry-coordinator.ferry.svc:9464"]"#, &format!(r#"["127.0.0.1:{coord_port}"]"#))
+        .replace(r#"["ferry-coordinator-metrics.ferry.svc:9464"]"#, &format!(r#"["127.0.0.1:{coord_port}"]"#))
         .replace(
             r#"["cp1.example.com:9465", "cp2.example.com:9465", "cp3.example.com:9465"]"#,
             &format!(r#"["127.0.0.1:{agent_port}"]"#),
