@@ -16,7 +16,7 @@ use crate::fixtures::{poll_until, test_dir, Agent, Coordinator, CoordinatorOptio
 const CLUSTER: &str = "observed";
 
 /// A plain HTTP/1.1 GET on loopback: (status, body).
-fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+pub(crate) fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
