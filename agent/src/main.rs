@@ -129,7 +129,10 @@ async fn run(args: Args) -> Result<()> {
         );
     };
     let credentials = AgentCredentials::load(&creds_dir).with_context(|| {
-        format!("load --credentials {} (create it with `ferryctl agent-credentials`)", creds_dir.display())
+        format!(
+            "load --credentials {} (create it with `ferryctl agent-credentials`; for an agent that does not run as root, add `--owner USER`)",
+            creds_dir.display()
+        )
     })?;
     let identity = Identity::from_pem(&credentials.client.cert_pem).context("read agent certificate")?;
     let Identity::Agent { cluster, member } = identity else {

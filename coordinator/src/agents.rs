@@ -119,6 +119,8 @@ impl Agents {
             a.last_heard = Timestamp::now();
             first.then(|| a.clone())
         };
+        // A report can turn etcd reachable or unreachable.
+        self.count(cluster);
         if let Some(revision) = revision {
             self.saw_revision(cluster, revision)?;
         }
@@ -219,9 +221,17 @@ impl Agents {
             .any(|r| matches!(&r.spec, Spec::Agent(a) if a.cluster == cluster)))
     }
 
+    /// Sets the cluster's connected and etcd-reachable agent gauges.
     fn count(&self, cluster: &str) {
-        let n = lock(&self.inner.live).keys().filter(|(c, _)| c == cluster).count();
-        self.inner.metrics.agents_connected.get_or_create(&Metrics::cluster(cluster)).set(n as i64);
+        let (connected, reachable) = {
+            let live = lock(&self.inner.live);
+            let agents: Vec<&LiveAgent> = live.iter().filter(|((c, _), _)| c == cluster).map(|(_, a)| a).collect();
+            let reachable = agents.iter().filter(|a| a.facts.as_ref().is_some_and(|f| f.error.is_none())).count();
+            (agents.len(), reachable)
+        };
+        let labels = Metrics::cluster(cluster);
+        self.inner.metrics.agents_connected.get_or_create(&labels).set(connected as i64);
+        self.inner.metrics.etcd_reachable_agents.get_or_create(&labels).set(reachable as i64);
     }
 }
 

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub size: Family<ClusterLabels, Gauge>,
     pub raw_size: Family<ClusterLabels, Gauge>,
     pub agents_connected: Family<ClusterLabels, Gauge>,
+    pub etcd_reachable_agents: Family<ClusterLabels, Gauge>,
+    pub consecutive_failures: Family<ClusterLabels, Gauge>,
     pub store_configuration_error: Gauge,
     pub retention_deleted: Family<ClusterLabels, Counter>,
     pub interval: Family<ClusterLabels, FloatGauge>,
@@ -51,6 +53,8 @@ impl Default for Metrics {
             size: Family::default(),
             raw_size: Family::default(),
             agents_connected: Family::default(),
+            etcd_reachable_agents: Family::default(),
+            consecutive_failures: Family::default(),
             store_configuration_error: Gauge::default(),
             retention_deleted: Family::default(),
             interval: Family::default(),
@@ -79,6 +83,16 @@ impl Default for Metrics {
             m.raw_size.clone(),
         );
         registry.register("agents_connected", "Agents of the cluster connected now", m.agents_connected.clone());
+        registry.register(
+            "cluster_etcd_reachable_agents",
+            "Connected agents of the cluster whose latest report reached etcd",
+            m.etcd_reachable_agents.clone(),
+        );
+        registry.register(
+            "backup_consecutive_failures",
+            "Backups of the cluster failed in a row since its last success (0 after a success)",
+            m.consecutive_failures.clone(),
+        );
         registry.register(
             "store_configuration_error",
             "1 while the backup store is not usable",
@@ -116,9 +130,12 @@ impl Metrics {
         ResultLabels { cluster: cluster.to_string(), result: if ok { "success" } else { "error" }.to_string() }
     }
 
-    /// Automatic backups of `cluster` are off (or paused by an invalid configuration): no interval to show.
+    /// Automatic backups of `cluster` are off (or paused by an invalid configuration): no interval and no
+    /// failure streak to show, so "overdue", "never succeeded" and "failing" alerts stop for it.
     pub fn clear_interval(&self, cluster: &str) {
-        self.interval.remove(&Self::cluster(cluster));
+        let labels = Self::cluster(cluster);
+        self.interval.remove(&labels);
+        self.consecutive_failures.remove(&labels);
     }
 
     /// `cluster` was deleted: every series labelled with it goes, so dashboards and alerts forget it.
@@ -127,7 +144,13 @@ impl Metrics {
         for family in [&self.last_success, &self.last_attempt, &self.interval] {
             family.remove(&l);
         }
-        for family in [&self.size, &self.raw_size, &self.agents_connected] {
+        for family in [
+            &self.size,
+            &self.raw_size,
+            &self.agents_connected,
+            &self.etcd_reachable_agents,
+            &self.consecutive_failures,
+        ] {
             family.remove(&l);
         }
         self.retention_deleted.remove(&l);

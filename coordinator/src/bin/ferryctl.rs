@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use ferry_common::client::Session;
-use ferry_common::config::{AgentCredentials, FerryConfig};
+use ferry_common::config::{AgentCredentials, FerryConfig, CREDENTIALS_CA, CREDENTIALS_CERT, CREDENTIALS_KEY};
 use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, ApplyOutcome, ErrorKind};
 use ferry_common::resources::EtcdBackupSpec;
 use ferry_common::resources::{Resource, ResourceType, Selector, Spec};
@@ -59,6 +59,11 @@ enum Command {
         member: String,
         #[arg(long)]
         out: PathBuf,
+        /// Owner of the written files, USER[:GROUP] (names or numeric ids; GROUP defaults to USER's primary
+        /// group), for an agent that does not run as root, e.g. `--owner etcd` for the systemd unit's `User=etcd`.
+        /// Needs root.
+        #[arg(long, value_name = "USER[:GROUP]")]
+        owner: Option<String>,
     },
     /// Work with stored backups.
     Backup {
@@ -193,13 +198,26 @@ async fn run(cli: Cli) -> Result<()> {
             call(&cfg()?, AdminRequest::Delete { rt, id: id.clone() }).await?;
             println!("{rt}/{id} deleted");
         }
-        Command::AgentCredentials { cluster, member, out } => {
+        Command::AgentCredentials { cluster, member, out, owner } => {
+            // Checked before asking the coordinator, so a typo in the user name issues nothing.
+            let owner = owner.as_deref().map(Owner::parse).transpose()?;
             match call(&cfg()?, AdminRequest::AgentCredentials { cluster: cluster.clone(), member: member.clone() })
                 .await?
             {
                 AdminResponse::Credentials { ca_pem, cert_pem, key_pem } => {
+                    if let Some(owner) = &owner {
+                        // The directory first: without root this fails before any key is written.
+                        std::fs::create_dir_all(&out).with_context(|| format!("create --out {}", out.display()))?;
+                        owner.chown(&out)?;
+                    }
                     AgentCredentials { ca_pem, client: CertifiedPem { cert_pem, key_pem } }.save(&out)?;
-                    println!("wrote credentials for agent {cluster}/{member} to {}", out.display());
+                    if let Some(owner) = &owner {
+                        for name in [CREDENTIALS_CA, CREDENTIALS_CERT, CREDENTIALS_KEY] {
+                            owner.chown(&out.join(name))?;
+                        }
+                    }
+                    let owned = owner.map(|o| format!(", owned by {}", o.spec)).unwrap_or_default();
+                    println!("wrote credentials for agent {cluster}/{member} to {}{owned}", out.display());
                 }
                 other => bail!("unexpected response {other:?}"),
             }
@@ -395,4 +413,72 @@ fn count_keys(data_dir: &Path, peer: &str) -> Result<u64> {
     let _ = etcd.kill();
     let _ = etcd.wait();
     result
+}
+
+/// `agent-credentials --owner USER[:GROUP]`, resolved to numeric ids.
+#[derive(Debug)]
+struct Owner {
+    spec: String,
+    uid: u32,
+    gid: u32,
+}
+
+impl Owner {
+    /// Resolves names through /etc/passwd and /etc/group (where kubeadm hosts and distribution packages keep
+    /// system users such as `etcd`); numeric ids are taken as they are.
+    fn parse(spec: &str) -> Result<Self> {
+        let (user, group) = match spec.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (spec, None),
+        };
+        if user.is_empty() || group.is_some_and(str::is_empty) {
+            bail!("--owner {spec:?}: expected USER or USER:GROUP, e.g. --owner etcd or --owner etcd:etcd");
+        }
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        let entry = passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| f.len() >= 4 && f[0] == user);
+        let (uid, primary_gid) = match (user.parse::<u32>(), entry) {
+            (Ok(uid), _) => (uid, None),
+            (Err(_), Some(f)) => (
+                f[2].parse().with_context(|| format!("/etc/passwd has a bad uid for user {user:?}"))?,
+                f[3].parse().ok(),
+            ),
+            (Err(_), None) => bail!(
+                "--owner {spec:?}: no user {user:?} in /etc/passwd; create it (e.g. `useradd --system {user}`) or give numeric ids (--owner UID:GID)"
+            ),
+        };
+        let gid = match group {
+            None => primary_gid.ok_or_else(|| {
+                anyhow!("--owner {spec:?}: uid {uid} has no entry in /etc/passwd to take a group from; give one: --owner {uid}:GID")
+            })?,
+            Some(g) => match g.parse::<u32>() {
+                Ok(gid) => gid,
+                Err(_) => {
+                    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+                    let f = groups
+                        .lines()
+                        .map(|l| l.split(':').collect::<Vec<_>>())
+                        .find(|f| f.len() >= 3 && f[0] == g)
+                        .ok_or_else(|| {
+                            anyhow!("--owner {spec:?}: no group {g:?} in /etc/group; create it or give a numeric gid")
+                        })?;
+                    f[2].parse().with_context(|| format!("/etc/group has a bad gid for group {g:?}"))?
+                }
+            },
+        };
+        Ok(Self { spec: spec.to_string(), uid, gid })
+    }
+
+    fn chown(&self, path: &Path) -> Result<()> {
+        std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid)).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                anyhow!(
+                    "chown {} to --owner {}: permission denied; giving files to another user needs root (run `sudo ferryctl agent-credentials …`)",
+                    path.display(),
+                    self.spec
+                )
+            } else {
+                anyhow!("chown {} to --owner {}: {e}", path.display(), self.spec)
+            }
+        })
+    }
 }

@@ -175,6 +175,27 @@ impl Scheduler {
         let mut due = Vec::new();
         for (cluster, cfg) in clusters {
             let st = self.clusters.entry(cluster.clone()).or_default();
+            if !st.loaded && !st.loading && st.load_retry_at.is_none_or(|t| t <= now) {
+                // Once per cluster, whether or not an agent is back and whether or not backups are automatic:
+                // the newest backup in the store seeds the last-success gauge (so "backup too old" alerts work
+                // right after a restart) and decides when the next is due, so a restart neither adds a backup
+                // nor forgets one that was missed.
+                st.loading = true;
+                let (store, cancel, c) = (self.store.clone(), self.loads_cancel.clone(), cluster.clone());
+                let span = info_span!("list_newest", cluster = %c);
+                self.loads.spawn(
+                    async move {
+                        let newest = store.list(Some(&c), &cancel).await.map(|l| l.first().map(|m| m.backup.createdat));
+                        (c, newest)
+                    }
+                    .instrument(span),
+                );
+            }
+            // Every cluster's agent gauges exist from the start (0 until an agent connects), so "no agent
+            // reaches etcd" alerts can fire for a cluster whose agents never came back after a restart.
+            let labels = Metrics::cluster(cluster);
+            let _ = self.metrics.agents_connected.get_or_create(&labels);
+            let _ = self.metrics.etcd_reachable_agents.get_or_create(&labels);
             let Some(cfg) = cfg else {
                 // Automatic backups off: no interval to show (the FerryBackupTooOld alert keys on it).
                 self.metrics.clear_interval(cluster);
@@ -195,28 +216,11 @@ impl Scheduler {
                 self.metrics.clear_interval(cluster);
                 continue;
             };
-            self.metrics.interval.get_or_create(&Metrics::cluster(cluster)).set(plan.period(now).as_secs_f64());
+            self.metrics.interval.get_or_create(&labels).set(plan.period(now).as_secs_f64());
+            self.metrics.consecutive_failures.get_or_create(&labels).set(i64::from(st.failures));
             // Nothing to back up from (e.g. just after a restart, before the agents redial) or already running:
             // not a failure, and no backoff, so the backup starts the moment it can.
-            if !can_start(cluster) {
-                continue;
-            }
-            if !st.loaded {
-                // Once per cluster: the newest backup in the store decides when the next is due, so a restart
-                // neither adds a backup nor forgets one that was missed.
-                if !st.loading && st.load_retry_at.is_none_or(|t| t <= now) {
-                    st.loading = true;
-                    let (store, cancel, c) = (self.store.clone(), self.loads_cancel.clone(), cluster.clone());
-                    let span = info_span!("list_newest", cluster = %c);
-                    self.loads.spawn(
-                        async move {
-                            let newest =
-                                store.list(Some(&c), &cancel).await.map(|l| l.first().map(|m| m.backup.createdat));
-                            (c, newest)
-                        }
-                        .instrument(span),
-                    );
-                }
+            if !st.loaded || !can_start(cluster) {
                 continue;
             }
             if st.retry_at.is_some_and(|t| t > now) {
@@ -357,8 +361,8 @@ mod tests {
         assert!(!metrics.render().contains("cluster=\"c\""), "deleted: no series\n{}", metrics.render());
     }
 
-    #[test]
-    fn failures_back_off_and_a_success_moves_the_next_backup_a_period_on() {
+    #[tokio::test]
+    async fn failures_back_off_and_a_success_moves_the_next_backup_a_period_on() {
         let (mut s, _dir) = scheduler(Failures::default());
         let clusters = vec![("c".to_string(), hourly())];
         let now = Timestamp::now();

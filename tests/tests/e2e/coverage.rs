@@ -33,12 +33,12 @@ const ETCDCTL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Files of a small PKI for one etcd member, as kubeadm lays out `/etc/kubernetes/pki/etcd/`.
 #[derive(Debug)]
-struct EtcdPki {
-    ca: PathBuf,
+pub(crate) struct EtcdPki {
+    pub(crate) ca: PathBuf,
     server_cert: PathBuf,
     server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
+    pub(crate) client_cert: PathBuf,
+    pub(crate) client_key: PathBuf,
 }
 
 impl EtcdPki {
@@ -82,18 +82,18 @@ impl EtcdPki {
 /// A one-member etcd cluster serving clients only over TLS with client-certificate auth (peers stay HTTP),
 /// killed on drop.
 #[derive(Debug)]
-struct TlsEtcd {
+pub(crate) struct TlsEtcd {
     // Field order matters: the member is killed before its data dir goes away.
     process: Daemon,
-    client_url: String,
-    pki: EtcdPki,
+    pub(crate) client_url: String,
+    pub(crate) pki: EtcdPki,
     _dir: TempDir,
 }
 
 impl TlsEtcd {
     /// Generates the PKI, starts the member and waits until `etcdctl endpoint health` (with the client
     /// certificate) succeeds.
-    async fn start() -> anyhow::Result<Self> {
+    pub(crate) async fn start() -> anyhow::Result<Self> {
         let dir = test_dir("etcd-tls")?;
         let pki = EtcdPki::generate(dir.path())?;
         let client_url = format!("https://127.0.0.1:{}", free_port());

@@ -11,12 +11,12 @@ use anyhow::{bail, Context};
 use crate::fixtures::ferry::STATUS_OK;
 use crate::fixtures::ports::free_port;
 use crate::fixtures::process::Daemon;
-use crate::fixtures::{poll_until, test_dir, Agent, Coordinator, CoordinatorOptions, EtcdCluster};
+use crate::fixtures::{poll_until, test_dir, Agent, Coordinator, CoordinatorOptions, EtcdCluster, Stop};
 
 const CLUSTER: &str = "observed";
 
 /// A plain HTTP/1.1 GET on loopback: (status, body).
-fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+pub(crate) fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
@@ -117,7 +117,7 @@ async fn prometheus_reads_the_last_backup_time_and_promtool_accepts_live_metrics
     let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus");
     let config = std::fs::read_to_string(shipped.join("prometheus.yml"))?
         .replace("15s", "1s")
-        .replace(r#"["ferry-coordinator.ferry.svc:9464"]"#, &format!(r#"["127.0.0.1:{coord_port}"]"#))
+        .replace(r#"["ferry-coordinator-metrics.ferry.svc:9464"]"#, &format!(r#"["127.0.0.1:{coord_port}"]"#))
         .replace(
             r#"["cp1.example.com:9465", "cp2.example.com:9465", "cp3.example.com:9465"]"#,
             &format!(r#"["127.0.0.1:{agent_port}"]"#),
@@ -159,5 +159,79 @@ async fn prometheus_reads_the_last_backup_time_and_promtool_accepts_live_metrics
     for alert in ["FerryBackupTooOld", "FerryBackupsFailing", "FerryAgentDisconnected", "FerryStoreMisconfigured"] {
         assert!(rules.contains(alert), "Prometheus did not load alert {alert}: {rules}");
     }
+    Ok(())
+}
+
+/// The value of the coordinator's `name{cluster="…"}` series, or None when absent.
+fn series(metrics: &str, name: &str, cluster: &str) -> Option<f64> {
+    let prefix = format!("{name}{{cluster=\"{cluster}\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
+}
+
+async fn wait_metrics(port: u16, what: &str, check: impl Fn(&str) -> bool) -> anyhow::Result<String> {
+    poll_until(what, Duration::from_secs(20), Duration::from_millis(200), || {
+        let found = http_get(port, "/metrics").ok().map(|(_, m)| m).filter(|m| check(m));
+        async move { Ok(found) }
+    })
+    .await
+}
+
+/// The alert rules depend on these: after a restart the per-cluster gauges come from the store, before any agent
+/// is back (else "backup too old" and "no agent reaches etcd" stay silent exactly when they matter), and a
+/// cluster whose automatic backups are off, or that was deleted, leaves no series that would page for it.
+#[tokio::test]
+async fn cluster_gauges_are_seeded_at_start_and_removed_when_backups_stop() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    etcd.put_keys(50).await?;
+    let port = free_port();
+    let mut coordinator = Coordinator::start(CoordinatorOptions {
+        extra_args: vec!["--metrics-listen".into(), format!("127.0.0.1:{port}")],
+        ..Default::default()
+    })
+    .await?;
+    let mut agents = coordinator.start_agents(CLUSTER, &etcd).await?;
+    coordinator.manual_backup(CLUSTER).await?;
+    let status = coordinator.wait_backup_status(CLUSTER, Duration::from_secs(60)).await?;
+    assert_eq!(status["status"], STATUS_OK, "{status}");
+    let finished = status["lastbackuptime"]["seconds"].as_f64().context("lastbackuptime")?;
+
+    let mut cluster = coordinator.ctl().get_json("cluster", Some(CLUSTER)).await?;
+    cluster["spec"]["backupconfiguration"] = serde_json::json!({ "interval": { "seconds": 3600, "nanos": 0 } });
+    coordinator.ctl().apply_yaml(&serde_json::to_string(&cluster)?).await?.ok()?;
+    let m = wait_metrics(port, "interval gauge and one agent reaching etcd", |m| {
+        series(m, "ferry_backup_interval_seconds", CLUSTER) == Some(3600.0)
+            && series(m, "ferry_cluster_etcd_reachable_agents", CLUSTER) == Some(1.0)
+    })
+    .await?;
+    assert_eq!(series(&m, "ferry_backup_consecutive_failures", CLUSTER), Some(0.0), "{m}");
+    assert_eq!(series(&m, "ferry_agents_connected", CLUSTER), Some(1.0), "{m}");
+
+    // Restarted with no agent to come back: the gauges come from the stored backup and say nobody is there.
+    for a in &mut agents {
+        a.stop().await;
+    }
+    coordinator.restart(Stop::Kill).await?;
+    let m = wait_metrics(port, "seeded last-success gauge", |m| {
+        series(m, "ferry_backup_last_success_timestamp_seconds", CLUSTER).is_some()
+    })
+    .await?;
+    assert_eq!(series(&m, "ferry_backup_last_success_timestamp_seconds", CLUSTER), Some(finished), "{m}");
+    assert_eq!(series(&m, "ferry_agents_connected", CLUSTER), Some(0.0), "{m}");
+    assert_eq!(series(&m, "ferry_cluster_etcd_reachable_agents", CLUSTER), Some(0.0), "{m}");
+    assert_eq!(series(&m, "ferry_backup_interval_seconds", CLUSTER), Some(3600.0), "{m}");
+
+    // Automatic backups off: no interval, so "overdue" cannot fire; the last success stays.
+    let mut cluster = coordinator.ctl().get_json("cluster", Some(CLUSTER)).await?;
+    cluster["spec"]["backupconfiguration"] = serde_json::Value::Null;
+    coordinator.ctl().apply_yaml(&serde_json::to_string(&cluster)?).await?.ok()?;
+    let m =
+        wait_metrics(port, "interval gauge removed", |m| series(m, "ferry_backup_interval_seconds", CLUSTER).is_none())
+            .await?;
+    assert!(series(&m, "ferry_backup_last_success_timestamp_seconds", CLUSTER).is_some(), "{m}");
+
+    // Deleted: nothing labelled with the cluster is left.
+    coordinator.ctl().run(&["delete", "cluster", CLUSTER]).await?.ok()?;
+    let label = format!("cluster=\"{CLUSTER}\"");
+    wait_metrics(port, "every series of the deleted cluster removed", |m| !m.contains(&label)).await?;
     Ok(())
 }
