@@ -154,6 +154,53 @@ fn agent_ferryconfig(coordinator: &Coordinator, credentials: &Path, out: &Path) 
     Ok(())
 }
 
+/// The disaster, then the recovery of `docs/RESTORE.md`: every agent stopped, every member stopped and its
+/// data dir wiped, then `ferry-agent restore` of backup `id` on every member, each with its own name and peer
+/// URL, into a new cluster named by `token`. Returns each member's restore output, in member order; the
+/// members are left stopped.
+async fn disaster_then_restore_every_member(
+    coordinator: &Coordinator,
+    etcd: &mut EtcdCluster,
+    agents: &mut [crate::fixtures::Agent],
+    id: &str,
+    token: &str,
+) -> anyhow::Result<Vec<CtlOutput>> {
+    for agent in agents.iter_mut() {
+        agent.stop().await;
+    }
+    etcd.stop_all().await?;
+    for member in etcd.members() {
+        std::fs::remove_dir_all(member.data_dir())?;
+    }
+    let mut outputs = Vec::new();
+    for member in etcd.members() {
+        let credentials = coordinator.issue_agent_credentials(CLUSTER, member.name()).await?;
+        let mut args = as_agent(coordinator, &credentials);
+        args.extend(
+            [
+                "--backup",
+                id,
+                "--data-dir",
+                &member.data_dir().display().to_string(),
+                "--name",
+                member.name(),
+                "--initial-cluster",
+                etcd.initial_cluster(),
+                "--initial-cluster-token",
+                token,
+                "--initial-advertise-peer-urls",
+                member.peer_url(),
+            ]
+            .iter()
+            .map(|s| (*s).to_owned()),
+        );
+        let out = agent_restore(&args).await?.ok()?;
+        anyhow::ensure!(member.data_dir().join("member").is_dir(), "{} restored no member/ dir", member.name());
+        outputs.push(out);
+    }
+    Ok(outputs)
+}
+
 #[tokio::test]
 async fn three_member_cluster_comes_back_from_ferry_restore() -> anyhow::Result<()> {
     const KEYS: usize = 3000;
@@ -168,43 +215,10 @@ async fn three_member_cluster_comes_back_from_ferry_restore() -> anyhow::Result<
     assert!(backup_revision >= written_at, "backup revision {backup_revision} < {written_at} of the writes");
     let old_cluster_id = spec["etcdclusterid"].as_str().context("backup spec.etcdclusterid")?.to_owned();
 
-    // The disaster: every member down and its data gone. A restore needs only the coordinator.
-    for agent in &mut agents {
-        agent.stop().await;
-    }
-    etcd.stop_all().await?;
-    for member in etcd.members() {
-        std::fs::remove_dir_all(member.data_dir())?;
-    }
-
-    // Every member restores the same backup id, with its own name and peer URL, into a new cluster.
+    // The disaster: every member down and its data gone. A restore needs only the coordinator. Every member
+    // restores the same backup id, with its own name and peer URL, into a new cluster.
     let token = format!("ferry-e2e-restored-{}", std::process::id());
-    let mut outputs = Vec::new();
-    for member in etcd.members() {
-        let credentials = coordinator.issue_agent_credentials(CLUSTER, member.name()).await?;
-        let mut args = as_agent(&coordinator, &credentials);
-        args.extend(
-            [
-                "--backup",
-                &id,
-                "--data-dir",
-                &member.data_dir().display().to_string(),
-                "--name",
-                member.name(),
-                "--initial-cluster",
-                etcd.initial_cluster(),
-                "--initial-cluster-token",
-                &token,
-                "--initial-advertise-peer-urls",
-                member.peer_url(),
-            ]
-            .iter()
-            .map(|s| (*s).to_owned()),
-        );
-        let out = agent_restore(&args).await?.ok()?;
-        assert!(member.data_dir().join("member").is_dir(), "{} restored no member/ dir", member.name());
-        outputs.push(out);
-    }
+    let outputs = disaster_then_restore_every_member(&coordinator, &mut etcd, &mut agents, &id, &token).await?;
     etcd.start_stopped_members().await?;
 
     assert_same_kvs(&expected_test_kvs(KEYS), &etcd.read_prefix(TEST_PREFIX).await?, "keys after the restore");
@@ -528,39 +542,11 @@ async fn restore_bumps_every_member_above_the_live_revision_and_marks_it_compact
     )
     .await?;
 
-    for agent in &mut agents {
-        agent.stop().await;
-    }
-    etcd.stop_all().await?;
-    for member in etcd.members() {
-        std::fs::remove_dir_all(member.data_dir())?;
-    }
-
     // Every member restores with the defaults: no bump flag.
     let token = format!("ferry-e2e-bumped-{}", std::process::id());
+    let outputs = disaster_then_restore_every_member(&coordinator, &mut etcd, &mut agents, &id, &token).await?;
     let mut restored = Vec::new();
-    for member in etcd.members() {
-        let credentials = coordinator.issue_agent_credentials(CLUSTER, member.name()).await?;
-        let mut args = as_agent(&coordinator, &credentials);
-        args.extend(
-            [
-                "--backup",
-                &id,
-                "--data-dir",
-                &member.data_dir().display().to_string(),
-                "--name",
-                member.name(),
-                "--initial-cluster",
-                etcd.initial_cluster(),
-                "--initial-cluster-token",
-                &token,
-                "--initial-advertise-peer-urls",
-                member.peer_url(),
-            ]
-            .iter()
-            .map(|s| (*s).to_owned()),
-        );
-        let out = agent_restore(&args).await?.ok()?;
+    for (member, out) in etcd.members().iter().zip(&outputs) {
         let seen_at: i64 = out
             .stdout
             .split("the cluster was seen at revision ")
@@ -568,7 +554,7 @@ async fn restore_bumps_every_member_above_the_live_revision_and_marks_it_compact
             .and_then(|rest| rest.trim_end().trim_end_matches(')').parse().ok())
             .with_context(|| format!("the restore says which revision the cluster was seen at: {}", out.stdout))?;
         assert!(seen_at >= live_revision, "{}: planned from revision {seen_at} < live {live_revision}", member.name());
-        restored.push(restored_revision(&out)?);
+        restored.push(restored_revision(out)?);
     }
     assert!(restored.windows(2).all(|w| w[0] == w[1]), "every member must get the same bump: {restored:?}");
     let (snapshot_revision, bumped_to) = restored[0];
