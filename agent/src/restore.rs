@@ -12,9 +12,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use bytes::Bytes;
 use ferry_common::client::Session;
 use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, RestoreSource, RevisionSeen};
 use ferry_common::resources::{EtcdBackupSpec, Spec};
+use ferry_common::s3::with_retries;
 use ferry_common::snapshot::{planned_bump, RestoreAs, RevisionBump, VerifyingWriter};
 use ferry_common::tls::CertifiedPem;
 use tokio_util::sync::CancellationToken;
@@ -236,13 +238,17 @@ async fn fetch(req: &RestoreRequest, snapshot: &Path) -> Result<(EtcdBackupSpec,
                     other => bail!("unexpected answer {other:?}"),
                 }
             },
-            RestoreSource::S3(target) => {
-                let client = ferry_common::s3::client(&target.config).await?;
-                let bucket = &target.config.bucket;
-                let what = format!("download s3://{bucket}/{}", target.key);
-                let obj = ferry_common::s3::get_object(&client, bucket, &target.key, &what, &CancellationToken::new())
-                    .await?;
-                let mut body = obj;
+            RestoreSource::S3 { head, get, cacert } => {
+                // Presigned HEAD and GET of this one object: the agent holds no S3 credential.
+                let http = ferry_common::presigned::PresignedClient::new(&cacert)?;
+                let what = format!("download {}", backup.snapshot);
+                let cancel = CancellationToken::new();
+                let found = with_retries(&cancel, &what, || http.send(&head, Bytes::new(), &what)).await?;
+                let size = found.header("content-length").and_then(|v| v.parse::<u64>().ok());
+                if size != Some(backup.size) {
+                    bail!("{what}: the object is {size:?} bytes, but the backup's manifest says {}", backup.size);
+                }
+                let mut body = with_retries(&cancel, &what, || http.send(&get, Bytes::new(), &what)).await?.into_body();
                 while let Some(chunk) = body.try_next().await.with_context(|| format!("{what}: read"))? {
                     throttle.consume(chunk.len()).await;
                     w.write(&chunk)?;

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ferry_common::resources::{EtcdBackupSpec, Timestamp};
-use sha2::{Digest, Sha256};
+use ferry_common::snapshot::StreamCheck;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
@@ -81,8 +81,7 @@ impl LocalStore {
                         partial,
                         object,
                         file: Some(file),
-                        sha: Sha256::new(),
-                        bytes: 0,
+                        check: StreamCheck::new().map_err(|e| StoreError::Mismatch(e.to_string()))?,
                         done: false,
                     })
                 }
@@ -183,8 +182,8 @@ pub(super) struct PendingLocal {
     partial: PathBuf,
     object: PathBuf,
     file: Option<tokio::fs::File>,
-    sha: Sha256,
-    bytes: u64,
+    /// Every check of a restore, over the bytes as they arrive.
+    check: StreamCheck,
     done: bool,
 }
 
@@ -194,8 +193,7 @@ impl PendingLocal {
         let f =
             self.file.as_mut().ok_or_else(|| StoreError::Mismatch(format!("backup {} is already closed", self.id)))?;
         f.write_all(data).await.map_err(io(format!("write {}", self.partial.display())))?;
-        self.sha.update(data);
-        self.bytes += data.len() as u64;
+        self.check.write(data);
         Ok(())
     }
 
@@ -206,13 +204,17 @@ impl PendingLocal {
         if self.done {
             return Err(StoreError::Mismatch(format!("backup {} is already committed", self.id)));
         }
-        let sha = hex::encode(self.sha.clone().finalize());
-        if spec.size != self.bytes || spec.sha256 != sha {
+        let (bytes, sha) = (self.check.bytes(), self.check.sha256_hex());
+        if spec.size != bytes || spec.sha256 != sha {
             return Err(StoreError::Mismatch(format!(
-                "received {} bytes with sha256 {sha}, but the agent sent {} bytes with sha256 {}; discarding",
-                self.bytes, spec.size, spec.sha256
+                "received {bytes} bytes with sha256 {sha}, but the agent sent {} bytes with sha256 {}; discarding",
+                spec.size, spec.sha256
             )));
         }
+        // The coordinator's own check of what it received: a whole etcd snapshot, or nothing is committed.
+        let check =
+            std::mem::replace(&mut self.check, StreamCheck::new().map_err(|e| StoreError::Mismatch(e.to_string()))?);
+        check.finish(&spec).map_err(|e| StoreError::Mismatch(format!("the received backup failed its checks: {e}")))?;
         let closed = || StoreError::Mismatch(format!("backup {} is already closed", self.id));
         let mut f = self.file.take().ok_or_else(closed)?;
         f.flush().await.map_err(io(format!("write {}", self.partial.display())))?;

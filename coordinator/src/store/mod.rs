@@ -13,7 +13,7 @@ mod s3;
 
 use std::sync::Arc;
 
-use ferry_common::protocol::{BackupTarget, RestoreSource, S3Target};
+use ferry_common::protocol::{BackupTarget, PresignedRequest, RestoreSource, UploadedPart};
 use ferry_common::resources::{EtcdBackupS3ConfigSpec, EtcdBackupSpec, Timestamp};
 use ferry_common::s3::S3Error;
 use serde::{Deserialize, Serialize};
@@ -205,19 +205,14 @@ impl BackupStore {
         }))
     }
 
-    /// Where a restore reads `m` from: the bytes on the request stream (local), or the S3 object with this
-    /// store's settings, for that restore only.
-    pub fn restore_source(&self, m: &Manifest, upload: UploadSettings) -> Result<RestoreSource, StoreError> {
+    /// Where a restore reads `m` from: the bytes on the request stream (local), or presigned `HEAD` and `GET`
+    /// requests for that one object, valid for a few minutes (S3). No credential leaves the coordinator.
+    pub async fn restore_source(&self, m: &Manifest) -> Result<RestoreSource, StoreError> {
         match &self.backend {
             Backend::Local(_) => Ok(RestoreSource::Coordinator),
             Backend::S3(s) => {
-                let conn = s.conn()?;
-                Ok(RestoreSource::S3(Box::new(S3Target {
-                    config: conn.spec.clone(),
-                    key: m.backup.snapshot.clone(),
-                    part_size: upload.part_size,
-                    parts_in_flight: upload.parts_in_flight,
-                })))
+                let (head, get, cacert) = s.restore_requests(m).await?;
+                Ok(RestoreSource::S3 { head, get, cacert })
             }
         }
     }
@@ -279,26 +274,35 @@ impl Pending {
         }
     }
 
-    /// The agent created its multipart upload (S3): remembered so it can be aborted if the job fails.
-    pub fn upload_started(&mut self, upload_id: String) -> Result<(), StoreError> {
-        match &mut self.kind {
-            PendingKind::S3(p) => {
-                p.upload_id = Some(upload_id);
-                Ok(())
-            }
-            PendingKind::Local(_) => Err(StoreError::WrongPath { store: "local", what: "an S3 upload" }),
+    /// A presigned `UploadPart` request for part `number` of this job's upload (S3).
+    pub async fn part_url(&self, number: u32) -> Result<PresignedRequest, StoreError> {
+        match &self.kind {
+            PendingKind::S3(p) => p.part_url(number).await,
+            PendingKind::Local(_) => Err(StoreError::WrongPath { store: "local", what: "a request for an S3 part" }),
         }
     }
 
-    /// Makes the backup durable and listed. `spec` must describe what was written: its size (and for the
-    /// local store its sha256) is checked against what arrived. On failure nothing is left behind.
-    pub async fn commit(self, spec: EtcdBackupSpec, cancel: &CancellationToken) -> Result<Manifest, StoreError> {
+    /// Makes the backup durable and listed. `spec` must describe what was written: the coordinator checks it
+    /// against the bytes it received (local) or the object it reads back (S3, after completing the upload
+    /// with `parts`) — sizes, hashes, etcd's trailing hash and bbolt's meta page. On failure nothing is left
+    /// behind.
+    pub async fn commit(
+        self,
+        spec: EtcdBackupSpec,
+        parts: Vec<UploadedPart>,
+        cancel: &CancellationToken,
+    ) -> Result<Manifest, StoreError> {
         if let Some(f) = &self.failures {
             f.on_commit(cancel).await?;
         }
         match self.kind {
-            PendingKind::Local(mut p) => p.commit(spec, cancel).await,
-            PendingKind::S3(p) => p.commit(spec, cancel).await,
+            PendingKind::Local(mut p) => {
+                if !parts.is_empty() {
+                    return Err(StoreError::WrongPath { store: "local", what: "S3 parts" });
+                }
+                p.commit(spec, cancel).await
+            }
+            PendingKind::S3(p) => p.commit(spec, parts, cancel).await,
         }
     }
 
