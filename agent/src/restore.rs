@@ -8,6 +8,7 @@
 //! is why all of this happens inside it. Old contents are moved aside into `.ferry-old-<unix seconds>/`, never
 //! deleted, and any failure leaves the data dir as it was.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -92,7 +93,8 @@ pub async fn run(req: RestoreRequest) -> Result<()> {
         );
     }
     let created = !dir.exists();
-    std::fs::create_dir_all(dir).with_context(|| format!("create --data-dir {}", dir.display()))?;
+    // etcd's data: owner only, like etcd itself wants it.
+    ferry_common::config::create_private_dir(dir).with_context(|| format!("create --data-dir {}", dir.display()))?;
     let stamp = unix_now();
     let snapshot = dir.join(format!("{FERRY_PREFIX}restore-{stamp}.db"));
     let result = restore_into(&req, &snapshot, &existing, stamp).await;
@@ -121,7 +123,7 @@ async fn restore_into(req: &RestoreRequest, snapshot: &Path, existing: &[PathBuf
     // Everything checked out: now, and only now, touch what was there.
     if !existing.is_empty() {
         let aside = dir.join(format!("{FERRY_PREFIX}old-{stamp}"));
-        std::fs::create_dir(&aside).with_context(|| format!("create {}", aside.display()))?;
+        std::fs::DirBuilder::new().mode(0o700).create(&aside).with_context(|| format!("create {}", aside.display()))?;
         for p in existing {
             let name = p.file_name().context("entry without a name")?;
             std::fs::rename(p, aside.join(name)).with_context(|| format!("move {} aside", p.display()))?;

@@ -204,7 +204,12 @@ impl VerifyingWriter {
         let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "backup".into());
         let tmp = target.with_file_name(format!(".{name}.part"));
         let io = |error| SnapshotError::Io { path: tmp.clone(), error };
-        let file = File::create(&tmp).map_err(io)?;
+        // Backup data: 0600, never through a link planted at the temp path; a stale one from a crash goes.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+        let file = crate::config::create_private(&tmp).map_err(io)?;
         let sink = if decompress {
             let check = RawCheck::new(file);
             Sink::Raw(Box::new(zstd::stream::write::Decoder::new(check).map_err(io)?))

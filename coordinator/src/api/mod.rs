@@ -68,7 +68,9 @@ impl From<StateError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        if e.is_unavailable() {
+        if matches!(e, StoreError::BadName(_)) {
+            Self::Invalid(e.to_string())
+        } else if e.is_unavailable() {
             Self::Unavailable(e.to_string())
         } else {
             Self::Internal(e.to_string())

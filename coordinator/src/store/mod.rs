@@ -36,6 +36,30 @@ pub struct Manifest {
     pub backup: EtcdBackupSpec,
 }
 
+impl Manifest {
+    /// Checks that the manifest describes the backup at the place it was found: its id, its cluster and its
+    /// object beside it. A manifest planted elsewhere (pointing another cluster's `latest` at a foreign object,
+    /// or retention at someone else's backup) is refused, not listed.
+    pub(crate) fn check_location(&self, cluster: &str, id: &str, object: &str) -> Result<(), StoreError> {
+        if self.id != id || self.backup.cluster != cluster || self.backup.snapshot != object {
+            return Err(StoreError::Corrupt(format!(
+                "the manifest of {cluster}/{id} describes backup {:?} of cluster {:?} at {:?}, not the object beside it; it is ignored",
+                self.id, self.backup.cluster, self.backup.snapshot
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a cluster name or backup id that could not name a backup (`..`, `/`, empty, …).
+fn check_names(cluster: &str, id: Option<&str>) -> Result<(), StoreError> {
+    ferry_common::resources::validate_name("cluster", cluster).map_err(|e| StoreError::BadName(e.to_string()))?;
+    if let Some(id) = id {
+        ferry_common::resources::validate_backup_id(id).map_err(|e| StoreError::BadName(e.to_string()))?;
+    }
+    Ok(())
+}
+
 pub(crate) fn sort_newest_first(v: &mut [Manifest]) {
     v.sort_by(|a, b| b.backup.createdat.cmp(&a.backup.createdat).then_with(|| b.id.cmp(&a.id)));
 }
@@ -66,6 +90,9 @@ pub enum StoreError {
     /// No free backup id in a second's worth of tries.
     #[error("could not find a free backup id for cluster {0}")]
     NoFreeId(String),
+    /// A cluster name or backup id that cannot name a backup (it would leave the store's directory or prefix).
+    #[error("{0}")]
+    BadName(String),
     /// The call was cancelled (shutdown).
     #[error("cancelled")]
     Cancelled,
@@ -167,6 +194,9 @@ impl BackupStore {
 
     /// Every backup of `cluster` (or all clusters), newest first.
     pub async fn list(&self, cluster: Option<&str>, cancel: &CancellationToken) -> Result<Vec<Manifest>, StoreError> {
+        if let Some(c) = cluster {
+            check_names(c, None)?;
+        }
         if let Some(f) = &self.failures {
             f.on_list(cluster, cancel).await?;
         }
@@ -183,6 +213,7 @@ impl BackupStore {
         id: &str,
         cancel: &CancellationToken,
     ) -> Result<Option<Manifest>, StoreError> {
+        check_names(cluster, Some(id))?;
         match &self.backend {
             Backend::Local(l) => l.find(cluster, id, cancel),
             Backend::S3(s) => s.find(cluster, id, cancel).await,
@@ -226,6 +257,7 @@ impl BackupStore {
         upload: UploadSettings,
         cancel: &CancellationToken,
     ) -> Result<Pending, StoreError> {
+        check_names(cluster, None)?;
         let kind = match &self.backend {
             Backend::Local(l) => PendingKind::Local(Box::new(l.begin(cluster, at, cancel).await?)),
             Backend::S3(s) => PendingKind::S3(Box::new(s.begin(cluster, at, upload, cancel).await?)),

@@ -259,9 +259,6 @@ impl S3Store {
         id: &str,
         cancel: &CancellationToken,
     ) -> Result<Option<Manifest>, StoreError> {
-        if id.contains('/') {
-            return Ok(None);
-        }
         let conn = self.conn()?;
         let key = manifest_key(&conn.spec, cluster, id);
         if let Some(m) = lock(&self.shared.manifests).get(&key).cloned() {
@@ -320,9 +317,15 @@ async fn exists(conn: &S3Conn, key: &str, cancel: &CancellationToken) -> Result<
     }
 }
 
+/// Reads the manifest at `key` (`…/<cluster>/<id>.manifest.json`) and checks it describes that backup.
 async fn read_manifest(conn: &S3Conn, key: &str, cancel: &CancellationToken) -> Result<Manifest, StoreError> {
     let body = common_s3::get_bytes(&conn.client, &conn.spec.bucket, key, cancel).await?;
-    serde_json::from_slice(&body).map_err(|e| StoreError::Corrupt(format!("parse {key}: {e}")))
+    let m: Manifest = serde_json::from_slice(&body).map_err(|e| StoreError::Corrupt(format!("parse {key}: {e}")))?;
+    let stem = key.trim_end_matches(MANIFEST_SUFFIX);
+    let (dir, id) = stem.rsplit_once('/').unwrap_or(("", stem));
+    let cluster = dir.rsplit('/').next().unwrap_or_default();
+    m.check_location(cluster, id, &format!("{stem}{OBJECT_SUFFIX}"))?;
+    Ok(m)
 }
 
 /// The presigning settings of every request handed to an agent.
