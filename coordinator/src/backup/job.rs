@@ -22,7 +22,7 @@ use crate::store::{Manifest, Pending, StoreError, UploadSettings};
 const STALL_TIMEOUT: Duration = Duration::from_secs(90);
 /// No snapshot bytes for this long aborts the job, whatever progress messages say: data frames (local) or
 /// requests for the next part (S3, plus the time one part takes at the upload cap) are what count.
-const BYTE_STALL_TIMEOUT: Duration = Duration::from_secs(120);
+pub const BYTE_STALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// A DB size an agent reports above this is not believed when sizing the job's deadline (etcd's own hard
 /// limit on `--quota-backend-bytes` is 8 GiB; this leaves room).
 const MAX_BELIEVED_DB_SIZE: i64 = 64 << 30;
@@ -42,12 +42,12 @@ pub fn job_timeout(db_size: i64, upload_limit_bps: u64) -> Duration {
 }
 
 /// How long a job may go without byte progress: for S3 one part at the upload cap on top.
-fn byte_stall_timeout(target: &BackupTarget, upload_limit_bps: u64) -> Duration {
+fn byte_stall_timeout(base: Duration, target: &BackupTarget, upload_limit_bps: u64) -> Duration {
     match target {
         BackupTarget::S3(u) if upload_limit_bps > 0 => {
-            BYTE_STALL_TIMEOUT + Duration::from_secs(u.part_size / upload_limit_bps.max(1))
+            base + Duration::from_secs(u.part_size / upload_limit_bps.max(1))
         }
-        _ => BYTE_STALL_TIMEOUT,
+        _ => base,
     }
 }
 
@@ -153,7 +153,7 @@ async fn stream(
     let (mut send, mut recv) =
         agent.conn.open_bi().await.with_context(|| format!("open job stream to agent {member}"))?;
     let target = pending.target();
-    let byte_stall = byte_stall_timeout(&target, deps.settings.upload_limit_bps);
+    let byte_stall = byte_stall_timeout(deps.settings.byte_stall_timeout, &target, deps.settings.upload_limit_bps);
     let job = BackupJob {
         backup_id: pending.id().to_string(),
         zstd_level: deps.settings.zstd_level,

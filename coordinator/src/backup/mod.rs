@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, warn, Instrument};
 
-pub use self::job::job_timeout;
+pub use self::job::{job_timeout, BYTE_STALL_TIMEOUT};
 use crate::agents::Agents;
 use crate::config::Settings;
 use crate::lock;

@@ -103,6 +103,9 @@ struct Args {
     /// meanwhile).
     #[arg(long, default_value = SHUTDOWN_GRACE, value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// A backup that moves no snapshot bytes for this long fails, whatever progress its agent reports.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration, hide = true)]
+    byte_stall_timeout: Duration,
 }
 
 /// Megabits per second to bytes per second.
@@ -168,6 +171,7 @@ async fn run(args: Args) -> Result<()> {
             max_jitter: args.max_backup_jitter,
         },
         max_concurrent_backups: args.max_concurrent_backups as usize,
+        byte_stall_timeout: args.byte_stall_timeout,
     };
 
     // The owners, each with its own handle.

@@ -124,7 +124,11 @@ impl Server {
 
         match (&identity, hello.intent) {
             (_, Intent::Request) => {
-                let request: AdminRequest = expect_frame(&mut recv).await.context("read request")?;
+                // A request must arrive as promptly as the hello: an open connection that says nothing is dropped.
+                let request: AdminRequest = tokio::time::timeout(HELLO_TIMEOUT, expect_frame(&mut recv))
+                    .await
+                    .context("no request within the timeout")?
+                    .context("read request")?;
                 debug!(?request, "request");
                 self.api.handle(&identity, request, &mut send).await?;
                 send.finish().ok();

@@ -8,6 +8,7 @@ mod backup;
 mod coverage;
 mod failures;
 mod harness;
+mod least_privilege;
 mod network;
 mod observe;
 mod persistence;
