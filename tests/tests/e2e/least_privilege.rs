@@ -359,3 +359,35 @@ async fn names_that_leave_the_store_are_refused_and_backup_files_are_private() -
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn one_agent_certificate_cannot_open_connections_without_bound() -> anyhow::Result<()> {
+    const CAP: usize = 16; // coordinator::net::MAX_CONNECTIONS_PER_IDENTITY
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let creds = coordinator.issue_agent_credentials("evil", "m1").await?;
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..CAP + 4 {
+        match HostileAgent::hold_request_connection(&coordinator, &creds).await {
+            Ok(a) => open.push(a),
+            Err(_) => refused += 1,
+        }
+    }
+    assert_eq!((open.len(), refused), (CAP, 4), "the cap holds per identity");
+    // A connection that says nothing after its hello is dropped (request deadline).
+    let silent = std::time::Instant::now();
+    let first = open.remove(0);
+    tokio::time::timeout(Duration::from_secs(20), first.closed()).await.context("a silent connection stays open")?;
+    assert!(silent.elapsed() < Duration::from_secs(15));
+    // Another identity is not affected, and closing frees the slots.
+    let other = coordinator.issue_agent_credentials("good", "m1").await?;
+    HostileAgent::hold_request_connection(&coordinator, &other).await?.close().await;
+    for a in open {
+        a.close().await;
+    }
+    poll_until("a slot to free up", Duration::from_secs(10), Duration::from_millis(200), || async {
+        Ok(HostileAgent::hold_request_connection(&coordinator, &creds).await.ok().map(|_| ()))
+    })
+    .await?;
+    Ok(())
+}
