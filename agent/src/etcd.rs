@@ -69,6 +69,7 @@ impl EtcdMember {
             raft_applied_index: st.raft_applied_index(),
             revision: header.revision(),
             leader: st.leader() == header.member_id(),
+            leader_id: st.leader(),
             error: None,
         })
     }

@@ -17,13 +17,12 @@ use ferry_common::resources::Timestamp;
 use quinn::{RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
 
 use crate::etcd::EtcdMember;
 use crate::metrics::METRICS;
 use crate::pipeline::{Compressed, Compressor, SnapshotVerifier, Verified};
 use crate::throttle::Throttle;
-use crate::upload::MultipartUpload;
+use crate::upload::{JobLink, MultipartUpload};
 
 /// A transfer that makes no progress for this long is aborted: etcd holds a read transaction open for the
 /// whole stream, which grows its database, so hanging is worse than failing.
@@ -63,20 +62,13 @@ async fn stream_backup(
     write_frame(send, &JobMsg::Started(facts)).await.context("send job start")?;
     let mut sink = match &job.target {
         BackupTarget::Coordinator => Sink::Coordinator,
-        BackupTarget::S3(target) => {
-            let upload = MultipartUpload::create(target, cancel.child_token()).await?;
-            write_frame(send, &JobMsg::UploadStarted { upload_id: upload.upload_id.clone() })
-                .await
-                .context("send upload id")?;
-            Sink::S3(Box::new(upload))
-        }
+        BackupTarget::S3(target) => Sink::S3(Box::new(MultipartUpload::new(target, cancel.child_token())?)),
     };
-    let result = pump(etcd, job, &mut sink, send, started_at, cancel).await;
+    let result = pump(etcd, job, &mut sink, send, recv, started_at, cancel).await;
     if let Sink::S3(upload) = &mut sink {
         if result.is_err() {
-            if let Err(e) = upload.abort().await {
-                warn!("failed to abort the multipart upload (the coordinator will retry): {e}");
-            }
+            // Parts in flight stop; the coordinator aborts the upload when it hears of the failure.
+            upload.abort().await;
         }
     }
     let summary = result?;
@@ -91,6 +83,7 @@ async fn stream_backup(
     match reply {
         JobReply::Committed => Ok(()),
         JobReply::Failed { error } => bail!("the coordinator refused the backup: {error}"),
+        JobReply::PartUrl { number, .. } => bail!("the coordinator sent part {number}'s URL instead of its verdict"),
     }
 }
 
@@ -107,6 +100,7 @@ async fn pump(
     job: &BackupJob,
     sink: &mut Sink,
     send: &mut SendStream,
+    recv: &mut RecvStream,
     started_at: Timestamp,
     cancel: &CancellationToken,
 ) -> Result<BackupSummary> {
@@ -138,7 +132,7 @@ async fn pump(
                         .await
                         .map_err(|_| anyhow!("the coordinator accepted no data for {}s", STALL_TIMEOUT.as_secs()))?
                         .context("send snapshot data")?,
-                    Sink::S3(upload) => upload.write(&chunk).await?,
+                    Sink::S3(upload) => upload.write(&chunk, &mut JobLink { send: &mut *send, recv: &mut *recv }).await?,
                 }
                 stall.progressed();
             }
@@ -156,10 +150,11 @@ async fn pump(
     }
     let verified = (&mut reader.0).await.context("etcd reader task")??;
     let compressed = compressor.await.context("compressor task")??;
-    if let Sink::S3(upload) = sink {
-        // etcd's hash matched: only now may the object appear.
-        upload.complete().await?;
-    }
+    let parts = match sink {
+        // etcd's hash matched: the last part goes, and the coordinator completes the upload after its checks.
+        Sink::S3(upload) => upload.finish(&mut JobLink { send, recv }).await?,
+        Sink::Coordinator => Vec::new(),
+    };
     Ok(BackupSummary {
         raw_size: verified.file_bytes,
         raw_sha256: verified.file_sha256,
@@ -168,6 +163,7 @@ async fn pump(
         zstd_level: level,
         started_at,
         finished_at: Timestamp::now(),
+        parts,
     })
 }
 

@@ -8,13 +8,16 @@
 //! is why all of this happens inside it. Old contents are moved aside into `.ferry-old-<unix seconds>/`, never
 //! deleted, and any failure leaves the data dir as it was.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use bytes::Bytes;
 use ferry_common::client::Session;
 use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, RestoreSource, RevisionSeen};
 use ferry_common::resources::{EtcdBackupSpec, Spec};
+use ferry_common::s3::with_retries;
 use ferry_common::snapshot::{planned_bump, RestoreAs, RevisionBump, VerifyingWriter};
 use ferry_common::tls::CertifiedPem;
 use tokio_util::sync::CancellationToken;
@@ -90,7 +93,8 @@ pub async fn run(req: RestoreRequest) -> Result<()> {
         );
     }
     let created = !dir.exists();
-    std::fs::create_dir_all(dir).with_context(|| format!("create --data-dir {}", dir.display()))?;
+    // etcd's data: owner only, like etcd itself wants it.
+    ferry_common::config::create_private_dir(dir).with_context(|| format!("create --data-dir {}", dir.display()))?;
     let stamp = unix_now();
     let snapshot = dir.join(format!("{FERRY_PREFIX}restore-{stamp}.db"));
     let result = restore_into(&req, &snapshot, &existing, stamp).await;
@@ -119,7 +123,7 @@ async fn restore_into(req: &RestoreRequest, snapshot: &Path, existing: &[PathBuf
     // Everything checked out: now, and only now, touch what was there.
     if !existing.is_empty() {
         let aside = dir.join(format!("{FERRY_PREFIX}old-{stamp}"));
-        std::fs::create_dir(&aside).with_context(|| format!("create {}", aside.display()))?;
+        std::fs::DirBuilder::new().mode(0o700).create(&aside).with_context(|| format!("create {}", aside.display()))?;
         for p in existing {
             let name = p.file_name().context("entry without a name")?;
             std::fs::rename(p, aside.join(name)).with_context(|| format!("move {} aside", p.display()))?;
@@ -242,13 +246,17 @@ async fn fetch(req: &RestoreRequest, snapshot: &Path) -> Result<(EtcdBackupSpec,
                     other => bail!("unexpected answer {other:?}"),
                 }
             },
-            RestoreSource::S3(target) => {
-                let client = ferry_common::s3::client(&target.config).await?;
-                let bucket = &target.config.bucket;
-                let what = format!("download s3://{bucket}/{}", target.key);
-                let obj = ferry_common::s3::get_object(&client, bucket, &target.key, &what, &CancellationToken::new())
-                    .await?;
-                let mut body = obj;
+            RestoreSource::S3 { head, get, cacert } => {
+                // Presigned HEAD and GET of this one object: the agent holds no S3 credential.
+                let http = ferry_common::presigned::PresignedClient::new(&cacert)?;
+                let what = format!("download {}", backup.snapshot);
+                let cancel = CancellationToken::new();
+                let found = with_retries(&cancel, &what, || http.send(&head, Bytes::new(), &what)).await?;
+                let size = found.header("content-length").and_then(|v| v.parse::<u64>().ok());
+                if size != Some(backup.size) {
+                    bail!("{what}: the object is {size:?} bytes, but the backup's manifest says {}", backup.size);
+                }
+                let mut body = with_retries(&cancel, &what, || http.send(&get, Bytes::new(), &what)).await?.into_body();
                 while let Some(chunk) = body.try_next().await.with_context(|| format!("{what}: read"))? {
                     throttle.consume(chunk.len()).await;
                     w.write(&chunk)?;

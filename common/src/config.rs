@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -91,13 +91,9 @@ impl AgentCredentials {
     }
 
     pub fn save(&self, dir: &Path) -> Result<(), ConfigError> {
-        fs::create_dir_all(dir).map_err(|error| ConfigError::Write { path: dir.into(), error })?;
-        let plain = |name: &str, body: &str| {
-            let path = dir.join(name);
-            fs::write(&path, body).map_err(|error| ConfigError::Write { path, error })
-        };
-        plain(CREDENTIALS_CA, &self.ca_pem)?;
-        plain(CREDENTIALS_CERT, &self.client.cert_pem)?;
+        create_private_dir(dir).map_err(|error| ConfigError::Write { path: dir.into(), error })?;
+        write_private(&dir.join(CREDENTIALS_CA), self.ca_pem.as_bytes())?;
+        write_private(&dir.join(CREDENTIALS_CERT), self.client.cert_pem.as_bytes())?;
         write_private(&dir.join(CREDENTIALS_KEY), self.client.key_pem.as_bytes())
     }
 }
@@ -111,15 +107,56 @@ pub fn read_secret(path: &Path) -> Result<String, ConfigError> {
     fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.into(), error })
 }
 
-/// Writes a file readable by its owner only, atomically (temp file, fsync, rename).
+/// Creates a new file readable by its owner only (0600 whatever the umask), refusing to follow a symlink or
+/// to open anything already there (`O_CREAT|O_EXCL|O_NOFOLLOW`): a link planted at the path cannot redirect
+/// the write. For files that hold a secret or backup data.
+pub fn create_private(path: &Path) -> std::io::Result<fs::File> {
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    // The umask can only have taken bits away; set exactly 0600 anyway.
+    f.set_permissions(fs::Permissions::from_mode(0o600))?;
+    Ok(f)
+}
+
+/// Creates `dir` and its missing parents, and makes `dir` itself 0700 (whatever the umask, and also when it
+/// existed with wider permissions): for directories that hold secrets or backups.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let meta = fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::other(format!("{} is not a directory", dir.display())));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// A temp file name beside `path` that no one can guess in advance.
+pub fn temp_beside(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.{:016x}.tmp", rand::random::<u64>()))
+}
+
+/// Writes a file readable by its owner only, atomically (a fresh temp file created with
+/// [`create_private`], fsync, rename).
 pub fn write_private(path: &Path, body: &[u8]) -> Result<(), ConfigError> {
     let err = |error| ConfigError::Write { path: path.into(), error };
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(err)?;
-    f.set_permissions(fs::Permissions::from_mode(0o600)).map_err(err)?;
-    f.write_all(body).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)
+    let tmp = temp_beside(path);
+    let written = (|| {
+        let mut f = create_private(&tmp)?;
+        f.write_all(body)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written.map_err(err)
 }
 
 #[cfg(test)]
@@ -139,6 +176,28 @@ mod tests {
         let e = FerryConfig::load(&p).unwrap_err().to_string();
         assert!(e.contains("chmod 600"), "{e}");
         assert!(!format!("{cfg:?}").contains("\"k\""));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn private_files_are_0600_and_never_follow_a_planted_link() {
+        let dir = std::env::temp_dir().join(format!("ferry-private-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        fs::write(&victim, "keep").unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        assert!(create_private(&link).is_err(), "a symlink at the path is refused");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "keep");
+        let p = dir.join("secret");
+        write_private(&p, b"s").unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        let sub = dir.join("a/b");
+        create_private_dir(&sub).unwrap();
+        assert_eq!(fs::metadata(&sub).unwrap().permissions().mode() & 0o777, 0o700);
+        fs::set_permissions(&sub, fs::Permissions::from_mode(0o755)).unwrap();
+        create_private_dir(&sub).unwrap();
+        assert_eq!(fs::metadata(&sub).unwrap().permissions().mode() & 0o777, 0o700, "tightened when it existed");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

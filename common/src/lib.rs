@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod client;
 pub mod config;
 pub mod observe;
+pub mod presigned;
 pub mod protocol;
 pub mod resources;
 pub mod s3;

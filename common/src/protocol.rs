@@ -18,17 +18,22 @@ use std::time::Duration;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::resources::{EtcdBackupS3ConfigSpec, Resource, ResourceType, Selector, Timestamp};
+use crate::resources::{Resource, ResourceType, Selector, Timestamp};
 
 /// Bumped on any incompatible change to the messages below (2: `AdminResponse::Error` carries a kind;
 /// 3: `RestoreFrom` carries the highest revision seen).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: no S3 credential leaves the coordinator: S3 jobs and restores carry presigned requests for one object
+///    (`JobMsg::PartUrl` / `JobReply::PartUrl`), the coordinator creates and completes the multipart upload.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
 pub const ALPN: &[u8] = b"ferry/1";
 
 /// Largest frame either side accepts. Resource listings are the largest messages; data is chunked far below.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// The most a frame's buffer holds before its bytes arrive.
+const FRAME_INITIAL_BUFFER: usize = 64 * 1024;
 
 /// How long the coordinator may take to commit a backup after the agent's `Finished` (fsync and rename, or
 /// S3 HEAD and manifest PUT with retries); past it the coordinator gives up, discards the backup and answers
@@ -103,11 +108,11 @@ where
         // Checked before allocating: a hostile or broken peer cannot make us reserve gigabytes.
         return Err(FrameError::TooLarge { len, max: MAX_FRAME });
     }
-    let mut body = vec![0u8; len];
-    match r.read_exact(&mut body).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Truncated),
-        Err(e) => return Err(e.into()),
+    // The buffer grows with what arrives: a peer that announces 16 MiB and sends nothing costs 64 KiB, not 16 MiB.
+    let mut body = Vec::with_capacity(len.min(FRAME_INITIAL_BUFFER));
+    (&mut *r).take(len as u64).read_to_end(&mut body).await?;
+    if body.len() < len {
+        return Err(FrameError::Truncated);
     }
     postcard::from_bytes(&body).map(Some).map_err(FrameError::Decode)
 }
@@ -161,6 +166,10 @@ pub struct EtcdFacts {
     pub raft_applied_index: u64,
     pub revision: i64,
     pub leader: bool,
+    /// The member id this member sees as the leader (0: none). The coordinator believes a leader only when
+    /// more than one member names it.
+    #[serde(default)]
+    pub leader_id: u64,
     /// Set when the member could not be reached; the other fields are then from the last good report.
     pub error: Option<String>,
 }
@@ -176,20 +185,61 @@ pub enum AgentMsg {
 pub enum BackupTarget {
     /// Back to the coordinator on the job stream, which writes them to its local store.
     Coordinator,
-    /// Straight to S3 by multipart upload.
-    S3(Box<S3Target>),
+    /// Straight to S3, into a multipart upload the coordinator created; the agent asks for one presigned
+    /// `UploadPart` request per part ([`JobMsg::PartUrl`]).
+    S3(Box<S3Upload>),
 }
 
-/// An S3 object to upload. Carries the store's credentials for this one job; the agent keeps them in memory
-/// only (the spec's `Debug` redacts them).
+/// An S3 multipart upload the agent fills. It carries no credential: the agent gets a presigned request for
+/// each part as it goes, valid for that part of this upload only and for [`PRESIGNED_EXPIRY`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct S3Target {
-    pub config: EtcdBackupS3ConfigSpec,
+pub struct S3Upload {
+    /// The object's key, for logs and messages.
     pub key: String,
     /// Bytes per part (S3: at least 5 MiB except the last).
     pub part_size: u64,
     /// Parts uploading at once; memory is bounded by `part_size × (parts_in_flight + 1)`.
     pub parts_in_flight: u32,
+    /// PEM bundle of extra CAs to trust for the endpoint (the config's `cacert`; public, not a secret).
+    pub cacert: String,
+}
+
+/// How long a presigned request stays valid. Long enough for one part's attempts (`s3::max_call_duration`,
+/// about 11 minutes) or the start of a restore's download; short enough that a leaked one soon is worthless.
+pub const PRESIGNED_EXPIRY: Duration = Duration::from_secs(15 * 60);
+
+/// S3's highest part number.
+pub const MAX_PARTS: u32 = 10_000;
+
+/// One HTTP request the coordinator signed for exactly one S3 call on one object (method, key, and for a part
+/// the upload id and part number are all under the signature). It holds no credential, but it is a bearer
+/// token for that one call until it expires, so `Debug` leaves the query (the signature) out.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresignedRequest {
+    pub method: String,
+    pub url: String,
+    /// Headers that must be sent as they are (they are signed).
+    pub headers: Vec<(String, String)>,
+    /// When the signature stops being accepted.
+    pub expires_at: Timestamp,
+}
+
+impl std::fmt::Debug for PresignedRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let path = self.url.split_once('?').map_or(self.url.as_str(), |(p, _)| p);
+        f.debug_struct("PresignedRequest")
+            .field("method", &self.method)
+            .field("url", &format_args!("{path}?***"))
+            .field("expires_at", &self.expires_at.seconds)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A part the agent uploaded: its number and the ETag S3 answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadedPart {
+    pub number: u32,
+    pub etag: String,
 }
 
 /// A backup the coordinator asks an agent to take.
@@ -216,8 +266,12 @@ pub struct BackupSummary {
     pub compressed_size: u64,
     pub compressed_sha256: [u8; 32],
     pub zstd_level: i32,
+    /// The agent's clock; recorded as reported, never used for scheduling or retention.
     pub started_at: Timestamp,
+    /// The agent's clock, as above.
     pub finished_at: Timestamp,
+    /// S3 only: every part uploaded, in order (the coordinator completes the upload with them).
+    pub parts: Vec<UploadedPart>,
 }
 
 /// Agent → coordinator on a job stream.
@@ -227,9 +281,9 @@ pub enum JobMsg {
     Started(EtcdFacts),
     /// Compressed snapshot bytes (local store only).
     Data(Vec<u8>),
-    /// A multipart upload was created (S3 only): the coordinator remembers it so it can abort it even if
-    /// this agent dies.
-    UploadStarted { upload_id: String },
+    /// S3 only: a presigned `UploadPart` request for part `number` is wanted (answered by
+    /// [`JobReply::PartUrl`]). Asked for just before each part is sent, so it also shows byte progress.
+    PartUrl { number: u32 },
     /// Raw snapshot bytes read from etcd so far.
     Progress { raw_bytes: u64 },
     /// Every byte is sent and etcd's trailing hash matched.
@@ -238,11 +292,18 @@ pub enum JobMsg {
     Failed { error: String },
 }
 
-/// Coordinator → agent: the last frame of a job stream.
+/// Coordinator → agent on a job stream: `PartUrl` answers, then one `Committed` or `Failed`, the last frame.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum JobReply {
+    /// The presigned `UploadPart` request for part `number` of this job's upload.
+    PartUrl {
+        number: u32,
+        request: PresignedRequest,
+    },
     Committed,
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
 }
 
 /// ferryctl → coordinator.
@@ -290,8 +351,9 @@ pub struct RevisionSeen {
 pub enum RestoreSource {
     /// The bytes follow on this stream.
     Coordinator,
-    /// Read the object from S3 with these settings (for this restore only).
-    S3(Box<S3Target>),
+    /// Read the object from S3 with these presigned requests (`HEAD` and `GET` of that one object, for this
+    /// restore only); `cacert` is the endpoint's extra CAs, if any.
+    S3 { head: PresignedRequest, get: PresignedRequest, cacert: String },
 }
 
 /// What `apply` did with one resource.

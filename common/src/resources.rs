@@ -37,13 +37,15 @@ impl Timestamp {
 
     /// Human-readable UTC form for tables, e.g. `2026-11-21 05:41:22 UTC`.
     pub fn human(&self) -> String {
+        // RFC 3339 (and humantime, which panics past it) ends with year 9999.
+        const YEAR_10000: u64 = 253_402_300_800;
         match u64::try_from(self.seconds) {
-            Ok(s) => {
+            Ok(s) if s < YEAR_10000 => {
                 let t = UNIX_EPOCH + Duration::from_secs(s);
                 let iso = humantime::format_rfc3339_seconds(t).to_string();
                 format!("{} UTC", iso.trim_end_matches('Z').replace('T', " "))
             }
-            Err(_) => format!("{}s", self.seconds),
+            _ => format!("{}s since 1970", self.seconds),
         }
     }
 }
@@ -616,6 +618,21 @@ pub struct InvalidName {
     pub name: String,
 }
 
+/// Checks a backup id (`<cluster>-<unix seconds>[-N]`, or `latest`) before it becomes part of a path or key:
+/// the name rule, with room for the suffix.
+pub fn validate_backup_id(id: &str) -> Result<(), InvalidName> {
+    let ok = !id.is_empty()
+        && id.len() <= 100
+        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+        && id.as_bytes()[id.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidName { what: "backup id", name: id.to_string() })
+    }
+}
+
 /// Checks a cluster or member name: DNS-label-like, because it becomes part of object keys and certificate SANs.
 pub fn validate_name(what: &'static str, name: &str) -> Result<(), InvalidName> {
     let ok = !name.is_empty()
@@ -633,6 +650,14 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), InvalidName> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_past_year_9999_or_before_1970_print_without_panicking() {
+        assert_eq!(Timestamp { seconds: 0, nanos: 0 }.human(), "1970-01-01 00:00:00 UTC");
+        assert_eq!(Timestamp { seconds: 253_402_300_800, nanos: 0 }.human(), "253402300800s since 1970");
+        assert_eq!(Timestamp { seconds: i64::MAX, nanos: 0 }.human(), format!("{}s since 1970", i64::MAX));
+        assert_eq!(Timestamp { seconds: -5, nanos: 0 }.human(), "-5s since 1970");
+    }
 
     #[test]
     fn type_names_parse_in_every_form() {

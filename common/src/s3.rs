@@ -81,18 +81,26 @@ pub fn check_config(c: &EtcdBackupS3ConfigSpec) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The TLS settings of every S3 connection: the system's roots plus `cacert` (a PEM bundle), if given.
+pub(crate) fn tls_context(cacert: &str) -> Result<TlsContext, ConfigError> {
+    let mut trust = TrustStore::default();
+    if !cacert.is_empty() {
+        trust = trust.with_pem_certificate(cacert.as_bytes().to_vec());
+    }
+    TlsContext::builder().with_trust_store(trust).build().map_err(|e| ConfigError::BadCaCert(e.to_string()))
+}
+
+/// A TCP/TLS connection to the endpoint that takes longer than this counts as unreachable.
+pub(crate) const fn connect_timeout() -> Duration {
+    CONNECT_TIMEOUT
+}
+
 /// Builds a client that speaks to exactly what the config names.
 pub async fn client(c: &EtcdBackupS3ConfigSpec) -> Result<aws_sdk_s3::Client, ConfigError> {
     check_config(c)?;
-    let mut trust = TrustStore::default();
-    if !c.cacert.is_empty() {
-        trust = trust.with_pem_certificate(c.cacert.as_bytes().to_vec());
-    }
-    let tls_context =
-        TlsContext::builder().with_trust_store(trust).build().map_err(|e| ConfigError::BadCaCert(e.to_string()))?;
     let http = aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
-        .tls_context(tls_context)
+        .tls_context(tls_context(&c.cacert)?)
         .build_https();
     let region = if c.region.is_empty() { DEFAULT_REGION.to_string() } else { c.region.clone() };
     let credentials = if c.accesskeyid.is_empty() {

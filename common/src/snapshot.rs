@@ -33,6 +33,8 @@ pub enum SnapshotError {
     EtcdHash,
     #[error("the snapshot is shorter than etcd's 32-byte trailing hash")]
     TooShort,
+    #[error("the snapshot is not an etcd (bbolt) database: {0}")]
+    NotBbolt(String),
     #[error("write {path}: {error}")]
     Io { path: PathBuf, error: std::io::Error },
     #[error("{tool} failed: {detail}")]
@@ -70,13 +72,91 @@ pub struct RevisionBump {
     pub by: u64,
 }
 
-/// Hashes the raw (decompressed) bytes twice: all of them, and all but the last 32, which are etcd's hash.
+/// Bytes of the snapshot's start kept for [`check_bbolt`]: the first page's header and meta.
+const BBOLT_HEAD: usize = 128;
+
+/// Checks that `db` (the start of the database, at least [`BBOLT_HEAD`] bytes) is a bbolt file as etcd's
+/// snapshot writes it (`bbolt.Tx.WriteTo`): page 0 is a meta page (flag 0x04) with bbolt's magic, format
+/// version 2, a sane page size and a valid FNV-1a checksum, and the database is exactly `pgid × page size`
+/// bytes long (`db_len`, without etcd's trailing hash).
+pub fn check_bbolt(head: &[u8], db_len: u64) -> Result<(), SnapshotError> {
+    let bad = |m: &str| Err(SnapshotError::NotBbolt(m.to_string()));
+    if head.len() < 16 + 64 {
+        return bad("shorter than one meta page");
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([head[o], head[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes([head[o], head[o + 1], head[o + 2], head[o + 3]]);
+    let u64_at = |o: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&head[o..o + 8]);
+        u64::from_le_bytes(b)
+    };
+    // Page header: id u64, flags u16, count u16, overflow u32; then the meta.
+    const META: usize = 16;
+    if u16_at(8) & 0x04 == 0 {
+        return bad("its first page is not a meta page");
+    }
+    if u32_at(META) != 0xED0C_DAED {
+        return bad("no bbolt magic number in its first page");
+    }
+    if u32_at(META + 4) != 2 {
+        return bad(&format!("bbolt format version {} (expected 2)", u32_at(META + 4)));
+    }
+    let page_size = u64::from(u32_at(META + 8));
+    if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
+        return bad(&format!("page size {page_size}"));
+    }
+    // meta: magic, version, page size, flags (4 × u32), root bucket (16), freelist, pgid, txid (3 × u64),
+    // then the checksum of those 56 bytes.
+    let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in &head[META..META + 56] {
+        fnv ^= u64::from(*b);
+        fnv = fnv.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    if fnv != u64_at(META + 56) {
+        return bad("the meta page's checksum does not match");
+    }
+    let pgid = u64_at(META + 40);
+    if pgid.checked_mul(page_size) != Some(db_len) {
+        return bad(&format!("{db_len} bytes, but its meta page says {pgid} pages of {page_size} bytes"));
+    }
+    Ok(())
+}
+
+/// Hashes the raw (decompressed) bytes twice: all of them, and all but the last 32, which are etcd's hash;
+/// keeps the first bytes for [`check_bbolt`].
 struct RawCheck<W: Write> {
     out: W,
     whole: Sha256,
     db: Sha256,
     tail: Vec<u8>,
+    head: Vec<u8>,
     bytes: u64,
+}
+
+impl<W: Write> RawCheck<W> {
+    fn new(out: W) -> Self {
+        Self { out, whole: Sha256::new(), db: Sha256::new(), tail: Vec::with_capacity(64), head: Vec::new(), bytes: 0 }
+    }
+
+    /// The checks on the decompressed bytes, against `spec`.
+    fn finish(self, spec: &EtcdBackupSpec) -> Result<W, SnapshotError> {
+        if self.bytes != spec.rawsize {
+            return Err(SnapshotError::RawSize { got: self.bytes, want: spec.rawsize });
+        }
+        let got = hex::encode(self.whole.finalize());
+        if got != spec.rawsha256 {
+            return Err(SnapshotError::RawHash { got, want: spec.rawsha256.clone() });
+        }
+        if self.tail.len() < 32 {
+            return Err(SnapshotError::TooShort);
+        }
+        if self.db.finalize()[..] != self.tail[..] {
+            return Err(SnapshotError::EtcdHash);
+        }
+        check_bbolt(&self.head, self.bytes - 32)?;
+        Ok(self.out)
+    }
 }
 
 impl<W: Write> Write for RawCheck<W> {
@@ -84,6 +164,10 @@ impl<W: Write> Write for RawCheck<W> {
         self.out.write_all(buf)?;
         self.whole.update(buf);
         self.bytes += buf.len() as u64;
+        if self.head.len() < BBOLT_HEAD {
+            let n = (BBOLT_HEAD - self.head.len()).min(buf.len());
+            self.head.extend_from_slice(&buf[..n]);
+        }
         // Keep the last 32 bytes back from the database hash until we know more follow.
         self.tail.extend_from_slice(buf);
         if self.tail.len() > 32 {
@@ -120,10 +204,14 @@ impl VerifyingWriter {
         let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "backup".into());
         let tmp = target.with_file_name(format!(".{name}.part"));
         let io = |error| SnapshotError::Io { path: tmp.clone(), error };
-        let file = File::create(&tmp).map_err(io)?;
+        // Backup data: 0600, never through a link planted at the temp path; a stale one from a crash goes.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+        let file = crate::config::create_private(&tmp).map_err(io)?;
         let sink = if decompress {
-            let check =
-                RawCheck { out: file, whole: Sha256::new(), db: Sha256::new(), tail: Vec::with_capacity(64), bytes: 0 };
+            let check = RawCheck::new(file);
             Sink::Raw(Box::new(zstd::stream::write::Decoder::new(check).map_err(io)?))
         } else {
             Sink::Stored(file)
@@ -172,21 +260,7 @@ impl VerifyingWriter {
             Some(Sink::Stored(f)) => f,
             Some(Sink::Raw(mut d)) => {
                 d.flush().map_err(|e| SnapshotError::Decompress(e.to_string()))?;
-                let check = d.into_inner();
-                if check.bytes != self.spec.rawsize {
-                    return Err(SnapshotError::RawSize { got: check.bytes, want: self.spec.rawsize });
-                }
-                let got = hex::encode(check.whole.finalize());
-                if got != self.spec.rawsha256 {
-                    return Err(SnapshotError::RawHash { got, want: self.spec.rawsha256.clone() });
-                }
-                if check.tail.len() < 32 {
-                    return Err(SnapshotError::TooShort);
-                }
-                if check.db.finalize()[..] != check.tail[..] {
-                    return Err(SnapshotError::EtcdHash);
-                }
-                check.out
+                d.into_inner().finish(&self.spec)?
             }
             None => return Err(SnapshotError::TooShort),
         };
@@ -203,6 +277,62 @@ impl Drop for VerifyingWriter {
         if !self.done {
             let _ = std::fs::remove_file(&self.tmp);
         }
+    }
+}
+
+/// Runs every check of [`VerifyingWriter`] over a stored object as its bytes stream past, writing nothing:
+/// what the coordinator runs over each backup (the bytes it received, or the object read back from S3)
+/// before it commits it, so that nothing an agent sends becomes a backup unless it is a whole etcd snapshot.
+/// What the bytes must match is given at the end (the agent's summary arrives after its bytes).
+pub struct StreamCheck {
+    decoder: Box<zstd::stream::write::Decoder<'static, RawCheck<std::io::Sink>>>,
+    sha: Sha256,
+    bytes: u64,
+    /// The first failure, kept until `finish` (a stream that does not decompress fails there, named).
+    failed: Option<String>,
+}
+
+impl StreamCheck {
+    pub fn new() -> Result<Self, SnapshotError> {
+        let decoder = zstd::stream::write::Decoder::new(RawCheck::new(std::io::sink()))
+            .map_err(|e| SnapshotError::Decompress(e.to_string()))?;
+        Ok(Self { decoder: Box::new(decoder), sha: Sha256::new(), bytes: 0, failed: None })
+    }
+
+    /// Stored (compressed) bytes so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// sha256 of the stored bytes so far, in hex.
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha.clone().finalize())
+    }
+
+    pub fn write(&mut self, data: &[u8]) {
+        self.sha.update(data);
+        self.bytes += data.len() as u64;
+        if self.failed.is_none() {
+            if let Err(e) = self.decoder.write_all(data) {
+                self.failed = Some(e.to_string());
+            }
+        }
+    }
+
+    /// The final checks against `spec`: sizes, hashes, etcd's trailing hash and the bbolt meta page.
+    pub fn finish(mut self, spec: &EtcdBackupSpec) -> Result<(), SnapshotError> {
+        if self.bytes != spec.size {
+            return Err(SnapshotError::StoredSize { got: self.bytes, want: spec.size });
+        }
+        let got = hex::encode(self.sha.finalize());
+        if got != spec.sha256 {
+            return Err(SnapshotError::StoredHash { got, want: spec.sha256.clone() });
+        }
+        if let Some(e) = self.failed {
+            return Err(SnapshotError::Decompress(e));
+        }
+        self.decoder.flush().map_err(|e| SnapshotError::Decompress(e.to_string()))?;
+        self.decoder.into_inner().finish(spec).map(|_| ())
     }
 }
 
@@ -346,6 +476,47 @@ mod tests {
         (stored, spec)
     }
 
+    /// A database of `pages` 4 KiB pages whose first page is a valid bbolt meta page, the rest `fill`.
+    pub(crate) fn fake_bbolt(pages: u64, fill: impl Fn(usize) -> u8) -> Vec<u8> {
+        let mut db: Vec<u8> = (0..pages as usize * 4096).map(fill).collect();
+        db[..128].fill(0);
+        db[8..10].copy_from_slice(&4u16.to_le_bytes());
+        db[16..20].copy_from_slice(&0xED0C_DAEDu32.to_le_bytes());
+        db[20..24].copy_from_slice(&2u32.to_le_bytes());
+        db[24..28].copy_from_slice(&4096u32.to_le_bytes());
+        db[56..64].copy_from_slice(&pages.to_le_bytes());
+        let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in &db[16..72] {
+            fnv ^= u64::from(*b);
+            fnv = fnv.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        db[72..80].copy_from_slice(&fnv.to_le_bytes());
+        db
+    }
+
+    #[test]
+    fn only_a_bbolt_file_of_the_size_its_meta_page_says_passes() {
+        let db = fake_bbolt(5, |i| (i % 7) as u8);
+        check_bbolt(&db[..128], db.len() as u64).unwrap();
+        assert!(matches!(check_bbolt(&db[..128], db.len() as u64 - 4096), Err(SnapshotError::NotBbolt(_))));
+        let mut bad = db.clone();
+        bad[40] ^= 1; // inside the meta: the checksum no longer matches
+        assert!(matches!(check_bbolt(&bad[..128], db.len() as u64), Err(SnapshotError::NotBbolt(_))));
+        assert!(matches!(check_bbolt(&[7u8; 128], db.len() as u64), Err(SnapshotError::NotBbolt(_))));
+        // Arbitrary bytes with a correct trailing sha256 are not a snapshot.
+        let junk = snapshot_file(&[1u8; 8192]);
+        let (stored, spec) = backup(&junk);
+        let mut c = StreamCheck::new().unwrap();
+        c.write(&stored);
+        assert!(matches!(c.finish(&spec), Err(SnapshotError::NotBbolt(_))));
+        let (stored, spec) = backup(&snapshot_file(&db));
+        let mut c = StreamCheck::new().unwrap();
+        for piece in stored.chunks(100) {
+            c.write(piece);
+        }
+        c.finish(&spec).unwrap();
+    }
+
     fn snapshot_file(db: &[u8]) -> Vec<u8> {
         let mut f = db.to_vec();
         f.extend_from_slice(&Sha256::digest(db));
@@ -383,7 +554,7 @@ mod tests {
     fn good_backups_land_and_bad_ones_are_refused_by_name() {
         let dir = std::env::temp_dir().join(format!("ferry-snap-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let raw = snapshot_file(&(0..50_000u32).map(|i| (i % 97) as u8).collect::<Vec<_>>());
+        let raw = snapshot_file(&fake_bbolt(13, |i| (i % 97) as u8));
         let (stored, spec) = backup(&raw);
         let t = dir.join("ok.db");
         write_all(&t, &stored, &spec, true).unwrap();

@@ -26,6 +26,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Keep-alive interval: keeps idle links (and NAT mappings of agents behind NAT) open.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
+/// Streams a peer may have open at once on one connection.
+const MAX_STREAMS: u32 = 4;
+
 /// Who a certificate speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
@@ -246,6 +249,10 @@ fn transport() -> Arc<quinn::TransportConfig> {
         IDLE_TIMEOUT.try_into().unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(20_000))),
     ));
     t.keep_alive_interval(Some(KEEP_ALIVE));
+    // Ferry uses one bidirectional stream per request, one control stream per link and one job stream at a
+    // time: a peer may not open more than a few at once, and no unidirectional ones.
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_STREAMS));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     Arc::new(t)
 }
 

@@ -19,6 +19,8 @@ pub struct Settings {
     pub bounds: Bounds,
     /// Backups running at once across clusters.
     pub max_concurrent_backups: usize,
+    /// A job that moves no snapshot bytes for this long fails, whatever progress messages say.
+    pub byte_stall_timeout: std::time::Duration,
 }
 
 impl Default for Settings {
@@ -31,6 +33,7 @@ impl Default for Settings {
             download_limit_bps: 0,
             bounds: Bounds::default(),
             max_concurrent_backups: 8,
+            byte_stall_timeout: crate::backup::BYTE_STALL_TIMEOUT,
         }
     }
 }

@@ -3,11 +3,10 @@
 
 use std::fs;
 use std::net::SocketAddr;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use ferry_common::config::{read_secret, write_private, FerryConfig};
+use ferry_common::config::{create_private_dir, read_secret, write_private, FerryConfig};
 use ferry_common::tls::{CertAuthority, CertifiedPem, Identity};
 
 pub const ADMIN_CONFIG: &str = "admin.ferryconfig";
@@ -20,11 +19,7 @@ pub struct Pki {
 /// Loads or creates the CA, issues the server certificate and makes sure `admin.ferryconfig` exists.
 pub fn init(state_dir: &Path, listen: SocketAddr, advertise: &[String]) -> Result<Pki> {
     let dir = state_dir.join("pki");
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .with_context(|| format!("create {}", dir.display()))?;
+    create_private_dir(&dir).with_context(|| format!("create {} (0700)", dir.display()))?;
     let (crt, key) = (dir.join("ca.crt"), dir.join("ca.key"));
     let ca = if crt.exists() && key.exists() {
         let cert_pem = fs::read_to_string(&crt).with_context(|| format!("read {}", crt.display()))?;

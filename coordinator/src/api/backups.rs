@@ -67,15 +67,15 @@ impl Api {
         self.stream_object(&manifest, send).await
     }
 
-    /// Tells a restoring agent where its backup is: the bytes on this stream (local store), or the S3 object
-    /// and the credentials to read it, for this restore only.
+    /// Tells a restoring agent where its backup is: the bytes on this stream (local store), or presigned
+    /// requests to read that one S3 object, valid for a few minutes (no credential leaves the coordinator).
     pub(super) async fn restore(&self, cluster: &str, backup_id: &str, send: &mut SendStream) -> Result<()> {
         let manifest = match self.resolve(cluster, backup_id).await {
             Ok(m) => m,
             Err(e) => return reply_error(send, e).await,
         };
         info!(%cluster, backup_id = %manifest.id, "restore requested");
-        let source = match self.store.restore_source(&manifest, self.upload_settings()) {
+        let source = match self.store.restore_source(&manifest).await {
             Ok(s) => s,
             Err(e) => return reply_error(send, e.into()).await,
         };

@@ -21,7 +21,7 @@ use crate::backup::{Jobs, StartError};
 use crate::config::Settings;
 use crate::state::{StateError, StateStore};
 use crate::status::Status;
-use crate::store::{BackupStore, StoreError, UploadSettings};
+use crate::store::{BackupStore, StoreError};
 
 /// Why a request failed, on whose side.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +68,9 @@ impl From<StateError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        if e.is_unavailable() {
+        if matches!(e, StoreError::BadName(_)) {
+            Self::Invalid(e.to_string())
+        } else if e.is_unavailable() {
             Self::Unavailable(e.to_string())
         } else {
             Self::Internal(e.to_string())
@@ -120,10 +122,6 @@ impl Api {
     pub fn new(d: ApiDeps) -> Self {
         let ApiDeps { state, store, status, agents, jobs, ca, settings, cancel } = d;
         Self { state, store, status, agents, jobs, ca, settings, cancel }
-    }
-
-    fn upload_settings(&self) -> UploadSettings {
-        UploadSettings { part_size: self.settings.part_size, parts_in_flight: self.settings.parts_in_flight }
     }
 
     /// Answers one request on `send`. Agents may only ask where to restore their own cluster from.

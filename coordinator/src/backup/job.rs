@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_common::protocol::{
-    expect_frame, write_frame, BackupJob, EtcdFacts, JobMsg, JobReply, JobRequest, COMMIT_TIMEOUT,
+    expect_frame, write_frame, BackupJob, BackupTarget, EtcdFacts, JobMsg, JobReply, JobRequest, UploadedPart,
+    COMMIT_TIMEOUT, MAX_PARTS,
 };
 use ferry_common::resources::{EtcdBackupSpec, Timestamp};
 use tokio_util::sync::CancellationToken;
@@ -19,6 +20,12 @@ use crate::store::{Manifest, Pending, StoreError, UploadSettings};
 
 /// No message from the agent for this long aborts the job (it reports progress every second).
 const STALL_TIMEOUT: Duration = Duration::from_secs(90);
+/// No snapshot bytes for this long aborts the job, whatever progress messages say: data frames (local) or
+/// requests for the next part (S3, plus the time one part takes at the upload cap) are what count.
+pub const BYTE_STALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// A DB size an agent reports above this is not believed when sizing the job's deadline (etcd's own hard
+/// limit on `--quota-backend-bytes` is 8 GiB; this leaves room).
+const MAX_BELIEVED_DB_SIZE: i64 = 64 << 30;
 /// Status progress is written at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Every job gets at least this long, plus time for its DB size at `ASSUMED_RATE`.
@@ -29,7 +36,19 @@ const ASSUMED_RATE: u64 = 4 * 1024 * 1024;
 /// How long one job may take: generous for its DB size, so large clusters are not cut off.
 pub fn job_timeout(db_size: i64, upload_limit_bps: u64) -> Duration {
     let rate = if upload_limit_bps > 0 { upload_limit_bps.min(ASSUMED_RATE) } else { ASSUMED_RATE };
-    JOB_TIMEOUT_BASE + Duration::from_secs(db_size.max(0) as u64 / rate.max(1))
+    // The agent reports the size: bounded, so a lying agent cannot hold a job slot for years.
+    let db_size = db_size.clamp(0, MAX_BELIEVED_DB_SIZE) as u64;
+    JOB_TIMEOUT_BASE + Duration::from_secs(db_size / rate.max(1))
+}
+
+/// How long a job may go without byte progress: for S3 one part at the upload cap on top.
+fn byte_stall_timeout(base: Duration, target: &BackupTarget, upload_limit_bps: u64) -> Duration {
+    match target {
+        BackupTarget::S3(u) if upload_limit_bps > 0 => {
+            base + Duration::from_secs(u.part_size / upload_limit_bps.max(1))
+        }
+        _ => base,
+    }
 }
 
 /// Tries each candidate member in turn; fails only when every one failed.
@@ -79,7 +98,7 @@ async fn take(inner: &Inner, cluster: &str, agent: &LiveAgent) -> Result<Manifes
         Ok(r) => r,
         Err(_) => Err(anyhow!("the backup from {member} did not finish within {}s", limit.as_secs())),
     };
-    let (spec, mut send) = match streamed {
+    let (spec, parts, mut send) = match streamed {
         Ok(done) => done,
         Err(e) => {
             // In the background (but joined at shutdown): with S3 down, cleanup retries would hold up the status
@@ -88,7 +107,7 @@ async fn take(inner: &Inner, cluster: &str, agent: &LiveAgent) -> Result<Manifes
             return Err(e);
         }
     };
-    let committed = commit_within(pending, spec, &inner.cancel, COMMIT_TIMEOUT).await;
+    let committed = commit_within(pending, spec, parts, &inner.cancel, COMMIT_TIMEOUT).await;
     let reply = match &committed {
         Ok(_) => JobReply::Committed,
         Err(e) => JobReply::Failed { error: format!("{e:#}") },
@@ -103,11 +122,12 @@ async fn take(inner: &Inner, cluster: &str, agent: &LiveAgent) -> Result<Manifes
 async fn commit_within(
     pending: Pending,
     spec: EtcdBackupSpec,
+    parts: Vec<UploadedPart>,
     cancel: &CancellationToken,
     limit: Duration,
 ) -> Result<Manifest> {
     let token = cancel.child_token();
-    let commit = pending.commit(spec, &token);
+    let commit = pending.commit(spec, parts, &token);
     tokio::pin!(commit);
     tokio::select! {
         r = &mut commit => r.map_err(anyhow::Error::from),
@@ -119,40 +139,66 @@ async fn commit_within(
     }
 }
 
-/// Runs the job on the agent up to its `Finished`: returns what to commit and the stream to answer on.
+/// Runs the job on the agent up to its `Finished`: returns what to commit (the spec, and for S3 the parts to
+/// complete the upload with) and the stream to answer on.
 async fn stream(
     inner: &Inner,
     cluster: &str,
     agent: &LiveAgent,
     pending: &mut Pending,
-) -> Result<(EtcdBackupSpec, quinn::SendStream)> {
+) -> Result<(EtcdBackupSpec, Vec<UploadedPart>, quinn::SendStream)> {
     let deps = &inner.deps;
     let cancel = &inner.cancel;
     let member = &agent.member;
     let (mut send, mut recv) =
         agent.conn.open_bi().await.with_context(|| format!("open job stream to agent {member}"))?;
+    let target = pending.target();
+    let byte_stall = byte_stall_timeout(deps.settings.byte_stall_timeout, &target, deps.settings.upload_limit_bps);
     let job = BackupJob {
         backup_id: pending.id().to_string(),
         zstd_level: deps.settings.zstd_level,
-        target: pending.target(),
+        target,
         upload_limit_bps: deps.settings.upload_limit_bps,
     };
     write_frame(&mut send, &JobRequest::Backup(job)).await.context("send job")?;
 
     let mut facts = None;
     let mut last_progress = Instant::now();
+    // Moved only by snapshot bytes (data, or the next part), never by progress messages.
+    let mut bytes_deadline = tokio::time::Instant::now() + byte_stall;
+    let mut highest_part = 0u32;
+    let mut part_requests = 0u32;
     loop {
         let msg: JobMsg = tokio::select! {
             m = tokio::time::timeout(STALL_TIMEOUT, expect_frame(&mut recv)) => m
                 .map_err(|_| anyhow!("agent {member} sent nothing for {}s", STALL_TIMEOUT.as_secs()))?
                 .with_context(|| format!("job stream from agent {member}"))?,
+            () = tokio::time::sleep_until(bytes_deadline) => {
+                bail!("agent {member} sent no snapshot data for {}s; the backup is abandoned", byte_stall.as_secs())
+            }
             () = cancel.cancelled() => bail!("the coordinator is shutting down; the backup is cancelled"),
         };
         match msg {
             JobMsg::Started(f) => facts = Some(f),
-            JobMsg::Data(d) => pending.write(&d, cancel).await.map_err(|e| wrong_path(e, member))?,
-            JobMsg::UploadStarted { upload_id } => {
-                pending.upload_started(upload_id).map_err(|e| wrong_path(e, member))?
+            JobMsg::Data(d) => {
+                pending.write(&d, cancel).await.map_err(|e| wrong_path(e, member))?;
+                if !d.is_empty() {
+                    bytes_deadline = tokio::time::Instant::now() + byte_stall;
+                }
+            }
+            JobMsg::PartUrl { number } => {
+                // Parts are asked for in order; a part may be asked for again (its URL expired), but not
+                // without end.
+                part_requests += 1;
+                if number == 0 || number > highest_part + 1 || part_requests > 2 * MAX_PARTS {
+                    bail!("agent {member} asked for part {number} after part {highest_part}: not in order");
+                }
+                if number > highest_part {
+                    highest_part = number;
+                    bytes_deadline = tokio::time::Instant::now() + byte_stall;
+                }
+                let request = pending.part_url(number).await.map_err(|e| wrong_path(e, member))?;
+                write_frame(&mut send, &JobReply::PartUrl { number, request }).await.context("send part URL")?;
             }
             JobMsg::Progress { raw_bytes } => {
                 if last_progress.elapsed() >= PROGRESS_EVERY {
@@ -163,16 +209,19 @@ async fn stream(
             JobMsg::Failed { error } => bail!("agent {member}: {error}"),
             JobMsg::Finished(summary) => {
                 let f = facts.clone().unwrap_or_default();
+                // The coordinator's clock dates the backup: schedule, retention and alerts never depend on an
+                // agent's. The agent's own times are kept as it reported them.
+                let createdat = Timestamp::now();
                 let spec = EtcdBackupSpec {
                     cluster: cluster.to_string(),
-                    createdat: summary.finished_at,
+                    createdat,
                     snapshot: String::new(),
                     size: summary.compressed_size,
                     rawsize: summary.raw_size,
                     member: member.clone(),
                     memberid: format!("{:x}", f.member_id),
                     etcdclusterid: format!("{:x}", f.cluster_id),
-                    etcdversion: f.etcd_version,
+                    etcdversion: f.etcd_version.chars().take(64).collect(),
                     revision: f.revision,
                     sha256: hex::encode(summary.compressed_sha256),
                     rawsha256: hex::encode(summary.raw_sha256),
@@ -180,7 +229,10 @@ async fn stream(
                     startedat: summary.started_at,
                     finishedat: summary.finished_at,
                 };
-                return Ok((spec, send));
+                if summary.parts.len() as u32 > highest_part {
+                    bail!("agent {member} reported {} parts but asked for {highest_part}", summary.parts.len());
+                }
+                return Ok((spec, summary.parts, send));
             }
         }
     }
@@ -239,7 +291,8 @@ mod tests {
             startedat: now,
             finishedat: now,
         };
-        let r = tokio::time::timeout(Duration::from_secs(5), commit_within(pending, spec, &cancel, limit)).await;
+        let r = tokio::time::timeout(Duration::from_secs(5), commit_within(pending, spec, Vec::new(), &cancel, limit))
+            .await;
         let err = r.expect("commit_within returns by itself").unwrap_err();
         assert!(format!("{err}").contains("did not commit within"), "{err}");
         assert!(started.elapsed() >= limit && started.elapsed() < Duration::from_secs(3));

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, warn, Instrument};
 
-pub use self::job::job_timeout;
+pub use self::job::{job_timeout, BYTE_STALL_TIMEOUT};
 use crate::agents::Agents;
 use crate::config::Settings;
 use crate::lock;
@@ -196,18 +196,18 @@ async fn run(inner: Arc<Inner>, cluster: String, trigger: Trigger, _guard: Runni
             info!(backup_id = %m.id, size = m.backup.size, rawsize = m.backup.rawsize, member = %m.backup.member, "backup stored");
             let metrics = &deps.metrics;
             metrics.backups.get_or_create(&Metrics::result(&cluster, true)).inc();
-            metrics.last_success.get_or_create(&labels).set(m.backup.finishedat.seconds as f64);
+            metrics.last_success.get_or_create(&labels).set(m.backup.createdat.seconds as f64);
             metrics.size.get_or_create(&labels).set(m.backup.size as i64);
             metrics.raw_size.get_or_create(&labels).set(m.backup.rawsize as i64);
             let secs = |t: Timestamp| t.seconds as f64 + f64::from(t.nanos) / 1e9;
-            metrics.duration.observe((secs(m.backup.finishedat) - secs(attempt)).max(0.0));
-            if let Err(e) = retention::apply(deps, &cluster, &inner.cancel).await {
+            metrics.duration.observe((secs(m.backup.createdat) - secs(attempt)).max(0.0));
+            if let Err(e) = retention::apply(deps, &cluster, &m.id, &inner.cancel).await {
                 warn!("failed to apply retention: {e:#}");
             }
             let recorded = deps.status.update(&cluster, |s| {
                 s.status = status::OK;
                 s.error.clear();
-                s.lastbackuptime = Some(m.backup.finishedat);
+                s.lastbackuptime = Some(m.backup.createdat);
                 s.bytesdone = m.backup.rawsize;
                 s.member = m.backup.member.clone();
             });

@@ -16,8 +16,9 @@ use super::JobDeps;
 use crate::metrics::Metrics;
 
 /// Applies `cluster`'s retention policy (if it has one) after a successful backup: a deletion removes the
-/// manifest first, then the object, so nothing half-deleted is listed.
-pub(super) async fn apply(deps: &JobDeps, cluster: &str, cancel: &CancellationToken) -> Result<()> {
+/// manifest first, then the object, so nothing half-deleted is listed. `verified` is the backup just
+/// committed, which the coordinator itself checked: it is never deleted, whatever dates other manifests carry.
+pub(super) async fn apply(deps: &JobDeps, cluster: &str, verified: &str, cancel: &CancellationToken) -> Result<()> {
     let policy = match deps.state.get(ResourceType::Cluster, cluster)? {
         Some(Resource { spec: Spec::Cluster(c), .. }) => c.backupconfiguration.and_then(|b| b.retention),
         _ => None,
@@ -25,7 +26,7 @@ pub(super) async fn apply(deps: &JobDeps, cluster: &str, cancel: &CancellationTo
     let Some(policy) = policy else { return Ok(()) };
     let all = deps.store.list(Some(cluster), cancel).await?;
     let listed: Vec<(String, Timestamp)> = all.iter().map(|m| (m.id.clone(), m.backup.createdat)).collect();
-    for id in to_delete(&listed, &policy) {
+    for id in to_delete(&listed, &policy).into_iter().filter(|id| id != verified) {
         let Some(m) = all.iter().find(|m| m.id == id) else { continue };
         deps.store.delete(m, cancel).await?;
         deps.metrics.retention_deleted.get_or_create(&Metrics::cluster(cluster)).inc();

@@ -2,13 +2,14 @@
 //! agent registry, backup store, jobs, scheduler, API, listener) and shuts them down in order.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
+use ferry_common::config::{create_private, create_private_dir};
 use ferry_common::observe::{init_logging, listen, shutdown_signal, LogFormat, Observed};
 use ferry_common::resources::{Resource, ResourceType, Spec, S3_CONFIG_ID};
 use ferry_common::tls::quinn_server_config;
@@ -102,6 +103,9 @@ struct Args {
     /// meanwhile).
     #[arg(long, default_value = SHUTDOWN_GRACE, value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// A backup that moves no snapshot bytes for this long fails, whatever progress its agent reports.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration, hide = true)]
+    byte_stall_timeout: Duration,
 }
 
 /// Megabits per second to bytes per second.
@@ -120,14 +124,21 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&args.state_dir)
-        .with_context(|| format!("create --state-dir {}", args.state_dir.display()))?;
+    // The state dir holds the CA key, the admin credentials and the S3 secret: 0700, and every file in it
+    // 0600, whatever the umask and whoever made the dir.
+    create_private_dir(&args.state_dir)
+        .with_context(|| format!("create --state-dir {} (0700)", args.state_dir.display()))?;
+    let db_path = args.state_dir.join("state.redb");
+    match create_private(&db_path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::set_permissions(&db_path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("make {} private (0600)", db_path.display()))?;
+        }
+        Err(e) => return Err(e).with_context(|| format!("create {}", db_path.display())),
+    }
     let state: Arc<dyn StateStore> = Arc::new(
-        RedbStore::open(&args.state_dir.join("state.redb"))
-            .context("open the state store (is another coordinator using this --state-dir?)")?,
+        RedbStore::open(&db_path).context("open the state store (is another coordinator using this --state-dir?)")?,
     );
     let pki = ferry_coordinator::pki::init(&args.state_dir, args.listen, &args.advertise_names)?;
     let store_dir = args.local_store_dir.clone().unwrap_or_else(|| args.state_dir.join("backups"));
@@ -160,6 +171,7 @@ async fn run(args: Args) -> Result<()> {
             max_jitter: args.max_backup_jitter,
         },
         max_concurrent_backups: args.max_concurrent_backups as usize,
+        byte_stall_timeout: args.byte_stall_timeout,
     };
 
     // The owners, each with its own handle.

@@ -22,6 +22,9 @@ use crate::api::Api;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an admin client may take to read its response before the connection is dropped.
 const ADMIN_LINGER: Duration = Duration::from_secs(30);
+/// Connections one identity (the admin, or one agent's cluster/member) may hold open at once: an agent needs
+/// one link plus a restore, ferryctl a few in parallel; a stolen certificate cannot open thousands.
+pub const MAX_CONNECTIONS_PER_IDENTITY: usize = 16;
 
 /// The listener and its connections.
 pub struct Server {
@@ -30,11 +33,19 @@ pub struct Server {
     /// Parent of every connection's token: cancelled last at shutdown, closing them all.
     connections: CancellationToken,
     tracker: TaskTracker,
+    /// Open connections per identity.
+    open: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 impl Server {
     pub fn new(api: Arc<Api>, agents: Agents) -> Arc<Self> {
-        Arc::new(Self { api, agents, connections: CancellationToken::new(), tracker: TaskTracker::new() })
+        Arc::new(Self {
+            api,
+            agents,
+            connections: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            open: Default::default(),
+        })
     }
 
     /// Accepts connections until `stop_accepting` fires; from then on new connections are refused while the
@@ -75,6 +86,14 @@ impl Server {
                     return conn.close(1u32.into(), b"no ferry identity in certificate");
                 }
             };
+            let key = match &identity {
+                Identity::Admin => "admin".to_string(),
+                Identity::Agent { cluster, member } => format!("agent/{cluster}/{member}"),
+            };
+            let Some(_slot) = ConnectionSlot::take(&self, &key) else {
+                warn!(%remote, identity = %key, "refused a connection: {MAX_CONNECTIONS_PER_IDENTITY} already open for this identity");
+                return conn.close(2u32.into(), b"too many connections for this identity");
+            };
             let span = match &identity {
                 Identity::Admin => info_span!("admin", %remote),
                 Identity::Agent { cluster, member } => info_span!("agent", %cluster, %member, %remote),
@@ -86,6 +105,36 @@ impl Server {
             }
             .instrument(span)
             .await
+        }
+    }
+}
+
+/// One open connection counted against its identity's cap; released on drop.
+struct ConnectionSlot {
+    server: Arc<Server>,
+    key: String,
+}
+
+impl ConnectionSlot {
+    fn take(server: &Arc<Server>, key: &str) -> Option<Self> {
+        let mut open = crate::lock(&server.open);
+        let n = open.entry(key.to_string()).or_default();
+        if *n >= MAX_CONNECTIONS_PER_IDENTITY {
+            return None;
+        }
+        *n += 1;
+        Some(Self { server: server.clone(), key: key.to_string() })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = crate::lock(&self.server.open);
+        if let Some(n) = open.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.key);
+            }
         }
     }
 }
@@ -124,7 +173,11 @@ impl Server {
 
         match (&identity, hello.intent) {
             (_, Intent::Request) => {
-                let request: AdminRequest = expect_frame(&mut recv).await.context("read request")?;
+                // A request must arrive as promptly as the hello: an open connection that says nothing is dropped.
+                let request: AdminRequest = tokio::time::timeout(HELLO_TIMEOUT, expect_frame(&mut recv))
+                    .await
+                    .context("no request within the timeout")?
+                    .context("read request")?;
                 debug!(?request, "request");
                 self.api.handle(&identity, request, &mut send).await?;
                 send.finish().ok();

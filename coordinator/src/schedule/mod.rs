@@ -251,6 +251,9 @@ impl Scheduler {
                 return;
             }
         };
+        // A manifest dated in the future (written by an older Ferry from an agent's clock, or planted) would
+        // put the next backup off until long after it: the coordinator's clock caps it.
+        let newest = newest.map(|n| n.min(now));
         if let Some(n) = newest {
             // After a restart the gauge starts from the store, so "backup too old" alerts keep working.
             let g = self.metrics.last_success.get_or_create(&Metrics::cluster(cluster));

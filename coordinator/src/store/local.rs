@@ -9,8 +9,10 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use ferry_common::config::{create_private, create_private_dir};
+use ferry_common::resources::{validate_backup_id, validate_name};
 use ferry_common::resources::{EtcdBackupSpec, Timestamp};
-use sha2::{Digest, Sha256};
+use ferry_common::snapshot::StreamCheck;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
@@ -38,7 +40,7 @@ pub(super) struct LocalStore {
 impl LocalStore {
     /// Opens (creating) the store and removes partial objects a crash left behind.
     pub(super) fn open(root: &Path) -> Result<Self> {
-        fs::create_dir_all(root).map_err(io(format!("create local store dir {}", root.display())))?;
+        create_private_dir(root).map_err(io(format!("create local store dir {}", root.display())))?;
         for cluster in fs::read_dir(root).map_err(io(format!("read {}", root.display())))? {
             let cluster = cluster.map_err(io(format!("read {}", root.display())))?.path();
             if !cluster.is_dir() {
@@ -55,15 +57,17 @@ impl LocalStore {
         Ok(Self { root: root.to_path_buf() })
     }
 
-    fn cluster_dir(&self, cluster: &str) -> PathBuf {
-        self.root.join(cluster)
+    /// The directory of `cluster`'s backups; the name is checked first, so no input walks out of the store.
+    fn cluster_dir(&self, cluster: &str) -> Result<PathBuf> {
+        validate_name("cluster", cluster).map_err(|e| StoreError::BadName(e.to_string()))?;
+        Ok(self.root.join(cluster))
     }
 
     /// Starts a new backup of `cluster`, reserving a unique id `<cluster>-<unix seconds>[-N]`.
     pub(super) async fn begin(&self, cluster: &str, at: Timestamp, cancel: &CancellationToken) -> Result<PendingLocal> {
         cancelled(cancel)?;
-        let dir = self.cluster_dir(cluster);
-        tokio::fs::create_dir_all(&dir).await.map_err(io(format!("create {}", dir.display())))?;
+        let dir = self.cluster_dir(cluster)?;
+        create_private_dir(&dir).map_err(io(format!("create {}", dir.display())))?;
         for n in 0..1000u32 {
             let id = if n == 0 { format!("{cluster}-{}", at.seconds) } else { format!("{cluster}-{}-{n}", at.seconds) };
             let object = dir.join(format!("{id}{OBJECT_SUFFIX}"));
@@ -72,8 +76,9 @@ impl LocalStore {
                 continue;
             }
             // create_new makes the reservation atomic against a concurrent backup in the same second.
-            match tokio::fs::OpenOptions::new().write(true).create_new(true).open(&partial).await {
+            match create_private(&partial) {
                 Ok(file) => {
+                    let file = tokio::fs::File::from_std(file);
                     return Ok(PendingLocal {
                         id,
                         cluster: cluster.to_string(),
@@ -81,10 +86,9 @@ impl LocalStore {
                         partial,
                         object,
                         file: Some(file),
-                        sha: Sha256::new(),
-                        bytes: 0,
+                        check: StreamCheck::new().map_err(|e| StoreError::Mismatch(e.to_string()))?,
                         done: false,
-                    })
+                    });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(io(format!("create {}", partial.display()))(e)),
@@ -98,7 +102,7 @@ impl LocalStore {
         cancelled(cancel)?;
         let mut out = Vec::new();
         let dirs: Vec<PathBuf> = match cluster {
-            Some(c) => vec![self.cluster_dir(c)],
+            Some(c) => vec![self.cluster_dir(c)?],
             None => fs::read_dir(&self.root)
                 .map_err(io(format!("read {}", self.root.display())))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
@@ -118,7 +122,7 @@ impl LocalStore {
                     continue;
                 }
                 let text = fs::read(&p).map_err(io(format!("read {}", p.display())))?;
-                match serde_json::from_slice::<Manifest>(&text) {
+                match parse_manifest(&p, &text) {
                     Ok(m) => out.push(m),
                     Err(e) => tracing::warn!(path = %p.display(), "skipping unreadable manifest: {e}"),
                 }
@@ -131,14 +135,10 @@ impl LocalStore {
     /// One backup's manifest.
     pub(super) fn find(&self, cluster: &str, id: &str, cancel: &CancellationToken) -> Result<Option<Manifest>> {
         cancelled(cancel)?;
-        if id.contains('/') || id.starts_with('.') {
-            return Ok(None);
-        }
-        let p = self.cluster_dir(cluster).join(format!("{id}{MANIFEST_SUFFIX}"));
+        validate_backup_id(id).map_err(|e| StoreError::BadName(e.to_string()))?;
+        let p = self.cluster_dir(cluster)?.join(format!("{id}{MANIFEST_SUFFIX}"));
         match fs::read(&p) {
-            Ok(text) => serde_json::from_slice(&text)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt(format!("parse {}: {e}", p.display()))),
+            Ok(text) => parse_manifest(&p, &text).map(Some),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io(format!("read {}", p.display()))(e)),
         }
@@ -156,7 +156,7 @@ impl LocalStore {
     /// Deletes a backup: manifest first, then object, each removal made durable.
     pub(super) async fn delete(&self, m: &Manifest, cancel: &CancellationToken) -> Result<()> {
         cancelled(cancel)?;
-        let dir = self.cluster_dir(&m.backup.cluster);
+        let dir = self.cluster_dir(&m.backup.cluster)?;
         let manifest = dir.join(format!("{}{MANIFEST_SUFFIX}", m.id));
         let object = self.root.join(&m.backup.snapshot);
         tokio::task::spawn_blocking(move || -> Result<()> {
@@ -183,8 +183,8 @@ pub(super) struct PendingLocal {
     partial: PathBuf,
     object: PathBuf,
     file: Option<tokio::fs::File>,
-    sha: Sha256,
-    bytes: u64,
+    /// Every check of a restore, over the bytes as they arrive.
+    check: StreamCheck,
     done: bool,
 }
 
@@ -194,8 +194,7 @@ impl PendingLocal {
         let f =
             self.file.as_mut().ok_or_else(|| StoreError::Mismatch(format!("backup {} is already closed", self.id)))?;
         f.write_all(data).await.map_err(io(format!("write {}", self.partial.display())))?;
-        self.sha.update(data);
-        self.bytes += data.len() as u64;
+        self.check.write(data);
         Ok(())
     }
 
@@ -206,13 +205,17 @@ impl PendingLocal {
         if self.done {
             return Err(StoreError::Mismatch(format!("backup {} is already committed", self.id)));
         }
-        let sha = hex::encode(self.sha.clone().finalize());
-        if spec.size != self.bytes || spec.sha256 != sha {
+        let (bytes, sha) = (self.check.bytes(), self.check.sha256_hex());
+        if spec.size != bytes || spec.sha256 != sha {
             return Err(StoreError::Mismatch(format!(
-                "received {} bytes with sha256 {sha}, but the agent sent {} bytes with sha256 {}; discarding",
-                self.bytes, spec.size, spec.sha256
+                "received {bytes} bytes with sha256 {sha}, but the agent sent {} bytes with sha256 {}; discarding",
+                spec.size, spec.sha256
             )));
         }
+        // The coordinator's own check of what it received: a whole etcd snapshot, or nothing is committed.
+        let check =
+            std::mem::replace(&mut self.check, StreamCheck::new().map_err(|e| StoreError::Mismatch(e.to_string()))?);
+        check.finish(&spec).map_err(|e| StoreError::Mismatch(format!("the received backup failed its checks: {e}")))?;
         let closed = || StoreError::Mismatch(format!("backup {} is already closed", self.id));
         let mut f = self.file.take().ok_or_else(closed)?;
         f.flush().await.map_err(io(format!("write {}", self.partial.display())))?;
@@ -240,11 +243,27 @@ impl PendingLocal {
     }
 }
 
+/// Parses the manifest at `path` (`<root>/<cluster>/<id>.manifest.json`) and checks it describes that backup.
+fn parse_manifest(path: &Path, text: &[u8]) -> Result<Manifest> {
+    let m: Manifest =
+        serde_json::from_slice(text).map_err(|e| StoreError::Corrupt(format!("parse {}: {e}", path.display())))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let id = name.trim_end_matches(MANIFEST_SUFFIX);
+    let cluster =
+        path.parent().and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    m.check_location(&cluster, id, &format!("{cluster}/{id}{OBJECT_SUFFIX}"))?;
+    Ok(m)
+}
+
 fn write_manifest(dir: &Path, id: &str, m: &Manifest) -> Result<()> {
     let path = dir.join(format!("{id}{MANIFEST_SUFFIX}"));
     let tmp = dir.join(format!(".{id}{MANIFEST_SUFFIX}.tmp"));
     let body = serde_json::to_vec_pretty(m).map_err(|e| StoreError::Corrupt(format!("encode manifest: {e}")))?;
-    let mut f = fs::File::create(&tmp).map_err(io(format!("create {}", tmp.display())))?;
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(format!("remove {}", tmp.display()))(e)),
+        _ => {}
+    }
+    let mut f = create_private(&tmp).map_err(io(format!("create {}", tmp.display())))?;
     f.write_all(&body).map_err(io(format!("write {}", tmp.display())))?;
     f.sync_all().map_err(io(format!("fsync {}", tmp.display())))?;
     fs::rename(&tmp, &path).map_err(io(format!("rename into {}", path.display())))?;

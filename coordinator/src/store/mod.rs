@@ -13,7 +13,7 @@ mod s3;
 
 use std::sync::Arc;
 
-use ferry_common::protocol::{BackupTarget, RestoreSource, S3Target};
+use ferry_common::protocol::{BackupTarget, PresignedRequest, RestoreSource, UploadedPart};
 use ferry_common::resources::{EtcdBackupS3ConfigSpec, EtcdBackupSpec, Timestamp};
 use ferry_common::s3::S3Error;
 use serde::{Deserialize, Serialize};
@@ -34,6 +34,30 @@ pub struct Manifest {
     pub format: u32,
     pub id: String,
     pub backup: EtcdBackupSpec,
+}
+
+impl Manifest {
+    /// Checks that the manifest describes the backup at the place it was found: its id, its cluster and its
+    /// object beside it. A manifest planted elsewhere (pointing another cluster's `latest` at a foreign object,
+    /// or retention at someone else's backup) is refused, not listed.
+    pub(crate) fn check_location(&self, cluster: &str, id: &str, object: &str) -> Result<(), StoreError> {
+        if self.id != id || self.backup.cluster != cluster || self.backup.snapshot != object {
+            return Err(StoreError::Corrupt(format!(
+                "the manifest of {cluster}/{id} describes backup {:?} of cluster {:?} at {:?}, not the object beside it; it is ignored",
+                self.id, self.backup.cluster, self.backup.snapshot
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a cluster name or backup id that could not name a backup (`..`, `/`, empty, …).
+fn check_names(cluster: &str, id: Option<&str>) -> Result<(), StoreError> {
+    ferry_common::resources::validate_name("cluster", cluster).map_err(|e| StoreError::BadName(e.to_string()))?;
+    if let Some(id) = id {
+        ferry_common::resources::validate_backup_id(id).map_err(|e| StoreError::BadName(e.to_string()))?;
+    }
+    Ok(())
 }
 
 pub(crate) fn sort_newest_first(v: &mut [Manifest]) {
@@ -66,6 +90,9 @@ pub enum StoreError {
     /// No free backup id in a second's worth of tries.
     #[error("could not find a free backup id for cluster {0}")]
     NoFreeId(String),
+    /// A cluster name or backup id that cannot name a backup (it would leave the store's directory or prefix).
+    #[error("{0}")]
+    BadName(String),
     /// The call was cancelled (shutdown).
     #[error("cancelled")]
     Cancelled,
@@ -167,6 +194,9 @@ impl BackupStore {
 
     /// Every backup of `cluster` (or all clusters), newest first.
     pub async fn list(&self, cluster: Option<&str>, cancel: &CancellationToken) -> Result<Vec<Manifest>, StoreError> {
+        if let Some(c) = cluster {
+            check_names(c, None)?;
+        }
         if let Some(f) = &self.failures {
             f.on_list(cluster, cancel).await?;
         }
@@ -183,6 +213,7 @@ impl BackupStore {
         id: &str,
         cancel: &CancellationToken,
     ) -> Result<Option<Manifest>, StoreError> {
+        check_names(cluster, Some(id))?;
         match &self.backend {
             Backend::Local(l) => l.find(cluster, id, cancel),
             Backend::S3(s) => s.find(cluster, id, cancel).await,
@@ -205,19 +236,14 @@ impl BackupStore {
         }))
     }
 
-    /// Where a restore reads `m` from: the bytes on the request stream (local), or the S3 object with this
-    /// store's settings, for that restore only.
-    pub fn restore_source(&self, m: &Manifest, upload: UploadSettings) -> Result<RestoreSource, StoreError> {
+    /// Where a restore reads `m` from: the bytes on the request stream (local), or presigned `HEAD` and `GET`
+    /// requests for that one object, valid for a few minutes (S3). No credential leaves the coordinator.
+    pub async fn restore_source(&self, m: &Manifest) -> Result<RestoreSource, StoreError> {
         match &self.backend {
             Backend::Local(_) => Ok(RestoreSource::Coordinator),
             Backend::S3(s) => {
-                let conn = s.conn()?;
-                Ok(RestoreSource::S3(Box::new(S3Target {
-                    config: conn.spec.clone(),
-                    key: m.backup.snapshot.clone(),
-                    part_size: upload.part_size,
-                    parts_in_flight: upload.parts_in_flight,
-                })))
+                let (head, get, cacert) = s.restore_requests(m).await?;
+                Ok(RestoreSource::S3 { head, get, cacert })
             }
         }
     }
@@ -231,6 +257,7 @@ impl BackupStore {
         upload: UploadSettings,
         cancel: &CancellationToken,
     ) -> Result<Pending, StoreError> {
+        check_names(cluster, None)?;
         let kind = match &self.backend {
             Backend::Local(l) => PendingKind::Local(Box::new(l.begin(cluster, at, cancel).await?)),
             Backend::S3(s) => PendingKind::S3(Box::new(s.begin(cluster, at, upload, cancel).await?)),
@@ -279,26 +306,35 @@ impl Pending {
         }
     }
 
-    /// The agent created its multipart upload (S3): remembered so it can be aborted if the job fails.
-    pub fn upload_started(&mut self, upload_id: String) -> Result<(), StoreError> {
-        match &mut self.kind {
-            PendingKind::S3(p) => {
-                p.upload_id = Some(upload_id);
-                Ok(())
-            }
-            PendingKind::Local(_) => Err(StoreError::WrongPath { store: "local", what: "an S3 upload" }),
+    /// A presigned `UploadPart` request for part `number` of this job's upload (S3).
+    pub async fn part_url(&self, number: u32) -> Result<PresignedRequest, StoreError> {
+        match &self.kind {
+            PendingKind::S3(p) => p.part_url(number).await,
+            PendingKind::Local(_) => Err(StoreError::WrongPath { store: "local", what: "a request for an S3 part" }),
         }
     }
 
-    /// Makes the backup durable and listed. `spec` must describe what was written: its size (and for the
-    /// local store its sha256) is checked against what arrived. On failure nothing is left behind.
-    pub async fn commit(self, spec: EtcdBackupSpec, cancel: &CancellationToken) -> Result<Manifest, StoreError> {
+    /// Makes the backup durable and listed. `spec` must describe what was written: the coordinator checks it
+    /// against the bytes it received (local) or the object it reads back (S3, after completing the upload
+    /// with `parts`) — sizes, hashes, etcd's trailing hash and bbolt's meta page. On failure nothing is left
+    /// behind.
+    pub async fn commit(
+        self,
+        spec: EtcdBackupSpec,
+        parts: Vec<UploadedPart>,
+        cancel: &CancellationToken,
+    ) -> Result<Manifest, StoreError> {
         if let Some(f) = &self.failures {
             f.on_commit(cancel).await?;
         }
         match self.kind {
-            PendingKind::Local(mut p) => p.commit(spec, cancel).await,
-            PendingKind::S3(p) => p.commit(spec, cancel).await,
+            PendingKind::Local(mut p) => {
+                if !parts.is_empty() {
+                    return Err(StoreError::WrongPath { store: "local", what: "S3 parts" });
+                }
+                p.commit(spec, cancel).await
+            }
+            PendingKind::S3(p) => p.commit(spec, parts, cancel).await,
         }
     }
 

@@ -9,10 +9,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream;
-use ferry_common::protocol::S3Target;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use ferry_common::protocol::{PresignedRequest, S3Upload, UploadedPart, MAX_PARTS, PRESIGNED_EXPIRY};
 use ferry_common::resources::{EtcdBackupS3ConfigSpec, EtcdBackupSpec, Timestamp};
 use ferry_common::s3::{self as common_s3, with_retries, S3Error, S3ErrorKind};
+use ferry_common::snapshot::StreamCheck;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -116,7 +119,8 @@ impl S3Store {
         lock(&self.shared.manifests).clear();
     }
 
-    /// Starts a backup: a free id and the key the agent uploads to. Retries earlier failed aborts first.
+    /// Starts a backup: a free id, its key, and a multipart upload the agent fills through presigned requests
+    /// (it never gets the store's credentials). Retries earlier failed aborts first.
     pub(super) async fn begin(
         &self,
         cluster: &str,
@@ -128,13 +132,48 @@ impl S3Store {
         let conn = self.conn()?;
         let id = self.free_id(&conn, cluster, at, cancel).await?;
         let key = object_key(&conn.spec, cluster, &id);
-        let target = S3Target {
-            config: conn.spec.clone(),
+        let bucket = &conn.spec.bucket;
+        let what = format!("create multipart upload s3://{bucket}/{key}");
+        let upload_id = with_retries(cancel, &what, || async {
+            let r = conn
+                .client
+                .create_multipart_upload()
+                .bucket(bucket)
+                .key(&key)
+                .content_type("application/zstd")
+                .send()
+                .await
+                .map_err(|e| S3Error::from_sdk(&what, bucket, &e))?;
+            r.upload_id().map(str::to_string).ok_or_else(|| S3Error {
+                kind: S3ErrorKind::Other,
+                message: format!("{what}: the server returned no upload id"),
+                retryable: false,
+            })
+        })
+        .await?;
+        let target = S3Upload {
             key: key.clone(),
             part_size: upload.part_size,
             parts_in_flight: upload.parts_in_flight,
+            cacert: conn.spec.cacert.clone(),
         };
-        Ok(PendingUpload { id, shared: self.shared.clone(), conn, key, upload_id: None, target })
+        Ok(PendingUpload { id, shared: self.shared.clone(), conn, key, upload_id: Some(upload_id), target })
+    }
+
+    /// Presigned `HEAD` and `GET` of one backup's object, for a restore the coordinator approved.
+    pub(super) async fn restore_requests(
+        &self,
+        m: &Manifest,
+    ) -> Result<(PresignedRequest, PresignedRequest, String), StoreError> {
+        let conn = self.conn()?;
+        let bucket = &conn.spec.bucket;
+        let key = &m.backup.snapshot;
+        let config = presigning_config()?;
+        let head = conn.client.head_object().bucket(bucket).key(key).presigned(config.clone()).await;
+        let head = head.map_err(|e| S3Error::from_sdk(&format!("presign HEAD s3://{bucket}/{key}"), bucket, &e))?;
+        let get = conn.client.get_object().bucket(bucket).key(key).presigned(config).await;
+        let get = get.map_err(|e| S3Error::from_sdk(&format!("presign GET s3://{bucket}/{key}"), bucket, &e))?;
+        Ok((presigned(&head), presigned(&get), conn.spec.cacert.clone()))
     }
 
     /// A backup id `<cluster>-<unix seconds>[-N]` not used yet.
@@ -220,9 +259,6 @@ impl S3Store {
         id: &str,
         cancel: &CancellationToken,
     ) -> Result<Option<Manifest>, StoreError> {
-        if id.contains('/') {
-            return Ok(None);
-        }
         let conn = self.conn()?;
         let key = manifest_key(&conn.spec, cluster, id);
         if let Some(m) = lock(&self.shared.manifests).get(&key).cloned() {
@@ -281,32 +317,81 @@ async fn exists(conn: &S3Conn, key: &str, cancel: &CancellationToken) -> Result<
     }
 }
 
+/// Reads the manifest at `key` (`…/<cluster>/<id>.manifest.json`) and checks it describes that backup.
 async fn read_manifest(conn: &S3Conn, key: &str, cancel: &CancellationToken) -> Result<Manifest, StoreError> {
     let body = common_s3::get_bytes(&conn.client, &conn.spec.bucket, key, cancel).await?;
-    serde_json::from_slice(&body).map_err(|e| StoreError::Corrupt(format!("parse {key}: {e}")))
+    let m: Manifest = serde_json::from_slice(&body).map_err(|e| StoreError::Corrupt(format!("parse {key}: {e}")))?;
+    let stem = key.trim_end_matches(MANIFEST_SUFFIX);
+    let (dir, id) = stem.rsplit_once('/').unwrap_or(("", stem));
+    let cluster = dir.rsplit('/').next().unwrap_or_default();
+    m.check_location(cluster, id, &format!("{stem}{OBJECT_SUFFIX}"))?;
+    Ok(m)
 }
 
-/// One job's S3 upload, made by the agent; the coordinator commits it (HEAD, then the manifest) or aborts it.
+/// The presigning settings of every request handed to an agent.
+fn presigning_config() -> Result<PresigningConfig, StoreError> {
+    PresigningConfig::expires_in(PRESIGNED_EXPIRY).map_err(|e| StoreError::Corrupt(format!("presigning config: {e}")))
+}
+
+/// The SDK's presigned request as it travels to an agent.
+fn presigned(p: &aws_sdk_s3::presigning::PresignedRequest) -> PresignedRequest {
+    let expires_at = Timestamp::now();
+    PresignedRequest {
+        method: p.method().to_string(),
+        url: p.uri().to_string(),
+        headers: p.headers().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        expires_at: Timestamp { seconds: expires_at.seconds + PRESIGNED_EXPIRY.as_secs() as i64, nanos: 0 },
+    }
+}
+
+/// One job's S3 upload: the coordinator created it, the agent fills it part by part through presigned
+/// requests, and the coordinator completes it, reads the object back through every check and only then
+/// writes the manifest — or aborts it.
 pub(super) struct PendingUpload {
     pub(super) id: String,
     shared: Arc<Shared>,
     conn: Arc<S3Conn>,
     key: String,
     pub(super) upload_id: Option<String>,
-    pub(super) target: S3Target,
+    pub(super) target: S3Upload,
 }
 
 impl PendingUpload {
-    /// Makes the uploaded object a listed backup: checks its size, then writes its manifest. On failure the
-    /// upload and object are discarded, so nothing unlisted lingers.
+    /// A presigned `UploadPart` request for part `number` of this upload (and nothing else).
+    pub(super) async fn part_url(&self, number: u32) -> Result<PresignedRequest, StoreError> {
+        if !(1..=MAX_PARTS).contains(&number) {
+            return Err(StoreError::Mismatch(format!("part number {number} is outside 1..={MAX_PARTS}")));
+        }
+        let upload_id = self.upload_id.as_deref().ok_or_else(|| StoreError::Mismatch("no upload".into()))?;
+        let bucket = &self.conn.spec.bucket;
+        let p = self
+            .conn
+            .client
+            .upload_part()
+            .bucket(bucket)
+            .key(&self.key)
+            .upload_id(upload_id)
+            .part_number(number as i32)
+            .presigned(presigning_config()?)
+            .await
+            .map_err(|e| {
+                S3Error::from_sdk(&format!("presign part {number} of s3://{bucket}/{}", self.key), bucket, &e)
+            })?;
+        Ok(presigned(&p))
+    }
+
+    /// Completes the upload with the agent's `parts`, checks the object (read back whole: sizes, hashes,
+    /// etcd's trailing hash, bbolt's meta page) and writes its manifest. On failure the upload and object are
+    /// discarded, so nothing unchecked or unlisted lingers.
     pub(super) async fn commit(
         self,
         mut spec: EtcdBackupSpec,
+        parts: Vec<UploadedPart>,
         cancel: &CancellationToken,
     ) -> Result<Manifest, StoreError> {
         spec.snapshot = self.key.clone();
         let manifest = Manifest { format: 1, id: self.id.clone(), backup: spec };
-        match self.try_commit(&manifest, cancel).await {
+        match self.try_commit(&manifest, parts, cancel).await {
             Ok(()) => Ok(manifest),
             Err(e) => {
                 self.abort().await;
@@ -315,17 +400,84 @@ impl PendingUpload {
         }
     }
 
-    async fn try_commit(&self, manifest: &Manifest, cancel: &CancellationToken) -> Result<(), StoreError> {
+    async fn complete(&self, parts: Vec<UploadedPart>, cancel: &CancellationToken) -> Result<(), StoreError> {
+        let conn = &self.conn;
+        let bucket = &conn.spec.bucket;
+        let upload_id = self.upload_id.as_deref().ok_or_else(|| StoreError::Mismatch("no upload".into()))?;
+        let in_order = parts.iter().enumerate().all(|(i, p)| p.number as usize == i + 1);
+        if parts.is_empty() || parts.len() > MAX_PARTS as usize || !in_order {
+            return Err(StoreError::Mismatch(format!(
+                "the agent reported {} parts, not numbered 1, 2, … in order",
+                parts.len()
+            )));
+        }
+        let parts: Vec<CompletedPart> = parts
+            .into_iter()
+            .map(|p| CompletedPart::builder().part_number(p.number as i32).e_tag(p.etag).build())
+            .collect();
+        let parts = CompletedMultipartUpload::builder().set_parts(Some(parts)).build();
+        let what = format!("complete multipart upload s3://{bucket}/{}", self.key);
+        with_retries(cancel, &what, || async {
+            conn.client
+                .complete_multipart_upload()
+                .bucket(bucket)
+                .key(&self.key)
+                .upload_id(upload_id)
+                .multipart_upload(parts.clone())
+                .send()
+                .await
+                .map_err(|e| S3Error::from_sdk(&what, bucket, &e))?;
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Reads the object back through [`StreamCheck`]: the coordinator itself sees that it is the snapshot
+    /// the manifest describes and a well-formed one.
+    async fn verify(&self, spec: &EtcdBackupSpec, cancel: &CancellationToken) -> Result<(), StoreError> {
         let conn = &self.conn;
         let bucket = &conn.spec.bucket;
         let head = common_s3::head_object(&conn.client, bucket, &self.key, cancel).await?;
         let size = head.content_length().unwrap_or(-1);
-        if size != manifest.backup.size as i64 {
+        if size != spec.size as i64 {
             return Err(StoreError::Mismatch(format!(
                 "the uploaded object is {size} bytes, but the agent sent {} bytes",
-                manifest.backup.size
+                spec.size
             )));
         }
+        let what = format!("read back s3://{bucket}/{}", self.key);
+        let mut body = common_s3::get_object(&conn.client, bucket, &self.key, &what, cancel).await?;
+        let mut check = StreamCheck::new().map_err(|e| StoreError::Mismatch(e.to_string()))?;
+        loop {
+            let piece = tokio::select! {
+                p = body.try_next() => p,
+                () = cancel.cancelled() => return Err(StoreError::Cancelled),
+            };
+            let piece = piece.map_err(|e| S3Error {
+                kind: S3ErrorKind::Unreachable,
+                message: format!("{what}: {e}"),
+                retryable: true,
+            })?;
+            let Some(piece) = piece else { break };
+            check.write(&piece);
+            if check.bytes() > spec.size {
+                break;
+            }
+        }
+        check.finish(spec).map_err(|e| StoreError::Mismatch(format!("the uploaded object failed its checks: {e}")))
+    }
+
+    async fn try_commit(
+        &self,
+        manifest: &Manifest,
+        parts: Vec<UploadedPart>,
+        cancel: &CancellationToken,
+    ) -> Result<(), StoreError> {
+        self.complete(parts, cancel).await?;
+        self.verify(&manifest.backup, cancel).await?;
+        let conn = &self.conn;
+        let bucket = &conn.spec.bucket;
         let mkey = manifest_key(&conn.spec, &manifest.backup.cluster, &manifest.id);
         let body = serde_json::to_vec_pretty(manifest)
             .map(bytes::Bytes::from)

@@ -8,6 +8,7 @@
 //! - [`process`]: a spawned daemon with a log file, stopped on drop.
 //! - [`etcd`]: [`EtcdCluster`] and the deterministic test data.
 //! - [`ferry`]: [`Coordinator`], [`Agent`], [`Ferryctl`] and the one-shot `ferry-agent restore`.
+//! - [`hostile`]: a hostile agent speaking the wire protocol with a real agent certificate.
 //! - [`logs`]: checks on daemon logs.
 //! - [`restore`]: restore a snapshot with `etcdctl` and read it back; decompress with `zstd`.
 //! - [`s3`]: [`S3Server`] (a real `s3s-fs`), its Ferry config, and the `aws` CLI as an independent client.
@@ -20,6 +21,7 @@
 
 pub(crate) mod etcd;
 pub(crate) mod ferry;
+pub(crate) mod hostile;
 pub(crate) mod logs;
 pub(crate) mod pki;
 pub(crate) mod ports;

@@ -9,6 +9,7 @@ mod coverage;
 mod deploy;
 mod failures;
 mod harness;
+mod least_privilege;
 mod network;
 mod observe;
 mod persistence;

@@ -1,0 +1,393 @@
+//! Least privilege, played by an attacker holding one node: a hostile agent with a real agent certificate
+//! (`fixtures::hostile`) takes what the coordinator hands it and tries to reach further with it.
+//!
+//! - S3: nothing an agent receives in a backup or a restore (presigned requests) lists, reads, writes or
+//!   deletes any other object, and no S3 secret is in it.
+//! - What an agent says: a lying member is not chosen, junk with a correct trailing hash is not committed,
+//!   backups are dated by the coordinator's clock, and progress messages without bytes do not hold a job.
+//! - Files and names: backup data and secrets are private, and names that would leave the store are refused.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use ferry_common::presigned::PresignedClient;
+use ferry_common::protocol::{
+    expect_frame, write_frame, AdminRequest, AdminResponse, BackupSummary, BackupTarget, EtcdFacts, JobMsg, JobReply,
+    JobRequest, PresignedRequest, RestoreSource,
+};
+use ferry_common::resources::Timestamp;
+use ferry_common::s3::S3ErrorKind;
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+
+use crate::fixtures::ferry::{CoordinatorOptions, STATUS_ERROR};
+use crate::fixtures::hostile::{agent_request, etcd_snapshot, HostileAgent};
+use crate::fixtures::s3::{TEST_ACCESS_KEY, TEST_SECRET_KEY};
+use crate::fixtures::{poll_until, test_dir, unix_now, Coordinator, EtcdCluster, S3Server, STATUS_OK, TEST_BUCKET};
+
+const BACKUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn sane_facts(member_id: u64) -> EtcdFacts {
+    EtcdFacts {
+        member_id,
+        cluster_id: 7,
+        etcd_version: "3.5.16".into(),
+        db_size: 1 << 20,
+        raft_applied_index: 100,
+        revision: 10,
+        leader: true,
+        leader_id: member_id,
+        error: None,
+    }
+}
+
+/// Backs `cluster` up and waits for a good status.
+async fn backup_ok(coordinator: &Coordinator, cluster: &str) -> anyhow::Result<Value> {
+    coordinator.manual_backup(cluster).await?;
+    let status = coordinator.wait_backup_status(cluster, BACKUP_TIMEOUT).await?;
+    anyhow::ensure!(status["status"] == STATUS_OK, "backup of {cluster} failed: {status:#}");
+    Ok(status)
+}
+
+/// `req` with its method and path replaced, its signature (query) kept: the attacker's only material.
+fn retarget(req: &PresignedRequest, origin: &str, method: &str, path_and_extra_query: &str) -> PresignedRequest {
+    let query = req.url.split_once('?').map_or("", |(_, q)| q);
+    let sep = if path_and_extra_query.contains('?') { "&" } else { "?" };
+    PresignedRequest {
+        method: method.into(),
+        url: format!("{origin}/{path_and_extra_query}{sep}{query}"),
+        headers: req.headers.clone(),
+        expires_at: req.expires_at,
+    }
+}
+
+/// Every attempt must be refused by S3 as not signed for it.
+async fn assert_all_refused(http: &PresignedClient, attempts: &[(&str, PresignedRequest)]) {
+    for (what, req) in attempts {
+        let r = http.send(req, Bytes::from_static(b"planted"), what).await;
+        match r {
+            Err(e) if matches!(e.kind, S3ErrorKind::AccessDenied | S3ErrorKind::BadSignature) => {}
+            Err(e) => panic!("{what}: refused, but not as unauthorised: {e}"),
+            Ok(r) => panic!("{what}: S3 accepted it (HTTP {})", r.status),
+        }
+    }
+}
+
+/// sha256 of every object in the bucket, by key (what an attacker would want to change).
+async fn bucket_digest(s3: &S3Server) -> anyhow::Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for entry in walk(&s3.root().join(TEST_BUCKET))? {
+        let key = entry.strip_prefix(s3.root().join(TEST_BUCKET))?.display().to_string();
+        out.push((key, hex::encode(Sha256::digest(std::fs::read(&entry)?))));
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn walk(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            out.extend(walk(&p)?);
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn s3_presigned_requests_an_agent_gets_reach_no_other_object() -> anyhow::Result<()> {
+    let s3 = S3Server::start().await?;
+    let etcd = EtcdCluster::start(1).await?;
+    etcd.put_keys(100).await?;
+    let coordinator = Coordinator::start_s3(&s3, CoordinatorOptions::s3(&["--upload-part-size-mib", "5"])).await?;
+    let _alpha = coordinator.start_agents("alpha", &etcd).await?;
+    let _beta = coordinator.start_agents("beta", &etcd).await?;
+    backup_ok(&coordinator, "alpha").await?;
+    backup_ok(&coordinator, "beta").await?;
+    let alpha = coordinator.backups("alpha").await?[0]["spec"].clone();
+    let alpha_object = alpha["snapshot"].as_str().context("alpha's snapshot key")?.to_owned();
+    let alpha_manifest = alpha_object.replace(".snapshot.zst", ".manifest.json");
+    let before = bucket_digest(&s3).await?;
+    let origin = s3.endpoint();
+    let http = PresignedClient::new("")?;
+
+    // A backup: a stolen node of cluster "evil" takes the job and keeps what it gets.
+    let evil_creds = coordinator.issue_agent_credentials("evil", "m1").await?;
+    let mut evil = HostileAgent::connect(&coordinator, &evil_creds).await?;
+    evil.report(sane_facts(1)).await?;
+    coordinator.wait_agents_connected("evil", &["m1"], BACKUP_TIMEOUT).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    coordinator.manual_backup("evil").await?;
+    let mut job = evil.next_job(BACKUP_TIMEOUT).await?;
+    let mut received = serde_json::to_string(&job.request)?;
+    let JobRequest::Backup(b) = &job.request;
+    let BackupTarget::S3(upload) = &b.target else { anyhow::bail!("an S3 job expected: {:?}", job.request) };
+    let own_key = upload.key.clone();
+    write_frame(&mut job.send, &JobMsg::Started(sane_facts(1))).await?;
+    write_frame(&mut job.send, &JobMsg::PartUrl { number: 1 }).await?;
+    let reply: JobReply = expect_frame(&mut job.recv).await?;
+    received.push_str(&serde_json::to_string(&reply)?);
+    let JobReply::PartUrl { request: part, .. } = reply else { anyhow::bail!("a part URL expected: {reply:?}") };
+    // What the agent got works for what it is for: this one part of this one upload.
+    http.send(&part, Bytes::from(vec![7u8; 1024]), "upload part 1 as given").await?;
+    let own_path = format!("{TEST_BUCKET}/{own_key}");
+    let attempts = [
+        ("read the object being uploaded", retarget(&part, &origin, "GET", &own_path)),
+        ("delete the object being uploaded", retarget(&part, &origin, "DELETE", &own_path)),
+        ("another part number", {
+            let mut p = part.clone();
+            p.url = p.url.replace("partNumber=1", "partNumber=2");
+            p
+        }),
+        ("read alpha's backup", retarget(&part, &origin, "GET", &format!("{TEST_BUCKET}/{alpha_object}"))),
+        ("head alpha's backup", retarget(&part, &origin, "HEAD", &format!("{TEST_BUCKET}/{alpha_object}"))),
+        ("overwrite alpha's backup", retarget(&part, &origin, "PUT", &format!("{TEST_BUCKET}/{alpha_object}"))),
+        ("delete alpha's backup", retarget(&part, &origin, "DELETE", &format!("{TEST_BUCKET}/{alpha_object}"))),
+        ("plant alpha's manifest", retarget(&part, &origin, "PUT", &format!("{TEST_BUCKET}/{alpha_manifest}"))),
+        ("list the bucket", retarget(&part, &origin, "GET", &format!("{TEST_BUCKET}?list-type=2"))),
+    ];
+    assert_all_refused(&http, &attempts).await;
+    write_frame(&mut job.send, &JobMsg::Failed { error: "the attacker gives up".into() }).await?;
+    let status = coordinator.wait_backup_status("evil", BACKUP_TIMEOUT).await?;
+    assert_eq!(status["status"], STATUS_ERROR, "{status:#}");
+    poll_until("the evil upload to be aborted", BACKUP_TIMEOUT, Duration::from_millis(250), || async {
+        Ok(s3.leftover_uploads().is_empty().then_some(()))
+    })
+    .await?;
+    evil.close().await;
+
+    // A restore: a stolen node of beta asks for its own cluster's latest backup and keeps what it gets.
+    let beta_creds = coordinator.issue_agent_credentials("beta", "m2").await?;
+    let answers =
+        agent_request(&coordinator, &beta_creds, &AdminRequest::Restore { cluster: None, backup: "latest".into() })
+            .await?;
+    received.push_str(&serde_json::to_string(&answers)?);
+    let Some(AdminResponse::RestoreFrom { source: RestoreSource::S3 { head, get, .. }, backup, .. }) = answers.first()
+    else {
+        anyhow::bail!("a presigned S3 restore expected: {answers:?}")
+    };
+    let beta_spec = serde_json::to_value(&backup.spec)?;
+    let beta_object = get.url.split_once('?').map_or("", |(p, _)| p).trim_start_matches(&format!("{origin}/"));
+    let beta_object = beta_object.trim_start_matches(&format!("{TEST_BUCKET}/")).to_owned();
+    // Exactly what it got reads exactly its backup.
+    let body = http.send(get, Bytes::new(), "read beta's backup as given").await?.into_body().collect().await?;
+    assert_eq!(
+        hex::encode(Sha256::digest(body.into_bytes())),
+        beta_spec["EtcdBackup"]["sha256"].as_str().unwrap_or_default()
+    );
+    http.send(head, Bytes::new(), "head beta's backup as given").await?;
+    let beta_manifest = beta_object.replace(".snapshot.zst", ".manifest.json");
+    let attempts = [
+        ("read alpha's backup", retarget(get, &origin, "GET", &format!("{TEST_BUCKET}/{alpha_object}"))),
+        ("head alpha's backup", retarget(head, &origin, "HEAD", &format!("{TEST_BUCKET}/{alpha_object}"))),
+        ("read beta's manifest", retarget(get, &origin, "GET", &format!("{TEST_BUCKET}/{beta_manifest}"))),
+        ("overwrite beta's backup", retarget(get, &origin, "PUT", &format!("{TEST_BUCKET}/{beta_object}"))),
+        ("delete beta's backup", retarget(get, &origin, "DELETE", &format!("{TEST_BUCKET}/{beta_object}"))),
+        ("plant beta's manifest", retarget(get, &origin, "PUT", &format!("{TEST_BUCKET}/{beta_manifest}"))),
+        ("list the bucket", retarget(get, &origin, "GET", &format!("{TEST_BUCKET}?list-type=2"))),
+        ("list with the HEAD signature", retarget(head, &origin, "GET", &format!("{TEST_BUCKET}?list-type=2"))),
+    ];
+    assert_all_refused(&http, &attempts).await;
+
+    // No S3 secret in anything the agent received, and nothing in the bucket changed.
+    assert!(!received.contains(TEST_SECRET_KEY), "an agent received the S3 secret key");
+    assert!(!received.to_lowercase().contains("secretaccesskey"), "an agent received an S3 config");
+    assert!(received.contains(TEST_ACCESS_KEY), "the presigned requests name the access key id (not a secret)");
+    assert_eq!(bucket_digest(&s3).await?, before, "the attacker changed the bucket");
+    Ok(())
+}
+
+#[tokio::test]
+async fn what_a_hostile_agent_says_neither_picks_it_nor_dates_commits_or_holds_a_backup() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    etcd.put_keys(50).await?;
+    let options = CoordinatorOptions {
+        extra_args: vec!["--byte-stall-timeout".into(), "4s".into()],
+        ..CoordinatorOptions::default()
+    };
+    let coordinator = Coordinator::start(options).await?;
+    let _agents = coordinator.start_agents("prod", &etcd).await?;
+
+    // A stolen node of prod claims the highest possible applied index and a leader no one else names.
+    let liar_creds = coordinator.issue_agent_credentials("prod", "m9").await?;
+    let mut liar = HostileAgent::connect(&coordinator, &liar_creds).await?;
+    liar.report(EtcdFacts { raft_applied_index: u64::MAX, leader: false, leader_id: 4242, ..sane_facts(999) }).await?;
+    coordinator.wait_agents_connected("prod", &["m1", "m9"], BACKUP_TIMEOUT).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = backup_ok(&coordinator, "prod").await?;
+    assert_eq!(status["member"], "m1", "the honest member is chosen: {status:#}");
+    assert!(!liar.got_a_job_within(Duration::from_millis(500)).await, "the liar was sent a job");
+
+    // A stolen node of "evil" sends bytes with a correct trailing sha256 that are no etcd snapshot.
+    let evil_creds = coordinator.issue_agent_credentials("evil", "m1").await?;
+    let mut evil = HostileAgent::connect(&coordinator, &evil_creds).await?;
+    evil.report(sane_facts(1)).await?;
+    coordinator.wait_agents_connected("evil", &["m1"], BACKUP_TIMEOUT).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut junk: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let hash = Sha256::digest(&junk);
+    junk.extend_from_slice(&hash);
+    let far_future = Timestamp { seconds: 568_971_849_600, nanos: 0 }; // year 20000
+    let reply = send_backup(&coordinator, &evil, &junk, far_future).await?;
+    assert!(
+        matches!(&reply, JobReply::Failed { error } if error.contains("not an etcd")),
+        "junk with a correct trailing hash must not be committed: {reply:?}"
+    );
+    assert!(coordinator.backups("evil").await?.is_empty(), "junk was listed as a backup");
+
+    // A real snapshot, dated year 20000 by the agent: committed, dated by the coordinator's clock.
+    let snapshot = etcd_snapshot(etcd.member(0).client_url()).await?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reply = send_backup(&coordinator, &evil, &snapshot, far_future).await?;
+    assert!(matches!(reply, JobReply::Committed), "a whole snapshot is committed: {reply:?}");
+    let backups = coordinator.backups("evil").await?;
+    let spec = &backups[0]["spec"];
+    let created = spec["createdat"]["seconds"].as_i64().unwrap_or_default();
+    assert!((created - unix_now()).abs() < 120, "createdat is the coordinator's clock: {spec:#}");
+    assert_eq!(spec["finishedat"]["seconds"], far_future.seconds, "the agent's time is kept as reported: {spec:#}");
+    for args in [&["get", "etcdbackup"][..], &["get", "etcdbackupstatus"]] {
+        coordinator.ctl().run(args).await?.ok().context("ferryctl shows year-20000 times")?;
+    }
+
+    // Progress messages without bytes do not keep a job alive.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    coordinator.manual_backup("evil").await?;
+    let mut job = evil.next_job(BACKUP_TIMEOUT).await?;
+    write_frame(&mut job.send, &JobMsg::Started(sane_facts(1))).await?;
+    let started = Instant::now();
+    let ticker = tokio::spawn(async move {
+        for i in 0..60u64 {
+            if write_frame(&mut job.send, &JobMsg::Progress { raw_bytes: i * 1000 }).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let status = poll_until("the stalled job to fail", Duration::from_secs(30), Duration::from_millis(250), || async {
+        let s = coordinator.backup_status("evil").await?;
+        Ok((s["status"] == STATUS_ERROR).then_some(s))
+    })
+    .await?;
+    ticker.abort();
+    assert!(status["error"].as_str().unwrap_or_default().contains("no snapshot data"), "{status:#}");
+    assert!(started.elapsed() < Duration::from_secs(15), "failed after {:?}", started.elapsed());
+    liar.close().await;
+    evil.close().await;
+    Ok(())
+}
+
+/// Asks for a backup of "evil", plays its agent sending `raw` (compressed) with lying dates, returns the verdict.
+async fn send_backup(
+    coordinator: &Coordinator,
+    evil: &HostileAgent,
+    raw: &[u8],
+    dated: Timestamp,
+) -> anyhow::Result<JobReply> {
+    coordinator.manual_backup("evil").await?;
+    let mut job = evil.next_job(BACKUP_TIMEOUT).await?;
+    write_frame(&mut job.send, &JobMsg::Started(sane_facts(1))).await?;
+    let stored = zstd::encode_all(raw, 3)?;
+    for chunk in stored.chunks(256 * 1024) {
+        write_frame(&mut job.send, &JobMsg::Data(chunk.to_vec())).await?;
+    }
+    let summary = BackupSummary {
+        raw_size: raw.len() as u64,
+        raw_sha256: Sha256::digest(raw).into(),
+        compressed_size: stored.len() as u64,
+        compressed_sha256: Sha256::digest(&stored).into(),
+        zstd_level: 3,
+        started_at: dated,
+        finished_at: dated,
+        parts: Vec::new(),
+    };
+    write_frame(&mut job.send, &JobMsg::Finished(summary)).await?;
+    Ok(expect_frame(&mut job.recv).await?)
+}
+
+#[tokio::test]
+async fn names_that_leave_the_store_are_refused_and_backup_files_are_private() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    etcd.put_keys(20).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let _agents = coordinator.start_agents("prod", &etcd).await?;
+    backup_ok(&coordinator, "prod").await?;
+    let dir = test_dir("least-privilege-files")?;
+    let out = dir.path().join("out.zst");
+    let out_str = out.display().to_string();
+    let ctl = coordinator.ctl();
+
+    for args in [
+        vec!["backup", "download", "../backups/prod", "latest", "-o", &out_str],
+        vec!["backup", "download", "prod", "../../state", "-o", &out_str],
+        vec!["get", "etcdbackup", "--selector", "ferry.dev/cluster=.."],
+    ] {
+        let r = ctl.run(&args).await?;
+        assert!(!r.success(), "`{}` must be refused: {}", r.command, r.stdout);
+        let stderr = r.stderr.trim();
+        assert_eq!(stderr.lines().count(), 1, "one error line: {stderr}");
+        assert!(stderr.contains("invalid"), "`{}`: {stderr}", r.command);
+    }
+    assert!(!out.exists(), "a refused download wrote {out_str}");
+
+    // A link planted at the download's temp path is not written through.
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "keep")?;
+    std::os::unix::fs::symlink(&victim, dir.path().join(".out.zst.part"))?;
+    coordinator.download_backup("prod", "latest", &out, false).await?;
+    assert_eq!(std::fs::read_to_string(&victim)?, "keep", "the download wrote through a planted link");
+
+    let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777);
+    assert_eq!(mode(&out)?, 0o600, "downloaded backup");
+    let state = coordinator.state_dir();
+    let creds = coordinator.issue_agent_credentials("prod", "m5").await?;
+    for d in
+        [state.clone(), state.join("pki"), coordinator.store_dir(), coordinator.store_dir().join("prod"), creds.clone()]
+    {
+        assert_eq!(mode(&d)?, 0o700, "{} must be 0700", d.display());
+    }
+    let mut files = vec![state.join("state.redb"), state.join("admin.ferryconfig"), state.join("pki/ca.key")];
+    files.extend(walk(&coordinator.store_dir())?);
+    files.extend(walk(&creds)?);
+    for f in files {
+        assert_eq!(mode(&f)?, 0o600, "{} must be 0600", f.display());
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_agent_certificate_cannot_open_connections_without_bound() -> anyhow::Result<()> {
+    const CAP: usize = 16; // coordinator::net::MAX_CONNECTIONS_PER_IDENTITY
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let creds = coordinator.issue_agent_credentials("evil", "m1").await?;
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..CAP + 4 {
+        match HostileAgent::hold_request_connection(&coordinator, &creds).await {
+            Ok(a) => open.push(a),
+            Err(_) => refused += 1,
+        }
+    }
+    assert_eq!((open.len(), refused), (CAP, 4), "the cap holds per identity");
+    // A connection that says nothing after its hello is dropped (request deadline).
+    let silent = std::time::Instant::now();
+    let first = open.remove(0);
+    tokio::time::timeout(Duration::from_secs(20), first.closed()).await.context("a silent connection stays open")?;
+    assert!(silent.elapsed() < Duration::from_secs(15));
+    // Another identity is not affected, and closing frees the slots.
+    let other = coordinator.issue_agent_credentials("good", "m1").await?;
+    HostileAgent::hold_request_connection(&coordinator, &other).await?.close().await;
+    for a in open {
+        a.close().await;
+    }
+    poll_until("a slot to free up", Duration::from_secs(10), Duration::from_millis(200), || async {
+        Ok(HostileAgent::hold_request_connection(&coordinator, &creds).await.ok().map(|_| ()))
+    })
+    .await?;
+    Ok(())
+}
