@@ -109,7 +109,7 @@ pub async fn run(req: RestoreRequest) -> Result<()> {
 async fn restore_into(req: &RestoreRequest, snapshot: &Path, existing: &[PathBuf], stamp: u64) -> Result<()> {
     let (backup, highest) = fetch(req, snapshot).await?;
     info!(backup = %backup.snapshot, revision = backup.revision, "backup downloaded; every hash matched");
-    let bump = plan_bump(req.bump, snapshot, highest)?;
+    let bump = plan_bump(req.bump, snapshot, backup.revision, highest)?;
 
     let dir = &req.data_dir;
     let staging = dir.join(format!("{FERRY_PREFIX}restoring-{stamp}"));
@@ -142,11 +142,22 @@ async fn restore_into(req: &RestoreRequest, snapshot: &Path, existing: &[PathBuf
 }
 
 /// The bump for this restore, said out loud: every member of a restored cluster must get the same one.
-fn plan_bump(choice: BumpChoice, snapshot: &Path, highest: Option<RevisionSeen>) -> Result<Option<RevisionBump>> {
+/// `manifest_revision` is the revision etcd reported just before the snapshot stream opened: a lower bound
+/// of the snapshot's own, the same for every member, and free, where `etcdutl snapshot status` reads (and
+/// hashes) the whole file. Bumping from the lower bound lands at or above the planned revision.
+fn plan_bump(
+    choice: BumpChoice,
+    snapshot: &Path,
+    manifest_revision: i64,
+    highest: Option<RevisionSeen>,
+) -> Result<Option<RevisionBump>> {
     if choice == BumpChoice::Off {
         return Ok(None);
     }
-    let at = ferry_common::snapshot::status(snapshot)?.revision;
+    let at = match manifest_revision {
+        r if r > 0 => r,
+        _ => ferry_common::snapshot::status(snapshot)?.revision,
+    };
     let by = match choice {
         BumpChoice::By(n) => n,
         _ => planned_bump(highest.map_or(0, |h| h.revision), at),
@@ -176,10 +187,10 @@ fn plan_bump(choice: BumpChoice, snapshot: &Path, highest: Option<RevisionSeen>)
     }
     match highest {
         Some(h) => println!(
-            "restored revision: {at} -> {to} (bumped by {by}, marked compacted; the cluster was seen at revision {})",
+            "restored revision: {at} -> {to} (at least; bumped by {by}, marked compacted; the cluster was seen at revision {})",
             h.revision
         ),
-        None => println!("restored revision: {at} -> {to} (bumped by {by}, marked compacted)"),
+        None => println!("restored revision: {at} -> {to} (at least; bumped by {by}, marked compacted)"),
     }
     Ok(Some(RevisionBump { by }))
 }
