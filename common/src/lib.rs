@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod client;
 pub mod config;
 pub mod observe;
+pub mod progress;
 pub mod protocol;
 pub mod resources;
 pub mod s3;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use ferry_common::protocol::{expect_frame, write_frame, AdminRequest, Hello, HelloReply, Intent, PROTOCOL_VERSION};
+use ferry_common::protocol::{expect_frame, read_frame, write_frame, AdminRequest, Hello, HelloReply, Intent, PROTOCOL_VERSION};
 use ferry_common::tls::Identity;
 use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
@@ -124,7 +124,11 @@ impl Server {
 
         match (&identity, hello.intent) {
             (_, Intent::Request) => {
-                let request: AdminRequest = expect_frame(&mut recv).await.context("read request")?;
+                let Some(request): Option<AdminRequest> = read_frame(&mut recv).await.context("read request")? else {
+                    // A hello and a clean end: `ferryctl version` asking only for the versions.
+                    debug!("hello only (a version check)");
+                    return Ok(());
+                };
                 debug!(?request, "request");
                 self.api.handle(&identity, request, &mut send).await?;
                 send.finish().ok();
