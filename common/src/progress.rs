@@ -11,8 +11,11 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 /// large transfer moves, rarely enough not to flood a log.
 pub const LINE_EVERY: Duration = Duration::from_secs(5);
 
-/// The bar: a name, a 30-column bar, bytes done of total, rate and time left. ASCII only.
-const BAR_TEMPLATE: &str = "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}";
+/// The bar: a name, a bar as wide as the terminal leaves room for, bytes done of total, rate and time left.
+/// ASCII only.
+const BAR_TEMPLATE: &str = "{msg} [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}";
+/// When the total is unknown: a spinner, bytes done, rate and time so far.
+const SPINNER_TEMPLATE: &str = "{spinner} {msg} {bytes} {binary_bytes_per_sec} {elapsed}";
 
 /// Where plain lines go when stderr is not a terminal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +32,8 @@ pub struct Progress {
     total: u64,
     start: Instant,
     last_line: Instant,
+    /// Bytes done at the last plain line, so the closing line is not a repeat.
+    last_line_done: Option<u64>,
     done: u64,
     bar: Option<ProgressBar>,
     lines: Lines,
@@ -43,16 +48,22 @@ impl Progress {
     fn with_bar(what: impl Into<String>, total: u64, lines: Lines, bar: bool) -> Self {
         let what = what.into();
         let bar = bar.then(|| {
-            let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-            // The template is a constant: it parses, or the unit test below fails.
-            if let Ok(style) = ProgressStyle::with_template(BAR_TEMPLATE) {
-                b.set_style(style.progress_chars("=> "));
+            let length = (total > 0).then_some(total);
+            let b = ProgressBar::with_draw_target(length, ProgressDrawTarget::stderr());
+            let template = if total > 0 { BAR_TEMPLATE } else { SPINNER_TEMPLATE };
+            // The templates are constants: they parse, or the unit test below fails.
+            if let Ok(style) = ProgressStyle::with_template(template) {
+                b.set_style(style.progress_chars("=> ").tick_chars("|/-\\ "));
+            }
+            if total == 0 {
+                // A spinner turns on its own: the transfer may report rarely.
+                b.enable_steady_tick(Duration::from_millis(200));
             }
             b.set_message(what.clone());
             b
         });
         let now = Instant::now();
-        Self { what, total, start: now, last_line: now, done: 0, bar, lines }
+        Self { what, total, start: now, last_line: now, last_line_done: None, done: 0, bar, lines }
     }
 
     /// Bytes done so far.
@@ -69,12 +80,14 @@ impl Progress {
     pub fn finish(mut self) {
         match self.bar.take() {
             Some(b) => b.finish(),
-            None => self.line(),
+            None if self.last_line_done != Some(self.done) => self.line(),
+            None => {}
         }
     }
 
     fn line(&mut self) {
         self.last_line = Instant::now();
+        self.last_line_done = Some(self.done);
         let line = line(&self.what, self.done, self.total, self.start.elapsed());
         match self.lines {
             Lines::Stderr => eprintln!("{line}"),
@@ -129,6 +142,7 @@ mod tests {
     #[test]
     fn the_bar_template_parses() {
         assert!(ProgressStyle::with_template(BAR_TEMPLATE).is_ok());
+        assert!(ProgressStyle::with_template(SPINNER_TEMPLATE).is_ok());
         let mut p = Progress::with_bar("t", 100, Lines::Stderr, false);
         p.set(50);
         assert!(p.bar.is_none());

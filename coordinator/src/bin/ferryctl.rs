@@ -21,7 +21,7 @@ use ferry_coordinator::cli::{backup_now, template, watch};
 
 /// ferryctl: manage a Ferry coordinator.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "ferryctl", version)]
 struct Cli {
     /// Path of the ferryconfig (the coordinator writes STATE_DIR/admin.ferryconfig).
     #[arg(long, env = "FERRYCONFIG", global = true)]
