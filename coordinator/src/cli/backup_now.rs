@@ -77,8 +77,9 @@ async fn follow(cfg: &FerryConfig, cluster: &str, at: Timestamp, timeout: Durati
                         }
                         status::ERROR => {
                             drop(progress.take());
-                            return Err(WorkFailed(format!("the backup of cluster {cluster} failed: {}", st.error))
-                                .into());
+                            return Err(
+                                WorkFailed(format!("the backup of cluster {cluster} failed: {}", st.error)).into()
+                            );
                         }
                         _ => {}
                     }

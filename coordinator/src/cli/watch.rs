@@ -90,7 +90,9 @@ fn emit(rt: ResourceType, format: Format, changes: &[Change], first: bool) -> Re
                 }
                 out.push_str(&render(rt, std::slice::from_ref(r), Format::Yaml, true)?);
             }
-            (Change::Changed(r), Format::Json) => out.push_str(&render(rt, std::slice::from_ref(r), Format::Json, true)?),
+            (Change::Changed(r), Format::Json) => {
+                out.push_str(&render(rt, std::slice::from_ref(r), Format::Json, true)?)
+            }
             (Change::Deleted(id), Format::Table) => out.push_str(&format!("{id}   (deleted)\n")),
             // YAML and JSON stay parseable: deletions are said on stderr.
             (Change::Deleted(id), _) => eprintln!("{rt}/{id} deleted"),

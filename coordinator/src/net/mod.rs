@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use ferry_common::protocol::{expect_frame, read_frame, write_frame, AdminRequest, Hello, HelloReply, Intent, PROTOCOL_VERSION};
+use ferry_common::protocol::{
+    expect_frame, read_frame, write_frame, AdminRequest, Hello, HelloReply, Intent, PROTOCOL_VERSION,
+};
 use ferry_common::tls::Identity;
 use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;

@@ -8,7 +8,8 @@ use anyhow::Context as _;
 use tokio::io::AsyncReadExt as _;
 
 use crate::fixtures::ferry::ferry_bin;
-use crate::fixtures::{Coordinator, CoordinatorOptions, EtcdCluster};
+use crate::fixtures::ferry::STATUS_RUNNING;
+use crate::fixtures::{Coordinator, CoordinatorOptions, EtcdCluster, STATUS_OK};
 
 const CLUSTER: &str = "prod";
 const MIB: usize = 1 << 20;
@@ -24,7 +25,8 @@ fn sh_quote(s: &str) -> String {
 /// a terminal sees, stdout and stderr together.
 async fn under_pty(ctl: &crate::fixtures::ferry::Ferryctl, args: &[&str]) -> anyhow::Result<(bool, String)> {
     let (bin, config) = ctl.bin_and_config();
-    let mut line = format!("{} --ferryconfig {}", sh_quote(&bin.display().to_string()), sh_quote(&config.display().to_string()));
+    let mut line =
+        format!("{} --ferryconfig {}", sh_quote(&bin.display().to_string()), sh_quote(&config.display().to_string()));
     for a in args {
         line.push(' ');
         line.push_str(&sh_quote(a));
@@ -68,6 +70,12 @@ async fn backup_now_wait_stores_a_backup_that_get_w_watches_and_download_shows_p
 
     let mut watch = ctl.command(&["get", "-w", "etcdbackupstatus", CLUSTER]).spawn().context("spawn get -w")?;
     let mut watch_out = watch.stdout.take().context("get -w stdout")?;
+    let selector = format!("ferry.dev/cluster={CLUSTER}");
+    let mut watch_json = ctl
+        .command(&["get", "--watch", "etcdbackupstatuses", "-o", "json", "--selector", &selector])
+        .spawn()
+        .context("spawn get --watch -o json")?;
+    let mut watch_json_out = watch_json.stdout.take().context("get --watch -o json stdout")?;
     // The watch prints the current state first.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -91,12 +99,27 @@ async fn backup_now_wait_stores_a_backup_that_get_w_watches_and_download_shows_p
     let mut printed = String::new();
     tokio::time::timeout(Duration::from_secs(10), watch_out.read_to_string(&mut printed)).await??;
     let _ = watch.wait().await;
+    watch_json.start_kill()?;
+    let mut json = String::new();
+    tokio::time::timeout(Duration::from_secs(10), watch_json_out.read_to_string(&mut json)).await??;
+    let _ = watch_json.wait().await;
     let rows: Vec<&str> = printed.lines().collect();
     assert!(rows.first().is_some_and(|h| h.starts_with("ID") && h.contains("STATUS")), "header first: {printed}");
     assert_eq!(rows.iter().filter(|l| l.starts_with("ID")).count(), 1, "one header: {printed}");
     let running = rows.iter().position(|l| l.contains("Running"));
     let ok = rows.iter().rposition(|l| l.contains(" Ok "));
     assert!(running.is_some() && ok > running, "get -w should show Running, then Ok: {printed}");
+    // With -o json: one object per change, each parseable on its own.
+    let objects = serde_json::Deserializer::from_str(&json)
+        .into_iter::<serde_json::Value>()
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("get -w -o json printed no JSON objects: {json}"))?;
+    let statuses: Vec<i64> = objects.iter().filter_map(|o| o["spec"]["status"].as_i64()).collect();
+    let first_running = statuses.iter().position(|s| *s == STATUS_RUNNING);
+    assert!(
+        first_running.is_some_and(|i| statuses[i..].contains(&STATUS_OK)),
+        "get -w -o json should show running, then ok: {statuses:?}"
+    );
 
     // Download at a terminal: a bar with rate and ETA. Through a pipe: no bar, stdout only the result.
     let out = coordinator.dir().join("pty.snapshot");
