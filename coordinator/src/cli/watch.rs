@@ -20,16 +20,16 @@ pub const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 /// What one poll changed, in the order to print it.
 #[derive(Debug, PartialEq)]
-pub enum Change {
-    Changed(Resource),
-    Deleted(String),
+pub enum Change<'a> {
+    Changed(&'a Resource),
+    Deleted(&'a str),
 }
 
 /// The changes from `before` to `now` (both keyed by id): new or different resources, then deletions.
-pub fn diff(before: &BTreeMap<String, Resource>, now: &BTreeMap<String, Resource>) -> Vec<Change> {
+pub fn diff<'a>(before: &'a BTreeMap<String, Resource>, now: &'a BTreeMap<String, Resource>) -> Vec<Change<'a>> {
     let mut out: Vec<Change> =
-        now.iter().filter(|(id, r)| before.get(*id) != Some(r)).map(|(_, r)| Change::Changed(r.clone())).collect();
-    out.extend(before.keys().filter(|id| !now.contains_key(*id)).map(|id| Change::Deleted(id.clone())));
+        now.iter().filter(|(id, r)| before.get(*id) != Some(*r)).map(|(_, r)| Change::Changed(r)).collect();
+    out.extend(before.keys().filter(|id| !now.contains_key(*id)).map(|id| Change::Deleted(id)));
     out
 }
 
@@ -44,8 +44,7 @@ pub async fn run(
 ) -> Result<()> {
     let first = get(cfg, rt, id.clone(), selector.clone()).await?;
     let mut seen = by_id(first);
-    let all: Vec<Resource> = seen.values().cloned().collect();
-    emit(rt, format, &all.into_iter().map(Change::Changed).collect::<Vec<_>>(), true)?;
+    emit(rt, format, &seen.values().map(Change::Changed).collect::<Vec<_>>(), true)?;
     let mut failing = false;
     loop {
         tokio::time::sleep(WATCH_EVERY).await;
@@ -77,7 +76,7 @@ fn emit(rt: ResourceType, format: Format, changes: &[Change], first: bool) -> Re
     for c in changes {
         match (c, format) {
             (Change::Changed(r), Format::Table) => {
-                let t = render(rt, std::slice::from_ref(r), Format::Table, true)?;
+                let t = render(rt, std::slice::from_ref(*r), Format::Table, true)?;
                 let skip = usize::from(!(first && out.is_empty()));
                 t.lines().skip(skip).for_each(|l| {
                     out.push_str(l);
@@ -88,10 +87,10 @@ fn emit(rt: ResourceType, format: Format, changes: &[Change], first: bool) -> Re
                 if !(first && out.is_empty()) {
                     out.push_str("---\n");
                 }
-                out.push_str(&render(rt, std::slice::from_ref(r), Format::Yaml, true)?);
+                out.push_str(&render(rt, std::slice::from_ref(*r), Format::Yaml, true)?);
             }
             (Change::Changed(r), Format::Json) => {
-                out.push_str(&render(rt, std::slice::from_ref(r), Format::Json, true)?)
+                out.push_str(&render(rt, std::slice::from_ref(*r), Format::Json, true)?)
             }
             (Change::Deleted(id), Format::Table) => out.push_str(&format!("{id}   (deleted)\n")),
             // YAML and JSON stay parseable: deletions are said on stderr.
@@ -123,10 +122,7 @@ mod tests {
         let before: BTreeMap<_, _> = [st("a", 1), st("b", 1), st("gone", 1)].into();
         let now: BTreeMap<_, _> = [st("a", 1), st("b", 2), st("new", 0)].into();
         let d = diff(&before, &now);
-        assert_eq!(
-            d,
-            vec![Change::Changed(st("b", 2).1), Change::Changed(st("new", 0).1), Change::Deleted("gone".into())]
-        );
+        assert_eq!(d, vec![Change::Changed(&now["b"]), Change::Changed(&now["new"]), Change::Deleted("gone")]);
         assert!(diff(&now, &now).is_empty());
     }
 }
