@@ -10,11 +10,11 @@
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use ferry_common::client::Session;
+use ferry_common::progress::{Lines, Progress};
 use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, RestoreSource, RevisionSeen};
 use ferry_common::resources::{EtcdBackupSpec, Spec};
 use ferry_common::s3::with_retries;
@@ -27,8 +27,6 @@ use crate::throttle::Throttle;
 
 /// Entries of the data dir Ferry itself makes; they do not make it "non-empty".
 const FERRY_PREFIX: &str = ".ferry-";
-/// Progress is logged this often.
-const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// Who asks, and what to restore.
 pub struct RestoreRequest {
@@ -195,34 +193,6 @@ fn plan_bump(
     Ok(Some(RevisionBump { by }))
 }
 
-/// Logs bytes and throughput as the download goes.
-struct Progress {
-    start: Instant,
-    last: Instant,
-    total: u64,
-}
-
-impl Progress {
-    fn new(total: u64) -> Self {
-        let now = Instant::now();
-        Self { start: now, last: now, total }
-    }
-
-    fn tick(&mut self, done: u64, force: bool) {
-        if !force && self.last.elapsed() < PROGRESS_EVERY {
-            return;
-        }
-        self.last = Instant::now();
-        let secs = self.start.elapsed().as_secs_f64().max(0.001);
-        info!(
-            done_mib = format!("{:.1}", done as f64 / 1048576.0),
-            total_mib = format!("{:.1}", self.total as f64 / 1048576.0),
-            mb_per_s = format!("{:.1}", done as f64 / 1e6 / secs),
-            "restore download progress"
-        );
-    }
-}
-
 /// Asks the coordinator for the backup and writes the verified snapshot file to `snapshot`; also returns
 /// the highest revision the coordinator saw the cluster at.
 async fn fetch(req: &RestoreRequest, snapshot: &Path) -> Result<(EtcdBackupSpec, Option<RevisionSeen>)> {
@@ -243,14 +213,15 @@ async fn fetch(req: &RestoreRequest, snapshot: &Path) -> Result<(EtcdBackupSpec,
         info!(size = backup.size, rawsize = backup.rawsize, from = %backup.member, "restoring backup");
         let mut w = VerifyingWriter::create(snapshot, &backup, true)?;
         let mut throttle = Throttle::new(limit);
-        let mut progress = Progress::new(backup.size);
+        // A bar when run by hand on a terminal, plain log lines every few seconds in an init container.
+        let mut progress = Progress::new("restore download", backup.size, Lines::Log);
         match source {
             RestoreSource::Coordinator => loop {
                 match expect_frame(&mut s.recv).await.context("read backup data")? {
                     AdminResponse::Data(d) => {
                         throttle.consume(d.len()).await;
                         w.write(&d)?;
-                        progress.tick(w.bytes(), false);
+                        progress.set(w.bytes());
                     }
                     AdminResponse::DownloadEnd => break,
                     AdminResponse::Error { message, .. } => bail!(message),
@@ -271,12 +242,12 @@ async fn fetch(req: &RestoreRequest, snapshot: &Path) -> Result<(EtcdBackupSpec,
                 while let Some(chunk) = body.try_next().await.with_context(|| format!("{what}: read"))? {
                     throttle.consume(chunk.len()).await;
                     w.write(&chunk)?;
-                    progress.tick(w.bytes(), false);
+                    progress.set(w.bytes());
                 }
             }
         }
-        progress.tick(w.bytes(), true);
         w.finish()?;
+        progress.finish();
         Ok((backup, highest))
     }
     .await;

@@ -6,6 +6,7 @@ pub mod client;
 pub mod config;
 pub mod observe;
 pub mod presigned;
+pub mod progress;
 pub mod protocol;
 pub mod resources;
 pub mod s3;

@@ -2,22 +2,26 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use ferry_common::client::Session;
 use ferry_common::config::{AgentCredentials, FerryConfig, CREDENTIALS_CA, CREDENTIALS_CERT, CREDENTIALS_KEY};
-use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, ApplyOutcome, ErrorKind};
+use ferry_common::progress::{Lines, Progress};
+use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, ApplyOutcome, PROTOCOL_VERSION};
 use ferry_common::resources::EtcdBackupSpec;
 use ferry_common::resources::{Resource, ResourceType, Selector, Spec};
 use ferry_common::snapshot::{RestoreAs, VerifyingWriter};
 use ferry_common::tls::CertifiedPem;
+use ferry_coordinator::cli::complete::TypeName;
 use ferry_coordinator::cli::render::{render, Format};
-use ferry_coordinator::cli::template;
+use ferry_coordinator::cli::request::{call, exit_code, Answered, EXIT_REFUSED};
+use ferry_coordinator::cli::{backup_now, template, watch};
 
 /// ferryctl: manage a Ferry coordinator.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "ferryctl", version)]
 struct Cli {
     /// Path of the ferryconfig (the coordinator writes STATE_DIR/admin.ferryconfig).
     #[arg(long, env = "FERRYCONFIG", global = true)]
@@ -28,10 +32,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// List resources of a type, or show one.
+    /// List resources of a type, or show one; with -w, then every change until interrupted.
     Get {
         /// Resource type, e.g. etcdbackupstatus, Clusters, agents.ferry.dev.
-        #[arg(value_name = "TYPE")]
+        #[arg(value_name = "TYPE", value_parser = TypeName, hide_possible_values = true)]
         rt: String,
         id: Option<String>,
         #[arg(short, long, value_enum, default_value = "table")]
@@ -39,6 +43,10 @@ enum Command {
         /// Only resources with this label, KEY=VALUE.
         #[arg(short = 'l', long)]
         selector: Option<Selector>,
+        /// After the current state, print every change (polling the coordinator every second) until
+        /// interrupted.
+        #[arg(short, long)]
+        watch: bool,
     },
     /// Create or update resources from a YAML file (`-f -` reads standard input).
     Apply {
@@ -47,7 +55,7 @@ enum Command {
     },
     /// Delete a resource.
     Delete {
-        #[arg(value_name = "TYPE")]
+        #[arg(value_name = "TYPE", value_parser = TypeName, hide_possible_values = true)]
         rt: String,
         id: String,
     },
@@ -75,6 +83,17 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Print ferryctl's version, the coordinator's, and the protocol version each speaks.
+    Version {
+        /// Only ferryctl's own version (no coordinator needed).
+        #[arg(long)]
+        client: bool,
+    },
+    /// Print a shell completion script, e.g. `source <(ferryctl completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -99,6 +118,16 @@ enum TemplateAction {
 
 #[derive(Subcommand, Debug)]
 enum BackupCommand {
+    /// Back a cluster up now (applies an EtcdManualBackups resource with backupat = now).
+    Now {
+        cluster: String,
+        /// Follow the backup with a progress line; exit 0 once it is stored, 2 if it fails.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this long (e.g. 90s, 10m).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10m", requires = "wait")]
+        timeout: Duration,
+    },
     /// Check a backup without touching production: download, verify every hash, restore it into a scratch dir
     /// with etcd's own tool, and report revision, key count and DB size.
     Verify {
@@ -118,29 +147,6 @@ enum BackupCommand {
     },
 }
 
-/// Exit code when the input was refused: a bad flag or file, or the coordinator said the request is wrong.
-const EXIT_REFUSED: i32 = 1;
-/// Exit code when the coordinator failed or could not be reached.
-const EXIT_FAILED: i32 = 2;
-
-/// The coordinator answered with an error; its kind decides the exit code.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-struct Answered {
-    kind: ErrorKind,
-    message: String,
-}
-
-/// Whether an error is the server's or the transport's (exit 2), not the input's (exit 1).
-fn is_server_failure(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<Answered>().is_some_and(|a| !a.kind.is_refused_input())
-            || c.downcast_ref::<ferry_common::client::ClientError>()
-                .is_some_and(|ce| !matches!(ce, ferry_common::client::ClientError::Setup(_)))
-            || c.downcast_ref::<ferry_common::protocol::FrameError>().is_some()
-    })
-}
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let cli = match Cli::try_parse() {
@@ -154,7 +160,7 @@ async fn main() {
     if let Err(e) = run(cli).await {
         let msg = format!("{e:#}").replace('\n', " ");
         eprintln!("error: {msg}");
-        std::process::exit(if is_server_failure(&e) { EXIT_FAILED } else { EXIT_REFUSED });
+        std::process::exit(exit_code(&e));
     }
 }
 
@@ -165,20 +171,14 @@ fn load_config(path: Option<&Path>) -> Result<FerryConfig> {
     Ok(FerryConfig::load(path)?)
 }
 
-async fn call(cfg: &FerryConfig, request: AdminRequest) -> Result<AdminResponse> {
-    let mut s = Session::open(&cfg.coordinator, &cfg.ca, &cfg.client_pem(), &request).await?;
-    let response = expect_frame(&mut s.recv).await.context("read response")?;
-    s.close().await;
-    match response {
-        AdminResponse::Error { kind, message } => Err(Answered { kind, message }.into()),
-        r => Ok(r),
-    }
-}
-
 async fn run(cli: Cli) -> Result<()> {
     let cfg = || load_config(cli.ferryconfig.as_deref());
     match cli.command {
-        Command::Get { rt, id, output, selector } => {
+        Command::Get { rt, id, output, selector, watch: true } => {
+            let rt = ResourceType::parse(&rt)?;
+            watch::run(&cfg()?, rt, id, selector, output).await?;
+        }
+        Command::Get { rt, id, output, selector, watch: false } => {
             let rt = ResourceType::parse(&rt)?;
             let single = id.is_some();
             match call(&cfg()?, AdminRequest::Get { rt, id, selector }).await? {
@@ -225,12 +225,32 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Backup { command: BackupCommand::Download { cluster, backup_id, output, decompress } } => {
             download(&cfg()?, cluster, backup_id, &output, decompress).await?;
         }
+        Command::Backup { command: BackupCommand::Now { cluster, wait, timeout } } => {
+            backup_now::run(&cfg()?, &cluster, wait.then_some(timeout)).await?;
+        }
         Command::Backup { command: BackupCommand::Verify { cluster, backup_id } } => {
             verify(&cfg()?, cluster, backup_id).await?;
         }
         Command::Cluster { command: ClusterCommand::Template { file, action } } => {
             let file = file.ok_or_else(|| anyhow!("give the template with -f FILE"))?;
             template(&cfg()?, &file, action).await?;
+        }
+        Command::Version { client } => {
+            println!("ferryctl:    {} (protocol {PROTOCOL_VERSION})", env!("CARGO_PKG_VERSION"));
+            if !client {
+                let cfg = cfg()?;
+                let server = Session::hello(&cfg.coordinator, &cfg.ca, &cfg.client_pem()).await?;
+                println!(
+                    "coordinator: {} (protocol {}) at {}",
+                    server.software_version, server.protocol_version, cfg.coordinator
+                );
+            }
+        }
+        Command::Completion { shell } => {
+            // Into a buffer first: clap_complete panics on a write error (e.g. `| head`).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ferryctl", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script).context("write the completion script")?;
         }
     }
     Ok(())
@@ -305,24 +325,29 @@ async fn fetch(
     let request = AdminRequest::Download { cluster, backup_id };
     let mut s = Session::open(&cfg.coordinator, &cfg.ca, &cfg.client_pem(), &request).await?;
     let result = async {
-        let backup = match expect_frame(&mut s.recv).await.context("read response")? {
+        let (id, backup) = match expect_frame(&mut s.recv).await.context("read response")? {
             AdminResponse::DownloadStart(r) => match r.spec {
-                Spec::EtcdBackup(b) => b,
+                Spec::EtcdBackup(b) => (r.metadata.id, b),
                 other => bail!("unexpected download header {other:?}"),
             },
             AdminResponse::Error { kind, message } => return Err(Answered { kind, message }.into()),
             other => bail!("unexpected response {other:?}"),
         };
         let mut w = VerifyingWriter::create(output, &backup, decompress)?;
+        let mut progress = Progress::new(format!("download {id}"), backup.size, Lines::Stderr);
         loop {
             match expect_frame(&mut s.recv).await.context("read backup data")? {
-                AdminResponse::Data(d) => w.write(&d)?,
+                AdminResponse::Data(d) => {
+                    w.write(&d)?;
+                    progress.set(w.bytes());
+                }
                 AdminResponse::DownloadEnd => break,
                 AdminResponse::Error { kind, message } => return Err(Answered { kind, message }.into()),
                 other => bail!("unexpected response {other:?}"),
             }
         }
         w.finish()?;
+        progress.finish();
         Ok(backup)
     }
     .await;

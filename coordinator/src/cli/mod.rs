@@ -1,4 +1,10 @@
-//! ferryctl's library half: rendering resources ([`render`]) and cluster templates ([`template`]).
+//! ferryctl's library half: requests and exit codes ([`request`]), rendering resources ([`render`]), cluster
+//! templates ([`template`]), `backup now` ([`backup_now`]), `get -w` ([`watch`]) and completions
+//! ([`complete`]).
 
+pub mod backup_now;
+pub mod complete;
 pub mod render;
+pub mod request;
 pub mod template;
+pub mod watch;

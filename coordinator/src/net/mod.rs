@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use ferry_common::protocol::{expect_frame, write_frame, AdminRequest, Hello, HelloReply, Intent, PROTOCOL_VERSION};
+use ferry_common::protocol::{
+    expect_frame, read_frame, write_frame, AdminRequest, Hello, HelloReply, Intent, PROTOCOL_VERSION,
+};
 use ferry_common::tls::Identity;
 use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
@@ -174,10 +176,15 @@ impl Server {
         match (&identity, hello.intent) {
             (_, Intent::Request) => {
                 // A request must arrive as promptly as the hello: an open connection that says nothing is dropped.
-                let request: AdminRequest = tokio::time::timeout(HELLO_TIMEOUT, expect_frame(&mut recv))
+                let Some(request): Option<AdminRequest> = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv))
                     .await
                     .context("no request within the timeout")?
-                    .context("read request")?;
+                    .context("read request")?
+                else {
+                    // A hello and a clean end: `ferryctl version` asking only for the versions.
+                    debug!("hello only (a version check)");
+                    return Ok(());
+                };
                 debug!(?request, "request");
                 self.api.handle(&identity, request, &mut send).await?;
                 send.finish().ok();

@@ -5,6 +5,7 @@
 mod fixtures;
 
 mod backup;
+mod cli;
 mod coverage;
 mod deploy;
 mod failures;
