@@ -129,6 +129,22 @@ impl std::fmt::Debug for CertifiedPem {
     }
 }
 
+/// An agent certificate just issued, with what the coordinator records about it.
+#[derive(Debug)]
+pub struct IssuedCert {
+    pub pem: CertifiedPem,
+    /// The certificate's serial number, lowercase hex.
+    pub serial: String,
+    pub not_after: std::time::SystemTime,
+}
+
+/// The serial number (lowercase hex, as [`CertAuthority::issue_agent`] records it) of a DER certificate.
+pub fn certificate_serial(der: &[u8]) -> Result<String, TlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| TlsError::Certificate(format!("unparseable peer certificate: {e}")))?;
+    Ok(hex::encode(cert.tbs_certificate.raw_serial()))
+}
+
 /// The coordinator's certificate authority.
 pub struct CertAuthority {
     pem: CertifiedPem,
@@ -194,6 +210,31 @@ impl CertAuthority {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(CertifiedPem { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// An agent's certificate, valid for `valid_for` from now, with a fresh random serial that the
+    /// coordinator records (and can revoke).
+    pub fn issue_agent(&self, cluster: &str, member: &str, valid_for: Duration) -> Result<IssuedCert, TlsError> {
+        validate_name("cluster", cluster)?;
+        validate_name("member", member)?;
+        let identity = Identity::Agent { cluster: cluster.into(), member: member.into() };
+        let key = KeyPair::generate()?;
+        let mut params = base_params(&format!("ferry-agent {cluster}/{member}"));
+        // 16 random bytes, the top bit clear so the DER integer stays positive and its hex is what peers see.
+        let mut serial: [u8; 16] = rand::random();
+        serial[0] = (serial[0] & 0x7f) | 0x01;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        let not_after = std::time::SystemTime::now() + valid_for;
+        params.not_after = time::OffsetDateTime::from(not_after);
+        params.subject_alt_names.push(SanType::URI(identity.uri().try_into()?));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCert {
+            pem: CertifiedPem { cert_pem: cert.pem(), key_pem: key.serialize_pem() },
+            serial: hex::encode(serial),
+            not_after,
+        })
     }
 
     /// A client certificate for ferryctl or an agent.
@@ -322,6 +363,23 @@ mod tests {
         let again = CertAuthority::from_pem(&ca.pem().cert_pem, &ca.pem().key_pem).unwrap();
         again.issue_server(&["localhost".into(), "127.0.0.1".into()]).unwrap();
         assert!(ca.issue_client(&Identity::Agent { cluster: "Bad/Name".into(), member: "m".into() }).is_err());
+    }
+
+    #[test]
+    fn agent_certificates_carry_serial_and_expiry() {
+        let ca = CertAuthority::generate().unwrap();
+        let issued = ca.issue_agent("prod", "m1", Duration::from_secs(3600)).unwrap();
+        let der = certs(&issued.pem.cert_pem, "t").unwrap();
+        assert_eq!(certificate_serial(&der[0]).unwrap(), issued.serial);
+        assert_eq!(issued.serial.len(), 32);
+        let (_, cert) = x509_parser::parse_x509_certificate(&der[0]).unwrap();
+        let not_after = cert.validity().not_after.timestamp();
+        let want = issued.not_after.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        assert!((not_after - want).abs() <= 1, "{not_after} vs {want}");
+        assert_eq!(
+            Identity::from_certificate(&der[0]).unwrap(),
+            Identity::Agent { cluster: "prod".into(), member: "m1".into() }
+        );
     }
 
     #[test]

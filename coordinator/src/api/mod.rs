@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agents::Agents;
 use crate::backup::{Jobs, StartError};
 use crate::config::Settings;
+use crate::credentials::Credentials;
 use crate::state::{StateError, StateStore};
 use crate::status::Status;
 use crate::store::{BackupStore, StoreError};
@@ -101,6 +102,7 @@ pub struct Api {
     agents: Agents,
     jobs: Jobs,
     ca: CertAuthority,
+    credentials: Credentials,
     settings: Settings,
     /// Cancels store calls of requests at shutdown.
     cancel: CancellationToken,
@@ -114,14 +116,15 @@ pub struct ApiDeps {
     pub agents: Agents,
     pub jobs: Jobs,
     pub ca: CertAuthority,
+    pub credentials: Credentials,
     pub settings: Settings,
     pub cancel: CancellationToken,
 }
 
 impl Api {
     pub fn new(d: ApiDeps) -> Self {
-        let ApiDeps { state, store, status, agents, jobs, ca, settings, cancel } = d;
-        Self { state, store, status, agents, jobs, ca, settings, cancel }
+        let ApiDeps { state, store, status, agents, jobs, ca, credentials, settings, cancel } = d;
+        Self { state, store, status, agents, jobs, ca, credentials, settings, cancel }
     }
 
     /// Answers one request on `send`. Agents may only ask where to restore their own cluster from.
@@ -152,7 +155,10 @@ impl Api {
             }
             AdminRequest::Apply { resources } => self.apply(resources).await.map(AdminResponse::Applied),
             AdminRequest::Delete { rt, id } => self.delete(rt, &id).map(|()| AdminResponse::Deleted),
-            AdminRequest::AgentCredentials { cluster, member } => self.credentials(&cluster, &member),
+            AdminRequest::AgentCredentials { cluster, member, valid_for_seconds } => {
+                self.issue_credentials(&cluster, &member, valid_for_seconds)
+            }
+            AdminRequest::RevokeAgentCredentials(target) => self.revoke_credentials(&target),
         };
         let response = response.unwrap_or_else(ApiError::into_response);
         write_frame(send, &response).await.context("send response")

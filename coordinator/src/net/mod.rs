@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_common::protocol::{expect_frame, write_frame, AdminRequest, Hello, HelloReply, Intent, PROTOCOL_VERSION};
-use ferry_common::tls::Identity;
+use ferry_common::tls::{certificate_serial, Identity};
 use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -17,6 +17,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::agents::Agents;
 use crate::api::Api;
+use crate::credentials::Credentials;
 
 /// A client must say hello this soon after the handshake.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,6 +31,7 @@ pub const MAX_CONNECTIONS_PER_IDENTITY: usize = 16;
 pub struct Server {
     api: Arc<Api>,
     agents: Agents,
+    credentials: Credentials,
     /// Parent of every connection's token: cancelled last at shutdown, closing them all.
     connections: CancellationToken,
     tracker: TaskTracker,
@@ -38,10 +40,11 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new(api: Arc<Api>, agents: Agents) -> Arc<Self> {
+    pub fn new(api: Arc<Api>, agents: Agents, credentials: Credentials) -> Arc<Self> {
         Arc::new(Self {
             api,
             agents,
+            credentials,
             connections: CancellationToken::new(),
             tracker: TaskTracker::new(),
             open: Default::default(),
@@ -79,7 +82,7 @@ impl Server {
                 // Wrong CA, wrong ALPN, a scanner: the client's problem, not ours.
                 Err(e) => return warn!(%remote, "refused a connection: TLS handshake failed: {e}"),
             };
-            let identity = match peer_identity(&conn) {
+            let (identity, serial) = match peer_identity(&conn) {
                 Ok(i) => i,
                 Err(e) => {
                     warn!(%remote, "refused a connection: {e:#}");
@@ -89,6 +92,17 @@ impl Server {
             let key = match &identity {
                 Identity::Admin => "admin".to_string(),
                 Identity::Agent { cluster, member } => format!("agent/{cluster}/{member}"),
+            };
+            // Agent certificates must be recorded and not revoked; registered first so a revocation closes it.
+            let _admitted = match &identity {
+                Identity::Admin => None,
+                Identity::Agent { cluster, member } => match self.credentials.admit(&serial, cluster, member, &conn) {
+                    Ok(open) => Some(open),
+                    Err(e) => {
+                        warn!(%remote, identity = %key, "refused a connection: {e}");
+                        return conn.close(3u32.into(), e.to_string().as_bytes());
+                    }
+                },
             };
             let Some(_slot) = ConnectionSlot::take(&self, &key) else {
                 warn!(%remote, identity = %key, "refused a connection: {MAX_CONNECTIONS_PER_IDENTITY} already open for this identity");
@@ -139,11 +153,12 @@ impl Drop for ConnectionSlot {
     }
 }
 
-fn peer_identity(conn: &quinn::Connection) -> Result<Identity> {
+/// The peer's identity and its certificate's serial (hex).
+fn peer_identity(conn: &quinn::Connection) -> Result<(Identity, String)> {
     let any = conn.peer_identity().ok_or_else(|| anyhow!("no client certificate"))?;
     let certs = any.downcast::<Vec<CertificateDer<'static>>>().map_err(|_| anyhow!("unexpected peer identity type"))?;
     let leaf = certs.first().ok_or_else(|| anyhow!("empty client certificate chain"))?;
-    Ok(Identity::from_certificate(leaf)?)
+    Ok((Identity::from_certificate(leaf)?, certificate_serial(leaf)?))
 }
 
 impl Server {

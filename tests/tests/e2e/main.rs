@@ -6,6 +6,7 @@ mod fixtures;
 
 mod backup;
 mod coverage;
+mod credentials;
 mod deploy;
 mod failures;
 mod harness;
