@@ -25,7 +25,7 @@ use crate::resources::{Resource, ResourceType, Selector, Timestamp};
 /// 4: no S3 credential leaves the coordinator: S3 jobs and restores carry presigned requests for one object
 ///    (`JobMsg::PartUrl` / `JobReply::PartUrl`), the coordinator creates and completes the multipart upload.
 /// 6: agent certificates expire and are recorded and revocable (`AgentCredentials` carries a lifetime,
-///    `RevokeAgentCredentials`, `Credentials` names the serial).
+///    `RevokeAgentCredentials`, `Credentials` names the serial); read-only admin credentials.
 pub const PROTOCOL_VERSION: u32 = 6;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
@@ -327,6 +327,10 @@ pub enum AdminRequest {
     AgentCredentials {
         cluster: String,
         member: String,
+        valid_for_seconds: u64,
+    },
+    /// Issue a read-only admin certificate (`ferry://admin-ro`: may only `get`) valid for `valid_for_seconds`.
+    ReadOnlyAdminCredentials {
         valid_for_seconds: u64,
     },
     /// Revoke agent certificates: answered by `Revoked` with the serials revoked now.

@@ -34,6 +34,8 @@ const MAX_STREAMS: u32 = 4;
 pub enum Identity {
     /// ferryctl: may do everything.
     Admin,
+    /// ferryctl with a read-only credential: may only `get`.
+    AdminReadOnly,
     /// An agent: speaks only for this cluster and member.
     Agent { cluster: String, member: String },
 }
@@ -42,13 +44,16 @@ impl Identity {
     fn uri(&self) -> String {
         match self {
             Self::Admin => "ferry://admin".to_string(),
+            Self::AdminReadOnly => "ferry://admin-ro".to_string(),
             Self::Agent { cluster, member } => format!("ferry://agent/{cluster}/{member}"),
         }
     }
 
     fn from_uri(uri: &str) -> Option<Self> {
-        if uri == "ferry://admin" {
-            return Some(Self::Admin);
+        match uri {
+            "ferry://admin" => return Some(Self::Admin),
+            "ferry://admin-ro" => return Some(Self::AdminReadOnly),
+            _ => {}
         }
         let rest = uri.strip_prefix("ferry://agent/")?;
         let (cluster, member) = rest.split_once('/')?;
@@ -217,9 +222,18 @@ impl CertAuthority {
     pub fn issue_agent(&self, cluster: &str, member: &str, valid_for: Duration) -> Result<IssuedCert, TlsError> {
         validate_name("cluster", cluster)?;
         validate_name("member", member)?;
-        let identity = Identity::Agent { cluster: cluster.into(), member: member.into() };
+        self.issue_expiring(&Identity::Agent { cluster: cluster.into(), member: member.into() }, valid_for)
+    }
+
+    /// A client certificate for `identity`, valid for `valid_for` from now, with a fresh random serial.
+    pub fn issue_expiring(&self, identity: &Identity, valid_for: Duration) -> Result<IssuedCert, TlsError> {
+        let cn = match identity {
+            Identity::Admin => "ferry-admin".to_string(),
+            Identity::AdminReadOnly => "ferry-admin-ro".to_string(),
+            Identity::Agent { cluster, member } => format!("ferry-agent {cluster}/{member}"),
+        };
         let key = KeyPair::generate()?;
-        let mut params = base_params(&format!("ferry-agent {cluster}/{member}"));
+        let mut params = base_params(&cn);
         // 16 random bytes, the top bit clear so the DER integer stays positive and its hex is what peers see.
         let mut serial: [u8; 16] = rand::random();
         serial[0] = (serial[0] & 0x7f) | 0x01;
@@ -246,6 +260,7 @@ impl CertAuthority {
         let key = KeyPair::generate()?;
         let cn = match identity {
             Identity::Admin => "ferry-admin".to_string(),
+            Identity::AdminReadOnly => "ferry-admin-ro".to_string(),
             Identity::Agent { cluster, member } => format!("ferry-agent {cluster}/{member}"),
         };
         let mut params = base_params(&cn);
@@ -359,6 +374,9 @@ mod tests {
         assert_eq!(Identity::from_certificate(&der[0]).unwrap(), agent);
         let admin = ca.issue_client(&Identity::Admin).unwrap();
         assert_eq!(Identity::from_certificate(&certs(&admin.cert_pem, "t").unwrap()[0]).unwrap(), Identity::Admin);
+        let ro = ca.issue_expiring(&Identity::AdminReadOnly, Duration::from_secs(60)).unwrap();
+        let ro_der = certs(&ro.pem.cert_pem, "t").unwrap();
+        assert_eq!(Identity::from_certificate(&ro_der[0]).unwrap(), Identity::AdminReadOnly);
         // A reloaded CA signs certificates that chain to the same root.
         let again = CertAuthority::from_pem(&ca.pem().cert_pem, &ca.pem().key_pem).unwrap();
         again.issue_server(&["localhost".into(), "127.0.0.1".into()]).unwrap();

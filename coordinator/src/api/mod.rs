@@ -142,6 +142,13 @@ impl Api {
             }
             return self.restore(cluster, &backup, send).await;
         }
+        if *identity == Identity::AdminReadOnly && !matches!(request, AdminRequest::Get { .. }) {
+            let e = ApiError::Invalid(format!(
+                "the read-only admin credential (ferry://admin-ro) may only get; {} takes the full admin.ferryconfig",
+                request_name(&request)
+            ));
+            return reply_error(send, e).await;
+        }
         let response = match request {
             AdminRequest::Download { cluster, backup_id } => return self.download(&cluster, &backup_id, send).await,
             AdminRequest::Restore { cluster: Some(cluster), backup } => {
@@ -159,9 +166,26 @@ impl Api {
                 self.issue_credentials(&cluster, &member, valid_for_seconds)
             }
             AdminRequest::RevokeAgentCredentials(target) => self.revoke_credentials(&target),
+            AdminRequest::ReadOnlyAdminCredentials { valid_for_seconds } => {
+                self.issue_read_only_admin(valid_for_seconds)
+            }
         };
         let response = response.unwrap_or_else(ApiError::into_response);
         write_frame(send, &response).await.context("send response")
+    }
+}
+
+/// What a request does, as a refusal names it.
+fn request_name(request: &AdminRequest) -> &'static str {
+    match request {
+        AdminRequest::Get { .. } => "get",
+        AdminRequest::Apply { .. } => "apply",
+        AdminRequest::Delete { .. } => "delete",
+        AdminRequest::Download { .. } => "backup download",
+        AdminRequest::Restore { .. } => "restore",
+        AdminRequest::AgentCredentials { .. }
+        | AdminRequest::RevokeAgentCredentials(_)
+        | AdminRequest::ReadOnlyAdminCredentials { .. } => "issuing or revoking credentials",
     }
 }
 

@@ -8,6 +8,7 @@ use ferry_common::resources::{
     validate_name, EtcdBackupS3ConfigSpec, EtcdManualBackupSpec, Resource, ResourceType, Selector, Spec, Timestamp,
     LABEL_CLUSTER, REDACTED, S3_CONFIG_ID,
 };
+use ferry_common::tls::Identity;
 use tracing::info;
 
 use super::backups::backup_resource;
@@ -27,6 +28,16 @@ type Result<T, E = ApiError> = std::result::Result<T, E>;
 
 fn invalid<T>(msg: impl Into<String>) -> Result<T> {
     Err(ApiError::Invalid(msg.into()))
+}
+
+/// A certificate's requested life must be within bounds.
+fn check_validity(valid_for_seconds: u64) -> Result<()> {
+    if !(MIN_VALIDITY_SECS..=MAX_VALIDITY_SECS).contains(&valid_for_seconds) {
+        return invalid(format!(
+            "--valid-for {valid_for_seconds}s is out of bounds; give between 1m and 3650d (default 90d)"
+        ));
+    }
+    Ok(())
 }
 
 impl Api {
@@ -254,6 +265,22 @@ impl Api {
         Ok(())
     }
 
+    pub(super) fn issue_read_only_admin(&self, valid_for_seconds: u64) -> Result<AdminResponse> {
+        check_validity(valid_for_seconds)?;
+        let issued = self
+            .ca
+            .issue_expiring(&Identity::AdminReadOnly, Duration::from_secs(valid_for_seconds))
+            .map_err(|e| ApiError::Internal(format!("issue read-only admin certificate: {e}")))?;
+        info!(serial = %issued.serial, "issued read-only admin credentials");
+        Ok(AdminResponse::Credentials {
+            ca_pem: self.ca.pem().cert_pem.clone(),
+            cert_pem: issued.pem.cert_pem,
+            key_pem: issued.pem.key_pem,
+            serial: issued.serial,
+            not_after: Timestamp::from(issued.not_after),
+        })
+    }
+
     pub(super) fn issue_credentials(
         &self,
         cluster: &str,
@@ -262,11 +289,7 @@ impl Api {
     ) -> Result<AdminResponse> {
         validate_name("cluster", cluster)?;
         validate_name("member", member)?;
-        if !(MIN_VALIDITY_SECS..=MAX_VALIDITY_SECS).contains(&valid_for_seconds) {
-            return invalid(format!(
-                "--valid-for {valid_for_seconds}s is out of bounds; give between 1m and 3650d (default 90d)"
-            ));
-        }
+        check_validity(valid_for_seconds)?;
         let issued = self
             .ca
             .issue_agent(cluster, member, Duration::from_secs(valid_for_seconds))

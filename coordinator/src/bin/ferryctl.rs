@@ -87,6 +87,17 @@ enum Command {
         #[arg(long, value_name = "USER[:GROUP]")]
         owner: Option<String>,
     },
+    /// Write a read-only admin ferryconfig (`ferry://admin-ro`): it can `get`, nothing else.
+    AdminCredentials {
+        /// Required: the full admin file is the coordinator's STATE_DIR/admin.ferryconfig.
+        #[arg(long, required = true)]
+        read_only: bool,
+        #[arg(long)]
+        out: PathBuf,
+        /// How long the certificate is valid, e.g. 90d, 12h.
+        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+        valid_for: std::time::Duration,
+    },
     /// Work with stored backups.
     Backup {
         #[command(subcommand)]
@@ -267,6 +278,24 @@ async fn run(cli: Cli) -> Result<()> {
                     let owned = owner.map(|o| format!(", owned by {}", o.spec)).unwrap_or_default();
                     println!(
                         "wrote credentials for agent {cluster}/{member} to {}{owned} (serial {serial}, valid until {})",
+                        out.display(),
+                        not_after.human()
+                    );
+                }
+                other => bail!("unexpected response {other:?}"),
+            }
+        }
+        Command::AdminCredentials { read_only, out, valid_for } => {
+            if !read_only {
+                bail!("only --read-only admin credentials can be issued; the full admin file is STATE_DIR/admin.ferryconfig");
+            }
+            let cfg = cfg()?;
+            match call(&cfg, AdminRequest::ReadOnlyAdminCredentials { valid_for_seconds: valid_for.as_secs() }).await? {
+                AdminResponse::Credentials { ca_pem, cert_pem, key_pem, serial, not_after } => {
+                    FerryConfig { coordinator: cfg.coordinator.clone(), ca: ca_pem, cert: cert_pem, key: key_pem }
+                        .save(&out)?;
+                    println!(
+                        "wrote read-only admin credentials to {} (serial {serial}, valid until {})",
                         out.display(),
                         not_after.human()
                     );

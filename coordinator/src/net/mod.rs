@@ -91,11 +91,12 @@ impl Server {
             };
             let key = match &identity {
                 Identity::Admin => "admin".to_string(),
+                Identity::AdminReadOnly => "admin-ro".to_string(),
                 Identity::Agent { cluster, member } => format!("agent/{cluster}/{member}"),
             };
             // Agent certificates must be recorded and not revoked; registered first so a revocation closes it.
             let _admitted = match &identity {
-                Identity::Admin => None,
+                Identity::Admin | Identity::AdminReadOnly => None,
                 Identity::Agent { cluster, member } => match self.credentials.admit(&serial, cluster, member, &conn) {
                     Ok(open) => Some(open),
                     Err(e) => {
@@ -110,6 +111,7 @@ impl Server {
             };
             let span = match &identity {
                 Identity::Admin => info_span!("admin", %remote),
+                Identity::AdminReadOnly => info_span!("admin-ro", %remote),
                 Identity::Agent { cluster, member } => info_span!("agent", %cluster, %member, %remote),
             };
             async move {
@@ -203,7 +205,9 @@ impl Server {
                 }
                 Ok(())
             }
-            (Identity::Admin, Intent::AgentLink) => bail!("an admin certificate cannot act as an agent"),
+            (Identity::Admin | Identity::AdminReadOnly, Intent::AgentLink) => {
+                bail!("an admin certificate cannot act as an agent")
+            }
             (Identity::Agent { cluster, member }, Intent::AgentLink) => {
                 let cancel = self.connections.child_token();
                 agent_link::run(&self.agents, cluster, member, hello.software_version, &conn, &mut recv, &cancel).await

@@ -2,15 +2,17 @@
 //! - every issued certificate is recorded (`get agentcredentials`) with a bounded life;
 //! - a revoked certificate is refused on a new connection and its open connection is closed at once;
 //! - re-issuing a member's credentials makes the old certificate stop working;
-//! - a gone member's Agent record can be deleted, but not while it is connected.
+//! - a gone member's Agent record can be deleted, but not while it is connected;
+//! - a read-only admin credential can `get` and nothing else.
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use serde_json::Value;
 
-use crate::fixtures::ferry::CoordinatorOptions;
+use crate::fixtures::ferry::{manual_backup_yaml, CoordinatorOptions, Ferryctl};
 use crate::fixtures::hostile::HostileAgent;
 use crate::fixtures::{unix_now, Coordinator};
 
@@ -35,7 +37,7 @@ async fn records(coordinator: &Coordinator, cluster: &str, member: &str) -> anyh
         .into_iter()
         .filter(|r| r["spec"]["cluster"] == cluster && r["spec"]["member"] == member)
         .collect();
-    rs.sort_by_key(|r| r["spec"]["issuedat"]["seconds"].as_i64());
+    rs.sort_by_key(|r| (r["spec"]["issuedat"]["seconds"].as_i64(), r["spec"]["issuedat"]["nanos"].as_i64()));
     Ok(rs)
 }
 
@@ -148,5 +150,42 @@ async fn gone_members_agent_record_can_be_deleted_but_not_while_connected() -> a
     assert!(ctl.list_json("agents", None).await?.is_empty(), "the record is gone");
     let r = ctl.run(&["delete", "agent", "prod/m1"]).await?;
     assert!(!r.success() && r.stderr.contains("not found"), "{}", r.stderr);
+    Ok(())
+}
+
+#[tokio::test]
+async fn read_only_admin_can_get_and_nothing_else() -> anyhow::Result<()> {
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let creds = coordinator.issue_agent_credentials("prod", "m1").await?;
+    let file = coordinator.dir().join("readonly.ferryconfig");
+    let file_s = file.display().to_string();
+    coordinator.ctl().run(&["admin-credentials", "--read-only", "--out", &file_s]).await?.ok()?;
+    assert_eq!(std::fs::metadata(&file)?.permissions().mode() & 0o777, 0o600);
+    let ro = Ferryctl::new(&file);
+    assert_eq!(ro.list_json("agentcredentials", None).await?.len(), 1, "get works");
+    ro.list_json("clusters", None).await?;
+
+    let manual = manual_backup_yaml("prod", unix_now(), 0);
+    let out = coordinator.dir().join("x.db").display().to_string();
+    let denied: Vec<Vec<&str>> = vec![
+        vec!["delete", "agent", "prod/m1"],
+        vec!["delete", "cluster", "prod"],
+        vec!["backup", "download", "prod", "latest", "-o", &out],
+        vec!["agent-credentials", "--cluster", "prod", "--member", "m9", "--out", &out],
+        vec!["agent-credentials", "revoke", "--cluster", "prod", "--member", "m1"],
+        vec!["admin-credentials", "--read-only", "--out", &out],
+    ];
+    for args in &denied {
+        let r = ro.run(args).await?;
+        assert!(!r.success(), "`{}` must be refused for a read-only admin", r.command);
+        let stderr = r.stderr.trim();
+        assert_eq!(stderr.lines().count(), 1, "one error line: {stderr}");
+        assert!(stderr.contains("read-only admin credential"), "`{}`: {stderr}", r.command);
+    }
+    let r = ro.apply_yaml(&manual).await?;
+    assert!(!r.success() && r.stderr.contains("read-only admin credential"), "apply: {}", r.stderr);
+    // Nothing changed: the agent's credentials are still good.
+    HostileAgent::connect(&coordinator, &creds).await?.close().await;
+    assert_eq!(records(&coordinator, "prod", "m1").await?[0]["spec"]["revoked"], false);
     Ok(())
 }
