@@ -24,7 +24,9 @@ use crate::resources::{Resource, ResourceType, Selector, Timestamp};
 /// 3: `RestoreFrom` carries the highest revision seen).
 /// 4: no S3 credential leaves the coordinator: S3 jobs and restores carry presigned requests for one object
 ///    (`JobMsg::PartUrl` / `JobReply::PartUrl`), the coordinator creates and completes the multipart upload.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 6: agent certificates expire and are recorded and revocable (`AgentCredentials` carries a lifetime,
+///    `RevokeAgentCredentials`, `Credentials` names the serial); read-only admin credentials.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
 pub const ALPN: &[u8] = b"ferry/1";
@@ -321,10 +323,18 @@ pub enum AdminRequest {
         rt: ResourceType,
         id: String,
     },
+    /// Issue an agent certificate valid for `valid_for_seconds`; the member's older ones are revoked.
     AgentCredentials {
         cluster: String,
         member: String,
+        valid_for_seconds: u64,
     },
+    /// Issue a read-only admin certificate (`ferry://admin-ro`: may only `get`) valid for `valid_for_seconds`.
+    ReadOnlyAdminCredentials {
+        valid_for_seconds: u64,
+    },
+    /// Revoke agent certificates: answered by `Revoked` with the serials revoked now.
+    RevokeAgentCredentials(RevokeTarget),
     /// Stream a stored backup (`backup_id` may be `latest`): answered by `DownloadStart`, `Data`…, `DownloadEnd`.
     Download {
         cluster: String,
@@ -337,6 +347,15 @@ pub enum AdminRequest {
         cluster: Option<String>,
         backup: String,
     },
+}
+
+/// Which agent certificates to revoke.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum RevokeTarget {
+    /// Every certificate of this member.
+    Member { cluster: String, member: String },
+    /// The one certificate with this serial (hex).
+    Serial(String),
 }
 
 /// The highest etcd revision a cluster's agents reported, and when the coordinator first saw it.
@@ -374,7 +393,11 @@ pub enum AdminResponse {
         ca_pem: String,
         cert_pem: String,
         key_pem: String,
+        serial: String,
+        not_after: Timestamp,
     },
+    /// The serials `RevokeAgentCredentials` revoked.
+    Revoked(Vec<String>),
     /// The backup (an `EtcdBackups` resource) whose bytes follow.
     DownloadStart(Box<Resource>),
     Data(Vec<u8>),

@@ -69,6 +69,7 @@ pub enum ResourceType {
     EtcdBackup,
     Cluster,
     Agent,
+    AgentCredential,
 }
 
 /// `get`/`apply` named a type Ferry does not have.
@@ -77,7 +78,7 @@ pub enum ResourceType {
 pub struct UnknownType(pub String);
 
 impl ResourceType {
-    pub const ALL: [ResourceType; 7] = [
+    pub const ALL: [ResourceType; 8] = [
         Self::EtcdBackupS3Config,
         Self::EtcdBackupOverallStatus,
         Self::EtcdBackupStatus,
@@ -85,6 +86,7 @@ impl ResourceType {
         Self::EtcdBackup,
         Self::Cluster,
         Self::Agent,
+        Self::AgentCredential,
     ];
 
     /// Singular CamelCase name, e.g. `EtcdBackupStatus`.
@@ -97,6 +99,7 @@ impl ResourceType {
             Self::EtcdBackup => "EtcdBackup",
             Self::Cluster => "Cluster",
             Self::Agent => "Agent",
+            Self::AgentCredential => "AgentCredential",
         }
     }
 
@@ -110,6 +113,7 @@ impl ResourceType {
             Self::EtcdBackup => "EtcdBackups",
             Self::Cluster => "Clusters",
             Self::Agent => "Agents",
+            Self::AgentCredential => "AgentCredentials",
         }
     }
 
@@ -123,7 +127,7 @@ impl ResourceType {
     /// live state, `metrics` status, `external` what lives outside the state store (the backups).
     pub fn namespace(self) -> &'static str {
         match self {
-            Self::EtcdBackupS3Config | Self::Cluster => "default",
+            Self::EtcdBackupS3Config | Self::Cluster | Self::AgentCredential => "default",
             Self::EtcdManualBackup | Self::Agent => "ephemeral",
             Self::EtcdBackupOverallStatus | Self::EtcdBackupStatus => "metrics",
             Self::EtcdBackup => "external",
@@ -409,6 +413,22 @@ pub struct AgentSpec {
     pub address: String,
 }
 
+/// `AgentCredentials.ferry.dev`: id = the certificate's serial (hex), one per agent certificate ever issued.
+/// The coordinator accepts an agent certificate only when it is recorded here and not revoked.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentCredentialSpec {
+    pub serial: String,
+    pub cluster: String,
+    pub member: String,
+    pub issuedat: Timestamp,
+    pub notafter: Timestamp,
+    #[serde(default)]
+    pub revoked: bool,
+    #[serde(default)]
+    pub revokedat: Option<Timestamp>,
+}
+
 /// `EtcdBackupS3Configs.ferry.dev` (used by the S3 store).
 #[derive(Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -466,6 +486,7 @@ pub enum Spec {
     EtcdBackup(EtcdBackupSpec),
     Cluster(ClusterSpec),
     Agent(AgentSpec),
+    AgentCredential(AgentCredentialSpec),
 }
 
 impl Spec {
@@ -478,6 +499,7 @@ impl Spec {
             Self::EtcdBackup(_) => ResourceType::EtcdBackup,
             Self::Cluster(_) => ResourceType::Cluster,
             Self::Agent(_) => ResourceType::Agent,
+            Self::AgentCredential(_) => ResourceType::AgentCredential,
         }
     }
 
@@ -491,6 +513,7 @@ impl Spec {
             Self::EtcdBackup(s) => serde_json::to_value(s),
             Self::Cluster(s) => serde_json::to_value(s),
             Self::Agent(s) => serde_json::to_value(s),
+            Self::AgentCredential(s) => serde_json::to_value(s),
         };
         v.unwrap_or(serde_json::Value::Null)
     }
@@ -504,6 +527,7 @@ impl Spec {
             ResourceType::EtcdBackup => Self::EtcdBackup(serde_json::from_value(v)?),
             ResourceType::Cluster => Self::Cluster(serde_json::from_value(v)?),
             ResourceType::Agent => Self::Agent(serde_json::from_value(v)?),
+            ResourceType::AgentCredential => Self::AgentCredential(serde_json::from_value(v)?),
         })
     }
 }

@@ -34,6 +34,8 @@ const MAX_STREAMS: u32 = 4;
 pub enum Identity {
     /// ferryctl: may do everything.
     Admin,
+    /// ferryctl with a read-only credential: may only `get`.
+    AdminReadOnly,
     /// An agent: speaks only for this cluster and member.
     Agent { cluster: String, member: String },
 }
@@ -42,13 +44,16 @@ impl Identity {
     fn uri(&self) -> String {
         match self {
             Self::Admin => "ferry://admin".to_string(),
+            Self::AdminReadOnly => "ferry://admin-ro".to_string(),
             Self::Agent { cluster, member } => format!("ferry://agent/{cluster}/{member}"),
         }
     }
 
     fn from_uri(uri: &str) -> Option<Self> {
-        if uri == "ferry://admin" {
-            return Some(Self::Admin);
+        match uri {
+            "ferry://admin" => return Some(Self::Admin),
+            "ferry://admin-ro" => return Some(Self::AdminReadOnly),
+            _ => {}
         }
         let rest = uri.strip_prefix("ferry://agent/")?;
         let (cluster, member) = rest.split_once('/')?;
@@ -129,6 +134,22 @@ impl std::fmt::Debug for CertifiedPem {
     }
 }
 
+/// An agent certificate just issued, with what the coordinator records about it.
+#[derive(Debug)]
+pub struct IssuedCert {
+    pub pem: CertifiedPem,
+    /// The certificate's serial number, lowercase hex.
+    pub serial: String,
+    pub not_after: std::time::SystemTime,
+}
+
+/// The serial number (lowercase hex, as [`CertAuthority::issue_agent`] records it) of a DER certificate.
+pub fn certificate_serial(der: &[u8]) -> Result<String, TlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| TlsError::Certificate(format!("unparseable peer certificate: {e}")))?;
+    Ok(hex::encode(cert.tbs_certificate.raw_serial()))
+}
+
 /// The coordinator's certificate authority.
 pub struct CertAuthority {
     pem: CertifiedPem,
@@ -196,6 +217,40 @@ impl CertAuthority {
         Ok(CertifiedPem { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 
+    /// An agent's certificate, valid for `valid_for` from now, with a fresh random serial that the
+    /// coordinator records (and can revoke).
+    pub fn issue_agent(&self, cluster: &str, member: &str, valid_for: Duration) -> Result<IssuedCert, TlsError> {
+        validate_name("cluster", cluster)?;
+        validate_name("member", member)?;
+        self.issue_expiring(&Identity::Agent { cluster: cluster.into(), member: member.into() }, valid_for)
+    }
+
+    /// A client certificate for `identity`, valid for `valid_for` from now, with a fresh random serial.
+    pub fn issue_expiring(&self, identity: &Identity, valid_for: Duration) -> Result<IssuedCert, TlsError> {
+        let cn = match identity {
+            Identity::Admin => "ferry-admin".to_string(),
+            Identity::AdminReadOnly => "ferry-admin-ro".to_string(),
+            Identity::Agent { cluster, member } => format!("ferry-agent {cluster}/{member}"),
+        };
+        let key = KeyPair::generate()?;
+        let mut params = base_params(&cn);
+        // 16 random bytes, the top bit clear so the DER integer stays positive and its hex is what peers see.
+        let mut serial: [u8; 16] = rand::random();
+        serial[0] = (serial[0] & 0x7f) | 0x01;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        let not_after = std::time::SystemTime::now() + valid_for;
+        params.not_after = time::OffsetDateTime::from(not_after);
+        params.subject_alt_names.push(SanType::URI(identity.uri().try_into()?));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCert {
+            pem: CertifiedPem { cert_pem: cert.pem(), key_pem: key.serialize_pem() },
+            serial: hex::encode(serial),
+            not_after,
+        })
+    }
+
     /// A client certificate for ferryctl or an agent.
     pub fn issue_client(&self, identity: &Identity) -> Result<CertifiedPem, TlsError> {
         if let Identity::Agent { cluster, member } = identity {
@@ -205,6 +260,7 @@ impl CertAuthority {
         let key = KeyPair::generate()?;
         let cn = match identity {
             Identity::Admin => "ferry-admin".to_string(),
+            Identity::AdminReadOnly => "ferry-admin-ro".to_string(),
             Identity::Agent { cluster, member } => format!("ferry-agent {cluster}/{member}"),
         };
         let mut params = base_params(&cn);
@@ -318,10 +374,30 @@ mod tests {
         assert_eq!(Identity::from_certificate(&der[0]).unwrap(), agent);
         let admin = ca.issue_client(&Identity::Admin).unwrap();
         assert_eq!(Identity::from_certificate(&certs(&admin.cert_pem, "t").unwrap()[0]).unwrap(), Identity::Admin);
+        let ro = ca.issue_expiring(&Identity::AdminReadOnly, Duration::from_secs(60)).unwrap();
+        let ro_der = certs(&ro.pem.cert_pem, "t").unwrap();
+        assert_eq!(Identity::from_certificate(&ro_der[0]).unwrap(), Identity::AdminReadOnly);
         // A reloaded CA signs certificates that chain to the same root.
         let again = CertAuthority::from_pem(&ca.pem().cert_pem, &ca.pem().key_pem).unwrap();
         again.issue_server(&["localhost".into(), "127.0.0.1".into()]).unwrap();
         assert!(ca.issue_client(&Identity::Agent { cluster: "Bad/Name".into(), member: "m".into() }).is_err());
+    }
+
+    #[test]
+    fn agent_certificates_carry_serial_and_expiry() {
+        let ca = CertAuthority::generate().unwrap();
+        let issued = ca.issue_agent("prod", "m1", Duration::from_secs(3600)).unwrap();
+        let der = certs(&issued.pem.cert_pem, "t").unwrap();
+        assert_eq!(certificate_serial(&der[0]).unwrap(), issued.serial);
+        assert_eq!(issued.serial.len(), 32);
+        let (_, cert) = x509_parser::parse_x509_certificate(&der[0]).unwrap();
+        let not_after = cert.validity().not_after.timestamp();
+        let want = issued.not_after.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        assert!((not_after - want).abs() <= 1, "{not_after} vs {want}");
+        assert_eq!(
+            Identity::from_certificate(&der[0]).unwrap(),
+            Identity::Agent { cluster: "prod".into(), member: "m1".into() }
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! One owner per piece of state, each behind a narrow handle:
 //! - [`state`]: resources, crash-safe (the `StateStore` trait, redb today);
 //! - [`agents`]: the registry of live agents and the `Agents` resources;
+//! - [`credentials`]: the agent certificates issued (`AgentCredentials`), revocation and who is connected with each;
 //! - [`status`]: cluster and overall backup status, each update one state-store transaction;
 //! - [`store`]: the backup store (local or S3) behind one interface, a `Pending` object per job;
 //! - [`backup`]: `Jobs`, which starts, runs and drains backup jobs and reports each outcome on a channel;
@@ -19,6 +20,7 @@ pub mod api;
 pub mod backup;
 pub mod cli;
 pub mod config;
+pub mod credentials;
 pub mod metrics;
 pub mod net;
 pub mod pki;

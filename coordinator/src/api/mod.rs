@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agents::Agents;
 use crate::backup::{Jobs, StartError};
 use crate::config::Settings;
+use crate::credentials::Credentials;
 use crate::state::{StateError, StateStore};
 use crate::status::Status;
 use crate::store::{BackupStore, StoreError};
@@ -101,6 +102,7 @@ pub struct Api {
     agents: Agents,
     jobs: Jobs,
     ca: CertAuthority,
+    credentials: Credentials,
     settings: Settings,
     /// Cancels store calls of requests at shutdown.
     cancel: CancellationToken,
@@ -114,14 +116,15 @@ pub struct ApiDeps {
     pub agents: Agents,
     pub jobs: Jobs,
     pub ca: CertAuthority,
+    pub credentials: Credentials,
     pub settings: Settings,
     pub cancel: CancellationToken,
 }
 
 impl Api {
     pub fn new(d: ApiDeps) -> Self {
-        let ApiDeps { state, store, status, agents, jobs, ca, settings, cancel } = d;
-        Self { state, store, status, agents, jobs, ca, settings, cancel }
+        let ApiDeps { state, store, status, agents, jobs, ca, credentials, settings, cancel } = d;
+        Self { state, store, status, agents, jobs, ca, credentials, settings, cancel }
     }
 
     /// Answers one request on `send`. Agents may only ask where to restore their own cluster from.
@@ -139,6 +142,13 @@ impl Api {
             }
             return self.restore(cluster, &backup, send).await;
         }
+        if *identity == Identity::AdminReadOnly && !matches!(request, AdminRequest::Get { .. }) {
+            let e = ApiError::Invalid(format!(
+                "the read-only admin credential (ferry://admin-ro) may only get; {} takes the full admin.ferryconfig",
+                request_name(&request)
+            ));
+            return reply_error(send, e).await;
+        }
         let response = match request {
             AdminRequest::Download { cluster, backup_id } => return self.download(&cluster, &backup_id, send).await,
             AdminRequest::Restore { cluster: Some(cluster), backup } => {
@@ -152,10 +162,30 @@ impl Api {
             }
             AdminRequest::Apply { resources } => self.apply(resources).await.map(AdminResponse::Applied),
             AdminRequest::Delete { rt, id } => self.delete(rt, &id).map(|()| AdminResponse::Deleted),
-            AdminRequest::AgentCredentials { cluster, member } => self.credentials(&cluster, &member),
+            AdminRequest::AgentCredentials { cluster, member, valid_for_seconds } => {
+                self.issue_credentials(&cluster, &member, valid_for_seconds)
+            }
+            AdminRequest::RevokeAgentCredentials(target) => self.revoke_credentials(&target),
+            AdminRequest::ReadOnlyAdminCredentials { valid_for_seconds } => {
+                self.issue_read_only_admin(valid_for_seconds)
+            }
         };
         let response = response.unwrap_or_else(ApiError::into_response);
         write_frame(send, &response).await.context("send response")
+    }
+}
+
+/// What a request does, as a refusal names it.
+fn request_name(request: &AdminRequest) -> &'static str {
+    match request {
+        AdminRequest::Get { .. } => "get",
+        AdminRequest::Apply { .. } => "apply",
+        AdminRequest::Delete { .. } => "delete",
+        AdminRequest::Download { .. } => "backup download",
+        AdminRequest::Restore { .. } => "restore",
+        AdminRequest::AgentCredentials { .. }
+        | AdminRequest::RevokeAgentCredentials(_)
+        | AdminRequest::ReadOnlyAdminCredentials { .. } => "issuing or revoking credentials",
     }
 }
 

@@ -1,7 +1,9 @@
 //! Resource requests: get, apply (with every document checked before any is written), delete, and agent
-//! credentials.
+//! credentials (issue, revoke).
 
-use ferry_common::protocol::{AdminResponse, ApplyOutcome};
+use std::time::Duration;
+
+use ferry_common::protocol::{AdminResponse, ApplyOutcome, RevokeTarget};
 use ferry_common::resources::{
     validate_name, EtcdBackupS3ConfigSpec, EtcdManualBackupSpec, Resource, ResourceType, Selector, Spec, Timestamp,
     LABEL_CLUSTER, REDACTED, S3_CONFIG_ID,
@@ -18,11 +20,24 @@ use crate::store::S3Conn;
 /// A manual backup's `backupat` must be this close to the coordinator's clock (the seed's rule), so that
 /// re-applying an old file does not take a surprise backup.
 const MANUAL_BACKUP_WINDOW_SECS: i64 = 60;
+/// Bounds of an agent certificate's life: long enough to deploy it, short enough that a forgotten one dies.
+const MIN_VALIDITY_SECS: u64 = 60;
+const MAX_VALIDITY_SECS: u64 = 3650 * 86_400;
 
 type Result<T, E = ApiError> = std::result::Result<T, E>;
 
 fn invalid<T>(msg: impl Into<String>) -> Result<T> {
     Err(ApiError::Invalid(msg.into()))
+}
+
+/// A certificate's requested life must be within bounds.
+fn check_validity(valid_for_seconds: u64) -> Result<()> {
+    if !(MIN_VALIDITY_SECS..=MAX_VALIDITY_SECS).contains(&valid_for_seconds) {
+        return invalid(format!(
+            "--valid-for {valid_for_seconds}s is out of bounds; give between 1m and 3650d (default 90d)"
+        ));
+    }
+    Ok(())
 }
 
 impl Api {
@@ -218,6 +233,9 @@ impl Api {
     }
 
     pub(super) fn delete(&self, rt: ResourceType, id: &str) -> Result<()> {
+        if rt == ResourceType::Agent {
+            return self.delete_agent(id);
+        }
         if !rt.user_writable() {
             return invalid(format!("{rt} is written by Ferry itself and cannot be deleted"));
         }
@@ -228,18 +246,79 @@ impl Api {
         Ok(())
     }
 
-    pub(super) fn credentials(&self, cluster: &str, member: &str) -> Result<AdminResponse> {
+    /// Removes a gone member's `Agents` record; refused while that agent is connected.
+    fn delete_agent(&self, id: &str) -> Result<()> {
+        let Some((cluster, member)) = id.split_once('/') else {
+            return invalid(format!("agent id {id:?} is not CLUSTER/MEMBER; list them with `ferryctl get agents`"));
+        };
         validate_name("cluster", cluster)?;
         validate_name("member", member)?;
-        let pem = self
+        if self.agents.live(cluster).iter().any(|a| a.member == member) {
+            return Err(ApiError::Conflict(format!(
+                "agent {id} is connected; stop it and revoke its credentials (`ferryctl agent-credentials revoke --cluster {cluster} --member {member}`) before deleting its record"
+            )));
+        }
+        if !self.state.delete(ResourceType::Agent, id)? {
+            return Err(ApiError::NotFound(format!("agent {id:?} not found; list them with `ferryctl get agents`")));
+        }
+        info!(%id, "deleted agent record");
+        Ok(())
+    }
+
+    pub(super) fn issue_read_only_admin(&self, valid_for_seconds: u64) -> Result<AdminResponse> {
+        check_validity(valid_for_seconds)?;
+        let issued = self
             .ca
-            .issue_client(&Identity::Agent { cluster: cluster.into(), member: member.into() })
-            .map_err(|e| ApiError::Internal(format!("issue agent certificate: {e}")))?;
-        info!(%cluster, %member, "issued agent credentials");
+            .issue_expiring(&Identity::AdminReadOnly, Duration::from_secs(valid_for_seconds))
+            .map_err(|e| ApiError::Internal(format!("issue read-only admin certificate: {e}")))?;
+        info!(serial = %issued.serial, "issued read-only admin credentials");
         Ok(AdminResponse::Credentials {
             ca_pem: self.ca.pem().cert_pem.clone(),
-            cert_pem: pem.cert_pem,
-            key_pem: pem.key_pem,
+            cert_pem: issued.pem.cert_pem,
+            key_pem: issued.pem.key_pem,
+            serial: issued.serial,
+            not_after: Timestamp::from(issued.not_after),
         })
+    }
+
+    pub(super) fn issue_credentials(
+        &self,
+        cluster: &str,
+        member: &str,
+        valid_for_seconds: u64,
+    ) -> Result<AdminResponse> {
+        validate_name("cluster", cluster)?;
+        validate_name("member", member)?;
+        check_validity(valid_for_seconds)?;
+        let issued = self
+            .ca
+            .issue_agent(cluster, member, Duration::from_secs(valid_for_seconds))
+            .map_err(|e| ApiError::Internal(format!("issue agent certificate: {e}")))?;
+        let revoked = self.credentials.record(cluster, member, &issued)?;
+        info!(%cluster, %member, serial = %issued.serial, ?revoked, "issued agent credentials");
+        Ok(AdminResponse::Credentials {
+            ca_pem: self.ca.pem().cert_pem.clone(),
+            cert_pem: issued.pem.cert_pem,
+            key_pem: issued.pem.key_pem,
+            serial: issued.serial,
+            not_after: Timestamp::from(issued.not_after),
+        })
+    }
+
+    pub(super) fn revoke_credentials(&self, target: &RevokeTarget) -> Result<AdminResponse> {
+        match target {
+            RevokeTarget::Member { cluster, member } => {
+                validate_name("cluster", cluster)?;
+                validate_name("member", member)?;
+            }
+            RevokeTarget::Serial(serial) => {
+                if !self.credentials.known(serial)? {
+                    return Err(ApiError::NotFound(format!(
+                        "no agent certificate with serial {serial:?}; list them with `ferryctl get agentcredentials`"
+                    )));
+                }
+            }
+        }
+        Ok(AdminResponse::Revoked(self.credentials.revoke(target)?))
     }
 }

@@ -17,6 +17,7 @@ use ferry_coordinator::agents::Agents;
 use ferry_coordinator::api::{Api, ApiDeps};
 use ferry_coordinator::backup::{JobDeps, Jobs};
 use ferry_coordinator::config::{Bounds, Settings};
+use ferry_coordinator::credentials::Credentials;
 use ferry_coordinator::metrics::{Metrics, Observer};
 use ferry_coordinator::net::Server;
 use ferry_coordinator::schedule::{self, SchedulerDeps};
@@ -179,6 +180,7 @@ async fn run(args: Args) -> Result<()> {
     let status = Status::new(state.clone(), metrics.clone(), store.name(), store.initial_configuration_error())
         .context("initialize status")?;
     let agents = Agents::new(state.clone(), metrics.clone()).context("initialize agents")?;
+    let credentials = Credentials::new(state.clone());
     let (outcomes_tx, outcomes_rx) = tokio::sync::mpsc::unbounded_channel();
     let jobs = Jobs::new(
         JobDeps {
@@ -204,10 +206,11 @@ async fn run(args: Args) -> Result<()> {
         agents: agents.clone(),
         jobs: jobs.clone(),
         ca: pki.ca,
+        credentials: credentials.clone(),
         settings: settings.clone(),
         cancel: background.clone(),
     }));
-    let server = Server::new(api, agents.clone());
+    let server = Server::new(api, agents.clone(), credentials);
 
     let endpoint_config = ferry_coordinator::pki::quic_endpoint_config(&args.state_dir)?;
     let socket = std::net::UdpSocket::bind(args.listen).with_context(|| format!("listen on {} (UDP)", args.listen))?;

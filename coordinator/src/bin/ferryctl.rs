@@ -9,7 +9,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use ferry_common::client::Session;
 use ferry_common::config::{AgentCredentials, FerryConfig, CREDENTIALS_CA, CREDENTIALS_CERT, CREDENTIALS_KEY};
 use ferry_common::progress::{Lines, Progress};
-use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, ApplyOutcome, PROTOCOL_VERSION};
+use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, ApplyOutcome, RevokeTarget, PROTOCOL_VERSION};
 use ferry_common::resources::EtcdBackupSpec;
 use ferry_common::resources::{Resource, ResourceType, Selector, Spec};
 use ferry_common::snapshot::{RestoreAs, VerifyingWriter};
@@ -28,6 +28,21 @@ struct Cli {
     ferryconfig: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum CredentialsCommand {
+    /// Revoke agent certificates: every one of a member, or one by serial. The coordinator refuses them from
+    /// now on and closes their open connections.
+    Revoke {
+        #[arg(long, requires = "member", conflicts_with = "serial")]
+        cluster: Option<String>,
+        #[arg(long, requires = "cluster")]
+        member: Option<String>,
+        /// The serial shown by `ferryctl get agentcredentials`.
+        #[arg(long, required_unless_present = "cluster")]
+        serial: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -59,19 +74,37 @@ enum Command {
         rt: String,
         id: String,
     },
-    /// Write credentials for an agent of one cluster member, for `ferry-agent --credentials DIR`.
+    /// Write credentials for an agent of one cluster member, for `ferry-agent --credentials DIR` (the member's
+    /// older certificates are revoked); `agent-credentials revoke` revokes them.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     AgentCredentials {
-        #[arg(long)]
-        cluster: String,
-        #[arg(long)]
-        member: String,
-        #[arg(long)]
-        out: PathBuf,
+        #[command(subcommand)]
+        command: Option<CredentialsCommand>,
+        #[arg(long, required = true)]
+        cluster: Option<String>,
+        #[arg(long, required = true)]
+        member: Option<String>,
+        #[arg(long, required = true)]
+        out: Option<PathBuf>,
+        /// How long the certificate is valid, e.g. 90d, 12h.
+        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+        valid_for: std::time::Duration,
         /// Owner of the written files, USER[:GROUP] (names or numeric ids; GROUP defaults to USER's primary
         /// group), for an agent that does not run as root, e.g. `--owner etcd` for the systemd unit's `User=etcd`.
         /// Needs root.
         #[arg(long, value_name = "USER[:GROUP]")]
         owner: Option<String>,
+    },
+    /// Write a read-only admin ferryconfig (`ferry://admin-ro`): it can `get`, nothing else.
+    AdminCredentials {
+        /// Required: the full admin file is the coordinator's STATE_DIR/admin.ferryconfig.
+        #[arg(long, required = true)]
+        read_only: bool,
+        #[arg(long)]
+        out: PathBuf,
+        /// How long the certificate is valid, e.g. 90d, 12h.
+        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+        valid_for: std::time::Duration,
     },
     /// Work with stored backups.
     Backup {
@@ -198,13 +231,39 @@ async fn run(cli: Cli) -> Result<()> {
             call(&cfg()?, AdminRequest::Delete { rt, id: id.clone() }).await?;
             println!("{rt}/{id} deleted");
         }
-        Command::AgentCredentials { cluster, member, out, owner } => {
+        Command::AgentCredentials { command: Some(CredentialsCommand::Revoke { cluster, member, serial }), .. } => {
+            let target = match (cluster, member, serial) {
+                (Some(cluster), Some(member), None) => RevokeTarget::Member { cluster, member },
+                (None, None, Some(serial)) => RevokeTarget::Serial(serial.to_ascii_lowercase()),
+                _ => bail!("give --cluster and --member, or --serial"),
+            };
+            match call(&cfg()?, AdminRequest::RevokeAgentCredentials(target)).await? {
+                AdminResponse::Revoked(serials) if serials.is_empty() => {
+                    println!(
+                        "nothing to revoke: no unrevoked certificate matches (see `ferryctl get agentcredentials`)"
+                    )
+                }
+                AdminResponse::Revoked(serials) => {
+                    for s in serials {
+                        println!("agent certificate {s} revoked");
+                    }
+                }
+                other => bail!("unexpected response {other:?}"),
+            }
+        }
+        Command::AgentCredentials { command: None, cluster, member, out, owner, valid_for } => {
+            let (Some(cluster), Some(member), Some(out)) = (cluster, member, out) else {
+                bail!("agent-credentials needs --cluster, --member and --out");
+            };
             // Checked before asking the coordinator, so a typo in the user name issues nothing.
             let owner = owner.as_deref().map(Owner::parse).transpose()?;
-            match call(&cfg()?, AdminRequest::AgentCredentials { cluster: cluster.clone(), member: member.clone() })
-                .await?
-            {
-                AdminResponse::Credentials { ca_pem, cert_pem, key_pem } => {
+            let request = AdminRequest::AgentCredentials {
+                cluster: cluster.clone(),
+                member: member.clone(),
+                valid_for_seconds: valid_for.as_secs(),
+            };
+            match call(&cfg()?, request).await? {
+                AdminResponse::Credentials { ca_pem, cert_pem, key_pem, serial, not_after } => {
                     if let Some(owner) = &owner {
                         // The directory first: without root this fails before any key is written.
                         std::fs::create_dir_all(&out).with_context(|| format!("create --out {}", out.display()))?;
@@ -217,7 +276,29 @@ async fn run(cli: Cli) -> Result<()> {
                         }
                     }
                     let owned = owner.map(|o| format!(", owned by {}", o.spec)).unwrap_or_default();
-                    println!("wrote credentials for agent {cluster}/{member} to {}{owned}", out.display());
+                    println!(
+                        "wrote credentials for agent {cluster}/{member} to {}{owned} (serial {serial}, valid until {})",
+                        out.display(),
+                        not_after.human()
+                    );
+                }
+                other => bail!("unexpected response {other:?}"),
+            }
+        }
+        Command::AdminCredentials { read_only, out, valid_for } => {
+            if !read_only {
+                bail!("only --read-only admin credentials can be issued; the full admin file is STATE_DIR/admin.ferryconfig");
+            }
+            let cfg = cfg()?;
+            match call(&cfg, AdminRequest::ReadOnlyAdminCredentials { valid_for_seconds: valid_for.as_secs() }).await? {
+                AdminResponse::Credentials { ca_pem, cert_pem, key_pem, serial, not_after } => {
+                    FerryConfig { coordinator: cfg.coordinator.clone(), ca: ca_pem, cert: cert_pem, key: key_pem }
+                        .save(&out)?;
+                    println!(
+                        "wrote read-only admin credentials to {} (serial {serial}, valid until {})",
+                        out.display(),
+                        not_after.human()
+                    );
                 }
                 other => bail!("unexpected response {other:?}"),
             }

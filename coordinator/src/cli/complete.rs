@@ -12,6 +12,7 @@ const TYPE_NAMES: [&str; ResourceType::ALL.len()] = [
     "etcdbackups",
     "clusters",
     "agents",
+    "agentcredentials",
 ];
 
 /// TYPE of `get` and `delete`: any string is taken as given (ferryctl parses it, any case, singular or

@@ -105,6 +105,7 @@ fn table(rt: ResourceType, resources: &[Resource]) -> String {
                 "ERROR",
             ]
         }
+        ResourceType::AgentCredential => vec!["ID", "CLUSTER", "MEMBER", "ISSUED AT", "NOT AFTER", "REVOKED"],
         ResourceType::EtcdBackupS3Config => {
             vec!["ID", "BUCKET", "REGION", "ENDPOINT", "PREFIX", "ACCESS KEY ID", "SECRET ACCESS KEY"]
         }
@@ -157,6 +158,14 @@ fn table(rt: ResourceType, resources: &[Resource]) -> String {
                 ts(&s.connectedsince),
                 ts(&s.lastheard),
                 s.etcderror.clone(),
+            ],
+            Spec::AgentCredential(s) => vec![
+                id,
+                s.cluster.clone(),
+                s.member.clone(),
+                s.issuedat.human(),
+                s.notafter.human(),
+                s.revokedat.map_or_else(|| "no".to_string(), |t| t.human()),
             ],
             Spec::EtcdBackupS3Config(s) => {
                 let s = s.redacted();

@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use ferry_common::protocol::{
     expect_frame, read_frame, write_frame, AdminRequest, Hello, HelloReply, Intent, PROTOCOL_VERSION,
 };
-use ferry_common::tls::Identity;
+use ferry_common::tls::{certificate_serial, Identity};
 use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -19,6 +19,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::agents::Agents;
 use crate::api::Api;
+use crate::credentials::Credentials;
 
 /// A client must say hello this soon after the handshake.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,6 +33,7 @@ pub const MAX_CONNECTIONS_PER_IDENTITY: usize = 16;
 pub struct Server {
     api: Arc<Api>,
     agents: Agents,
+    credentials: Credentials,
     /// Parent of every connection's token: cancelled last at shutdown, closing them all.
     connections: CancellationToken,
     tracker: TaskTracker,
@@ -40,10 +42,11 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new(api: Arc<Api>, agents: Agents) -> Arc<Self> {
+    pub fn new(api: Arc<Api>, agents: Agents, credentials: Credentials) -> Arc<Self> {
         Arc::new(Self {
             api,
             agents,
+            credentials,
             connections: CancellationToken::new(),
             tracker: TaskTracker::new(),
             open: Default::default(),
@@ -81,7 +84,7 @@ impl Server {
                 // Wrong CA, wrong ALPN, a scanner: the client's problem, not ours.
                 Err(e) => return warn!(%remote, "refused a connection: TLS handshake failed: {e}"),
             };
-            let identity = match peer_identity(&conn) {
+            let (identity, serial) = match peer_identity(&conn) {
                 Ok(i) => i,
                 Err(e) => {
                     warn!(%remote, "refused a connection: {e:#}");
@@ -90,7 +93,19 @@ impl Server {
             };
             let key = match &identity {
                 Identity::Admin => "admin".to_string(),
+                Identity::AdminReadOnly => "admin-ro".to_string(),
                 Identity::Agent { cluster, member } => format!("agent/{cluster}/{member}"),
+            };
+            // Agent certificates must be recorded and not revoked; registered first so a revocation closes it.
+            let _admitted = match &identity {
+                Identity::Admin | Identity::AdminReadOnly => None,
+                Identity::Agent { cluster, member } => match self.credentials.admit(&serial, cluster, member, &conn) {
+                    Ok(open) => Some(open),
+                    Err(e) => {
+                        warn!(%remote, identity = %key, "refused a connection: {e}");
+                        return conn.close(3u32.into(), e.to_string().as_bytes());
+                    }
+                },
             };
             let Some(_slot) = ConnectionSlot::take(&self, &key) else {
                 warn!(%remote, identity = %key, "refused a connection: {MAX_CONNECTIONS_PER_IDENTITY} already open for this identity");
@@ -98,6 +113,7 @@ impl Server {
             };
             let span = match &identity {
                 Identity::Admin => info_span!("admin", %remote),
+                Identity::AdminReadOnly => info_span!("admin-ro", %remote),
                 Identity::Agent { cluster, member } => info_span!("agent", %cluster, %member, %remote),
             };
             async move {
@@ -141,11 +157,12 @@ impl Drop for ConnectionSlot {
     }
 }
 
-fn peer_identity(conn: &quinn::Connection) -> Result<Identity> {
+/// The peer's identity and its certificate's serial (hex).
+fn peer_identity(conn: &quinn::Connection) -> Result<(Identity, String)> {
     let any = conn.peer_identity().ok_or_else(|| anyhow!("no client certificate"))?;
     let certs = any.downcast::<Vec<CertificateDer<'static>>>().map_err(|_| anyhow!("unexpected peer identity type"))?;
     let leaf = certs.first().ok_or_else(|| anyhow!("empty client certificate chain"))?;
-    Ok(Identity::from_certificate(leaf)?)
+    Ok((Identity::from_certificate(leaf)?, certificate_serial(leaf)?))
 }
 
 impl Server {
@@ -195,7 +212,9 @@ impl Server {
                 }
                 Ok(())
             }
-            (Identity::Admin, Intent::AgentLink) => bail!("an admin certificate cannot act as an agent"),
+            (Identity::Admin | Identity::AdminReadOnly, Intent::AgentLink) => {
+                bail!("an admin certificate cannot act as an agent")
+            }
             (Identity::Agent { cluster, member }, Intent::AgentLink) => {
                 let cancel = self.connections.child_token();
                 agent_link::run(&self.agents, cluster, member, hello.software_version, &conn, &mut recv, &cancel).await

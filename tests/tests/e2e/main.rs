@@ -7,6 +7,7 @@ mod fixtures;
 mod backup;
 mod cli;
 mod coverage;
+mod credentials;
 mod deploy;
 mod failures;
 mod harness;
