@@ -17,7 +17,7 @@ use aws_smithy_types::byte_stream::ByteStream;
 use bytes::Bytes;
 
 use crate::protocol::PresignedRequest;
-use crate::s3::{ConfigError, S3Error, S3ErrorKind, ATTEMPT_TIMEOUT};
+use crate::s3::{error_chain, ConfigError, S3Error, S3ErrorKind, ATTEMPT_TIMEOUT};
 
 /// Sends presigned requests to an S3 endpoint.
 pub struct PresignedClient {
@@ -125,17 +125,4 @@ impl PresignedClient {
         let retryable = status >= 500 || status == 429 || status == 408 || code == "SlowDown";
         Err(S3Error { kind, message: format!("{what}: S3 refused it: HTTP {status} {code} {message}"), retryable })
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        let s = err.to_string();
-        if !parts.iter().any(|p| p.contains(&s)) {
-            parts.push(s);
-        }
-        cur = err.source();
-    }
-    parts.join(": ")
 }

@@ -247,7 +247,7 @@ impl S3Error {
 }
 
 /// An error and its causes, joined by ": ", without the SDK's `Debug` dump.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut cur = Some(e);
     while let Some(err) = cur {

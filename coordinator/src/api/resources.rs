@@ -272,13 +272,18 @@ impl Api {
             .issue_expiring(&Identity::AdminReadOnly, Duration::from_secs(valid_for_seconds))
             .map_err(|e| ApiError::Internal(format!("issue read-only admin certificate: {e}")))?;
         info!(serial = %issued.serial, "issued read-only admin credentials");
-        Ok(AdminResponse::Credentials {
+        Ok(self.credentials_response(issued))
+    }
+
+    /// The answer to a credentials request: the CA and the new certificate and key.
+    fn credentials_response(&self, issued: ferry_common::tls::IssuedCert) -> AdminResponse {
+        AdminResponse::Credentials {
             ca_pem: self.ca.pem().cert_pem.clone(),
             cert_pem: issued.pem.cert_pem,
             key_pem: issued.pem.key_pem,
             serial: issued.serial,
             not_after: Timestamp::from(issued.not_after),
-        })
+        }
     }
 
     pub(super) fn issue_credentials(
@@ -296,13 +301,7 @@ impl Api {
             .map_err(|e| ApiError::Internal(format!("issue agent certificate: {e}")))?;
         let revoked = self.credentials.record(cluster, member, &issued)?;
         info!(%cluster, %member, serial = %issued.serial, ?revoked, "issued agent credentials");
-        Ok(AdminResponse::Credentials {
-            ca_pem: self.ca.pem().cert_pem.clone(),
-            cert_pem: issued.pem.cert_pem,
-            key_pem: issued.pem.key_pem,
-            serial: issued.serial,
-            not_after: Timestamp::from(issued.not_after),
-        })
+        Ok(self.credentials_response(issued))
     }
 
     pub(super) fn revoke_credentials(&self, target: &RevokeTarget) -> Result<AdminResponse> {
