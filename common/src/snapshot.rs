@@ -65,7 +65,7 @@ pub fn planned_bump(highest_seen: i64, snapshot_revision: i64) -> u64 {
     u64::try_from(target - snapshot_revision.max(0)).unwrap_or(0)
 }
 
-/// The etcd revision bump of a restore, and what it was computed from.
+/// The etcd revision bump of a restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RevisionBump {
     /// Added to the snapshot's revision (`etcdutl snapshot restore --bump-revision`).

@@ -117,6 +117,20 @@ where
     }
 }
 
+/// Every file under `dir`, recursively.
+pub(crate) fn files_under(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            out.extend(files_under(&p)?);
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
 /// The size of a file, for messages and assertions.
 pub(crate) fn file_len(path: &Path) -> anyhow::Result<u64> {
     Ok(std::fs::metadata(path)?.len())

@@ -79,24 +79,11 @@ async fn assert_all_refused(http: &PresignedClient, attempts: &[(&str, Presigned
 /// sha256 of every object in the bucket, by key (what an attacker would want to change).
 async fn bucket_digest(s3: &S3Server) -> anyhow::Result<Vec<(String, String)>> {
     let mut out = Vec::new();
-    for entry in walk(&s3.root().join(TEST_BUCKET))? {
+    for entry in crate::fixtures::files_under(&s3.root().join(TEST_BUCKET))? {
         let key = entry.strip_prefix(s3.root().join(TEST_BUCKET))?.display().to_string();
         out.push((key, hex::encode(Sha256::digest(std::fs::read(&entry)?))));
     }
     out.sort();
-    Ok(out)
-}
-
-fn walk(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
-        if p.is_dir() {
-            out.extend(walk(&p)?);
-        } else {
-            out.push(p);
-        }
-    }
     Ok(out)
 }
 
@@ -352,8 +339,8 @@ async fn names_that_leave_the_store_are_refused_and_backup_files_are_private() -
         assert_eq!(mode(&d)?, 0o700, "{} must be 0700", d.display());
     }
     let mut files = vec![state.join("state.redb"), state.join("admin.ferryconfig"), state.join("pki/ca.key")];
-    files.extend(walk(&coordinator.store_dir())?);
-    files.extend(walk(&creds)?);
+    files.extend(crate::fixtures::files_under(&coordinator.store_dir())?);
+    files.extend(crate::fixtures::files_under(&creds)?);
     for f in files {
         assert_eq!(mode(&f)?, 0o600, "{} must be 0600", f.display());
     }

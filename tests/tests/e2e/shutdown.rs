@@ -97,7 +97,7 @@ async fn coordinator_sigterm_starts_no_backup_in_the_grace_and_cancels_one_runni
     let log = std::fs::read_to_string(coordinator.log_path())?;
     assert!(log.contains("the queued backup does not start"), "the queued job gave up:\n{log}");
     assert!(log.contains("cancelling them"), "the running job was cancelled:\n{log}");
-    let leftovers: Vec<_> = walk(&coordinator.store_dir())?;
+    let leftovers: Vec<_> = crate::fixtures::files_under(&coordinator.store_dir())?;
     assert!(leftovers.is_empty(), "a cancelled backup leaves no file, partial or whole: {leftovers:?}");
 
     coordinator.restart(Stop::Kill).await?;
@@ -109,18 +109,4 @@ async fn coordinator_sigterm_starts_no_backup_in_the_grace_and_cancels_one_runni
     assert!(coordinator.backups(SLOW).await?.is_empty());
     assert!(coordinator.backups(QUEUED).await?.is_empty());
     Ok(())
-}
-
-/// Every file under `dir`, recursively.
-fn walk(dir: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
-        if p.is_dir() {
-            out.extend(walk(&p)?);
-        } else {
-            out.push(p);
-        }
-    }
-    Ok(out)
 }
