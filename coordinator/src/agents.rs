@@ -108,19 +108,23 @@ impl Agents {
     /// A report arrived.
     pub fn reported(&self, cluster: &str, member: &str, conn_id: u64, facts: EtcdFacts) -> Result<(), StateError> {
         let revision = facts.error.is_none().then_some(facts.revision);
-        let first = {
+        let (first, reachability_changed) = {
             let mut live = lock(&self.inner.live);
             let Some(a) = live.get_mut(&(cluster.to_string(), member.to_string())) else { return Ok(()) };
             if a.conn_id != conn_id {
                 return Ok(());
             }
             let first = a.facts.is_none();
+            let was_reachable = a.facts.as_ref().is_some_and(|f| f.error.is_none());
+            let changed = was_reachable != facts.error.is_none();
             a.facts = Some(facts);
             a.last_heard = Timestamp::now();
-            first.then(|| a.clone())
+            (first.then(|| a.clone()), changed)
         };
-        // A report can turn etcd reachable or unreachable.
-        self.count(cluster);
+        // Recount only when this report turned etcd reachable or unreachable: a count scans every live agent.
+        if reachability_changed {
+            self.count(cluster);
+        }
         if let Some(revision) = revision {
             self.saw_revision(cluster, revision)?;
         }
