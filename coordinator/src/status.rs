@@ -117,15 +117,22 @@ impl Status {
     ) -> Result<Self, StateError> {
         let s = Self { state, metrics, store_name };
         s.set_configuration(initial_configuration_error, false)?;
-        for mut r in s.state.list(ResourceType::EtcdBackupStatus)? {
-            if let Spec::EtcdBackupStatus(st) = &mut r.spec {
-                if st.status == status::RUNNING {
-                    st.status = status::ERROR;
-                    st.error = "the coordinator restarted while this backup ran".into();
-                    s.state.put(r)?;
+        // One transaction: read again inside it, so the reset cannot overwrite an update made meanwhile.
+        let ids: Vec<String> =
+            s.state.list(ResourceType::EtcdBackupStatus)?.into_iter().map(|r| r.metadata.id).collect();
+        s.state.transact(&mut |tx| {
+            for id in &ids {
+                let Some(mut r) = tx.get(ResourceType::EtcdBackupStatus, id)? else { continue };
+                if let Spec::EtcdBackupStatus(st) = &mut r.spec {
+                    if st.status == status::RUNNING {
+                        st.status = status::ERROR;
+                        st.error = "the coordinator restarted while this backup ran".into();
+                        tx.put(r)?;
+                    }
                 }
             }
-        }
+            Ok(())
+        })?;
         Ok(s)
     }
 

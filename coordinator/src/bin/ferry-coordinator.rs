@@ -234,8 +234,8 @@ async fn run(args: Args) -> Result<()> {
     );
 
     shutdown_signal().await;
-    // 1. Nothing new: the listener refuses connections, the scheduler stops, no job starts (queued ones give up,
-    //    manual applies on connections already open are refused).
+    // 1. Nothing new: new connections are refused with a reason, the scheduler stops, no job starts (queued ones
+    //    give up, manual applies on connections already open are refused).
     info!(
         grace_s = args.shutdown_grace.as_secs_f64(),
         "shutting down: no new connections or backups; waiting for running backups"
@@ -243,7 +243,6 @@ async fn run(args: Args) -> Result<()> {
     stop_accepting.cancel();
     stop_scheduler.cancel();
     jobs.stop_starting();
-    let _ = listener.await;
     let _ = scheduler.await;
     // 2. Running jobs get the grace period; 3. then they are cancelled and clean up.
     if !jobs.drain(args.shutdown_grace).await {
@@ -256,6 +255,7 @@ async fn run(args: Args) -> Result<()> {
     background.cancel();
     server.close_connections(CLOSE_DEADLINE).await;
     endpoint.close(0u32.into(), b"coordinator shutting down");
+    let _ = listener.await;
     background_tasks.close();
     let _ = tokio::time::timeout(CLOSE_DEADLINE, background_tasks.wait()).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;

@@ -39,6 +39,8 @@ pub struct Server {
     tracker: TaskTracker,
     /// Open connections per identity.
     open: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// Set when shutdown begins: new connections are still answered, with a refusal that says why.
+    shutting_down: CancellationToken,
 }
 
 impl Server {
@@ -50,23 +52,23 @@ impl Server {
             connections: CancellationToken::new(),
             tracker: TaskTracker::new(),
             open: Default::default(),
+            shutting_down: CancellationToken::new(),
         })
     }
 
-    /// Accepts connections until `stop_accepting` fires; from then on new connections are refused while the
-    /// open ones (agents' links, which running jobs use) stay.
+    /// Accepts connections until the endpoint closes. Once `stop_accepting` fires, new connections are answered
+    /// with a refusal that says the coordinator is shutting down (a bare transport refusal would leave ferryctl
+    /// and agents guessing), while the open ones (agents' links, which running jobs use) stay.
     pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint, stop_accepting: CancellationToken) {
-        loop {
-            let incoming = tokio::select! {
-                i = endpoint.accept() => i,
-                () = stop_accepting.cancelled() => break,
-            };
-            let Some(incoming) = incoming else { break };
+        let shutting_down = self.shutting_down.clone();
+        tokio::spawn(async move {
+            stop_accepting.cancelled().await;
+            shutting_down.cancel();
+        });
+        while let Some(incoming) = endpoint.accept().await {
             let server = self.clone();
             self.tracker.spawn(async move { server.connection(incoming).await });
         }
-        // New handshakes are refused from now on, rather than left waiting for an accept that never comes.
-        endpoint.set_server_config(None);
     }
 
     /// Shutdown, last step: closes every connection and waits up to `deadline` for their tasks.
@@ -175,12 +177,21 @@ impl Server {
             .await
             .context("no hello within the timeout")?
             .context("read hello")?;
-        if hello.protocol_version != PROTOCOL_VERSION {
-            let reason = format!(
-            "protocol version {} is not supported by this coordinator (version {}, protocol {PROTOCOL_VERSION}); run matching Ferry versions",
-            hello.protocol_version,
-            env!("CARGO_PKG_VERSION")
-        );
+        let refusal = if self.shutting_down.is_cancelled() {
+            Some(
+                "the coordinator is shutting down and takes no new requests or links; retry once it is back"
+                    .to_string(),
+            )
+        } else if hello.protocol_version != PROTOCOL_VERSION {
+            Some(format!(
+                "protocol version {} is not supported by this coordinator (version {}, protocol {PROTOCOL_VERSION}); run matching Ferry versions",
+                hello.protocol_version,
+                env!("CARGO_PKG_VERSION")
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
             write_frame(&mut send, &HelloReply::Refused { reason: reason.clone() }).await?;
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;

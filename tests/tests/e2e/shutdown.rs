@@ -93,6 +93,7 @@ async fn coordinator_sigterm_starts_no_backup_in_the_grace_and_cancels_one_runni
     assert!(started.elapsed() >= Duration::from_secs(GRACE_S), "it waited for the grace period");
     assert!(!refused.success(), "no manual backup is taken in during shutdown: {refused:?}");
     assert_eq!(refused.status.code(), Some(2), "a coordinator that is going away is a server failure: {refused:?}");
+    assert!(refused.stderr.contains("shutting down"), "ferryctl is told why, not a transport error: {refused:?}");
 
     let log = std::fs::read_to_string(coordinator.log_path())?;
     assert!(log.contains("the queued backup does not start"), "the queued job gave up:\n{log}");
