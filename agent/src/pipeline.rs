@@ -22,8 +22,8 @@ pub enum VerifyError {
 /// Feeds etcd's messages through sha256, holding back the last one.
 #[derive(Default)]
 pub struct SnapshotVerifier {
+    /// One hash state: the database's digest, and the whole file's as a clone of it plus the trailer.
     db: Sha256,
-    file: Sha256,
     held: Option<Vec<u8>>,
     db_bytes: u64,
 }
@@ -45,7 +45,6 @@ impl SnapshotVerifier {
         let prev = self.held.replace(blob);
         if let Some(p) = &prev {
             self.db.update(p);
-            self.file.update(p);
             self.db_bytes += p.len() as u64;
         }
         prev
@@ -62,6 +61,7 @@ impl SnapshotVerifier {
         if trailer.len() != 32 {
             return Err(VerifyError::NoTrailingHash(trailer.len()));
         }
+        let mut file = self.db.clone();
         let actual: [u8; 32] = self.db.finalize().into();
         if actual[..] != trailer[..] {
             return Err(VerifyError::Mismatch {
@@ -70,8 +70,8 @@ impl SnapshotVerifier {
                 bytes: self.db_bytes,
             });
         }
-        self.file.update(&trailer);
-        Ok(Verified { file_bytes: self.db_bytes + 32, file_sha256: self.file.finalize().into(), trailer })
+        file.update(&trailer);
+        Ok(Verified { file_bytes: self.db_bytes + 32, file_sha256: file.finalize().into(), trailer })
     }
 }
 

@@ -211,7 +211,10 @@ async fn fetch(req: &RestoreRequest, snapshot: &Path) -> Result<(EtcdBackupSpec,
             other => bail!("unexpected answer {other:?}"),
         };
         info!(size = backup.size, rawsize = backup.rawsize, from = %backup.member, "restoring backup");
-        let mut w = VerifyingWriter::create(snapshot, &backup, true)?;
+        // The snapshot only feeds etcd's restore tool, which syncs its own copy: no fsync of it.
+        let w = VerifyingWriter::create(snapshot, &backup, true)?.without_fsync();
+        // Decompressing and hashing run on their own thread, so they overlap the download.
+        let mut w = BackgroundWriter::spawn(w);
         let mut throttle = Throttle::new(limit);
         // A bar when run by hand on a terminal, plain log lines every few seconds in an init container.
         let mut progress = Progress::new("restore download", backup.size, Lines::Log);
@@ -220,7 +223,7 @@ async fn fetch(req: &RestoreRequest, snapshot: &Path) -> Result<(EtcdBackupSpec,
                 match expect_frame(&mut s.recv).await.context("read backup data")? {
                     AdminResponse::Data(d) => {
                         throttle.consume(d.len()).await;
-                        w.write(&d)?;
+                        w.write(Bytes::from(d)).await?;
                         progress.set(w.bytes());
                     }
                     AdminResponse::DownloadEnd => break,
@@ -241,16 +244,74 @@ async fn fetch(req: &RestoreRequest, snapshot: &Path) -> Result<(EtcdBackupSpec,
                 let mut body = with_retries(&cancel, &what, || http.send(&get, Bytes::new(), &what)).await?.into_body();
                 while let Some(chunk) = body.try_next().await.with_context(|| format!("{what}: read"))? {
                     throttle.consume(chunk.len()).await;
-                    w.write(&chunk)?;
+                    w.write(chunk).await?;
                     progress.set(w.bytes());
                 }
             }
         }
-        w.finish()?;
+        w.finish().await?;
         progress.finish();
         Ok((backup, highest))
     }
     .await;
     s.close().await;
     result
+}
+
+/// A [`VerifyingWriter`] on a blocking thread, fed through a short queue: the download continues while the
+/// previous chunks are decompressed, hashed and written. Its first error ends the thread and is returned by
+/// the next call.
+struct BackgroundWriter {
+    tx: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    task: tokio::task::JoinHandle<Result<(), ferry_common::snapshot::SnapshotError>>,
+    bytes: u64,
+}
+
+/// Chunks waiting for the writer thread (each at most a few hundred KiB: bounded memory).
+const WRITER_QUEUE: usize = 16;
+
+impl BackgroundWriter {
+    fn spawn(mut w: VerifyingWriter) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITER_QUEUE);
+        let task = tokio::task::spawn_blocking(move || {
+            while let Some(chunk) = rx.blocking_recv() {
+                w.write(&chunk)?;
+            }
+            w.finish().map(|_| ())
+        });
+        Self { tx: Some(tx), task, bytes: 0 }
+    }
+
+    /// Stored bytes handed over so far.
+    fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    async fn write(&mut self, chunk: Bytes) -> Result<()> {
+        self.bytes += chunk.len() as u64;
+        let sent = match &self.tx {
+            Some(tx) => tx.send(chunk).await.is_ok(),
+            None => false,
+        };
+        if !sent {
+            // The thread stopped: its error says why.
+            self.tx = None;
+            self.join().await?;
+            bail!("the snapshot writer stopped before the end of the download");
+        }
+        Ok(())
+    }
+
+    /// Ends the input; the final checks run and the file lands in place.
+    async fn finish(mut self) -> Result<()> {
+        self.tx = None;
+        self.join().await
+    }
+
+    async fn join(&mut self) -> Result<()> {
+        match (&mut self.task).await {
+            Ok(r) => Ok(r?),
+            Err(e) => bail!("the snapshot writer failed: {e}"),
+        }
+    }
 }

@@ -30,6 +30,10 @@ const BUCKET: &str = "bench";
 const CLUSTER: &str = "bench";
 /// The upload cap of the throttled run, Mbit/s: slower than etcd streams its snapshot.
 const THROTTLED_MBPS: u64 = 800;
+/// Bytes of random base64 the dense fill adds to each object.
+const DENSE_BLOB: usize = 700;
+/// Small puts per second while etcd's write latency is measured.
+const LATENCY_PUTS_PER_S: u64 = 200;
 
 /// A child process killed on drop.
 struct Proc(Child);
@@ -82,7 +86,9 @@ fn timed(cmd: &mut Command) -> Result<Duration> {
 
 /// Kubernetes-like objects from a fixed seed: JSON with repeated field names, names, labels, uids, image
 /// digests and a share of base64 secret data — compressible like real clusters, not zeros, not noise.
-struct Gen(u64);
+/// `dense` adds an annotation of random base64 to every object (a cluster heavy in certificates, tokens and
+/// last-applied blobs), bringing zstd's ratio down to about 4–5×.
+struct Gen(u64, bool);
 
 impl Gen {
     fn next(&mut self) -> u64 {
@@ -104,6 +110,17 @@ impl Gen {
         (0..n).map(|_| A[(self.next() % 64) as usize] as char).collect()
     }
     fn object(&mut self, i: u64) -> (String, String) {
+        let (key, mut v) = self.kind_object(i);
+        if self.1 {
+            // Before the closing brace of the object: an opaque annotation-like blob.
+            v.pop();
+            let blob = self.b64(DENSE_BLOB);
+            v.push_str(&format!(r#","x-opaque":"{blob}"}}"#));
+        }
+        (key, v)
+    }
+
+    fn kind_object(&mut self, i: u64) -> (String, String) {
         let ns = format!("team-{}", i % 40);
         let app = format!("svc-{}", (i / 7) % 300);
         match i % 10 {
@@ -184,14 +201,14 @@ impl Gen {
 }
 
 /// Writes at least `bytes` of objects with 8 concurrent writers, 64 puts per transaction.
-async fn fill(endpoint: &str, bytes: u64) -> Result<(u64, u64)> {
+async fn fill(endpoint: &str, bytes: u64, dense: bool) -> Result<(u64, u64)> {
     let mut tasks = Vec::new();
     let per_task = bytes / 8;
     for t in 0..8u64 {
         let endpoint = endpoint.to_string();
         tasks.push(tokio::spawn(async move {
             let mut client = Client::connect([endpoint], None).await?;
-            let mut g = Gen(0x9E37_79B9_7F4A_7C15 ^ (t + 1));
+            let mut g = Gen(0x9E37_79B9_7F4A_7C15 ^ (t + 1), dense);
             let (mut written, mut keys, mut i) = (0u64, 0u64, t);
             while written < per_task {
                 let mut ops = Vec::with_capacity(64);
@@ -227,6 +244,70 @@ fn db_size(endpoint: &str) -> Result<u64> {
 
 fn file_size(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+/// CPU seconds (user + system) from `/proc/<pid>/stat`: the process's own (`children` false) or that of its
+/// waited-for children.
+fn cpu_seconds(pid: &str, children: bool) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name's closing parenthesis, from field 3 (state) on.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let at = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let (u, s) = if children { (13, 14) } else { (11, 12) };
+    // Clock ticks: 100 per second on Linux.
+    (at(u) + at(s)) / 100.0
+}
+
+/// Runs a command; returns its wall time and CPU seconds.
+fn timed_cpu(cmd: &mut Command) -> Result<(Duration, f64)> {
+    let before = cpu_seconds("self", true);
+    let wall = timed(cmd)?;
+    Ok((wall, cpu_seconds("self", true) - before))
+}
+
+/// etcd's write latency: small puts at a steady rate until `stop`, each put's latency recorded.
+async fn put_latencies(endpoint: String, stop: flag::Stop) -> Result<Vec<Duration>> {
+    let mut client = Client::connect([endpoint], None).await?;
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / LATENCY_PUTS_PER_S));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out = Vec::new();
+    let mut i = 0u64;
+    while !stop.is_set() {
+        tick.tick().await;
+        let t = Instant::now();
+        client.put(format!("/bench/latency/{}", i % 1000), format!("value-{i}"), None).await?;
+        out.push(t.elapsed());
+        i += 1;
+    }
+    Ok(out)
+}
+
+/// A stop flag shared with a measuring task.
+mod flag {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    #[derive(Clone, Default)]
+    pub(crate) struct Stop(Arc<AtomicBool>);
+
+    impl Stop {
+        pub(crate) fn set(&self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+        pub(crate) fn is_set(&self) -> bool {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+}
+
+/// p50, p99 and max of latencies, in ms.
+fn percentiles(mut l: Vec<Duration>) -> (f64, f64, f64) {
+    if l.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    l.sort();
+    let at = |q: f64| l[((l.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
+    (at(0.5), at(0.99), at(1.0))
 }
 
 /// Peak RSS (VmHWM) and bytes written to storage by a process.
@@ -354,8 +435,11 @@ impl Ferry {
 
 struct Row {
     gib: f64,
+    data: &'static str,
     method: String,
     wall: Duration,
+    /// CPU seconds of the process doing the work (the agent, or the tools' children).
+    cpu: Option<f64>,
     rss: Option<u64>,
     disk_writes: Option<u64>,
     stored: u64,
@@ -398,20 +482,59 @@ async fn bench() -> Result<()> {
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1.0, 2.0]);
+    let kinds: Vec<bool> = std::env::var("FERRY_BENCH_DATA")
+        .unwrap_or_else(|_| "k8s,dense".into())
+        .split(',')
+        .map(|k| k.trim() == "dense")
+        .collect();
+    let levels: Vec<i32> = std::env::var("FERRY_BENCH_LEVELS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![3]);
     let mut rows = Vec::new();
     let mut restore_rows = Vec::new();
-    for (n, gib) in sizes.iter().enumerate() {
-        rows.extend(bench_size(*gib, n, &mut restore_rows).await?);
+    let mut latency_rows = Vec::new();
+    let mut n = 0;
+    for gib in &sizes {
+        for dense in &kinds {
+            let run = Run { gib: *gib, dense: *dense, n, levels: &levels };
+            rows.extend(bench_size(&run, &mut restore_rows, &mut latency_rows).await?);
+            n += 1;
+        }
     }
     if !rows.is_empty() {
         print_table(&rows);
+        print_latency_table(&latency_rows);
     }
     print_restore_table(&restore_rows);
     Ok(())
 }
 
-async fn bench_size(gib: f64, n: usize, restore_rows: &mut Vec<RestoreRow>) -> Result<Vec<Row>> {
-    let dir = std::env::temp_dir().join(format!("ferry-bench-{}-{n}", std::process::id()));
+/// One database to measure: its size, its kind of data, and the zstd levels to try.
+struct Run<'a> {
+    gib: f64,
+    dense: bool,
+    n: usize,
+    levels: &'a [i32],
+}
+
+impl Run<'_> {
+    fn data(&self) -> &'static str {
+        if self.dense {
+            "dense"
+        } else {
+            "k8s"
+        }
+    }
+}
+
+async fn bench_size(
+    run_: &Run<'_>,
+    restore_rows: &mut Vec<RestoreRow>,
+    latency_rows: &mut Vec<LatencyRow>,
+) -> Result<Vec<Row>> {
+    let (gib, data) = (run_.gib, run_.data());
+    let dir = std::env::temp_dir().join(format!("ferry-bench-{}-{}", std::process::id(), run_.n));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("s3/").join(BUCKET))?;
     let (cport, pport, s3port, qport) = (free_port()?, free_port()?, free_port()?, free_port()?);
@@ -457,18 +580,22 @@ async fn bench_size(gib: f64, n: usize, restore_rows: &mut Vec<RestoreRow>) -> R
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let target = (gib * 1024.0 * 1024.0 * 1024.0) as u64;
-    eprintln!("[{gib} GiB] filling etcd…");
+    eprintln!("[{gib} GiB {data}] filling etcd…");
     let t = Instant::now();
-    let (written, keys) = fill(&etcd_url, target).await?;
+    let (written, keys) = fill(&etcd_url, target, run_.dense).await?;
     let db = db_size(&etcd_url)?;
+    let db_gib = db as f64 / (1024.0 * 1024.0 * 1024.0);
     eprintln!(
-        "[{gib} GiB] wrote {} MiB in {keys} objects in {:.1}s; etcd DB is {} MiB",
+        "[{gib} GiB {data}] wrote {} MiB in {keys} objects in {:.1}s; etcd DB is {} MiB",
         mib(written),
         t.elapsed().as_secs_f64(),
         mib(db)
     );
 
     let mut rows = Vec::new();
+    let mut row = |method: String, wall: Duration, cpu: Option<f64>, rss: Option<u64>, disk: Option<u64>, stored| {
+        rows.push(Row { gib: db_gib, data, method, wall, cpu, rss, disk_writes: disk, stored });
+    };
     let snap = dir.join("snap.db");
     let mut ferry = Ferry {
         config: dir.join("state/admin.ferryconfig"),
@@ -482,32 +609,30 @@ async fn bench_size(gib: f64, n: usize, restore_rows: &mut Vec<RestoreRow>) -> R
         ferry.start_coordinator(&[])?;
         let _agent = ferry.start_agent()?;
         ferry.backup(0)?;
-        restore_rows.extend(bench_restore(&ferry, gib)?);
-        for r in restore_rows.iter_mut().filter(|r| (r.gib - gib).abs() < 1e-9) {
-            r.gib = db as f64 / (1024.0 * 1024.0 * 1024.0);
-        }
+        restore_rows.extend(bench_restore(&ferry, db_gib)?);
         drop(ferry);
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(Vec::new());
     }
 
-    eprintln!("[{gib} GiB] etcdctl snapshot save…");
-    let wall = timed(
+    eprintln!("[{gib} GiB {data}] etcdctl snapshot save…");
+    let (wall, cpu) = timed_cpu(
         Command::new("etcdctl").env("ETCDCTL_API", "3").args(["--endpoints", &etcd_url, "snapshot", "save"]).arg(&snap),
     )?;
-    rows.push(Row {
-        gib,
-        method: "etcdctl snapshot save (local disk)".into(),
-        wall,
-        rss: None,
-        disk_writes: Some(file_size(&snap)),
-        stored: file_size(&snap),
-    });
+    row("etcdctl snapshot save (local disk)".into(), wall, Some(cpu), None, Some(file_size(&snap)), file_size(&snap));
+    for level in run_.levels {
+        let zst = dir.join("alone.zst");
+        let (wall, cpu) =
+            timed_cpu(Command::new("zstd").arg(format!("-{level}")).args(["-q", "-f"]).arg(&snap).arg("-o").arg(&zst))?;
+        row(format!("zstd -{level} alone on the saved snapshot"), wall, Some(cpu), None, None, file_size(&zst));
+        std::fs::remove_file(&zst)?;
+    }
     std::fs::remove_file(&snap)?;
 
-    eprintln!("[{gib} GiB] etcdctl save → zstd -3 → aws s3 cp…");
+    eprintln!("[{gib} GiB {data}] etcdctl save → zstd -3 → aws s3 cp…");
     let zst = dir.join("snap.db.zst");
     let t = Instant::now();
+    let cpu_before = cpu_seconds("self", true);
     run(Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
         .args(["--endpoints", &etcd_url, "snapshot", "save"])
@@ -523,55 +648,94 @@ async fn bench_size(gib: f64, n: usize, restore_rows: &mut Vec<RestoreRow>) -> R
         .arg(&zst)
         .arg(format!("s3://{BUCKET}/pipeline/snap.db.zst")))?;
     let wall = t.elapsed();
-    rows.push(Row {
-        gib,
-        method: "etcdctl save → zstd -3 → aws s3 cp".into(),
+    row(
+        "etcdctl save → zstd -3 → aws s3 cp".into(),
         wall,
-        rss: None,
-        disk_writes: Some(file_size(&snap) + file_size(&zst)),
-        stored: file_size(&zst),
-    });
+        Some(cpu_seconds("self", true) - cpu_before),
+        None,
+        Some(file_size(&snap) + file_size(&zst)),
+        file_size(&zst),
+    );
     std::fs::remove_file(&snap)?;
     std::fs::remove_file(&zst)?;
 
-    for (label, extra, seq) in [
-        ("ferry → S3", vec![], 0),
-        (
-            &*format!("ferry → S3, upload capped at {THROTTLED_MBPS} Mbit/s"),
-            vec!["--upload-limit-mbps".to_string(), THROTTLED_MBPS.to_string()],
-            2,
-        ),
-    ] {
-        eprintln!("[{gib} GiB] {label}…");
+    // etcd's write latency with nothing else running, then during each Ferry backup.
+    eprintln!("[{gib} GiB {data}] etcd put latency, idle…");
+    let stop = flag::Stop::default();
+    let idle = tokio::spawn(put_latencies(etcd_url.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stop.set();
+    latency_rows.push(LatencyRow { gib: db_gib, data, during: "idle".into(), latencies: percentiles(idle.await??) });
+
+    let mut runs: Vec<(String, Vec<String>)> = run_
+        .levels
+        .iter()
+        .map(|l| (format!("ferry → S3, zstd -{l}"), vec!["--zstd-level".to_string(), l.to_string()]))
+        .collect();
+    runs.push((
+        format!("ferry → S3, upload capped at {THROTTLED_MBPS} Mbit/s"),
+        vec!["--upload-limit-mbps".to_string(), THROTTLED_MBPS.to_string()],
+    ));
+    for (seq, (label, extra)) in runs.into_iter().enumerate() {
+        eprintln!("[{gib} GiB {data}] {label}…");
         ferry.start_coordinator(&extra)?;
         let agent = ferry.start_agent()?;
+        let pid = agent.0.id().to_string();
         let (_, writes_before) = proc_stats(agent.0.id());
-        let (wall, stored) = ferry.backup(seq)?;
+        let cpu_before = cpu_seconds(&pid, false);
+        let stop = flag::Stop::default();
+        let during = tokio::spawn(put_latencies(etcd_url.clone(), stop.clone()));
+        let backup = {
+            let ferry = &ferry;
+            tokio::task::block_in_place(|| ferry.backup(seq as i64))
+        };
+        stop.set();
+        let latencies = during.await??;
+        let (wall, stored) = backup?;
+        let cpu = cpu_seconds(&pid, false) - cpu_before;
         let (rss, writes_after) = proc_stats(agent.0.id());
-        rows.push(Row {
-            gib,
-            method: label.to_string(),
-            wall,
-            rss: Some(rss),
-            disk_writes: Some(writes_after - writes_before),
-            stored,
-        });
+        latency_rows.push(LatencyRow { gib: db_gib, data, during: label.clone(), latencies: percentiles(latencies) });
+        row(label, wall, Some(cpu), Some(rss), Some(writes_after - writes_before), stored);
     }
-    restore_rows.extend(bench_restore(&ferry, gib)?);
+    restore_rows.extend(bench_restore(&ferry, db_gib)?);
     drop(ferry);
     let _ = std::fs::remove_dir_all(&dir);
-    eprintln!("[{gib} GiB] etcd DB {} MiB", mib(db));
-    for r in restore_rows.iter_mut().filter(|r| (r.gib - gib).abs() < 1e-9) {
-        r.gib = db as f64 / (1024.0 * 1024.0 * 1024.0);
+    eprintln!("[{gib} GiB {data}] etcd DB {} MiB", mib(db));
+    Ok(rows)
+}
+
+struct LatencyRow {
+    gib: f64,
+    data: &'static str,
+    during: String,
+    /// p50, p99, max in ms.
+    latencies: (f64, f64, f64),
+}
+
+fn print_latency_table(rows: &[LatencyRow]) {
+    println!();
+    println!("etcd write latency, {LATENCY_PUTS_PER_S} small puts/s:");
+    println!(
+        "| {:>6} | {:<5} | {:<44} | {:>7} | {:>7} | {:>7} | {:>10} |",
+        "DB GiB", "data", "during", "p50 ms", "p99 ms", "max ms", "p99 × idle"
+    );
+    println!("|{:-<8}|{:-<7}|{:-<46}|{:-<9}|{:-<9}|{:-<9}|{:-<12}|", "", "", "", "", "", "", "");
+    for r in rows {
+        let idle = rows
+            .iter()
+            .find(|o| (o.gib - r.gib).abs() < 1e-9 && o.data == r.data && o.during == "idle")
+            .map(|o| o.latencies.1);
+        println!(
+            "| {:>6.2} | {:<5} | {:<44} | {:>7.2} | {:>7.2} | {:>7.2} | {:>10} |",
+            r.gib,
+            r.data,
+            r.during,
+            r.latencies.0,
+            r.latencies.1,
+            r.latencies.2,
+            idle.map(|i| format!("{:.2}", r.latencies.1 / i)).unwrap_or_default()
+        );
     }
-    Ok(rows
-        .into_iter()
-        .map(|mut r| {
-            // Throughput is reported against etcd's DB size, the bytes every method has to move.
-            r.gib = db as f64 / (1024.0 * 1024.0 * 1024.0);
-            r
-        })
-        .collect())
 }
 
 struct RestoreRow {
@@ -678,38 +842,53 @@ fn print_restore_table(rows: &[RestoreRow]) {
 fn print_table(rows: &[Row]) {
     println!();
     println!(
-        "| {:>6} | {:<44} | {:>7} | {:>10} | {:>10} | {:>7} | {:>13} | {:>15} | {:>10} |",
+        "| {:>6} | {:<5} | {:>6} | {:<44} | {:>7} | {:>6} | {:>10} | {:>6} | {:>6} | {:>9} | {:>6} | {:>9} | {:>9} |",
         "DB GiB",
+        "data",
+        "ratio",
         "method",
         "wall s",
         "× save",
         "× pipeline",
         "MB/s",
-        "agent peak RSS",
-        "disk written MiB",
+        "CPU s",
+        "× zstd -3",
+        "RSS MiB",
+        "disk MiB",
         "stored MiB"
     );
     println!(
-        "|{:-<8}|{:-<46}|{:-<9}|{:-<12}|{:-<12}|{:-<9}|{:-<15}|{:-<17}|{:-<12}|",
-        "", "", "", "", "", "", "", "", ""
+        "|{:-<8}|{:-<7}|{:-<8}|{:-<46}|{:-<9}|{:-<8}|{:-<12}|{:-<8}|{:-<8}|{:-<11}|{:-<8}|{:-<11}|{:-<11}|",
+        "", "", "", "", "", "", "", "", "", "", "", "", ""
     );
     for r in rows {
-        let same: Vec<&Row> = rows.iter().filter(|o| (o.gib - r.gib).abs() < 1e-9).collect();
-        let save = same.iter().find(|o| o.method.starts_with("etcdctl snapshot save")).map(|o| o.wall);
-        let pipe = same.iter().find(|o| o.method.contains("aws s3 cp")).map(|o| o.wall);
+        let same: Vec<&Row> = rows.iter().filter(|o| (o.gib - r.gib).abs() < 1e-9 && o.data == r.data).collect();
+        let find = |p: &str| same.iter().find(|o| o.method.starts_with(p)).copied();
+        let save = find("etcdctl snapshot save");
+        let pipe = same.iter().find(|o| o.method.contains("aws s3 cp")).copied();
+        let zstd3 = find("zstd -3 alone");
         let ratio = |b: Option<Duration>| {
             b.map(|b| format!("{:.2}", r.wall.as_secs_f64() / b.as_secs_f64())).unwrap_or_default()
         };
+        // Compressibility of the data: the DB against what zstd -3 made of it.
+        let compress = zstd3.map(|z| format!("{:.1}×", r.gib * (1u64 << 30) as f64 / z.stored as f64));
         let mbs = r.gib * 1024.0 * 1024.0 * 1024.0 / 1e6 / r.wall.as_secs_f64();
         println!(
-            "| {:>6.2} | {:<44} | {:>7.2} | {:>10} | {:>10} | {:>7.0} | {:>13} | {:>15} | {:>10} |",
+            "| {:>6.2} | {:<5} | {:>6} | {:<44} | {:>7.2} | {:>6} | {:>10} | {:>6.0} | {:>6} | {:>9} | {:>7} | {:>9} | {:>10} |",
             r.gib,
+            r.data,
+            compress.unwrap_or_default(),
             r.method,
             r.wall.as_secs_f64(),
-            ratio(save),
-            ratio(pipe),
+            ratio(save.map(|s| s.wall)),
+            ratio(pipe.map(|p| p.wall)),
             mbs,
-            r.rss.map(|b| format!("{} MiB", mib(b))).unwrap_or_else(|| "-".into()),
+            r.cpu.map(|c| format!("{c:.2}")).unwrap_or_default(),
+            match (r.cpu, zstd3.and_then(|z| z.cpu)) {
+                (Some(c), Some(z)) if z > 0.0 => format!("{:.2}", c / z),
+                _ => String::new(),
+            },
+            r.rss.map(mib).unwrap_or_else(|| "-".into()),
             r.disk_writes.map(mib).unwrap_or_default(),
             mib(r.stored)
         );
