@@ -32,16 +32,27 @@ const CHANNEL_DEPTH: usize = 8;
 /// Progress is reported at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
+/// How the node runs the compression: the node's own business (its spare cores, what else it runs), so
+/// agent flags rather than the coordinator's job.
+#[derive(Debug, Clone, Copy)]
+pub struct PipelineSettings {
+    /// zstd worker threads; 0 compresses on the pipeline's own thread.
+    pub zstd_workers: u32,
+    /// Nice value of the compression thread (and zstd's workers, which inherit it): 0 leaves it as is.
+    pub nice: i32,
+}
+
 /// Runs a backup job on a job stream the coordinator opened; reports failure on the stream itself.
 pub async fn run(
     etcd: EtcdMember,
     job: BackupJob,
+    pipeline: PipelineSettings,
     mut send: SendStream,
     mut recv: RecvStream,
     cancel: CancellationToken,
 ) -> Result<()> {
     // Cancellation is watched inside the pipeline, so a cancelled S3 job still aborts its upload.
-    let result = stream_backup(&etcd, &job, &mut send, &mut recv, &cancel).await;
+    let result = stream_backup(&etcd, &job, pipeline, &mut send, &mut recv, &cancel).await;
     if let Err(e) = &result {
         // Best effort: the coordinator discards the partial object either way when the stream breaks.
         let _ = write_frame(&mut send, &JobMsg::Failed { error: format!("{e:#}") }).await;
@@ -53,6 +64,7 @@ pub async fn run(
 async fn stream_backup(
     etcd: &EtcdMember,
     job: &BackupJob,
+    pipeline: PipelineSettings,
     send: &mut SendStream,
     recv: &mut RecvStream,
     cancel: &CancellationToken,
@@ -64,7 +76,7 @@ async fn stream_backup(
         BackupTarget::Coordinator => Sink::Coordinator,
         BackupTarget::S3(target) => Sink::S3(Box::new(MultipartUpload::new(target, cancel.child_token())?)),
     };
-    let result = pump(etcd, job, &mut sink, send, recv, started_at, cancel).await;
+    let result = pump(etcd, job, pipeline, &mut sink, send, recv, started_at, cancel).await;
     if let Sink::S3(upload) = &mut sink {
         if result.is_err() {
             // Parts in flight stop; the coordinator aborts the upload when it hears of the failure.
@@ -95,9 +107,11 @@ enum Sink {
 }
 
 /// Runs the pipeline to the end; for S3 the upload is completed only after etcd's hash matched.
+#[allow(clippy::too_many_arguments)]
 async fn pump(
     etcd: &EtcdMember,
     job: &BackupJob,
+    pipeline: PipelineSettings,
     sink: &mut Sink,
     send: &mut SendStream,
     recv: &mut RecvStream,
@@ -110,7 +124,7 @@ async fn pump(
     let (progress_tx, progress_rx) = tokio::sync::watch::channel(0u64);
     let mut reader = AbortOnDrop(tokio::spawn(read_etcd(snapshot, raw_tx, progress_tx)));
     let level = job.zstd_level;
-    let compressor = tokio::task::spawn_blocking(move || compress(raw_rx, out_tx, level));
+    let compressor = tokio::task::spawn_blocking(move || compress(raw_rx, out_tx, level, pipeline));
 
     let mut throttle = Throttle::new(job.upload_limit_bps);
     let started = std::time::Instant::now();
@@ -235,8 +249,15 @@ async fn forward(tx: &mpsc::Sender<Vec<u8>>, data: Vec<u8>) -> Result<()> {
     tx.send(data).await.map_err(|_| anyhow!("compressor stopped"))
 }
 
-fn compress(mut rx: mpsc::Receiver<Vec<u8>>, tx: mpsc::Sender<Vec<u8>>, level: i32) -> Result<Compressed> {
-    let mut c = Compressor::new(level, DATA_CHUNK).context("start zstd")?;
+fn compress(
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    tx: mpsc::Sender<Vec<u8>>,
+    level: i32,
+    pipeline: PipelineSettings,
+) -> Result<Compressed> {
+    // The blocking pool reuses threads: this one's priority is set for each job, and put back after.
+    let _priority = pipeline_priority(pipeline.nice);
+    let mut c = Compressor::new(level, DATA_CHUNK, pipeline.zstd_workers).context("start zstd")?;
     while let Some(raw) = rx.blocking_recv() {
         if let Some(out) = c.write(&raw).context("zstd compress")? {
             tx.blocking_send(out).map_err(|_| anyhow!("sender stopped"))?;
@@ -247,6 +268,37 @@ fn compress(mut rx: mpsc::Receiver<Vec<u8>>, tx: mpsc::Sender<Vec<u8>>, level: i
         tx.blocking_send(last).map_err(|_| anyhow!("sender stopped"))?;
     }
     Ok(totals)
+}
+
+/// Lowers the calling thread's CPU priority to `nice` (Linux keeps nice per thread; zstd's workers,
+/// started from this thread, inherit it) and restores it on drop. etcd, sharing the node's cores, then
+/// wins every contended time slice while the compression takes what is left.
+fn pipeline_priority(nice: i32) -> Option<RestorePriority> {
+    if nice == 0 {
+        return None;
+    }
+    let tid = rustix::thread::gettid();
+    let before = rustix::process::getpriority_process(Some(tid)).ok()?;
+    match rustix::process::setpriority_process(Some(tid), nice) {
+        Ok(()) => Some(RestorePriority { tid, before }),
+        Err(e) => {
+            tracing::warn!("cannot lower the compression thread's priority to nice {nice}: {e}");
+            None
+        }
+    }
+}
+
+struct RestorePriority {
+    tid: rustix::process::Pid,
+    before: i32,
+}
+
+impl Drop for RestorePriority {
+    fn drop(&mut self) {
+        // Raising it back may need CAP_SYS_NICE; the thread then stays nice, which only costs the blocking
+        // pool's later work some priority.
+        let _ = rustix::process::setpriority_process(Some(self.tid), self.before);
+    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,8 @@ pub struct Link {
     pub etcd: EtcdMember,
     /// Running backup jobs, waited for at shutdown.
     pub jobs: tokio_util::task::TaskTracker,
+    /// How this node runs the compression.
+    pub pipeline: crate::job::PipelineSettings,
 }
 
 impl Link {
@@ -122,6 +124,7 @@ impl Link {
                 incoming = conn.accept_bi() => {
                     let (job_send, mut job_recv) = incoming.context("coordinator link closed")?;
                     let etcd = self.etcd.clone();
+                    let pipeline = self.pipeline;
                     // Jobs get their own token: at shutdown they may finish within the grace period.
                     let cancel = jobs_cancel.child_token();
                     // Created here so the job's span hangs under this agent's (cluster, member) span.
@@ -136,7 +139,7 @@ impl Link {
                                 let span = info_span!(parent: &job_span, "backup", backup_id = %job.backup_id);
                                 async move {
                                     info!(zstd_level = job.zstd_level, "backup started");
-                                    match crate::job::run(etcd, job, job_send, job_recv, cancel).await {
+                                    match crate::job::run(etcd, job, pipeline, job_send, job_recv, cancel).await {
                                         Ok(()) => info!("backup committed"),
                                         Err(e) => warn!("backup failed: {e:#}"),
                                     }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Parser;
 use ferry_agent::etcd::{EtcdMember, EtcdTls};
+use ferry_agent::job::PipelineSettings;
 use ferry_agent::link::Link;
 use ferry_agent::restore::{BumpChoice, RestoreRequest};
 use std::sync::Arc;
@@ -104,6 +105,15 @@ struct Args {
     /// TCP address for /metrics, /healthz and /readyz (off when not given).
     #[arg(long, env = "FERRY_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// zstd worker threads for a backup's compression (0: one thread). More finish a backup sooner on a node
+    /// with idle cores, for slightly more CPU in all; see docs/PERFORMANCE.md.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=16))]
+    zstd_workers: u32,
+    /// Nice value of the compression threads (0-19; 0 leaves their priority alone): etcd, on the same cores,
+    /// wins every contended time slice. It acts within the agent's cgroup; across containers, the pod's CPU
+    /// request decides (docs/DEPLOY.md).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pipeline_nice: i32,
 }
 
 #[tokio::main]
@@ -157,7 +167,8 @@ async fn run(args: Args) -> Result<()> {
     async {
         info!(%coordinator, etcd = %endpoint, "agent starting");
         let jobs_cancel = CancellationToken::new();
-        Link { coordinator, credentials, etcd, jobs: tokio_util::task::TaskTracker::new() }
+        let pipeline = PipelineSettings { zstd_workers: args.zstd_workers, nice: args.pipeline_nice };
+        Link { coordinator, credentials, etcd, jobs: tokio_util::task::TaskTracker::new(), pipeline }
             .run(cancel, jobs_cancel)
             .await?;
         info!("agent stopped");

@@ -91,8 +91,12 @@ pub struct Compressed {
 }
 
 impl Compressor {
-    pub fn new(level: i32, chunk: usize) -> std::io::Result<Self> {
-        let enc = zstd::stream::write::Encoder::new(Vec::with_capacity(chunk * 2), level)?;
+    /// `workers`: zstd's own worker threads (0: compress on the calling thread).
+    pub fn new(level: i32, chunk: usize, workers: u32) -> std::io::Result<Self> {
+        let mut enc = zstd::stream::write::Encoder::new(Vec::with_capacity(chunk * 2), level)?;
+        if workers > 0 {
+            enc.multithread(workers)?;
+        }
         Ok(Self { enc, sha: Sha256::new(), bytes: 0, chunk })
     }
 
@@ -182,17 +186,19 @@ mod tests {
     #[test]
     fn compressor_output_is_one_plain_zstd_stream() {
         let raw: Vec<u8> = (0..2_000_000u32).map(|i| b"kube-apiserver/pods/"[(i % 20) as usize]).collect();
-        let mut c = Compressor::new(3, 64 * 1024).unwrap();
-        let mut out = Vec::new();
-        for piece in raw.chunks(32 * 1024) {
-            if let Some(o) = c.write(piece).unwrap() {
-                out.extend(o);
+        for workers in [0, 2] {
+            let mut c = Compressor::new(3, 64 * 1024, workers).unwrap();
+            let mut out = Vec::new();
+            for piece in raw.chunks(32 * 1024) {
+                if let Some(o) = c.write(piece).unwrap() {
+                    out.extend(o);
+                }
             }
+            let (last, totals) = c.finish().unwrap();
+            out.extend(last);
+            assert_eq!(totals.bytes, out.len() as u64);
+            assert_eq!(totals.sha256[..], Sha256::digest(&out)[..]);
+            assert_eq!(zstd::decode_all(&out[..]).unwrap(), raw, "{workers} workers");
         }
-        let (last, totals) = c.finish().unwrap();
-        out.extend(last);
-        assert_eq!(totals.bytes, out.len() as u64);
-        assert_eq!(totals.sha256[..], Sha256::digest(&out)[..]);
-        assert_eq!(zstd::decode_all(&out[..]).unwrap(), raw);
     }
 }

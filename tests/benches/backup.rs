@@ -381,7 +381,7 @@ impl Ferry {
         Ok(())
     }
 
-    fn start_agent(&self) -> Result<Proc> {
+    fn start_agent(&self, extra: &[String]) -> Result<Proc> {
         let creds = self.dir.join("agent-creds");
         if !creds.exists() {
             self.ctl(
@@ -390,7 +390,10 @@ impl Ferry {
             )?;
         }
         let mut cmd = Command::new(release_bin("ferry-agent")?);
-        cmd.args(["--coordinator", &self.addr, "--credentials"]).arg(&creds).args(["--etcd-endpoints", &self.etcd]);
+        cmd.args(["--coordinator", &self.addr, "--credentials"])
+            .arg(&creds)
+            .args(["--etcd-endpoints", &self.etcd])
+            .args(extra);
         let agent = spawn(&mut cmd, &self.dir.join("agent.log"))?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -607,7 +610,7 @@ async fn bench_size(
     };
     if only_restore() {
         ferry.start_coordinator(&[])?;
-        let _agent = ferry.start_agent()?;
+        let _agent = ferry.start_agent(&[])?;
         ferry.backup(0)?;
         restore_rows.extend(bench_restore(&ferry, db_gib)?);
         drop(ferry);
@@ -667,19 +670,22 @@ async fn bench_size(
     stop.set();
     latency_rows.push(LatencyRow { gib: db_gib, data, during: "idle".into(), latencies: percentiles(idle.await??) });
 
-    let mut runs: Vec<(String, Vec<String>)> = run_
+    let args = |a: &[&str]| a.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();
+    let mut runs: Vec<(String, Vec<String>, Vec<String>)> = run_
         .levels
         .iter()
-        .map(|l| (format!("ferry → S3, zstd -{l}"), vec!["--zstd-level".to_string(), l.to_string()]))
+        .map(|l| (format!("ferry → S3, zstd -{l}"), args(&["--zstd-level", &l.to_string()]), vec![]))
         .collect();
+    runs.push(("ferry → S3, zstd -3, 2 zstd workers".into(), vec![], args(&["--zstd-workers", "2"])));
     runs.push((
         format!("ferry → S3, upload capped at {THROTTLED_MBPS} Mbit/s"),
-        vec!["--upload-limit-mbps".to_string(), THROTTLED_MBPS.to_string()],
+        args(&["--upload-limit-mbps", &THROTTLED_MBPS.to_string()]),
+        vec![],
     ));
-    for (seq, (label, extra)) in runs.into_iter().enumerate() {
+    for (seq, (label, extra, agent_extra)) in runs.into_iter().enumerate() {
         eprintln!("[{gib} GiB {data}] {label}…");
         ferry.start_coordinator(&extra)?;
-        let agent = ferry.start_agent()?;
+        let agent = ferry.start_agent(&agent_extra)?;
         let pid = agent.0.id().to_string();
         let (_, writes_before) = proc_stats(agent.0.id());
         let cpu_before = cpu_seconds(&pid, false);
