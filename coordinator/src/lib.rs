@@ -2,7 +2,7 @@
 //! agents, and its resource-oriented CLI.
 //!
 //! One owner per piece of state, each behind a narrow handle:
-//! - [`state`]: resources, crash-safe (the `StateStore` trait, redb today);
+//! - [`state`]: resources, crash-safe (the `StateStore` trait: embedded redb, or a shared etcd);
 //! - [`agents`]: the registry of live agents and the `Agents` resources;
 //! - [`credentials`]: the agent certificates issued (`AgentCredentials`), revocation and who is connected with each;
 //! - [`status`]: cluster and overall backup status, each update one state-store transaction;
