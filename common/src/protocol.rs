@@ -155,11 +155,18 @@ impl Hello {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum HelloReply {
-    Ok { protocol_version: u32, software_version: String },
-    Refused { reason: String },
+    Ok {
+        protocol_version: u32,
+        software_version: String,
+    },
+    Refused {
+        reason: String,
+    },
     /// This replica does not lead: dial `leader` (its client address), or, when no leader is known yet (an
     /// election is under way), another replica or this one again shortly.
-    NotLeader { leader: Option<String> },
+    NotLeader {
+        leader: Option<String>,
+    },
 }
 
 /// What an agent knows about its etcd member, reported at registration and periodically.

@@ -46,7 +46,7 @@ pub struct Term {
 impl Election {
     /// Connects to the state etcd (a connection of its own, so lease renewals do not queue behind state reads).
     pub async fn connect(options: &EtcdStoreOptions, me: String) -> Result<Self, StateError> {
-        let client = Client::connect(options.endpoints.clone(), Some(options.connect_options()?))
+        let client = Client::connect(options.endpoints.clone(), Some(options.connect_options(None)?))
             .await
             .map_err(|e| StateError::Etcd(format!("connect for the leader election: {e}")))?;
         Ok(Self { client, name: format!("{}leader", options.prefix), me })
@@ -116,9 +116,10 @@ impl Term {
     pub async fn resign(self) {
         self.lost.cancel();
         let mut leases = self.client.lease_client();
-        if let Err(e) = tokio::time::timeout(RPC_TIMEOUT, leases.revoke(self.lease)).await.unwrap_or_else(|_| {
-            Err(etcd_client::Error::LeaseKeepAliveError("lease revoke timed out".into()))
-        }) {
+        if let Err(e) = tokio::time::timeout(RPC_TIMEOUT, leases.revoke(self.lease))
+            .await
+            .unwrap_or_else(|_| Err(etcd_client::Error::LeaseKeepAliveError("lease revoke timed out".into())))
+        {
             warn!("failed to revoke the leader lease (another replica takes over when it expires): {e}");
         }
     }

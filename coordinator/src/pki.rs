@@ -132,7 +132,9 @@ pub fn quic_endpoint_config(keys: &Keys<'_>) -> Result<quinn::EndpointConfig> {
 fn quic_secret(keys: &Keys<'_>) -> Result<Vec<u8>> {
     let state_dir = match keys {
         Keys::Dir(dir) => *dir,
-        Keys::Shared(state) => return Ok(state.blob_or_create("quic.key", &mut || Ok(rand::random::<[u8; 32]>().to_vec()))?),
+        Keys::Shared(state) => {
+            return Ok(state.blob_or_create("quic.key", &mut || Ok(rand::random::<[u8; 32]>().to_vec()))?)
+        }
     };
     let path = state_dir.join("pki").join("quic.key");
     let secret = if path.exists() {

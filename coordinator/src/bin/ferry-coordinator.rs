@@ -18,6 +18,7 @@ use ferry_common::config::{create_private, create_private_dir};
 use ferry_common::observe::{init_logging, listen, shutdown_signal, LogFormat, Observed};
 use ferry_common::resources::{Resource, ResourceType, Spec, S3_CONFIG_ID};
 use ferry_common::tls::quinn_server_config;
+use ferry_common::tls::CertAuthority;
 use ferry_coordinator::agents::Agents;
 use ferry_coordinator::api::{Api, ApiDeps};
 use ferry_coordinator::backup::{JobDeps, Jobs};
@@ -29,7 +30,6 @@ use ferry_coordinator::net::{redirect_to_leader, Server};
 use ferry_coordinator::pki::Keys;
 use ferry_coordinator::schedule::{self, SchedulerDeps};
 use ferry_coordinator::state::{EtcdStore, EtcdStoreOptions, RedbStore, StateStore};
-use ferry_common::tls::CertAuthority;
 use ferry_coordinator::status::Status;
 use ferry_coordinator::store::{BackupStore, S3Conn};
 use tokio_util::sync::CancellationToken;
@@ -190,8 +190,13 @@ async fn run(args: Args) -> Result<()> {
         Some(_) => Keys::Shared(state.as_ref()),
         None => Keys::Dir(&args.state_dir),
     };
-    let pki =
-        ferry_coordinator::pki::init(&keys, &args.state_dir, args.listen, &args.advertise_names, &args.replica_addresses)?;
+    let pki = ferry_coordinator::pki::init(
+        &keys,
+        &args.state_dir,
+        args.listen,
+        &args.advertise_names,
+        &args.replica_addresses,
+    )?;
     let store_dir = args.local_store_dir.clone().unwrap_or_else(|| args.state_dir.join("backups"));
     let store = Arc::new(match args.backup_store {
         StoreKind::Local => {
@@ -253,14 +258,23 @@ async fn run(args: Args) -> Result<()> {
         on_signal.cancel();
     });
 
-    let shared = Shared { args: &args, state, store, settings, metrics: metrics.clone(), ca: pki.ca, endpoint: endpoint.clone() };
+    let shared = Shared {
+        args: &args,
+        state,
+        store,
+        settings,
+        metrics: metrics.clone(),
+        ca: pki.ca,
+        endpoint: endpoint.clone(),
+    };
     loop {
         let term = match &election {
             None => None,
             Some(election) => {
                 // Until elected, every client is sent to the leader.
                 let stop_redirecting = CancellationToken::new();
-                let redirect = tokio::spawn(redirect_to_leader(endpoint.clone(), election.clone(), stop_redirecting.clone()));
+                let redirect =
+                    tokio::spawn(redirect_to_leader(endpoint.clone(), election.clone(), stop_redirecting.clone()));
                 info!("campaigning for leadership; redirecting clients to the leader meanwhile");
                 let term = election.campaign(&shutdown).await;
                 stop_redirecting.cancel();
@@ -276,7 +290,10 @@ async fn run(args: Args) -> Result<()> {
         metrics.leader.set(1);
         let ended = lead(&shared, &lost, &shutdown).await;
         metrics.leader.set(0);
-        let Some(term) = term else { ended?; break };
+        let Some(term) = term else {
+            ended?;
+            break;
+        };
         // Handing over at once rather than when the lease runs out.
         term.resign().await;
         if let Err(e) = ended {

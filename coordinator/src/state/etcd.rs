@@ -46,12 +46,15 @@ pub struct EtcdStoreOptions {
 }
 
 impl EtcdStoreOptions {
-    /// The etcd client options these settings ask for (TLS files are read here).
-    pub fn connect_options(&self) -> Result<ConnectOptions, StateError> {
+    /// The etcd client options these settings ask for (TLS files are read here), with `request_timeout` on
+    /// every request when given (not for the election: a campaign waits as long as another replica leads).
+    pub fn connect_options(&self, request_timeout: Option<Duration>) -> Result<ConnectOptions, StateError> {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(RPC_TIMEOUT)
-            .with_timeout(RPC_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        if let Some(t) = request_timeout {
+            opts = opts.with_timeout(t);
+        }
         let read = |p: &PathBuf, flag: &str| {
             std::fs::read(p).map_err(|e| StateError::Etcd(format!("read {flag} {}: {e}", p.display())))
         };
@@ -124,7 +127,7 @@ impl EtcdStore {
             .enable_all()
             .build()
             .map_err(|e| StateError::Etcd(format!("start the etcd client runtime: {e}")))?;
-        let opts = options.connect_options()?;
+        let opts = options.connect_options(Some(RPC_TIMEOUT))?;
         let endpoints = options.endpoints.clone();
         let client = run_on(&runtime, "connect", async move { Client::connect(endpoints, Some(opts)).await })?;
         let store = Self { client, prefix: options.prefix.clone(), runtime: Some(runtime) };
@@ -271,9 +274,11 @@ impl StateStore for EtcdStore {
         }
         let value = create()?;
         // Put only if still absent; otherwise read what the replica that won stored.
-        let txn = Txn::new()
-            .when([Compare::create_revision(k.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(k.as_str(), value.clone(), None)]);
+        let txn = Txn::new().when([Compare::create_revision(k.as_str(), CompareOp::Equal, 0)]).and_then([TxnOp::put(
+            k.as_str(),
+            value.clone(),
+            None,
+        )]);
         let mut c = self.client.clone();
         let created = run_on(self.rt(), "create a blob", async move { Ok(c.txn(txn).await?.succeeded()) })?;
         if created {
