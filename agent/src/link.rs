@@ -1,12 +1,15 @@
 //! The agent's link to the coordinator: dial (agents may sit behind NAT, so they always dial), say hello,
 //! report etcd facts periodically, and run the jobs the coordinator sends. Reconnects with backoff whenever
 //! the link drops, and starts fine before the coordinator is up.
+//!
+//! The coordinator may be several replicas (`--coordinator ADDR,ADDR,…`): the agent dials them in turn, and a
+//! replica that does not lead names the one that does, which the agent dials next.
 
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use ferry_common::backoff::Backoff;
-use ferry_common::client::bind_address_for;
+use ferry_common::client::{bind_address_for, coordinator_addresses};
 use ferry_common::config::AgentCredentials;
 use ferry_common::protocol::{expect_frame, write_frame, AgentMsg, EtcdFacts, Hello, HelloReply, Intent, JobRequest};
 use ferry_common::tls::{quinn_client_config, resolve};
@@ -22,6 +25,8 @@ pub const REPORT_INTERVAL: Duration = Duration::from_secs(10);
 const RECONNECT_BACKOFF: Backoff = Backoff { base: Duration::from_secs(1), max: Duration::from_secs(30), jitter: 0.5 };
 /// A QUIC handshake that takes longer than this is abandoned and retried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause before dialing the next replica or the leader a replica named (no backoff within a round).
+const NEXT_REPLICA_DELAY: Duration = Duration::from_millis(200);
 
 /// How long running backups get to finish after SIGTERM before they are cancelled (and their uploads aborted).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -47,9 +52,14 @@ impl Link {
         let mut endpoint: Option<quinn::Endpoint> = None;
         let mut failures: u32 = 0;
         let mut last_facts = EtcdFacts::default();
+        let addresses = coordinator_addresses(&self.coordinator);
+        anyhow::ensure!(!addresses.is_empty(), "--coordinator names no address");
+        // The replica to dial next, and the leader a replica named (dialed first when set).
+        let (mut next, mut redirect) = (0usize, None::<String>);
         while !cancel.is_cancelled() {
+            let target = redirect.take().unwrap_or_else(|| addresses[next % addresses.len()].clone());
             let result = async {
-                let (addr, server_name) = resolve(&self.coordinator).await?;
+                let (addr, server_name) = resolve(&target).await?;
                 let bind = bind_address_for(addr);
                 let ep = match endpoint.take() {
                     Some(ep) if ep.local_addr().is_ok_and(|a| a.is_ipv6() == bind.is_ipv6()) => ep,
@@ -67,11 +77,27 @@ impl Link {
                 self.session(ep, addr, &server_name, &cancel, &jobs_cancel, &mut last_facts, &mut failures).await
             }
             .await;
-            if let Err(e) = result {
-                warn!("coordinator link to {} failed: {e:#}", self.coordinator);
+            match result {
+                Ok(Some(leader)) => {
+                    info!(?leader, "{target} does not lead; dialing the leader");
+                    redirect = leader.filter(|l| *l != target);
+                }
+                Ok(None) => {}
+                Err(e) => warn!("coordinator link to {target} failed: {e:#}"),
             }
             if cancel.is_cancelled() {
                 break;
+            }
+            // Another replica or the leader is worth a try at once; after a whole round, back off.
+            if redirect.is_none() {
+                next += 1;
+            }
+            if redirect.is_some() || next % addresses.len() != 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(NEXT_REPLICA_DELAY) => {}
+                    _ = cancel.cancelled() => {}
+                }
+                continue;
             }
             failures = failures.saturating_add(1);
             let delay = RECONNECT_BACKOFF.delay(failures);
@@ -99,7 +125,7 @@ impl Link {
         jobs_cancel: &CancellationToken,
         last_facts: &mut EtcdFacts,
         failures: &mut u32,
-    ) -> Result<()> {
+    ) -> Result<Option<Option<String>>> {
         let connecting = endpoint.connect(addr, server_name).context("start QUIC connection")?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
@@ -110,6 +136,10 @@ impl Link {
         match expect_frame(&mut recv).await.context("read hello reply")? {
             HelloReply::Ok { software_version, .. } => info!(%software_version, "registered with the coordinator"),
             HelloReply::Refused { reason } => bail!("the coordinator refused this agent: {reason}"),
+            HelloReply::NotLeader { leader } => {
+                conn.close(0u32.into(), b"going to the leader");
+                return Ok(Some(leader));
+            }
         }
         *failures = 0;
         METRICS.coordinator_connected.set(1);
@@ -153,7 +183,7 @@ impl Link {
                     // or the grace period ends.
                     drain(&self.jobs, jobs_cancel).await;
                     conn.close(0u32.into(), b"agent shutting down");
-                    return Ok(());
+                    return Ok(None);
                 }
             }
         }

@@ -38,7 +38,7 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct RestoreArgs {
-    /// Coordinator QUIC address, HOST:PORT (read from --ferryconfig when that is given).
+    /// Coordinator QUIC address, HOST:PORT[,HOST:PORT…] (read from --ferryconfig when that is given).
     #[arg(long, env = "FERRY_COORDINATOR")]
     coordinator: Option<String>,
     /// Agent credentials (ca.crt, agent.crt, agent.key): restores this agent's own cluster.
@@ -84,7 +84,7 @@ struct RestoreArgs {
 /// Run mode. Checked by hand, not by clap: clap cannot make these required only without a subcommand.
 #[derive(clap::Args, Debug)]
 struct Args {
-    /// Coordinator QUIC address, HOST:PORT (required).
+    /// Coordinator QUIC address, HOST:PORT, or every replica's: HOST:PORT,HOST:PORT,… (required).
     #[arg(long, env = "FERRY_COORDINATOR")]
     coordinator: Option<String>,
     /// Directory with ca.crt, agent.crt and agent.key, from `ferryctl agent-credentials` (required).

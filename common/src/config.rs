@@ -27,7 +27,7 @@ pub enum ConfigError {
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FerryConfig {
-    /// `host:port` of the coordinator's QUIC listener.
+    /// `host:port` of the coordinator's QUIC listener, or of every replica: `host:port,host:port,…`.
     pub coordinator: String,
     /// PEM of the coordinator's CA.
     pub ca: String,

@@ -26,7 +26,8 @@ use crate::resources::{Resource, ResourceType, Selector, Timestamp};
 ///    (`JobMsg::PartUrl` / `JobReply::PartUrl`), the coordinator creates and completes the multipart upload.
 /// 6: agent certificates expire and are recorded and revocable (`AgentCredentials` carries a lifetime,
 ///    `RevokeAgentCredentials`, `Credentials` names the serial); read-only admin credentials.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// 7: `HelloReply::NotLeader`: a coordinator replica that does not lead sends clients to the one that does.
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
 pub const ALPN: &[u8] = b"ferry/1";
@@ -154,8 +155,18 @@ impl Hello {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum HelloReply {
-    Ok { protocol_version: u32, software_version: String },
-    Refused { reason: String },
+    Ok {
+        protocol_version: u32,
+        software_version: String,
+    },
+    Refused {
+        reason: String,
+    },
+    /// This replica does not lead: dial `leader` (its client address), or, when no leader is known yet (an
+    /// election is under way), another replica or this one again shortly.
+    NotLeader {
+        leader: Option<String>,
+    },
 }
 
 /// What an agent knows about its etcd member, reported at registration and periodically.

@@ -2,7 +2,7 @@
 //! agents, and its resource-oriented CLI.
 //!
 //! One owner per piece of state, each behind a narrow handle:
-//! - [`state`]: resources, crash-safe (the `StateStore` trait, redb today);
+//! - [`state`]: resources, crash-safe (the `StateStore` trait: embedded redb, or a shared etcd);
 //! - [`agents`]: the registry of live agents and the `Agents` resources;
 //! - [`credentials`]: the agent certificates issued (`AgentCredentials`), revocation and who is connected with each;
 //! - [`status`]: cluster and overall backup status, each update one state-store transaction;
@@ -10,6 +10,7 @@
 //! - [`backup`]: `Jobs`, which starts, runs and drains backup jobs and reports each outcome on a channel;
 //! - [`schedule`]: the scheduler task, owner of its per-cluster state, fed by those outcomes;
 //! - [`net`] and [`api`]: the QUIC listener and the admin requests it serves;
+//! - [`leader`]: the election among replicas sharing a state etcd (only the leader runs the owners above);
 //! - [`cli`]: ferryctl's half (tables, cluster templates).
 //!
 //! Imports point one way: `schedule` → `backup` → {`store`, `status`, `agents`} → `state`; nothing below imports
@@ -21,6 +22,7 @@ pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod credentials;
+pub mod leader;
 pub mod metrics;
 pub mod net;
 pub mod pki;

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub etcd_reachable_agents: Family<ClusterLabels, Gauge>,
     pub consecutive_failures: Family<ClusterLabels, Gauge>,
     pub store_configuration_error: Gauge,
+    /// 1 while this replica leads (always, for a coordinator on redb).
+    pub leader: Gauge,
     pub retention_deleted: Family<ClusterLabels, Counter>,
     pub interval: Family<ClusterLabels, FloatGauge>,
 }
@@ -56,6 +58,7 @@ impl Default for Metrics {
             etcd_reachable_agents: Family::default(),
             consecutive_failures: Family::default(),
             store_configuration_error: Gauge::default(),
+            leader: Gauge::default(),
             retention_deleted: Family::default(),
             interval: Family::default(),
             registry: Registry::default(),
@@ -97,6 +100,11 @@ impl Default for Metrics {
             "store_configuration_error",
             "1 while the backup store is not usable",
             m.store_configuration_error.clone(),
+        );
+        registry.register(
+            "coordinator_leader",
+            "1 while this coordinator replica leads (schedules, runs backups, serves clients)",
+            m.leader.clone(),
         );
         registry.register(
             "retention_deleted",

@@ -1,5 +1,8 @@
-//! The coordinator's certificates: a CA created on first start in the state dir, a server certificate
-//! re-issued at every start (so `--advertise-name` changes take effect), and `admin.ferryconfig`.
+//! The coordinator's certificates: a CA created on first start, a server certificate re-issued at every start
+//! (so `--advertise-name` changes take effect), and `admin.ferryconfig`.
+//!
+//! The CA and the QUIC keys live in the state dir ([`Keys::Dir`]) or, for replicas sharing a state etcd, in
+//! the state store ([`Keys::Shared`]), so every replica signs with the same CA and agents trust them all.
 
 use std::fs;
 use std::net::SocketAddr;
@@ -9,28 +12,70 @@ use anyhow::{Context, Result};
 use ferry_common::config::{create_private_dir, read_secret, write_private, FerryConfig};
 use ferry_common::tls::{CertAuthority, CertifiedPem, Identity};
 
+use crate::state::{StateError, StateStore};
+
 pub const ADMIN_CONFIG: &str = "admin.ferryconfig";
+
+/// Where the CA and the QUIC keys are kept.
+pub enum Keys<'a> {
+    /// Files under `<state dir>/pki` (one coordinator).
+    Dir(&'a Path),
+    /// Blobs of the shared state store (replicas).
+    Shared(&'a dyn StateStore),
+}
+
+/// The shared CA blob.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CaBlob {
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn load_ca(keys: &Keys<'_>) -> Result<CertAuthority> {
+    let dir = match keys {
+        Keys::Dir(dir) => *dir,
+        Keys::Shared(state) => {
+            let blob = state.blob_or_create("ca", &mut || {
+                let ca = CertAuthority::generate().map_err(|e| StateError::Etcd(format!("create the CA: {e}")))?;
+                tracing::info!("created a new certificate authority in the state store");
+                serde_json::to_vec(&CaBlob { cert_pem: ca.pem().cert_pem.clone(), key_pem: ca.pem().key_pem.clone() })
+                    .map_err(StateError::Encode)
+            })?;
+            let ca: CaBlob = serde_json::from_slice(&blob).context("the CA in the state store is unreadable")?;
+            return CertAuthority::from_pem(&ca.cert_pem, &ca.key_pem).context("load the coordinator CA");
+        }
+    };
+    let dir = dir.join("pki");
+    create_private_dir(&dir).with_context(|| format!("create {} (0700)", dir.display()))?;
+    let (crt, key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    if crt.exists() && key.exists() {
+        let cert_pem = fs::read_to_string(&crt).with_context(|| format!("read {}", crt.display()))?;
+        CertAuthority::from_pem(&cert_pem, &read_secret(&key)?).context("load the coordinator CA")
+    } else {
+        let ca = CertAuthority::generate().context("create the coordinator CA")?;
+        write_private(&key, ca.pem().key_pem.as_bytes())?;
+        fs::write(&crt, &ca.pem().cert_pem).with_context(|| format!("write {}", crt.display()))?;
+        tracing::info!(path = %crt.display(), "created a new certificate authority");
+        Ok(ca)
+    }
+}
 
 pub struct Pki {
     pub ca: CertAuthority,
     pub server: CertifiedPem,
 }
 
-/// Loads or creates the CA, issues the server certificate and makes sure `admin.ferryconfig` exists.
-pub fn init(state_dir: &Path, listen: SocketAddr, advertise: &[String]) -> Result<Pki> {
-    let dir = state_dir.join("pki");
-    create_private_dir(&dir).with_context(|| format!("create {} (0700)", dir.display()))?;
-    let (crt, key) = (dir.join("ca.crt"), dir.join("ca.key"));
-    let ca = if crt.exists() && key.exists() {
-        let cert_pem = fs::read_to_string(&crt).with_context(|| format!("read {}", crt.display()))?;
-        CertAuthority::from_pem(&cert_pem, &read_secret(&key)?).context("load the coordinator CA")?
-    } else {
-        let ca = CertAuthority::generate().context("create the coordinator CA")?;
-        write_private(&key, ca.pem().key_pem.as_bytes())?;
-        fs::write(&crt, &ca.pem().cert_pem).with_context(|| format!("write {}", crt.display()))?;
-        tracing::info!(path = %crt.display(), "created a new certificate authority");
-        ca
-    };
+/// Loads or creates the CA, issues the server certificate and makes sure `admin.ferryconfig` exists in
+/// `state_dir`. `replicas` are the client addresses of every replica (written into `admin.ferryconfig` so
+/// ferryctl reaches whichever is up); empty for a single coordinator.
+pub fn init(
+    keys: &Keys<'_>,
+    state_dir: &Path,
+    listen: SocketAddr,
+    advertise: &[String],
+    replicas: &[String],
+) -> Result<Pki> {
+    let ca = load_ca(keys)?;
 
     let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
     if !listen.ip().is_unspecified() {
@@ -40,10 +85,22 @@ pub fn init(state_dir: &Path, listen: SocketAddr, advertise: &[String]) -> Resul
     names.dedup();
     let server = ca.issue_server(&names).context("issue the coordinator's server certificate")?;
 
-    let address = client_address(listen, advertise);
+    // This replica first, so ferryctl on its machine dials it first; the others after it.
+    let own = client_address(listen, advertise);
+    let address = std::iter::once(own.clone())
+        .chain(replicas.iter().filter(|r| **r != own).cloned())
+        .collect::<Vec<_>>()
+        .join(",");
     let path = state_dir.join(ADMIN_CONFIG);
     if path.exists() {
         let mut cfg = FerryConfig::load(&path)?;
+        // Credentials of another CA (a state dir reused with a new state etcd) would not work: issue anew.
+        if cfg.ca != ca.pem().cert_pem {
+            let admin = ca.issue_client(&Identity::Admin).context("issue the admin certificate")?;
+            (cfg.ca, cfg.cert, cfg.key) = (ca.pem().cert_pem.clone(), admin.cert_pem, admin.key_pem);
+            cfg.coordinator = address.clone();
+            cfg.save(&path)?;
+        }
         if cfg.coordinator != address {
             cfg.coordinator = address;
             cfg.save(&path)?;
@@ -60,8 +117,8 @@ pub fn init(state_dir: &Path, listen: SocketAddr, advertise: &[String]) -> Resul
 /// The QUIC endpoint's keys, kept across restarts: the stateless-reset key and the key that connection IDs
 /// are validated with. With both, a restarted coordinator recognises its old connection IDs and resets them,
 /// so agents redial at once instead of waiting out the idle timeout.
-pub fn quic_endpoint_config(state_dir: &Path) -> Result<quinn::EndpointConfig> {
-    let secret = quic_secret(state_dir)?;
+pub fn quic_endpoint_config(keys: &Keys<'_>) -> Result<quinn::EndpointConfig> {
+    let secret = quic_secret(keys)?;
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
     let tag = ring::hmac::sign(&reset_key, b"ferry connection id key");
     let mut cid_key = [0u8; 8];
@@ -72,7 +129,13 @@ pub fn quic_endpoint_config(state_dir: &Path) -> Result<quinn::EndpointConfig> {
     Ok(config)
 }
 
-fn quic_secret(state_dir: &Path) -> Result<Vec<u8>> {
+fn quic_secret(keys: &Keys<'_>) -> Result<Vec<u8>> {
+    let state_dir = match keys {
+        Keys::Dir(dir) => *dir,
+        Keys::Shared(state) => {
+            return Ok(state.blob_or_create("quic.key", &mut || Ok(rand::random::<[u8; 32]>().to_vec()))?)
+        }
+    };
     let path = state_dir.join("pki").join("quic.key");
     let secret = if path.exists() {
         hex::decode(read_secret(&path)?.trim())
@@ -86,7 +149,7 @@ fn quic_secret(state_dir: &Path) -> Result<Vec<u8>> {
 }
 
 /// The address clients should dial: the listen address, or an advertised name when listening on all.
-fn client_address(listen: SocketAddr, advertise: &[String]) -> String {
+pub fn client_address(listen: SocketAddr, advertise: &[String]) -> String {
     let port = listen.port();
     if !listen.ip().is_unspecified() {
         return listen.to_string();

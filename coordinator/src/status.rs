@@ -187,32 +187,38 @@ impl Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::RedbStore;
+    use crate::state::tests::TestState;
 
     /// Members restoring one backup get one floor, although the first restored member's agent reports its
     /// new (bumped) revision before the next member asks; a day later, or for another backup, a new plan.
     #[test]
     fn restore_plans_hold_for_one_backup_and_survive_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.redb");
+        for (_, t) in TestState::both() {
+            restore_plans_hold(&t);
+        }
+    }
+
+    fn restore_plans_hold(t: &TestState) {
         let at = |s| Timestamp { seconds: s, nanos: 0 };
         {
-            let state = RedbStore::open(&path).unwrap();
-            raise_highest_revision(&state, "c", 5_000, at(100)).unwrap();
-            raise_highest_revision(&state, "c", 4_000, at(200)).unwrap(); // lower: ignored
-            let first = restore_plan(&state, "c", "c-1", Some((5_200, at(300))), at(1_000)).unwrap();
+            let state = t.open();
+            let state = state.as_ref();
+            raise_highest_revision(state, "c", 5_000, at(100)).unwrap();
+            raise_highest_revision(state, "c", 4_000, at(200)).unwrap(); // lower: ignored
+            let first = restore_plan(state, "c", "c-1", Some((5_200, at(300))), at(1_000)).unwrap();
             assert_eq!((first.highestrevision, first.highestrevisionat), (5_200, Some(at(300))));
-            raise_highest_revision(&state, "c", 900_000, at(1_100)).unwrap(); // a restored member reports
-            let second = restore_plan(&state, "c", "c-1", Some((900_000, at(1_100))), at(1_200)).unwrap();
+            raise_highest_revision(state, "c", 900_000, at(1_100)).unwrap(); // a restored member reports
+            let second = restore_plan(state, "c", "c-1", Some((900_000, at(1_100))), at(1_200)).unwrap();
             assert_eq!(second, first, "the second member gets the first member's floor");
         }
         // After a coordinator restart the plan and the highest revision are still there.
-        let state = RedbStore::open(&path).unwrap();
-        let third = restore_plan(&state, "c", "c-1", None, at(2_000)).unwrap();
+        let state = t.open();
+        let state = state.as_ref();
+        let third = restore_plan(state, "c", "c-1", None, at(2_000)).unwrap();
         assert_eq!(third.highestrevision, 5_200);
-        let later = restore_plan(&state, "c", "c-1", None, at(1_000 + RESTORE_PLAN_HOLDS_SECONDS)).unwrap();
+        let later = restore_plan(state, "c", "c-1", None, at(1_000 + RESTORE_PLAN_HOLDS_SECONDS)).unwrap();
         assert_eq!(later.highestrevision, 900_000, "a day later the same backup plans anew");
-        let other = restore_plan(&state, "c", "c-2", None, at(1_000 + RESTORE_PLAN_HOLDS_SECONDS)).unwrap();
+        let other = restore_plan(state, "c", "c-2", None, at(1_000 + RESTORE_PLAN_HOLDS_SECONDS)).unwrap();
         assert_eq!((other.backup.as_str(), other.highestrevision), ("c-2", 900_000));
     }
 
@@ -220,8 +226,12 @@ mod tests {
     /// configuration changes (read-modify-write of the overall status): every update must survive.
     #[test]
     fn concurrent_progress_ticks_and_configuration_changes_lose_no_update() {
-        let dir = tempfile::tempdir().unwrap();
-        let state: Arc<dyn StateStore> = Arc::new(RedbStore::open(&dir.path().join("state.redb")).unwrap());
+        for (_, t) in TestState::both() {
+            progress_and_configuration_race(t.open());
+        }
+    }
+
+    fn progress_and_configuration_race(state: Arc<dyn StateStore>) {
         let status = Status::new(state.clone(), Arc::new(Metrics::default()), "local", "").unwrap();
         const TICKS: u64 = 200;
         const CONFIGS: u32 = 100;

@@ -1,5 +1,10 @@
 //! `ferry-coordinator`: parses flags, opens the state dir, wires the owners together (state store, status,
 //! agent registry, backup store, jobs, scheduler, API, listener) and shuts them down in order.
+//!
+//! With `--state-store etcd` several replicas share one state: each campaigns for leadership and, until it
+//! leads, redirects every client to the leader. A term of leadership runs the owners exactly as a single
+//! coordinator does after a start (so a new leader recovers from a dead one as a restarted coordinator
+//! recovers from `kill -9`); a lost term ends like a shutdown without grace.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -13,15 +18,18 @@ use ferry_common::config::{create_private, create_private_dir};
 use ferry_common::observe::{init_logging, listen, shutdown_signal, LogFormat, Observed};
 use ferry_common::resources::{Resource, ResourceType, Spec, S3_CONFIG_ID};
 use ferry_common::tls::quinn_server_config;
+use ferry_common::tls::CertAuthority;
 use ferry_coordinator::agents::Agents;
 use ferry_coordinator::api::{Api, ApiDeps};
 use ferry_coordinator::backup::{JobDeps, Jobs};
 use ferry_coordinator::config::{Bounds, Settings};
 use ferry_coordinator::credentials::Credentials;
+use ferry_coordinator::leader::{Election, Term};
 use ferry_coordinator::metrics::{Metrics, Observer};
-use ferry_coordinator::net::Server;
+use ferry_coordinator::net::{redirect_to_leader, Server};
+use ferry_coordinator::pki::Keys;
 use ferry_coordinator::schedule::{self, SchedulerDeps};
-use ferry_coordinator::state::{RedbStore, StateStore};
+use ferry_coordinator::state::{EtcdStore, EtcdStoreOptions, RedbStore, StateStore};
 use ferry_coordinator::status::Status;
 use ferry_coordinator::store::{BackupStore, S3Conn};
 use tokio_util::sync::CancellationToken;
@@ -39,6 +47,12 @@ const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
 const ABORT_RETRY_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StateKind {
+    Redb,
+    Etcd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum StoreKind {
     Local,
     S3,
@@ -48,9 +62,33 @@ enum StoreKind {
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Directory for the state store, the CA and admin.ferryconfig.
+    /// Directory for the state store, the CA and admin.ferryconfig (with --state-store etcd: admin.ferryconfig
+    /// only; each replica has its own).
     #[arg(long)]
     state_dir: PathBuf,
+    /// Where the state lives: an embedded redb file in --state-dir, or an etcd cluster that several replicas
+    /// share (one leads, the others redirect clients to it).
+    #[arg(long, value_enum, default_value = "redb")]
+    state_store: StateKind,
+    /// Client URLs of the state etcd, comma-separated (with --state-store etcd).
+    #[arg(long, value_delimiter = ',')]
+    state_etcd_endpoints: Vec<String>,
+    /// Key prefix under which this coordinator set keeps its state in the state etcd.
+    #[arg(long, default_value = "/ferry/")]
+    state_etcd_prefix: String,
+    /// CA certificate (PEM) of the state etcd's serving certificate.
+    #[arg(long)]
+    state_etcd_cacert: Option<PathBuf>,
+    /// Client certificate (PEM) for the state etcd.
+    #[arg(long)]
+    state_etcd_cert: Option<PathBuf>,
+    /// Client key (PEM) for the state etcd.
+    #[arg(long)]
+    state_etcd_key: Option<PathBuf>,
+    /// Client addresses (HOST:PORT) of every replica, comma-separated: written into admin.ferryconfig so
+    /// ferryctl reaches whichever replica is up. This replica's own address when not given.
+    #[arg(long, value_delimiter = ',')]
+    replica_addresses: Vec<String>,
     /// QUIC (UDP) address to listen on.
     #[arg(long, default_value = "127.0.0.1:7443")]
     listen: SocketAddr,
@@ -129,22 +167,44 @@ async fn run(args: Args) -> Result<()> {
     // 0600, whatever the umask and whoever made the dir.
     create_private_dir(&args.state_dir)
         .with_context(|| format!("create --state-dir {} (0700)", args.state_dir.display()))?;
-    let db_path = args.state_dir.join("state.redb");
-    match create_private(&db_path) {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            std::fs::set_permissions(&db_path, std::fs::Permissions::from_mode(0o600))
-                .with_context(|| format!("make {} private (0600)", db_path.display()))?;
+    let (state, election): (Arc<dyn StateStore>, Option<Election>) = match args.state_store {
+        StateKind::Redb => {
+            if !args.state_etcd_endpoints.is_empty() {
+                bail!("--state-etcd-endpoints goes with --state-store etcd");
+            }
+            (Arc::new(open_redb(&args.state_dir)?), None)
         }
-        Err(e) => return Err(e).with_context(|| format!("create {}", db_path.display())),
-    }
-    let state: Arc<dyn StateStore> = Arc::new(
-        RedbStore::open(&db_path).context("open the state store (is another coordinator using this --state-dir?)")?,
-    );
-    let pki = ferry_coordinator::pki::init(&args.state_dir, args.listen, &args.advertise_names)?;
+        StateKind::Etcd => {
+            let options = etcd_options(&args)?;
+            let me = ferry_coordinator::pki::client_address(args.listen, &args.advertise_names);
+            let election = Election::connect(&options, me).await.context("connect to the state etcd")?;
+            let endpoints = options.endpoints.join(",");
+            let store = tokio::task::spawn_blocking(move || EtcdStore::connect(&options))
+                .await
+                .context("connect to the state etcd")?
+                .with_context(|| format!("connect to the state etcd at {endpoints}"))?;
+            (Arc::new(store), Some(election))
+        }
+    };
+    let keys = match election {
+        Some(_) => Keys::Shared(state.as_ref()),
+        None => Keys::Dir(&args.state_dir),
+    };
+    let pki = ferry_coordinator::pki::init(
+        &keys,
+        &args.state_dir,
+        args.listen,
+        &args.advertise_names,
+        &args.replica_addresses,
+    )?;
     let store_dir = args.local_store_dir.clone().unwrap_or_else(|| args.state_dir.join("backups"));
     let store = Arc::new(match args.backup_store {
-        StoreKind::Local => BackupStore::local(&store_dir).context("open the local store")?,
+        StoreKind::Local => {
+            if election.is_some() {
+                warn!("--backup-store local with --state-store etcd: each replica has its own backups; replicas should share an S3 store");
+            }
+            BackupStore::local(&store_dir).context("open the local store")?
+        }
         StoreKind::S3 => {
             if args.local_store_dir.is_some() {
                 bail!("--local-store-dir goes with --backup-store local");
@@ -175,8 +235,143 @@ async fn run(args: Args) -> Result<()> {
         byte_stall_timeout: args.byte_stall_timeout,
     };
 
-    // The owners, each with its own handle.
     let metrics = Arc::new(Metrics::default());
+    let endpoint_config = ferry_coordinator::pki::quic_endpoint_config(&keys)?;
+    let socket = std::net::UdpSocket::bind(args.listen).with_context(|| format!("listen on {} (UDP)", args.listen))?;
+    let endpoint =
+        quinn::Endpoint::new(endpoint_config, Some(server_config.clone()), socket, Arc::new(quinn::TokioRuntime))
+            .with_context(|| format!("listen on {} (UDP)", args.listen))?;
+    info!(listen = %args.listen, store = store.name(), state = ?args.state_store, "coordinator ready");
+    let process = CancellationToken::new();
+    let process_tasks = TaskTracker::new();
+    let observer = Arc::new(Observer { metrics: metrics.clone(), listening: true.into() });
+    if let Some(addr) = args.metrics_listen {
+        let serve = listen(addr, observer as Arc<dyn Observed>, process.clone())
+            .await
+            .with_context(|| format!("listen on --metrics-listen {addr}"))?;
+        process_tasks.spawn(serve);
+    }
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        on_signal.cancel();
+    });
+
+    let shared = Shared {
+        args: &args,
+        state,
+        store,
+        settings,
+        metrics: metrics.clone(),
+        ca: pki.ca,
+        endpoint: endpoint.clone(),
+    };
+    loop {
+        let term = match &election {
+            None => None,
+            Some(election) => {
+                // Until elected, every client is sent to the leader.
+                let stop_redirecting = CancellationToken::new();
+                let redirect =
+                    tokio::spawn(redirect_to_leader(endpoint.clone(), election.clone(), stop_redirecting.clone()));
+                info!("campaigning for leadership; redirecting clients to the leader meanwhile");
+                let term = election.campaign(&shutdown).await;
+                stop_redirecting.cancel();
+                let _ = redirect.await;
+                match term {
+                    Some(term) => Some(term),
+                    None => break,
+                }
+            }
+        };
+        let lost = term.as_ref().map_or_else(CancellationToken::new, |t: &Term| t.lost.clone());
+        endpoint.set_server_config(Some(server_config.clone()));
+        metrics.leader.set(1);
+        let ended = lead(&shared, &lost, &shutdown).await;
+        metrics.leader.set(0);
+        let Some(term) = term else {
+            ended?;
+            break;
+        };
+        // Handing over at once rather than when the lease runs out.
+        term.resign().await;
+        if let Err(e) = ended {
+            warn!("failed to lead: {e:#}");
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = shutdown.cancelled() => {}
+            }
+        }
+        if shutdown.is_cancelled() {
+            break;
+        }
+        endpoint.set_server_config(Some(server_config.clone()));
+    }
+    process.cancel();
+    process_tasks.close();
+    let _ = tokio::time::timeout(CLOSE_DEADLINE, process_tasks.wait()).await;
+    endpoint.close(0u32.into(), b"coordinator shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    info!("coordinator stopped");
+    Ok(())
+}
+
+/// What every term of leadership works with.
+struct Shared<'a> {
+    args: &'a Args,
+    state: Arc<dyn StateStore>,
+    store: Arc<BackupStore>,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    ca: CertAuthority,
+    endpoint: quinn::Endpoint,
+}
+
+/// Opens the embedded state store in the state dir.
+fn open_redb(state_dir: &std::path::Path) -> Result<RedbStore> {
+    let db_path = state_dir.join("state.redb");
+    match create_private(&db_path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::set_permissions(&db_path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("make {} private (0600)", db_path.display()))?;
+        }
+        Err(e) => return Err(e).with_context(|| format!("create {}", db_path.display())),
+    }
+    RedbStore::open(&db_path).context("open the state store (is another coordinator using this --state-dir?)")
+}
+
+/// The state etcd settings, checked.
+fn etcd_options(args: &Args) -> Result<EtcdStoreOptions> {
+    if args.state_etcd_endpoints.is_empty() {
+        bail!("--state-store etcd needs --state-etcd-endpoints URL[,URL…]");
+    }
+    for url in &args.state_etcd_endpoints {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("--state-etcd-endpoints: {url:?} is not an http:// or https:// URL");
+        }
+    }
+    if !args.state_etcd_prefix.starts_with('/') || !args.state_etcd_prefix.ends_with('/') {
+        bail!("--state-etcd-prefix must start and end with '/' (e.g. /ferry/), got {:?}", args.state_etcd_prefix);
+    }
+    Ok(EtcdStoreOptions {
+        endpoints: args.state_etcd_endpoints.clone(),
+        prefix: args.state_etcd_prefix.clone(),
+        cacert: args.state_etcd_cacert.clone(),
+        cert: args.state_etcd_cert.clone(),
+        key: args.state_etcd_key.clone(),
+    })
+}
+
+/// One term of leadership (for a single coordinator, its whole life): the owners start as after a restart and
+/// run until `shutdown` (ordered, with the grace period) or until `lost` (at once: running backups are
+/// cancelled, their uploads aborted, and every connection closes so clients go to the new leader).
+async fn lead(shared: &Shared<'_>, lost: &CancellationToken, shutdown: &CancellationToken) -> Result<()> {
+    let Shared { args, state, store, settings, metrics, ca, endpoint } = shared;
+    let (state, store, settings, metrics) = (state.clone(), store.clone(), settings.clone(), metrics.clone());
+    let ca = CertAuthority::from_pem(&ca.pem().cert_pem, &ca.pem().key_pem).context("load the coordinator CA")?;
+    // The owners, each with its own handle.
     let status = Status::new(state.clone(), metrics.clone(), store.name(), store.initial_configuration_error())
         .context("initialize status")?;
     let agents = Agents::new(state.clone(), metrics.clone()).context("initialize agents")?;
@@ -205,27 +400,14 @@ async fn run(args: Args) -> Result<()> {
         status: status.clone(),
         agents: agents.clone(),
         jobs: jobs.clone(),
-        ca: pki.ca,
+        ca,
         credentials: credentials.clone(),
         settings: settings.clone(),
         cancel: background.clone(),
     }));
     let server = Server::new(api, agents.clone(), credentials);
-
-    let endpoint_config = ferry_coordinator::pki::quic_endpoint_config(&args.state_dir)?;
-    let socket = std::net::UdpSocket::bind(args.listen).with_context(|| format!("listen on {} (UDP)", args.listen))?;
-    let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, Arc::new(quinn::TokioRuntime))
-        .with_context(|| format!("listen on {} (UDP)", args.listen))?;
-    info!(listen = %args.listen, store = store.name(), "coordinator ready");
-    let observer = Arc::new(Observer { metrics: metrics.clone(), listening: true.into() });
-    if let Some(addr) = args.metrics_listen {
-        let serve = listen(addr, observer as Arc<dyn Observed>, background.clone())
-            .await
-            .with_context(|| format!("listen on --metrics-listen {addr}"))?;
-        background_tasks.spawn(serve);
-    }
-    let stop_accepting = CancellationToken::new();
-    let listener = tokio::spawn(server.clone().serve(endpoint.clone(), stop_accepting.clone()));
+    let (stop_accepting, stop_serving) = (CancellationToken::new(), CancellationToken::new());
+    let listener = tokio::spawn(server.clone().serve(endpoint.clone(), stop_accepting.clone(), stop_serving.clone()));
     let stop_scheduler = CancellationToken::new();
     let scheduler = schedule::spawn(
         SchedulerDeps { state, store, agents, jobs: jobs.clone(), metrics, bounds: settings.bounds.clone() },
@@ -233,19 +415,23 @@ async fn run(args: Args) -> Result<()> {
         stop_scheduler.clone(),
     );
 
-    shutdown_signal().await;
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = lost.cancelled() => {}
+    }
+    let grace = if shutdown.is_cancelled() { args.shutdown_grace } else { Duration::ZERO };
+    if lost.is_cancelled() && !shutdown.is_cancelled() {
+        warn!("no longer the leader: stopping backups and the scheduler; clients go to the new leader");
+    }
     // 1. Nothing new: new connections are refused with a reason, the scheduler stops, no job starts (queued ones
     //    give up, manual applies on connections already open are refused).
-    info!(
-        grace_s = args.shutdown_grace.as_secs_f64(),
-        "shutting down: no new connections or backups; waiting for running backups"
-    );
+    info!(grace_s = grace.as_secs_f64(), "stopping: no new connections or backups; waiting for running backups");
     stop_accepting.cancel();
     stop_scheduler.cancel();
     jobs.stop_starting();
     let _ = scheduler.await;
     // 2. Running jobs get the grace period; 3. then they are cancelled and clean up.
-    if !jobs.drain(args.shutdown_grace).await {
+    if !jobs.drain(grace).await {
         warn!("backups still running after the grace period; cancelling them (partial objects are discarded, uploads aborted)");
         if !jobs.cancel(CANCEL_DEADLINE).await {
             warn!("backup cleanup did not finish within {}s", CANCEL_DEADLINE.as_secs());
@@ -254,12 +440,10 @@ async fn run(args: Args) -> Result<()> {
     // 4. Connections close, background work stops.
     background.cancel();
     server.close_connections(CLOSE_DEADLINE).await;
-    endpoint.close(0u32.into(), b"coordinator shutting down");
+    stop_serving.cancel();
     let _ = listener.await;
     background_tasks.close();
     let _ = tokio::time::timeout(CLOSE_DEADLINE, background_tasks.wait()).await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    info!("coordinator stopped");
     Ok(())
 }
 

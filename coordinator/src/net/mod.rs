@@ -20,6 +20,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::agents::Agents;
 use crate::api::Api;
 use crate::credentials::Credentials;
+use crate::leader::Election;
 
 /// A client must say hello this soon after the handshake.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,16 +57,27 @@ impl Server {
         })
     }
 
-    /// Accepts connections until the endpoint closes. Once `stop_accepting` fires, new connections are answered
-    /// with a refusal that says the coordinator is shutting down (a bare transport refusal would leave ferryctl
-    /// and agents guessing), while the open ones (agents' links, which running jobs use) stay.
-    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint, stop_accepting: CancellationToken) {
+    /// Accepts connections until `stop_serving` fires (the end of shutdown, or of a term of leadership: the
+    /// endpoint then belongs to whoever accepts next). Once `stop_accepting` fires, new connections are
+    /// answered with a refusal that says the coordinator is shutting down (a bare transport refusal would
+    /// leave ferryctl and agents guessing), while the open ones (agents' links, which running jobs use) stay.
+    pub async fn serve(
+        self: Arc<Self>,
+        endpoint: quinn::Endpoint,
+        stop_accepting: CancellationToken,
+        stop_serving: CancellationToken,
+    ) {
         let shutting_down = self.shutting_down.clone();
         tokio::spawn(async move {
             stop_accepting.cancelled().await;
             shutting_down.cancel();
         });
-        while let Some(incoming) = endpoint.accept().await {
+        loop {
+            let incoming = tokio::select! {
+                i = endpoint.accept() => i,
+                () = stop_serving.cancelled() => break,
+            };
+            let Some(incoming) = incoming else { break };
             let server = self.clone();
             self.tracker.spawn(async move { server.connection(incoming).await });
         }
@@ -127,6 +139,50 @@ impl Server {
             .await
         }
     }
+}
+
+/// While this replica does not lead (several replicas on one state etcd): accepts connections until `stop`
+/// fires and tells every client which replica leads ([`HelloReply::NotLeader`]); ferryctl and agents dial it.
+pub async fn redirect_to_leader(endpoint: quinn::Endpoint, election: Election, stop: CancellationToken) {
+    let tracker = TaskTracker::new();
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            () = stop.cancelled() => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let election = election.clone();
+        tracker.spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => return warn!(%remote, "refused a connection: TLS handshake failed: {e}"),
+                Err(_) => return,
+            };
+            if let Err(e) = say_not_leader(&conn, &election).await {
+                debug!(%remote, "redirect to the leader failed: {e:#}");
+            }
+        });
+    }
+    tracker.close();
+    let _ = tokio::time::timeout(HELLO_TIMEOUT, tracker.wait()).await;
+}
+
+async fn say_not_leader(conn: &quinn::Connection, election: &Election) -> Result<()> {
+    let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+        .await
+        .context("no stream within the hello timeout")?
+        .context("accept first stream")?;
+    let _: Hello = tokio::time::timeout(HELLO_TIMEOUT, expect_frame(&mut recv))
+        .await
+        .context("no hello within the timeout")?
+        .context("read hello")?;
+    let leader = election.leader().await;
+    debug!(?leader, "not the leader: redirecting");
+    write_frame(&mut send, &HelloReply::NotLeader { leader }).await.context("send redirect")?;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    Ok(())
 }
 
 /// One open connection counted against its identity's cap; released on drop.

@@ -1,16 +1,22 @@
 //! The coordinator's state store: resources, kept crash-safe.
 //!
-//! Behind one small trait so that highly available coordinators can later keep the same resources in an
-//! external etcd; the embedded implementation is redb ([`redb`]), whose commits are durable (fsync) before they
-//! return, so nothing acknowledged to ferryctl is lost to a restart or `kill -9`.
+//! Behind one small trait with two implementations: the embedded default, redb ([`redb`]), whose commits are
+//! durable (fsync) before they return, so nothing acknowledged to ferryctl is lost to a restart or `kill -9`;
+//! and an external etcd ([`etcd`]) that several coordinator replicas share.
 //!
 //! A read-modify-write of resources goes through [`StateStore::transact`]: one write transaction, so two
-//! writers (a job's progress tick and a configuration change) cannot overwrite each other's update.
+//! writers (a job's progress tick and a configuration change, or two replicas) cannot overwrite each other's
+//! update. Besides resources the store keeps a few opaque blobs created once (the CA, the QUIC keys), so
+//! replicas share them.
 
+mod etcd;
 mod redb;
+#[cfg(test)]
+pub(crate) mod tests;
 
-use ferry_common::resources::{Resource, ResourceType};
+use ferry_common::resources::{Resource, ResourceType, Timestamp};
 
+pub use self::etcd::{EtcdStore, EtcdStoreOptions};
 pub use self::redb::RedbStore;
 
 /// A state store operation failed.
@@ -19,6 +25,12 @@ pub enum StateError {
     /// The database itself failed (I/O, corruption of its pages).
     #[error("state store: {0}")]
     Db(::redb::Error),
+    /// The state etcd failed or did not answer in time.
+    #[error("state etcd: {0}")]
+    Etcd(String),
+    /// A transaction kept meeting concurrent writers of the same records.
+    #[error("state etcd: transaction gave up after {0} conflicting attempts")]
+    Conflict(u32),
     /// A record does not decode as a resource.
     #[error("state store holds an unreadable record {key:?}: {error}")]
     Corrupt { key: String, error: serde_json::Error },
@@ -47,4 +59,35 @@ pub trait StateStore: Send + Sync {
     fn delete(&self, rt: ResourceType, id: &str) -> Result<bool, StateError>;
     /// Runs `f` in one write transaction, committed only when `f` succeeds; no other write interleaves.
     fn transact(&self, f: &mut dyn FnMut(&mut dyn StateTxn) -> Result<(), StateError>) -> Result<(), StateError>;
+    /// The blob `name` (key material shared by replicas); made by `create` and stored when there is none yet.
+    /// Racing creators all get the one value stored first.
+    fn blob_or_create(
+        &self,
+        name: &str,
+        create: &mut dyn FnMut() -> Result<Vec<u8>, StateError>,
+    ) -> Result<Vec<u8>, StateError>;
+}
+
+/// The key of a resource record.
+fn key(rt: ResourceType, id: &str) -> String {
+    format!("{}/{id}", rt.full_name())
+}
+
+/// Decodes a resource record stored under `k`.
+fn decode(k: &str, v: &[u8]) -> Result<Resource, StateError> {
+    let mut r: Resource =
+        serde_json::from_slice(v).map_err(|error| StateError::Corrupt { key: k.to_string(), error })?;
+    // Records written before the namespaces followed the seed's carry the old one; the type decides.
+    r.metadata.namespace = r.resource_type().namespace().to_owned();
+    Ok(r)
+}
+
+/// Stamps `r` for storing over `old`: the next version, the original creation time, updated now.
+fn stamp(mut r: Resource, old: Option<Resource>) -> Result<(Resource, Vec<u8>), StateError> {
+    let now = Timestamp::now();
+    r.metadata.version = old.as_ref().map_or(1, |o| o.metadata.version + 1);
+    r.metadata.created = old.and_then(|o| o.metadata.created).or(Some(now));
+    r.metadata.updated = Some(now);
+    let bytes = serde_json::to_vec(&r).map_err(StateError::Encode)?;
+    Ok((r, bytes))
 }

@@ -2,10 +2,10 @@
 
 use std::path::Path;
 
-use ferry_common::resources::{Resource, ResourceType, Timestamp};
+use ferry_common::resources::{Resource, ResourceType};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{StateError, StateStore, StateTxn};
+use super::{decode, key, stamp, StateError, StateStore, StateTxn};
 
 macro_rules! db_err {
     ($($t:ty),*) => {$(impl From<$t> for StateError { #[allow(clippy::useless_conversion)] fn from(e: $t) -> Self { Self::Db(e.into()) } })*};
@@ -20,10 +20,7 @@ db_err!(
 );
 
 const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources");
-
-fn key(rt: ResourceType, id: &str) -> String {
-    format!("{}/{id}", rt.full_name())
-}
+const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
 
 /// The embedded store: one redb file in the state dir. Records are JSON so the format can grow fields.
 pub struct RedbStore {
@@ -35,17 +32,10 @@ impl RedbStore {
         let db = redb::Database::create(path)?;
         let tx = db.begin_write()?;
         tx.open_table(RESOURCES)?;
+        tx.open_table(BLOBS)?;
         tx.commit()?;
         Ok(Self { db })
     }
-}
-
-fn decode(k: &str, v: &[u8]) -> Result<Resource, StateError> {
-    let mut r: Resource =
-        serde_json::from_slice(v).map_err(|error| StateError::Corrupt { key: k.to_string(), error })?;
-    // Records written before the namespaces followed the seed's carry the old one; the type decides.
-    r.metadata.namespace = r.resource_type().namespace().to_owned();
-    Ok(r)
 }
 
 /// Reads and writes of one redb write transaction.
@@ -65,14 +55,10 @@ impl StateTxn for RedbTxn<'_> {
     }
 }
 
-fn put_in(table: &mut redb::Table<'_, &'static str, &'static [u8]>, mut r: Resource) -> Result<Resource, StateError> {
+fn put_in(table: &mut redb::Table<'_, &'static str, &'static [u8]>, r: Resource) -> Result<Resource, StateError> {
     let k = key(r.resource_type(), &r.metadata.id);
     let old = table.get(k.as_str())?.map(|v| decode(&k, v.value())).transpose()?;
-    let now = Timestamp::now();
-    r.metadata.version = old.as_ref().map_or(1, |o| o.metadata.version + 1);
-    r.metadata.created = old.and_then(|o| o.metadata.created).or(Some(now));
-    r.metadata.updated = Some(now);
-    let bytes = serde_json::to_vec(&r).map_err(StateError::Encode)?;
+    let (r, bytes) = stamp(r, old)?;
     table.insert(k.as_str(), bytes.as_slice())?;
     Ok(r)
 }
@@ -127,33 +113,26 @@ impl StateStore for RedbStore {
         tx.commit()?;
         Ok(existed)
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ferry_common::resources::{ClusterSpec, Spec};
-
-    #[test]
-    fn resources_persist_across_reopen_with_versions() {
-        let dir = std::env::temp_dir().join(format!("ferry-state-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("state.redb");
-        {
-            let s = RedbStore::open(&path).unwrap();
-            let r = s.put(Resource::new("a", Spec::Cluster(ClusterSpec::default()))).unwrap();
-            assert_eq!(r.metadata.version, 1);
-            let r = s.put(r).unwrap();
-            assert_eq!(r.metadata.version, 2);
-            s.put(Resource::new("b", Spec::Cluster(ClusterSpec::default()))).unwrap();
-        }
-        let s = RedbStore::open(&path).unwrap();
-        let all = s.list(ResourceType::Cluster).unwrap();
-        assert_eq!(all.iter().map(|r| r.metadata.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
-        assert!(s.list(ResourceType::Agent).unwrap().is_empty());
-        assert!(s.delete(ResourceType::Cluster, "a").unwrap());
-        assert!(!s.delete(ResourceType::Cluster, "a").unwrap());
-        assert!(s.get(ResourceType::Cluster, "a").unwrap().is_none());
-        std::fs::remove_dir_all(&dir).unwrap();
+    fn blob_or_create(
+        &self,
+        name: &str,
+        create: &mut dyn FnMut() -> Result<Vec<u8>, StateError>,
+    ) -> Result<Vec<u8>, StateError> {
+        let tx = self.db.begin_write()?;
+        let value = {
+            let mut table = tx.open_table(BLOBS)?;
+            let existing = table.get(name)?.map(|v| v.value().to_vec());
+            match existing {
+                Some(v) => v,
+                None => {
+                    let v = create()?;
+                    table.insert(name, v.as_slice())?;
+                    v
+                }
+            }
+        };
+        tx.commit()?;
+        Ok(value)
     }
 }

@@ -10,6 +10,7 @@ mod coverage;
 mod credentials;
 mod deploy;
 mod failures;
+mod ha;
 mod harness;
 mod least_privilege;
 mod network;

@@ -1,0 +1,255 @@
+//! Highly available coordinators: three replicas share their state in a 3-member state etcd
+//! (`--state-store etcd`), one leads and the others redirect agents and ferryctl to it. Killing the leader
+//! mid-backup or right after a scheduled backup neither loses nor duplicates a backup, a new leader takes
+//! over within 15 s, ferryctl works through any one replica, and a replica cut off from the state etcd stops
+//! leading.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::fixtures::logs::log_tail;
+use crate::fixtures::ports::free_port;
+use crate::fixtures::{
+    expected_test_kvs, poll_until, restore_and_read_raw, unix_now, Coordinator, CoordinatorOptions, EtcdCluster,
+    S3Server, STATUS_OK,
+};
+
+/// The election's name under the default `--state-etcd-prefix`.
+const ELECTION: &str = "/ferry/leader";
+/// What the issue asks of a failover.
+const TAKEOVER: Duration = Duration::from_secs(15);
+const MIB: usize = 1024 * 1024;
+
+/// The replica flags for state on `state_etcd` (endpoints as given) and these replica addresses.
+fn replica_options(endpoints: &str, addresses: &[String], extra: &[&str]) -> CoordinatorOptions {
+    let all = addresses.join(",");
+    let mut args = vec!["--state-store", "etcd", "--state-etcd-endpoints", endpoints, "--replica-addresses", &all];
+    args.extend_from_slice(extra);
+    CoordinatorOptions { agent_coordinator: Some(all.clone()), ..CoordinatorOptions::s3(&args) }
+}
+
+/// The client address of the leader, as the state etcd's election says.
+async fn leader(state: &EtcdCluster) -> anyhow::Result<Option<String>> {
+    let mut client = state.client().await?;
+    Ok(match client.leader(ELECTION).await {
+        Ok(resp) => resp.kv().and_then(|kv| kv.value_str().ok()).map(str::to_owned),
+        Err(_) => None,
+    })
+}
+
+/// Waits until the election names a leader other than `not`; returns it and how long that took.
+async fn wait_new_leader(state: &EtcdCluster, not: Option<&str>, timeout: Duration) -> anyhow::Result<String> {
+    poll_until("a new leader", timeout, Duration::from_millis(200), || async {
+        Ok(leader(state).await?.filter(|l| Some(l.as_str()) != not))
+    })
+    .await
+}
+
+/// Starts three replicas (the first applies the S3 config) and returns them with the leader's index.
+async fn start_replicas(
+    s3: &S3Server,
+    state: &EtcdCluster,
+    extra: &[&str],
+) -> anyhow::Result<(Vec<Coordinator>, Vec<String>)> {
+    let ports = [free_port(), free_port(), free_port()];
+    let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let endpoints = state.client_urls().join(",");
+    let mut replicas = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let options = CoordinatorOptions { port: Some(*port), ..replica_options(&endpoints, &addresses, extra) };
+        replicas.push(if i == 0 {
+            Coordinator::start_s3(s3, options).await?
+        } else {
+            Coordinator::start(options).await?
+        });
+    }
+    Ok((replicas, addresses))
+}
+
+fn index_of(addresses: &[String], leader: &str) -> anyhow::Result<usize> {
+    addresses.iter().position(|a| a == leader).with_context(|| format!("the leader {leader} is not a replica"))
+}
+
+#[tokio::test]
+async fn killing_the_leader_mid_backup_and_after_a_scheduled_backup_loses_and_duplicates_nothing() -> anyhow::Result<()>
+{
+    const KEYS: usize = 1000;
+    const INTERVAL: i64 = 30;
+    let s3 = S3Server::start().await?;
+    let state = EtcdCluster::start(3).await?;
+    let alpha = EtcdCluster::start(3).await?;
+    alpha.put_keys(KEYS).await?;
+    // 12 MiB of incompressible values at 1 MB/s: the backup runs for about 12 s.
+    alpha.put_random_values(12 * MIB, 7).await?;
+    let beta = EtcdCluster::start(1).await?;
+    beta.put_keys(KEYS).await?;
+    let (mut replicas, addresses) =
+        start_replicas(&s3, &state, &["--upload-limit-mbps", "8", "--min-backup-interval", "1s"]).await?;
+    let first = wait_new_leader(&state, None, TAKEOVER).await?;
+    let mut lead = index_of(&addresses, &first)?;
+    let _alpha_agents = replicas[lead].start_agents("alpha", &alpha).await?;
+    let _beta_agents = replicas[lead].start_agents("beta", &beta).await?;
+
+    // 1. SIGKILL the leader in the middle of a backup, driven through a follower.
+    let follower = (lead + 1) % 3;
+    replicas[follower].manual_backup("alpha").await?;
+    replicas[follower].wait_backup_running("alpha", Duration::from_secs(60)).await?;
+    replicas[lead].kill();
+    let killed_at = Instant::now();
+    let second = wait_new_leader(&state, Some(&first), TAKEOVER).await?;
+    let took = killed_at.elapsed();
+    println!("new leader {second} after {:.1}s", took.as_secs_f64());
+    assert!(took <= TAKEOVER, "the new leader took {took:?}");
+    let dead = lead;
+    lead = index_of(&addresses, &second)?;
+    // The interrupted backup is not listed; its status says why.
+    let interrupted = replicas[lead].wait_backup_status("alpha", Duration::from_secs(60)).await?;
+    assert_ne!(interrupted["status"], STATUS_OK, "the interrupted backup cannot have succeeded: {interrupted:#}");
+    assert!(replicas[lead].backups("alpha").await?.is_empty(), "an interrupted backup is listed");
+    // Agents follow to the new leader; a backup through the other survivor succeeds and restores.
+    let other = (0..3).find(|i| *i != dead && *i != lead).context("a third replica")?;
+    replicas[other].wait_agents_connected("alpha", &["m1", "m2", "m3"], Duration::from_secs(60)).await?;
+    let before = unix_now();
+    while unix_now() <= before {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    replicas[other].manual_backup("alpha").await?;
+    let done = replicas[other].wait_next_backup_status("alpha", &interrupted, Duration::from_secs(90)).await?;
+    assert_eq!(done["status"], STATUS_OK, "the backup after the failover failed: {done:#}");
+    let backups = replicas[other].backups("alpha").await?;
+    assert_eq!(backups.len(), 1, "exactly one alpha backup is listed: {backups:#?}");
+    let id = backups[0]["metadata"]["id"].as_str().context("backup id")?;
+    let snapshot = replicas[other].dir().join("alpha.snapshot");
+    replicas[other].download_backup("alpha", id, &snapshot, true).await?;
+    let restored = restore_and_read_raw(&snapshot).await?;
+    for (k, v) in expected_test_kvs(KEYS) {
+        assert_eq!(restored.get(&k).map(Vec::as_slice), Some(v.as_bytes()), "key {k} restored from the backup");
+    }
+
+    // 2. Scheduled backups of beta every INTERVAL s; SIGKILL the leader right after one is taken.
+    let mut cluster = replicas[other].ctl().get_json("cluster", Some("beta")).await?;
+    cluster["spec"]["backupconfiguration"] = json!({ "interval": { "seconds": INTERVAL, "nanos": 0 }, "schedule": "" });
+    replicas[other].ctl().apply_yaml(&serde_json::to_string(&cluster)?).await?.ok()?;
+    let first_beta = poll_until("a scheduled beta backup", Duration::from_secs(60), Duration::from_millis(300), || {
+        let ctl = &replicas[other];
+        async move { Ok(ctl.backups("beta").await?.first().cloned()) }
+    })
+    .await?;
+    let before_kill = leader(&state).await?.context("a leader")?;
+    let lead2 = index_of(&addresses, &before_kill)?;
+    replicas[lead2].kill();
+    let third = wait_new_leader(&state, Some(&before_kill), TAKEOVER).await?;
+    let survivor = (0..3).find(|i| *i != dead && *i != lead2).context("a surviving replica")?;
+    assert_eq!(addresses[survivor], third, "the only live replica leads");
+    // Until one interval after the first backup (less the jitter and some slack), no second backup; by
+    // then plus the time agents need to come back, exactly one more.
+    let created = first_beta["spec"]["createdat"]["seconds"].as_i64().context("createdat")?;
+    while unix_now() < created + INTERVAL * 9 / 10 - 2 {
+        let n = replicas[survivor].backups("beta").await?.len();
+        assert_eq!(n, 1, "a backup of beta before its interval was up (a duplicate after the failover)");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let two = poll_until("the next scheduled beta backup", Duration::from_secs(90), Duration::from_millis(500), || {
+        let r = &replicas[survivor];
+        async move {
+            let b = r.backups("beta").await?;
+            Ok((b.len() >= 2).then_some(b))
+        }
+    })
+    .await
+    .with_context(|| format!("leader log:\n{}", log_tail(replicas[survivor].log_path(), 40)))?;
+    let ids: HashSet<&str> = two.iter().filter_map(|b| b["metadata"]["id"].as_str()).collect();
+    assert_eq!((two.len(), ids.len()), (2, 2), "two distinct scheduled backups: {two:#?}");
+    Ok(())
+}
+
+/// A TCP relay to one address that can be cut: the network between one replica and the state etcd.
+struct Relay {
+    port: u16,
+    /// The accept loop and every relayed connection; aborting them drops (closes) their sockets.
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Relay {
+    async fn start(target: String) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let port = listener.local_addr()?.port();
+        let tasks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let t = tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                let conn = tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&target).await else { return };
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+                t.lock().unwrap_or_else(|p| p.into_inner()).push(conn.abort_handle());
+            }
+        });
+        tasks.lock().unwrap_or_else(|p| p.into_inner()).push(accept.abort_handle());
+        Ok(Self { port, tasks })
+    }
+
+    /// Cuts the relay: no new connection, the open ones dropped.
+    fn cut(&self) {
+        for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            t.abort();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_replica_cut_off_from_the_state_etcd_stops_leading_and_ferryctl_works_through_any_replica(
+) -> anyhow::Result<()> {
+    let s3 = S3Server::start().await?;
+    let state = EtcdCluster::start(3).await?;
+    let target = state.member(0).client_url().trim_start_matches("http://").to_owned();
+    let relay = Relay::start(target).await?;
+    let ports = [free_port(), free_port()];
+    let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    // The first replica reaches the state etcd only through the relay, and starts first: it leads.
+    let cut_off = CoordinatorOptions {
+        port: Some(ports[0]),
+        ..replica_options(&format!("http://127.0.0.1:{}", relay.port), &addresses, &[])
+    };
+    let a = Coordinator::start_s3(&s3, cut_off).await?;
+    let b = Coordinator::start(CoordinatorOptions {
+        port: Some(ports[1]),
+        ..replica_options(&state.client_urls().join(","), &addresses, &[])
+    })
+    .await?;
+    assert_eq!(wait_new_leader(&state, None, TAKEOVER).await?, addresses[0]);
+    // ferryctl through either replica alone reaches the leader.
+    for r in [&a, &b] {
+        let only_this = r.dir().join("single.ferryconfig");
+        let mut config: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(r.ferryconfig_path())?)?;
+        config["coordinator"] = serde_yaml_ng::Value::from(r.addr());
+        std::fs::write(&only_this, serde_yaml_ng::to_string(&config)?)?;
+        std::fs::set_permissions(&only_this, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        crate::fixtures::ferry::Ferryctl::new(&only_this).run(&["get", "clusters"]).await?.ok()?;
+    }
+
+    relay.cut();
+    let cut_at = Instant::now();
+    poll_until("the cut-off replica to step down", TAKEOVER, Duration::from_millis(200), || async {
+        let log = std::fs::read_to_string(a.log_path())?;
+        Ok(log.contains("no longer the leader").then_some(()))
+    })
+    .await
+    .with_context(|| log_tail(a.log_path(), 30))?;
+    let stepped_down = cut_at.elapsed();
+    assert_eq!(wait_new_leader(&state, Some(&addresses[0]), TAKEOVER).await?, addresses[1]);
+    println!(
+        "stepped down {:.1}s after the cut; new leader after {:.1}s",
+        stepped_down.as_secs_f64(),
+        cut_at.elapsed().as_secs_f64()
+    );
+    // The cut-off replica's own admin config still works: it lists the other replica too.
+    a.ctl().run(&["get", "clusters"]).await?.ok()?;
+    Ok(())
+}
