@@ -9,8 +9,9 @@ use ferry_common::protocol::{EtcdFacts, HashKvReply, HashKvResult};
 
 /// How long one etcd RPC (other than the snapshot stream) may take.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one `HashKV` may take: it hashes every key version, seconds on a multi-GiB database.
-const HASH_KV_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one `HashKV` may take: it hashes every key version, seconds on a multi-GiB database; below the
+/// coordinator's 20 s wait, so a slow etcd is reported as such rather than as a silent agent.
+const HASH_KV_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// TLS files for etcd's client port (kubeadm: /etc/kubernetes/pki/etcd/…).
 #[derive(Debug, Clone, Default)]

@@ -261,7 +261,9 @@ pub enum JobRequest {
     Backup(BackupJob),
     /// etcd's `HashKV` of the member's key space at `revision`; the agent answers with one [`HashKvReply`] and
     /// ends the stream.
-    HashKv { revision: i64 },
+    HashKv {
+        revision: i64,
+    },
 }
 
 /// Agent → coordinator: the answer to [`JobRequest::HashKv`], with the member's identity and current

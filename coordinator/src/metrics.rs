@@ -157,7 +157,11 @@ impl Default for Metrics {
             "The cluster's restore drill period (absent when drills are off)",
             m.drill_interval.clone(),
         );
-        registry.register("restore_drill_failing", "1 while the cluster's latest restore drill failed", m.drill_failing.clone());
+        registry.register(
+            "restore_drill_failing",
+            "1 while the cluster's latest restore drill failed",
+            m.drill_failing.clone(),
+        );
         registry.register(
             "restore_drill_key_drop",
             "1 while the cluster's latest restore drill read far fewer keys of a resource than the drill before",
@@ -214,7 +218,9 @@ impl Metrics {
     /// `cluster` was deleted: every series labelled with it goes, so dashboards and alerts forget it.
     pub fn remove_cluster(&self, cluster: &str) {
         let l = Self::cluster(cluster);
-        for family in [&self.last_success, &self.last_attempt, &self.interval, &self.drill_last_success, &self.drill_interval] {
+        for family in
+            [&self.last_success, &self.last_attempt, &self.interval, &self.drill_last_success, &self.drill_interval]
+        {
             family.remove(&l);
         }
         for family in [
@@ -259,7 +265,6 @@ impl Metrics {
         crate::lock(&self.checked_members).insert(cluster.to_string(), names);
         self.member_check_unreachable.get_or_create(&Self::cluster(cluster)).set(unreachable as i64);
     }
-
 }
 
 /// What `/metrics` and `/readyz` show: the metrics, and whether the QUIC listener is up.

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use ferry_common::resources::{
-    status, DrillStatus, EtcdBackupOverallStatusSpec, EtcdBackupStatusSpec, Resource, ResourceType, RestorePlan, Spec, Timestamp,
-    LABEL_CLUSTER, OVERALL_STATUS_ID, RESTORE_PLAN_HOLDS_SECONDS,
+    status, DrillStatus, EtcdBackupOverallStatusSpec, EtcdBackupStatusSpec, Resource, ResourceType, RestorePlan, Spec,
+    Timestamp, LABEL_CLUSTER, OVERALL_STATUS_ID, RESTORE_PLAN_HOLDS_SECONDS,
 };
 
 use crate::metrics::Metrics;
@@ -158,7 +158,11 @@ impl Status {
 
     /// Changes fields of a cluster's status that are not about its last backup (drills, member checks), in one
     /// transaction.
-    pub fn update_cluster(&self, cluster: &str, mut f: impl FnMut(&mut EtcdBackupStatusSpec)) -> Result<(), StateError> {
+    pub fn update_cluster(
+        &self,
+        cluster: &str,
+        mut f: impl FnMut(&mut EtcdBackupStatusSpec),
+    ) -> Result<(), StateError> {
         update_cluster(self.state.as_ref(), cluster, &mut f)
     }
 

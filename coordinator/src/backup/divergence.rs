@@ -17,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::LiveAgent;
 
-/// How long one member may take to answer (its agent waits up to 60 s for etcd's HashKV).
-const ASK_TIMEOUT: Duration = Duration::from_secs(75);
+/// How long one member may take to answer (its agent waits up to 15 s for etcd's HashKV). It bounds how long a
+/// hung or hostile agent can hold up a backup: it is then reported unreachable, and the backup goes on.
+const ASK_TIMEOUT: Duration = Duration::from_secs(20);
 /// Rounds at newer revisions after a compaction raced the check.
 const ROUNDS: usize = 3;
 
@@ -76,7 +77,8 @@ pub async fn check(agents: &[LiveAgent], cancel: &CancellationToken) -> Divergen
             break;
         }
         // Compacted (or a compaction half-applied): the lowest revision every member has now.
-        let now = replies.iter().filter_map(|(_, r)| r.as_ref().ok()).map(|r| r.current_revision).filter(|r| *r > 0).min();
+        let now =
+            replies.iter().filter_map(|(_, r)| r.as_ref().ok()).map(|r| r.current_revision).filter(|r| *r > 0).min();
         match now {
             Some(n) if n > revision => revision = n,
             _ => break,

@@ -100,7 +100,8 @@ pub(super) async fn take_with_failover(inner: &Inner, cluster: &str) -> Result<M
 /// Puts a member check into the cluster's status and metrics, and logs a divergence.
 fn record_member_check(inner: &Inner, cluster: &str, checked: &[LiveAgent], check: &Divergence) {
     let deps = &inner.deps;
-    let members: Vec<(String, bool)> = checked.iter().map(|a| (a.member.clone(), check.is_diverged(&a.member))).collect();
+    let members: Vec<(String, bool)> =
+        checked.iter().map(|a| (a.member.clone(), check.is_diverged(&a.member))).collect();
     deps.metrics.set_member_check(cluster, &members, check.unreachable.len());
     let summary = check.summary();
     if !summary.is_empty() {
@@ -110,7 +111,8 @@ fn record_member_check(inner: &Inner, cluster: &str, checked: &[LiveAgent], chec
         warn!(%member, "member not compared: {why}");
     }
     let unreachable = check.unreachable.iter().map(|(m, why)| format!("{m}: {why}"));
-    let message = summary.split("; ").filter(|s| !s.is_empty()).map(str::to_string).chain(unreachable).collect::<Vec<_>>();
+    let message =
+        summary.split("; ").filter(|s| !s.is_empty()).map(str::to_string).chain(unreachable).collect::<Vec<_>>();
     let recorded = deps.status.update_cluster(cluster, |st| {
         st.membercheck = Some(MemberCheck {
             time: Some(Timestamp::now()),

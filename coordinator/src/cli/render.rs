@@ -175,12 +175,9 @@ fn table(rt: ResourceType, resources: &[Resource]) -> String {
             Spec::Cluster(s) => vec![
                 id,
                 backup_schedule(s.backupconfiguration.as_ref()),
-                s.backupconfiguration
-                    .as_ref()
-                    .and_then(|b| b.drillinterval)
-                    .map_or_else(String::new, |d| {
-                        humantime::format_duration(std::time::Duration::from_secs(d.seconds.max(0) as u64)).to_string()
-                    }),
+                s.backupconfiguration.as_ref().and_then(|b| b.drillinterval).map_or_else(String::new, |d| {
+                    humantime::format_duration(std::time::Duration::from_secs(d.seconds.max(0) as u64)).to_string()
+                }),
             ],
             Spec::Agent(s) => vec![
                 id,

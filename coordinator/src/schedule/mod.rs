@@ -285,9 +285,9 @@ impl Scheduler {
             if !st.loaded || st.newest.is_none() {
                 continue;
             }
-            let next = *st.drill_next.get_or_insert_with(|| {
-                last_drill(cluster).map_or(now, |t| plan::shift(t, period.as_millis() as i64))
-            });
+            let next = *st
+                .drill_next
+                .get_or_insert_with(|| last_drill(cluster).map_or(now, |t| plan::shift(t, period.as_millis() as i64)));
             if next <= now {
                 due.push(cluster.clone());
             }
@@ -299,8 +299,7 @@ impl Scheduler {
     /// A drill of `cluster` started at `now`: the next is one period later.
     fn drill_started(&mut self, cluster: &str, now: Timestamp) {
         let Some(st) = self.clusters.get_mut(cluster) else { return };
-        st.drill_next = None;
-        // Re-read from the status at the next look would give the *end* of this drill; take the start.
+        // From the start of this drill (the status records its end).
         let period = st
             .checked
             .as_ref()

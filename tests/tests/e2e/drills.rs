@@ -51,11 +51,7 @@ async fn configure(c: &Coordinator, drill_seconds: i64, retention: Option<Value>
 }
 
 /// Waits for a drill of `backup` (any backup when `None`) that `done` accepts; returns the drill status.
-async fn wait_drill(
-    c: &Coordinator,
-    backup: Option<&str>,
-    done: impl Fn(&Value) -> bool,
-) -> anyhow::Result<Value> {
+async fn wait_drill(c: &Coordinator, backup: Option<&str>, done: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
     poll_until("a restore drill", DRILL_TIMEOUT, Duration::from_millis(500), || async {
         let drill = c.backup_status(CLUSTER).await?["drill"].clone();
         let of_backup = backup.is_none_or(|b| drill["backup"] == b);
@@ -149,9 +145,7 @@ async fn a_drill_after_most_keys_were_deleted_warns_and_retention_keeps_the_last
 
     // Half the keys gone (an emptied namespace, a bad script): the backup is fine, its content is not.
     let mut client = etcd.client().await?;
-    client
-        .delete(format!("{TEST_PREFIX}key-000"), Some(etcd_client::DeleteOptions::new().with_prefix()))
-        .await?;
+    client.delete(format!("{TEST_PREFIX}key-000"), Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
     let (second, status) = backup(&c, Some(&status)).await?;
     let warned = wait_drill(&c, Some(&second), |d| d["result"] == DRILL_WARNING).await?;
     let warning = warned["warning"].as_str().unwrap_or_default();
@@ -164,12 +158,8 @@ async fn a_drill_after_most_keys_were_deleted_warns_and_retention_keeps_the_last
 
     // keeplast 1 would leave only the newest backup; the last one a drill proved stays too.
     let (third, _) = backup(&c, Some(&status)).await?;
-    let ids: Vec<String> = c
-        .backups(CLUSTER)
-        .await?
-        .iter()
-        .filter_map(|b| b["metadata"]["id"].as_str().map(str::to_owned))
-        .collect();
+    let ids: Vec<String> =
+        c.backups(CLUSTER).await?.iter().filter_map(|b| b["metadata"]["id"].as_str().map(str::to_owned)).collect();
     assert!(ids.contains(&first) && ids.contains(&third), "{ids:?}");
     assert!(!ids.contains(&second), "retention deleted the unproved one: {ids:?}");
     Ok(())
