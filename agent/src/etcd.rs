@@ -5,10 +5,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, SnapshotStreaming, TlsOptions};
-use ferry_common::protocol::EtcdFacts;
+use ferry_common::protocol::{EtcdFacts, HashKvReply, HashKvResult};
 
 /// How long one etcd RPC (other than the snapshot stream) may take.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one `HashKV` may take: it hashes every key version, seconds on a multi-GiB database; below the
+/// coordinator's 20 s wait, so a slow etcd is reported as such rather than as a silent agent.
+const HASH_KV_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// TLS files for etcd's client port (kubeadm: /etc/kubernetes/pki/etcd/…).
 #[derive(Debug, Clone, Default)]
@@ -72,6 +75,31 @@ impl EtcdMember {
             leader_id: st.leader(),
             error: None,
         })
+    }
+
+    /// etcd's `HashKV` at `revision`, with the member's identity and current revision; a failure is part of the
+    /// reply (the coordinator reports unreachable members, it does not guess).
+    pub async fn hash_kv(&self, revision: i64) -> HashKvReply {
+        let (member_id, cluster_id, current_revision) = match self.facts().await {
+            Ok(f) => (f.member_id, f.cluster_id, f.revision),
+            Err(e) => {
+                let result = HashKvResult::Failed { error: format!("{e:#}") };
+                return HashKvReply { member_id: 0, cluster_id: 0, current_revision: 0, result };
+            }
+        };
+        let mut c = self.client.clone();
+        // HashKV reads the whole key space: give it longer than a status call.
+        let result = match tokio::time::timeout(HASH_KV_TIMEOUT, c.hash_kv(revision)).await {
+            Err(_) => HashKvResult::Failed { error: format!("etcd HashKV at {} timed out", self.endpoint) },
+            Ok(Ok(r)) => HashKvResult::Hash { hash: r.hash(), compact_revision: r.compact_version() },
+            // etcd's words (mvcc.ErrCompacted, mvcc.ErrFutureRev); the gRPC code alone does not tell them apart.
+            Ok(Err(e)) if e.to_string().contains("required revision has been compacted") => HashKvResult::Compacted,
+            Ok(Err(e)) if e.to_string().contains("required revision is a future revision") => {
+                HashKvResult::FutureRevision
+            }
+            Ok(Err(e)) => HashKvResult::Failed { error: format!("etcd HashKV at {}: {e}", self.endpoint) },
+        };
+        HashKvReply { member_id, cluster_id, current_revision, result }
     }
 
     /// Opens etcd's snapshot stream. etcd holds a bbolt read transaction open until the stream ends.

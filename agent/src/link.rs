@@ -175,6 +175,17 @@ impl Link {
                                     }
                                 }.instrument(span).await
                             }
+                            JobRequest::HashKv { revision } => {
+                                let span = info_span!(parent: &job_span, "hashkv", revision);
+                                async move {
+                                    let reply = etcd.hash_kv(revision).await;
+                                    let mut send = job_send;
+                                    if let Err(e) = write_frame(&mut send, &reply).await {
+                                        return warn!("failed to send HashKV reply: {e:#}");
+                                    }
+                                    let _ = send.finish();
+                                }.instrument(span).await
+                            }
                         }
                     });
                 }

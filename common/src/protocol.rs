@@ -27,7 +27,8 @@ use crate::resources::{Resource, ResourceType, Selector, Timestamp};
 /// 6: agent certificates expire and are recorded and revocable (`AgentCredentials` carries a lifetime,
 ///    `RevokeAgentCredentials`, `Credentials` names the serial); read-only admin credentials.
 /// 7: `HelloReply::NotLeader`: a coordinator replica that does not lead sends clients to the one that does.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 8: `JobRequest::HashKv` → `HashKvReply`: the coordinator compares members' key spaces before a backup.
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
 pub const ALPN: &[u8] = b"ferry/1";
@@ -269,6 +270,35 @@ pub struct BackupJob {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum JobRequest {
     Backup(BackupJob),
+    /// etcd's `HashKV` of the member's key space at `revision`; the agent answers with one [`HashKvReply`] and
+    /// ends the stream.
+    HashKv {
+        revision: i64,
+    },
+}
+
+/// Agent → coordinator: the answer to [`JobRequest::HashKv`], with the member's identity and current
+/// revision as etcd gave them at the time (a newer common revision is picked from those after a compaction).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HashKvReply {
+    pub member_id: u64,
+    pub cluster_id: u64,
+    /// The member's revision now (0 when etcd could not be asked).
+    pub current_revision: i64,
+    pub result: HashKvResult,
+}
+
+/// What etcd said to `HashKV` at the asked revision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HashKvResult {
+    /// The hash of every key version from `compact_revision` to the asked revision.
+    Hash { hash: u32, compact_revision: i64 },
+    /// The revision is compacted on this member: ask again at a newer one.
+    Compacted,
+    /// The member has not reached the revision yet.
+    FutureRevision,
+    /// etcd could not be asked.
+    Failed { error: String },
 }
 
 /// The result of a finished snapshot pipeline; the coordinator checks it against what it received.

@@ -274,6 +274,76 @@ pub struct EtcdBackupStatusSpec {
     /// bump although restored members report their new, higher revisions in between.
     #[serde(default)]
     pub restoreplan: Option<RestorePlan>,
+    /// The latest restore drill (absent before the first).
+    #[serde(default)]
+    pub drill: Option<DrillStatus>,
+    /// The latest check, before a backup, that the members hold the same data.
+    #[serde(default)]
+    pub membercheck: Option<MemberCheck>,
+}
+
+/// Result of a restore drill: the newest backup restored into a throw-away etcd and read back.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillStatus {
+    /// When the drill ended.
+    #[serde(default)]
+    pub time: Option<Timestamp>,
+    /// The backup restored.
+    #[serde(default)]
+    pub backup: String,
+    /// 1 ok, 2 error, 4 warning (restored, but far fewer keys than the previous drill read).
+    #[serde(default)]
+    pub result: i32,
+    #[serde(default)]
+    pub revision: i64,
+    /// Every key the restored etcd holds.
+    #[serde(default)]
+    pub keys: u64,
+    /// Keys per Kubernetes resource (`/registry/<resource>/`).
+    #[serde(default)]
+    pub resources: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub durationseconds: f64,
+    #[serde(default)]
+    pub error: String,
+    /// What dropped since the previous drill, when the result is a warning.
+    #[serde(default)]
+    pub warning: String,
+    /// The newest backup that passed a drill without a warning: retention never deletes it.
+    #[serde(default)]
+    pub lastpassedbackup: String,
+    /// When a drill last passed (ok or warning).
+    #[serde(default)]
+    pub lastsuccesstime: Option<Timestamp>,
+    /// The backup of the latest passed drill before this backup's: what the counts are compared with.
+    #[serde(default)]
+    pub baselinebackup: String,
+    #[serde(default)]
+    pub baselineresources: BTreeMap<String, u64>,
+}
+
+/// Drill results besides the [`status`] codes.
+pub const DRILL_WARNING: i32 = 4;
+
+/// The members' key spaces compared with etcd's `HashKV` before a backup.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberCheck {
+    #[serde(default)]
+    pub time: Option<Timestamp>,
+    /// The revision compared at (0: no comparison was possible).
+    #[serde(default)]
+    pub revision: i64,
+    /// Members whose data differs from the majority's; never chosen for a backup.
+    #[serde(default)]
+    pub diverged: Vec<String>,
+    /// Members that did not answer.
+    #[serde(default)]
+    pub unreachable: Vec<String>,
+    /// Why, in words (empty when every answering member agrees).
+    #[serde(default)]
+    pub message: String,
 }
 
 /// See [`EtcdBackupStatusSpec::restoreplan`].
@@ -368,6 +438,9 @@ pub struct BackupConfiguration {
     /// Which backups to keep; absent keeps every backup.
     #[serde(default)]
     pub retention: Option<Retention>,
+    /// Time between restore drills of the newest backup; absent: no drills.
+    #[serde(default)]
+    pub drillinterval: Option<ProtoDuration>,
 }
 
 /// A retention policy: the newest `keeplast`, plus the newest backup of each of the last `hourly` hours,

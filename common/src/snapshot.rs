@@ -206,6 +206,9 @@ pub struct VerifyingWriter {
     bytes: u64,
     spec: EtcdBackupSpec,
     done: bool,
+    /// The first decompression failure, reported by `finish` after the stored size and hash: a damaged
+    /// object is then named by its hash, whichever byte broke the decoder first.
+    failed: Option<String>,
     /// fsync the file before it is renamed into place (off for a snapshot that only feeds a restore and
     /// is deleted after it: etcd's restore tool writes and syncs its own copy).
     sync: bool,
@@ -237,6 +240,7 @@ impl VerifyingWriter {
             bytes: 0,
             spec: spec.clone(),
             done: false,
+            failed: None,
             sync: true,
         })
     }
@@ -262,7 +266,14 @@ impl VerifyingWriter {
             Some(Sink::Stored(f)) => {
                 f.write_all(data).map_err(|error| SnapshotError::Io { path: self.tmp.clone(), error })
             }
-            Some(Sink::Raw(d)) => d.write_all(data).map_err(|e| SnapshotError::Decompress(e.to_string())),
+            Some(Sink::Raw(d)) => {
+                if self.failed.is_none() {
+                    if let Err(e) = d.write_all(data) {
+                        self.failed = Some(e.to_string());
+                    }
+                }
+                Ok(())
+            }
             None => Ok(()),
         }
     }
@@ -275,6 +286,9 @@ impl VerifyingWriter {
         let got = hex::encode(self.sha.clone().finalize());
         if got != self.spec.sha256 {
             return Err(SnapshotError::StoredHash { got, want: self.spec.sha256.clone() });
+        }
+        if let Some(e) = self.failed.take() {
+            return Err(SnapshotError::Decompress(e));
         }
         let file = match self.sink.take() {
             Some(Sink::Stored(f)) => f,

@@ -47,6 +47,8 @@ pub struct Bounds {
     pub jitter_fraction: f64,
     /// Upper bound on the jitter, whatever the interval.
     pub max_jitter: Duration,
+    /// The shortest restore drill interval a cluster may ask for (a drill reads and restores a whole backup).
+    pub min_drill_interval: Duration,
 }
 
 impl Default for Bounds {
@@ -56,6 +58,7 @@ impl Default for Bounds {
             max_interval: Duration::from_secs(24 * 3600),
             jitter_fraction: 0.05,
             max_jitter: Duration::from_secs(300),
+            min_drill_interval: Duration::from_secs(3600),
         }
     }
 }

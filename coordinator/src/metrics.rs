@@ -23,6 +23,12 @@ pub struct ResultLabels {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MemberLabels {
+    pub cluster: String,
+    pub member: String,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 pub struct Metrics {
@@ -41,6 +47,17 @@ pub struct Metrics {
     pub leader: Gauge,
     pub retention_deleted: Family<ClusterLabels, Counter>,
     pub interval: Family<ClusterLabels, FloatGauge>,
+    pub drill_last_success: Family<ClusterLabels, FloatGauge>,
+    pub drill_keys: Family<ClusterLabels, Gauge>,
+    pub drills: Family<ResultLabels, Counter>,
+    pub drill_duration: Histogram,
+    pub drill_interval: Family<ClusterLabels, FloatGauge>,
+    pub drill_failing: Family<ClusterLabels, Gauge>,
+    pub drill_key_drop: Family<ClusterLabels, Gauge>,
+    pub member_diverged: Family<MemberLabels, Gauge>,
+    pub member_check_unreachable: Family<ClusterLabels, Gauge>,
+    /// The members with a `member_diverged` series, per cluster, so they can be removed.
+    checked_members: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
 }
 
 impl Default for Metrics {
@@ -61,6 +78,17 @@ impl Default for Metrics {
             leader: Gauge::default(),
             retention_deleted: Family::default(),
             interval: Family::default(),
+            drill_last_success: Family::default(),
+            drill_keys: Family::default(),
+            drills: Family::default(),
+            // 1 s … ~4.5 h, as backups: a drill reads and restores one.
+            drill_duration: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
+            drill_interval: Family::default(),
+            drill_failing: Family::default(),
+            drill_key_drop: Family::default(),
+            member_diverged: Family::default(),
+            member_check_unreachable: Family::default(),
+            checked_members: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -116,6 +144,47 @@ impl Default for Metrics {
             "The cluster's automatic backup period (absent when off)",
             m.interval.clone(),
         );
+        registry.register(
+            "restore_drill_last_success_timestamp_seconds",
+            "Unix time of the cluster's latest restore drill that restored and read its newest backup",
+            m.drill_last_success.clone(),
+        );
+        registry.register(
+            "restore_drill_keys",
+            "Keys the cluster's latest passed restore drill read from the restored etcd",
+            m.drill_keys.clone(),
+        );
+        registry.register("restore_drills", "Restore drills, by result (success, warning or error)", m.drills.clone());
+        registry.register(
+            "restore_drill_duration_seconds",
+            "Time a restore drill took (read, check, restore, read back)",
+            m.drill_duration.clone(),
+        );
+        registry.register(
+            "restore_drill_interval_seconds",
+            "The cluster's restore drill period (absent when drills are off)",
+            m.drill_interval.clone(),
+        );
+        registry.register(
+            "restore_drill_failing",
+            "1 while the cluster's latest restore drill failed",
+            m.drill_failing.clone(),
+        );
+        registry.register(
+            "restore_drill_key_drop",
+            "1 while the cluster's latest restore drill read far fewer keys of a resource than the drill before",
+            m.drill_key_drop.clone(),
+        );
+        registry.register(
+            "etcd_member_diverged",
+            "1 while the member's key space (HashKV) or etcd cluster ID differs from its cluster's majority",
+            m.member_diverged.clone(),
+        );
+        registry.register(
+            "etcd_member_check_unreachable_members",
+            "Members that did not answer the latest HashKV comparison before a backup",
+            m.member_check_unreachable.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -134,6 +203,14 @@ impl Metrics {
         ClusterLabels { cluster: cluster.to_string() }
     }
 
+    pub fn result_named(cluster: &str, result: &str) -> ResultLabels {
+        ResultLabels { cluster: cluster.to_string(), result: result.to_string() }
+    }
+
+    pub fn member(cluster: &str, member: &str) -> MemberLabels {
+        MemberLabels { cluster: cluster.to_string(), member: member.to_string() }
+    }
+
     pub fn result(cluster: &str, ok: bool) -> ResultLabels {
         ResultLabels { cluster: cluster.to_string(), result: if ok { "success" } else { "error" }.to_string() }
     }
@@ -149,7 +226,9 @@ impl Metrics {
     /// `cluster` was deleted: every series labelled with it goes, so dashboards and alerts forget it.
     pub fn remove_cluster(&self, cluster: &str) {
         let l = Self::cluster(cluster);
-        for family in [&self.last_success, &self.last_attempt, &self.interval] {
+        for family in
+            [&self.last_success, &self.last_attempt, &self.interval, &self.drill_last_success, &self.drill_interval]
+        {
             family.remove(&l);
         }
         for family in [
@@ -158,6 +237,10 @@ impl Metrics {
             &self.agents_connected,
             &self.etcd_reachable_agents,
             &self.consecutive_failures,
+            &self.drill_keys,
+            &self.drill_failing,
+            &self.drill_key_drop,
+            &self.member_check_unreachable,
         ] {
             family.remove(&l);
         }
@@ -165,6 +248,30 @@ impl Metrics {
         for ok in [true, false] {
             self.backups.remove(&Self::result(cluster, ok));
         }
+        for result in ["success", "warning", "error"] {
+            self.drills.remove(&Self::result_named(cluster, result));
+        }
+        self.clear_members(cluster);
+    }
+
+    /// Forgets every member series of `cluster`.
+    pub fn clear_members(&self, cluster: &str) {
+        let members = crate::lock(&self.checked_members).remove(cluster).unwrap_or_default();
+        for member in members {
+            self.member_diverged.remove(&Self::member(cluster, &member));
+        }
+    }
+
+    /// Records a member check: `members` (every member checked) with whether each diverged; series of members
+    /// no longer checked go.
+    pub fn set_member_check(&self, cluster: &str, members: &[(String, bool)], unreachable: usize) {
+        self.clear_members(cluster);
+        for (member, diverged) in members {
+            self.member_diverged.get_or_create(&Self::member(cluster, member)).set(i64::from(*diverged));
+        }
+        let names = members.iter().map(|(m, _)| m.clone()).collect();
+        crate::lock(&self.checked_members).insert(cluster.to_string(), names);
+        self.member_check_unreachable.get_or_create(&Self::cluster(cluster)).set(unreachable as i64);
     }
 }
 

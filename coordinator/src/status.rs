@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use ferry_common::resources::{
-    status, EtcdBackupOverallStatusSpec, EtcdBackupStatusSpec, Resource, ResourceType, RestorePlan, Spec, Timestamp,
-    LABEL_CLUSTER, OVERALL_STATUS_ID, RESTORE_PLAN_HOLDS_SECONDS,
+    status, DrillStatus, EtcdBackupOverallStatusSpec, EtcdBackupStatusSpec, Resource, ResourceType, RestorePlan, Spec,
+    Timestamp, LABEL_CLUSTER, OVERALL_STATUS_ID, RESTORE_PLAN_HOLDS_SECONDS,
 };
 
 use crate::metrics::Metrics;
@@ -161,6 +161,24 @@ impl Status {
             Some(Resource { spec: Spec::EtcdBackupOverallStatus(s), .. }) => s.configurationerror,
             _ => String::new(),
         })
+    }
+
+    /// Changes fields of a cluster's status that are not about its last backup (drills, member checks), in one
+    /// transaction.
+    pub fn update_cluster(
+        &self,
+        cluster: &str,
+        mut f: impl FnMut(&mut EtcdBackupStatusSpec),
+    ) -> Result<(), StateError> {
+        update_cluster(self.state.as_ref(), cluster, &mut f)
+    }
+
+    /// A cluster's latest drill, if any (`None` also when the status cannot be read).
+    pub fn drill(&self, cluster: &str) -> Option<DrillStatus> {
+        match self.state.get(ResourceType::EtcdBackupStatus, cluster) {
+            Ok(Some(Resource { spec: Spec::EtcdBackupStatus(s), .. })) => s.drill,
+            _ => None,
+        }
     }
 
     /// Changes a cluster's backup status and mirrors it into the overall status, in one transaction.

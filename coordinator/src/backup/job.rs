@@ -9,10 +9,11 @@ use ferry_common::protocol::{
     expect_frame, write_frame, BackupJob, BackupTarget, EtcdFacts, JobMsg, JobReply, JobRequest, UploadedPart,
     COMMIT_TIMEOUT, MAX_PARTS,
 };
-use ferry_common::resources::{EtcdBackupSpec, Timestamp};
+use ferry_common::resources::{EtcdBackupSpec, MemberCheck, Timestamp};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
+use super::divergence::{self, Divergence};
 use super::members::order_members;
 use super::Inner;
 use crate::agents::LiveAgent;
@@ -55,10 +56,20 @@ fn byte_stall_timeout(base: Duration, target: &BackupTarget, upload_limit_bps: u
 pub(super) async fn take_with_failover(inner: &Inner, cluster: &str) -> Result<Manifest> {
     let deps = &inner.deps;
     let agents = deps.agents.live(cluster);
-    let facts: Vec<(String, EtcdFacts)> =
-        agents.iter().filter_map(|a| a.facts.clone().map(|f| (a.member.clone(), f))).collect();
+    let reachable: Vec<LiveAgent> =
+        agents.iter().filter(|a| a.facts.as_ref().is_some_and(|f| f.error.is_none())).cloned().collect();
+    let check = divergence::check(&reachable, &inner.cancel).await;
+    record_member_check(inner, cluster, &reachable, &check);
+    let facts: Vec<(String, EtcdFacts)> = agents
+        .iter()
+        .filter(|a| !check.is_diverged(&a.member))
+        .filter_map(|a| a.facts.clone().map(|f| (a.member.clone(), f)))
+        .collect();
     let order = order_members(&facts, inner.rotation.next(cluster));
     if order.is_empty() {
+        if !check.diverged.is_empty() {
+            bail!("no member of cluster {cluster} to back up from: {}", check.summary());
+        }
         if agents.is_empty() {
             bail!("no agent of cluster {cluster} is connected; check `ferryctl get agents`");
         }
@@ -84,6 +95,36 @@ pub(super) async fn take_with_failover(inner: &Inner, cluster: &str) -> Result<M
         }
     }
     bail!("the backup failed on every member: {}", failures.join("; "))
+}
+
+/// Puts a member check into the cluster's status and metrics, and logs a divergence.
+fn record_member_check(inner: &Inner, cluster: &str, checked: &[LiveAgent], check: &Divergence) {
+    let deps = &inner.deps;
+    let members: Vec<(String, bool)> =
+        checked.iter().map(|a| (a.member.clone(), check.is_diverged(&a.member))).collect();
+    deps.metrics.set_member_check(cluster, &members, check.unreachable.len());
+    let summary = check.summary();
+    if !summary.is_empty() {
+        warn!(revision = check.revision, "members disagree: {summary}");
+    }
+    for (member, why) in &check.unreachable {
+        warn!(%member, "member not compared: {why}");
+    }
+    let unreachable = check.unreachable.iter().map(|(m, why)| format!("{m}: {why}"));
+    let message =
+        summary.split("; ").filter(|s| !s.is_empty()).map(str::to_string).chain(unreachable).collect::<Vec<_>>();
+    let recorded = deps.status.update_cluster(cluster, |st| {
+        st.membercheck = Some(MemberCheck {
+            time: Some(Timestamp::now()),
+            revision: check.revision,
+            diverged: check.diverged.iter().map(|(m, _)| m.clone()).collect(),
+            unreachable: check.unreachable.iter().map(|(m, _)| m.clone()).collect(),
+            message: message.join("; "),
+        });
+    });
+    if let Err(e) = recorded {
+        warn!("failed to record the member check: {e:#}");
+    }
 }
 
 async fn take(inner: &Inner, cluster: &str, agent: &LiveAgent) -> Result<Manifest> {

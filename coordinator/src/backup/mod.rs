@@ -7,6 +7,7 @@
 //! are refused), [`Jobs::drain`] (running jobs get the grace period), [`Jobs::cancel`] (the rest are cancelled:
 //! their partial objects removed, their uploads aborted).
 
+pub mod divergence;
 mod job;
 pub mod members;
 pub mod retention;

@@ -17,16 +17,20 @@ use crate::metrics::Metrics;
 
 /// Applies `cluster`'s retention policy (if it has one) after a successful backup: a deletion removes the
 /// manifest first, then the object, so nothing half-deleted is listed. `verified` is the backup just
-/// committed, which the coordinator itself checked: it is never deleted, whatever dates other manifests carry.
+/// committed, which the coordinator itself checked: it is never deleted, whatever dates other manifests carry;
+/// nor is the newest backup that passed a restore drill without a warning.
 pub(super) async fn apply(deps: &JobDeps, cluster: &str, verified: &str, cancel: &CancellationToken) -> Result<()> {
     let policy = match deps.state.get(ResourceType::Cluster, cluster)? {
         Some(Resource { spec: Spec::Cluster(c), .. }) => c.backupconfiguration.and_then(|b| b.retention),
         _ => None,
     };
     let Some(policy) = policy else { return Ok(()) };
+    // The newest backup a restore drill proved (without a key-count warning) is kept whatever its age: it may
+    // be the last one known to hold the cluster as it should be.
+    let proved = deps.status.drill(cluster).map(|d| d.lastpassedbackup).unwrap_or_default();
     let all = deps.store.list(Some(cluster), cancel).await?;
     let listed: Vec<(String, Timestamp)> = all.iter().map(|m| (m.id.clone(), m.backup.createdat)).collect();
-    for id in to_delete(&listed, &policy).into_iter().filter(|id| id != verified) {
+    for id in to_delete(&listed, &policy).into_iter().filter(|id| id != verified && *id != proved) {
         let Some(m) = all.iter().find(|m| m.id == id) else { continue };
         deps.store.delete(m, cancel).await?;
         deps.metrics.retention_deleted.get_or_create(&Metrics::cluster(cluster)).inc();

@@ -24,6 +24,7 @@ use ferry_coordinator::api::{Api, ApiDeps};
 use ferry_coordinator::backup::{JobDeps, Jobs};
 use ferry_coordinator::config::{Bounds, Settings};
 use ferry_coordinator::credentials::Credentials;
+use ferry_coordinator::drill::{DrillDeps, Drills};
 use ferry_coordinator::leader::{Election, Term};
 use ferry_coordinator::metrics::{Metrics, Observer};
 use ferry_coordinator::net::{redirect_to_leader, Server};
@@ -126,6 +127,10 @@ struct Args {
     /// Shortest backup interval a cluster may ask for.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     min_backup_interval: Duration,
+    /// Shortest restore drill interval a cluster may ask for (a drill reads, checks and restores its newest
+    /// backup with etcd and etcdutl from PATH).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    min_drill_interval: Duration,
     /// Longest backup interval a cluster may ask for.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     max_backup_interval: Duration,
@@ -230,6 +235,7 @@ async fn run(args: Args) -> Result<()> {
             max_interval: args.max_backup_interval,
             jitter_fraction: args.backup_jitter_percent / 100.0,
             max_jitter: args.max_backup_jitter,
+            min_drill_interval: args.min_drill_interval,
         },
         max_concurrent_backups: args.max_concurrent_backups as usize,
         byte_stall_timeout: args.byte_stall_timeout,
@@ -408,9 +414,23 @@ async fn lead(shared: &Shared<'_>, lost: &CancellationToken, shutdown: &Cancella
     let server = Server::new(api, agents.clone(), credentials);
     let (stop_accepting, stop_serving) = (CancellationToken::new(), CancellationToken::new());
     let listener = tokio::spawn(server.clone().serve(endpoint.clone(), stop_accepting.clone(), stop_serving.clone()));
+    let drills = Drills::new(DrillDeps {
+        store: store.clone(),
+        status: status.clone(),
+        metrics: metrics.clone(),
+        scratch: args.state_dir.join("drills"),
+    })?;
     let stop_scheduler = CancellationToken::new();
     let scheduler = schedule::spawn(
-        SchedulerDeps { state, store, agents, jobs: jobs.clone(), metrics, bounds: settings.bounds.clone() },
+        SchedulerDeps {
+            state,
+            store,
+            agents,
+            jobs: jobs.clone(),
+            metrics,
+            bounds: settings.bounds.clone(),
+            drills: drills.clone(),
+        },
         outcomes_rx,
         stop_scheduler.clone(),
     );
@@ -430,6 +450,10 @@ async fn lead(shared: &Shared<'_>, lost: &CancellationToken, shutdown: &Cancella
     stop_scheduler.cancel();
     jobs.stop_starting();
     let _ = scheduler.await;
+    // A drill only reads: it is cancelled at once (its throw-away etcd is killed, its scratch dir removed).
+    if !drills.stop(CANCEL_DEADLINE).await {
+        warn!("the restore drill did not stop within {}s", CANCEL_DEADLINE.as_secs());
+    }
     // 2. Running jobs get the grace period; 3. then they are cancelled and clean up.
     if !jobs.drain(grace).await {
         warn!("backups still running after the grace period; cancelling them (partial objects are discarded, uploads aborted)");

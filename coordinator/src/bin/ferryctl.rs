@@ -12,7 +12,7 @@ use ferry_common::progress::{Lines, Progress};
 use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, ApplyOutcome, RevokeTarget, PROTOCOL_VERSION};
 use ferry_common::resources::EtcdBackupSpec;
 use ferry_common::resources::{Resource, ResourceType, Selector, Spec};
-use ferry_common::snapshot::{RestoreAs, VerifyingWriter};
+use ferry_common::snapshot::VerifyingWriter;
 use ferry_common::tls::CertifiedPem;
 use ferry_coordinator::cli::complete::TypeName;
 use ferry_coordinator::cli::render::{render, Format};
@@ -453,73 +453,32 @@ async fn download(
     Ok(())
 }
 
-/// Checks a backup end to end without touching production: download, every hash, etcd's own restore into a
-/// scratch dir, then the snapshot's revision and a key count from a throw-away etcd on that dir.
+/// Checks a backup end to end without touching production: download, every hash, then etcd's own restore
+/// into a scratch dir and a throw-away etcd on it (`restore_check`, the same as the coordinator's drills).
 async fn verify(cfg: &FerryConfig, cluster: String, backup_id: String) -> Result<()> {
     let scratch = tempfile::Builder::new().prefix("ferry-verify-").tempdir().context("create a scratch dir")?;
     let snapshot = scratch.path().join("snapshot.db");
     let backup = fetch(cfg, cluster.clone(), backup_id, &snapshot, true).await?;
     println!("downloaded and decompressed: sha256 of the object, of the snapshot, and etcd's own hash match");
     let status = ferry_common::snapshot::status(&snapshot)?;
-    let data_dir = scratch.path().join("restored");
-    let peer = format!("http://127.0.0.1:{}", free_port()?);
-    let member = RestoreAs {
-        name: "verify".into(),
-        initial_cluster: format!("verify={peer}"),
-        initial_cluster_token: "ferry-verify".into(),
-        initial_advertise_peer_urls: peer.clone(),
-    };
-    ferry_common::snapshot::restore(&snapshot, &data_dir, &member, None)?;
+    let dir = scratch.path().to_owned();
+    let restored = tokio::task::spawn_blocking(move || {
+        ferry_coordinator::restore_check::restore_and_read(&snapshot, &dir, VERIFY_ETCD_TIMEOUT)
+    })
+    .await
+    .context("the restore check panicked")??;
     println!("restored with {} snapshot restore into a scratch dir", ferry_common::snapshot::restore_tool());
-    let keys = count_keys(&data_dir, &peer)?;
     println!("backup:    {cluster}/{}", backup.createdat.human());
     println!("member:    {}", backup.member);
-    println!("revision:  {}", status.revision);
-    println!("keys:      {keys}");
+    println!("revision:  {}", restored.revision);
+    println!("keys:      {}", restored.keys);
     println!("db size:   {} bytes ({} stored)", status.total_size, backup.size);
     println!("OK");
     Ok(())
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// Starts a throw-away etcd on a restored data dir and counts its keys.
-fn count_keys(data_dir: &Path, peer: &str) -> Result<u64> {
-    let client = format!("http://127.0.0.1:{}", free_port()?);
-    let mut etcd = std::process::Command::new("etcd")
-        .args(["--name", "verify", "--data-dir"])
-        .arg(data_dir)
-        .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-        .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("start etcd on the restored data dir (is etcd installed?)")?;
-    let result = (|| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let out = std::process::Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                // `count` is the whole range's size even with --limit 1 (etcd 3.4 has no --count-only).
-                .args(["--endpoints", &client, "get", "", "--prefix", "--limit", "1", "-w", "json"])
-                .output()
-                .context("run etcdctl")?;
-            if out.status.success() {
-                let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parse etcdctl output")?;
-                return Ok(v["count"].as_u64().unwrap_or(0));
-            }
-            if std::time::Instant::now() > deadline {
-                bail!("the restored etcd did not answer within 30s: {}", String::from_utf8_lossy(&out.stderr).trim());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-    })();
-    let _ = etcd.kill();
-    let _ = etcd.wait();
-    result
-}
+/// How long `backup verify` waits for the throw-away etcd to answer.
+const VERIFY_ETCD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `agent-credentials --owner USER[:GROUP]`, resolved to numeric ids.
 #[derive(Debug)]

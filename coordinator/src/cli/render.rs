@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use ferry_common::resources::{status, BackupConfiguration, Resource, ResourceType, Spec, Timestamp};
+use ferry_common::resources::{
+    status, BackupConfiguration, DrillStatus, Resource, ResourceType, Spec, Timestamp, DRILL_WARNING,
+};
 
 /// Output formats of `get`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -71,10 +73,31 @@ fn backup_schedule(b: Option<&BackupConfiguration>) -> String {
     }
 }
 
+/// A drill's result in a word, with its error or warning.
+fn drill_result(d: &DrillStatus) -> String {
+    match d.result {
+        status::OK => "Ok".into(),
+        status::ERROR => format!("Error: {}", d.error),
+        DRILL_WARNING => format!("Warning: {}", d.warning),
+        _ => "Unknown".into(),
+    }
+}
+
 fn table(rt: ResourceType, resources: &[Resource]) -> String {
     let header: Vec<&str> = match rt {
         ResourceType::EtcdBackupStatus => {
-            vec!["ID", "STATUS", "ERROR", "LAST BACKUP TIME", "LAST BACKUP ATTEMPT", "BYTES DONE"]
+            vec![
+                "ID",
+                "STATUS",
+                "ERROR",
+                "LAST BACKUP TIME",
+                "LAST BACKUP ATTEMPT",
+                "BYTES DONE",
+                "LAST DRILL",
+                "DRILL",
+                "DRILL KEYS",
+                "DIVERGED MEMBERS",
+            ]
         }
         ResourceType::EtcdBackupOverallStatus => vec![
             "ID",
@@ -89,7 +112,7 @@ fn table(rt: ResourceType, resources: &[Resource]) -> String {
         ResourceType::EtcdBackup => {
             vec!["ID", "CLUSTER", "CREATED AT", "SIZE", "RAW SIZE", "MEMBER", "REVISION", "SHA256"]
         }
-        ResourceType::Cluster => vec!["ID", "BACKUP INTERVAL"],
+        ResourceType::Cluster => vec!["ID", "BACKUP INTERVAL", "DRILL INTERVAL"],
         ResourceType::Agent => {
             vec![
                 "ID",
@@ -121,6 +144,10 @@ fn table(rt: ResourceType, resources: &[Resource]) -> String {
                 ts(&s.lastbackuptime),
                 ts(&s.lastbackupattempt),
                 bytes(s.bytesdone),
+                s.drill.as_ref().map_or_else(String::new, |d| ts(&d.time)),
+                s.drill.as_ref().map_or_else(String::new, drill_result),
+                s.drill.as_ref().filter(|d| d.result != status::ERROR).map_or_else(String::new, |d| d.keys.to_string()),
+                s.membercheck.as_ref().map_or_else(String::new, |m| m.diverged.join(",")),
             ],
             Spec::EtcdBackupOverallStatus(s) => {
                 let last = s.lastbackupstatus.clone().unwrap_or_default();
@@ -145,7 +172,13 @@ fn table(rt: ResourceType, resources: &[Resource]) -> String {
                 s.revision.to_string(),
                 s.sha256.chars().take(12).collect(),
             ],
-            Spec::Cluster(s) => vec![id, backup_schedule(s.backupconfiguration.as_ref())],
+            Spec::Cluster(s) => vec![
+                id,
+                backup_schedule(s.backupconfiguration.as_ref()),
+                s.backupconfiguration.as_ref().and_then(|b| b.drillinterval).map_or_else(String::new, |d| {
+                    humantime::format_duration(std::time::Duration::from_secs(d.seconds.max(0) as u64)).to_string()
+                }),
+            ],
             Spec::Agent(s) => vec![
                 id,
                 s.connected.to_string(),

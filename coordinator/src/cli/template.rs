@@ -38,6 +38,8 @@ struct TemplateBackup {
     schedule: Option<String>,
     #[serde(default)]
     retention: Option<TemplateRetention>,
+    #[serde(default)]
+    drill_interval: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -109,17 +111,17 @@ pub fn parse(text: &str) -> Result<(Vec<Desired>, Vec<String>), TemplateError> {
 }
 
 fn convert(b: TemplateBackup) -> Result<BackupConfiguration, String> {
-    let interval = match b.interval {
-        Some(s) => {
-            let d: Duration = humantime::parse_duration(&s)
-                .map_err(|e| format!("features.backupConfiguration.interval {s:?}: {e} (use e.g. 1h, 30m)"))?;
-            Some(ProtoDuration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 })
-        }
-        None => None,
+    let duration = |field: &str, s: Option<String>| -> Result<Option<ProtoDuration>, String> {
+        let Some(s) = s else { return Ok(None) };
+        let d: Duration = humantime::parse_duration(&s)
+            .map_err(|e| format!("features.backupConfiguration.{field} {s:?}: {e} (use e.g. 1h, 30m)"))?;
+        Ok(Some(ProtoDuration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }))
     };
+    let interval = duration("interval", b.interval)?;
+    let drillinterval = duration("drillInterval", b.drill_interval)?;
     let retention =
         b.retention.map(|r| Retention { keeplast: r.keep_last, hourly: r.hourly, daily: r.daily, weekly: r.weekly });
-    Ok(BackupConfiguration { interval, schedule: b.schedule.unwrap_or_default(), retention })
+    Ok(BackupConfiguration { interval, schedule: b.schedule.unwrap_or_default(), retention, drillinterval })
 }
 
 /// The diff header name of a cluster: `Clusters.ferry.dev(default/NAME)`.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_common::backoff::Backoff;
-use ferry_common::resources::{BackupConfiguration, Resource, ResourceType, Spec, Timestamp};
+use ferry_common::resources::{BackupConfiguration, ProtoDuration, Resource, ResourceType, Spec, Timestamp};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +22,7 @@ use tracing::{info, info_span, warn, Instrument};
 use self::plan::{Bounds, Plan};
 use crate::agents::Agents;
 use crate::backup::{JobOutcome, Jobs, Trigger};
+use crate::drill::Drills;
 use crate::metrics::Metrics;
 use crate::state::StateStore;
 use crate::store::{BackupStore, StoreError};
@@ -43,6 +44,7 @@ pub struct SchedulerDeps {
     pub jobs: Jobs,
     pub metrics: Arc<Metrics>,
     pub bounds: Bounds,
+    pub drills: Drills,
 }
 
 /// Starts the scheduler task; it runs until `cancel` fires, taking job outcomes from `outcomes`.
@@ -51,9 +53,9 @@ pub fn spawn(
     outcomes: mpsc::UnboundedReceiver<JobOutcome>,
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let SchedulerDeps { state, store, agents, jobs, metrics, bounds } = deps;
+    let SchedulerDeps { state, store, agents, jobs, metrics, bounds, drills } = deps;
     let scheduler = Scheduler::new(store, metrics, bounds);
-    tokio::spawn(run(scheduler, state, agents, jobs, outcomes, cancel).instrument(info_span!("scheduler")))
+    tokio::spawn(run(scheduler, state, agents, jobs, drills, outcomes, cancel).instrument(info_span!("scheduler")))
 }
 
 async fn run(
@@ -61,6 +63,7 @@ async fn run(
     state: Arc<dyn StateStore>,
     agents: Agents,
     jobs: Jobs,
+    drills: Drills,
     mut outcomes: mpsc::UnboundedReceiver<JobOutcome>,
     cancel: CancellationToken,
 ) {
@@ -81,6 +84,13 @@ async fn run(
                     match jobs.start(&cluster, Trigger::Scheduled) {
                         Ok(()) => info!(%cluster, due = %at.human(), "scheduled backup queued"),
                         Err(e) => warn!(%cluster, "failed to start scheduled backup: {e}"),
+                    }
+                }
+                // Drills run in their own slot, one at a time: they never hold up a backup.
+                let now = Timestamp::now();
+                for cluster in s.drills_due(now, &clusters, &|c| drills.last_drill(c)) {
+                    if drills.try_start(&cluster) {
+                        s.drill_started(&cluster, now);
                     }
                 }
             }
@@ -120,6 +130,10 @@ struct ClusterState {
     jitter_ms: i64,
     failures: u32,
     retry_at: Option<Timestamp>,
+    /// When the next restore drill is due (`None`: not known yet, read from the status first).
+    drill_next: Option<Timestamp>,
+    /// The drill interval last found invalid, so it is logged once.
+    drill_invalid: Option<ProtoDuration>,
     /// The configuration last checked and its outcome: checking a cron schedule samples many runs, so it is
     /// redone only when the configuration changes (and an invalid one is logged once).
     checked: Option<(BackupConfiguration, Result<Plan, String>)>,
@@ -237,6 +251,62 @@ impl Scheduler {
         }
         due.sort();
         due
+    }
+
+    /// The clusters whose restore drill is due now, in name order. `last_drill` reads when a cluster's latest
+    /// drill ended (once per cluster, after a restart). A cluster is drilled only once it has a backup.
+    fn drills_due(
+        &mut self,
+        now: Timestamp,
+        clusters: &[(String, Option<BackupConfiguration>)],
+        last_drill: &dyn Fn(&str) -> Option<Timestamp>,
+    ) -> Vec<String> {
+        let mut due = Vec::new();
+        for (cluster, cfg) in clusters {
+            let Some(st) = self.clusters.get_mut(cluster) else { continue };
+            let labels = Metrics::cluster(cluster);
+            let Some(d) = cfg.as_ref().and_then(|c| c.drillinterval) else {
+                self.metrics.drill_interval.remove(&labels);
+                continue;
+            };
+            let period = match plan::drill_period(&d, &self.bounds) {
+                Ok(p) => p,
+                Err(e) => {
+                    if st.drill_invalid != Some(d) {
+                        warn!(%cluster, "restore drills paused: {e}");
+                        st.drill_invalid = Some(d);
+                    }
+                    self.metrics.drill_interval.remove(&labels);
+                    continue;
+                }
+            };
+            st.drill_invalid = None;
+            self.metrics.drill_interval.get_or_create(&labels).set(period.as_secs_f64());
+            if !st.loaded || st.newest.is_none() {
+                continue;
+            }
+            let next = *st
+                .drill_next
+                .get_or_insert_with(|| last_drill(cluster).map_or(now, |t| plan::shift(t, period.as_millis() as i64)));
+            if next <= now {
+                due.push(cluster.clone());
+            }
+        }
+        due.sort();
+        due
+    }
+
+    /// A drill of `cluster` started at `now`: the next is one period later.
+    fn drill_started(&mut self, cluster: &str, now: Timestamp) {
+        let Some(st) = self.clusters.get_mut(cluster) else { return };
+        // From the start of this drill (the status records its end).
+        let period = st
+            .checked
+            .as_ref()
+            .and_then(|(c, _)| c.drillinterval)
+            .and_then(|d| plan::drill_period(&d, &self.bounds).ok())
+            .unwrap_or(DEFAULT_PERIOD);
+        st.drill_next = Some(plan::shift(now, period.as_millis() as i64));
     }
 
     /// A cluster's listing finished.

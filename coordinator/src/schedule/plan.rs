@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use croner::Cron;
-use ferry_common::resources::{BackupConfiguration, Timestamp};
+use ferry_common::resources::{BackupConfiguration, ProtoDuration, Timestamp};
 use rand::Rng;
 
 pub use crate::config::Bounds;
@@ -75,6 +75,25 @@ pub fn plan(cfg: &BackupConfiguration, b: &Bounds) -> Result<Plan, String> {
     }
 }
 
+/// Checks a restore drill interval against `--min-drill-interval`.
+pub fn drill_period(d: &ProtoDuration, b: &Bounds) -> Result<Duration, String> {
+    if d.seconds < 0 || !(0..1_000_000_000).contains(&d.nanos) {
+        return Err(format!(
+            "backupconfiguration.drillinterval {{seconds: {}, nanos: {}}} is not a valid duration",
+            d.seconds, d.nanos
+        ));
+    }
+    let d = Duration::new(d.seconds as u64, d.nanos as u32);
+    if d < b.min_drill_interval {
+        return Err(format!(
+            "restore drill interval {} is shorter than the coordinator allows ({}, --min-drill-interval)",
+            human(d),
+            human(b.min_drill_interval)
+        ));
+    }
+    Ok(d)
+}
+
 fn to_chrono(t: Timestamp) -> DateTime<Utc> {
     DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32).unwrap_or_default()
 }
@@ -129,7 +148,6 @@ pub fn shift(t: Timestamp, ms: i64) -> Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_common::resources::ProtoDuration;
 
     fn every(secs: i64) -> BackupConfiguration {
         BackupConfiguration { interval: Some(ProtoDuration { seconds: secs, nanos: 0 }), ..Default::default() }
@@ -167,6 +185,14 @@ mod tests {
         assert_eq!(p.due(Some(Timestamp { seconds: 9_000, nanos: 0 }), now).seconds, 12_600);
         // Missed while down: due in the past, so taken at once.
         assert!(p.due(Some(Timestamp { seconds: 1_000, nanos: 0 }), now) < now);
+    }
+
+    #[test]
+    fn drill_intervals_below_the_minimum_are_refused() {
+        let b = Bounds::default();
+        assert_eq!(drill_period(&ProtoDuration { seconds: 86400, nanos: 0 }, &b), Ok(Duration::from_secs(86400)));
+        let e = drill_period(&ProtoDuration { seconds: 60, nanos: 0 }, &b).unwrap_err();
+        assert!(e.contains("--min-drill-interval"), "{e}");
     }
 
     #[test]

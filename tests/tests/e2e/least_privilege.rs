@@ -113,7 +113,7 @@ async fn s3_presigned_requests_an_agent_gets_reach_no_other_object() -> anyhow::
     coordinator.manual_backup("evil").await?;
     let mut job = evil.next_job(BACKUP_TIMEOUT).await?;
     let mut received = serde_json::to_string(&job.request)?;
-    let JobRequest::Backup(b) = &job.request;
+    let JobRequest::Backup(b) = &job.request else { anyhow::bail!("a backup job expected: {:?}", job.request) };
     let BackupTarget::S3(upload) = &b.target else { anyhow::bail!("an S3 job expected: {:?}", job.request) };
     let own_key = upload.key.clone();
     write_frame(&mut job.send, &JobMsg::Started(sane_facts(1))).await?;

@@ -9,6 +9,7 @@ mod cli;
 mod coverage;
 mod credentials;
 mod deploy;
+mod drills;
 mod failures;
 mod ha;
 mod harness;

@@ -1,0 +1,284 @@
+//! Restore drills: proof on a schedule that a cluster's newest backup restores. The scheduler decides when
+//! ([`Drills::try_start`]); a drill reads the object back from the store through every check a restore makes
+//! (sizes, both sha256, etcd's trailing hash, bbolt's meta page), restores it with etcd's own tool into a
+//! scratch dir under `STATE_DIR/drills`, reads revision and key counts from a throw-away etcd
+//! ([`crate::restore_check`]), compares the per-resource counts with the previous drill of another backup
+//! ([`compare`]), records the result in the cluster's status and metrics, and deletes the scratch dir.
+//!
+//! One drill at a time per coordinator, in its own task: drills never take a backup job slot, so they never
+//! delay a backup.
+
+pub mod compare;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_common::protocol::DATA_CHUNK;
+use ferry_common::resources::{status, DrillStatus, Timestamp, DRILL_WARNING};
+use ferry_common::snapshot::VerifyingWriter;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::lock;
+use crate::metrics::Metrics;
+use crate::restore_check::{restore_and_read, Restored};
+use crate::status::Status;
+use crate::store::{BackupStore, Manifest};
+
+/// How long the throw-away etcd may take to answer.
+const ETCD_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Chunks between the store reader and the checking writer.
+const CHANNEL_DEPTH: usize = 8;
+
+/// What drills work with.
+pub struct DrillDeps {
+    pub store: Arc<BackupStore>,
+    pub status: Status,
+    pub metrics: Arc<Metrics>,
+    /// Scratch dirs are made here (`STATE_DIR/drills`, 0700): a restored copy of a cluster's data never
+    /// lands in a shared temp dir.
+    pub scratch: PathBuf,
+}
+
+/// The drill runner; cheap to clone (a handle).
+#[derive(Clone)]
+pub struct Drills {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    deps: DrillDeps,
+    /// The cluster being drilled; one drill at a time.
+    running: Mutex<Option<String>>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+/// Clears the running mark when the drill ends, however it ends.
+struct RunningGuard(Arc<Inner>);
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        *lock(&self.0.running) = None;
+    }
+}
+
+impl Drills {
+    pub fn new(deps: DrillDeps) -> Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        // Scratch dirs left by a crash hold a copy of a cluster's data: gone at start.
+        let _ = std::fs::remove_dir_all(&deps.scratch);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(&deps.scratch)
+            .with_context(|| format!("create {}", deps.scratch.display()))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                deps,
+                running: Mutex::new(None),
+                tracker: TaskTracker::new(),
+                cancel: CancellationToken::new(),
+            }),
+        })
+    }
+
+    /// Starts a drill of `cluster`'s newest backup unless a drill is running; whether it started.
+    pub fn try_start(&self, cluster: &str) -> bool {
+        if self.inner.cancel.is_cancelled() {
+            return false;
+        }
+        {
+            let mut running = lock(&self.inner.running);
+            if running.is_some() {
+                return false;
+            }
+            *running = Some(cluster.to_string());
+        }
+        let guard = RunningGuard(self.inner.clone());
+        let inner = self.inner.clone();
+        let cluster = cluster.to_string();
+        let span = info_span!(parent: None, "drill", %cluster);
+        self.inner.tracker.spawn(
+            async move {
+                let _guard = guard;
+                drill(&inner, &cluster).await;
+            }
+            .instrument(span),
+        );
+        true
+    }
+
+    /// When `cluster`'s latest drill ended, from its status; also seeds the last-success gauge after a
+    /// restart, so "no drill passed" alerts keep working.
+    pub fn last_drill(&self, cluster: &str) -> Option<Timestamp> {
+        let d = self.inner.deps.status.drill(cluster)?;
+        if let Some(t) = d.lastsuccesstime {
+            let g = self.inner.deps.metrics.drill_last_success.get_or_create(&Metrics::cluster(cluster));
+            if g.get() < t.seconds as f64 {
+                g.set(t.seconds as f64);
+            }
+        }
+        d.time
+    }
+
+    /// Whether a drill is running.
+    pub fn is_running(&self) -> bool {
+        lock(&self.inner.running).is_some()
+    }
+
+    /// Shutdown: cancels a running drill and waits up to `deadline` for it to clean up.
+    pub async fn stop(&self, deadline: Duration) -> bool {
+        self.inner.cancel.cancel();
+        self.inner.tracker.close();
+        tokio::time::timeout(deadline, self.inner.tracker.wait()).await.is_ok()
+    }
+}
+
+async fn drill(inner: &Inner, cluster: &str) {
+    let deps = &inner.deps;
+    let started = Instant::now();
+    let result = tokio::select! {
+        r = restore_newest(deps, cluster, &inner.cancel) => r,
+        () = inner.cancel.cancelled() => return info!("the coordinator is shutting down; the drill is cancelled"),
+    };
+    let secs = started.elapsed().as_secs_f64();
+    let labels = Metrics::cluster(cluster);
+    let m = &deps.metrics;
+    let now = Timestamp::now();
+    let (backup, outcome) = match result {
+        Ok(None) => return info!("no backup to drill yet"),
+        Ok(Some((id, restored))) => (id, Ok(restored)),
+        Err((id, e)) => (id, Err(e)),
+    };
+    let recorded = deps.status.update_cluster(cluster, |st| {
+        let previous = st.drill.take().unwrap_or_default();
+        let mut d = DrillStatus {
+            time: Some(now),
+            backup: backup.clone(),
+            durationseconds: secs,
+            lastpassedbackup: previous.lastpassedbackup.clone(),
+            lastsuccesstime: previous.lastsuccesstime,
+            baselinebackup: previous.baselinebackup.clone(),
+            baselineresources: previous.baselineresources.clone(),
+            ..Default::default()
+        };
+        match &outcome {
+            Ok(r) => {
+                // The baseline is the latest passed drill of *another* backup: drilling the same backup again
+                // keeps comparing with what came before it.
+                if previous.backup != backup && previous.result != status::ERROR && !previous.backup.is_empty() {
+                    d.baselinebackup = previous.backup.clone();
+                    d.baselineresources = previous.resources.clone();
+                }
+                d.revision = r.revision;
+                d.keys = r.keys;
+                d.resources = r.resources.clone();
+                d.warning = compare::drops(&d.baselineresources, &r.resources).join("; ");
+                if d.warning.is_empty() {
+                    d.result = status::OK;
+                    d.lastpassedbackup = backup.clone();
+                } else {
+                    d.result = DRILL_WARNING;
+                    d.warning = format!("fewer keys than the drill of {}: {}", d.baselinebackup, d.warning);
+                }
+                d.lastsuccesstime = Some(now);
+            }
+            Err(e) => {
+                d.result = status::ERROR;
+                d.error = format!("{e:#}");
+            }
+        }
+        st.drill = Some(d);
+    });
+    if let Err(e) = recorded {
+        warn!("failed to record the drill: {e:#}");
+    }
+    m.drill_duration.observe(secs);
+    match outcome {
+        Ok(r) => {
+            let warned = deps.status.drill(cluster).is_some_and(|d| d.result == DRILL_WARNING);
+            info!(backup_id = %backup, revision = r.revision, keys = r.keys, secs, warned, "restore drill passed");
+            m.drill_last_success.get_or_create(&labels).set(now.seconds as f64);
+            m.drill_keys.get_or_create(&labels).set(r.keys as i64);
+            m.drill_failing.get_or_create(&labels).set(0);
+            m.drill_key_drop.get_or_create(&labels).set(i64::from(warned));
+            let result = if warned { "warning" } else { "success" };
+            m.drills.get_or_create(&Metrics::result_named(cluster, result)).inc();
+        }
+        Err(e) => {
+            warn!(backup_id = %backup, "restore drill failed: {e:#}");
+            m.drill_failing.get_or_create(&labels).set(1);
+            m.drills.get_or_create(&Metrics::result_named(cluster, "error")).inc();
+        }
+    }
+}
+
+type DrillResult = Result<Option<(String, Restored)>, (String, anyhow::Error)>;
+
+/// Restores the newest backup; `Ok(None)` when there is none. Errors carry the backup id.
+async fn restore_newest(deps: &DrillDeps, cluster: &str, cancel: &CancellationToken) -> DrillResult {
+    let newest = deps.store.list(Some(cluster), cancel).await.map_err(|e| (String::new(), anyhow!(e)))?;
+    let Some(manifest) = newest.into_iter().next() else { return Ok(None) };
+    let id = manifest.id.clone();
+    info!(backup_id = %id, "restore drill started");
+    let limit = crate::backup::job_timeout(manifest.backup.rawsize.min(i64::MAX as u64) as i64, 0);
+    match tokio::time::timeout(limit, restore(deps, &manifest, cancel)).await {
+        Ok(Ok(r)) => Ok(Some((id, r))),
+        Ok(Err(e)) => Err((id, e)),
+        Err(_) => Err((id, anyhow!("the drill did not finish within {}s", limit.as_secs()))),
+    }
+}
+
+async fn restore(deps: &DrillDeps, manifest: &Manifest, cancel: &CancellationToken) -> Result<Restored> {
+    let scratch = tempfile::Builder::new()
+        .prefix(&format!("{}-", manifest.backup.cluster))
+        .tempdir_in(&deps.scratch)
+        .context("create a scratch dir")?;
+    let snapshot = scratch.path().join("snapshot.db");
+    // The checks and zstd run on a blocking thread, fed through a small channel.
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
+    let (target, spec) = (snapshot.clone(), manifest.backup.clone());
+    let writer = tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut w = VerifyingWriter::create(&target, &spec, true)?;
+        while let Some(chunk) = rx.blocking_recv() {
+            w.write(&chunk)?;
+        }
+        w.finish()?;
+        Ok(())
+    });
+    let read = async {
+        let mut object = deps.store.open(manifest, cancel).await.context("open the backup object")?;
+        let mut buf = vec![0u8; DATA_CHUNK];
+        while let Some(piece) = object.next(&mut buf).await.context("read the backup object")? {
+            if tx.send(piece).await.is_err() {
+                // The writer stopped: its error says why.
+                break;
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    drop(tx);
+    let written = writer.await.context("the checking thread panicked")?;
+    // A check failure is the more telling error when both failed.
+    written.context("the stored backup fails its checks")?;
+    read?;
+    let dir = scratch.path().to_owned();
+    let restored = tokio::task::spawn_blocking(move || restore_and_read(&snapshot, &dir, ETCD_ANSWER_TIMEOUT))
+        .await
+        .context("the restore check panicked")??;
+    if restored.revision < manifest.backup.revision {
+        bail!(
+            "the restored etcd is at revision {} but the manifest says the snapshot began at {}",
+            restored.revision,
+            manifest.backup.revision
+        );
+    }
+    drop(scratch);
+    Ok(restored)
+}

@@ -1,0 +1,201 @@
+//! Proof, not hope: scheduled restore drills (the newest backup restored into a throw-away etcd and read
+//! back), their sanity check against the previous drill, retention keeping the last proved backup, and the
+//! check before a backup that every member holds the same data.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde_json::{json, Value};
+
+use crate::fixtures::ferry::STATUS_ERROR;
+use crate::fixtures::logs::log_tail;
+use crate::fixtures::ports::free_port;
+use crate::fixtures::{poll_until, Agent, Coordinator, CoordinatorOptions, EtcdCluster, STATUS_OK, TEST_PREFIX};
+use crate::observe::http_get;
+
+const CLUSTER: &str = "prod";
+/// `drill.result` when the backup restored but a resource lost many keys since the drill before.
+const DRILL_WARNING: i64 = 4;
+const DRILL_TIMEOUT: Duration = Duration::from_secs(120);
+const BACKUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A coordinator that allows drills every second, with metrics on a port.
+async fn coordinator() -> anyhow::Result<(Coordinator, u16)> {
+    let port = free_port();
+    let c = Coordinator::start(CoordinatorOptions {
+        extra_args: vec![
+            "--min-drill-interval".into(),
+            "1s".into(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{port}"),
+        ],
+        ..Default::default()
+    })
+    .await?;
+    Ok((c, port))
+}
+
+/// Sets the cluster's backup configuration (hourly backups, so only the tests' manual backups run).
+async fn configure(c: &Coordinator, drill_seconds: i64, retention: Option<Value>) -> anyhow::Result<()> {
+    let mut cluster = c.ctl().get_json("cluster", Some(CLUSTER)).await?;
+    let mut cfg = json!({
+        "interval": { "seconds": 3600, "nanos": 0 },
+        "drillinterval": { "seconds": drill_seconds, "nanos": 0 },
+    });
+    if let Some(r) = retention {
+        cfg["retention"] = r;
+    }
+    cluster["spec"]["backupconfiguration"] = cfg;
+    c.ctl().apply_yaml(&serde_json::to_string(&cluster)?).await?.ok()?;
+    Ok(())
+}
+
+/// Waits for a drill of `backup` (any backup when `None`) that `done` accepts; returns the drill status.
+async fn wait_drill(c: &Coordinator, backup: Option<&str>, done: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    poll_until("a restore drill", DRILL_TIMEOUT, Duration::from_millis(500), || async {
+        let drill = c.backup_status(CLUSTER).await?["drill"].clone();
+        let of_backup = backup.is_none_or(|b| drill["backup"] == b);
+        Ok((of_backup && done(&drill)).then_some(drill))
+    })
+    .await
+    .with_context(|| format!("coordinator log:\n{}", log_tail(c.log_path(), 40)))
+}
+
+/// A new manual backup, which must succeed; returns its id.
+async fn backup(c: &Coordinator, previous: Option<&Value>) -> anyhow::Result<(String, Value)> {
+    if previous.is_some() {
+        // A manual backup is asked for by the second (and backup ids are per second): the next one, later.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    c.manual_backup(CLUSTER).await?;
+    let status = match previous {
+        Some(p) => c.wait_next_backup_status(CLUSTER, p, BACKUP_TIMEOUT).await?,
+        None => c.wait_backup_status(CLUSTER, BACKUP_TIMEOUT).await?,
+    };
+    anyhow::ensure!(status["status"] == STATUS_OK, "backup failed: {status}");
+    let id = c.backups(CLUSTER).await?.first().context("no backup listed")?["metadata"]["id"]
+        .as_str()
+        .context("backup id")?
+        .to_owned();
+    Ok((id, status))
+}
+
+fn metric(port: u16, name: &str) -> Option<f64> {
+    let (_, text) = http_get(port, "/metrics").ok()?;
+    let prefix = format!("{name}{{cluster=\"{CLUSTER}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn a_drill_restores_the_newest_backup_reports_its_keys_and_a_corrupted_object_fails_it() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    etcd.put_keys(200).await?;
+    let (c, port) = coordinator().await?;
+    let _agents = c.start_agents(CLUSTER, &etcd).await?;
+    let (id, _) = backup(&c, None).await?;
+    configure(&c, 2, None).await?;
+
+    let drill = wait_drill(&c, Some(&id), |d| d["result"] == STATUS_OK).await?;
+    assert_eq!(drill["resources"]["test"], 200, "every key written is read back from the restored etcd: {drill}");
+    assert!(drill["keys"].as_u64().is_some_and(|k| k >= 200), "{drill}");
+    assert!(drill["revision"].as_i64().is_some_and(|r| r > 1), "{drill}");
+    assert_eq!(drill["lastpassedbackup"], id.as_str(), "{drill}");
+    poll_until("drill metrics", Duration::from_secs(20), Duration::from_millis(300), || async {
+        Ok((metric(port, "ferry_restore_drill_keys") == drill["keys"].as_f64()
+            && metric(port, "ferry_restore_drill_failing") == Some(0.0)
+            && metric(port, "ferry_restore_drill_last_success_timestamp_seconds").is_some())
+        .then_some(()))
+    })
+    .await?;
+    let table = c.ctl().run(&["get", "etcdbackupstatus", CLUSTER]).await?.ok()?.stdout;
+    assert!(table.contains("LAST DRILL") && table.contains("Ok"), "{table}");
+
+    // One bit flipped in the stored object: the next drill fails on its hash, and says so.
+    let object = c.store_dir().join(CLUSTER).join(format!("{id}.snapshot.zst"));
+    let mut bytes = std::fs::read(&object).with_context(|| format!("read {}", object.display()))?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(&object, bytes)?;
+    let failed = wait_drill(&c, Some(&id), |d| d["result"] == STATUS_ERROR).await?;
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(error.contains("sha256") && error.contains("corrupted"), "{failed}");
+    assert_eq!(failed["lastpassedbackup"], id.as_str(), "the last proof is remembered");
+    poll_until("drill failure metric", Duration::from_secs(20), Duration::from_millis(300), || async {
+        Ok((metric(port, "ferry_restore_drill_failing") == Some(1.0)).then_some(()))
+    })
+    .await?;
+    // Scratch dirs (a copy of the cluster's data) do not outlive their drill.
+    poll_until("no scratch dir left", Duration::from_secs(20), Duration::from_millis(300), || async {
+        let left: Vec<_> = std::fs::read_dir(c.state_dir().join("drills"))?.collect();
+        Ok(left.is_empty().then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_drill_after_most_keys_were_deleted_warns_and_retention_keeps_the_last_proved_backup() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    etcd.put_keys(200).await?;
+    let (c, port) = coordinator().await?;
+    let _agents = c.start_agents(CLUSTER, &etcd).await?;
+    let (first, status) = backup(&c, None).await?;
+    configure(&c, 1, Some(json!({ "keeplast": 1 }))).await?;
+    wait_drill(&c, Some(&first), |d| d["result"] == STATUS_OK).await?;
+
+    // Half the keys gone (an emptied namespace, a bad script): the backup is fine, its content is not.
+    let mut client = etcd.client().await?;
+    client.delete(format!("{TEST_PREFIX}key-000"), Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
+    let (second, status) = backup(&c, Some(&status)).await?;
+    let warned = wait_drill(&c, Some(&second), |d| d["result"] == DRILL_WARNING).await?;
+    let warning = warned["warning"].as_str().unwrap_or_default();
+    assert!(warning.contains("test 200 → 100") && warning.contains(&first), "{warned}");
+    assert_eq!(warned["lastpassedbackup"], first.as_str(), "a warned drill does not count as proof: {warned}");
+    poll_until("key drop metric", Duration::from_secs(20), Duration::from_millis(300), || async {
+        Ok((metric(port, "ferry_restore_drill_key_drop") == Some(1.0)).then_some(()))
+    })
+    .await?;
+
+    // keeplast 1 would leave only the newest backup; the last one a drill proved stays too.
+    let (third, _) = backup(&c, Some(&status)).await?;
+    let ids: Vec<String> =
+        c.backups(CLUSTER).await?.iter().filter_map(|b| b["metadata"]["id"].as_str().map(str::to_owned)).collect();
+    assert!(ids.contains(&first) && ids.contains(&third), "{ids:?}");
+    assert!(!ids.contains(&second), "retention deleted the unproved one: {ids:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agent_reaching_an_etcd_with_other_data_is_caught_and_never_backed_up_from() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(3).await?;
+    etcd.put_keys(100).await?;
+    // Another etcd cluster, with other data: "m3"'s agent is (mis)pointed at it.
+    let other = EtcdCluster::start(1).await?;
+    other.put_keys(7).await?;
+    let (c, port) = coordinator().await?;
+    let mut agents = Vec::new();
+    for (i, member) in etcd.members().iter().enumerate() {
+        let creds = c.issue_agent_credentials(CLUSTER, member.name()).await?;
+        let url = if i == 2 { other.member(0).client_url() } else { member.client_url() };
+        agents.push(Agent::start(&c, &creds, url)?);
+    }
+    c.wait_agents_connected(CLUSTER, &["m1", "m2", "m3"], Duration::from_secs(30)).await?;
+
+    let mut previous: Option<Value> = None;
+    for _ in 0..3 {
+        let (_, status) = backup(&c, previous.as_ref()).await?;
+        assert_ne!(status["member"], "m3", "a backup was taken from the diverged member: {status}");
+        let check = &status["membercheck"];
+        assert_eq!(check["diverged"], json!(["m3"]), "{status}");
+        assert!(check["message"].as_str().is_some_and(|m| m.contains("another etcd cluster")), "{status}");
+        assert!(check["revision"].as_i64().is_some_and(|r| r > 0), "{status}");
+        previous = Some(status);
+    }
+    let diverged = |member: &str| {
+        let (_, text) = http_get(port, "/metrics").ok()?;
+        let prefix = format!("ferry_etcd_member_diverged{{cluster=\"{CLUSTER}\",member=\"{member}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    assert_eq!((diverged("m1"), diverged("m2"), diverged("m3")), (Some(0.0), Some(0.0), Some(1.0)));
+    Ok(())
+}
