@@ -11,6 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::state::StateStore;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClusterLabels {
     pub cluster: String,
@@ -37,6 +39,7 @@ pub struct Metrics {
     pub etcd_reachable_agents: Family<ClusterLabels, Gauge>,
     pub consecutive_failures: Family<ClusterLabels, Gauge>,
     pub store_configuration_error: Gauge,
+    pub state_store_writable: Gauge,
     pub retention_deleted: Family<ClusterLabels, Counter>,
     pub interval: Family<ClusterLabels, FloatGauge>,
 }
@@ -56,6 +59,7 @@ impl Default for Metrics {
             etcd_reachable_agents: Family::default(),
             consecutive_failures: Family::default(),
             store_configuration_error: Gauge::default(),
+            state_store_writable: Gauge::default(),
             retention_deleted: Family::default(),
             interval: Family::default(),
             registry: Registry::default(),
@@ -97,6 +101,11 @@ impl Default for Metrics {
             "store_configuration_error",
             "1 while the backup store is not usable",
             m.store_configuration_error.clone(),
+        );
+        registry.register(
+            "state_store_writable",
+            "1 while the coordinator's state store can write (0: disk full or I/O errors; it recovers by itself)",
+            m.state_store_writable.clone(),
         );
         registry.register(
             "retention_deleted",
@@ -160,20 +169,32 @@ impl Metrics {
     }
 }
 
-/// What `/metrics` and `/readyz` show: the metrics, and whether the QUIC listener is up.
+/// What `/metrics` and `/readyz` show: the metrics, whether the QUIC listener is up and whether the state
+/// store can write.
 pub struct Observer {
     pub metrics: Arc<Metrics>,
     /// Set once the QUIC listener is up.
     pub listening: AtomicBool,
+    pub state: Arc<dyn StateStore>,
+}
+
+impl Observer {
+    /// The state store's health, mirrored into its metric.
+    fn state_health(&self) -> Result<(), String> {
+        let h = self.state.health();
+        self.metrics.state_store_writable.set(i64::from(h.is_ok()));
+        h
+    }
 }
 
 impl ferry_common::observe::Observed for Observer {
     fn metrics(&self) -> String {
+        let _ = self.state_health();
         self.metrics.render()
     }
 
     fn ready(&self) -> Result<(), String> {
-        // The state store is open once the coordinator exists; what remains is the QUIC listener.
+        self.state_health()?;
         if self.listening.load(Ordering::Relaxed) {
             Ok(())
         } else {

@@ -6,6 +6,10 @@
 //!
 //! A read-modify-write of resources goes through [`StateStore::transact`]: one write transaction, so two
 //! writers (a job's progress tick and a configuration change) cannot overwrite each other's update.
+//!
+//! A store that cannot write (disk full, I/O errors) says so through [`StateStore::health`], which `/readyz`,
+//! the `ferry_state_store_writable` metric and the overall status show, and recovers by itself once the
+//! cause is gone.
 
 mod redb;
 
@@ -25,6 +29,9 @@ pub enum StateError {
     /// A resource does not encode.
     #[error("encode resource: {0}")]
     Encode(serde_json::Error),
+    /// The store cannot be used right now (it failed and is not reopened yet).
+    #[error("state store unavailable: {0}")]
+    Unavailable(String),
     /// A record has another type than its key says.
     #[error("state store record {0} has the wrong type")]
     WrongType(String),
@@ -47,4 +54,9 @@ pub trait StateStore: Send + Sync {
     fn delete(&self, rt: ResourceType, id: &str) -> Result<bool, StateError>;
     /// Runs `f` in one write transaction, committed only when `f` succeeds; no other write interleaves.
     fn transact(&self, f: &mut dyn FnMut(&mut dyn StateTxn) -> Result<(), StateError>) -> Result<(), StateError>;
+    /// `Ok` while the store can write, else why not. While it cannot, each call retries (rate-limited)
+    /// whatever brings it back, so calling it periodically is enough to recover.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
 }

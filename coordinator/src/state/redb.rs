@@ -1,6 +1,13 @@
 //! The embedded state store: one redb file in the state dir.
+//!
+//! redb refuses every call after one I/O error ("Previous I/O error") until the database is reopened, so a
+//! single ENOSPC would poison the coordinator for good. Here an I/O failure drops the database and marks
+//! the store unwritable; the next call (at most once a second) reopens it — redb repairs the file from its
+//! last durable commit, so no committed record is lost — and the next successful write clears the mark.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use ferry_common::resources::{Resource, ResourceType, Timestamp};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
@@ -20,6 +27,11 @@ db_err!(
 );
 
 const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources");
+/// Where [`StateStore::health`] proves that writes work again; nothing reads it.
+const PROBE: TableDefinition<&str, u64> = TableDefinition::new("probe");
+/// How often a store that cannot write tries to reopen or probe: often enough to recover quickly, rarely
+/// enough that a full disk is not hammered.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 fn key(rt: ResourceType, id: &str) -> String {
     format!("{}/{id}", rt.full_name())
@@ -27,16 +39,99 @@ fn key(rt: ResourceType, id: &str) -> String {
 
 /// The embedded store: one redb file in the state dir. Records are JSON so the format can grow fields.
 pub struct RedbStore {
-    db: redb::Database,
+    path: PathBuf,
+    /// `None` after an I/O failure until it is reopened.
+    db: RwLock<Option<Arc<redb::Database>>>,
+    /// Why the store cannot write, while it cannot.
+    failure: Mutex<Option<Failure>>,
+}
+
+struct Failure {
+    error: String,
+    last_try: Instant,
+}
+
+fn open_db(path: &Path) -> Result<redb::Database, StateError> {
+    let db = redb::Database::create(path)?;
+    let tx = db.begin_write()?;
+    tx.open_table(RESOURCES)?;
+    tx.commit()?;
+    Ok(db)
+}
+
+/// Whether `e` means the database must be reopened (redb fails every later call after an I/O error).
+fn needs_reopen(e: &StateError) -> bool {
+    matches!(e, StateError::Db(redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed))
 }
 
 impl RedbStore {
     pub fn open(path: &Path) -> Result<Self, StateError> {
-        let db = redb::Database::create(path)?;
-        let tx = db.begin_write()?;
-        tx.open_table(RESOURCES)?;
-        tx.commit()?;
-        Ok(Self { db })
+        let db = open_db(path)?;
+        Ok(Self { path: path.to_path_buf(), db: RwLock::new(Some(Arc::new(db))), failure: Mutex::new(None) })
+    }
+
+    /// The open database, reopening it after a failure (at most once per [`RETRY_EVERY`]).
+    fn db(&self) -> Result<Arc<redb::Database>, StateError> {
+        if let Some(db) = self.db.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Ok(db.clone());
+        }
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = slot.as_ref() {
+            return Ok(db.clone());
+        }
+        {
+            let mut failure = crate::lock(&self.failure);
+            if let Some(f) = failure.as_mut() {
+                if f.last_try.elapsed() < RETRY_EVERY {
+                    return Err(StateError::Unavailable(f.error.clone()));
+                }
+                f.last_try = Instant::now();
+            }
+        }
+        match open_db(&self.path) {
+            Ok(db) => {
+                tracing::info!(path = %self.path.display(), "reopened the state store after an I/O failure");
+                let db = Arc::new(db);
+                *slot = Some(db.clone());
+                Ok(db)
+            }
+            Err(e) => {
+                self.record(&e);
+                Err(e)
+            }
+        }
+    }
+
+    fn record(&self, e: &StateError) {
+        let mut failure = crate::lock(&self.failure);
+        if failure.is_none() {
+            tracing::error!(path = %self.path.display(), "the state store cannot write: {e}");
+        }
+        *failure = Some(Failure { error: e.to_string(), last_try: Instant::now() });
+    }
+
+    /// Runs `op` on the database. An I/O failure marks the store unwritable and drops the database, to be
+    /// reopened by a later call; a successful write clears the mark.
+    fn run<T>(&self, write: bool, op: impl FnOnce(&redb::Database) -> Result<T, StateError>) -> Result<T, StateError> {
+        let db = self.db()?;
+        match op(&db) {
+            Ok(v) => {
+                if write && crate::lock(&self.failure).take().is_some() {
+                    tracing::info!(path = %self.path.display(), "the state store writes again");
+                }
+                Ok(v)
+            }
+            Err(e) => {
+                if needs_reopen(&e) {
+                    self.record(&e);
+                    let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+                    if slot.as_ref().is_some_and(|d| Arc::ptr_eq(d, &db)) {
+                        *slot = None;
+                    }
+                }
+                Err(e)
+            }
+        }
     }
 }
 
@@ -79,54 +174,88 @@ fn put_in(table: &mut redb::Table<'_, &'static str, &'static [u8]>, mut r: Resou
 
 impl StateStore for RedbStore {
     fn get(&self, rt: ResourceType, id: &str) -> Result<Option<Resource>, StateError> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(RESOURCES)?;
-        let k = key(rt, id);
-        let v = table.get(k.as_str())?;
-        v.map(|v| decode(&k, v.value())).transpose()
+        self.run(false, |db| {
+            let tx = db.begin_read()?;
+            let table = tx.open_table(RESOURCES)?;
+            let k = key(rt, id);
+            let v = table.get(k.as_str())?;
+            v.map(|v| decode(&k, v.value())).transpose()
+        })
     }
 
     fn list(&self, rt: ResourceType) -> Result<Vec<Resource>, StateError> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(RESOURCES)?;
-        let start = format!("{}/", rt.full_name());
-        let end = format!("{}0", rt.full_name()); // '0' sorts right after '/'
-        let mut out = Vec::new();
-        for item in table.range(start.as_str()..end.as_str())? {
-            let (k, v) = item?;
-            out.push(decode(k.value(), v.value())?);
-        }
-        Ok(out)
+        self.run(false, |db| list_in(db, rt))
     }
 
     fn put(&self, r: Resource) -> Result<Resource, StateError> {
-        let tx = self.db.begin_write()?;
-        let stored = put_in(&mut tx.open_table(RESOURCES)?, r)?;
-        tx.commit()?;
-        Ok(stored)
+        self.run(true, |db| {
+            let tx = db.begin_write()?;
+            let stored = put_in(&mut tx.open_table(RESOURCES)?, r)?;
+            tx.commit()?;
+            Ok(stored)
+        })
     }
 
     fn transact(&self, f: &mut dyn FnMut(&mut dyn StateTxn) -> Result<(), StateError>) -> Result<(), StateError> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut txn = RedbTxn { table: tx.open_table(RESOURCES)? };
-            // Dropping `tx` uncommitted on error aborts it.
-            f(&mut txn)?;
-        }
-        tx.commit()?;
-        Ok(())
+        self.run(true, |db| {
+            let tx = db.begin_write()?;
+            {
+                let mut txn = RedbTxn { table: tx.open_table(RESOURCES)? };
+                // Dropping `tx` uncommitted on error aborts it.
+                f(&mut txn)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     fn delete(&self, rt: ResourceType, id: &str) -> Result<bool, StateError> {
-        let tx = self.db.begin_write()?;
-        let existed = {
-            let mut table = tx.open_table(RESOURCES)?;
-            let removed = table.remove(key(rt, id).as_str())?;
-            removed.is_some()
-        };
-        tx.commit()?;
-        Ok(existed)
+        self.run(true, |db| {
+            let tx = db.begin_write()?;
+            let existed = {
+                let mut table = tx.open_table(RESOURCES)?;
+                let removed = table.remove(key(rt, id).as_str())?;
+                removed.is_some()
+            };
+            tx.commit()?;
+            Ok(existed)
+        })
     }
+
+    fn health(&self) -> Result<(), String> {
+        let Some(why) = crate::lock(&self.failure).as_ref().map(|f| (f.error.clone(), f.last_try)) else {
+            return Ok(());
+        };
+        if why.1.elapsed() < RETRY_EVERY {
+            return Err(format!("the state store cannot write: {}", why.0));
+        }
+        // A durable write that no reader sees proves the store writes again.
+        let probe = self.run(true, |db| {
+            let tx = db.begin_write()?;
+            tx.open_table(PROBE)?.insert("probe", Timestamp::now().seconds as u64)?;
+            tx.commit()?;
+            Ok(())
+        });
+        probe.map_err(|e| {
+            if let Some(f) = crate::lock(&self.failure).as_mut() {
+                f.last_try = Instant::now();
+            }
+            format!("the state store cannot write: {e}")
+        })
+    }
+}
+
+fn list_in(db: &redb::Database, rt: ResourceType) -> Result<Vec<Resource>, StateError> {
+    let tx = db.begin_read()?;
+    let table = tx.open_table(RESOURCES)?;
+    let start = format!("{}/", rt.full_name());
+    let end = format!("{}0", rt.full_name()); // '0' sorts right after '/'
+    let mut out = Vec::new();
+    for item in table.range(start.as_str()..end.as_str())? {
+        let (k, v) = item?;
+        out.push(decode(k.value(), v.value())?);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

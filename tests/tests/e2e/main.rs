@@ -10,6 +10,7 @@ mod coverage;
 mod credentials;
 mod deploy;
 mod failures;
+mod faults;
 mod harness;
 mod least_privilege;
 mod network;
