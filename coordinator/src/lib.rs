@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod net;
 pub mod pki;
 pub mod schedule;
+pub mod scratch_etcd;
 pub mod state;
 pub mod status;
 pub mod store;

@@ -12,12 +12,16 @@ use ferry_common::progress::{Lines, Progress};
 use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, ApplyOutcome, RevokeTarget, PROTOCOL_VERSION};
 use ferry_common::resources::EtcdBackupSpec;
 use ferry_common::resources::{Resource, ResourceType, Selector, Spec};
-use ferry_common::snapshot::{RestoreAs, VerifyingWriter};
+use ferry_common::snapshot::VerifyingWriter;
 use ferry_common::tls::CertifiedPem;
 use ferry_coordinator::cli::complete::TypeName;
 use ferry_coordinator::cli::render::{render, Format};
 use ferry_coordinator::cli::request::{call, exit_code, Answered, EXIT_REFUSED};
 use ferry_coordinator::cli::{backup_now, template, watch};
+use ferry_coordinator::scratch_etcd::{self, ScratchEtcd};
+
+/// How long `backup verify` waits for its throw-away etcd to answer.
+const VERIFY_ETCD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// ferryctl: manage a Ferry coordinator.
 #[derive(Parser, Debug)]
@@ -454,7 +458,8 @@ async fn download(
 }
 
 /// Checks a backup end to end without touching production: download, every hash, etcd's own restore into a
-/// scratch dir, then the snapshot's revision and a key count from a throw-away etcd on that dir.
+/// scratch dir, then the snapshot's revision and a key count from a throw-away etcd on that dir — on unix
+/// sockets in the private scratch dir, killed as soon as it answered.
 async fn verify(cfg: &FerryConfig, cluster: String, backup_id: String) -> Result<()> {
     let scratch = tempfile::Builder::new().prefix("ferry-verify-").tempdir().context("create a scratch dir")?;
     let snapshot = scratch.path().join("snapshot.db");
@@ -462,16 +467,12 @@ async fn verify(cfg: &FerryConfig, cluster: String, backup_id: String) -> Result
     println!("downloaded and decompressed: sha256 of the object, of the snapshot, and etcd's own hash match");
     let status = ferry_common::snapshot::status(&snapshot)?;
     let data_dir = scratch.path().join("restored");
-    let peer = format!("http://127.0.0.1:{}", free_port()?);
-    let member = RestoreAs {
-        name: "verify".into(),
-        initial_cluster: format!("verify={peer}"),
-        initial_cluster_token: "ferry-verify".into(),
-        initial_advertise_peer_urls: peer.clone(),
-    };
-    ferry_common::snapshot::restore(&snapshot, &data_dir, &member, None)?;
+    ferry_common::snapshot::restore(&snapshot, &data_dir, &scratch_etcd::restore_as(), None)?;
     println!("restored with {} snapshot restore into a scratch dir", ferry_common::snapshot::restore_tool());
-    let keys = count_keys(&data_dir, &peer)?;
+    let keys = {
+        let etcd = ScratchEtcd::start(scratch.path(), &data_dir)?;
+        etcd.count_keys(VERIFY_ETCD_TIMEOUT)?
+    };
     println!("backup:    {cluster}/{}", backup.createdat.human());
     println!("member:    {}", backup.member);
     println!("revision:  {}", status.revision);
@@ -479,46 +480,6 @@ async fn verify(cfg: &FerryConfig, cluster: String, backup_id: String) -> Result
     println!("db size:   {} bytes ({} stored)", status.total_size, backup.size);
     println!("OK");
     Ok(())
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// Starts a throw-away etcd on a restored data dir and counts its keys.
-fn count_keys(data_dir: &Path, peer: &str) -> Result<u64> {
-    let client = format!("http://127.0.0.1:{}", free_port()?);
-    let mut etcd = std::process::Command::new("etcd")
-        .args(["--name", "verify", "--data-dir"])
-        .arg(data_dir)
-        .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-        .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("start etcd on the restored data dir (is etcd installed?)")?;
-    let result = (|| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let out = std::process::Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                // `count` is the whole range's size even with --limit 1 (etcd 3.4 has no --count-only).
-                .args(["--endpoints", &client, "get", "", "--prefix", "--limit", "1", "-w", "json"])
-                .output()
-                .context("run etcdctl")?;
-            if out.status.success() {
-                let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parse etcdctl output")?;
-                return Ok(v["count"].as_u64().unwrap_or(0));
-            }
-            if std::time::Instant::now() > deadline {
-                bail!("the restored etcd did not answer within 30s: {}", String::from_utf8_lossy(&out.stderr).trim());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-    })();
-    let _ = etcd.kill();
-    let _ = etcd.wait();
-    result
 }
 
 /// `agent-credentials --owner USER[:GROUP]`, resolved to numeric ids.
