@@ -135,6 +135,11 @@ fn mbps(m: u64) -> u64 {
 async fn main() {
     let args = Args::parse();
     init_logging(args.log_format);
+    // The metrics port takes at most a fixed handful of descriptors; everything else is the daemon's work.
+    match ferry_common::observe::raise_fd_limit() {
+        Ok(n) => tracing::debug!(open_files = n, "file descriptor limit"),
+        Err(e) => tracing::warn!("failed to raise the open-file limit: {e}"),
+    }
     if let Err(e) = run(args).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -244,3 +244,57 @@ async fn an_object_posing_as_a_huge_manifest_is_skipped_without_reading_it() -> 
     );
     Ok(())
 }
+
+/// Open descriptors of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+#[tokio::test]
+async fn a_slowloris_on_the_metrics_port_never_starves_backups() -> anyhow::Result<()> {
+    const FD_LIMIT: u64 = 256;
+    const ATTACKERS: usize = 600;
+    let etcd = EtcdCluster::start(1).await?;
+    etcd.put_keys(100).await?;
+    let metrics_port = free_port();
+    let coordinator = Coordinator::start(CoordinatorOptions {
+        extra_args: vec!["--metrics-listen".into(), format!("127.0.0.1:{metrics_port}")],
+        ..Default::default()
+    })
+    .await?;
+    let _agents = coordinator.start_agents("prod", &etcd).await?;
+    backup_now(&coordinator, "prod").await?;
+
+    // A tight descriptor budget, as on a crowded host, then more half-sent requests than it holds.
+    let pid = coordinator.pid().context("coordinator pid")?;
+    let limited = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={FD_LIMIT}:{FD_LIMIT}"))
+        .status()?;
+    anyhow::ensure!(limited.success(), "prlimit the coordinator");
+    let attack_started = Instant::now();
+    let mut attackers = Vec::new();
+    for _ in 0..ATTACKERS {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", metrics_port)) {
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ");
+            attackers.push(s);
+        }
+    }
+    let held = open_fds(pid);
+    assert!(held < FD_LIMIT as usize, "the coordinator holds {held} descriptors under attack");
+
+    // Backups go on while the attackers hold their sockets, and the probes answer once the server has cut
+    // the stalled requests (header timeout).
+    backup_now(&coordinator, "prod").await?;
+    poll_until("/healthz under a slowloris", Duration::from_secs(20), Duration::from_millis(250), || async {
+        Ok(http_get(metrics_port, "/healthz").ok().filter(|(code, _)| *code == 200).map(|_| ()))
+    })
+    .await?;
+    let answered_after = attack_started.elapsed();
+    drop(attackers);
+    backup_now(&coordinator, "prod").await?;
+    let log = std::fs::read_to_string(coordinator.log_path())?;
+    assert!(!log.contains("Too many open files"), "no EMFILE anywhere in the coordinator");
+    eprintln!("FAULT slowloris: {ATTACKERS} connections, {held} fds held, /healthz answered after {answered_after:?}");
+    Ok(())
+}
