@@ -98,6 +98,7 @@ impl Api {
             if !rt.user_writable() {
                 return invalid(format!("{rt} is written by Ferry itself and cannot be applied"));
             }
+            r.metadata.check_sizes().map_err(ApiError::Invalid)?;
             match &mut r.spec {
                 Spec::EtcdManualBackup(spec) => {
                     if self.check_manual_backup(id, spec)? {

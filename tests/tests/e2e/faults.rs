@@ -298,3 +298,38 @@ async fn a_slowloris_on_the_metrics_port_never_starves_backups() -> anyhow::Resu
     eprintln!("FAULT slowloris: {ATTACKERS} connections, {held} fds held, /healthz answered after {answered_after:?}");
     Ok(())
 }
+
+/// `n` clusters starting at `from`, each with the largest labels allowed, as one YAML stream.
+fn big_clusters_yaml(from: usize, n: usize) -> String {
+    let labels: String = (0..32).map(|i| format!("    {}{i:02}: {}\n", "k".repeat(120), "v".repeat(256))).collect();
+    (from..from + n)
+        .map(|i| {
+            format!("metadata:\n  namespace: default\n  type: Clusters.ferry.dev\n  id: c{i}\n  labels:\n{labels}spec: {{}}\n")
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+#[tokio::test]
+async fn a_listing_larger_than_one_frame_comes_in_pages_and_labels_are_capped() -> anyhow::Result<()> {
+    const CLUSTERS: usize = 1500; // ~12 KiB each: ~18 MiB listed, above the 16 MiB frame
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let ctl = coordinator.ctl().with_timeout(Duration::from_secs(300));
+    for from in (0..CLUSTERS).step_by(500) {
+        ctl.apply_yaml(&big_clusters_yaml(from, 500)).await?.ok()?;
+    }
+    let listed = ctl.list_json("cluster", None).await?;
+    assert_eq!(listed.len(), CLUSTERS, "every cluster listed, in pages");
+
+    let too_long = format!(
+        "metadata:\n  namespace: default\n  type: Clusters.ferry.dev\n  id: big\n  labels:\n    note: {}\nspec: {{}}\n",
+        "x".repeat(257)
+    );
+    let out = ctl.apply_yaml(&too_long).await?;
+    assert!(
+        !out.success() && out.stderr.contains("at most 256 bytes"),
+        "a label over the cap is refused: {}",
+        out.stderr
+    );
+    Ok(())
+}
