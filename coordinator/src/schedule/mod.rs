@@ -66,18 +66,25 @@ async fn run(
 ) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The cluster records, decoded again only when the store says they changed.
+    let mut cached: Option<(u64, Vec<(String, Option<BackupConfiguration>)>)> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let clusters = match cluster_configs(state.as_ref()) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        warn!("failed to schedule backups: {e:#}");
-                        continue;
+                let generation = state.generation(ResourceType::Cluster);
+                let fresh = matches!((&cached, generation), (Some((g, _)), Some(now)) if *g == now);
+                if !fresh {
+                    match cluster_configs(state.as_ref()) {
+                        Ok(c) => cached = Some((generation.unwrap_or(0), c)),
+                        Err(e) => {
+                            warn!("failed to schedule backups: {e:#}");
+                            continue;
+                        }
                     }
-                };
+                }
+                let Some((_, clusters)) = &cached else { continue };
                 let can_start = |c: &str| !jobs.is_running(c) && agents.any_reaches_etcd(c);
-                for (at, cluster) in s.pass(Timestamp::now(), &clusters, &can_start) {
+                for (at, cluster) in s.pass(Timestamp::now(), clusters, &can_start) {
                     match jobs.start(&cluster, Trigger::Scheduled) {
                         Ok(()) => info!(%cluster, due = %at.human(), "scheduled backup queued"),
                         Err(e) => warn!(%cluster, "failed to start scheduled backup: {e}"),

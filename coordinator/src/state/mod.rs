@@ -54,6 +54,12 @@ pub trait StateStore: Send + Sync {
     fn delete(&self, rt: ResourceType, id: &str) -> Result<bool, StateError>;
     /// Runs `f` in one write transaction, committed only when `f` succeeds; no other write interleaves.
     fn transact(&self, f: &mut dyn FnMut(&mut dyn StateTxn) -> Result<(), StateError>) -> Result<(), StateError>;
+    /// A number that changes whenever a resource of type `rt` is written or deleted through this store, so a
+    /// reader polling a type (the scheduler, every second) decodes it again only after a change. `None`: the
+    /// store cannot tell, read every time.
+    fn generation(&self, _rt: ResourceType) -> Option<u64> {
+        None
+    }
     /// `Ok` while the store can write, else why not. While it cannot, each call retries (rate-limited)
     /// whatever brings it back, so calling it periodically is enough to recover.
     fn health(&self) -> Result<(), String> {

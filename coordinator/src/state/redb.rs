@@ -44,6 +44,8 @@ pub struct RedbStore {
     db: RwLock<Option<Arc<redb::Database>>>,
     /// Why the store cannot write, while it cannot.
     failure: Mutex<Option<Failure>>,
+    /// Writes so far, per resource type ([`StateStore::generation`]).
+    generations: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 struct Failure {
@@ -67,7 +69,17 @@ fn needs_reopen(e: &StateError) -> bool {
 impl RedbStore {
     pub fn open(path: &Path) -> Result<Self, StateError> {
         let db = open_db(path)?;
-        Ok(Self { path: path.to_path_buf(), db: RwLock::new(Some(Arc::new(db))), failure: Mutex::new(None) })
+        Ok(Self {
+            path: path.to_path_buf(),
+            db: RwLock::new(Some(Arc::new(db))),
+            failure: Mutex::new(None),
+            generations: Mutex::new(Default::default()),
+        })
+    }
+
+    /// Counts a write to `rt` (bumped before and after a write, so a reader never caches a half-seen one).
+    fn bump(&self, rt: ResourceType) {
+        *crate::lock(&self.generations).entry(rt.full_name()).or_default() += 1;
     }
 
     /// The open database, reopening it after a failure (at most once per [`RETRY_EVERY`]).
@@ -146,6 +158,8 @@ fn decode(k: &str, v: &[u8]) -> Result<Resource, StateError> {
 /// Reads and writes of one redb write transaction.
 struct RedbTxn<'t> {
     table: redb::Table<'t, &'static str, &'static [u8]>,
+    /// Types written, for [`RedbStore::bump`].
+    written: Vec<ResourceType>,
 }
 
 impl StateTxn for RedbTxn<'_> {
@@ -156,6 +170,7 @@ impl StateTxn for RedbTxn<'_> {
     }
 
     fn put(&mut self, r: Resource) -> Result<Resource, StateError> {
+        self.written.push(r.resource_type());
         put_in(&mut self.table, r)
     }
 }
@@ -188,28 +203,45 @@ impl StateStore for RedbStore {
     }
 
     fn put(&self, r: Resource) -> Result<Resource, StateError> {
-        self.run(true, |db| {
+        let rt = r.resource_type();
+        self.bump(rt);
+        let stored = self.run(true, |db| {
             let tx = db.begin_write()?;
             let stored = put_in(&mut tx.open_table(RESOURCES)?, r)?;
             tx.commit()?;
             Ok(stored)
-        })
+        });
+        self.bump(rt);
+        stored
     }
 
     fn transact(&self, f: &mut dyn FnMut(&mut dyn StateTxn) -> Result<(), StateError>) -> Result<(), StateError> {
-        self.run(true, |db| {
+        let mut written = Vec::new();
+        let r = self.run(true, |db| {
             let tx = db.begin_write()?;
             {
-                let mut txn = RedbTxn { table: tx.open_table(RESOURCES)? };
+                let mut txn = RedbTxn { table: tx.open_table(RESOURCES)?, written: Vec::new() };
                 // Dropping `tx` uncommitted on error aborts it.
-                f(&mut txn)?;
+                let r = f(&mut txn);
+                written = std::mem::take(&mut txn.written);
+                r?;
             }
             tx.commit()?;
             Ok(())
-        })
+        });
+        for rt in written {
+            self.bump(rt);
+        }
+        r
+    }
+
+    fn generation(&self, rt: ResourceType) -> Option<u64> {
+        Some(crate::lock(&self.generations).get(&rt.full_name()).copied().unwrap_or(0))
     }
 
     fn delete(&self, rt: ResourceType, id: &str) -> Result<bool, StateError> {
+        self.bump(rt);
+        let _bump_after = BumpOnDrop(self, rt);
         self.run(true, |db| {
             let tx = db.begin_write()?;
             let existed = {
@@ -258,6 +290,15 @@ fn list_in(db: &redb::Database, rt: ResourceType) -> Result<Vec<Resource>, State
     Ok(out)
 }
 
+/// Bumps a type's generation when dropped: after the write, whatever its outcome.
+struct BumpOnDrop<'s>(&'s RedbStore, ResourceType);
+
+impl Drop for BumpOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.bump(self.1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,5 +325,26 @@ mod tests {
         assert!(!s.delete(ResourceType::Cluster, "a").unwrap());
         assert!(s.get(ResourceType::Cluster, "a").unwrap().is_none());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The scheduler re-reads the clusters only when their generation moved: it must move on every write of
+    /// a cluster, and only then.
+    #[test]
+    fn a_types_generation_moves_with_its_writes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(&dir.path().join("state.redb")).unwrap();
+        let g = || s.generation(ResourceType::Cluster).unwrap();
+        let g0 = g();
+        s.put(Resource::new("a", Spec::Cluster(ClusterSpec::default()))).unwrap();
+        let g1 = g();
+        assert_ne!(g0, g1);
+        s.put(Resource::new("a", Spec::Agent(Default::default()))).unwrap();
+        s.list(ResourceType::Cluster).unwrap();
+        assert_eq!(g(), g1, "another type's write and a read leave it alone");
+        s.transact(&mut |tx| tx.put(Resource::new("b", Spec::Cluster(ClusterSpec::default()))).map(|_| ())).unwrap();
+        let g2 = g();
+        assert_ne!(g2, g1);
+        s.delete(ResourceType::Cluster, "a").unwrap();
+        assert_ne!(g(), g2);
     }
 }
