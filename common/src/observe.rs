@@ -99,7 +99,7 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
     let mut lim = getrlimit(Resource::Nofile);
     if lim.current < lim.maximum || (lim.current.is_some() && lim.maximum.is_none()) {
         lim.current = lim.maximum;
-        setrlimit(Resource::Nofile, lim.clone())?;
+        setrlimit(Resource::Nofile, lim)?;
     }
     Ok(lim.current.unwrap_or(u64::MAX))
 }

@@ -67,7 +67,7 @@ async fn run(
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The cluster records, decoded again only when the store says they changed.
-    let mut cached: Option<(u64, Vec<(String, Option<BackupConfiguration>)>)> = None;
+    let mut cached: Option<(u64, ClusterConfigs)> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -102,9 +102,9 @@ async fn run(
 }
 
 /// Every cluster and its backup configuration.
-fn cluster_configs(
-    state: &dyn StateStore,
-) -> Result<Vec<(String, Option<BackupConfiguration>)>, crate::state::StateError> {
+type ClusterConfigs = Vec<(String, Option<BackupConfiguration>)>;
+
+fn cluster_configs(state: &dyn StateStore) -> Result<ClusterConfigs, crate::state::StateError> {
     Ok(state
         .list(ResourceType::Cluster)?
         .into_iter()
