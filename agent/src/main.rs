@@ -120,6 +120,11 @@ struct Args {
 async fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // The metrics port takes at most a fixed handful of descriptors; everything else is the daemon's work.
+    match ferry_common::observe::raise_fd_limit() {
+        Ok(n) => tracing::debug!(open_files = n, "file descriptor limit"),
+        Err(e) => tracing::warn!("failed to raise the open-file limit: {e}"),
+    }
     let result = match cli.command {
         Some(Command::Restore(r)) => restore(r).await,
         None => run(cli.run).await,

@@ -7,6 +7,10 @@
 //! into place. In a static pod the data dir is usually a hostPath mount point that cannot be renamed, which
 //! is why all of this happens inside it. Old contents are moved aside into `.ferry-old-<unix seconds>/`, never
 //! deleted, and any failure leaves the data dir as it was.
+//!
+//! Guards: a data dir a running etcd holds (bbolt's lock on `member/snap/db`) is never touched, `--force` moves
+//! aside only what looks like an etcd data dir (`member/`), and a `.ferry-restored` marker makes a second
+//! run of the same restore (same backup, same cluster token: a static pod re-created) a no-op.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -27,6 +31,52 @@ use crate::throttle::Throttle;
 
 /// Entries of the data dir Ferry itself makes; they do not make it "non-empty".
 const FERRY_PREFIX: &str = ".ferry-";
+/// The marker of a finished restore: which backup and cluster token it was for.
+const RESTORED_MARKER: &str = ".ferry-restored";
+
+/// What the marker records; a run asking for the same is already done.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Restored {
+    /// `--backup` as given (`latest` stays `latest`: the same request is the same restore).
+    backup: String,
+    from_cluster: Option<String>,
+    initial_cluster_token: String,
+    member: String,
+    /// The backup actually restored.
+    restored: String,
+    at: u64,
+}
+
+impl Restored {
+    fn same_request(&self, req: &RestoreRequest) -> bool {
+        self.backup == req.backup
+            && self.from_cluster == req.from_cluster
+            && self.initial_cluster_token == req.member.initial_cluster_token
+            && self.member == req.member.name
+    }
+}
+
+fn read_marker(dir: &Path) -> Option<Restored> {
+    let text = std::fs::read(dir.join(RESTORED_MARKER)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// Whether a running etcd holds `dir`: etcd's bbolt keeps an exclusive `flock` on `member/snap/db` while it
+/// runs, so failing to take that lock for a moment means a live member.
+fn held_by_live_etcd(dir: &Path) -> Result<bool> {
+    let db = dir.join("member").join("snap").join("db");
+    let f = match std::fs::File::open(&db) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("open {} to see whether etcd runs on it", db.display())),
+    };
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        // Released when `f` closes, at once.
+        Ok(()) => Ok(false),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(true),
+        Err(e) => Err(std::io::Error::from(e)).with_context(|| format!("lock {}", db.display())),
+    }
+}
 
 /// Who asks, and what to restore.
 pub struct RestoreRequest {
@@ -82,7 +132,32 @@ pub async fn run(req: RestoreRequest) -> Result<()> {
     } else {
         ferry_common::snapshot::check_can_bump()?;
     }
+    if let Some(done) = read_marker(dir).filter(|m| m.same_request(&req)) {
+        println!(
+            "already restored: backup {} into {} at {} for cluster token {:?}; nothing to do (remove {} to restore again)",
+            done.restored,
+            dir.display(),
+            done.at,
+            done.initial_cluster_token,
+            dir.join(RESTORED_MARKER).display()
+        );
+        return Ok(());
+    }
     let existing = existing_entries(dir)?;
+    if held_by_live_etcd(dir)? {
+        bail!(
+            "--data-dir {} is in use by a running etcd (it holds member/snap/db locked); stop that member first \
+             (with static pods, move its manifest out of /etc/kubernetes/manifests), then run the restore again",
+            dir.display()
+        );
+    }
+    if !existing.is_empty() && req.force && !dir.join("member").is_dir() {
+        bail!(
+            "--data-dir {} is neither empty nor an etcd data dir (no member/ inside); refusing to move its contents \
+             aside even with --force. Check the path; give an etcd data dir or an empty or missing directory",
+            dir.display()
+        );
+    }
     if !existing.is_empty() && !req.force {
         bail!(
             "--data-dir {} is not empty; refusing to overwrite a member's data. Pass --force to move its contents aside into {}/{FERRY_PREFIX}old-<unix seconds>/ (kept, never deleted)",
@@ -106,6 +181,10 @@ pub async fn run(req: RestoreRequest) -> Result<()> {
 
 async fn restore_into(req: &RestoreRequest, snapshot: &Path, existing: &[PathBuf], stamp: u64) -> Result<()> {
     let (backup, highest) = fetch(req, snapshot).await?;
+    // Checked again now that the download took its time: a member started meanwhile is not swapped out.
+    if held_by_live_etcd(&req.data_dir)? {
+        bail!("--data-dir {} was taken by a running etcd during the download; nothing changed", req.data_dir.display());
+    }
     info!(backup = %backup.snapshot, revision = backup.revision, "backup downloaded; every hash matched");
     let bump = plan_bump(req.bump, snapshot, backup.revision, highest)?;
 
@@ -134,6 +213,18 @@ async fn restore_into(req: &RestoreRequest, snapshot: &Path, existing: &[PathBuf
         std::fs::rename(entry.path(), &to).with_context(|| format!("move the restored {} into place", to.display()))?;
     }
     std::fs::remove_dir(&staging).with_context(|| format!("remove {}", staging.display()))?;
+    let marker = Restored {
+        backup: req.backup.clone(),
+        from_cluster: req.from_cluster.clone(),
+        initial_cluster_token: req.member.initial_cluster_token.clone(),
+        member: req.member.name.clone(),
+        restored: backup.snapshot.clone(),
+        at: stamp,
+    };
+    let marker_path = dir.join(RESTORED_MARKER);
+    let text = serde_json::to_vec_pretty(&marker).context("encode the restore marker")?;
+    ferry_common::config::write_private(&marker_path, &text)
+        .with_context(|| format!("write {}", marker_path.display()))?;
     std::fs::File::open(dir)?.sync_all().with_context(|| format!("fsync {}", dir.display()))?;
     info!(data_dir = %dir.display(), member = %req.member.name, "restore complete; etcd can start");
     Ok(())

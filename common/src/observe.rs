@@ -1,8 +1,14 @@
 //! What both daemons expose to operators: `/metrics` (Prometheus), `/healthz` (alive) and `/readyz` (ready)
 //! on `--metrics-listen`, and their log format (`--log-format text|json`, level from `RUST_LOG`).
+//!
+//! That port is unauthenticated, so it is bounded: at most [`MAX_CONNECTIONS`] at once (more are closed as
+//! soon as they are accepted), [`HEADER_TIMEOUT`] to send a request's headers, [`CONNECTION_LIFE`] in all and
+//! one request per connection. With [`raise_fd_limit`] at start, a slowloris client can hold at most
+//! `MAX_CONNECTIONS` descriptors: never the ones backups need.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -79,6 +85,25 @@ async fn metrics(headers: HeaderMap, o: Arc<dyn Observed>) -> Response {
     }
 }
 
+/// Connections the metrics port serves at once; Prometheus and kubelet probes need a handful.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Time a client gets to send its request headers (a slowloris client is cut after this).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a connection lives, request and response included: the answers are small.
+pub const CONNECTION_LIFE: Duration = Duration::from_secs(30);
+
+/// Raises the soft limit of open files to the hard limit, so the daemon's own work (etcd, S3, QUIC, files)
+/// has the whole budget the host allows; returns the new soft limit.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum || (lim.current.is_some() && lim.maximum.is_none()) {
+        lim.current = lim.maximum;
+        setrlimit(Resource::Nofile, lim)?;
+    }
+    Ok(lim.current.unwrap_or(u64::MAX))
+}
+
 /// Binds `--metrics-listen` now, so a taken port fails start-up, and returns the server to spawn; it serves
 /// until `cancel` fires and logs if it fails.
 pub async fn listen(
@@ -117,7 +142,38 @@ async fn serve(
             }),
         );
     tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
-    axum::serve(listener, app).with_graceful_shutdown(async move { cancel.cancelled().await }).await
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = cancel.cancelled() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and the like: back off instead of spinning; the daemon's other work goes on.
+                tracing::warn!("failed to accept on the metrics port: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Over the cap: closed at once, so the descriptor is back within microseconds.
+        let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        connections.spawn(async move {
+            let _permit = permit;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFE, conn).await;
+        });
+    }
+    connections.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), connections.wait()).await;
+    Ok(())
 }
 
 /// Resolves on SIGTERM or Ctrl-C: where both daemons begin their ordered shutdown.

@@ -28,13 +28,37 @@ use crate::resources::{Resource, ResourceType, Selector, Timestamp};
 ///    `RevokeAgentCredentials`, `Credentials` names the serial); read-only admin credentials.
 /// 7: `HelloReply::NotLeader`: a coordinator replica that does not lead sends clients to the one that does.
 /// 8: `JobRequest::HashKv` → `HashKvReply`: the coordinator compares members' key spaces before a backup.
-pub const PROTOCOL_VERSION: u32 = 8;
+/// 9: listings larger than one frame come in pages (`ResourcesPage`… then `Resources`).
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
 pub const ALPN: &[u8] = b"ferry/1";
 
 /// Largest frame either side accepts. Resource listings are the largest messages; data is chunked far below.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// Encoded bytes per page of a listing: half a frame leaves room for the largest single resource.
+pub const LISTING_PAGE_BYTES: usize = MAX_FRAME / 2;
+
+/// Splits a listing into pages of at most [`LISTING_PAGE_BYTES`] encoded (a resource larger than that alone
+/// makes a page of one; the frame limit still refuses anything above [`MAX_FRAME`]). Never empty: an empty
+/// listing is one empty page.
+pub fn listing_pages(resources: Vec<Resource>) -> Vec<Vec<Resource>> {
+    let mut pages = vec![Vec::new()];
+    let mut size = 0;
+    for r in resources {
+        let n = postcard::experimental::serialized_size(&r).unwrap_or(LISTING_PAGE_BYTES);
+        if size + n > LISTING_PAGE_BYTES && pages.last().is_some_and(|p| !p.is_empty()) {
+            pages.push(Vec::new());
+            size = 0;
+        }
+        size += n;
+        if let Some(page) = pages.last_mut() {
+            page.push(r);
+        }
+    }
+    pages
+}
 
 /// The most a frame's buffer holds before its bytes arrive.
 const FRAME_INITIAL_BUFFER: usize = 64 * 1024;
@@ -427,7 +451,10 @@ pub enum ApplyOutcome {
 /// Coordinator → ferryctl.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum AdminResponse {
+    /// A listing, or its last page.
     Resources(Vec<Resource>),
+    /// A page of a listing too large for one frame; more pages follow, the last as `Resources`.
+    ResourcesPage(Vec<Resource>),
     Applied(Vec<ApplyOutcome>),
     Deleted,
     Credentials {

@@ -201,7 +201,45 @@ impl Metadata {
     pub fn matches(&self, selector: &Selector) -> bool {
         self.labels.get(&selector.key) == Some(&selector.value)
     }
+
+    /// Refuses labels and annotations beyond [`MAX_LABELS`], [`MAX_LABEL_KEY`], [`MAX_LABEL_VALUE`] and
+    /// [`MAX_ANNOTATION_VALUE`]: every listing carries them, so one resource cannot make listings huge.
+    pub fn check_sizes(&self) -> Result<(), String> {
+        for (what, map, max_value) in
+            [("label", &self.labels, MAX_LABEL_VALUE), ("annotation", &self.annotations, MAX_ANNOTATION_VALUE)]
+        {
+            if map.len() > MAX_LABELS {
+                return Err(format!("{} has {} {what}s; at most {MAX_LABELS} are allowed", self.id, map.len()));
+            }
+            for (k, v) in map {
+                if k.is_empty() || k.len() > MAX_LABEL_KEY {
+                    return Err(format!(
+                        "{} has a {what} key of {} bytes; keys take 1-{MAX_LABEL_KEY} bytes",
+                        self.id,
+                        k.len()
+                    ));
+                }
+                if v.len() > max_value {
+                    return Err(format!(
+                        "{} has {what} {k:?} of {} bytes; values take at most {max_value} bytes",
+                        self.id,
+                        v.len()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
+
+/// Labels (and annotations) per resource.
+pub const MAX_LABELS: usize = 32;
+/// Bytes of a label or annotation key (Kubernetes: 253-byte prefix + 63-byte name; Ferry's are short).
+pub const MAX_LABEL_KEY: usize = 128;
+/// Bytes of a label value (Kubernetes allows 63; some room for free text).
+pub const MAX_LABEL_VALUE: usize = 256;
+/// Bytes of an annotation value: notes, not payloads.
+pub const MAX_ANNOTATION_VALUE: usize = 4096;
 
 /// `--selector KEY=VALUE`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -698,6 +736,7 @@ impl Resource {
             let mut metadata = Metadata::new(rt, id);
             metadata.labels = raw.metadata.labels;
             metadata.annotations = raw.metadata.annotations;
+            metadata.check_sizes().map_err(|msg| ParseError::Shape { doc, msg })?;
             out.push(Resource { metadata, spec });
         }
         if out.is_empty() {

@@ -350,22 +350,43 @@ pub async fn get_bytes(
     client: &aws_sdk_s3::Client,
     bucket: &str,
     key: &str,
+    max: u64,
     cancel: &CancellationToken,
 ) -> Result<bytes::Bytes, S3Error> {
     let what = format!("read s3://{bucket}/{key}");
+    let too_large = || S3Error {
+        kind: S3ErrorKind::Other,
+        message: format!("{what}: the object is larger than {max} bytes"),
+        retryable: false,
+    };
     with_retries(cancel, &what, || async {
+        // Only the first max + 1 bytes are asked for: a huge object costs no memory.
         let r = client
             .get_object()
             .bucket(bucket)
             .key(key)
+            .range(format!("bytes=0-{max}"))
             .send()
             .await
             .map_err(|e| S3Error::from_sdk(&what, bucket, &e))?;
-        r.body.collect().await.map(|b| b.into_bytes()).map_err(|e| S3Error {
-            kind: S3ErrorKind::Unreachable,
-            message: format!("{what}: {e}"),
-            retryable: true,
-        })
+        if r.content_length().is_some_and(|n| n < 0 || n as u64 > max) {
+            return Err(too_large());
+        }
+        let mut body = r.body;
+        let mut out = Vec::new();
+        loop {
+            let piece = body.try_next().await.map_err(|e| S3Error {
+                kind: S3ErrorKind::Unreachable,
+                message: format!("{what}: {e}"),
+                retryable: true,
+            })?;
+            let Some(piece) = piece else { break };
+            if (out.len() + piece.len()) as u64 > max {
+                return Err(too_large());
+            }
+            out.extend_from_slice(&piece);
+        }
+        Ok(bytes::Bytes::from(out))
     })
     .await
 }

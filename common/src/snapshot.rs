@@ -27,6 +27,13 @@ pub enum SnapshotError {
     Decompress(String),
     #[error("the decompressed snapshot is {got} bytes but the manifest says {want}")]
     RawSize { got: u64, want: u64 },
+    /// Decompression stopped at the manifest's raw size: the object inflates to more (a decompression bomb,
+    /// or an object that is not this backup). Nothing beyond that size was written.
+    #[error(
+        "the stored object decompresses to more than {want} bytes: larger than its manifest says; stopped there \
+         (the object is not the backup its manifest describes)"
+    )]
+    RawTooLarge { want: u64 },
     #[error("sha256 of the decompressed snapshot is {got} but the manifest says {want}")]
     RawHash { got: String, want: String },
     #[error("etcd's own sha256 at the end of the snapshot does not match its contents: the snapshot is corrupted")]
@@ -132,11 +139,13 @@ struct RawCheck<W: Write> {
     tail: Vec<u8>,
     head: Vec<u8>,
     bytes: u64,
+    /// Decompressed bytes accepted at most (the manifest's raw size, trailing hash included), when known.
+    max: Option<u64>,
 }
 
 impl<W: Write> RawCheck<W> {
-    fn new(out: W) -> Self {
-        Self { out, db: Sha256::new(), tail: Vec::with_capacity(64), head: Vec::new(), bytes: 0 }
+    fn new(out: W, max: Option<u64>) -> Self {
+        Self { out, db: Sha256::new(), tail: Vec::with_capacity(64), head: Vec::new(), bytes: 0, max }
     }
 
     /// The checks on the decompressed bytes, against `spec`.
@@ -163,6 +172,10 @@ impl<W: Write> RawCheck<W> {
 
 impl<W: Write> Write for RawCheck<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.max.is_some_and(|max| self.bytes + buf.len() as u64 > max) {
+            // Checked before writing: a small object cannot fill the disk however far it inflates.
+            return Err(std::io::Error::new(std::io::ErrorKind::FileTooLarge, "larger than its manifest says"));
+        }
         self.out.write_all(buf)?;
         self.bytes += buf.len() as u64;
         if self.head.len() < BBOLT_HEAD {
@@ -208,7 +221,7 @@ pub struct VerifyingWriter {
     done: bool,
     /// The first decompression failure, reported by `finish` after the stored size and hash: a damaged
     /// object is then named by its hash, whichever byte broke the decoder first.
-    failed: Option<String>,
+    failed: Option<SnapshotError>,
     /// fsync the file before it is renamed into place (off for a snapshot that only feeds a restore and
     /// is deleted after it: etcd's restore tool writes and syncs its own copy).
     sync: bool,
@@ -227,7 +240,7 @@ impl VerifyingWriter {
         }
         let file = crate::config::create_private(&tmp).map_err(io)?;
         let sink = if decompress {
-            let check = RawCheck::new(file);
+            let check = RawCheck::new(file, Some(spec.rawsize));
             Sink::Raw(Box::new(zstd::stream::write::Decoder::new(check).map_err(io)?))
         } else {
             Sink::Stored(file)
@@ -269,7 +282,7 @@ impl VerifyingWriter {
             Some(Sink::Raw(d)) => {
                 if self.failed.is_none() {
                     if let Err(e) = d.write_all(data) {
-                        self.failed = Some(e.to_string());
+                        self.failed = Some(raw_error(e, &self.spec));
                     }
                 }
                 Ok(())
@@ -288,12 +301,12 @@ impl VerifyingWriter {
             return Err(SnapshotError::StoredHash { got, want: self.spec.sha256.clone() });
         }
         if let Some(e) = self.failed.take() {
-            return Err(SnapshotError::Decompress(e));
+            return Err(e);
         }
         let file = match self.sink.take() {
             Some(Sink::Stored(f)) => f,
             Some(Sink::Raw(mut d)) => {
-                d.flush().map_err(|e| SnapshotError::Decompress(e.to_string()))?;
+                d.flush().map_err(|e| raw_error(e, &self.spec))?;
                 d.into_inner().finish(&self.spec)?
             }
             None => return Err(SnapshotError::TooShort),
@@ -320,6 +333,15 @@ impl Drop for VerifyingWriter {
 /// what the coordinator runs over each backup (the bytes it received, or the object read back from S3)
 /// before it commits it, so that nothing an agent sends becomes a backup unless it is a whole etcd snapshot.
 /// What the bytes must match is given at the end (the agent's summary arrives after its bytes).
+/// A write error of the decompressing sink, named: too large for the manifest, or not decompressing.
+fn raw_error(e: std::io::Error, spec: &EtcdBackupSpec) -> SnapshotError {
+    if e.kind() == std::io::ErrorKind::FileTooLarge {
+        SnapshotError::RawTooLarge { want: spec.rawsize }
+    } else {
+        SnapshotError::Decompress(e.to_string())
+    }
+}
+
 pub struct StreamCheck {
     decoder: Box<zstd::stream::write::Decoder<'static, RawCheck<std::io::Sink>>>,
     sha: Sha256,
@@ -330,7 +352,7 @@ pub struct StreamCheck {
 
 impl StreamCheck {
     pub fn new() -> Result<Self, SnapshotError> {
-        let decoder = zstd::stream::write::Decoder::new(RawCheck::new(std::io::sink()))
+        let decoder = zstd::stream::write::Decoder::new(RawCheck::new(std::io::sink(), None))
             .map_err(|e| SnapshotError::Decompress(e.to_string()))?;
         Ok(Self { decoder: Box::new(decoder), sha: Sha256::new(), bytes: 0, failed: None })
     }
@@ -593,7 +615,7 @@ mod tests {
         let raw = snapshot_file(&(0..5_000u32).map(|i| (i * 7 % 251) as u8).collect::<Vec<_>>());
         let (_, spec) = backup(&raw);
         for chunk in [1, 7, 31, 32, 33, 1000, raw.len()] {
-            let mut check = RawCheck::new(Vec::new());
+            let mut check = RawCheck::new(Vec::new(), Some(raw.len() as u64));
             for c in raw.chunks(chunk) {
                 check.write_all(c).unwrap();
             }
@@ -632,6 +654,24 @@ mod tests {
         let (stored, spec) = backup(&bad_trailer);
         let e = write_all(&dir.join("trailer.db"), &stored, &spec, true).unwrap_err();
         assert!(matches!(e, SnapshotError::EtcdHash), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A small object that inflates far beyond its manifest's raw size (a decompression bomb whose stored
+    /// size and sha256 match the manifest) stops at that size, named, with nothing beyond it written.
+    #[test]
+    fn decompression_stops_at_the_manifests_raw_size() {
+        let dir = std::env::temp_dir().join(format!("ferry-bomb-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bomb = zstd::encode_all(&vec![0u8; 256 * 1024 * 1024][..], 19).unwrap();
+        assert!(bomb.len() < 64 * 1024, "a small object: {} bytes", bomb.len());
+        let (_, mut spec) = backup(&[0u8; 4096]);
+        spec.size = bomb.len() as u64;
+        spec.sha256 = hex::encode(Sha256::digest(&bomb));
+        let e = write_all(&dir.join("bomb.db"), &bomb, &spec, true).unwrap_err();
+        assert!(matches!(e, SnapshotError::RawTooLarge { want: 4096 }), "{e}");
+        assert!(e.to_string().contains("larger than its manifest says"), "{e}");
+        assert!(!dir.join("bomb.db").exists() && !dir.join(".bomb.db.part").exists(), "nothing left behind");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

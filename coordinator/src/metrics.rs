@@ -11,6 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::state::StateStore;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClusterLabels {
     pub cluster: String,
@@ -45,6 +47,8 @@ pub struct Metrics {
     pub store_configuration_error: Gauge,
     /// 1 while this replica leads (always, for a coordinator on redb).
     pub leader: Gauge,
+    /// 1 while the state store can write.
+    pub state_store_writable: Gauge,
     pub retention_deleted: Family<ClusterLabels, Counter>,
     pub interval: Family<ClusterLabels, FloatGauge>,
     pub drill_last_success: Family<ClusterLabels, FloatGauge>,
@@ -76,6 +80,7 @@ impl Default for Metrics {
             consecutive_failures: Family::default(),
             store_configuration_error: Gauge::default(),
             leader: Gauge::default(),
+            state_store_writable: Gauge::default(),
             retention_deleted: Family::default(),
             interval: Family::default(),
             drill_last_success: Family::default(),
@@ -133,6 +138,11 @@ impl Default for Metrics {
             "coordinator_leader",
             "1 while this coordinator replica leads (schedules, runs backups, serves clients)",
             m.leader.clone(),
+        );
+        registry.register(
+            "state_store_writable",
+            "1 while the coordinator's state store can write (0: disk full or I/O errors; it recovers by itself)",
+            m.state_store_writable.clone(),
         );
         registry.register(
             "retention_deleted",
@@ -275,20 +285,32 @@ impl Metrics {
     }
 }
 
-/// What `/metrics` and `/readyz` show: the metrics, and whether the QUIC listener is up.
+/// What `/metrics` and `/readyz` show: the metrics, whether the QUIC listener is up and whether the state
+/// store can write.
 pub struct Observer {
     pub metrics: Arc<Metrics>,
     /// Set once the QUIC listener is up.
     pub listening: AtomicBool,
+    pub state: Arc<dyn StateStore>,
+}
+
+impl Observer {
+    /// The state store's health, mirrored into its metric.
+    fn state_health(&self) -> Result<(), String> {
+        let h = self.state.health();
+        self.metrics.state_store_writable.set(i64::from(h.is_ok()));
+        h
+    }
 }
 
 impl ferry_common::observe::Observed for Observer {
     fn metrics(&self) -> String {
+        let _ = self.state_health();
         self.metrics.render()
     }
 
     fn ready(&self) -> Result<(), String> {
-        // The state store is open once the coordinator exists; what remains is the QUIC listener.
+        self.state_health()?;
         if self.listening.load(Ordering::Relaxed) {
             Ok(())
         } else {

@@ -10,7 +10,7 @@ mod resources;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use ferry_common::protocol::{write_frame, AdminRequest, AdminResponse, ErrorKind};
+use ferry_common::protocol::{listing_pages, write_frame, AdminRequest, AdminResponse, ErrorKind};
 use ferry_common::resources::InvalidName;
 use ferry_common::tls::{CertAuthority, Identity};
 use quinn::SendStream;
@@ -157,9 +157,18 @@ impl Api {
             AdminRequest::Restore { cluster: None, .. } => Err(ApiError::Invalid(
                 "restoring with an admin credential needs the cluster to restore from (--from-cluster NAME)".into(),
             )),
-            AdminRequest::Get { rt, id, selector } => {
-                self.get(rt, id.as_deref(), selector.as_ref()).await.map(AdminResponse::Resources)
-            }
+            AdminRequest::Get { rt, id, selector } => match self.get(rt, id.as_deref(), selector.as_ref()).await {
+                Ok(all) => {
+                    // A listing larger than one frame goes in pages, the last one as `Resources`.
+                    let mut pages = listing_pages(all);
+                    let last = pages.pop().unwrap_or_default();
+                    for page in pages {
+                        write_frame(send, &AdminResponse::ResourcesPage(page)).await.context("send a listing page")?;
+                    }
+                    Ok(AdminResponse::Resources(last))
+                }
+                Err(e) => Err(e),
+            },
             AdminRequest::Apply { resources } => self.apply(resources).await.map(AdminResponse::Applied),
             AdminRequest::Delete { rt, id } => self.delete(rt, &id).map(|()| AdminResponse::Deleted),
             AdminRequest::AgentCredentials { cluster, member, valid_for_seconds } => {

@@ -56,9 +56,21 @@ impl Api {
             ResourceType::Agent => self.agents.resources()?,
             _ => self.state.list(rt)?,
         };
+        let state_health = self.state.health();
         for r in &mut all {
-            if let Spec::EtcdBackupS3Config(s) = &r.spec {
-                r.spec = Spec::EtcdBackupS3Config(s.redacted());
+            match &mut r.spec {
+                Spec::EtcdBackupS3Config(s) => r.spec = Spec::EtcdBackupS3Config(s.redacted()),
+                // The overall status cannot record that its own store fails: it is said when read.
+                Spec::EtcdBackupOverallStatus(s) => {
+                    if let Err(why) = &state_health {
+                        s.configurationerror = if s.configurationerror.is_empty() {
+                            why.clone()
+                        } else {
+                            format!("{why}; {}", s.configurationerror)
+                        };
+                    }
+                }
+                _ => {}
             }
         }
         if let Some(sel) = selector {
@@ -86,6 +98,7 @@ impl Api {
             if !rt.user_writable() {
                 return invalid(format!("{rt} is written by Ferry itself and cannot be applied"));
             }
+            r.metadata.check_sizes().map_err(ApiError::Invalid)?;
             match &mut r.spec {
                 Spec::EtcdManualBackup(spec) => {
                     if self.check_manual_backup(id, spec)? {

@@ -10,10 +10,11 @@ use std::collections::HashSet;
 use anyhow::Result;
 use ferry_common::resources::{Resource, ResourceType, Retention, Spec, Timestamp};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::JobDeps;
 use crate::metrics::Metrics;
+use crate::store::StoreError;
 
 /// Applies `cluster`'s retention policy (if it has one) after a successful backup: a deletion removes the
 /// manifest first, then the object, so nothing half-deleted is listed. `verified` is the backup just
@@ -28,11 +29,25 @@ pub(super) async fn apply(deps: &JobDeps, cluster: &str, verified: &str, cancel:
     // The newest backup a restore drill proved (without a key-count warning) is kept whatever its age: it may
     // be the last one known to hold the cluster as it should be.
     let proved = deps.status.drill(cluster).map(|d| d.lastpassedbackup).unwrap_or_default();
-    let all = deps.store.list(Some(cluster), cancel).await?;
+    // Only this deployment's backups count and go: another deployment sharing the bucket keeps its own.
+    let all: Vec<_> = deps
+        .store
+        .list(Some(cluster), cancel)
+        .await?
+        .into_iter()
+        .filter(|m| m.deletable_by(deps.store.deployment()))
+        .collect();
     let listed: Vec<(String, Timestamp)> = all.iter().map(|m| (m.id.clone(), m.backup.createdat)).collect();
     for id in to_delete(&listed, &policy).into_iter().filter(|id| id != verified && *id != proved) {
         let Some(m) = all.iter().find(|m| m.id == id) else { continue };
-        deps.store.delete(m, cancel).await?;
+        match deps.store.delete(m, cancel).await {
+            Ok(()) => {}
+            Err(e @ StoreError::Foreign(_)) => {
+                warn!(backup_id = %id, "retention skips a backup: {e}");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        }
         deps.metrics.retention_deleted.get_or_create(&Metrics::cluster(cluster)).inc();
         info!(backup_id = %id, createdat = %m.backup.createdat.human(), ?policy, "retention deleted backup");
     }

@@ -44,6 +44,8 @@ const SHUTDOWN_GRACE: &str = "30s";
 const CANCEL_DEADLINE: Duration = Duration::from_secs(10);
 /// How long open connections get to close.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
+/// How often a state store that cannot write is probed (it recovers on the first probe that succeeds).
+const STATE_PROBE_EVERY: Duration = Duration::from_secs(2);
 /// How often multipart-upload aborts that failed (S3 down) are retried.
 const ABORT_RETRY_EVERY: Duration = Duration::from_secs(60);
 
@@ -150,6 +152,21 @@ struct Args {
     /// A backup that moves no snapshot bytes for this long fails, whatever progress its agent reports.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration, hide = true)]
     byte_stall_timeout: Duration,
+    /// This deployment's id, written into every manifest; retention deletes only backups carrying it, so
+    /// deployments sharing a bucket never delete each other's [default: derived from the coordinator's CA].
+    #[arg(long, value_parser = parse_deployment_id)]
+    deployment_id: Option<String>,
+}
+
+fn parse_deployment_id(s: &str) -> Result<String, String> {
+    ferry_common::resources::validate_name("deployment id", s).map(|()| s.to_string()).map_err(|e| e.to_string())
+}
+
+/// The default deployment id: coordinators of one deployment share its CA (agents trust exactly one), so a
+/// hash of the CA certificate names the deployment without any setting.
+fn deployment_id_from_ca(ca_pem: &str) -> String {
+    use sha2::Digest;
+    format!("ca-{}", &hex::encode(sha2::Sha256::digest(ca_pem.as_bytes()))[..16])
 }
 
 /// Megabits per second to bytes per second.
@@ -161,6 +178,11 @@ fn mbps(m: u64) -> u64 {
 async fn main() {
     let args = Args::parse();
     init_logging(args.log_format);
+    // The metrics port takes at most a fixed handful of descriptors; everything else is the daemon's work.
+    match ferry_common::observe::raise_fd_limit() {
+        Ok(n) => tracing::debug!(open_files = n, "file descriptor limit"),
+        Err(e) => tracing::warn!("failed to raise the open-file limit: {e}"),
+    }
     if let Err(e) = run(args).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -203,20 +225,24 @@ async fn run(args: Args) -> Result<()> {
         &args.replica_addresses,
     )?;
     let store_dir = args.local_store_dir.clone().unwrap_or_else(|| args.state_dir.join("backups"));
-    let store = Arc::new(match args.backup_store {
-        StoreKind::Local => {
-            if election.is_some() {
-                warn!("--backup-store local with --state-store etcd: each replica has its own backups; replicas should share an S3 store");
+    let deployment = args.deployment_id.clone().unwrap_or_else(|| deployment_id_from_ca(&pki.ca.pem().cert_pem));
+    let store = Arc::new(
+        match args.backup_store {
+            StoreKind::Local => {
+                if election.is_some() {
+                    warn!("--backup-store local with --state-store etcd: each replica has its own backups; replicas should share an S3 store");
+                }
+                BackupStore::local(&store_dir).context("open the local store")?
             }
-            BackupStore::local(&store_dir).context("open the local store")?
-        }
-        StoreKind::S3 => {
-            if args.local_store_dir.is_some() {
-                bail!("--local-store-dir goes with --backup-store local");
+            StoreKind::S3 => {
+                if args.local_store_dir.is_some() {
+                    bail!("--local-store-dir goes with --backup-store local");
+                }
+                BackupStore::s3()
             }
-            BackupStore::s3()
         }
-    });
+        .with_deployment(deployment.clone()),
+    );
     let server_config = quinn_server_config(&pki.ca.pem().cert_pem, &pki.server)?;
     if args.min_backup_interval > args.max_backup_interval {
         bail!("--min-backup-interval is longer than --max-backup-interval");
@@ -247,10 +273,22 @@ async fn run(args: Args) -> Result<()> {
     let endpoint =
         quinn::Endpoint::new(endpoint_config, Some(server_config.clone()), socket, Arc::new(quinn::TokioRuntime))
             .with_context(|| format!("listen on {} (UDP)", args.listen))?;
-    info!(listen = %args.listen, store = store.name(), state = ?args.state_store, "coordinator ready");
+    info!(listen = %args.listen, store = store.name(), state = ?args.state_store, %deployment, "coordinator ready");
     let process = CancellationToken::new();
     let process_tasks = TaskTracker::new();
-    let observer = Arc::new(Observer { metrics: metrics.clone(), listening: true.into() });
+    let observer = Arc::new(Observer { metrics: metrics.clone(), listening: true.into(), state: state.clone() });
+    // A state store that cannot write (disk full) recovers by itself once the cause is gone: probe it, and
+    // keep its metric current, even when nobody scrapes.
+    let (st, m, c) = (state.clone(), metrics.clone(), process.clone());
+    process_tasks.spawn(async move {
+        loop {
+            m.state_store_writable.set(i64::from(tokio::task::block_in_place(|| st.health()).is_ok()));
+            tokio::select! {
+                () = tokio::time::sleep(STATE_PROBE_EVERY) => {}
+                () = c.cancelled() => return,
+            }
+        }
+    });
     if let Some(addr) = args.metrics_listen {
         let serve = listen(addr, observer as Arc<dyn Observed>, process.clone())
             .await

@@ -19,6 +19,9 @@ use ferry_coordinator::cli::render::{render, Format};
 use ferry_coordinator::cli::request::{call, exit_code, Answered, EXIT_REFUSED};
 use ferry_coordinator::cli::{backup_now, template, watch};
 
+/// How long `backup verify` waits for its throw-away etcd to answer.
+const VERIFY_ETCD_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// ferryctl: manage a Ferry coordinator.
 #[derive(Parser, Debug)]
 #[command(name = "ferryctl", version)]
@@ -476,9 +479,6 @@ async fn verify(cfg: &FerryConfig, cluster: String, backup_id: String) -> Result
     println!("OK");
     Ok(())
 }
-
-/// How long `backup verify` waits for the throw-away etcd to answer.
-const VERIFY_ETCD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `agent-credentials --owner USER[:GROUP]`, resolved to numeric ids.
 #[derive(Debug)]

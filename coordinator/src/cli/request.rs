@@ -48,7 +48,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
 /// One request, one answer; an `Error` answer becomes [`Answered`].
 pub async fn call(cfg: &FerryConfig, request: AdminRequest) -> Result<AdminResponse> {
     let mut s = Session::open(&cfg.coordinator, &cfg.ca, &cfg.client_pem(), &request).await?;
-    let response = expect_frame(&mut s.recv).await.context("read response");
+    let response = read_response(&mut s.recv).await;
     s.close().await;
     match response? {
         AdminResponse::Error { kind, message } => Err(Answered { kind, message }.into()),
@@ -72,4 +72,19 @@ pub async fn get(
 /// Whether an error is the coordinator's "not found".
 pub fn is_not_found(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.downcast_ref::<Answered>().is_some_and(|a| a.kind == ErrorKind::NotFound))
+}
+
+/// One response; a listing sent in pages is gathered into one `Resources`.
+async fn read_response(recv: &mut quinn::RecvStream) -> Result<AdminResponse> {
+    let mut gathered: Vec<Resource> = Vec::new();
+    loop {
+        match expect_frame(recv).await.context("read response")? {
+            AdminResponse::ResourcesPage(page) => gathered.extend(page),
+            AdminResponse::Resources(last) if !gathered.is_empty() => {
+                gathered.extend(last);
+                return Ok(AdminResponse::Resources(gathered));
+            }
+            other => return Ok(other),
+        }
+    }
 }

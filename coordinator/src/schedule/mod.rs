@@ -69,18 +69,25 @@ async fn run(
 ) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The cluster records, decoded again only when the store says they changed.
+    let mut cached: Option<(u64, ClusterConfigs)> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let clusters = match cluster_configs(state.as_ref()) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        warn!("failed to schedule backups: {e:#}");
-                        continue;
+                let generation = state.generation(ResourceType::Cluster);
+                let fresh = matches!((&cached, generation), (Some((g, _)), Some(now)) if *g == now);
+                if !fresh {
+                    match cluster_configs(state.as_ref()) {
+                        Ok(c) => cached = Some((generation.unwrap_or(0), c)),
+                        Err(e) => {
+                            warn!("failed to schedule backups: {e:#}");
+                            continue;
+                        }
                     }
-                };
+                }
+                let Some((_, clusters)) = &cached else { continue };
                 let can_start = |c: &str| !jobs.is_running(c) && agents.any_reaches_etcd(c);
-                for (at, cluster) in s.pass(Timestamp::now(), &clusters, &can_start) {
+                for (at, cluster) in s.pass(Timestamp::now(), clusters, &can_start) {
                     match jobs.start(&cluster, Trigger::Scheduled) {
                         Ok(()) => info!(%cluster, due = %at.human(), "scheduled backup queued"),
                         Err(e) => warn!(%cluster, "failed to start scheduled backup: {e}"),
@@ -88,7 +95,7 @@ async fn run(
                 }
                 // Drills run in their own slot, one at a time: they never hold up a backup.
                 let now = Timestamp::now();
-                for cluster in s.drills_due(now, &clusters, &|c| drills.last_drill(c)) {
+                for cluster in s.drills_due(now, clusters, &|c| drills.last_drill(c)) {
                     if drills.try_start(&cluster) {
                         s.drill_started(&cluster, now);
                     }
@@ -105,9 +112,9 @@ async fn run(
 }
 
 /// Every cluster and its backup configuration.
-fn cluster_configs(
-    state: &dyn StateStore,
-) -> Result<Vec<(String, Option<BackupConfiguration>)>, crate::state::StateError> {
+type ClusterConfigs = Vec<(String, Option<BackupConfiguration>)>;
+
+fn cluster_configs(state: &dyn StateStore) -> Result<ClusterConfigs, crate::state::StateError> {
     Ok(state
         .list(ResourceType::Cluster)?
         .into_iter()

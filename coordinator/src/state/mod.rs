@@ -8,6 +8,10 @@
 //! writers (a job's progress tick and a configuration change, or two replicas) cannot overwrite each other's
 //! update. Besides resources the store keeps a few opaque blobs created once (the CA, the QUIC keys), so
 //! replicas share them.
+//!
+//! A store that cannot write (disk full, I/O errors) says so through [`StateStore::health`], which `/readyz`,
+//! the `ferry_state_store_writable` metric and the overall status show, and recovers by itself once the
+//! cause is gone.
 
 mod etcd;
 mod redb;
@@ -37,6 +41,9 @@ pub enum StateError {
     /// A resource does not encode.
     #[error("encode resource: {0}")]
     Encode(serde_json::Error),
+    /// The store cannot be used right now (it failed and is not reopened yet).
+    #[error("state store unavailable: {0}")]
+    Unavailable(String),
     /// A record has another type than its key says.
     #[error("state store record {0} has the wrong type")]
     WrongType(String),
@@ -66,6 +73,17 @@ pub trait StateStore: Send + Sync {
         name: &str,
         create: &mut dyn FnMut() -> Result<Vec<u8>, StateError>,
     ) -> Result<Vec<u8>, StateError>;
+    /// A number that changes whenever a resource of type `rt` is written or deleted through this store, so a
+    /// reader polling a type (the scheduler, every second) decodes it again only after a change. `None`: the
+    /// store cannot tell, read every time.
+    fn generation(&self, _rt: ResourceType) -> Option<u64> {
+        None
+    }
+    /// `Ok` while the store can write, else why not. While it cannot, each call retries (rate-limited)
+    /// whatever brings it back, so calling it periodically is enough to recover.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The key of a resource record.

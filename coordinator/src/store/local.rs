@@ -16,7 +16,7 @@ use ferry_common::snapshot::StreamCheck;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
-use super::{sort_newest_first, Manifest, StoreError, MANIFEST_SUFFIX, OBJECT_SUFFIX};
+use super::{sort_newest_first, Manifest, StoreError, MANIFEST_SUFFIX, MAX_MANIFEST_BYTES, OBJECT_SUFFIX};
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -64,7 +64,13 @@ impl LocalStore {
     }
 
     /// Starts a new backup of `cluster`, reserving a unique id `<cluster>-<unix seconds>[-N]`.
-    pub(super) async fn begin(&self, cluster: &str, at: Timestamp, cancel: &CancellationToken) -> Result<PendingLocal> {
+    pub(super) async fn begin(
+        &self,
+        cluster: &str,
+        at: Timestamp,
+        deployment: &str,
+        cancel: &CancellationToken,
+    ) -> Result<PendingLocal> {
         cancelled(cancel)?;
         let dir = self.cluster_dir(cluster)?;
         create_private_dir(&dir).map_err(io(format!("create {}", dir.display())))?;
@@ -82,6 +88,7 @@ impl LocalStore {
                     return Ok(PendingLocal {
                         id,
                         cluster: cluster.to_string(),
+                        deployment: deployment.to_string(),
                         dir: dir.clone(),
                         partial,
                         object,
@@ -121,8 +128,7 @@ impl LocalStore {
                 if name.starts_with('.') || !name.ends_with(MANIFEST_SUFFIX) {
                     continue;
                 }
-                let text = fs::read(&p).map_err(io(format!("read {}", p.display())))?;
-                match parse_manifest(&p, &text) {
+                match read_manifest(&p) {
                     Ok(m) => out.push(m),
                     Err(e) => tracing::warn!(path = %p.display(), "skipping unreadable manifest: {e}"),
                 }
@@ -137,10 +143,10 @@ impl LocalStore {
         cancelled(cancel)?;
         validate_backup_id(id).map_err(|e| StoreError::BadName(e.to_string()))?;
         let p = self.cluster_dir(cluster)?.join(format!("{id}{MANIFEST_SUFFIX}"));
-        match fs::read(&p) {
-            Ok(text) => parse_manifest(&p, &text).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io(format!("read {}", p.display()))(e)),
+        match read_manifest(&p) {
+            Ok(m) => Ok(Some(m)),
+            Err(StoreError::Io { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -153,25 +159,24 @@ impl LocalStore {
 }
 
 impl LocalStore {
-    /// Deletes a backup: manifest first, then object, each removal made durable.
+    /// Deletes a backup: manifest first, then object, each removal made durable. Both paths are derived from
+    /// the cluster and id, never taken from the manifest.
     pub(super) async fn delete(&self, m: &Manifest, cancel: &CancellationToken) -> Result<()> {
         cancelled(cancel)?;
-        let dir = self.cluster_dir(&m.backup.cluster)?;
-        let manifest = dir.join(format!("{}{MANIFEST_SUFFIX}", m.id));
-        let object = self.root.join(&m.backup.snapshot);
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            for p in [&manifest, &object] {
-                match fs::remove_file(p) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io(format!("remove {}", p.display()))(e)),
-                }
-                fsync_dir(&dir)?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| StoreError::Io { what: "delete backup".into(), error: std::io::Error::other(e) })?
+        let (cluster, id) = (&m.backup.cluster, &m.id);
+        let dir = self.cluster_dir(cluster)?;
+        let derived = format!("{cluster}/{id}{OBJECT_SUFFIX}");
+        if m.backup.snapshot != derived {
+            return Err(StoreError::Foreign(format!(
+                "the manifest of {cluster}/{id} names object {:?}, not {derived:?}; it is left alone",
+                m.backup.snapshot
+            )));
+        }
+        let manifest = dir.join(format!("{id}{MANIFEST_SUFFIX}"));
+        let object = dir.join(format!("{id}{OBJECT_SUFFIX}"));
+        tokio::task::spawn_blocking(move || remove_durably(&dir, &[&manifest, &object]))
+            .await
+            .map_err(|e| StoreError::Io { what: "delete backup".into(), error: std::io::Error::other(e) })?
     }
 }
 
@@ -179,6 +184,7 @@ impl LocalStore {
 pub(super) struct PendingLocal {
     pub(super) id: String,
     cluster: String,
+    deployment: String,
     dir: PathBuf,
     partial: PathBuf,
     object: PathBuf,
@@ -225,22 +231,57 @@ impl PendingLocal {
             .await
             .map_err(io(format!("rename into {}", self.object.display())))?;
         spec.snapshot = format!("{}/{}{OBJECT_SUFFIX}", self.cluster, self.id);
-        let manifest = Manifest { format: 1, id: self.id.clone(), backup: spec };
+        let deployment = (!self.deployment.is_empty()).then(|| self.deployment.clone());
+        let manifest = Manifest { format: 1, id: self.id.clone(), backup: spec, deployment };
         let dir = self.dir.clone();
         let id = self.id.clone();
         let object = self.object.clone();
         let m = manifest.clone();
-        let written = tokio::task::spawn_blocking(move || write_manifest(&dir, &id, &m))
-            .await
-            .map_err(|e| StoreError::Io { what: "write manifest".into(), error: std::io::Error::other(e) })
-            .and_then(|r| r);
-        if let Err(e) = written {
-            let _ = fs::remove_file(&object);
-            return Err(e);
-        }
+        let written = tokio::task::spawn_blocking(move || {
+            let r = write_manifest(&dir, &id, &m);
+            if r.is_err() {
+                // The manifest may be in place even though a later step (the directory's fsync) failed: it
+                // goes first, so a listed manifest never outlives its object.
+                let tmp = dir.join(format!(".{id}{MANIFEST_SUFFIX}.tmp"));
+                let _ = remove_durably(&dir, &[&dir.join(format!("{id}{MANIFEST_SUFFIX}")), &tmp, &object]);
+            }
+            r
+        })
+        .await
+        .map_err(|e| StoreError::Io { what: "write manifest".into(), error: std::io::Error::other(e) })
+        .and_then(|r| r);
+        written?;
         self.done = true;
         Ok(manifest)
     }
+}
+
+/// Removes `paths` in order (a missing one counts as removed), each removal made durable before the next.
+fn remove_durably(dir: &Path, paths: &[&Path]) -> Result<()> {
+    for p in paths {
+        match fs::remove_file(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io(format!("remove {}", p.display()))(e)),
+        }
+        fsync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Reads the manifest at `path`, at most [`MAX_MANIFEST_BYTES`] of it, and checks it describes that backup.
+fn read_manifest(path: &Path) -> Result<Manifest> {
+    use std::io::Read;
+    let f = fs::File::open(path).map_err(io(format!("read {}", path.display())))?;
+    let mut text = Vec::new();
+    f.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut text).map_err(io(format!("read {}", path.display())))?;
+    if text.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(StoreError::Corrupt(format!(
+            "{} is larger than {MAX_MANIFEST_BYTES} bytes: not a Ferry manifest",
+            path.display()
+        )));
+    }
+    parse_manifest(path, &text)
 }
 
 /// Parses the manifest at `path` (`<root>/<cluster>/<id>.manifest.json`) and checks it describes that backup.

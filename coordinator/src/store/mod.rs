@@ -26,6 +26,9 @@ use self::s3::{PendingUpload, S3Store};
 
 pub const OBJECT_SUFFIX: &str = ".snapshot.zst";
 pub const MANIFEST_SUFFIX: &str = ".manifest.json";
+/// Largest manifest read: a real one is about 1 KiB; an object named like a manifest but larger is not one,
+/// and must not cost the coordinator its memory.
+pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 
 /// The manifest written beside each object; a stable, documented format (see docs/ARCHITECTURE.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,6 +37,11 @@ pub struct Manifest {
     pub format: u32,
     pub id: String,
     pub backup: EtcdBackupSpec,
+    /// The deployment (coordinator set) that wrote it: retention deletes only its own deployment's backups,
+    /// so two deployments sharing a bucket never delete each other's. Absent in manifests written before it
+    /// existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<String>,
 }
 
 impl Manifest {
@@ -48,6 +56,12 @@ impl Manifest {
             )));
         }
         Ok(())
+    }
+
+    /// Whether retention of deployment `deployment` may delete this backup: one it wrote, or one written
+    /// before manifests named their deployment (found at the key it derives itself, which the caller checks).
+    pub fn deletable_by(&self, deployment: &str) -> bool {
+        self.deployment.as_deref().is_none_or(|d| d == deployment)
     }
 }
 
@@ -96,6 +110,9 @@ pub enum StoreError {
     /// The call was cancelled (shutdown).
     #[error("cancelled")]
     Cancelled,
+    /// The backup belongs to another deployment sharing the store.
+    #[error("{0}")]
+    Foreign(String),
     /// Injected by the failing wrapper (tests).
     #[error("injected failure: {0}")]
     Injected(String),
@@ -125,6 +142,8 @@ pub struct UploadSettings {
 /// The backup store of this coordinator.
 pub struct BackupStore {
     backend: Backend,
+    /// This deployment's id, written into every manifest.
+    deployment: String,
     /// Injected failures (tests only; `None` in the daemon).
     failures: Option<Arc<Failures>>,
 }
@@ -137,12 +156,24 @@ enum Backend {
 impl BackupStore {
     /// The local store in `dir` (created if missing); partial objects a crash left are removed.
     pub fn local(dir: &std::path::Path) -> Result<Self, StoreError> {
-        Ok(Self { backend: Backend::Local(LocalStore::open(dir)?), failures: None })
+        Ok(Self { backend: Backend::Local(LocalStore::open(dir)?), deployment: String::new(), failures: None })
     }
 
     /// An S3 store, unusable until a configuration is set ([`Self::set_s3_config`]).
     pub fn s3() -> Self {
-        Self { backend: Backend::S3(S3Store::default()), failures: None }
+        Self { backend: Backend::S3(S3Store::default()), deployment: String::new(), failures: None }
+    }
+
+    /// The same store, writing `deployment` into every manifest and deleting (retention) only backups of
+    /// that deployment.
+    pub fn with_deployment(mut self, deployment: impl Into<String>) -> Self {
+        self.deployment = deployment.into();
+        self
+    }
+
+    /// This deployment's id.
+    pub fn deployment(&self) -> &str {
+        &self.deployment
     }
 
     /// The same store with failures injected (tests).
@@ -220,8 +251,20 @@ impl BackupStore {
         }
     }
 
-    /// Deletes a backup: its manifest first (so it is no longer listed), then its object.
+    /// Deletes a backup (retention): its manifest first (so it is no longer listed), then its object, both at
+    /// the keys this deployment derives from the cluster and id — never a key a manifest names. A backup
+    /// another deployment wrote is refused.
     pub async fn delete(&self, m: &Manifest, cancel: &CancellationToken) -> Result<(), StoreError> {
+        check_names(&m.backup.cluster, Some(&m.id))?;
+        if !m.deletable_by(&self.deployment) {
+            return Err(StoreError::Foreign(format!(
+                "backup {}/{} was written by deployment {:?}, not this one ({:?}); it is left alone",
+                m.backup.cluster,
+                m.id,
+                m.deployment.as_deref().unwrap_or_default(),
+                self.deployment
+            )));
+        }
         match &self.backend {
             Backend::Local(l) => l.delete(m, cancel).await,
             Backend::S3(s) => s.delete(m, cancel).await,
@@ -259,8 +302,8 @@ impl BackupStore {
     ) -> Result<Pending, StoreError> {
         check_names(cluster, None)?;
         let kind = match &self.backend {
-            Backend::Local(l) => PendingKind::Local(Box::new(l.begin(cluster, at, cancel).await?)),
-            Backend::S3(s) => PendingKind::S3(Box::new(s.begin(cluster, at, upload, cancel).await?)),
+            Backend::Local(l) => PendingKind::Local(Box::new(l.begin(cluster, at, &self.deployment, cancel).await?)),
+            Backend::S3(s) => PendingKind::S3(Box::new(s.begin(cluster, at, upload, &self.deployment, cancel).await?)),
         };
         Ok(Pending { kind, failures: self.failures.clone() })
     }

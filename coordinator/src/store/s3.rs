@@ -4,6 +4,8 @@
 //!
 //! Layout in the bucket: `<prefix>/<cluster>/<backup id>.snapshot.zst` and `<backup id>.manifest.json` beside
 //! it. Listings read manifests, so an object without one (an upload that never committed) is never listed.
+//! A listing takes only keys of exactly that shape under the delimiter-terminated prefix: a deployment with
+//! prefix `""` and a cluster named `prod` never sees (or deletes) the backups of a deployment with prefix `prod`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,7 +21,9 @@ use ferry_common::snapshot::StreamCheck;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{sort_newest_first, Manifest, StoreError, UploadSettings, MANIFEST_SUFFIX, OBJECT_SUFFIX};
+use super::{
+    sort_newest_first, Manifest, StoreError, UploadSettings, MANIFEST_SUFFIX, MAX_MANIFEST_BYTES, OBJECT_SUFFIX,
+};
 use crate::lock;
 
 /// How long `apply` waits for a new config's test listing.
@@ -90,10 +94,16 @@ impl Shared {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(StoreError::NotConfigured)
     }
 
-    /// Aborts an upload, remembering it for a later retry when S3 is unreachable; then deletes an object the
+    /// Deletes a manifest a failed commit may have written (first, so nothing listed outlives its object),
+    /// aborts the upload, remembering it for a later retry when S3 is unreachable, then deletes an object the
     /// agent may have completed without a manifest.
-    async fn discard(&self, conn: &S3Conn, key: &str, upload_id: Option<&str>) {
+    async fn discard(&self, conn: &S3Conn, key: &str, manifest: &str, upload_id: Option<&str>) {
         let bucket = &conn.spec.bucket;
+        // Cleanup: not cancellable, so a shutdown does not leave a half-committed backup behind.
+        if let Err(e) = common_s3::delete_object(&conn.client, bucket, manifest, &CancellationToken::new()).await {
+            warn!("failed to delete {manifest}: {e}");
+        }
+        lock(&self.manifests).remove(manifest);
         if let Some(upload_id) = upload_id {
             if let Err(e) = common_s3::abort_upload(&conn.client, bucket, key, upload_id).await {
                 warn!(%key, "failed to abort multipart upload, will retry: {e}");
@@ -126,6 +136,7 @@ impl S3Store {
         cluster: &str,
         at: Timestamp,
         upload: UploadSettings,
+        deployment: &str,
         cancel: &CancellationToken,
     ) -> Result<PendingUpload, StoreError> {
         self.retry_pending_aborts(cancel).await;
@@ -157,7 +168,16 @@ impl S3Store {
             parts_in_flight: upload.parts_in_flight,
             cacert: conn.spec.cacert.clone(),
         };
-        Ok(PendingUpload { id, shared: self.shared.clone(), conn, key, upload_id: Some(upload_id), target })
+        Ok(PendingUpload {
+            id,
+            cluster: cluster.to_string(),
+            deployment: deployment.to_string(),
+            shared: self.shared.clone(),
+            conn,
+            key,
+            upload_id: Some(upload_id),
+            target,
+        })
     }
 
     /// Presigned `HEAD` and `GET` of one backup's object, for a restore the coordinator approved.
@@ -203,9 +223,10 @@ impl S3Store {
     ) -> Result<Vec<Manifest>, StoreError> {
         let conn = self.conn()?;
         let bucket = &conn.spec.bucket;
+        let base = prefix(&conn.spec);
         let list_prefix = match cluster {
-            Some(c) => format!("{}{c}/", prefix(&conn.spec)),
-            None => prefix(&conn.spec),
+            Some(c) => format!("{base}{c}/"),
+            None => base.clone(),
         };
         let what = format!("list s3://{bucket}/{list_prefix}");
         let mut keys = Vec::new();
@@ -216,6 +237,8 @@ impl S3Store {
                     .list_objects_v2()
                     .bucket(bucket)
                     .prefix(&list_prefix)
+                    // One cluster's listing stops at its own directory: deeper keys are someone else's.
+                    .set_delimiter(cluster.map(|_| "/".to_string()))
                     .set_continuation_token(token.clone())
                     .send()
                     .await
@@ -226,7 +249,7 @@ impl S3Store {
                 page.contents()
                     .iter()
                     .filter_map(|o| o.key())
-                    .filter(|k| k.ends_with(MANIFEST_SUFFIX))
+                    .filter(|k| manifest_location(&base, k).is_some())
                     .map(str::to_string),
             );
             match page.next_continuation_token() {
@@ -286,12 +309,18 @@ impl S3Store {
         }
     }
 
-    /// Deletes a backup: manifest first, then object.
+    /// Deletes a backup: manifest first, then object, both at the keys this configuration derives (a
+    /// manifest naming another object is refused: retention never deletes a key it did not make).
     pub(super) async fn delete(&self, m: &Manifest, cancel: &CancellationToken) -> Result<(), StoreError> {
         let conn = self.conn()?;
-        // The manifest records where its object is; the prefix may have changed since.
-        let okey = m.backup.snapshot.clone();
-        let mkey = format!("{}{MANIFEST_SUFFIX}", okey.trim_end_matches(OBJECT_SUFFIX));
+        let okey = object_key(&conn.spec, &m.backup.cluster, &m.id);
+        let mkey = manifest_key(&conn.spec, &m.backup.cluster, &m.id);
+        if m.backup.snapshot != okey {
+            return Err(StoreError::Foreign(format!(
+                "the manifest of {}/{} names object {:?}, not {okey:?} (written under another prefix?); it is left alone",
+                m.backup.cluster, m.id, m.backup.snapshot
+            )));
+        }
         for key in [&mkey, &okey] {
             common_s3::delete_object(&conn.client, &conn.spec.bucket, key, cancel).await?;
             lock(&self.shared.manifests).remove(key);
@@ -317,9 +346,20 @@ async fn exists(conn: &S3Conn, key: &str, cancel: &CancellationToken) -> Result<
     }
 }
 
-/// Reads the manifest at `key` (`…/<cluster>/<id>.manifest.json`) and checks it describes that backup.
+/// `(cluster, id)` of a key `<prefix><cluster>/<id>.manifest.json`, both valid names; `None` for any other
+/// key (deeper, shallower, or not a manifest).
+fn manifest_location<'k>(prefix: &str, key: &'k str) -> Option<(&'k str, &'k str)> {
+    let rest = key.strip_prefix(prefix)?.strip_suffix(MANIFEST_SUFFIX)?;
+    let (cluster, id) = rest.split_once('/')?;
+    let valid = ferry_common::resources::validate_name("cluster", cluster).is_ok()
+        && ferry_common::resources::validate_backup_id(id).is_ok();
+    valid.then_some((cluster, id))
+}
+
+/// Reads the manifest at `key` (`…/<cluster>/<id>.manifest.json`), at most [`MAX_MANIFEST_BYTES`] of it, and
+/// checks it describes that backup.
 async fn read_manifest(conn: &S3Conn, key: &str, cancel: &CancellationToken) -> Result<Manifest, StoreError> {
-    let body = common_s3::get_bytes(&conn.client, &conn.spec.bucket, key, cancel).await?;
+    let body = common_s3::get_bytes(&conn.client, &conn.spec.bucket, key, MAX_MANIFEST_BYTES, cancel).await?;
     let m: Manifest = serde_json::from_slice(&body).map_err(|e| StoreError::Corrupt(format!("parse {key}: {e}")))?;
     let stem = key.trim_end_matches(MANIFEST_SUFFIX);
     let (dir, id) = stem.rsplit_once('/').unwrap_or(("", stem));
@@ -349,6 +389,8 @@ fn presigned(p: &aws_sdk_s3::presigning::PresignedRequest) -> PresignedRequest {
 /// writes the manifest — or aborts it.
 pub(super) struct PendingUpload {
     pub(super) id: String,
+    cluster: String,
+    deployment: String,
     shared: Arc<Shared>,
     conn: Arc<S3Conn>,
     key: String,
@@ -390,7 +432,8 @@ impl PendingUpload {
         cancel: &CancellationToken,
     ) -> Result<Manifest, StoreError> {
         spec.snapshot = self.key.clone();
-        let manifest = Manifest { format: 1, id: self.id.clone(), backup: spec };
+        let deployment = (!self.deployment.is_empty()).then(|| self.deployment.clone());
+        let manifest = Manifest { format: 1, id: self.id.clone(), backup: spec, deployment };
         match self.try_commit(&manifest, parts, cancel).await {
             Ok(()) => Ok(manifest),
             Err(e) => {
@@ -501,7 +544,8 @@ impl PendingUpload {
 
     /// Aborts the multipart upload (remembered for retry if S3 is down) and deletes any completed object.
     pub(super) async fn abort(self) {
-        self.shared.discard(&self.conn, &self.key, self.upload_id.as_deref()).await;
+        let manifest = manifest_key(&self.conn.spec, &self.cluster, &self.id);
+        self.shared.discard(&self.conn, &self.key, &manifest, self.upload_id.as_deref()).await;
     }
 }
 

@@ -11,6 +11,7 @@ mod credentials;
 mod deploy;
 mod drills;
 mod failures;
+mod faults;
 mod ha;
 mod harness;
 mod least_privilege;

@@ -344,14 +344,18 @@ async fn non_empty_data_dir_is_refused_without_force_and_kept_aside_with_it() ->
     let finished = unix_now();
     assert!(!out.stderr.contains(" ERROR "), "the restore logged an error: {}", out.stderr);
 
-    // The old contents moved, whole, into .ferry-old-<unix seconds>/; nothing else of Ferry's is left.
+    // The old contents moved, whole, into .ferry-old-<unix seconds>/; nothing else of Ferry's is left but the
+    // marker of the finished restore.
     let mut entries: Vec<String> = std::fs::read_dir(&data)?
         .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
         .collect::<anyhow::Result<_>>()?;
     entries.sort();
-    let [aside, member] = entries.as_slice() else {
-        anyhow::bail!("the data dir should hold the restored member/ and the old data set aside: {entries:?}");
+    let [aside, marker, member] = entries.as_slice() else {
+        anyhow::bail!(
+            "the data dir should hold the restored member/, the old data set aside and the marker: {entries:?}"
+        );
     };
+    assert_eq!(marker, ".ferry-restored", "{entries:?}");
     assert_eq!(member, "member", "{entries:?}");
     let stamp: i64 = aside
         .strip_prefix(".ferry-old-")
@@ -364,6 +368,57 @@ async fn non_empty_data_dir_is_refused_without_force_and_kept_aside_with_it() ->
     let restored = serve_and_read(&data, peer_port, &dir.path().join("etcd-restored.log")).await?;
     assert_same_kvs(&expected_test_kvs(KEYS), &restored, "keys served from the restored data dir");
     assert_no_unexpected_errors(coordinator.log_path(), &[]);
+    Ok(())
+}
+
+/// `--force` never swaps the data dir of a running etcd, never moves aside a dir that is not an etcd data
+/// dir, and the same restore run twice (a static pod re-created) restores once.
+#[tokio::test]
+async fn restore_refuses_a_live_members_dir_and_a_foreign_dir_and_runs_once() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    etcd.put_keys(100).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let _agents = coordinator.start_agents(CLUSTER, &etcd).await?;
+    backup(&coordinator, CLUSTER).await?;
+    let credentials = coordinator.issue_agent_credentials(CLUSTER, "m1").await?;
+    let (_, peer) = peer_url();
+
+    // The live member's own data dir, with --force: refused, and etcd keeps serving its data.
+    let live = etcd.member(0).data_dir().to_path_buf();
+    let before = tree(&live.join("member/snap"))?.len();
+    let mut args = [as_agent(&coordinator, &credentials), one_member("latest", &live, &peer)].concat();
+    args.push("--force".into());
+    assert_restore_refused(&agent_restore(&args).await?, &["in use by a running etcd"]);
+    assert!(!live.join(".ferry-restored").exists() && tree(&live.join("member/snap"))?.len() == before);
+    etcd.put_keys(101).await.context("the live member still writes after the refused restore")?;
+
+    // Something that is not an etcd data dir (a typo'd path: /var/lib, a home dir): refused even with --force.
+    let dir = test_dir("restore-guards")?;
+    let foreign = dir.path().join("not-etcd");
+    std::fs::create_dir_all(foreign.join("postgres"))?;
+    std::fs::write(foreign.join("important.txt"), b"someone's data")?;
+    let foreign_before = tree(&foreign)?;
+    let mut args = [as_agent(&coordinator, &credentials), one_member("latest", &foreign, &peer)].concat();
+    args.push("--force".into());
+    assert_restore_refused(&agent_restore(&args).await?, &["neither empty nor an etcd data dir"]);
+    assert!(tree(&foreign)? == foreign_before, "the refused restore changed {}", foreign.display());
+
+    // A static pod's init container runs the same restore at every start: the second run does nothing.
+    let data = dir.path().join("member.etcd");
+    let mut args = [as_agent(&coordinator, &credentials), one_member("latest", &data, &peer)].concat();
+    args.push("--force".into());
+    agent_restore(&args).await?.ok()?;
+    let restored = tree(&data)?;
+    let again = agent_restore(&args).await?.ok()?;
+    assert!(again.stdout.contains("already restored"), "the second run says so: {}", again.stdout);
+    assert!(tree(&data)? == restored, "the second run changed the data dir");
+    // A new cluster token is a new restore.
+    let mut other = [as_agent(&coordinator, &credentials), one_member("latest", &data, &peer)].concat();
+    let token = other.iter().position(|a| a == "--initial-cluster-token").context("token flag")? + 1;
+    other[token] = "another-restore".into();
+    other.push("--force".into());
+    let out = agent_restore(&other).await?.ok()?;
+    assert!(!out.stdout.contains("already restored"), "{}", out.stdout);
     Ok(())
 }
 
