@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
+use ferry_common::encryption::Identities;
 use ferry_common::config::{create_private, create_private_dir};
 use ferry_common::observe::{init_logging, listen, shutdown_signal, LogFormat, Observed};
 use ferry_common::resources::{Resource, ResourceType, Spec, S3_CONFIG_ID};
@@ -107,6 +108,11 @@ struct Args {
     /// A backup that moves no snapshot bytes for this long fails, whatever progress its agent reports.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration, hide = true)]
     byte_stall_timeout: Duration,
+    /// An age identity file (0600; `ferryctl encryption keygen`): the coordinator then opens encrypted backups
+    /// itself for restores and streams the zstd inside to the restoring agent, which never gets the identity.
+    /// Without it, restores of encrypted backups need `ferry-agent restore --identity`.
+    #[arg(long)]
+    identity: Option<PathBuf>,
 }
 
 /// Megabits per second to bytes per second.
@@ -173,6 +179,14 @@ async fn run(args: Args) -> Result<()> {
         },
         max_concurrent_backups: args.max_concurrent_backups as usize,
         byte_stall_timeout: args.byte_stall_timeout,
+        identities: match &args.identity {
+            Some(path) => {
+                let ids = Identities::load(path)?;
+                info!(recipients = ?ids.recipients(), "restores open encrypted backups with --identity");
+                Some(ids)
+            }
+            None => None,
+        },
     };
 
     // The owners, each with its own handle.
