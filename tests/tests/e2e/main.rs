@@ -9,6 +9,7 @@ mod cli;
 mod coverage;
 mod credentials;
 mod deploy;
+mod encryption;
 mod failures;
 mod harness;
 mod least_privilege;
