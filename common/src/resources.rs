@@ -346,9 +346,10 @@ pub struct EtcdBackupSpec {
     pub zstdlevel: i32,
     pub startedat: Timestamp,
     pub finishedat: Timestamp,
-    /// Set when the object is an age file of the zstd stream; absent for plain zstd (and in every manifest
-    /// written before encryption existed).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Set when the object is an age file of the zstd stream; null for plain zstd, absent in manifests
+    /// written before encryption existed. (Never skipped when null: postcard, on the wire, is not
+    /// self-describing.)
+    #[serde(default)]
     pub encryption: Option<BackupEncryption>,
 }
 
@@ -408,7 +409,7 @@ pub struct BackupConfiguration {
     pub retention: Option<Retention>,
     /// This cluster's encryption, in place of the `EtcdBackupEncryptionConfigs` one (an empty list of
     /// recipients stores this cluster's backups unencrypted); absent follows that resource.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub encryption: Option<EncryptionSettings>,
 }
 

@@ -142,7 +142,8 @@ async fn local_store_backups_are_encrypted_and_restore_with_either_identity_or_a
     assert_age_alone_restores(&object, &key_b, dir.path()).await?;
 
     // ferry-agent restore --identity, and the refusals: no identity, a wrong one, a tampered object.
-    let creds = coordinator.issue_agent_credentials(CLUSTER, "m1").await?;
+    // A restorer's own certificate: issuing one for m1 would revoke the running agent's.
+    let creds = coordinator.issue_agent_credentials(CLUSTER, "restorer").await?;
     let a_flag = ["--identity", key_a.to_str().context("path")?];
     agent_restores(&coordinator, &creds, &id, dir.path(), "with-a", &a_flag).await?.ok()?;
     let out = agent_restores(&coordinator, &creds, &id, dir.path(), "without", &[]).await?;
@@ -238,7 +239,7 @@ async fn s3_backups_restore_through_the_coordinators_identity_which_no_agent_eve
     assert_age_alone_restores(&object, &key, dir.path()).await?;
 
     // A restore without --identity: the coordinator opens the backup and streams the zstd inside.
-    let creds = coordinator.issue_agent_credentials(CLUSTER, "m1").await?;
+    let creds = coordinator.issue_agent_credentials(CLUSTER, "restorer").await?;
     let out = agent_restores(&coordinator, &creds, &id, dir.path(), "by-coordinator", &[]).await?.ok()?;
     assert!(out.stderr.contains("the coordinator opens the encrypted backup"), "{}", out.stderr);
     // With the identity on the agent too (the presigned S3 path is not used then: the coordinator opens it).
