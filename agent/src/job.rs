@@ -10,11 +10,11 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use ferry_common::encryption::{parse_recipients, Recipient, Sealer};
 use ferry_common::protocol::{
     expect_frame, write_frame, BackupJob, BackupSummary, BackupTarget, JobMsg, JobReply, SealedObject,
     COMMIT_REPLY_WAIT, DATA_CHUNK,
 };
-use ferry_common::encryption::{parse_recipients, Recipient, Sealer};
 use ferry_common::resources::Timestamp;
 use quinn::{RecvStream, SendStream};
 use tokio::sync::mpsc;

@@ -230,7 +230,8 @@ async fn fetch(req: &RestoreRequest, snapshot: &Path) -> Result<(EtcdBackupSpec,
         };
         let mut throttle = Throttle::new(limit);
         // A bar when run by hand on a terminal, plain log lines every few seconds in an init container.
-        let mut progress = Progress::new("restore download", backup.size, Lines::Log);
+        let arriving = if matches!(source, RestoreSource::Decrypted) { backup.decrypted().size } else { backup.size };
+        let mut progress = Progress::new("restore download", arriving, Lines::Log);
         match source {
             RestoreSource::Coordinator | RestoreSource::Decrypted => loop {
                 match expect_frame(&mut s.recv).await.context("read backup data")? {

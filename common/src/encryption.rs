@@ -34,6 +34,8 @@ const MAX_IDENTITY_FILE: u64 = 64 * 1024;
 pub enum EncryptionError {
     #[error("{0:?} is not an age X25519 recipient (age1…, as `ferryctl encryption keygen` or `age-keygen -y KEYFILE` prints)")]
     BadRecipient(String),
+    #[error("an age identity (a secret key, AGE-SECRET-KEY-1…) was given where a recipient belongs; give its recipient instead (`age-keygen -y KEYFILE` prints it) and keep the identity off Ferry's resources")]
+    IdentityAsRecipient,
     #[error("recipient {0} is listed twice")]
     DuplicateRecipient(String),
     #[error("{0} recipients given; at most {MAX_RECIPIENTS}")]
@@ -71,6 +73,10 @@ pub fn parse_recipients(list: &[String]) -> Result<Vec<x25519::Recipient>, Encry
         if list[..i].contains(r) {
             return Err(EncryptionError::DuplicateRecipient(r.clone()));
         }
+        if r.trim().to_ascii_uppercase().starts_with("AGE-SECRET-KEY") {
+            // Never echoed: it is a secret.
+            return Err(EncryptionError::IdentityAsRecipient);
+        }
         out.push(x25519::Recipient::from_str(r.trim()).map_err(|_| EncryptionError::BadRecipient(r.clone()))?);
     }
     Ok(out)
@@ -94,8 +100,7 @@ pub fn keygen() -> NewIdentity {
     let id = x25519::Identity::generate();
     let recipient = id.to_public().to_string();
     let created = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
-    let file_text =
-        format!("# created: {created}\n# public key: {recipient}\n{}\n", id.to_string().expose_secret());
+    let file_text = format!("# created: {created}\n# public key: {recipient}\n{}\n", id.to_string().expose_secret());
     NewIdentity { file_text, recipient }
 }
 
@@ -420,6 +425,9 @@ mod tests {
         let e = Identities::load(&bad).unwrap_err().to_string();
         assert!(e.contains("line 2") && !e.contains("NOTAKEY"), "{e}");
         assert!(matches!(parse_recipients(&["age1nope".into()]), Err(EncryptionError::BadRecipient(_))));
+        let pasted = keygen().file_text.lines().last().unwrap().to_owned();
+        let e = parse_recipients(std::slice::from_ref(&pasted)).unwrap_err().to_string();
+        assert!(e.contains("identity") && !e.contains(&pasted), "{e}");
         let r = keygen().recipient;
         assert!(matches!(parse_recipients(&[r.clone(), r]), Err(EncryptionError::DuplicateRecipient(_))));
     }

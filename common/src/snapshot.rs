@@ -41,7 +41,9 @@ pub enum SnapshotError {
     Io { path: PathBuf, error: std::io::Error },
     #[error(transparent)]
     Encryption(#[from] EncryptionError),
-    #[error("the decrypted zstd stream is {got} bytes, sha256 {sha}, but the manifest says {want} bytes, sha256 {want_sha}")]
+    #[error(
+        "the decrypted zstd stream is {got} bytes, sha256 {sha}, but the manifest says {want} bytes, sha256 {want_sha}"
+    )]
     ZstdStream { got: u64, sha: String, want: u64, want_sha: String },
     #[error("the stored object is {found} but its manifest says it is {expected}")]
     Sealing { found: &'static str, expected: &'static str },

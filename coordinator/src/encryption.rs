@@ -96,3 +96,44 @@ pub fn open_object(
     });
     (rx, task)
 }
+
+#[cfg(test)]
+mod tests {
+    use ferry_common::resources::{BackupConfiguration, ClusterSpec};
+
+    use super::*;
+    use crate::state::RedbStore;
+
+    fn cluster(id: &str, encryption: Option<Vec<String>>) -> Resource {
+        let b = BackupConfiguration {
+            schedule: "0 * * * *".into(),
+            encryption: encryption.map(|recipients| EncryptionSettings { recipients }),
+            ..Default::default()
+        };
+        Resource::new(id, Spec::Cluster(ClusterSpec { backupconfiguration: Some(b) }))
+    }
+
+    #[test]
+    fn a_clusters_recipients_override_the_global_ones_and_an_empty_list_turns_encryption_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = RedbStore::open(&dir.path().join("state.redb")).unwrap();
+        let (global, own) =
+            (ferry_common::encryption::keygen().recipient, ferry_common::encryption::keygen().recipient);
+        assert!(recipients_for(&state, "a").unwrap().is_empty(), "nothing configured: unencrypted");
+        let config = EncryptionSettings { recipients: vec![global.clone()] };
+        state.put(Resource::new(ENCRYPTION_CONFIG_ID, Spec::EtcdBackupEncryptionConfig(config))).unwrap();
+        state.put(cluster("a", None)).unwrap();
+        state.put(cluster("b", Some(vec![own.clone()]))).unwrap();
+        state.put(cluster("c", Some(Vec::new()))).unwrap();
+        assert_eq!(recipients_for(&state, "a").unwrap(), [global.as_str()]);
+        assert_eq!(recipients_for(&state, "b").unwrap(), [own]);
+        assert!(recipients_for(&state, "c").unwrap().is_empty());
+        assert_eq!(recipients_for(&state, "unknown").unwrap(), [global]);
+        let bad = EncryptionSettings { recipients: vec!["age1xyz".into()] };
+        let e = check_settings("spec.recipients", &bad).unwrap_err();
+        assert!(e.contains("spec.recipients") && e.contains("not an age X25519 recipient"), "{e}");
+        let secret = EncryptionSettings { recipients: vec!["AGE-SECRET-KEY-1XYZ".into()] };
+        let e = check_settings("spec.recipients", &secret).unwrap_err();
+        assert!(!e.contains("1XYZ"), "a pasted identity is never echoed: {e}");
+    }
+}

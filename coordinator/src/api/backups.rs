@@ -2,10 +2,10 @@
 //! in S3 to read them).
 
 use anyhow::{Context, Result};
+use ferry_common::encryption::Identities;
 use ferry_common::protocol::{write_frame, AdminResponse, RestoreSource, RevisionSeen, DATA_CHUNK};
 use ferry_common::resources::{Metadata, Resource, ResourceType, Spec, Timestamp, LABEL_CLUSTER};
 use quinn::SendStream;
-use ferry_common::encryption::Identities;
 use tracing::info;
 
 use super::{reply_error, Api, ApiError};

@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use ferry_common::client::Session;
-use ferry_common::encryption::Identities;
 use ferry_common::config::{AgentCredentials, FerryConfig, CREDENTIALS_CA, CREDENTIALS_CERT, CREDENTIALS_KEY};
+use ferry_common::encryption::Identities;
 use ferry_common::progress::{Lines, Progress};
 use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, ApplyOutcome, RevokeTarget, PROTOCOL_VERSION};
 use ferry_common::resources::EtcdBackupSpec;
@@ -484,7 +484,9 @@ async fn download(
     let backup = fetch(cfg, cluster, backup_id, output, decompress, identities).await?;
     let what = match (decompress, backup.encryption.is_some()) {
         (true, false) => "etcd snapshot; sha256 of object and snapshot and etcd's own hash verified",
-        (true, true) => "etcd snapshot, decrypted; sha256 of object, zstd stream and snapshot and etcd's own hash verified",
+        (true, true) => {
+            "etcd snapshot, decrypted; sha256 of object, zstd stream and snapshot and etcd's own hash verified"
+        }
         (false, false) => "zstd as stored; sha256 verified",
         (false, true) => "age-encrypted zstd as stored; sha256 verified (open it with `age -d -i KEYFILE | zstd -d`)",
     };

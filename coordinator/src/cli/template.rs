@@ -9,7 +9,8 @@
 use std::time::Duration;
 
 use ferry_common::resources::{
-    validate_name, BackupConfiguration, ClusterSpec, EncryptionSettings, Metadata, ProtoDuration, Resource, ResourceType, Retention, Spec,
+    validate_name, BackupConfiguration, ClusterSpec, EncryptionSettings, Metadata, ProtoDuration, Resource,
+    ResourceType, Retention, Spec,
 };
 use serde::Deserialize;
 use serde_yaml_ng::Value;

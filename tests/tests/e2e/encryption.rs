@@ -179,7 +179,15 @@ async fn local_store_backups_are_encrypted_and_restore_with_either_identity_or_a
     assert_eq!(spec["rawsize"].as_u64(), Some(std::fs::metadata(&plain)?.len()), "the decrypted snapshot");
     let out = coordinator
         .ctl()
-        .run(&["backup", "download", CLUSTER, &id, "-o", &dir.path().join("x.db").display().to_string(), "--decompress"])
+        .run(&[
+            "backup",
+            "download",
+            CLUSTER,
+            &id,
+            "-o",
+            &dir.path().join("x.db").display().to_string(),
+            "--decompress",
+        ])
         .await?;
     assert_restore_refused(&out, &["--identity"]);
     assert!(!dir.path().join("x.db").exists(), "a refused download wrote a file");
@@ -187,7 +195,7 @@ async fn local_store_backups_are_encrypted_and_restore_with_either_identity_or_a
     // Rotation: new backups go to the new recipient only; the old one still opens with its identities.
     encrypt_to(&coordinator, &[&c]).await?;
     let (rotated, rotated_spec) = backup(&coordinator, CLUSTER).await?;
-    assert_eq!(recipients_of(&rotated_spec), [c.clone()]);
+    assert_eq!(recipients_of(&rotated_spec), [c.as_str()]);
     let out = agent_restores(&coordinator, &creds, &rotated, dir.path(), "rotated-a", &a_flag).await?;
     assert_restore_refused(&out, &["wrong identity"]);
     agent_restores(&coordinator, &creds, &rotated, dir.path(), "rotated-c", &c_flag).await?.ok()?;
@@ -230,7 +238,7 @@ async fn s3_backups_restore_through_the_coordinators_identity_which_no_agent_eve
     let agents = coordinator.start_agents_with_env(CLUSTER, &etcd, &[("RUST_LOG", "debug")]).await?;
     encrypt_to(&coordinator, &[&recipient]).await?;
     let (id, spec) = backup(&coordinator, CLUSTER).await?;
-    assert_eq!(recipients_of(&spec), [recipient.clone()]);
+    assert_eq!(recipients_of(&spec), [recipient.as_str()]);
 
     // The S3 object is an age file the standard tools open.
     let object = dir.path().join("object.age");
@@ -246,12 +254,8 @@ async fn s3_backups_restore_through_the_coordinators_identity_which_no_agent_eve
     agent_restores(&coordinator, &creds, &id, dir.path(), "with-identity", &["--identity", &key_str]).await?.ok()?;
 
     // What an agent certificate is sent for a restore: the zstd stream, the manifest, no identity.
-    let answers = agent_request(
-        &coordinator,
-        &creds,
-        &AdminRequest::Restore { cluster: None, backup: id.clone() },
-    )
-    .await?;
+    let answers =
+        agent_request(&coordinator, &creds, &AdminRequest::Restore { cluster: None, backup: id.clone() }).await?;
     assert!(
         matches!(answers.first(), Some(AdminResponse::RestoreFrom { source: RestoreSource::Decrypted, .. })),
         "the coordinator says it decrypted: {:?}",

@@ -128,7 +128,11 @@ fn fill_with_old_data(dir: &Path) -> anyhow::Result<()> {
 
 /// Serves a restored one-member data dir (restored with [`one_member`] and `peer_port`) with etcd and
 /// returns its keys under [`TEST_PREFIX`].
-pub(super) async fn serve_and_read(data_dir: &Path, peer_port: u16, log: &Path) -> anyhow::Result<HashMap<String, String>> {
+pub(super) async fn serve_and_read(
+    data_dir: &Path,
+    peer_port: u16,
+    log: &Path,
+) -> anyhow::Result<HashMap<String, String>> {
     let initial_cluster = format!("{RESTORED_MEMBER}=http://127.0.0.1:{peer_port}");
     let mut member =
         EtcdMember::spawn(RESTORED_MEMBER, free_port(), peer_port, data_dir, &initial_cluster, RESTORED_TOKEN, log)?;
