@@ -10,8 +10,10 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use ferry_common::encryption::{parse_recipients, Recipient, Sealer};
 use ferry_common::protocol::{
-    expect_frame, write_frame, BackupJob, BackupSummary, BackupTarget, JobMsg, JobReply, COMMIT_REPLY_WAIT, DATA_CHUNK,
+    expect_frame, write_frame, BackupJob, BackupSummary, BackupTarget, JobMsg, JobReply, SealedObject,
+    COMMIT_REPLY_WAIT, DATA_CHUNK,
 };
 use ferry_common::resources::Timestamp;
 use quinn::{RecvStream, SendStream};
@@ -118,13 +120,15 @@ async fn pump(
     started_at: Timestamp,
     cancel: &CancellationToken,
 ) -> Result<BackupSummary> {
+    // Checked before etcd is asked for anything: a bad recipient fails the job at once.
+    let recipients = parse_recipients(&job.recipients).context("the job's encryption recipients")?;
     let snapshot = etcd.snapshot().await?;
     let (raw_tx, raw_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
     let (progress_tx, progress_rx) = tokio::sync::watch::channel(0u64);
     let mut reader = AbortOnDrop(tokio::spawn(read_etcd(snapshot, raw_tx, progress_tx)));
     let level = job.zstd_level;
-    let compressor = tokio::task::spawn_blocking(move || compress(raw_rx, out_tx, level, pipeline));
+    let compressor = tokio::task::spawn_blocking(move || compress(raw_rx, out_tx, level, &recipients, pipeline));
 
     let mut throttle = Throttle::new(job.upload_limit_bps);
     let started = std::time::Instant::now();
@@ -163,7 +167,7 @@ async fn pump(
         }
     }
     let verified = (&mut reader.0).await.context("etcd reader task")??;
-    let compressed = compressor.await.context("compressor task")??;
+    let (compressed, sealed) = compressor.await.context("compressor task")??;
     let parts = match sink {
         // etcd's hash matched: the last part goes, and the coordinator completes the upload after its checks.
         Sink::S3(upload) => upload.finish(&mut JobLink { send, recv }).await?,
@@ -178,6 +182,7 @@ async fn pump(
         started_at,
         finished_at: Timestamp::now(),
         parts,
+        sealed,
     })
 }
 
@@ -249,25 +254,48 @@ async fn forward(tx: &mpsc::Sender<Vec<u8>>, data: Vec<u8>) -> Result<()> {
     tx.send(data).await.map_err(|_| anyhow!("compressor stopped"))
 }
 
+/// zstd, then (with recipients) age over the zstd stream: ciphertext does not compress, and the stored
+/// object stays `age -d | zstd -d`-able. Returns the zstd totals and, when encrypted, the stored object's.
 fn compress(
     mut rx: mpsc::Receiver<Vec<u8>>,
     tx: mpsc::Sender<Vec<u8>>,
     level: i32,
+    recipients: &[Recipient],
     pipeline: PipelineSettings,
-) -> Result<Compressed> {
+) -> Result<(Compressed, Option<SealedObject>)> {
     // The blocking pool reuses threads: this one's priority is set for each job, and put back after.
     let _priority = pipeline_priority(pipeline.nice);
     let mut c = Compressor::new(level, DATA_CHUNK, pipeline.zstd_workers).context("start zstd")?;
+    let mut sealer = match recipients {
+        [] => None,
+        r => Some(Sealer::new(r).context("start age encryption")?),
+    };
+    let send = |out: Vec<u8>, sealer: &mut Option<Sealer>| -> Result<()> {
+        let out = match sealer {
+            Some(s) => s.seal(&out).context("age encrypt")?,
+            None => out,
+        };
+        if !out.is_empty() {
+            tx.blocking_send(out).map_err(|_| anyhow!("sender stopped"))?;
+        }
+        Ok(())
+    };
     while let Some(raw) = rx.blocking_recv() {
         if let Some(out) = c.write(&raw).context("zstd compress")? {
-            tx.blocking_send(out).map_err(|_| anyhow!("sender stopped"))?;
+            send(out, &mut sealer)?;
         }
     }
     let (last, totals) = c.finish().context("zstd finish")?;
-    if !last.is_empty() {
-        tx.blocking_send(last).map_err(|_| anyhow!("sender stopped"))?;
-    }
-    Ok(totals)
+    send(last, &mut sealer)?;
+    let sealed = match sealer {
+        Some(s) => {
+            let (last, sealed) = s.finish().context("age finish")?;
+            send(last, &mut None)?;
+            Some(SealedObject { size: sealed.bytes, sha256: sealed.sha256 })
+        }
+        None => None,
+    };
+    Ok((totals, sealed))
 }
 
 /// Lowers the calling thread's CPU priority to `nice` (Linux keeps nice per thread; zstd's workers,

@@ -79,6 +79,10 @@ struct RestoreArgs {
     /// come back with other contents and silently miss changes: restart every kube-apiserver after it.
     #[arg(long)]
     no_bump_revision: bool,
+    /// An age identity file (0600) that opens the backup, when it is encrypted and the coordinator does not
+    /// hold an identity for it. Bring it for the restore only: agents never keep one.
+    #[arg(long, value_name = "FILE")]
+    identity: Option<PathBuf>,
 }
 
 /// Run mode. Checked by hand, not by clap: clap cannot make these required only without a subcommand.
@@ -184,6 +188,8 @@ async fn run(args: Args) -> Result<()> {
 }
 
 async fn restore(a: RestoreArgs) -> Result<()> {
+    // Read before anything is fetched: a bad identity file fails at once.
+    let identities = a.identity.as_deref().map(ferry_common::encryption::Identities::load).transpose()?;
     let (coordinator, ca_pem, client) = match (&a.ferryconfig, &a.credentials) {
         (Some(path), _) => {
             let cfg = FerryConfig::load(path).with_context(|| format!("load --ferryconfig {}", path.display()))?;
@@ -221,6 +227,7 @@ async fn restore(a: RestoreArgs) -> Result<()> {
         data_dir: a.data_dir,
         member,
         force: a.force,
+        identities,
         bump: match (a.bump_revision, a.no_bump_revision) {
             (_, true) => BumpChoice::Off,
             (Some(n), false) => BumpChoice::By(n),

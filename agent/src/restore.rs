@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use ferry_common::client::Session;
+use ferry_common::encryption::Identities;
 use ferry_common::progress::{Lines, Progress};
 use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, RestoreSource, RevisionSeen};
 use ferry_common::resources::{EtcdBackupSpec, Spec};
@@ -90,6 +91,8 @@ pub struct RestoreRequest {
     pub member: RestoreAs,
     pub force: bool,
     pub bump: BumpChoice,
+    /// `--identity`: opens an encrypted backup the coordinator does not open itself.
+    pub identities: Option<Identities>,
 }
 
 /// How the restored revision is raised (see `docs/RESTORE.md`, "Why the revision bump").
@@ -301,16 +304,31 @@ async fn fetch(req: &RestoreRequest, snapshot: &Path) -> Result<(EtcdBackupSpec,
             AdminResponse::Error { message, .. } => bail!(message),
             other => bail!("unexpected answer {other:?}"),
         };
-        info!(size = backup.size, rawsize = backup.rawsize, from = %backup.member, "restoring backup");
+        info!(
+            size = backup.size,
+            rawsize = backup.rawsize,
+            from = %backup.member,
+            encrypted = backup.encryption.is_some(),
+            "restoring backup"
+        );
         // The snapshot only feeds etcd's restore tool, which syncs its own copy: no fsync of it.
-        let w = VerifyingWriter::create(snapshot, &backup, true)?.without_fsync();
+        let w = match source {
+            // What arrives is the zstd stream inside; it is checked against the manifest's hashes of it.
+            RestoreSource::Decrypted => {
+                info!("the coordinator opens the encrypted backup with its own identity");
+                VerifyingWriter::create(snapshot, &backup.decrypted(), true, None)?
+            }
+            _ => VerifyingWriter::create(snapshot, &backup, true, req.identities.as_ref())?,
+        }
+        .without_fsync();
         // Decompressing and hashing run on their own thread, so they overlap the download.
         let mut w = BackgroundWriter::spawn(w);
         let mut throttle = Throttle::new(limit);
         // A bar when run by hand on a terminal, plain log lines every few seconds in an init container.
-        let mut progress = Progress::new("restore download", backup.size, Lines::Log);
+        let arriving = if matches!(source, RestoreSource::Decrypted) { backup.decrypted().size } else { backup.size };
+        let mut progress = Progress::new("restore download", arriving, Lines::Log);
         match source {
-            RestoreSource::Coordinator => loop {
+            RestoreSource::Coordinator | RestoreSource::Decrypted => loop {
                 match expect_frame(&mut s.recv).await.context("read backup data")? {
                     AdminResponse::Data(d) => {
                         throttle.consume(d.len()).await;

@@ -4,6 +4,7 @@
 pub mod backoff;
 pub mod client;
 pub mod config;
+pub mod encryption;
 pub mod observe;
 pub mod presigned;
 pub mod progress;

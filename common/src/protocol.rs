@@ -29,7 +29,9 @@ use crate::resources::{Resource, ResourceType, Selector, Timestamp};
 /// 7: `HelloReply::NotLeader`: a coordinator replica that does not lead sends clients to the one that does.
 /// 8: `JobRequest::HashKv` → `HashKvReply`: the coordinator compares members' key spaces before a backup.
 /// 9: listings larger than one frame come in pages (`ResourcesPage`… then `Resources`).
-pub const PROTOCOL_VERSION: u32 = 9;
+/// 10: encryption at rest: `BackupJob` carries age recipients, `BackupSummary` the sealed object's size and
+///    hash, `RestoreSource::Decrypted` (the coordinator opened the backup with its own identity).
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
 pub const ALPN: &[u8] = b"ferry/1";
@@ -288,6 +290,9 @@ pub struct BackupJob {
     pub target: BackupTarget,
     /// Upload cap in bytes per second; 0 = unlimited.
     pub upload_limit_bps: u64,
+    /// Age X25519 recipients (`age1…`, public keys) to encrypt the zstd stream to; empty: stored as zstd.
+    /// Never an identity: an agent cannot decrypt what it stored.
+    pub recipients: Vec<String>,
 }
 
 /// Coordinator → agent: first frame of a job stream.
@@ -339,6 +344,15 @@ pub struct BackupSummary {
     pub finished_at: Timestamp,
     /// S3 only: every part uploaded, in order (the coordinator completes the upload with them).
     pub parts: Vec<UploadedPart>,
+    /// Encrypted jobs: the age object as stored (`compressed_*` then describe the zstd stream inside it).
+    pub sealed: Option<SealedObject>,
+}
+
+/// The stored age object of an encrypted backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedObject {
+    pub size: u64,
+    pub sha256: [u8; 32],
 }
 
 /// Agent → coordinator on a job stream.
@@ -346,7 +360,7 @@ pub struct BackupSummary {
 pub enum JobMsg {
     /// The snapshot stream is open; facts as of its start.
     Started(EtcdFacts),
-    /// Compressed snapshot bytes (local store only).
+    /// Stored snapshot bytes: zstd, or age over zstd (local store only).
     Data(Vec<u8>),
     /// S3 only: a presigned `UploadPart` request for part `number` is wanted (answered by
     /// [`JobReply::PartUrl`]). Asked for just before each part is sent, so it also shows byte progress.
@@ -433,8 +447,12 @@ pub struct RevisionSeen {
 /// Where a restore reads its backup.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum RestoreSource {
-    /// The bytes follow on this stream.
+    /// The bytes follow on this stream, as stored.
     Coordinator,
+    /// The backup is encrypted and the coordinator opened it with its own identity: the zstd stream inside
+    /// follows on this stream (checked against the manifest's `encryption.zstdsha256`). The identity itself
+    /// never leaves the coordinator.
+    Decrypted,
     /// Read the object from S3 with these presigned requests (`HEAD` and `GET` of that one object, for this
     /// restore only); `cacert` is the endpoint's extra CAs, if any.
     S3 { head: PresignedRequest, get: PresignedRequest, cacert: String },

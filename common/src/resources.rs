@@ -20,6 +20,8 @@ pub const LABEL_MEMBER: &str = "ferry.dev/member";
 pub const OVERALL_STATUS_ID: &str = "etcdbackup-overall-status";
 /// The one id of `EtcdBackupS3Configs`.
 pub const S3_CONFIG_ID: &str = "etcd-backup-s3-conf";
+/// The one id of `EtcdBackupEncryptionConfigs`.
+pub const ENCRYPTION_CONFIG_ID: &str = "etcd-backup-encryption";
 
 /// A point in time as the seed product writes it: `{seconds, nanos}` since the Unix epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
@@ -70,6 +72,7 @@ pub enum ResourceType {
     Cluster,
     Agent,
     AgentCredential,
+    EtcdBackupEncryptionConfig,
 }
 
 /// `get`/`apply` named a type Ferry does not have.
@@ -78,7 +81,7 @@ pub enum ResourceType {
 pub struct UnknownType(pub String);
 
 impl ResourceType {
-    pub const ALL: [ResourceType; 8] = [
+    pub const ALL: [ResourceType; 9] = [
         Self::EtcdBackupS3Config,
         Self::EtcdBackupOverallStatus,
         Self::EtcdBackupStatus,
@@ -87,6 +90,7 @@ impl ResourceType {
         Self::Cluster,
         Self::Agent,
         Self::AgentCredential,
+        Self::EtcdBackupEncryptionConfig,
     ];
 
     /// Singular CamelCase name, e.g. `EtcdBackupStatus`.
@@ -100,6 +104,7 @@ impl ResourceType {
             Self::Cluster => "Cluster",
             Self::Agent => "Agent",
             Self::AgentCredential => "AgentCredential",
+            Self::EtcdBackupEncryptionConfig => "EtcdBackupEncryptionConfig",
         }
     }
 
@@ -114,6 +119,7 @@ impl ResourceType {
             Self::Cluster => "Clusters",
             Self::Agent => "Agents",
             Self::AgentCredential => "AgentCredentials",
+            Self::EtcdBackupEncryptionConfig => "EtcdBackupEncryptionConfigs",
         }
     }
 
@@ -127,7 +133,9 @@ impl ResourceType {
     /// live state, `metrics` status, `external` what lives outside the state store (the backups).
     pub fn namespace(self) -> &'static str {
         match self {
-            Self::EtcdBackupS3Config | Self::Cluster | Self::AgentCredential => "default",
+            Self::EtcdBackupS3Config | Self::Cluster | Self::AgentCredential | Self::EtcdBackupEncryptionConfig => {
+                "default"
+            }
             Self::EtcdManualBackup | Self::Agent => "ephemeral",
             Self::EtcdBackupOverallStatus | Self::EtcdBackupStatus => "metrics",
             Self::EtcdBackup => "external",
@@ -136,7 +144,10 @@ impl ResourceType {
 
     /// Whether users may `apply`/`delete` this type; the others are written by Ferry itself.
     pub fn user_writable(self) -> bool {
-        matches!(self, Self::EtcdBackupS3Config | Self::EtcdManualBackup | Self::Cluster)
+        matches!(
+            self,
+            Self::EtcdBackupS3Config | Self::EtcdManualBackup | Self::Cluster | Self::EtcdBackupEncryptionConfig
+        )
     }
 
     /// Parses any case-insensitive singular, plural or full form.
@@ -443,6 +454,34 @@ pub struct EtcdBackupSpec {
     pub zstdlevel: i32,
     pub startedat: Timestamp,
     pub finishedat: Timestamp,
+    /// Set when the object is an age file of the zstd stream; null for plain zstd, absent in manifests
+    /// written before encryption existed. (Never skipped when null: postcard, on the wire, is not
+    /// self-describing.)
+    #[serde(default)]
+    pub encryption: Option<BackupEncryption>,
+}
+
+/// How a stored backup is encrypted: what a restore needs and what it checks after decrypting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupEncryption {
+    /// The age recipients (X25519 public keys, `age1…`) it is encrypted to: the identity of any one opens it.
+    /// A recipient is the public fingerprint of its identity (`age-keygen -y KEYFILE` prints it).
+    pub recipients: Vec<String>,
+    /// Size of the zstd stream inside (what `age -d` gives back).
+    pub zstdsize: u64,
+    /// sha256 of that zstd stream.
+    pub zstdsha256: String,
+}
+
+impl EtcdBackupSpec {
+    /// The same backup as the zstd stream inside it: what a reader gets from a coordinator that decrypted it.
+    pub fn decrypted(&self) -> Self {
+        match &self.encryption {
+            Some(e) => Self { size: e.zstdsize, sha256: e.zstdsha256.clone(), encryption: None, ..self.clone() },
+            None => self.clone(),
+        }
+    }
 }
 
 /// `Clusters.ferry.dev`: id = cluster name. Exists once an agent of the cluster registers.
@@ -479,6 +518,21 @@ pub struct BackupConfiguration {
     /// Time between restore drills of the newest backup; absent: no drills.
     #[serde(default)]
     pub drillinterval: Option<ProtoDuration>,
+    /// This cluster's encryption, in place of the `EtcdBackupEncryptionConfigs` one (an empty list of
+    /// recipients stores this cluster's backups unencrypted); absent follows that resource.
+    #[serde(default)]
+    pub encryption: Option<EncryptionSettings>,
+}
+
+/// Age recipients backups are encrypted to (`EtcdBackupEncryptionConfigs.ferry.dev` spec, and a cluster's
+/// `spec.backupconfiguration.encryption`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionSettings {
+    /// X25519 recipients (`age1…`, from `ferryctl encryption keygen` or `age-keygen`); any one's identity
+    /// opens a backup. Public keys only: no identity is ever given to Ferry through a resource.
+    #[serde(default)]
+    pub recipients: Vec<String>,
 }
 
 /// A retention policy: the newest `keeplast`, plus the newest backup of each of the last `hourly` hours,
@@ -598,6 +652,7 @@ pub enum Spec {
     Cluster(ClusterSpec),
     Agent(AgentSpec),
     AgentCredential(AgentCredentialSpec),
+    EtcdBackupEncryptionConfig(EncryptionSettings),
 }
 
 impl Spec {
@@ -611,6 +666,7 @@ impl Spec {
             Self::Cluster(_) => ResourceType::Cluster,
             Self::Agent(_) => ResourceType::Agent,
             Self::AgentCredential(_) => ResourceType::AgentCredential,
+            Self::EtcdBackupEncryptionConfig(_) => ResourceType::EtcdBackupEncryptionConfig,
         }
     }
 
@@ -625,6 +681,7 @@ impl Spec {
             Self::Cluster(s) => serde_json::to_value(s),
             Self::Agent(s) => serde_json::to_value(s),
             Self::AgentCredential(s) => serde_json::to_value(s),
+            Self::EtcdBackupEncryptionConfig(s) => serde_json::to_value(s),
         };
         v.unwrap_or(serde_json::Value::Null)
     }
@@ -639,6 +696,7 @@ impl Spec {
             ResourceType::Cluster => Self::Cluster(serde_json::from_value(v)?),
             ResourceType::Agent => Self::Agent(serde_json::from_value(v)?),
             ResourceType::AgentCredential => Self::AgentCredential(serde_json::from_value(v)?),
+            ResourceType::EtcdBackupEncryptionConfig => Self::EtcdBackupEncryptionConfig(serde_json::from_value(v)?),
         })
     }
 }

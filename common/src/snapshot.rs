@@ -5,7 +5,8 @@
 //! database followed by the 32-byte sha256 of it. [`VerifyingWriter`] checks, in this order of failure:
 //! the stored object's size and sha256 against the manifest, that it decompresses, the decompressed size and
 //! sha256 against the manifest, and etcd's trailing hash. The file is written beside its target and renamed
-//! into place only when every check passed.
+//! into place only when every check passed. An encrypted backup (an age file of that zstd frame) is opened
+//! with the identities given, and the zstd stream inside is checked against the manifest too.
 
 use std::fs::File;
 use std::io::Write;
@@ -14,6 +15,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+use crate::encryption::{EncryptionError, Identities, OpeningWriter, AGE_MAGIC};
 use crate::resources::EtcdBackupSpec;
 
 /// A check on a backup failed; the message names it.
@@ -44,6 +46,14 @@ pub enum SnapshotError {
     NotBbolt(String),
     #[error("write {path}: {error}")]
     Io { path: PathBuf, error: std::io::Error },
+    #[error(transparent)]
+    Encryption(#[from] EncryptionError),
+    #[error(
+        "the decrypted zstd stream is {got} bytes, sha256 {sha}, but the manifest says {want} bytes, sha256 {want_sha}"
+    )]
+    ZstdStream { got: u64, sha: String, want: u64, want_sha: String },
+    #[error("the stored object is {found} but its manifest says it is {expected}")]
+    Sealing { found: &'static str, expected: &'static str },
     #[error("{tool} failed: {detail}")]
     Tool { tool: String, detail: String },
     #[error(
@@ -205,9 +215,40 @@ impl<W: Write> Write for RawCheck<W> {
     }
 }
 
+/// Counts and hashes what passes through: the zstd stream inside an encrypted backup.
+struct Counted<W> {
+    inner: W,
+    sha: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sha.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+type RawDecoder = zstd::stream::write::Decoder<'static, RawCheck<File>>;
+
 enum Sink {
     Stored(File),
-    Raw(Box<zstd::stream::write::Decoder<'static, RawCheck<File>>>),
+    Raw(Box<RawDecoder>),
+    /// age → zstd → checks → file; age runs on its own thread.
+    Sealed(Box<OpeningWriter<Counted<RawDecoder>>>),
+}
+
+/// An error of the decrypting thread: its output failing is zstd's (or the file's) failure.
+fn opening_error(e: EncryptionError) -> SnapshotError {
+    match e {
+        EncryptionError::Output(e) => SnapshotError::Decompress(e.to_string()),
+        e => SnapshotError::Encryption(e),
+    }
 }
 
 /// Writes a backup to `target` (as stored, or decompressed) while checking it against its manifest.
@@ -228,8 +269,22 @@ pub struct VerifyingWriter {
 }
 
 impl VerifyingWriter {
-    /// `decompress`: write etcd's snapshot file rather than the zstd object.
-    pub fn create(target: &Path, spec: &EtcdBackupSpec, decompress: bool) -> Result<Self, SnapshotError> {
+    /// `decompress`: write etcd's snapshot file rather than the object as stored; an encrypted backup then
+    /// needs `identities` that open it (checked against its recipients before anything is written).
+    pub fn create(
+        target: &Path,
+        spec: &EtcdBackupSpec,
+        decompress: bool,
+        identities: Option<&Identities>,
+    ) -> Result<Self, SnapshotError> {
+        let opener = match (&spec.encryption, decompress) {
+            (Some(enc), true) => {
+                let ids = identities.ok_or_else(|| EncryptionError::IdentityNeeded(enc.recipients.clone()))?;
+                ids.check_opens(&enc.recipients)?;
+                Some(ids.clone())
+            }
+            _ => None,
+        };
         let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "backup".into());
         let tmp = target.with_file_name(format!(".{name}.part"));
         let io = |error| SnapshotError::Io { path: tmp.clone(), error };
@@ -240,8 +295,15 @@ impl VerifyingWriter {
         }
         let file = crate::config::create_private(&tmp).map_err(io)?;
         let sink = if decompress {
-            let check = RawCheck::new(file, Some(spec.rawsize));
-            Sink::Raw(Box::new(zstd::stream::write::Decoder::new(check).map_err(io)?))
+            let decoder = zstd::stream::write::Decoder::new(RawCheck::new(file, Some(spec.rawsize))).map_err(io)?;
+            match opener {
+                Some(ids) => {
+                    let zstd = Counted { inner: decoder, sha: Sha256::new(), bytes: 0 };
+                    // The temp file is dropped with the writer on failure and removed by `Drop` below.
+                    Sink::Sealed(Box::new(OpeningWriter::new(ids, zstd).map_err(opening_error)?))
+                }
+                None => Sink::Raw(Box::new(decoder)),
+            }
         } else {
             Sink::Stored(file)
         };
@@ -287,6 +349,7 @@ impl VerifyingWriter {
                 }
                 Ok(())
             }
+            Some(Sink::Sealed(o)) => o.write(data).map_err(opening_error),
             None => Ok(()),
         }
     }
@@ -309,6 +372,22 @@ impl VerifyingWriter {
                 d.flush().map_err(|e| raw_error(e, &self.spec))?;
                 d.into_inner().finish(&self.spec)?
             }
+            Some(Sink::Sealed(o)) => {
+                let mut zstd = o.finish().map_err(opening_error)?;
+                let sha = hex::encode(zstd.sha.clone().finalize());
+                if let Some(enc) = &self.spec.encryption {
+                    if zstd.bytes != enc.zstdsize || sha != enc.zstdsha256 {
+                        return Err(SnapshotError::ZstdStream {
+                            got: zstd.bytes,
+                            sha,
+                            want: enc.zstdsize,
+                            want_sha: enc.zstdsha256.clone(),
+                        });
+                    }
+                }
+                zstd.inner.flush().map_err(|e| SnapshotError::Decompress(e.to_string()))?;
+                zstd.inner.into_inner().finish(&self.spec)?
+            }
             None => return Err(SnapshotError::TooShort),
         };
         let io = |error| SnapshotError::Io { path: self.target.clone(), error };
@@ -329,10 +408,6 @@ impl Drop for VerifyingWriter {
     }
 }
 
-/// Runs every check of [`VerifyingWriter`] over a stored object as its bytes stream past, writing nothing:
-/// what the coordinator runs over each backup (the bytes it received, or the object read back from S3)
-/// before it commits it, so that nothing an agent sends becomes a backup unless it is a whole etcd snapshot.
-/// What the bytes must match is given at the end (the agent's summary arrives after its bytes).
 /// A write error of the decompressing sink, named: too large for the manifest, or not decompressing.
 fn raw_error(e: std::io::Error, spec: &EtcdBackupSpec) -> SnapshotError {
     if e.kind() == std::io::ErrorKind::FileTooLarge {
@@ -342,19 +417,34 @@ fn raw_error(e: std::io::Error, spec: &EtcdBackupSpec) -> SnapshotError {
     }
 }
 
+/// Runs every check of [`VerifyingWriter`] over a stored object as its bytes stream past, writing nothing:
+/// what the coordinator runs over each backup (the bytes it received, or the object read back from S3)
+/// before it commits it, so that nothing an agent sends becomes a backup unless it is a whole etcd snapshot.
+/// What the bytes must match is given at the end (the agent's summary arrives after its bytes).
+///
+/// An encrypted object (it starts with age's magic line, where zstd's frame starts with 0x28) cannot be opened
+/// here: for it only the stored size and sha256 and the age header line are checked, and the manifest must
+/// say it is encrypted — as it must say the opposite for a plain one, so an agent that ignores its recipients
+/// cannot store a plaintext backup where an encrypted one was asked for.
 pub struct StreamCheck {
-    decoder: Box<zstd::stream::write::Decoder<'static, RawCheck<std::io::Sink>>>,
+    kind: CheckKind,
     sha: Sha256,
     bytes: u64,
     /// The first failure, kept until `finish` (a stream that does not decompress fails there, named).
     failed: Option<String>,
 }
 
+enum CheckKind {
+    /// No byte seen yet.
+    Unknown,
+    Zstd(Box<zstd::stream::write::Decoder<'static, RawCheck<std::io::Sink>>>),
+    /// The first bytes, up to the length of age's magic line.
+    Sealed(Vec<u8>),
+}
+
 impl StreamCheck {
     pub fn new() -> Result<Self, SnapshotError> {
-        let decoder = zstd::stream::write::Decoder::new(RawCheck::new(std::io::sink(), None))
-            .map_err(|e| SnapshotError::Decompress(e.to_string()))?;
-        Ok(Self { decoder: Box::new(decoder), sha: Sha256::new(), bytes: 0, failed: None })
+        Ok(Self { kind: CheckKind::Unknown, sha: Sha256::new(), bytes: 0, failed: None })
     }
 
     /// Stored (compressed) bytes so far.
@@ -370,15 +460,35 @@ impl StreamCheck {
     pub fn write(&mut self, data: &[u8]) {
         self.sha.update(data);
         self.bytes += data.len() as u64;
-        if self.failed.is_none() {
-            if let Err(e) = self.decoder.write_all(data) {
-                self.failed = Some(e.to_string());
+        if matches!(self.kind, CheckKind::Unknown) && !data.is_empty() {
+            self.kind = if data[0] == AGE_MAGIC[0] {
+                CheckKind::Sealed(Vec::with_capacity(AGE_MAGIC.len()))
+            } else {
+                match zstd::stream::write::Decoder::new(RawCheck::new(std::io::sink(), None)) {
+                    Ok(d) => CheckKind::Zstd(Box::new(d)),
+                    Err(e) => {
+                        self.failed = Some(e.to_string());
+                        return;
+                    }
+                }
+            };
+        }
+        match &mut self.kind {
+            CheckKind::Zstd(decoder) if self.failed.is_none() => {
+                if let Err(e) = decoder.write_all(data) {
+                    self.failed = Some(e.to_string());
+                }
             }
+            CheckKind::Sealed(head) if head.len() < AGE_MAGIC.len() => {
+                let n = (AGE_MAGIC.len() - head.len()).min(data.len());
+                head.extend_from_slice(&data[..n]);
+            }
+            _ => {}
         }
     }
 
     /// The final checks against `spec`: sizes, hashes, etcd's trailing hash and the bbolt meta page.
-    pub fn finish(mut self, spec: &EtcdBackupSpec) -> Result<(), SnapshotError> {
+    pub fn finish(self, spec: &EtcdBackupSpec) -> Result<(), SnapshotError> {
         if self.bytes != spec.size {
             return Err(SnapshotError::StoredSize { got: self.bytes, want: spec.size });
         }
@@ -389,8 +499,23 @@ impl StreamCheck {
         if let Some(e) = self.failed {
             return Err(SnapshotError::Decompress(e));
         }
-        self.decoder.flush().map_err(|e| SnapshotError::Decompress(e.to_string()))?;
-        self.decoder.into_inner().finish(spec).map(|_| ())
+        match (self.kind, spec.encryption.is_some()) {
+            (CheckKind::Sealed(head), true) => {
+                if head != AGE_MAGIC {
+                    return Err(EncryptionError::NotAge("it does not start with age's header line".into()).into());
+                }
+                Ok(())
+            }
+            (CheckKind::Sealed(_), false) => {
+                Err(SnapshotError::Sealing { found: "an age (encrypted) file", expected: "plain zstd" })
+            }
+            (_, true) => Err(SnapshotError::Sealing { found: "not encrypted", expected: "an age (encrypted) file" }),
+            (CheckKind::Zstd(mut decoder), false) => {
+                decoder.flush().map_err(|e| SnapshotError::Decompress(e.to_string()))?;
+                decoder.into_inner().finish(spec).map(|_| ())
+            }
+            (CheckKind::Unknown, false) => Err(SnapshotError::TooShort),
+        }
     }
 }
 
@@ -530,6 +655,7 @@ mod tests {
             zstdlevel: 3,
             startedat: Default::default(),
             finishedat: Default::default(),
+            encryption: None,
         };
         (stored, spec)
     }
@@ -587,7 +713,7 @@ mod tests {
         spec: &EtcdBackupSpec,
         decompress: bool,
     ) -> Result<PathBuf, SnapshotError> {
-        let mut w = VerifyingWriter::create(target, spec, decompress)?;
+        let mut w = VerifyingWriter::create(target, spec, decompress, None)?;
         for c in stored.chunks(1000) {
             w.write(c)?;
         }

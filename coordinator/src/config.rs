@@ -21,6 +21,8 @@ pub struct Settings {
     pub max_concurrent_backups: usize,
     /// A job that moves no snapshot bytes for this long fails, whatever progress messages say.
     pub byte_stall_timeout: std::time::Duration,
+    /// `--identity`: age identities the coordinator opens encrypted backups with for restores; never sent.
+    pub identities: Option<ferry_common::encryption::Identities>,
 }
 
 impl Default for Settings {
@@ -34,6 +36,7 @@ impl Default for Settings {
             bounds: Bounds::default(),
             max_concurrent_backups: 8,
             byte_stall_timeout: crate::backup::BYTE_STALL_TIMEOUT,
+            identities: None,
         }
     }
 }

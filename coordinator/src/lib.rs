@@ -6,6 +6,7 @@
 //! - [`agents`]: the registry of live agents and the `Agents` resources;
 //! - [`credentials`]: the agent certificates issued (`AgentCredentials`), revocation and who is connected with each;
 //! - [`status`]: cluster and overall backup status, each update one state-store transaction;
+//! - [`encryption`]: which recipients a cluster's backups are sealed to; opening them with `--identity`;
 //! - [`store`]: the backup store (local or S3) behind one interface, a `Pending` object per job;
 //! - [`backup`]: `Jobs`, which starts, runs and drains backup jobs and reports each outcome on a channel;
 //! - [`schedule`]: the scheduler task, owner of its per-cluster state, fed by those outcomes;
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod drill;
+pub mod encryption;
 pub mod leader;
 pub mod metrics;
 pub mod net;

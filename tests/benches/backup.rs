@@ -12,6 +12,8 @@
 //! Then it restores the newest backup with `zstd -d` + `etcdutl snapshot restore` (with and without fetching
 //! it first) and with `ferry-agent restore`, both bumping the revision as a Kubernetes restore needs.
 //! `FERRY_BENCH_ONLY=restore` skips the backup comparisons (one Ferry backup, then the restores).
+//! `FERRY_BENCH_ONLY=encryption` compares Ferry backups to S3 with and without age encryption (alternating,
+//! `FERRY_BENCH_RUNS` each, default 3): wall time, the agent's CPU seconds and its peak RSS.
 //!
 //! Runs on etcd 3.5 from `.tools/etcd-3.5` (`tests/setup.sh` puts it there; `FERRY_ETCD_DIR` picks another).
 //! Needs zstd, s3s-fs and the aws CLI (`tests/setup.sh` installs them) and the release binaries in
@@ -473,6 +475,75 @@ fn only_restore() -> bool {
     std::env::var("FERRY_BENCH_ONLY").is_ok_and(|v| v == "restore")
 }
 
+fn only_encryption() -> bool {
+    std::env::var("FERRY_BENCH_ONLY").is_ok_and(|v| v == "encryption")
+}
+
+/// Plain against encrypted Ferry backups of the same database, alternating so drift hits both alike.
+fn bench_encryption(ferry: &mut Ferry, db: u64) -> Result<()> {
+    let runs: usize = std::env::var("FERRY_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    ferry.start_coordinator(&[])?;
+    let agent = ferry.start_agent(&[])?;
+    let pid = agent.0.id().to_string();
+    let key = ferry.dir.join("bench-key.txt");
+    let recipient = ferry.ctl(&["encryption", "keygen", "--out", &key.to_string_lossy()], None)?.trim().to_owned();
+    let config = |recipients: &str| {
+        format!(
+            "metadata:\n  namespace: default\n  type: EtcdBackupEncryptionConfigs.ferry.dev\n  id: etcd-backup-encryption\nspec:\n  recipients: [{recipients}]\n"
+        )
+    };
+    // (wall s, agent CPU s, agent peak RSS after the run) per mode.
+    let mut plain = Vec::new();
+    let mut sealed = Vec::new();
+    let mut seq = 0;
+    for i in 0..runs * 2 {
+        let encrypted = i % 2 == 1;
+        ferry.ctl(&["apply", "-f", "-"], Some(&config(if encrypted { &recipient } else { "" })))?;
+        let cpu_before = cpu_seconds(&pid, false);
+        let (wall, stored) = ferry.backup(seq)?;
+        seq += 2;
+        let cpu = cpu_seconds(&pid, false) - cpu_before;
+        let (rss, _) = proc_stats(agent.0.id());
+        eprintln!(
+            "  {} run {}: {:.2}s wall, {cpu:.2} CPU s, stored {} MiB",
+            if encrypted { "encrypted" } else { "plain" },
+            i / 2 + 1,
+            wall.as_secs_f64(),
+            mib(stored)
+        );
+        if encrypted { &mut sealed } else { &mut plain }.push((wall.as_secs_f64(), cpu, rss));
+    }
+    let median = |v: &[(f64, f64, u64)], f: fn(&(f64, f64, u64)) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    let spread = |v: &[(f64, f64, u64)], f: fn(&(f64, f64, u64)) -> f64| {
+        let x: Vec<f64> = v.iter().map(f).collect();
+        x.iter().cloned().fold(f64::MIN, f64::max) - x.iter().cloned().fold(f64::MAX, f64::min)
+    };
+    println!();
+    println!("encryption cost, etcd DB {} MiB, {runs} runs each (median; spread = max - min):", mib(db));
+    println!("| mode      | wall s | wall spread | agent CPU s | CPU spread | agent peak RSS |");
+    println!("|-----------|--------|-------------|-------------|------------|----------------|");
+    for (name, v) in [("plain", &plain), ("encrypted", &sealed)] {
+        println!(
+            "| {name:<9} | {:>6.2} | {:>11.2} | {:>11.2} | {:>10.2} | {:>10} MiB |",
+            median(v, |r| r.0),
+            spread(v, |r| r.0),
+            median(v, |r| r.1),
+            spread(v, |r| r.1),
+            mib(v.iter().map(|r| r.2).max().unwrap_or(0))
+        );
+    }
+    println!(
+        "encrypted / plain: wall {:.3}, agent CPU {:.3}",
+        median(&sealed, |r| r.0) / median(&plain, |r| r.0),
+        median(&sealed, |r| r.1) / median(&plain, |r| r.1)
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let etcd = use_etcd_under_test()?;
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -509,7 +580,9 @@ async fn bench() -> Result<()> {
         print_table(&rows);
         print_latency_table(&latency_rows);
     }
-    print_restore_table(&restore_rows);
+    if !only_encryption() {
+        print_restore_table(&restore_rows);
+    }
     Ok(())
 }
 
@@ -608,6 +681,12 @@ async fn bench_size(
         etcd: etcd_url.clone(),
         coordinator: None,
     };
+    if only_encryption() {
+        bench_encryption(&mut ferry, db)?;
+        drop(ferry);
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(Vec::new());
+    }
     if only_restore() {
         ferry.start_coordinator(&[])?;
         let _agent = ferry.start_agent(&[])?;

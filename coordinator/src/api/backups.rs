@@ -2,6 +2,7 @@
 //! in S3 to read them).
 
 use anyhow::{Context, Result};
+use ferry_common::encryption::Identities;
 use ferry_common::protocol::{write_frame, AdminResponse, RestoreSource, RevisionSeen, DATA_CHUNK};
 use ferry_common::resources::{Metadata, Resource, ResourceType, Spec, Timestamp, LABEL_CLUSTER};
 use quinn::SendStream;
@@ -75,9 +76,18 @@ impl Api {
             Err(e) => return reply_error(send, e).await,
         };
         info!(%cluster, backup_id = %manifest.id, "restore requested");
-        let source = match self.store.restore_source(&manifest).await {
-            Ok(s) => s,
-            Err(e) => return reply_error(send, e.into()).await,
+        // An encrypted backup the coordinator's own identity opens is opened here: the agent gets the zstd
+        // stream, never the identity. Otherwise the agent needs its own (`ferry-agent restore --identity`).
+        let opener = match (&manifest.backup.encryption, &self.settings.identities) {
+            (Some(enc), Some(ids)) if ids.check_opens(&enc.recipients).is_ok() => Some(ids.clone()),
+            _ => None,
+        };
+        let source = match opener {
+            Some(_) => RestoreSource::Decrypted,
+            None => match self.store.restore_source(&manifest).await {
+                Ok(s) => s,
+                Err(e) => return reply_error(send, e.into()).await,
+            },
         };
         let bytes_follow = matches!(source, RestoreSource::Coordinator);
         let backup = Box::new(backup_resource(manifest.clone()));
@@ -100,9 +110,35 @@ impl Api {
         write_frame(send, &AdminResponse::RestoreFrom { backup, source, download_limit_bps, highest_revision })
             .await
             .context("send response")?;
-        if bytes_follow {
+        if let Some(ids) = opener {
+            info!(backup_id = %manifest.id, "opening the encrypted backup with the coordinator's identity");
+            self.stream_decrypted(&manifest, ids, send).await?;
+        } else if bytes_follow {
             self.stream_object(&manifest, send).await?;
         }
         Ok(())
+    }
+
+    /// Streams the zstd stream inside an encrypted backup as `Data` frames, then `DownloadEnd`; a backup that
+    /// does not decrypt (tampered, truncated) ends with an error instead, after what decrypted before it.
+    async fn stream_decrypted(&self, manifest: &Manifest, ids: Identities, send: &mut SendStream) -> Result<()> {
+        let object = match self.store.open(manifest, &self.cancel).await {
+            Ok(o) => o,
+            Err(e) => return reply_error(send, e.into()).await,
+        };
+        let (mut plain, task) = crate::encryption::open_object(ids, object, DATA_CHUNK);
+        while let Some(piece) = plain.recv().await {
+            for chunk in piece.chunks(DATA_CHUNK) {
+                write_frame(send, &AdminResponse::Data(chunk.to_vec())).await.context("send backup data")?;
+            }
+        }
+        match task.await {
+            Ok(Ok(_)) => write_frame(send, &AdminResponse::DownloadEnd).await.context("send response"),
+            Ok(Err(e)) => {
+                let e = ApiError::Internal(format!("open backup {}: {e}", manifest.id));
+                reply_error(send, e).await
+            }
+            Err(e) => reply_error(send, ApiError::Internal(format!("open backup {}: {e}", manifest.id))).await,
+        }
     }
 }

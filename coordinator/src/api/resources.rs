@@ -6,7 +6,7 @@ use std::time::Duration;
 use ferry_common::protocol::{AdminResponse, ApplyOutcome, RevokeTarget};
 use ferry_common::resources::{
     validate_name, EtcdBackupS3ConfigSpec, EtcdManualBackupSpec, Resource, ResourceType, Selector, Spec, Timestamp,
-    LABEL_CLUSTER, REDACTED, S3_CONFIG_ID,
+    ENCRYPTION_CONFIG_ID, LABEL_CLUSTER, REDACTED, S3_CONFIG_ID,
 };
 use ferry_common::tls::Identity;
 use tracing::info;
@@ -116,6 +116,10 @@ impl Api {
                                 return invalid(format!("cluster {id}: {e}"));
                             }
                         }
+                        if let Some(e) = &cfg.encryption {
+                            let what = format!("cluster {id}: spec.backupconfiguration.encryption.recipients");
+                            crate::encryption::check_settings(&what, e).or_else(invalid)?;
+                        }
                     }
                 }
                 Spec::EtcdBackupS3Config(spec) => {
@@ -123,6 +127,14 @@ impl Api {
                         return invalid("the input holds two EtcdBackupS3Configs; apply one");
                     }
                     s3 = Some(self.check_s3_config(id, spec).await?);
+                }
+                Spec::EtcdBackupEncryptionConfig(spec) => {
+                    if id != ENCRYPTION_CONFIG_ID {
+                        return invalid(format!(
+                            "the encryption config's id must be {ENCRYPTION_CONFIG_ID:?}, not {id:?}"
+                        ));
+                    }
+                    crate::encryption::check_settings("spec.recipients", spec).or_else(invalid)?;
                 }
                 _ => return invalid(format!("{rt} cannot be applied")),
             }

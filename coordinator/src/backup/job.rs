@@ -9,7 +9,7 @@ use ferry_common::protocol::{
     expect_frame, write_frame, BackupJob, BackupTarget, EtcdFacts, JobMsg, JobReply, JobRequest, UploadedPart,
     COMMIT_TIMEOUT, MAX_PARTS,
 };
-use ferry_common::resources::{EtcdBackupSpec, MemberCheck, Timestamp};
+use ferry_common::resources::{BackupEncryption, EtcdBackupSpec, MemberCheck, Timestamp};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
@@ -194,12 +194,15 @@ async fn stream(
     let (mut send, mut recv) =
         agent.conn.open_bi().await.with_context(|| format!("open job stream to agent {member}"))?;
     let target = pending.target();
+    // Public keys only: the agent can seal this backup and never open it.
+    let recipients = crate::encryption::recipients_for(deps.state.as_ref(), cluster)?;
     let byte_stall = byte_stall_timeout(deps.settings.byte_stall_timeout, &target, deps.settings.upload_limit_bps);
     let job = BackupJob {
         backup_id: pending.id().to_string(),
         zstd_level: deps.settings.zstd_level,
         target,
         upload_limit_bps: deps.settings.upload_limit_bps,
+        recipients: recipients.clone(),
     };
     write_frame(&mut send, &JobRequest::Backup(job)).await.context("send job")?;
 
@@ -253,22 +256,38 @@ async fn stream(
                 // The coordinator's clock dates the backup: schedule, retention and alerts never depend on an
                 // agent's. The agent's own times are kept as it reported them.
                 let createdat = Timestamp::now();
+                // Encrypted: the stored object is the age file; the zstd stream is what it opens to.
+                let (size, sha256, encryption) = match (summary.sealed, recipients.is_empty()) {
+                    (Some(sealed), false) => (
+                        sealed.size,
+                        hex::encode(sealed.sha256),
+                        Some(BackupEncryption {
+                            recipients: recipients.clone(),
+                            zstdsize: summary.compressed_size,
+                            zstdsha256: hex::encode(summary.compressed_sha256),
+                        }),
+                    ),
+                    (None, true) => (summary.compressed_size, hex::encode(summary.compressed_sha256), None),
+                    (None, false) => bail!("agent {member} did not encrypt the backup although the job asked it to"),
+                    (Some(_), true) => bail!("agent {member} encrypted a backup the job did not ask to encrypt"),
+                };
                 let spec = EtcdBackupSpec {
                     cluster: cluster.to_string(),
                     createdat,
                     snapshot: String::new(),
-                    size: summary.compressed_size,
+                    size,
                     rawsize: summary.raw_size,
                     member: member.clone(),
                     memberid: format!("{:x}", f.member_id),
                     etcdclusterid: format!("{:x}", f.cluster_id),
                     etcdversion: f.etcd_version.chars().take(64).collect(),
                     revision: f.revision,
-                    sha256: hex::encode(summary.compressed_sha256),
+                    sha256,
                     rawsha256: hex::encode(summary.raw_sha256),
                     zstdlevel: summary.zstd_level,
                     startedat: summary.started_at,
                     finishedat: summary.finished_at,
+                    encryption,
                 };
                 if summary.parts.len() as u32 > highest_part {
                     bail!("agent {member} reported {} parts but asked for {highest_part}", summary.parts.len());
@@ -331,6 +350,7 @@ mod tests {
             zstdlevel: 3,
             startedat: now,
             finishedat: now,
+            encryption: None,
         };
         let r = tokio::time::timeout(Duration::from_secs(5), commit_within(pending, spec, Vec::new(), &cancel, limit))
             .await;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use ferry_common::config::{create_private, create_private_dir};
+use ferry_common::encryption::Identities;
 use ferry_common::observe::{init_logging, listen, shutdown_signal, LogFormat, Observed};
 use ferry_common::resources::{Resource, ResourceType, Spec, S3_CONFIG_ID};
 use ferry_common::tls::quinn_server_config;
@@ -156,6 +157,11 @@ struct Args {
     /// deployments sharing a bucket never delete each other's [default: derived from the coordinator's CA].
     #[arg(long, value_parser = parse_deployment_id)]
     deployment_id: Option<String>,
+    /// An age identity file (0600; `ferryctl encryption keygen`): the coordinator then opens encrypted backups
+    /// itself for restores and streams the zstd inside to the restoring agent, which never gets the identity.
+    /// Without it, restores of encrypted backups need `ferry-agent restore --identity`.
+    #[arg(long)]
+    identity: Option<PathBuf>,
 }
 
 fn parse_deployment_id(s: &str) -> Result<String, String> {
@@ -265,6 +271,14 @@ async fn run(args: Args) -> Result<()> {
         },
         max_concurrent_backups: args.max_concurrent_backups as usize,
         byte_stall_timeout: args.byte_stall_timeout,
+        identities: match &args.identity {
+            Some(path) => {
+                let ids = Identities::load(path)?;
+                info!(recipients = ?ids.recipients(), "restores open encrypted backups with --identity");
+                Some(ids)
+            }
+            None => None,
+        },
     };
 
     let metrics = Arc::new(Metrics::default());
@@ -457,6 +471,7 @@ async fn lead(shared: &Shared<'_>, lost: &CancellationToken, shutdown: &Cancella
         status: status.clone(),
         metrics: metrics.clone(),
         scratch: args.state_dir.join("drills"),
+        identities: settings.identities.clone(),
     })?;
     let stop_scheduler = CancellationToken::new();
     let scheduler = schedule::spawn(

@@ -8,6 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use ferry_common::client::Session;
 use ferry_common::config::{AgentCredentials, FerryConfig, CREDENTIALS_CA, CREDENTIALS_CERT, CREDENTIALS_KEY};
+use ferry_common::encryption::Identities;
 use ferry_common::progress::{Lines, Progress};
 use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, ApplyOutcome, RevokeTarget, PROTOCOL_VERSION};
 use ferry_common::resources::EtcdBackupSpec;
@@ -119,6 +120,12 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Encryption at rest (age): make identities; backups are encrypted to the recipients of an
+    /// EtcdBackupEncryptionConfigs resource or a cluster's spec.backupconfiguration.encryption.
+    Encryption {
+        #[command(subcommand)]
+        command: EncryptionCommand,
+    },
     /// Print ferryctl's version, the coordinator's, and the protocol version each speaks.
     Version {
         /// Only ferryctl's own version (no coordinator needed).
@@ -129,6 +136,16 @@ enum Command {
     Completion {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum EncryptionCommand {
+    /// Write a new age identity to FILE (0600, the format of `age-keygen`; never overwrites) and print its
+    /// recipient (age1…) alone on standard output. Keep the file off the etcd nodes.
+    Keygen {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
 }
 
@@ -170,6 +187,9 @@ enum BackupCommand {
         cluster: String,
         /// A backup id, or `latest`.
         backup_id: String,
+        /// An age identity file (0600) that opens the backup, if it is encrypted.
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
     },
     /// Fetch a backup, verify its sha256 and write it (zstd as stored, or the etcd snapshot with --decompress).
     Download {
@@ -180,6 +200,10 @@ enum BackupCommand {
         /// Write the plain etcd snapshot (restorable with `etcdctl snapshot restore`).
         #[arg(long)]
         decompress: bool,
+        /// With --decompress: an age identity file (0600) that opens the backup, if it is encrypted. Without
+        /// --decompress an encrypted backup is written as stored (an age file: `age -d -i FILE | zstd -d`).
+        #[arg(long, value_name = "FILE", requires = "decompress")]
+        identity: Option<PathBuf>,
     },
 }
 
@@ -306,14 +330,26 @@ async fn run(cli: Cli) -> Result<()> {
                 other => bail!("unexpected response {other:?}"),
             }
         }
-        Command::Backup { command: BackupCommand::Download { cluster, backup_id, output, decompress } } => {
-            download(&cfg()?, cluster, backup_id, &output, decompress).await?;
+        Command::Backup { command: BackupCommand::Download { cluster, backup_id, output, decompress, identity } } => {
+            let ids = identity.as_deref().map(Identities::load).transpose()?;
+            download(&cfg()?, cluster, backup_id, &output, decompress, ids.as_ref()).await?;
+        }
+        Command::Encryption { command: EncryptionCommand::Keygen { out } } => {
+            let new = ferry_common::encryption::keygen();
+            let mut f = ferry_common::config::create_private(&out)
+                .with_context(|| format!("create {} (it must not exist yet)", out.display()))?;
+            std::io::Write::write_all(&mut f, new.file_text.as_bytes())
+                .and_then(|()| f.sync_all())
+                .with_context(|| format!("write {}", out.display()))?;
+            eprintln!("wrote the identity to {} (0600); keep it off the etcd nodes", out.display());
+            println!("{}", new.recipient);
         }
         Command::Backup { command: BackupCommand::Now { cluster, wait, timeout } } => {
             backup_now::run(&cfg()?, &cluster, wait.then_some(timeout)).await?;
         }
-        Command::Backup { command: BackupCommand::Verify { cluster, backup_id } } => {
-            verify(&cfg()?, cluster, backup_id).await?;
+        Command::Backup { command: BackupCommand::Verify { cluster, backup_id, identity } } => {
+            let ids = identity.as_deref().map(Identities::load).transpose()?;
+            verify(&cfg()?, cluster, backup_id, ids.as_ref()).await?;
         }
         Command::Cluster { command: ClusterCommand::Template { file, action } } => {
             let file = file.ok_or_else(|| anyhow!("give the template with -f FILE"))?;
@@ -405,6 +441,7 @@ async fn fetch(
     backup_id: String,
     output: &Path,
     decompress: bool,
+    identities: Option<&Identities>,
 ) -> Result<EtcdBackupSpec> {
     let request = AdminRequest::Download { cluster, backup_id };
     let mut s = Session::open(&cfg.coordinator, &cfg.ca, &cfg.client_pem(), &request).await?;
@@ -417,7 +454,7 @@ async fn fetch(
             AdminResponse::Error { kind, message } => return Err(Answered { kind, message }.into()),
             other => bail!("unexpected response {other:?}"),
         };
-        let mut w = VerifyingWriter::create(output, &backup, decompress)?;
+        let mut w = VerifyingWriter::create(output, &backup, decompress, identities)?;
         let mut progress = Progress::new(format!("download {id}"), backup.size, Lines::Stderr);
         loop {
             match expect_frame(&mut s.recv).await.context("read backup data")? {
@@ -445,12 +482,16 @@ async fn download(
     backup_id: String,
     output: &Path,
     decompress: bool,
+    identities: Option<&Identities>,
 ) -> Result<()> {
-    fetch(cfg, cluster, backup_id, output, decompress).await?;
-    let what = if decompress {
-        "etcd snapshot; sha256 of object and snapshot and etcd's own hash verified"
-    } else {
-        "zstd as stored; sha256 verified"
+    let backup = fetch(cfg, cluster, backup_id, output, decompress, identities).await?;
+    let what = match (decompress, backup.encryption.is_some()) {
+        (true, false) => "etcd snapshot; sha256 of object and snapshot and etcd's own hash verified",
+        (true, true) => {
+            "etcd snapshot, decrypted; sha256 of object, zstd stream and snapshot and etcd's own hash verified"
+        }
+        (false, false) => "zstd as stored; sha256 verified",
+        (false, true) => "age-encrypted zstd as stored; sha256 verified (open it with `age -d -i KEYFILE | zstd -d`)",
     };
     println!("wrote {} ({what})", output.display());
     Ok(())
@@ -458,10 +499,10 @@ async fn download(
 
 /// Checks a backup end to end without touching production: download, every hash, then etcd's own restore
 /// into a scratch dir and a throw-away etcd on it (`restore_check`, the same as the coordinator's drills).
-async fn verify(cfg: &FerryConfig, cluster: String, backup_id: String) -> Result<()> {
+async fn verify(cfg: &FerryConfig, cluster: String, backup_id: String, identities: Option<&Identities>) -> Result<()> {
     let scratch = tempfile::Builder::new().prefix("ferry-verify-").tempdir().context("create a scratch dir")?;
     let snapshot = scratch.path().join("snapshot.db");
-    let backup = fetch(cfg, cluster.clone(), backup_id, &snapshot, true).await?;
+    let backup = fetch(cfg, cluster.clone(), backup_id, &snapshot, true, identities).await?;
     println!("downloaded and decompressed: sha256 of the object, of the snapshot, and etcd's own hash match");
     let status = ferry_common::snapshot::status(&snapshot)?;
     let dir = scratch.path().to_owned();

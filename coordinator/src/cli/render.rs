@@ -110,8 +110,9 @@ fn table(rt: ResourceType, resources: &[Resource]) -> String {
         ],
         ResourceType::EtcdManualBackup => vec!["ID", "BACKUP AT"],
         ResourceType::EtcdBackup => {
-            vec!["ID", "CLUSTER", "CREATED AT", "SIZE", "RAW SIZE", "MEMBER", "REVISION", "SHA256"]
+            vec!["ID", "CLUSTER", "CREATED AT", "SIZE", "RAW SIZE", "MEMBER", "REVISION", "SHA256", "ENCRYPTED"]
         }
+        ResourceType::EtcdBackupEncryptionConfig => vec!["ID", "RECIPIENTS"],
         ResourceType::Cluster => vec!["ID", "BACKUP INTERVAL", "DRILL INTERVAL"],
         ResourceType::Agent => {
             vec![
@@ -171,7 +172,9 @@ fn table(rt: ResourceType, resources: &[Resource]) -> String {
                 s.member.clone(),
                 s.revision.to_string(),
                 s.sha256.chars().take(12).collect(),
+                s.encryption.as_ref().map_or_else(|| "no".into(), |e| format!("{} recipients", e.recipients.len())),
             ],
+            Spec::EtcdBackupEncryptionConfig(s) => vec![id, s.recipients.join(",")],
             Spec::Cluster(s) => vec![
                 id,
                 backup_schedule(s.backupconfiguration.as_ref()),

@@ -2,14 +2,15 @@
 //! configure backups.
 //!
 //! A template is YAML documents. The `kind: Cluster` one carries `name` and
-//! `features.backupConfiguration.{interval | schedule, retention}`; Ferry owns exactly that. Documents of
+//! `features.backupConfiguration.{interval | schedule, retention, encryption}`; Ferry owns exactly that. Documents of
 //! other kinds and fields Ferry does not manage (`kubernetes`, `talos`, `ControlPlane`, `Workers`, …) are
 //! accepted and reported as ignored, so a template shared with other tools still works.
 
 use std::time::Duration;
 
 use ferry_common::resources::{
-    validate_name, BackupConfiguration, ClusterSpec, Metadata, ProtoDuration, Resource, ResourceType, Retention, Spec,
+    validate_name, BackupConfiguration, ClusterSpec, EncryptionSettings, Metadata, ProtoDuration, Resource,
+    ResourceType, Retention, Spec,
 };
 use serde::Deserialize;
 use serde_yaml_ng::Value;
@@ -40,6 +41,9 @@ struct TemplateBackup {
     retention: Option<TemplateRetention>,
     #[serde(default)]
     drill_interval: Option<String>,
+    /// `encryption: {recipients: [age1…]}`: this cluster's age recipients (an empty list: unencrypted).
+    #[serde(default)]
+    encryption: Option<EncryptionSettings>,
 }
 
 #[derive(Deserialize)]
@@ -121,7 +125,17 @@ fn convert(b: TemplateBackup) -> Result<BackupConfiguration, String> {
     let drillinterval = duration("drillInterval", b.drill_interval)?;
     let retention =
         b.retention.map(|r| Retention { keeplast: r.keep_last, hourly: r.hourly, daily: r.daily, weekly: r.weekly });
-    Ok(BackupConfiguration { interval, schedule: b.schedule.unwrap_or_default(), retention, drillinterval })
+    if let Some(e) = &b.encryption {
+        ferry_common::encryption::parse_recipients(&e.recipients)
+            .map_err(|e| format!("features.backupConfiguration.encryption.recipients: {e}"))?;
+    }
+    Ok(BackupConfiguration {
+        interval,
+        schedule: b.schedule.unwrap_or_default(),
+        retention,
+        drillinterval,
+        encryption: b.encryption,
+    })
 }
 
 /// The diff header name of a cluster: `Clusters.ferry.dev(default/NAME)`.

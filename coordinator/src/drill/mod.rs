@@ -42,6 +42,8 @@ pub struct DrillDeps {
     /// Scratch dirs are made here (`STATE_DIR/drills`, 0700): a restored copy of a cluster's data never
     /// lands in a shared temp dir.
     pub scratch: PathBuf,
+    /// The coordinator's `--identity`, to open encrypted backups (without it, their drills fail and say so).
+    pub identities: Option<ferry_common::encryption::Identities>,
 }
 
 /// The drill runner; cheap to clone (a handle).
@@ -242,9 +244,9 @@ async fn restore(deps: &DrillDeps, manifest: &Manifest, cancel: &CancellationTok
     let snapshot = scratch.path().join("snapshot.db");
     // The checks and zstd run on a blocking thread, fed through a small channel.
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
-    let (target, spec) = (snapshot.clone(), manifest.backup.clone());
+    let (target, spec, ids) = (snapshot.clone(), manifest.backup.clone(), deps.identities.clone());
     let writer = tokio::task::spawn_blocking(move || -> Result<()> {
-        let mut w = VerifyingWriter::create(&target, &spec, true)?;
+        let mut w = VerifyingWriter::create(&target, &spec, true, ids.as_ref())?;
         while let Some(chunk) = rx.blocking_recv() {
             w.write(&chunk)?;
         }

@@ -292,6 +292,7 @@ async fn send_backup(
         started_at: dated,
         finished_at: dated,
         parts: Vec::new(),
+        sealed: None,
     };
     write_frame(&mut job.send, &JobMsg::Finished(summary)).await?;
     Ok(expect_frame(&mut job.recv).await?)

@@ -10,6 +10,7 @@ mod coverage;
 mod credentials;
 mod deploy;
 mod drills;
+mod encryption;
 mod failures;
 mod faults;
 mod ha;

@@ -30,7 +30,7 @@ const RESTORED_MEMBER: &str = "restored";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Takes a manual backup of `cluster`, waits until it succeeded and returns the new backup's id and spec.
-async fn backup(coordinator: &Coordinator, cluster: &str) -> anyhow::Result<(String, Value)> {
+pub(super) async fn backup(coordinator: &Coordinator, cluster: &str) -> anyhow::Result<(String, Value)> {
     let before = coordinator.backups(cluster).await?.len();
     let previous = coordinator.backup_status(cluster).await?;
     coordinator.manual_backup(cluster).await?;
@@ -47,7 +47,7 @@ async fn backup(coordinator: &Coordinator, cluster: &str) -> anyhow::Result<(Str
 }
 
 /// `--coordinator ADDR --credentials DIR`: an agent restoring its own cluster's backup.
-fn as_agent(coordinator: &Coordinator, credentials: &Path) -> Vec<String> {
+pub(super) fn as_agent(coordinator: &Coordinator, credentials: &Path) -> Vec<String> {
     vec!["--coordinator".into(), coordinator.addr(), "--credentials".into(), credentials.display().to_string()]
 }
 
@@ -57,7 +57,7 @@ fn with_ferryconfig(ferryconfig: &Path, cluster: &str) -> Vec<String> {
 }
 
 /// The flags that say what to restore where, for a new one-member cluster whose member peers at `peer_url`.
-fn one_member(backup: &str, data_dir: &Path, peer_url: &str) -> Vec<String> {
+pub(super) fn one_member(backup: &str, data_dir: &Path, peer_url: &str) -> Vec<String> {
     [
         "--backup",
         backup,
@@ -78,14 +78,14 @@ fn one_member(backup: &str, data_dir: &Path, peer_url: &str) -> Vec<String> {
 }
 
 /// A loopback peer URL on a free port, for a member that will serve a restored data dir.
-fn peer_url() -> (u16, String) {
+pub(super) fn peer_url() -> (u16, String) {
     let port = free_port();
     (port, format!("http://127.0.0.1:{port}"))
 }
 
 /// Asserts a restore failed and said why with one of `keywords`.
 #[track_caller]
-fn assert_restore_refused(out: &CtlOutput, keywords: &[&str]) {
+pub(super) fn assert_restore_refused(out: &CtlOutput, keywords: &[&str]) {
     assert!(!out.success(), "`{}` should have failed; stderr: {}", out.command, out.stderr);
     let error = out.stderr.lines().filter(|l| l.starts_with("error:")).collect::<Vec<_>>().join("\n");
     assert!(!error.is_empty(), "`{}`: no `error:` line on stderr: {}", out.command, out.stderr);
@@ -128,7 +128,11 @@ fn fill_with_old_data(dir: &Path) -> anyhow::Result<()> {
 
 /// Serves a restored one-member data dir (restored with [`one_member`] and `peer_port`) with etcd and
 /// returns its keys under [`TEST_PREFIX`].
-async fn serve_and_read(data_dir: &Path, peer_port: u16, log: &Path) -> anyhow::Result<HashMap<String, String>> {
+pub(super) async fn serve_and_read(
+    data_dir: &Path,
+    peer_port: u16,
+    log: &Path,
+) -> anyhow::Result<HashMap<String, String>> {
     let initial_cluster = format!("{RESTORED_MEMBER}=http://127.0.0.1:{peer_port}");
     let mut member =
         EtcdMember::spawn(RESTORED_MEMBER, free_port(), peer_port, data_dir, &initial_cluster, RESTORED_TOKEN, log)?;
