@@ -70,6 +70,7 @@ pub enum ResourceType {
     Cluster,
     Agent,
     AgentCredential,
+    AdminCredential,
 }
 
 /// `get`/`apply` named a type Ferry does not have.
@@ -78,7 +79,7 @@ pub enum ResourceType {
 pub struct UnknownType(pub String);
 
 impl ResourceType {
-    pub const ALL: [ResourceType; 8] = [
+    pub const ALL: [ResourceType; 9] = [
         Self::EtcdBackupS3Config,
         Self::EtcdBackupOverallStatus,
         Self::EtcdBackupStatus,
@@ -87,6 +88,7 @@ impl ResourceType {
         Self::Cluster,
         Self::Agent,
         Self::AgentCredential,
+        Self::AdminCredential,
     ];
 
     /// Singular CamelCase name, e.g. `EtcdBackupStatus`.
@@ -100,6 +102,7 @@ impl ResourceType {
             Self::Cluster => "Cluster",
             Self::Agent => "Agent",
             Self::AgentCredential => "AgentCredential",
+            Self::AdminCredential => "AdminCredential",
         }
     }
 
@@ -114,6 +117,7 @@ impl ResourceType {
             Self::Cluster => "Clusters",
             Self::Agent => "Agents",
             Self::AgentCredential => "AgentCredentials",
+            Self::AdminCredential => "AdminCredentials",
         }
     }
 
@@ -127,7 +131,7 @@ impl ResourceType {
     /// live state, `metrics` status, `external` what lives outside the state store (the backups).
     pub fn namespace(self) -> &'static str {
         match self {
-            Self::EtcdBackupS3Config | Self::Cluster | Self::AgentCredential => "default",
+            Self::EtcdBackupS3Config | Self::Cluster | Self::AgentCredential | Self::AdminCredential => "default",
             Self::EtcdManualBackup | Self::Agent => "ephemeral",
             Self::EtcdBackupOverallStatus | Self::EtcdBackupStatus => "metrics",
             Self::EtcdBackup => "external",
@@ -502,6 +506,23 @@ pub struct AgentCredentialSpec {
     pub revokedat: Option<Timestamp>,
 }
 
+/// `AdminCredentials.ferry.dev`: id = the certificate's serial (hex), one per admin certificate (full or
+/// read-only) ever issued, the coordinator's own `admin.ferryconfig` included. The coordinator accepts an admin
+/// certificate only when it is recorded here and not revoked.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminCredentialSpec {
+    pub serial: String,
+    /// `ferry://admin-ro` (may only `get`) rather than `ferry://admin`.
+    pub readonly: bool,
+    pub issuedat: Timestamp,
+    pub notafter: Timestamp,
+    #[serde(default)]
+    pub revoked: bool,
+    #[serde(default)]
+    pub revokedat: Option<Timestamp>,
+}
+
 /// `EtcdBackupS3Configs.ferry.dev` (used by the S3 store).
 #[derive(Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -560,6 +581,7 @@ pub enum Spec {
     Cluster(ClusterSpec),
     Agent(AgentSpec),
     AgentCredential(AgentCredentialSpec),
+    AdminCredential(AdminCredentialSpec),
 }
 
 impl Spec {
@@ -573,6 +595,7 @@ impl Spec {
             Self::Cluster(_) => ResourceType::Cluster,
             Self::Agent(_) => ResourceType::Agent,
             Self::AgentCredential(_) => ResourceType::AgentCredential,
+            Self::AdminCredential(_) => ResourceType::AdminCredential,
         }
     }
 
@@ -587,6 +610,7 @@ impl Spec {
             Self::Cluster(s) => serde_json::to_value(s),
             Self::Agent(s) => serde_json::to_value(s),
             Self::AgentCredential(s) => serde_json::to_value(s),
+            Self::AdminCredential(s) => serde_json::to_value(s),
         };
         v.unwrap_or(serde_json::Value::Null)
     }
@@ -601,6 +625,7 @@ impl Spec {
             ResourceType::Cluster => Self::Cluster(serde_json::from_value(v)?),
             ResourceType::Agent => Self::Agent(serde_json::from_value(v)?),
             ResourceType::AgentCredential => Self::AgentCredential(serde_json::from_value(v)?),
+            ResourceType::AdminCredential => Self::AdminCredential(serde_json::from_value(v)?),
         })
     }
 }

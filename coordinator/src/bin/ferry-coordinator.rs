@@ -381,7 +381,12 @@ async fn lead(shared: &Shared<'_>, lost: &CancellationToken, shutdown: &Cancella
     let status = Status::new(state.clone(), metrics.clone(), store.name(), store.initial_configuration_error())
         .context("initialize status")?;
     let agents = Agents::new(state.clone(), metrics.clone()).context("initialize agents")?;
-    let credentials = Credentials::new(state.clone());
+    let credentials = Credentials::new(
+        state.clone(),
+        CertAuthority::from_pem(&ca.pem().cert_pem, &ca.pem().key_pem).context("load the coordinator CA")?,
+    );
+    ferry_coordinator::pki::ensure_own_admin(&ca, &args.state_dir, &credentials)
+        .context("check the coordinator's admin.ferryconfig")?;
     let (outcomes_tx, outcomes_rx) = tokio::sync::mpsc::unbounded_channel();
     let jobs = Jobs::new(
         JobDeps {

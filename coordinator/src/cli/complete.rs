@@ -13,6 +13,7 @@ const TYPE_NAMES: [&str; ResourceType::ALL.len()] = [
     "clusters",
     "agents",
     "agentcredentials",
+    "admincredentials",
 ];
 
 /// TYPE of `get` and `delete`: any string is taken as given (ferryctl parses it, any case, singular or

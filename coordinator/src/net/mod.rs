@@ -110,16 +110,13 @@ impl Server {
                 Identity::AdminReadOnly => "admin-ro".to_string(),
                 Identity::Agent { cluster, member } => format!("agent/{cluster}/{member}"),
             };
-            // Agent certificates must be recorded and not revoked; registered first so a revocation closes it.
-            let _admitted = match &identity {
-                Identity::Admin | Identity::AdminReadOnly => None,
-                Identity::Agent { cluster, member } => match self.credentials.admit(&serial, cluster, member, &conn) {
-                    Ok(open) => Some(open),
-                    Err(e) => {
-                        warn!(%remote, identity = %key, "refused a connection: {e}");
-                        return conn.close(3u32.into(), e.to_string().as_bytes());
-                    }
-                },
+            // Certificates must be recorded and not revoked; registered first so a revocation closes it.
+            let _admitted = match self.credentials.admit(&serial, &identity, &conn) {
+                Ok(open) => open,
+                Err(e) => {
+                    warn!(%remote, identity = %key, "refused a connection: {e}");
+                    return conn.close(3u32.into(), e.to_string().as_bytes());
+                }
             };
             let Some(_slot) = ConnectionSlot::take(&self, &key) else {
                 warn!(%remote, identity = %key, "refused a connection: {MAX_CONNECTIONS_PER_IDENTITY} already open for this identity");
@@ -131,7 +128,7 @@ impl Server {
                 Identity::Agent { cluster, member } => info_span!("agent", %cluster, %member, %remote),
             };
             async move {
-                if let Err(e) = self.handle(conn, identity).await {
+                if let Err(e) = self.handle(conn, identity, &serial).await {
                     info!("connection ended: {e:#}");
                 }
             }
@@ -224,7 +221,7 @@ fn peer_identity(conn: &quinn::Connection) -> Result<(Identity, String)> {
 }
 
 impl Server {
-    async fn handle(&self, conn: quinn::Connection, identity: Identity) -> Result<()> {
+    async fn handle(&self, conn: quinn::Connection, identity: Identity, serial: &str) -> Result<()> {
         let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
             .await
             .context("no stream within the hello timeout")?
@@ -284,7 +281,8 @@ impl Server {
             }
             (Identity::Agent { cluster, member }, Intent::AgentLink) => {
                 let cancel = self.connections.child_token();
-                agent_link::run(&self.agents, cluster, member, hello.software_version, &conn, &mut recv, &cancel).await
+                let peer = agent_link::Peer { cluster, member, serial, software_version: hello.software_version };
+                agent_link::run(&self.agents, &self.credentials, peer, &conn, &mut recv, &cancel).await
             }
         }
     }

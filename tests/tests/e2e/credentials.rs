@@ -3,7 +3,9 @@
 //! - a revoked certificate is refused on a new connection and its open connection is closed at once;
 //! - re-issuing a member's credentials makes the old certificate stop working;
 //! - a gone member's Agent record can be deleted, but not while it is connected;
-//! - a read-only admin credential can `get` and nothing else.
+//! - a read-only admin credential can `get` and nothing else;
+//! - an agent is sent a renewed certificate over its link before its own expires, saves it and uses it for
+//!   its next connection; a revoked certificate is never renewed.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -14,7 +16,7 @@ use serde_json::Value;
 
 use crate::fixtures::ferry::{manual_backup_yaml, CoordinatorOptions, Ferryctl};
 use crate::fixtures::hostile::HostileAgent;
-use crate::fixtures::{unix_now, Coordinator};
+use crate::fixtures::{poll_until, unix_now, Agent, Coordinator, EtcdCluster, STATUS_OK};
 
 /// How long the coordinator may take to close a revoked certificate's open connection.
 const CLOSE_WITHIN: Duration = Duration::from_secs(5);
@@ -187,5 +189,72 @@ async fn read_only_admin_can_get_and_nothing_else() -> anyhow::Result<()> {
     // Nothing changed: the agent's credentials are still good.
     HostileAgent::connect(&coordinator, &creds).await?.close().await;
     assert_eq!(records(&coordinator, "prod", "m1").await?[0]["spec"]["revoked"], false);
+    Ok(())
+}
+
+#[tokio::test]
+async fn agent_renews_its_certificate_before_expiry_and_uses_it_for_the_next_connection() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let creds = coordinator.dir().join("m1-creds");
+    let creds_s = creds.display().to_string();
+    let ctl = coordinator.ctl();
+    // The shortest life allowed: renewal is due after two thirds of it (40 s).
+    ctl.run(&["agent-credentials", "--cluster", "prod", "--member", "m1", "--out", &creds_s, "--valid-for", "1m"])
+        .await?
+        .ok()?;
+    let old = steal(&creds, &coordinator.dir().join("old"))?;
+    let first_cert = std::fs::read_to_string(creds.join("agent.crt"))?;
+    let mut agent = Agent::start(&coordinator, &creds, etcd.member(0).client_url())?;
+    coordinator.wait_agents_connected("prod", &["m1"], Duration::from_secs(30)).await?;
+
+    poll_until("the agent to save a renewed certificate", Duration::from_secs(90), Duration::from_millis(500), || {
+        let creds = creds.clone();
+        let first_cert = first_cert.clone();
+        async move { Ok((std::fs::read_to_string(creds.join("agent.crt"))? != first_cert).then_some(())) }
+    })
+    .await
+    .with_context(|| format!("agent log:\n{}", std::fs::read_to_string(agent.log_path()).unwrap_or_default()))?;
+    for f in ["ca.crt", "agent.crt", "agent.key"] {
+        assert_eq!(std::fs::metadata(creds.join(f))?.permissions().mode() & 0o777, 0o600, "{f}");
+    }
+    let rs = records(&coordinator, "prod", "m1").await?;
+    anyhow::ensure!(rs.len() == 2, "the renewed certificate is recorded: {rs:?}");
+    let (old_serial, new_spec) = (rs[0]["spec"]["serial"].as_str().context("serial")?.to_string(), &rs[1]["spec"]);
+    let life = new_spec["notafter"]["seconds"].as_i64().context("notafter")?
+        - new_spec["issuedat"]["seconds"].as_i64().context("issuedat")?;
+    assert!((life - 60).abs() <= 2, "the same lifetime as the old certificate: {new_spec}");
+    assert!(rs.iter().all(|r| r["spec"]["revoked"] == false), "the old certificate stays valid: {rs:?}");
+    HostileAgent::connect(&coordinator, &old).await?.close().await;
+
+    // Revoking the old certificate closes the agent's link; it comes back with the renewed one and backs up.
+    ctl.run(&["agent-credentials", "revoke", "--serial", &old_serial]).await?.ok()?;
+    poll_until(
+        "the agent to reconnect with its new certificate",
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async {
+            let log = std::fs::read_to_string(agent.log_path())?;
+            let back =
+                log.contains("using the new certificate") && !coordinator.connected_agents("prod").await?.is_empty();
+            Ok(back.then_some(()))
+        },
+    )
+    .await
+    .with_context(|| format!("agent log:\n{}", std::fs::read_to_string(agent.log_path()).unwrap_or_default()))?;
+    coordinator.manual_backup("prod").await?;
+    let status = coordinator.wait_backup_status("prod", Duration::from_secs(60)).await?;
+    assert_eq!(status["status"], STATUS_OK, "a backup over the renewed certificate: {status}");
+
+    // A revoked certificate, due for renewal, is refused and gets nothing.
+    assert!(HostileAgent::connect(&coordinator, &old).await.is_err(), "a revoked certificate connected");
+    agent.check_running()?;
+    ctl.run(&["agent-credentials", "revoke", "--cluster", "prod", "--member", "m1"]).await?.ok()?;
+    let n = records(&coordinator, "prod", "m1").await?.len();
+    let saved = std::fs::read_to_string(creds.join("agent.crt"))?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(HostileAgent::connect(&coordinator, &creds).await.is_err(), "a revoked member connected");
+    assert_eq!(records(&coordinator, "prod", "m1").await?.len(), n, "nothing issued to a revoked certificate");
+    assert_eq!(std::fs::read_to_string(creds.join("agent.crt"))?, saved, "nothing renewed after revocation");
     Ok(())
 }
