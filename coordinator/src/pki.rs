@@ -135,7 +135,8 @@ pub fn ensure_own_admin(ca: &CertAuthority, state_dir: &Path, credentials: &Cred
             tracing::info!(path = %path.display(), %serial, "recorded the admin certificate");
         }
         _ => {
-            let admin = ca.issue_expiring(&Identity::Admin, OWN_ADMIN_VALIDITY).context("issue the admin certificate")?;
+            let admin =
+                ca.issue_expiring(&Identity::Admin, OWN_ADMIN_VALIDITY).context("issue the admin certificate")?;
             (cfg.cert, cfg.key) = (admin.pem.cert_pem, admin.pem.key_pem);
             cfg.save(&path)?;
             credentials.record_admin(&admin.serial, false, admin.not_after)?;

@@ -166,9 +166,7 @@ impl Api {
                 self.issue_credentials(&cluster, &member, valid_for_seconds)
             }
             AdminRequest::RevokeAgentCredentials(target) => self.revoke_credentials(&target),
-            AdminRequest::ReadOnlyAdminCredentials { valid_for_seconds } => {
-                self.issue_admin(true, valid_for_seconds)
-            }
+            AdminRequest::ReadOnlyAdminCredentials { valid_for_seconds } => self.issue_admin(true, valid_for_seconds),
             AdminRequest::AdminCredentials { valid_for_seconds } => self.issue_admin(false, valid_for_seconds),
             AdminRequest::RevokeAdminCredentials { serial } => self.revoke_admin(&serial),
         };

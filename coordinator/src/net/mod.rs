@@ -24,6 +24,10 @@ use crate::leader::Election;
 
 /// A client must say hello this soon after the handshake.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request that streams no backup (get, apply, credentials…) must be answered within this, whatever the
+/// client does; downloads and restores have their own deadline scaled by size and a progress timeout
+/// (`api::backups`).
+const REQUEST_DEADLINE: Duration = Duration::from_secs(600);
 /// How long an admin client may take to read its response before the connection is dropped.
 const ADMIN_LINGER: Duration = Duration::from_secs(30);
 /// Connections one identity (the admin, or one agent's cluster/member) may hold open at once: an agent needs
@@ -267,7 +271,15 @@ impl Server {
                     return Ok(());
                 };
                 debug!(?request, "request");
-                self.api.handle(&identity, request, &mut send).await?;
+                let streams = matches!(request, AdminRequest::Download { .. } | AdminRequest::Restore { .. });
+                let answer = self.api.handle(&identity, request, &mut send);
+                if streams {
+                    answer.await?;
+                } else {
+                    tokio::time::timeout(REQUEST_DEADLINE, answer)
+                        .await
+                        .context("the request was not answered within its deadline; dropping the connection")??;
+                }
                 send.finish().ok();
                 // Let the client read everything; it closes the connection when done.
                 tokio::select! {

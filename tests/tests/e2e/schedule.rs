@@ -587,8 +587,7 @@ async fn twenty_clusters_on_one_interval_do_not_start_in_the_same_second() -> an
 /// before every real backup; retention must still keep the newest backup the coordinator itself verified,
 /// and that backup must restore.
 #[tokio::test]
-async fn retention_never_deletes_the_newest_verified_backup_whatever_other_manifests_are_dated() -> anyhow::Result<()>
-{
+async fn retention_never_deletes_the_newest_verified_backup_whatever_other_manifests_are_dated() -> anyhow::Result<()> {
     const KEEP: u32 = 2;
     /// 2100-01-01: far ahead of any backup taken now.
     const FUTURE: i64 = 4_102_444_800;
