@@ -73,7 +73,7 @@ impl Api {
             Ok(o) => o,
             Err(e) => return reply_error(send, e.into()).await,
         };
-        let deadline = Instant::now() + stream_deadline(manifest.backup.size.try_into().unwrap_or(0));
+        let deadline = Instant::now() + stream_deadline(manifest.backup.size);
         let mut buf = vec![0u8; DATA_CHUNK];
         loop {
             let piece = match object.next(&mut buf).await {
