@@ -11,8 +11,12 @@ use anyhow::{bail, Context, Result};
 use ferry_common::backoff::Backoff;
 use ferry_common::client::{bind_address_for, coordinator_addresses};
 use ferry_common::config::AgentCredentials;
-use ferry_common::protocol::{expect_frame, write_frame, AgentMsg, EtcdFacts, Hello, HelloReply, Intent, JobRequest};
-use ferry_common::tls::{quinn_client_config, resolve};
+use ferry_common::protocol::{
+    expect_frame, write_frame, AgentMsg, EtcdFacts, Hello, HelloReply, Intent, JobRequest, RenewReply,
+    RenewedCredentials,
+};
+use ferry_common::tls::CertifiedPem;
+use ferry_common::tls::{quinn_client_config, resolve, Identity};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
@@ -33,6 +37,10 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 pub struct Link {
     pub coordinator: String,
+    /// The `--credentials` directory: read before every connection, so a renewed certificate saved there
+    /// (or one an operator put there) is used from the next connection on.
+    pub credentials_dir: std::path::PathBuf,
+    /// The credentials last read successfully; used when the directory cannot be read.
     pub credentials: AgentCredentials,
     pub etcd: EtcdMember,
     /// Running backup jobs, waited for at shutdown.
@@ -44,8 +52,8 @@ pub struct Link {
 impl Link {
     /// Runs until `cancel` fires; then waits up to [`SHUTDOWN_GRACE`] for running jobs, and cancels them
     /// through `jobs_cancel` if they are still running.
-    pub async fn run(self, cancel: CancellationToken, jobs_cancel: CancellationToken) -> Result<()> {
-        let client = quinn_client_config(&self.credentials.ca_pem, &self.credentials.client)
+    pub async fn run(mut self, cancel: CancellationToken, jobs_cancel: CancellationToken) -> Result<()> {
+        let mut client = quinn_client_config(&self.credentials.ca_pem, &self.credentials.client)
             .context("build TLS config from --credentials")?;
         // One UDP socket per address family, made when the coordinator's address first resolves to it: a socket
         // bound to 0.0.0.0 cannot reach an IPv6 coordinator, nor one bound to [::] an IPv4 one everywhere.
@@ -58,6 +66,8 @@ impl Link {
         let (mut next, mut redirect) = (0usize, None::<String>);
         while !cancel.is_cancelled() {
             let target = redirect.take().unwrap_or_else(|| addresses[next % addresses.len()].clone());
+            self.reload_credentials(&mut client);
+            let client = &client;
             let result = async {
                 let (addr, server_name) = resolve(&target).await?;
                 let bind = bind_address_for(addr);
@@ -67,13 +77,12 @@ impl Link {
                         if let Some(old) = old {
                             old.close(0u32.into(), b"address family changed");
                         }
-                        let mut ep =
-                            quinn::Endpoint::client(bind).with_context(|| format!("open UDP socket on {bind}"))?;
-                        ep.set_default_client_config(client.clone());
+                        let ep = quinn::Endpoint::client(bind).with_context(|| format!("open UDP socket on {bind}"))?;
                         ep
                     }
                 };
                 let ep = endpoint.insert(ep);
+                ep.set_default_client_config(client.clone());
                 self.session(ep, addr, &server_name, &cancel, &jobs_cancel, &mut last_facts, &mut failures).await
             }
             .await;
@@ -155,6 +164,7 @@ impl Link {
                     let (job_send, mut job_recv) = incoming.context("coordinator link closed")?;
                     let etcd = self.etcd.clone();
                     let pipeline = self.pipeline;
+                    let credentials_dir = self.credentials_dir.clone();
                     // Jobs get their own token: at shutdown they may finish within the grace period.
                     let cancel = jobs_cancel.child_token();
                     // Created here so the job's span hangs under this agent's (cluster, member) span.
@@ -173,6 +183,23 @@ impl Link {
                                         Ok(()) => info!("backup committed"),
                                         Err(e) => warn!("backup failed: {e:#}"),
                                     }
+                                }.instrument(span).await
+                            }
+                            JobRequest::RenewCredentials(renewed) => {
+                                let span = info_span!(parent: &job_span, "renew", serial = %renewed.serial);
+                                async move {
+                                    let reply = match save_renewed(&credentials_dir, *renewed) {
+                                        Ok(()) => RenewReply::Saved,
+                                        Err(e) => {
+                                            warn!("failed to save the renewed certificate: {e:#}");
+                                            RenewReply::Failed { error: format!("{e:#}") }
+                                        }
+                                    };
+                                    let mut send = job_send;
+                                    if let Err(e) = write_frame(&mut send, &reply).await {
+                                        return warn!("failed to answer the renewal: {e:#}");
+                                    }
+                                    let _ = send.finish();
                                 }.instrument(span).await
                             }
                             JobRequest::HashKv { revision } => {
@@ -200,6 +227,26 @@ impl Link {
         }
     }
 
+    /// Reads the credentials directory again; a change (a renewed certificate) takes effect for the next
+    /// connection. Unreadable or unusable files keep the last good credentials in use.
+    fn reload_credentials(&mut self, client: &mut quinn::ClientConfig) {
+        let loaded = match AgentCredentials::load(&self.credentials_dir) {
+            Ok(c) => c,
+            Err(e) => return warn!("failed to read --credentials again, keeping the ones in use: {e}"),
+        };
+        if loaded.client.cert_pem == self.credentials.client.cert_pem && loaded.ca_pem == self.credentials.ca_pem {
+            return;
+        }
+        match quinn_client_config(&loaded.ca_pem, &loaded.client) {
+            Ok(c) => {
+                info!("using the new certificate in --credentials");
+                *client = c;
+                self.credentials = loaded;
+            }
+            Err(e) => warn!("the new certificate in --credentials is unusable, keeping the one in use: {e}"),
+        }
+    }
+
     /// Current facts, or the last good ones marked with the error when etcd cannot be reached.
     async fn facts(&self, last: &mut EtcdFacts) -> EtcdFacts {
         match self.etcd.facts().await {
@@ -215,6 +262,23 @@ impl Link {
             }
         }
     }
+}
+
+/// Saves a renewed certificate into the credentials directory (each file 0600, written to a temp file and
+/// renamed), after checking that it is for the same cluster and member as the one in use.
+fn save_renewed(dir: &std::path::Path, renewed: RenewedCredentials) -> Result<()> {
+    let current = AgentCredentials::load(dir).context("read the credentials in use")?;
+    let (old, new) = (Identity::from_pem(&current.client.cert_pem)?, Identity::from_pem(&renewed.cert_pem)?);
+    anyhow::ensure!(old == new, "the renewed certificate is for {new:?}, not {old:?}");
+    let creds = AgentCredentials {
+        ca_pem: renewed.ca_pem,
+        client: CertifiedPem { cert_pem: renewed.cert_pem, key_pem: renewed.key_pem },
+    };
+    // The pair must work before it replaces the one in use.
+    quinn_client_config(&creds.ca_pem, &creds.client).context("check the renewed certificate")?;
+    creds.save(dir).with_context(|| format!("write {}", dir.display()))?;
+    info!(serial = %renewed.serial, not_after = %renewed.not_after.human(), "saved the renewed certificate");
+    Ok(())
 }
 
 /// Lets running jobs finish within [`SHUTDOWN_GRACE`], then cancels the rest and waits for their cleanup.

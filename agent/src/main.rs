@@ -177,9 +177,16 @@ async fn run(args: Args) -> Result<()> {
         info!(%coordinator, etcd = %endpoint, "agent starting");
         let jobs_cancel = CancellationToken::new();
         let pipeline = PipelineSettings { zstd_workers: args.zstd_workers, nice: args.pipeline_nice };
-        Link { coordinator, credentials, etcd, jobs: tokio_util::task::TaskTracker::new(), pipeline }
-            .run(cancel, jobs_cancel)
-            .await?;
+        Link {
+            coordinator,
+            credentials_dir: creds_dir,
+            credentials,
+            etcd,
+            jobs: tokio_util::task::TaskTracker::new(),
+            pipeline,
+        }
+        .run(cancel, jobs_cancel)
+        .await?;
         info!("agent stopped");
         Ok(())
     }

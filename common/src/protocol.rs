@@ -31,7 +31,9 @@ use crate::resources::{Resource, ResourceType, Selector, Timestamp};
 /// 9: listings larger than one frame come in pages (`ResourcesPage`… then `Resources`).
 /// 10: encryption at rest: `BackupJob` carries age recipients, `BackupSummary` the sealed object's size and
 ///    hash, `RestoreSource::Decrypted` (the coordinator opened the backup with its own identity).
-pub const PROTOCOL_VERSION: u32 = 10;
+/// 11: `JobRequest::RenewCredentials` → `RenewReply`: agents are sent a renewed certificate over their link;
+///    full admin certificates are recorded and revocable (`AdminCredentials`, `RevokeAdminCredentials`).
+pub const PROTOCOL_VERSION: u32 = 11;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
 pub const ALPN: &[u8] = b"ferry/1";
@@ -304,6 +306,38 @@ pub enum JobRequest {
     HashKv {
         revision: i64,
     },
+    /// A renewed certificate for this agent's cluster and member (its current one nears expiry): the agent
+    /// saves it in its credentials directory for its next connection and answers one [`RenewReply`].
+    RenewCredentials(Box<RenewedCredentials>),
+}
+
+/// An agent certificate the coordinator renewed, with its key (the link is mutual TLS with the certificate
+/// it replaces). `Debug` leaves the key out.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct RenewedCredentials {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub serial: String,
+    pub not_after: Timestamp,
+}
+
+impl std::fmt::Debug for RenewedCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RenewedCredentials")
+            .field("serial", &self.serial)
+            .field("not_after", &self.not_after.seconds)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Agent → coordinator: the answer to [`JobRequest::RenewCredentials`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RenewReply {
+    /// Written to the credentials directory; the next connection uses it.
+    Saved,
+    /// Not written (the message says why); the coordinator revokes the unused certificate.
+    Failed { error: String },
 }
 
 /// Agent → coordinator: the answer to [`JobRequest::HashKv`], with the member's identity and current
@@ -414,6 +448,15 @@ pub enum AdminRequest {
     },
     /// Revoke agent certificates: answered by `Revoked` with the serials revoked now.
     RevokeAgentCredentials(RevokeTarget),
+    /// Issue a full admin certificate (`ferry://admin`) valid for `valid_for_seconds`, recorded like an agent's.
+    AdminCredentials {
+        valid_for_seconds: u64,
+    },
+    /// Revoke the admin certificate (full or read-only) with this serial (hex): answered by `Revoked`.
+    RevokeAdminCredentials {
+        serial: String,
+    },
+
     /// Stream a stored backup (`backup_id` may be `latest`): answered by `DownloadStart`, `Data`…, `DownloadEnd`.
     Download {
         cluster: String,

@@ -73,6 +73,7 @@ pub enum ResourceType {
     Agent,
     AgentCredential,
     EtcdBackupEncryptionConfig,
+    AdminCredential,
 }
 
 /// `get`/`apply` named a type Ferry does not have.
@@ -81,7 +82,7 @@ pub enum ResourceType {
 pub struct UnknownType(pub String);
 
 impl ResourceType {
-    pub const ALL: [ResourceType; 9] = [
+    pub const ALL: [ResourceType; 10] = [
         Self::EtcdBackupS3Config,
         Self::EtcdBackupOverallStatus,
         Self::EtcdBackupStatus,
@@ -91,6 +92,7 @@ impl ResourceType {
         Self::Agent,
         Self::AgentCredential,
         Self::EtcdBackupEncryptionConfig,
+        Self::AdminCredential,
     ];
 
     /// Singular CamelCase name, e.g. `EtcdBackupStatus`.
@@ -105,6 +107,7 @@ impl ResourceType {
             Self::Agent => "Agent",
             Self::AgentCredential => "AgentCredential",
             Self::EtcdBackupEncryptionConfig => "EtcdBackupEncryptionConfig",
+            Self::AdminCredential => "AdminCredential",
         }
     }
 
@@ -120,6 +123,7 @@ impl ResourceType {
             Self::Agent => "Agents",
             Self::AgentCredential => "AgentCredentials",
             Self::EtcdBackupEncryptionConfig => "EtcdBackupEncryptionConfigs",
+            Self::AdminCredential => "AdminCredentials",
         }
     }
 
@@ -133,9 +137,11 @@ impl ResourceType {
     /// live state, `metrics` status, `external` what lives outside the state store (the backups).
     pub fn namespace(self) -> &'static str {
         match self {
-            Self::EtcdBackupS3Config | Self::Cluster | Self::AgentCredential | Self::EtcdBackupEncryptionConfig => {
-                "default"
-            }
+            Self::EtcdBackupS3Config
+            | Self::Cluster
+            | Self::AgentCredential
+            | Self::AdminCredential
+            | Self::EtcdBackupEncryptionConfig => "default",
             Self::EtcdManualBackup | Self::Agent => "ephemeral",
             Self::EtcdBackupOverallStatus | Self::EtcdBackupStatus => "metrics",
             Self::EtcdBackup => "external",
@@ -594,6 +600,23 @@ pub struct AgentCredentialSpec {
     pub revokedat: Option<Timestamp>,
 }
 
+/// `AdminCredentials.ferry.dev`: id = the certificate's serial (hex), one per admin certificate (full or
+/// read-only) ever issued, the coordinator's own `admin.ferryconfig` included. The coordinator accepts an admin
+/// certificate only when it is recorded here and not revoked.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminCredentialSpec {
+    pub serial: String,
+    /// `ferry://admin-ro` (may only `get`) rather than `ferry://admin`.
+    pub readonly: bool,
+    pub issuedat: Timestamp,
+    pub notafter: Timestamp,
+    #[serde(default)]
+    pub revoked: bool,
+    #[serde(default)]
+    pub revokedat: Option<Timestamp>,
+}
+
 /// `EtcdBackupS3Configs.ferry.dev` (used by the S3 store).
 #[derive(Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -653,6 +676,7 @@ pub enum Spec {
     Agent(AgentSpec),
     AgentCredential(AgentCredentialSpec),
     EtcdBackupEncryptionConfig(EncryptionSettings),
+    AdminCredential(AdminCredentialSpec),
 }
 
 impl Spec {
@@ -667,6 +691,7 @@ impl Spec {
             Self::Agent(_) => ResourceType::Agent,
             Self::AgentCredential(_) => ResourceType::AgentCredential,
             Self::EtcdBackupEncryptionConfig(_) => ResourceType::EtcdBackupEncryptionConfig,
+            Self::AdminCredential(_) => ResourceType::AdminCredential,
         }
     }
 
@@ -682,6 +707,7 @@ impl Spec {
             Self::Agent(s) => serde_json::to_value(s),
             Self::AgentCredential(s) => serde_json::to_value(s),
             Self::EtcdBackupEncryptionConfig(s) => serde_json::to_value(s),
+            Self::AdminCredential(s) => serde_json::to_value(s),
         };
         v.unwrap_or(serde_json::Value::Null)
     }
@@ -697,6 +723,7 @@ impl Spec {
             ResourceType::Agent => Self::Agent(serde_json::from_value(v)?),
             ResourceType::AgentCredential => Self::AgentCredential(serde_json::from_value(v)?),
             ResourceType::EtcdBackupEncryptionConfig => Self::EtcdBackupEncryptionConfig(serde_json::from_value(v)?),
+            ResourceType::AdminCredential => Self::AdminCredential(serde_json::from_value(v)?),
         })
     }
 }

@@ -150,6 +150,15 @@ pub fn certificate_serial(der: &[u8]) -> Result<String, TlsError> {
     Ok(hex::encode(cert.tbs_certificate.raw_serial()))
 }
 
+/// The serial (as [`certificate_serial`]) and the expiry of the first certificate of a PEM bundle.
+pub fn pem_serial_and_expiry(cert_pem: &str) -> Result<(String, std::time::SystemTime), TlsError> {
+    let der = &certs(cert_pem, "certificate")?[0];
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| TlsError::Certificate(format!("unparseable certificate: {e}")))?;
+    let not_after = u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0);
+    Ok((certificate_serial(der)?, std::time::UNIX_EPOCH + Duration::from_secs(not_after)))
+}
+
 /// The coordinator's certificate authority.
 pub struct CertAuthority {
     pem: CertifiedPem,

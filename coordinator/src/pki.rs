@@ -10,11 +10,17 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use ferry_common::config::{create_private_dir, read_secret, write_private, FerryConfig};
-use ferry_common::tls::{CertAuthority, CertifiedPem, Identity};
+use ferry_common::tls::{pem_serial_and_expiry, CertAuthority, CertifiedPem, Identity};
+
+use crate::credentials::Credentials;
 
 use crate::state::{StateError, StateStore};
 
 pub const ADMIN_CONFIG: &str = "admin.ferryconfig";
+
+/// Life of the certificate in the coordinator's own `admin.ferryconfig` when it is re-issued: it sits in the
+/// private state dir and is rotated by revoking it and restarting (see `docs/SECURITY.md`).
+const OWN_ADMIN_VALIDITY: std::time::Duration = std::time::Duration::from_secs(3650 * 86_400);
 
 /// Where the CA and the QUIC keys are kept.
 pub enum Keys<'a> {
@@ -112,6 +118,32 @@ pub fn init(
         tracing::info!(path = %path.display(), "wrote admin credentials for ferryctl");
     }
     Ok(Pki { ca, server })
+}
+
+/// Makes sure the certificate in this coordinator's own `admin.ferryconfig` is recorded (it is on first start,
+/// and when written by an older version), and writes a new one when it was revoked or has expired: revoking
+/// it and restarting the coordinator is how the file is rotated.
+pub fn ensure_own_admin(ca: &CertAuthority, state_dir: &Path, credentials: &Credentials) -> Result<()> {
+    let path = state_dir.join(ADMIN_CONFIG);
+    let mut cfg = FerryConfig::load(&path)?;
+    let (serial, not_after) = pem_serial_and_expiry(&cfg.cert).with_context(|| format!("read {}", path.display()))?;
+    let expired = not_after <= std::time::SystemTime::now();
+    match credentials.admin_revoked(&serial)? {
+        Some(false) if !expired => {}
+        None if !expired => {
+            credentials.record_admin(&serial, false, not_after)?;
+            tracing::info!(path = %path.display(), %serial, "recorded the admin certificate");
+        }
+        _ => {
+            let admin =
+                ca.issue_expiring(&Identity::Admin, OWN_ADMIN_VALIDITY).context("issue the admin certificate")?;
+            (cfg.cert, cfg.key) = (admin.pem.cert_pem, admin.pem.key_pem);
+            cfg.save(&path)?;
+            credentials.record_admin(&admin.serial, false, admin.not_after)?;
+            tracing::warn!(path = %path.display(), old = %serial, new = %admin.serial, "the admin certificate was revoked or expired; wrote a new one");
+        }
+    }
+    Ok(())
 }
 
 /// The QUIC endpoint's keys, kept across restarts: the stateless-reset key and the key that connection IDs

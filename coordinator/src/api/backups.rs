@@ -1,15 +1,47 @@
 //! Requests about stored backups: download (the bytes on the request stream) and restore (the bytes, or where
 //! in S3 to read them).
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use ferry_common::encryption::Identities;
 use ferry_common::protocol::{write_frame, AdminResponse, RestoreSource, RevisionSeen, DATA_CHUNK};
 use ferry_common::resources::{Metadata, Resource, ResourceType, Spec, Timestamp, LABEL_CLUSTER};
 use quinn::SendStream;
+use tokio::time::{timeout_at, Instant};
 use tracing::info;
 
 use super::{reply_error, Api, ApiError};
 use crate::store::Manifest;
+
+/// A download must move at least one chunk this often: a client that stops reading (QUIC flow control then
+/// blocks every write) is dropped, so it holds no connection slot, store reader or buffers.
+const STREAM_PROGRESS_TIMEOUT: Duration = Duration::from_secs(30);
+/// A whole download may take this long plus [`STREAM_TIME_PER_MIB`] per MiB of the object: generous for any
+/// client that reads (1 MiB every 2 s is far below a `--download-limit-mbps` anyone sets), bounded for one
+/// that trickles a chunk just inside the progress timeout forever.
+const STREAM_BASE_DEADLINE: Duration = Duration::from_secs(300);
+const STREAM_TIME_PER_MIB: Duration = Duration::from_secs(2);
+
+/// When streaming an object of `size` bytes must have ended.
+fn stream_deadline(size: u64) -> Duration {
+    let mib = u32::try_from(size.div_ceil(1 << 20)).unwrap_or(u32::MAX);
+    STREAM_BASE_DEADLINE.saturating_add(STREAM_TIME_PER_MIB.saturating_mul(mib))
+}
+
+/// Writes one frame of a download: within the progress timeout, and before the download's `deadline`.
+async fn send_within(send: &mut SendStream, msg: &AdminResponse, deadline: Instant) -> Result<()> {
+    let limit = deadline.min(Instant::now() + STREAM_PROGRESS_TIMEOUT);
+    match timeout_at(limit, write_frame(send, msg)).await {
+        Ok(r) => r.context("send backup data"),
+        Err(_) if limit == deadline => {
+            anyhow::bail!("the download took longer than its deadline; the client reads too slowly")
+        }
+        Err(_) => {
+            anyhow::bail!("the client read nothing for {}s; dropping the download", STREAM_PROGRESS_TIMEOUT.as_secs())
+        }
+    }
+}
 
 /// A stored backup as an `EtcdBackups` resource.
 pub(super) fn backup_resource(m: Manifest) -> Resource {
@@ -42,6 +74,7 @@ impl Api {
             Ok(o) => o,
             Err(e) => return reply_error(send, e.into()).await,
         };
+        let deadline = Instant::now() + stream_deadline(manifest.backup.size);
         let mut buf = vec![0u8; DATA_CHUNK];
         loop {
             let piece = match object.next(&mut buf).await {
@@ -53,10 +86,10 @@ impl Api {
                 }
             };
             for chunk in piece.chunks(DATA_CHUNK) {
-                write_frame(send, &AdminResponse::Data(chunk.to_vec())).await.context("send backup data")?;
+                send_within(send, &AdminResponse::Data(chunk.to_vec()), deadline).await?;
             }
         }
-        write_frame(send, &AdminResponse::DownloadEnd).await.context("send response")
+        send_within(send, &AdminResponse::DownloadEnd, deadline).await
     }
 
     pub(super) async fn download(&self, cluster: &str, backup_id: &str, send: &mut SendStream) -> Result<()> {
@@ -140,5 +173,17 @@ impl Api {
             }
             Err(e) => reply_error(send, ApiError::Internal(format!("open backup {}: {e}", manifest.id))).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_download_deadline_grows_with_the_size() {
+        assert_eq!(stream_deadline(0), STREAM_BASE_DEADLINE);
+        assert_eq!(stream_deadline(1 << 30), STREAM_BASE_DEADLINE + STREAM_TIME_PER_MIB * 1024);
+        assert!(stream_deadline(u64::MAX) > Duration::from_secs(86_400), "no overflow");
     }
 }

@@ -175,9 +175,9 @@ impl Api {
                 self.issue_credentials(&cluster, &member, valid_for_seconds)
             }
             AdminRequest::RevokeAgentCredentials(target) => self.revoke_credentials(&target),
-            AdminRequest::ReadOnlyAdminCredentials { valid_for_seconds } => {
-                self.issue_read_only_admin(valid_for_seconds)
-            }
+            AdminRequest::ReadOnlyAdminCredentials { valid_for_seconds } => self.issue_admin(true, valid_for_seconds),
+            AdminRequest::AdminCredentials { valid_for_seconds } => self.issue_admin(false, valid_for_seconds),
+            AdminRequest::RevokeAdminCredentials { serial } => self.revoke_admin(&serial),
         };
         let response = response.unwrap_or_else(ApiError::into_response);
         write_frame(send, &response).await.context("send response")
@@ -194,7 +194,9 @@ fn request_name(request: &AdminRequest) -> &'static str {
         AdminRequest::Restore { .. } => "restore",
         AdminRequest::AgentCredentials { .. }
         | AdminRequest::RevokeAgentCredentials(_)
-        | AdminRequest::ReadOnlyAdminCredentials { .. } => "issuing or revoking credentials",
+        | AdminRequest::ReadOnlyAdminCredentials { .. }
+        | AdminRequest::AdminCredentials { .. }
+        | AdminRequest::RevokeAdminCredentials { .. } => "issuing or revoking credentials",
     }
 }
 

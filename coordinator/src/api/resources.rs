@@ -290,14 +290,27 @@ impl Api {
         Ok(())
     }
 
-    pub(super) fn issue_read_only_admin(&self, valid_for_seconds: u64) -> Result<AdminResponse> {
+    /// Issues and records an admin certificate, read-only (`ferry://admin-ro`) or full (`ferry://admin`).
+    pub(super) fn issue_admin(&self, read_only: bool, valid_for_seconds: u64) -> Result<AdminResponse> {
         check_validity(valid_for_seconds)?;
+        let identity = if read_only { Identity::AdminReadOnly } else { Identity::Admin };
         let issued = self
             .ca
-            .issue_expiring(&Identity::AdminReadOnly, Duration::from_secs(valid_for_seconds))
-            .map_err(|e| ApiError::Internal(format!("issue read-only admin certificate: {e}")))?;
-        info!(serial = %issued.serial, "issued read-only admin credentials");
+            .issue_expiring(&identity, Duration::from_secs(valid_for_seconds))
+            .map_err(|e| ApiError::Internal(format!("issue admin certificate: {e}")))?;
+        self.credentials.record_admin(&issued.serial, read_only, issued.not_after)?;
+        info!(serial = %issued.serial, read_only, "issued admin credentials");
         Ok(self.credentials_response(issued))
+    }
+
+    pub(super) fn revoke_admin(&self, serial: &str) -> Result<AdminResponse> {
+        if self.credentials.admin_revoked(serial)?.is_none() {
+            return Err(ApiError::NotFound(format!(
+                "no admin certificate with serial {serial:?}; list them with `ferryctl get admincredentials`"
+            )));
+        }
+        let revoked = self.credentials.revoke_admin(serial)?;
+        Ok(AdminResponse::Revoked(if revoked { vec![serial.to_string()] } else { Vec::new() }))
     }
 
     /// The answer to a credentials request: the CA and the new certificate and key.

@@ -230,6 +230,11 @@ async fn run(args: Args) -> Result<()> {
         &args.advertise_names,
         &args.replica_addresses,
     )?;
+    // Before any election: with replicas, whichever leads must accept every replica's admin.ferryconfig.
+    let own_ca =
+        CertAuthority::from_pem(&pki.ca.pem().cert_pem, &pki.ca.pem().key_pem).context("load the coordinator CA")?;
+    ferry_coordinator::pki::ensure_own_admin(&pki.ca, &args.state_dir, &Credentials::new(state.clone(), own_ca))
+        .context("check the coordinator's admin.ferryconfig")?;
     let store_dir = args.local_store_dir.clone().unwrap_or_else(|| args.state_dir.join("backups"));
     let deployment = args.deployment_id.clone().unwrap_or_else(|| deployment_id_from_ca(&pki.ca.pem().cert_pem));
     let store = Arc::new(
@@ -433,7 +438,11 @@ async fn lead(shared: &Shared<'_>, lost: &CancellationToken, shutdown: &Cancella
     let status = Status::new(state.clone(), metrics.clone(), store.name(), store.initial_configuration_error())
         .context("initialize status")?;
     let agents = Agents::new(state.clone(), metrics.clone()).context("initialize agents")?;
-    let credentials = Credentials::new(state.clone());
+    let credentials = Credentials::new(
+        state.clone(),
+        CertAuthority::from_pem(&ca.pem().cert_pem, &ca.pem().key_pem).context("load the coordinator CA")?,
+    );
+
     let (outcomes_tx, outcomes_rx) = tokio::sync::mpsc::unbounded_channel();
     let jobs = Jobs::new(
         JobDeps {

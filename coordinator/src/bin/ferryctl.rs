@@ -50,6 +50,18 @@ enum CredentialsCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum AdminCredentialsCommand {
+    /// Revoke an admin certificate (full or read-only) by serial: the coordinator refuses it from now on and
+    /// closes its open connections. Revoking the one in STATE_DIR/admin.ferryconfig and restarting the
+    /// coordinator writes that file anew (rotation).
+    Revoke {
+        /// The serial shown by `ferryctl get admincredentials`.
+        #[arg(long)]
+        serial: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum Command {
     /// List resources of a type, or show one; with -w, then every change until interrupted.
     Get {
@@ -99,13 +111,17 @@ enum Command {
         #[arg(long, value_name = "USER[:GROUP]")]
         owner: Option<String>,
     },
-    /// Write a read-only admin ferryconfig (`ferry://admin-ro`): it can `get`, nothing else.
+    /// Write an admin ferryconfig: full (`ferry://admin`), or with --read-only one that can `get` and nothing
+    /// else (`ferry://admin-ro`). Every one is recorded (`get admincredentials`); `admin-credentials revoke`
+    /// revokes one.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     AdminCredentials {
-        /// Required: the full admin file is the coordinator's STATE_DIR/admin.ferryconfig.
-        #[arg(long, required = true)]
-        read_only: bool,
+        #[command(subcommand)]
+        command: Option<AdminCredentialsCommand>,
         #[arg(long)]
-        out: PathBuf,
+        read_only: bool,
+        #[arg(long, required = true)]
+        out: Option<PathBuf>,
         /// How long the certificate is valid, e.g. 90d, 12h.
         #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
         valid_for: std::time::Duration,
@@ -312,17 +328,32 @@ async fn run(cli: Cli) -> Result<()> {
                 other => bail!("unexpected response {other:?}"),
             }
         }
-        Command::AdminCredentials { read_only, out, valid_for } => {
-            if !read_only {
-                bail!("only --read-only admin credentials can be issued; the full admin file is STATE_DIR/admin.ferryconfig");
+        Command::AdminCredentials { command: Some(AdminCredentialsCommand::Revoke { serial }), .. } => {
+            let serial = serial.to_ascii_lowercase();
+            match call(&cfg()?, AdminRequest::RevokeAdminCredentials { serial: serial.clone() }).await? {
+                AdminResponse::Revoked(serials) if serials.is_empty() => {
+                    println!("admin certificate {serial} was already revoked")
+                }
+                AdminResponse::Revoked(_) => println!("admin certificate {serial} revoked"),
+                other => bail!("unexpected response {other:?}"),
             }
+        }
+        Command::AdminCredentials { command: None, read_only, out, valid_for } => {
+            let out = out.ok_or_else(|| anyhow!("admin-credentials needs --out FILE"))?;
             let cfg = cfg()?;
-            match call(&cfg, AdminRequest::ReadOnlyAdminCredentials { valid_for_seconds: valid_for.as_secs() }).await? {
+            let valid_for_seconds = valid_for.as_secs();
+            let request = if read_only {
+                AdminRequest::ReadOnlyAdminCredentials { valid_for_seconds }
+            } else {
+                AdminRequest::AdminCredentials { valid_for_seconds }
+            };
+            let access = if read_only { "read-only admin" } else { "admin" };
+            match call(&cfg, request).await? {
                 AdminResponse::Credentials { ca_pem, cert_pem, key_pem, serial, not_after } => {
                     FerryConfig { coordinator: cfg.coordinator.clone(), ca: ca_pem, cert: cert_pem, key: key_pem }
                         .save(&out)?;
                     println!(
-                        "wrote read-only admin credentials to {} (serial {serial}, valid until {})",
+                        "wrote {access} credentials to {} (serial {serial}, valid until {})",
                         out.display(),
                         not_after.human()
                     );

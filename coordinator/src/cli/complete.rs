@@ -14,6 +14,7 @@ const TYPE_NAMES: [&str; ResourceType::ALL.len()] = [
     "agents",
     "agentcredentials",
     "etcdbackupencryptionconfigs",
+    "admincredentials",
 ];
 
 /// TYPE of `get` and `delete`: any string is taken as given (ferryctl parses it, any case, singular or

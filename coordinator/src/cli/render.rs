@@ -130,6 +130,7 @@ fn table(rt: ResourceType, resources: &[Resource]) -> String {
             ]
         }
         ResourceType::AgentCredential => vec!["ID", "CLUSTER", "MEMBER", "ISSUED AT", "NOT AFTER", "REVOKED"],
+        ResourceType::AdminCredential => vec!["ID", "ACCESS", "ISSUED AT", "NOT AFTER", "REVOKED"],
         ResourceType::EtcdBackupS3Config => {
             vec!["ID", "BUCKET", "REGION", "ENDPOINT", "PREFIX", "ACCESS KEY ID", "SECRET ACCESS KEY"]
         }
@@ -199,6 +200,13 @@ fn table(rt: ResourceType, resources: &[Resource]) -> String {
                 id,
                 s.cluster.clone(),
                 s.member.clone(),
+                s.issuedat.human(),
+                s.notafter.human(),
+                s.revokedat.map_or_else(|| "no".to_string(), |t| t.human()),
+            ],
+            Spec::AdminCredential(s) => vec![
+                id,
+                if s.readonly { "read-only" } else { "full" }.to_string(),
                 s.issuedat.human(),
                 s.notafter.human(),
                 s.revokedat.map_or_else(|| "no".to_string(), |t| t.human()),

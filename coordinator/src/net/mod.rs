@@ -24,6 +24,10 @@ use crate::leader::Election;
 
 /// A client must say hello this soon after the handshake.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request that streams no backup (get, apply, credentials…) must be answered within this, whatever the
+/// client does; downloads and restores have their own deadline scaled by size and a progress timeout
+/// (`api::backups`).
+const REQUEST_DEADLINE: Duration = Duration::from_secs(600);
 /// How long an admin client may take to read its response before the connection is dropped.
 const ADMIN_LINGER: Duration = Duration::from_secs(30);
 /// Connections one identity (the admin, or one agent's cluster/member) may hold open at once: an agent needs
@@ -110,16 +114,13 @@ impl Server {
                 Identity::AdminReadOnly => "admin-ro".to_string(),
                 Identity::Agent { cluster, member } => format!("agent/{cluster}/{member}"),
             };
-            // Agent certificates must be recorded and not revoked; registered first so a revocation closes it.
-            let _admitted = match &identity {
-                Identity::Admin | Identity::AdminReadOnly => None,
-                Identity::Agent { cluster, member } => match self.credentials.admit(&serial, cluster, member, &conn) {
-                    Ok(open) => Some(open),
-                    Err(e) => {
-                        warn!(%remote, identity = %key, "refused a connection: {e}");
-                        return conn.close(3u32.into(), e.to_string().as_bytes());
-                    }
-                },
+            // Certificates must be recorded and not revoked; registered first so a revocation closes it.
+            let _admitted = match self.credentials.admit(&serial, &identity, &conn) {
+                Ok(open) => open,
+                Err(e) => {
+                    warn!(%remote, identity = %key, "refused a connection: {e}");
+                    return conn.close(3u32.into(), e.to_string().as_bytes());
+                }
             };
             let Some(_slot) = ConnectionSlot::take(&self, &key) else {
                 warn!(%remote, identity = %key, "refused a connection: {MAX_CONNECTIONS_PER_IDENTITY} already open for this identity");
@@ -131,7 +132,7 @@ impl Server {
                 Identity::Agent { cluster, member } => info_span!("agent", %cluster, %member, %remote),
             };
             async move {
-                if let Err(e) = self.handle(conn, identity).await {
+                if let Err(e) = self.handle(conn, identity, &serial).await {
                     info!("connection ended: {e:#}");
                 }
             }
@@ -224,7 +225,7 @@ fn peer_identity(conn: &quinn::Connection) -> Result<(Identity, String)> {
 }
 
 impl Server {
-    async fn handle(&self, conn: quinn::Connection, identity: Identity) -> Result<()> {
+    async fn handle(&self, conn: quinn::Connection, identity: Identity, serial: &str) -> Result<()> {
         let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
             .await
             .context("no stream within the hello timeout")?
@@ -270,7 +271,15 @@ impl Server {
                     return Ok(());
                 };
                 debug!(?request, "request");
-                self.api.handle(&identity, request, &mut send).await?;
+                let streams = matches!(request, AdminRequest::Download { .. } | AdminRequest::Restore { .. });
+                let answer = self.api.handle(&identity, request, &mut send);
+                if streams {
+                    answer.await?;
+                } else {
+                    tokio::time::timeout(REQUEST_DEADLINE, answer)
+                        .await
+                        .context("the request was not answered within its deadline; dropping the connection")??;
+                }
                 send.finish().ok();
                 // Let the client read everything; it closes the connection when done.
                 tokio::select! {
@@ -284,7 +293,8 @@ impl Server {
             }
             (Identity::Agent { cluster, member }, Intent::AgentLink) => {
                 let cancel = self.connections.child_token();
-                agent_link::run(&self.agents, cluster, member, hello.software_version, &conn, &mut recv, &cancel).await
+                let peer = agent_link::Peer { cluster, member, serial, software_version: hello.software_version };
+                agent_link::run(&self.agents, &self.credentials, peer, &conn, &mut recv, &cancel).await
             }
         }
     }

@@ -3,7 +3,11 @@
 //! - a revoked certificate is refused on a new connection and its open connection is closed at once;
 //! - re-issuing a member's credentials makes the old certificate stop working;
 //! - a gone member's Agent record can be deleted, but not while it is connected;
-//! - a read-only admin credential can `get` and nothing else.
+//! - a read-only admin credential can `get` and nothing else;
+//! - admin certificates (the coordinator's own `admin.ferryconfig` included) are recorded, and a revoked one is
+//!   refused; revoking the coordinator's own file and restarting it writes a new one;
+//! - an agent is sent a renewed certificate over its link before its own expires, saves it and uses it for
+//!   its next connection; a revoked certificate is never renewed.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -14,7 +18,7 @@ use serde_json::Value;
 
 use crate::fixtures::ferry::{manual_backup_yaml, CoordinatorOptions, Ferryctl};
 use crate::fixtures::hostile::HostileAgent;
-use crate::fixtures::{unix_now, Coordinator};
+use crate::fixtures::{poll_until, unix_now, Agent, Coordinator, EtcdCluster, Stop, STATUS_OK};
 
 /// How long the coordinator may take to close a revoked certificate's open connection.
 const CLOSE_WITHIN: Duration = Duration::from_secs(5);
@@ -187,5 +191,136 @@ async fn read_only_admin_can_get_and_nothing_else() -> anyhow::Result<()> {
     // Nothing changed: the agent's credentials are still good.
     HostileAgent::connect(&coordinator, &creds).await?.close().await;
     assert_eq!(records(&coordinator, "prod", "m1").await?[0]["spec"]["revoked"], false);
+    Ok(())
+}
+
+#[tokio::test]
+async fn agent_renews_its_certificate_before_expiry_and_uses_it_for_the_next_connection() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let creds = coordinator.dir().join("m1-creds");
+    let creds_s = creds.display().to_string();
+    let ctl = coordinator.ctl();
+    // The shortest life allowed: renewal is due after two thirds of it (40 s).
+    ctl.run(&["agent-credentials", "--cluster", "prod", "--member", "m1", "--out", &creds_s, "--valid-for", "1m"])
+        .await?
+        .ok()?;
+    let old = steal(&creds, &coordinator.dir().join("old"))?;
+    let first_cert = std::fs::read_to_string(creds.join("agent.crt"))?;
+    let mut agent = Agent::start(&coordinator, &creds, etcd.member(0).client_url())?;
+    coordinator.wait_agents_connected("prod", &["m1"], Duration::from_secs(30)).await?;
+
+    poll_until("the agent to save a renewed certificate", Duration::from_secs(90), Duration::from_millis(500), || {
+        let creds = creds.clone();
+        let first_cert = first_cert.clone();
+        async move { Ok((std::fs::read_to_string(creds.join("agent.crt"))? != first_cert).then_some(())) }
+    })
+    .await
+    .with_context(|| format!("agent log:\n{}", std::fs::read_to_string(agent.log_path()).unwrap_or_default()))?;
+    for f in ["ca.crt", "agent.crt", "agent.key"] {
+        assert_eq!(std::fs::metadata(creds.join(f))?.permissions().mode() & 0o777, 0o600, "{f}");
+    }
+    let rs = records(&coordinator, "prod", "m1").await?;
+    anyhow::ensure!(rs.len() == 2, "the renewed certificate is recorded: {rs:?}");
+    let (old_serial, new_spec) = (rs[0]["spec"]["serial"].as_str().context("serial")?.to_string(), &rs[1]["spec"]);
+    let life = new_spec["notafter"]["seconds"].as_i64().context("notafter")?
+        - new_spec["issuedat"]["seconds"].as_i64().context("issuedat")?;
+    assert!((life - 60).abs() <= 2, "the same lifetime as the old certificate: {new_spec}");
+    assert!(rs.iter().all(|r| r["spec"]["revoked"] == false), "the old certificate stays valid: {rs:?}");
+    HostileAgent::connect(&coordinator, &old).await?.close().await;
+
+    // Revoking the old certificate closes the agent's link; it comes back with the renewed one and backs up.
+    ctl.run(&["agent-credentials", "revoke", "--serial", &old_serial]).await?.ok()?;
+    poll_until(
+        "the agent to reconnect with its new certificate",
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async {
+            let log = std::fs::read_to_string(agent.log_path())?;
+            let back =
+                log.contains("using the new certificate") && !coordinator.connected_agents("prod").await?.is_empty();
+            Ok(back.then_some(()))
+        },
+    )
+    .await
+    .with_context(|| format!("agent log:\n{}", std::fs::read_to_string(agent.log_path()).unwrap_or_default()))?;
+    coordinator.manual_backup("prod").await?;
+    let status = coordinator.wait_backup_status("prod", Duration::from_secs(60)).await?;
+    assert_eq!(status["status"], STATUS_OK, "a backup over the renewed certificate: {status}");
+
+    // A revoked certificate, due for renewal, is refused and gets nothing.
+    assert!(HostileAgent::connect(&coordinator, &old).await.is_err(), "a revoked certificate connected");
+    agent.check_running()?;
+    ctl.run(&["agent-credentials", "revoke", "--cluster", "prod", "--member", "m1"]).await?.ok()?;
+    let n = records(&coordinator, "prod", "m1").await?.len();
+    let saved = std::fs::read_to_string(creds.join("agent.crt"))?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(HostileAgent::connect(&coordinator, &creds).await.is_err(), "a revoked member connected");
+    assert_eq!(records(&coordinator, "prod", "m1").await?.len(), n, "nothing issued to a revoked certificate");
+    assert_eq!(std::fs::read_to_string(creds.join("agent.crt"))?, saved, "nothing renewed after revocation");
+    Ok(())
+}
+
+/// The serials of the `AdminCredentials` records, with whether each is read-only and revoked.
+async fn admin_records(coordinator: &Coordinator) -> anyhow::Result<Vec<(String, bool, bool)>> {
+    let rs = coordinator.ctl().list_json("admincredentials", None).await?;
+    rs.iter()
+        .map(|r| {
+            let s = &r["spec"];
+            let serial = s["serial"].as_str().context("serial")?.to_string();
+            Ok((serial, s["readonly"] == true, s["revoked"] == true))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn admin_certificates_are_recorded_and_a_revoked_one_is_refused() -> anyhow::Result<()> {
+    let mut coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let ctl = coordinator.ctl();
+    let own = admin_records(&coordinator).await?;
+    anyhow::ensure!(own.len() == 1 && !own[0].1 && !own[0].2, "admin.ferryconfig is recorded: {own:?}");
+    let own_serial = own[0].0.clone();
+
+    // A second full admin file and a read-only one: both recorded, both work.
+    let (full, ro) = (coordinator.dir().join("second.ferryconfig"), coordinator.dir().join("ro.ferryconfig"));
+    let (full_s, ro_s) = (full.display().to_string(), ro.display().to_string());
+    let r = ctl.run(&["admin-credentials", "--out", &full_s, "--valid-for", "1h"]).await?.ok()?;
+    assert!(r.stdout.contains("wrote admin credentials"), "{}", r.stdout);
+    ctl.run(&["admin-credentials", "--read-only", "--out", &ro_s]).await?.ok()?;
+    assert_eq!(std::fs::metadata(&full)?.permissions().mode() & 0o777, 0o600);
+    let (second, reader) = (Ferryctl::new(&full), Ferryctl::new(&ro));
+    second.list_json("clusters", None).await?;
+    reader.list_json("clusters", None).await?;
+    let rs = admin_records(&coordinator).await?;
+    anyhow::ensure!(rs.len() == 3, "three admin records: {rs:?}");
+    let second_serial = rs.iter().find(|r| r.0 != own_serial && !r.1).context("the second full record")?.0.clone();
+    let ro_serial = rs.iter().find(|r| r.1).context("the read-only record")?.0.clone();
+    let table = ctl.run(&["get", "admincredentials"]).await?.ok()?;
+    assert!(table.stdout.contains("read-only") && table.stdout.contains("full"), "{}", table.stdout);
+
+    // Revoked: refused at connect, the others unaffected.
+    for serial in [&second_serial, &ro_serial] {
+        let r = ctl.run(&["admin-credentials", "revoke", "--serial", serial]).await?.ok()?;
+        assert!(r.stdout.contains("revoked"), "{}", r.stdout);
+    }
+    for (name, revoked) in [("second", &second), ("read-only", &reader)] {
+        let r = revoked.run(&["get", "clusters"]).await?;
+        assert!(!r.success(), "the revoked {name} admin certificate still works");
+    }
+    ctl.list_json("clusters", None).await?;
+    let r = ctl.run(&["admin-credentials", "revoke", "--serial", "00ff"]).await?;
+    assert!(!r.success() && r.stderr.contains("no admin certificate"), "{}", r.stderr);
+    let log = std::fs::read_to_string(coordinator.log_path())?;
+    assert!(log.contains("admin certificate") && log.contains("is revoked"), "the refusal is logged");
+
+    // Rotation of the coordinator's own file: revoke it (its own connection may close before the answer),
+    // then restart; the coordinator writes a new one.
+    let _ = ctl.run(&["admin-credentials", "revoke", "--serial", &own_serial]).await?;
+    assert!(!ctl.run(&["get", "clusters"]).await?.success(), "the revoked admin.ferryconfig still works");
+    coordinator.restart(Stop::Term).await?;
+    ctl.list_json("clusters", None).await?;
+    let rs = admin_records(&coordinator).await?;
+    assert!(rs.iter().any(|r| r.0 == own_serial && r.2), "the old one stays revoked: {rs:?}");
+    assert_eq!(rs.iter().filter(|r| !r.2).count(), 1, "one valid admin certificate, the new file's: {rs:?}");
     Ok(())
 }

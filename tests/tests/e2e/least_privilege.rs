@@ -5,6 +5,7 @@
 //!   deletes any other object, and no S3 secret is in it.
 //! - What an agent says: a lying member is not chosen, junk with a correct trailing hash is not committed,
 //!   backups are dated by the coordinator's clock, and progress messages without bytes do not hold a job.
+//! - Bounded requests: a download the client stops reading is dropped after the progress timeout.
 //! - Files and names: backup data and secrets are private, and names that would leave the store are refused.
 
 use std::os::unix::fs::PermissionsExt;
@@ -13,10 +14,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
+use ferry_common::client::Session;
+use ferry_common::config::AgentCredentials;
 use ferry_common::presigned::PresignedClient;
 use ferry_common::protocol::{
-    expect_frame, write_frame, AdminRequest, AdminResponse, BackupSummary, BackupTarget, EtcdFacts, JobMsg, JobReply,
-    JobRequest, PresignedRequest, RestoreSource,
+    expect_frame, read_frame, write_frame, AdminRequest, AdminResponse, BackupSummary, BackupTarget, EtcdFacts, JobMsg,
+    JobReply, JobRequest, PresignedRequest, RestoreSource,
 };
 use ferry_common::resources::Timestamp;
 use ferry_common::s3::S3ErrorKind;
@@ -377,5 +380,54 @@ async fn one_agent_certificate_cannot_open_connections_without_bound() -> anyhow
         Ok(HostileAgent::hold_request_connection(&coordinator, &creds).await.ok().map(|_| ()))
     })
     .await?;
+    Ok(())
+}
+
+/// A request connection that asks for a backup and then stops reading is dropped once it makes no progress
+/// (30 s, `api::backups::STREAM_PROGRESS_TIMEOUT`), so it holds no slot, store reader or buffers for long.
+#[tokio::test]
+async fn a_download_the_client_stops_reading_is_dropped() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    // Random values: the object stays larger than QUIC's flow-control windows, so unread data blocks writes.
+    etcd.put_random_values(8 << 20, 7).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let _agents = coordinator.start_agents("prod", &etcd).await?;
+    coordinator.manual_backup("prod").await?;
+    let status = coordinator.wait_backup_status("prod", Duration::from_secs(60)).await?;
+    assert_eq!(status["status"], STATUS_OK, "{status}");
+
+    // The attacker holds a real agent certificate of the cluster, asks for its latest backup, reads the
+    // first answer and then nothing.
+    let creds = coordinator.issue_agent_credentials("prod", "m9").await?;
+    let creds = AgentCredentials::load(&creds)?;
+    let request = AdminRequest::Restore { cluster: None, backup: "latest".into() };
+    let mut session = Session::open(&coordinator.addr(), &creds.ca_pem, &creds.client, &request).await?;
+    let first: AdminResponse = expect_frame(&mut session.recv).await?;
+    assert!(matches!(first, AdminResponse::RestoreFrom { .. }), "{first:?}");
+    let stalled = Instant::now();
+    poll_until(
+        "the coordinator to drop the stalled download",
+        Duration::from_secs(90),
+        Duration::from_millis(500),
+        || async {
+            let log = std::fs::read_to_string(coordinator.log_path())?;
+            Ok(log.contains("the client read nothing for 30s").then_some(()))
+        },
+    )
+    .await?;
+    assert!(stalled.elapsed() >= Duration::from_secs(25), "dropped only after the progress timeout");
+    // What was buffered can still be read; then the stream ends without `DownloadEnd`.
+    let ended_cleanly = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match read_frame::<_, AdminResponse>(&mut session.recv).await {
+                Ok(Some(AdminResponse::DownloadEnd)) => return true,
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .context("the dropped stream neither ended nor failed")?;
+    assert!(!ended_cleanly, "the stalled download was completed after all");
     Ok(())
 }

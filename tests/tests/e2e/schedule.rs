@@ -582,3 +582,52 @@ async fn twenty_clusters_on_one_interval_do_not_start_in_the_same_second() -> an
     assert_daemon_logs_clean(&coordinator, &agents);
     Ok(())
 }
+
+/// Manifests dated in the future (written by an older version from a skewed agent's clock, or planted) sort
+/// before every real backup; retention must still keep the newest backup the coordinator itself verified,
+/// and that backup must restore.
+#[tokio::test]
+async fn retention_never_deletes_the_newest_verified_backup_whatever_other_manifests_are_dated() -> anyhow::Result<()> {
+    const KEEP: u32 = 2;
+    /// 2100-01-01: far ahead of any backup taken now.
+    const FUTURE: i64 = 4_102_444_800;
+    let etcd = EtcdCluster::start(1).await?;
+    etcd.put_keys(100).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let agents = coordinator.start_agents(CLUSTER, &etcd).await?;
+    set_backup_configuration(&coordinator, CLUSTER, every(3600, Some(KEEP))).await?.ok()?;
+    let status = coordinator.wait_backup_status(CLUSTER, Duration::from_secs(30)).await?;
+    assert_eq!(status["status"], STATUS_OK, "{status:#}");
+    let first = taken(&coordinator, CLUSTER).await?.pop().context("no backup listed")?.id;
+
+    // Two copies of the first backup, each a well-formed manifest beside its object, dated in 2100.
+    let dir = coordinator.store_dir().join(CLUSTER);
+    let manifest = std::fs::read_to_string(dir.join(format!("{first}.manifest.json")))?;
+    let future: Vec<String> = (1..=KEEP).map(|i| format!("{first}-future{i}")).collect();
+    for id in &future {
+        let mut m: Value = serde_json::from_str(&manifest.replace(first.as_str(), id))?;
+        m["backup"]["createdat"] = json!({ "seconds": FUTURE, "nanos": 0 });
+        std::fs::write(dir.join(format!("{id}.manifest.json")), serde_json::to_vec(&m)?)?;
+        std::fs::copy(dir.join(format!("{first}.snapshot.zst")), dir.join(format!("{id}.snapshot.zst")))?;
+    }
+    let listed: Vec<String> = taken(&coordinator, CLUSTER).await?.into_iter().map(|b| b.id).collect();
+    assert_eq!(listed.len(), 1 + future.len(), "the dated copies are listed: {listed:?}");
+
+    // By date alone, keeplast 2 would keep the two copies and delete the backup just taken.
+    etcd.put_keys(150).await?;
+    coordinator.ctl().apply_yaml(&manual_backup_yaml(CLUSTER, unix_now(), 0)).await?.ok()?;
+    let status = coordinator.wait_next_backup_status(CLUSTER, &status, Duration::from_secs(30)).await?;
+    assert_eq!(status["status"], STATUS_OK, "{status:#}");
+    let after: Vec<String> = taken(&coordinator, CLUSTER).await?.into_iter().map(|b| b.id).collect();
+    let newest = after.iter().find(|id| **id != first && !future.contains(id)).context("the new backup is gone")?;
+    assert!(dir.join(format!("{newest}.snapshot.zst")).is_file(), "its object is in the store");
+    assert!(!after.contains(&first), "the older real backup went by the policy: {after:?}");
+
+    let snapshot = coordinator.dir().join("newest.snapshot");
+    coordinator.download_backup(CLUSTER, newest, &snapshot, true).await?;
+    let restored = restore_and_read_raw(&snapshot).await?;
+    let keys = restored.keys().filter(|k| k.starts_with(TEST_PREFIX)).count();
+    assert_eq!(keys, 150, "the kept backup restores with every key written before it");
+    assert_daemon_logs_clean(&coordinator, &agents);
+    Ok(())
+}
