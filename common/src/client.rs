@@ -163,12 +163,18 @@ async fn connect_one(
         Ok(Err(e)) => return Err(ClientError::Connect { addr: coordinator.to_string(), reason: e.to_string() }),
         Err(_) => return Err(ClientError::Timeout(coordinator.to_string())),
     };
-    let (mut send, mut recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| ClientError::Connect { addr: coordinator.to_string(), reason: e.to_string() })?;
-    write_frame(&mut send, &Hello::new(Intent::Request)).await?;
-    let server = match expect_frame(&mut recv).await? {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| {
+        refusal(&conn).unwrap_or_else(|| ClientError::Connect { addr: coordinator.to_string(), reason: e.to_string() })
+    })?;
+    let hello = async {
+        write_frame(&mut send, &Hello::new(Intent::Request)).await?;
+        expect_frame(&mut recv).await
+    };
+    let reply = match hello.await {
+        Ok(r) => r,
+        Err(e) => return Err(refusal(&conn).unwrap_or(ClientError::Frame(e))),
+    };
+    let server = match reply {
         HelloReply::Ok { protocol_version, software_version } => ServerHello { protocol_version, software_version },
         HelloReply::Refused { reason } => return Err(ClientError::Refused(reason)),
         HelloReply::NotLeader { leader } => {
@@ -177,6 +183,17 @@ async fn connect_one(
         }
     };
     Ok(Dialed::Connected((endpoint, conn, send, recv, server)))
+}
+
+/// The coordinator closed the connection before the hello and said why (a revoked or unrecorded certificate,
+/// a state store it cannot read): that reason, rather than "connection lost".
+fn refusal(conn: &quinn::Connection) -> Option<ClientError> {
+    match conn.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(c) if !c.reason.is_empty() => {
+            Some(ClientError::Refused(String::from_utf8_lossy(&c.reason).into_owned()))
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
