@@ -52,7 +52,7 @@ const ISSUE_CONCURRENCY: usize = 8;
 /// Steady-state window over which the coordinator's CPU time is measured.
 const CPU_WINDOW: Duration = Duration::from_secs(30);
 /// Longest wait for any phase (connecting, a backup round, a restart).
-const PHASE_TIMEOUT: Duration = Duration::from_secs(600);
+const PHASE_TIMEOUT: Duration = Duration::from_secs(300);
 /// The member check's hash of every simulated member: all agree.
 const KV_HASH: u32 = 0x5ca1e;
 
@@ -425,9 +425,9 @@ async fn measure(agents: usize, raw_snapshot: &[u8], root: &Path) -> Result<Row>
     wait_for("the admin ferryconfig", || config.is_file()).await?;
     let admin = Arc::new(Admin::new(&config, &coordinator.addr)?);
     let start = Instant::now();
-    while admin.list(ResourceType::Agent).await.is_err() {
+    while let Err(e) = admin.list(ResourceType::Agent).await {
         if start.elapsed() > PHASE_TIMEOUT {
-            bail!("the coordinator did not answer");
+            bail!("the coordinator did not answer: {e:#}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -492,7 +492,7 @@ async fn measure(agents: usize, raw_snapshot: &[u8], root: &Path) -> Result<Row>
     eprintln!("{agents} agents: steady CPU {:.1}% RSS {:.0} MiB get agents {:.2}s", row.cpu_pct, rss, row.get_agents_s);
 
     // A round of manual backups to every cluster, in one apply.
-    let now = Timestamp::now();
+    let now = Timestamp { nanos: 0, ..Timestamp::now() };
     let resources: Vec<Resource> = (0..clusters)
         .map(|c| Resource::new(cluster_name(c), Spec::EtcdManualBackup(EtcdManualBackupSpec { backupat: now })))
         .collect();
