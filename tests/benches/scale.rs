@@ -352,10 +352,9 @@ impl Admin {
             valid_for_seconds: 86_400,
         };
         match self.call(&request).await? {
-            AdminResponse::Credentials { cert_pem, key_pem, .. } => Ok(quinn_client_config(
-                &self.ca_pem,
-                &ferry_common::tls::CertifiedPem { cert_pem, key_pem },
-            )?),
+            AdminResponse::Credentials { cert_pem, key_pem, .. } => {
+                Ok(quinn_client_config(&self.ca_pem, &ferry_common::tls::CertifiedPem { cert_pem, key_pem })?)
+            }
             other => bail!("unexpected answer {other:?}"),
         }
     }
