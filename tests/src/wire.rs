@@ -13,7 +13,7 @@ use ferry_common::tls::resolve;
 use sha2::{Digest as _, Sha256};
 
 /// How long an admin answer may take before the caller gives up.
-const ADMIN_ANSWER_WAIT: Duration = Duration::from_secs(10);
+const ADMIN_ANSWER_WAIT: Duration = Duration::from_secs(120);
 
 /// Dials `coordinator` from `endpoint` with `config` (which holds the certificate), opens the first stream
 /// and says hello with `intent`; the connection and that stream, once the coordinator said yes.
