@@ -1,1 +1,4 @@
-//! End-to-end test crate; the tests live in `tests/e2e`.
+//! End-to-end test crate; the tests live in `tests/e2e`, the benchmarks in `benches/`. The library holds what
+//! both use: [`wire`], Ferry's agent wire protocol spoken with a real certificate.
+
+pub mod wire;
