@@ -113,6 +113,7 @@ impl PreparedSnapshot {
             started_at,
             finished_at: Timestamp::now(),
             parts: Vec::new(),
+            sealed: None,
         };
         write_frame(send, &JobMsg::Finished(summary)).await?;
         let reply: JobReply = expect_frame(recv).await?;
