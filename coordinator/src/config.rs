@@ -29,8 +29,8 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             zstd_level: 3,
-            part_size: 8 << 20,
-            parts_in_flight: 4,
+            part_size: 5 << 20,
+            parts_in_flight: 3,
             upload_limit_bps: 0,
             download_limit_bps: 0,
             bounds: Bounds::default(),

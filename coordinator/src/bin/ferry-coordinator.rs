@@ -115,11 +115,13 @@ struct Args {
     /// zstd level agents compress snapshots with (1-19).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
     zstd_level: i32,
-    /// S3 multipart part size in MiB (S3 needs at least 5).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(5..=5120))]
+    /// S3 multipart part size in MiB (S3 needs at least 5; 5 keeps the agent's memory lowest, and 10 000 parts
+    /// of it still hold a 48 GiB object).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(5..=5120))]
     upload_part_size_mib: u64,
-    /// S3 parts an agent uploads at once; agent memory is about part size × (this + 1).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    /// S3 parts an agent uploads at once; agent memory is about part size × (this + 1). Three keep a loopback
+    /// or LAN S3 busy (docs/PERFORMANCE.md); raise it for a distant one.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
     upload_parts_in_flight: u32,
     /// Upload bandwidth cap per backup in megabits per second (0 = unlimited).
     #[arg(long, default_value_t = 0)]
