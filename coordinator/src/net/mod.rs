@@ -170,17 +170,30 @@ pub async fn redirect_to_leader(endpoint: quinn::Endpoint, election: Election, s
 }
 
 async fn say_not_leader(conn: &quinn::Connection, election: &Election) -> Result<()> {
-    let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+    let (mut send, _recv, _hello) = accept_hello(conn).await?;
+    let leader = election.leader().await;
+    debug!(?leader, "not the leader: redirecting");
+    final_reply(conn, &mut send, &HelloReply::NotLeader { leader }).await.context("send redirect")?;
+    Ok(())
+}
+
+/// The first stream of a connection and the hello on it, each within [`HELLO_TIMEOUT`].
+async fn accept_hello(conn: &quinn::Connection) -> Result<(quinn::SendStream, quinn::RecvStream, Hello)> {
+    let (send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
         .await
         .context("no stream within the hello timeout")?
         .context("accept first stream")?;
-    let _: Hello = tokio::time::timeout(HELLO_TIMEOUT, expect_frame(&mut recv))
+    let hello: Hello = tokio::time::timeout(HELLO_TIMEOUT, expect_frame(&mut recv))
         .await
         .context("no hello within the timeout")?
         .context("read hello")?;
-    let leader = election.leader().await;
-    debug!(?leader, "not the leader: redirecting");
-    write_frame(&mut send, &HelloReply::NotLeader { leader }).await.context("send redirect")?;
+    Ok((send, recv, hello))
+}
+
+/// A hello reply that ends the conversation (a refusal, a redirect): sent, then a short wait for the client
+/// to read it and close, so closing our side does not cut it off.
+async fn final_reply(conn: &quinn::Connection, send: &mut quinn::SendStream, reply: &HelloReply) -> Result<()> {
+    write_frame(send, reply).await?;
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     Ok(())
@@ -226,14 +239,7 @@ fn peer_identity(conn: &quinn::Connection) -> Result<(Identity, String)> {
 
 impl Server {
     async fn handle(&self, conn: quinn::Connection, identity: Identity, serial: &str) -> Result<()> {
-        let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
-            .await
-            .context("no stream within the hello timeout")?
-            .context("accept first stream")?;
-        let hello: Hello = tokio::time::timeout(HELLO_TIMEOUT, expect_frame(&mut recv))
-            .await
-            .context("no hello within the timeout")?
-            .context("read hello")?;
+        let (mut send, mut recv, hello) = accept_hello(&conn).await?;
         let refusal = if self.shutting_down.is_cancelled() {
             Some(
                 "the coordinator is shutting down and takes no new requests or links; retry once it is back"
@@ -249,9 +255,7 @@ impl Server {
             None
         };
         if let Some(reason) = refusal {
-            write_frame(&mut send, &HelloReply::Refused { reason: reason.clone() }).await?;
-            let _ = send.finish();
-            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+            final_reply(&conn, &mut send, &HelloReply::Refused { reason: reason.clone() }).await?;
             bail!("refused: {reason}");
         }
         let reply =
