@@ -20,11 +20,12 @@
 //! target/release. Prints a table; it is a benchmark, never a pass/fail test.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use etcd_client::{Client, TxnOp};
+use ferry_tests::bench::{release_bin, Proc};
 
 const ACCESS_KEY: &str = "benchaccess";
 const SECRET_KEY: &str = "benchsecretkey";
@@ -36,16 +37,6 @@ const THROTTLED_MBPS: u64 = 800;
 const DENSE_BLOB: usize = 700;
 /// Small puts per second while etcd's write latency is measured.
 const LATENCY_PUTS_PER_S: u64 = 200;
-
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn spawn(cmd: &mut Command, log: &Path) -> Result<Proc> {
     let f = std::fs::File::create(log)?;
@@ -59,17 +50,6 @@ fn spawn(cmd: &mut Command, log: &Path) -> Result<Proc> {
 
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn release_bin(name: &str) -> Result<PathBuf> {
-    // target/release/deps/backup-xxxx → target/release
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().and_then(Path::parent).context("bench binary location")?;
-    let p = dir.join(name);
-    if !p.exists() {
-        bail!("{} not found: run `cargo build --release --bins` first", p.display());
-    }
-    Ok(p)
 }
 
 fn run(cmd: &mut Command) -> Result<()> {

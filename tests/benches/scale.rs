@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,6 +36,7 @@ use ferry_common::protocol::{
 };
 use ferry_common::resources::{EtcdManualBackupSpec, Resource, ResourceType, Spec, Timestamp};
 use ferry_common::tls::quinn_client_config;
+use ferry_tests::bench::{release_bin, Proc};
 use ferry_tests::wire::{admin_call, answer_hash_kv, etcd_snapshot, open_link, PreparedSnapshot};
 use tokio::task::JoinSet;
 
@@ -55,27 +56,6 @@ const CPU_WINDOW: Duration = Duration::from_secs(30);
 const PHASE_TIMEOUT: Duration = Duration::from_secs(300);
 /// The member check's hash of every simulated member: all agree.
 const KV_HASH: u32 = 0x5ca1e;
-
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn release_bin(name: &str) -> Result<PathBuf> {
-    // target/release/deps/scale-xxxx → target/release
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().and_then(Path::parent).context("bench binary location")?;
-    let p = dir.join(name);
-    if !p.exists() {
-        bail!("{} not found: run `cargo build --release --bins` first", p.display());
-    }
-    Ok(p)
-}
 
 fn free_port() -> Result<u16> {
     Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
