@@ -23,7 +23,7 @@ use ferry_common::progress::{Lines, Progress};
 use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, RestoreSource, RevisionSeen};
 use ferry_common::resources::{EtcdBackupSpec, Spec};
 use ferry_common::s3::with_retries;
-use ferry_common::snapshot::{planned_bump, RestoreAs, RevisionBump, VerifyingWriter};
+use ferry_common::snapshot::{planned_bump, BackgroundWriter, RestoreAs, RevisionBump, VerifyingWriter};
 use ferry_common::tls::CertifiedPem;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -365,62 +365,4 @@ async fn fetch(req: &RestoreRequest, snapshot: &Path) -> Result<(EtcdBackupSpec,
     .await;
     s.close().await;
     result
-}
-
-/// A [`VerifyingWriter`] on a blocking thread, fed through a short queue: the download continues while the
-/// previous chunks are decompressed, hashed and written. Its first error ends the thread and is returned by
-/// the next call.
-struct BackgroundWriter {
-    tx: Option<tokio::sync::mpsc::Sender<Bytes>>,
-    task: tokio::task::JoinHandle<Result<(), ferry_common::snapshot::SnapshotError>>,
-    bytes: u64,
-}
-
-/// Chunks waiting for the writer thread (each at most a few hundred KiB: bounded memory).
-const WRITER_QUEUE: usize = 16;
-
-impl BackgroundWriter {
-    fn spawn(mut w: VerifyingWriter) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITER_QUEUE);
-        let task = tokio::task::spawn_blocking(move || {
-            while let Some(chunk) = rx.blocking_recv() {
-                w.write(&chunk)?;
-            }
-            w.finish().map(|_| ())
-        });
-        Self { tx: Some(tx), task, bytes: 0 }
-    }
-
-    /// Stored bytes handed over so far.
-    fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
-    async fn write(&mut self, chunk: Bytes) -> Result<()> {
-        self.bytes += chunk.len() as u64;
-        let sent = match &self.tx {
-            Some(tx) => tx.send(chunk).await.is_ok(),
-            None => false,
-        };
-        if !sent {
-            // The thread stopped: its error says why.
-            self.tx = None;
-            self.join().await?;
-            bail!("the snapshot writer stopped before the end of the download");
-        }
-        Ok(())
-    }
-
-    /// Ends the input; the final checks run and the file lands in place.
-    async fn finish(mut self) -> Result<()> {
-        self.tx = None;
-        self.join().await
-    }
-
-    async fn join(&mut self) -> Result<()> {
-        match (&mut self.task).await {
-            Ok(r) => Ok(r?),
-            Err(e) => bail!("the snapshot writer failed: {e}"),
-        }
-    }
 }

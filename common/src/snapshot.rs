@@ -54,6 +54,8 @@ pub enum SnapshotError {
     ZstdStream { got: u64, sha: String, want: u64, want_sha: String },
     #[error("the stored object is {found} but its manifest says it is {expected}")]
     Sealing { found: &'static str, expected: &'static str },
+    #[error("the snapshot checking thread {0}")]
+    Writer(&'static str),
     #[error("{tool} failed: {detail}")]
     Tool { tool: String, detail: String },
     #[error(
@@ -404,6 +406,65 @@ impl Drop for VerifyingWriter {
     fn drop(&mut self) {
         if !self.done {
             let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// A [`VerifyingWriter`] on a blocking thread, fed through a short queue: the download continues while the
+/// previous chunks are decompressed, hashed and written. Its first error ends the thread and is returned by
+/// the next call. Used by `ferry-agent restore` and the coordinator's restore drills.
+pub struct BackgroundWriter {
+    tx: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    /// Taken when joined: a thread's outcome is read once.
+    task: Option<tokio::task::JoinHandle<Result<(), SnapshotError>>>,
+    bytes: u64,
+}
+
+/// Chunks waiting for the writer thread (each at most a few hundred KiB: bounded memory).
+const WRITER_QUEUE: usize = 16;
+
+impl BackgroundWriter {
+    pub fn spawn(mut w: VerifyingWriter) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITER_QUEUE);
+        let task = tokio::task::spawn_blocking(move || {
+            while let Some(chunk) = rx.blocking_recv() {
+                w.write(&chunk)?;
+            }
+            w.finish().map(|_| ())
+        });
+        Self { tx: Some(tx), task: Some(task), bytes: 0 }
+    }
+
+    /// Stored bytes handed over so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub async fn write(&mut self, chunk: bytes::Bytes) -> Result<(), SnapshotError> {
+        self.bytes += chunk.len() as u64;
+        let sent = match &self.tx {
+            Some(tx) => tx.send(chunk).await.is_ok(),
+            None => false,
+        };
+        if !sent {
+            // The thread stopped: its error says why.
+            self.tx = None;
+            self.join().await?;
+            return Err(SnapshotError::Writer("stopped before the end of the download"));
+        }
+        Ok(())
+    }
+
+    /// Ends the input; the final checks run and the file lands in place.
+    pub async fn finish(mut self) -> Result<(), SnapshotError> {
+        self.tx = None;
+        self.join().await
+    }
+
+    async fn join(&mut self) -> Result<(), SnapshotError> {
+        match self.task.take() {
+            Some(task) => task.await.unwrap_or(Err(SnapshotError::Writer("panicked"))),
+            None => Err(SnapshotError::Writer("already ended")),
         }
     }
 }

@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_common::protocol::DATA_CHUNK;
 use ferry_common::resources::{status, DrillStatus, Timestamp, DRILL_WARNING};
-use ferry_common::snapshot::VerifyingWriter;
-use tokio::sync::mpsc;
+use ferry_common::snapshot::{BackgroundWriter, VerifyingWriter};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, warn, Instrument};
@@ -31,8 +30,6 @@ use crate::store::{BackupStore, Manifest};
 
 /// How long the throw-away etcd may take to answer.
 const ETCD_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
-/// Chunks between the store reader and the checking writer.
-const CHANNEL_DEPTH: usize = 8;
 
 /// What drills work with.
 pub struct DrillDeps {
@@ -242,33 +239,28 @@ async fn restore(deps: &DrillDeps, manifest: &Manifest, cancel: &CancellationTok
         .tempdir_in(&deps.scratch)
         .context("create a scratch dir")?;
     let snapshot = scratch.path().join("snapshot.db");
-    // The checks and zstd run on a blocking thread, fed through a small channel.
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
-    let (target, spec, ids) = (snapshot.clone(), manifest.backup.clone(), deps.identities.clone());
-    let writer = tokio::task::spawn_blocking(move || -> Result<()> {
-        let mut w = VerifyingWriter::create(&target, &spec, true, ids.as_ref())?;
-        while let Some(chunk) = rx.blocking_recv() {
-            w.write(&chunk)?;
-        }
-        w.finish()?;
-        Ok(())
-    });
+    // The checks and zstd run on a blocking thread, fed through a small queue.
+    let w = VerifyingWriter::create(&snapshot, &manifest.backup, true, deps.identities.as_ref())
+        .context("the stored backup fails its checks")?;
+    let mut writer = BackgroundWriter::spawn(w);
     let read = async {
         let mut object = deps.store.open(manifest, cancel).await.context("open the backup object")?;
         let mut buf = vec![0u8; DATA_CHUNK];
         while let Some(piece) = object.next(&mut buf).await.context("read the backup object")? {
-            if tx.send(piece).await.is_err() {
-                // The writer stopped: its error says why.
-                break;
+            if let Err(e) = writer.write(piece.into()).await {
+                return Ok(Some(e));
             }
         }
-        anyhow::Ok(())
+        anyhow::Ok(None)
     }
     .await;
-    drop(tx);
-    let written = writer.await.context("the checking thread panicked")?;
     // A check failure is the more telling error when both failed.
-    written.context("the stored backup fails its checks")?;
+    let (checked, read) = match read {
+        Ok(Some(e)) => (Err(e), Ok(())),
+        Ok(None) => (writer.finish().await, Ok(())),
+        Err(e) => (writer.finish().await, Err(e)),
+    };
+    checked.context("the stored backup fails its checks")?;
     read?;
     let dir = scratch.path().to_owned();
     let restored = tokio::task::spawn_blocking(move || restore_and_read(&snapshot, &dir, ETCD_ANSWER_TIMEOUT))
