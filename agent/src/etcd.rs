@@ -12,6 +12,9 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one `HashKV` may take: it hashes every key version, seconds on a multi-GiB database; below the
 /// coordinator's 20 s wait, so a slow etcd is reported as such rather than as a silent agent.
 const HASH_KV_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long etcd may take to start a snapshot: it first commits its pending batch, an fsync that a busy disk
+/// (a big write just before, other I/O on the node) can hold for many seconds.
+const SNAPSHOT_OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// TLS files for etcd's client port (kubeadm: /etc/kubernetes/pki/etcd/…).
 #[derive(Debug, Clone, Default)]
@@ -25,6 +28,7 @@ pub struct EtcdTls {
 #[derive(Clone)]
 pub struct EtcdMember {
     client: Client,
+    opts: ConnectOptions,
     pub endpoint: String,
 }
 
@@ -51,9 +55,17 @@ impl EtcdMember {
             opts = opts.with_tls(t);
         }
         // Connecting is lazy in tonic: this succeeds even while etcd is down, and RPCs fail until it is up.
-        let client =
-            Client::connect([endpoint], Some(opts)).await.with_context(|| format!("connect to etcd at {endpoint}"))?;
-        Ok(Self { client, endpoint: endpoint.to_string() })
+        let client = Client::connect([endpoint], Some(opts.clone()))
+            .await
+            .with_context(|| format!("connect to etcd at {endpoint}"))?;
+        Ok(Self { client, opts, endpoint: endpoint.to_string() })
+    }
+
+    /// A client on a connection of its own, for requests that must not queue behind the snapshot stream.
+    pub async fn separate_client(&self) -> Result<Client> {
+        Client::connect([&self.endpoint], Some(self.opts.clone()))
+            .await
+            .with_context(|| format!("connect to etcd at {}", self.endpoint))
     }
 
     /// The member's status as the coordinator wants it.
@@ -105,7 +117,7 @@ impl EtcdMember {
     /// Opens etcd's snapshot stream. etcd holds a bbolt read transaction open until the stream ends.
     pub async fn snapshot(&self) -> Result<SnapshotStreaming> {
         let mut c = self.client.clone();
-        tokio::time::timeout(RPC_TIMEOUT, c.snapshot())
+        tokio::time::timeout(SNAPSHOT_OPEN_TIMEOUT, c.snapshot())
             .await
             .context("opening etcd's snapshot stream timed out")?
             .context("open etcd snapshot stream")

@@ -20,6 +20,7 @@ use quinn::{RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Pacer;
 use crate::etcd::EtcdMember;
 use crate::metrics::METRICS;
 use crate::pipeline::{Compressed, Compressor, SnapshotVerifier, Verified};
@@ -42,6 +43,9 @@ pub struct PipelineSettings {
     pub zstd_workers: u32,
     /// Nice value of the compression thread (and zstd's workers, which inherit it): 0 leaves it as is.
     pub nice: i32,
+    /// Pause reading etcd's snapshot while its latency is above this × its latency before the backup
+    /// (≤ 1: never).
+    pub backoff_factor: f64,
 }
 
 /// Runs a backup job on a job stream the coordinator opened; reports failure on the stream itself.
@@ -122,11 +126,18 @@ async fn pump(
 ) -> Result<BackupSummary> {
     // Checked before etcd is asked for anything: a bad recipient fails the job at once.
     let recipients = parse_recipients(&job.recipients).context("the job's encryption recipients")?;
+    let pacer = match etcd.separate_client().await {
+        Ok(c) => Pacer::start(c, pipeline.backoff_factor).await,
+        Err(e) => {
+            tracing::warn!("no second etcd connection to watch its latency ({e:#}); backing off is off");
+            Pacer::off()
+        }
+    };
     let snapshot = etcd.snapshot().await?;
     let (raw_tx, raw_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
     let (progress_tx, progress_rx) = tokio::sync::watch::channel(0u64);
-    let mut reader = AbortOnDrop(tokio::spawn(read_etcd(snapshot, raw_tx, progress_tx)));
+    let mut reader = AbortOnDrop(tokio::spawn(read_etcd(snapshot, raw_tx, progress_tx, pacer)));
     let level = job.zstd_level;
     let compressor = tokio::task::spawn_blocking(move || compress(raw_rx, out_tx, level, &recipients, pipeline));
 
@@ -218,7 +229,7 @@ impl Drop for IdleOnDrop {
 }
 
 /// Stops the etcd reader (and so etcd's snapshot stream) when the job ends early.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
@@ -230,9 +241,11 @@ async fn read_etcd(
     mut snapshot: etcd_client::SnapshotStreaming,
     raw_tx: mpsc::Sender<Vec<u8>>,
     progress: tokio::sync::watch::Sender<u64>,
+    mut pacer: Pacer,
 ) -> Result<Verified> {
     let mut verifier = SnapshotVerifier::default();
     loop {
+        pacer.wait().await;
         let msg = tokio::time::timeout(STALL_TIMEOUT, snapshot.message())
             .await
             .map_err(|_| anyhow!("etcd sent no snapshot data for {}s", STALL_TIMEOUT.as_secs()))?
@@ -245,6 +258,12 @@ async fn read_etcd(
         }
     }
     let verified = verifier.finish()?;
+    if !pacer.paused().is_zero() {
+        tracing::info!(
+            paused_ms = pacer.paused().as_millis() as u64,
+            "paused reading etcd's snapshot while etcd was slow"
+        );
+    }
     forward(&raw_tx, verified.trailer.clone()).await?;
     progress.send_replace(verified.file_bytes);
     Ok(verified)

@@ -1,5 +1,6 @@
 //! ferry-agent: runs beside an etcd member, dials the coordinator and streams snapshots on command.
 
+pub mod backoff;
 pub mod etcd;
 pub mod job;
 pub mod link;

@@ -118,6 +118,17 @@ struct Args {
     /// request decides (docs/DEPLOY.md).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
     pipeline_nice: i32,
+    /// Pause reading etcd's snapshot while etcd's read latency stands above FACTOR × its latency before the
+    /// backup (at most half the backup's time; 0 or 1: never). See docs/PERFORMANCE.md.
+    #[arg(long, value_name = "FACTOR", default_value_t = 2.0, value_parser = backoff_factor)]
+    etcd_latency_backoff: f64,
+}
+
+fn backoff_factor(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if f == 0.0 || (1.0..=100.0).contains(&f) => Ok(f),
+        _ => Err(format!("`{s}` is not a factor: give 0 (off) or a number from 1 to 100, e.g. 2")),
+    }
 }
 
 #[tokio::main]
@@ -176,7 +187,11 @@ async fn run(args: Args) -> Result<()> {
     async {
         info!(%coordinator, etcd = %endpoint, "agent starting");
         let jobs_cancel = CancellationToken::new();
-        let pipeline = PipelineSettings { zstd_workers: args.zstd_workers, nice: args.pipeline_nice };
+        let pipeline = PipelineSettings {
+            zstd_workers: args.zstd_workers,
+            nice: args.pipeline_nice,
+            backoff_factor: args.etcd_latency_backoff,
+        };
         Link {
             coordinator,
             credentials_dir: creds_dir,

@@ -22,6 +22,7 @@ pub struct AgentMetrics {
     pub stored_bytes: Counter,
     pub upload_parts: Family<PartLabels, Counter>,
     pub job_throughput: Gauge<f64, AtomicU64>,
+    pub backoff_seconds: Counter<f64, AtomicU64>,
     pub coordinator_connected: Gauge,
     pub etcd_up: Gauge,
     rss: Gauge,
@@ -40,6 +41,7 @@ impl AgentMetrics {
             stored_bytes: Counter::default(),
             upload_parts: Family::default(),
             job_throughput: Gauge::default(),
+            backoff_seconds: Counter::default(),
             coordinator_connected: Gauge::default(),
             etcd_up: Gauge::default(),
             rss: Gauge::default(),
@@ -53,6 +55,11 @@ impl AgentMetrics {
             "job_throughput_bytes_per_second",
             "Raw snapshot bytes per second of the running backup (0 when idle)",
             m.job_throughput.clone(),
+        );
+        agent.register(
+            "backoff_seconds",
+            "Time backups spent not reading etcd's snapshot because etcd's latency had risen",
+            m.backoff_seconds.clone(),
         );
         agent.register("coordinator_connected", "1 while linked to the coordinator", m.coordinator_connected.clone());
         agent.register("etcd_up", "1 while the agent's etcd member answers", m.etcd_up.clone());

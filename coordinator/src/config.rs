@@ -28,7 +28,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            zstd_level: 3,
+            zstd_level: 1,
             part_size: 5 << 20,
             parts_in_flight: 3,
             upload_limit_bps: 0,

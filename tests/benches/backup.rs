@@ -14,6 +14,9 @@
 //! `FERRY_BENCH_ONLY=restore` skips the backup comparisons (one Ferry backup, then the restores).
 //! `FERRY_BENCH_ONLY=encryption` compares Ferry backups to S3 with and without age encryption (alternating,
 //! `FERRY_BENCH_RUNS` each, default 3): wall time, the agent's CPU seconds and its peak RSS.
+//! `FERRY_BENCH_ONLY=latency` measures etcd's put latency idle and during Ferry backups with the latency
+//! backoff off and on, and with the agent in a CPU-limited cgroup (as a pod's CPU limit would put it; needs a
+//! writable cgroup v1 `cpu` hierarchy, else those rows are skipped), alternating, `FERRY_BENCH_RUNS` each.
 //!
 //! Runs on etcd 3.5 from `.tools/etcd-3.5` (`tests/setup.sh` puts it there; `FERRY_ETCD_DIR` picks another).
 //! Needs zstd, s3s-fs and the aws CLI (`tests/setup.sh` installs them) and the release binaries in
@@ -455,6 +458,117 @@ fn only_restore() -> bool {
     std::env::var("FERRY_BENCH_ONLY").is_ok_and(|v| v == "restore")
 }
 
+fn only_latency() -> bool {
+    std::env::var("FERRY_BENCH_ONLY").is_ok_and(|v| v == "latency")
+}
+
+/// A cgroup v1 `cpu` group capping its processes at `cores` CPUs, removed on drop.
+struct CpuLimit(PathBuf);
+
+impl CpuLimit {
+    fn new(cores: f64, pid: u32) -> Result<Self> {
+        let dir = PathBuf::from(format!("/sys/fs/cgroup/cpu/ferry-bench-{}-{}", std::process::id(), pid));
+        std::fs::create_dir(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let limit = Self(dir);
+        std::fs::write(limit.0.join("cpu.cfs_period_us"), "100000")?;
+        std::fs::write(limit.0.join("cpu.cfs_quota_us"), ((cores * 100_000.0) as u64).to_string())?;
+        std::fs::write(limit.0.join("cgroup.procs"), pid.to_string())?;
+        Ok(limit)
+    }
+}
+
+impl Drop for CpuLimit {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// etcd's put latency idle and during backups with each way of sparing etcd, alternating configurations.
+async fn bench_latency(
+    ferry: &mut Ferry,
+    run_: &Run<'_>,
+    db_gib: f64,
+    latency_rows: &mut Vec<LatencyRow>,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let runs: usize = std::env::var("FERRY_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    ferry.start_coordinator(&[])?;
+    let args = |a: &[&str]| a.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();
+    let configs: Vec<(&str, Vec<String>, Option<f64>)> = vec![
+        ("ferry, backoff off", args(&["--etcd-latency-backoff", "0"]), None),
+        ("ferry, backoff 2× (default)", vec![], None),
+        ("ferry, backoff 2×, agent CPU limit 1", vec![], Some(1.0)),
+        ("ferry, backoff 2×, agent CPU limit 0.5", vec![], Some(0.5)),
+    ];
+    let mut idle = Vec::new();
+    let mut during: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
+    let mut stats: Vec<Vec<(Duration, f64, u64, u64)>> = vec![Vec::new(); configs.len()];
+    let mut seq = 0;
+    for _ in 0..runs {
+        let stop = flag::Stop::default();
+        let probe = tokio::spawn(put_latencies(ferry.etcd.clone(), stop.clone()));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        stop.set();
+        idle.extend(probe.await??);
+        for (i, (label, agent_args, cores)) in configs.iter().enumerate() {
+            eprintln!("[{:.2} GiB {}] {label}…", db_gib, run_.data());
+            let agent = ferry.start_agent(agent_args)?;
+            let _limit = match cores {
+                Some(c) => match CpuLimit::new(*c, agent.0.id()) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        eprintln!("  skipped: no CPU limit possible here ({e:#})");
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let pid = agent.0.id().to_string();
+            let cpu_before = cpu_seconds(&pid, false);
+            let stop = flag::Stop::default();
+            let probe = tokio::spawn(put_latencies(ferry.etcd.clone(), stop.clone()));
+            seq += 1;
+            let backup = {
+                let ferry = &*ferry;
+                tokio::task::block_in_place(|| ferry.backup(seq))
+            };
+            stop.set();
+            during[i].extend(probe.await??);
+            let (wall, stored) = backup?;
+            let cpu = cpu_seconds(&pid, false) - cpu_before;
+            let (rss, _) = proc_stats(agent.0.id());
+            stats[i].push((wall, cpu, rss, stored));
+        }
+    }
+    latency_rows.push(LatencyRow {
+        gib: db_gib,
+        data: run_.data(),
+        during: "idle".into(),
+        latencies: percentiles(idle),
+    });
+    for (i, (label, _, _)) in configs.iter().enumerate() {
+        let mut s = std::mem::take(&mut stats[i]);
+        if s.is_empty() {
+            continue;
+        }
+        s.sort_by_key(|x| x.0);
+        let (wall, cpu, rss, stored) = s[s.len() / 2];
+        rows.push(Row {
+            gib: db_gib,
+            data: run_.data(),
+            method: format!("{label} (median of {})", s.len()),
+            wall,
+            cpu: Some(cpu),
+            rss: Some(rss),
+            disk_writes: None,
+            stored,
+        });
+        let lat = percentiles(std::mem::take(&mut during[i]));
+        latency_rows.push(LatencyRow { gib: db_gib, data: run_.data(), during: (*label).into(), latencies: lat });
+    }
+    Ok(())
+}
+
 fn only_encryption() -> bool {
     std::env::var("FERRY_BENCH_ONLY").is_ok_and(|v| v == "encryption")
 }
@@ -667,6 +781,12 @@ async fn bench_size(
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(Vec::new());
     }
+    if only_latency() {
+        bench_latency(&mut ferry, run_, db_gib, latency_rows, &mut rows).await?;
+        drop(ferry);
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(rows);
+    }
     if only_restore() {
         ferry.start_coordinator(&[])?;
         let _agent = ferry.start_agent(&[])?;
@@ -829,51 +949,66 @@ fn bench_restore(ferry: &Ferry, gib: f64) -> Result<Vec<RestoreRow>> {
     ];
     let zst = dir.join("backup.snapshot.zst");
     let db = dir.join("snapshot.db");
-    eprintln!("[{gib} GiB] restore with aws s3 cp → zstd -d → etcdutl snapshot restore…");
-    let fetch = timed(
-        Command::new("aws")
-            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-            .env("AWS_DEFAULT_REGION", "us-east-1")
-            .env("AWS_CONFIG_FILE", "/dev/null")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-            .args(["--endpoint-url", &ferry.s3_endpoint, "s3", "cp", "--only-show-errors"])
-            .arg(format!("s3://{BUCKET}/{key}"))
-            .arg(&zst),
-    )?;
-    let local = timed(Command::new("zstd").args(["-d", "-q", "-f"]).arg(&zst).arg("-o").arg(&db))?
-        + timed(
-            Command::new("etcdutl")
-                .args(["snapshot", "restore"])
-                .arg(&db)
-                .arg("--data-dir")
-                .arg(dir.join("tools"))
-                .args(member)
-                // What a Kubernetes restore needs, as Ferry does by default.
-                .args(["--bump-revision", "100000", "--mark-compacted"]),
-        )?;
-    // Free the disk before the next restore: a 3 GiB database is three 4.6 GiB copies at once otherwise.
-    for p in [dir.join("tools"), db.clone(), zst.clone()] {
-        let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
-    }
-    eprintln!("[{gib} GiB] ferry-agent restore…");
     let creds = ferry.dir.join("agent-creds");
-    let ferry_wall = timed(
-        Command::new(release_bin("ferry-agent")?)
-            .args(["restore", "--coordinator", &ferry.addr, "--credentials"])
-            .arg(&creds)
-            .args(["--backup", &id, "--data-dir"])
-            .arg(dir.join("ferry"))
-            .args(member),
-    )?;
-    let _ = std::fs::remove_dir_all(dir.join("ferry"));
+    // Alternating runs (the order flipping each time) so that drift on a shared machine hits both alike.
+    let runs: usize = std::env::var("FERRY_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let (mut fetches, mut locals, mut ferries) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs * 2 {
+        if (i % 2 == 0) == (i / 2 % 2 == 0) {
+            eprintln!("[{gib:.2} GiB] restore with aws s3 cp → zstd -d → etcdutl snapshot restore…");
+            let fetch = timed(
+                Command::new("aws")
+                    .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+                    .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+                    .env("AWS_DEFAULT_REGION", "us-east-1")
+                    .env("AWS_CONFIG_FILE", "/dev/null")
+                    .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+                    .args(["--endpoint-url", &ferry.s3_endpoint, "s3", "cp", "--only-show-errors"])
+                    .arg(format!("s3://{BUCKET}/{key}"))
+                    .arg(&zst),
+            )?;
+            let local = timed(Command::new("zstd").args(["-d", "-q", "-f"]).arg(&zst).arg("-o").arg(&db))?
+                + timed(
+                    Command::new("etcdutl")
+                        .args(["snapshot", "restore"])
+                        .arg(&db)
+                        .arg("--data-dir")
+                        .arg(dir.join("tools"))
+                        .args(member)
+                        // What a Kubernetes restore needs, as Ferry does by default.
+                        .args(["--bump-revision", "100000", "--mark-compacted"]),
+                )?;
+            // Free the disk before the next restore: a 3 GiB database is three 4.6 GiB copies at once otherwise.
+            for p in [dir.join("tools"), db.clone(), zst.clone()] {
+                let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            }
+            fetches.push(fetch + local);
+            locals.push(local);
+        } else {
+            eprintln!("[{gib:.2} GiB] ferry-agent restore…");
+            ferries.push(timed(
+                Command::new(release_bin("ferry-agent")?)
+                    .args(["restore", "--coordinator", &ferry.addr, "--credentials"])
+                    .arg(&creds)
+                    .args(["--backup", &id, "--data-dir"])
+                    .arg(dir.join("ferry"))
+                    .args(member),
+            )?);
+            let _ = std::fs::remove_dir_all(dir.join("ferry"));
+        }
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (fetch, local, ferry_wall) = (median(&mut fetches), median(&mut locals), median(&mut ferries));
     let rows = vec![
-        RestoreRow { gib, method: "aws s3 cp → zstd -d → etcdutl snapshot restore", wall: fetch + local },
+        RestoreRow { gib, method: "aws s3 cp → zstd -d → etcdutl snapshot restore", wall: fetch },
         RestoreRow { gib, method: "zstd -d → etcdutl snapshot restore (object local)", wall: local },
         RestoreRow { gib, method: "ferry-agent restore (fetch + checks + restore)", wall: ferry_wall },
     ];
     for r in &rows {
-        eprintln!("[{gib} GiB] {}: {:.2} s", r.method, r.wall.as_secs_f64());
+        eprintln!("[{gib:.2} GiB] {}: {:.2} s", r.method, r.wall.as_secs_f64());
     }
     Ok(rows)
 }

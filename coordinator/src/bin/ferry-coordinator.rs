@@ -112,8 +112,9 @@ struct Args {
     /// when listening on all addresses.
     #[arg(long = "advertise-name")]
     advertise_names: Vec<String>,
-    /// zstd level agents compress snapshots with (1-19).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    /// zstd level agents compress snapshots with (1-19). 1 costs the control-plane node about a third less
+    /// CPU than 3 for objects a few per cent larger (docs/PERFORMANCE.md).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
     zstd_level: i32,
     /// S3 multipart part size in MiB (S3 needs at least 5; 5 keeps the agent's memory lowest, and 10 000 parts
     /// of it still hold a 48 GiB object).
