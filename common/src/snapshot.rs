@@ -518,7 +518,14 @@ enum CheckKind {
 
 impl StreamCheck {
     pub fn new() -> Result<Self, SnapshotError> {
-        Ok(Self { kind: CheckKind::Unknown, sha: Sha256::new(), bytes: 0, limit: None, over_limit: false, failed: None })
+        Ok(Self {
+            kind: CheckKind::Unknown,
+            sha: Sha256::new(),
+            bytes: 0,
+            limit: None,
+            over_limit: false,
+            failed: None,
+        })
     }
 
     /// A check that refuses, as soon as it is passed, a snapshot decompressing to more than `limit` bytes

@@ -329,9 +329,9 @@ impl BackupStore {
     ) -> Result<Pending, StoreError> {
         check_names(cluster, None)?;
         let kind = match &self.backend {
-            Backend::Local(l) => {
-                PendingKind::Local(Box::new(l.begin(cluster, at, &self.deployment, self.max_snapshot_size, cancel).await?))
-            },
+            Backend::Local(l) => PendingKind::Local(Box::new(
+                l.begin(cluster, at, &self.deployment, self.max_snapshot_size, cancel).await?,
+            )),
             Backend::S3(s) => PendingKind::S3(Box::new(s.begin(cluster, at, upload, &self.deployment, cancel).await?)),
         };
         Ok(Pending { kind, failures: self.failures.clone() })
