@@ -6,7 +6,7 @@
 #
 # - apt: etcd-server + etcd-client (the system's etcd: 3.4 on Debian bookworm, for the compatibility pass),
 #   protobuf-compiler (etcd-client's build needs protoc), zstd, prometheus (promtool + a real Prometheus),
-#   age (the independent client for encrypted backups).
+#   age (the independent client for encrypted backups), faketime (agents with a skewed clock).
 # - etcd 3.5, the version Kubernetes runs: Debian trixie's etcd-server/etcd-client, fetched with
 #   `apt-get download` through a private sources list and unpacked with `dpkg-deb -x` into .tools/etcd-3.5
 #   in this checkout. Nothing is added to the system's sources and the system's etcd is left alone.
@@ -90,6 +90,8 @@ have protoc || packages+=(protobuf-compiler)
 have zstd || packages+=(zstd)
 have promtool && have prometheus || packages+=(prometheus)
 have age || packages+=(age)
+# libfaketime: agents run with their clock an hour off (faults_net.rs).
+have faketime || packages+=(faketime)
 have cc || packages+=(build-essential)
 pip_packages=()
 have aws || pip_packages+=(awscli)
@@ -122,7 +124,7 @@ if ((${#pip_packages[@]})); then
 else
     say "aws CLI and kubernetes-validate present"
 fi
-for tool in etcd etcdctl protoc zstd promtool prometheus age s3s-fs aws kubernetes-validate; do
+for tool in etcd etcdctl protoc zstd promtool prometheus age faketime s3s-fs aws kubernetes-validate; do
     have "$tool" || { echo "setup: $tool is still missing after the install" >&2; exit 1; }
 done
 say "done"

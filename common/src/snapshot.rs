@@ -36,6 +36,14 @@ pub enum SnapshotError {
          (the object is not the backup its manifest describes)"
     )]
     RawTooLarge { want: u64 },
+    /// An incoming snapshot went past the receiver's size limit while it streamed in: stopped there, before
+    /// its end (where its real size would be said), so an endless or inflating stream costs neither CPU nor
+    /// disk beyond the limit.
+    #[error(
+        "the incoming snapshot is larger than the {limit}-byte limit (decompressed, or as stored); refused while \
+         it streamed in. A real database this large needs a higher --max-snapshot-size-mib on the coordinator"
+    )]
+    OverLimit { limit: u64 },
     #[error("sha256 of the decompressed snapshot is {got} but the manifest says {want}")]
     RawHash { got: String, want: String },
     #[error("etcd's own sha256 at the end of the snapshot does not match its contents: the snapshot is corrupted")]
@@ -559,6 +567,11 @@ pub struct StreamCheck {
     kind: CheckKind,
     sha: Sha256,
     bytes: u64,
+    /// Raw (decompressed) bytes accepted at most; stored bytes are held to it too, with room for zstd's and
+    /// age's framing. `None`: unbounded (the caller bounds the input).
+    limit: Option<u64>,
+    /// The limit was passed: every later write fails at once.
+    over_limit: bool,
     /// The first failure, kept until `finish` (a stream that does not decompress fails there, named).
     failed: Option<String>,
 }
@@ -573,7 +586,27 @@ enum CheckKind {
 
 impl StreamCheck {
     pub fn new() -> Result<Self, SnapshotError> {
-        Ok(Self { kind: CheckKind::Unknown, sha: Sha256::new(), bytes: 0, failed: None })
+        Ok(Self {
+            kind: CheckKind::Unknown,
+            sha: Sha256::new(),
+            bytes: 0,
+            limit: None,
+            over_limit: false,
+            failed: None,
+        })
+    }
+
+    /// A check that refuses, as soon as it is passed, a snapshot decompressing to more than `limit` bytes
+    /// (or stored in more than `limit` plus framing): what arrives from an agent is checked as it streams,
+    /// before its summary says how large it is.
+    pub fn with_limit(limit: u64) -> Result<Self, SnapshotError> {
+        Ok(Self { limit: Some(limit), ..Self::new()? })
+    }
+
+    /// Stored bytes allowed for a `limit`-byte snapshot: incompressible data grows a little under zstd
+    /// (block headers) and age (16 bytes per 64 KiB chunk); 1/32 and 1 MiB cover both with room.
+    fn stored_limit(limit: u64) -> u64 {
+        limit.saturating_add(limit / 32).saturating_add(1 << 20)
     }
 
     /// Stored (compressed) bytes so far.
@@ -586,34 +619,49 @@ impl StreamCheck {
         hex::encode(self.sha.clone().finalize())
     }
 
-    pub fn write(&mut self, data: &[u8]) {
+    /// Checks the next stored bytes. Only going past the limit fails here (at once, and every later write
+    /// too); any other fault is kept for [`Self::finish`], which names it.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), SnapshotError> {
+        if let Some(limit) = self.limit {
+            if self.over_limit || self.bytes + data.len() as u64 > Self::stored_limit(limit) {
+                self.over_limit = true;
+                return Err(SnapshotError::OverLimit { limit });
+            }
+        }
         self.sha.update(data);
         self.bytes += data.len() as u64;
         if matches!(self.kind, CheckKind::Unknown) && !data.is_empty() {
             self.kind = if data[0] == AGE_MAGIC[0] {
                 CheckKind::Sealed(Vec::with_capacity(AGE_MAGIC.len()))
             } else {
-                match zstd::stream::write::Decoder::new(RawCheck::new(std::io::sink(), None)) {
+                match zstd::stream::write::Decoder::new(RawCheck::new(std::io::sink(), self.limit)) {
                     Ok(d) => CheckKind::Zstd(Box::new(d)),
                     Err(e) => {
                         self.failed = Some(e.to_string());
-                        return;
+                        return Ok(());
                     }
                 }
             };
         }
         match &mut self.kind {
-            CheckKind::Zstd(decoder) if self.failed.is_none() => {
-                if let Err(e) = decoder.write_all(data) {
-                    self.failed = Some(e.to_string());
+            CheckKind::Zstd(decoder) if self.failed.is_none() => match decoder.write_all(data) {
+                Ok(()) => {}
+                // Decompressing stopped at the limit: nothing more of this stream is worth a cycle.
+                Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+                    let limit = self.limit.unwrap_or_default();
+                    self.failed = Some(SnapshotError::OverLimit { limit }.to_string());
+                    self.over_limit = true;
+                    return Err(SnapshotError::OverLimit { limit });
                 }
-            }
+                Err(e) => self.failed = Some(e.to_string()),
+            },
             CheckKind::Sealed(head) if head.len() < AGE_MAGIC.len() => {
                 let n = (AGE_MAGIC.len() - head.len()).min(data.len());
                 head.extend_from_slice(&data[..n]);
             }
             _ => {}
         }
+        Ok(())
     }
 
     /// The final checks against `spec`: sizes, hashes, etcd's trailing hash and the bbolt meta page.
@@ -820,13 +868,37 @@ mod tests {
         let junk = snapshot_file(&[1u8; 8192]);
         let (stored, spec) = backup(&junk);
         let mut c = StreamCheck::new().unwrap();
-        c.write(&stored);
+        c.write(&stored).unwrap();
         assert!(matches!(c.finish(&spec), Err(SnapshotError::NotBbolt(_))));
         let (stored, spec) = backup(&snapshot_file(&db));
         let mut c = StreamCheck::new().unwrap();
         for piece in stored.chunks(100) {
-            c.write(piece);
+            c.write(piece).unwrap();
         }
+        c.finish(&spec).unwrap();
+    }
+
+    /// What an agent streams is checked before its summary says how large it is: a bomb (a few KiB inflating
+    /// to 256 MiB) or an endless stored stream stops at the limit, at once and for good.
+    #[test]
+    fn an_incoming_stream_stops_at_the_size_limit() {
+        let bomb = zstd::encode_all(&vec![0u8; 256 * 1024 * 1024][..], 19).unwrap();
+        let mut c = StreamCheck::with_limit(4 << 20).unwrap();
+        let started = std::time::Instant::now();
+        let e = bomb.chunks(1024).find_map(|p| c.write(p).err()).expect("the bomb is stopped");
+        assert!(matches!(e, SnapshotError::OverLimit { limit } if limit == 4 << 20), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "stopped early: {:?}", started.elapsed());
+        assert!(c.write(b"more").is_err(), "every later write fails too");
+        // Stored bytes are bounded too (an encrypted or undecodable stream is not decompressed).
+        let mut c = StreamCheck::with_limit(1 << 20).unwrap();
+        let junk = vec![AGE_MAGIC[0]; 64 * 1024];
+        let written = (0..64).take_while(|_| c.write(&junk).is_ok()).count();
+        assert!(written > 16 && written < 40, "stopped past 1 MiB + framing room: {written} × 64 KiB");
+        // A real snapshot under the limit passes.
+        let db = fake_bbolt(5, |i| (i % 7) as u8);
+        let (stored, spec) = backup(&snapshot_file(&db));
+        let mut c = StreamCheck::with_limit(spec.rawsize).unwrap();
+        c.write(&stored).unwrap();
         c.finish(&spec).unwrap();
     }
 

@@ -289,6 +289,16 @@ async fn stream(
                     finishedat: summary.finished_at,
                     encryption,
                 };
+                // The local store stopped such a stream as it came in; an S3 upload is refused before its
+                // read-back would decompress it.
+                let max = deps.store.max_snapshot_size();
+                if summary.raw_size > max {
+                    bail!(
+                        "agent {member} reports a {}-byte snapshot, above the coordinator's limit of {max} bytes \
+                         (--max-snapshot-size-mib)",
+                        summary.raw_size
+                    );
+                }
                 if summary.parts.len() as u32 > highest_part {
                     bail!("agent {member} reported {} parts but asked for {highest_part}", summary.parts.len());
                 }

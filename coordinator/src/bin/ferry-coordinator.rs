@@ -33,7 +33,7 @@ use ferry_coordinator::pki::Keys;
 use ferry_coordinator::schedule::{self, SchedulerDeps};
 use ferry_coordinator::state::{EtcdStore, EtcdStoreOptions, RedbStore, StateStore};
 use ferry_coordinator::status::Status;
-use ferry_coordinator::store::{BackupStore, S3Conn};
+use ferry_coordinator::store::{BackupStore, S3Conn, DEFAULT_MAX_SNAPSHOT_SIZE};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -153,6 +153,11 @@ struct Args {
     /// meanwhile).
     #[arg(long, default_value = SHUTDOWN_GRACE, value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// Largest etcd snapshot taken, in MiB decompressed: bytes arriving beyond it are refused as they stream
+    /// in, so an endless stream or a decompression bomb from a hostile agent stops there. The default, 16 GiB,
+    /// is twice etcd's largest recommended `--quota-backend-bytes`.
+    #[arg(long, default_value_t = DEFAULT_MAX_SNAPSHOT_SIZE >> 20, value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
+    max_snapshot_size_mib: u64,
     /// A backup that moves no snapshot bytes for this long fails, whatever progress its agent reports.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration, hide = true)]
     byte_stall_timeout: Duration,
@@ -255,7 +260,8 @@ async fn run(args: Args) -> Result<()> {
                 BackupStore::s3()
             }
         }
-        .with_deployment(deployment.clone()),
+        .with_deployment(deployment.clone())
+        .with_max_snapshot_size(args.max_snapshot_size_mib << 20),
     );
     let server_config = quinn_server_config(&pki.ca.pem().cert_pem, &pki.server)?;
     if args.min_backup_interval > args.max_backup_interval {

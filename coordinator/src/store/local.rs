@@ -69,6 +69,7 @@ impl LocalStore {
         cluster: &str,
         at: Timestamp,
         deployment: &str,
+        max_snapshot_size: u64,
         cancel: &CancellationToken,
     ) -> Result<PendingLocal> {
         cancelled(cancel)?;
@@ -93,7 +94,8 @@ impl LocalStore {
                         partial,
                         object,
                         file: Some(file),
-                        check: StreamCheck::new().map_err(|e| StoreError::Mismatch(e.to_string()))?,
+                        check: StreamCheck::with_limit(max_snapshot_size)
+                            .map_err(|e| StoreError::Mismatch(e.to_string()))?,
                         done: false,
                     });
                 }
@@ -199,8 +201,9 @@ impl PendingLocal {
         cancelled(cancel)?;
         let f =
             self.file.as_mut().ok_or_else(|| StoreError::Mismatch(format!("backup {} is already closed", self.id)))?;
+        // Checked before it is written: past the size limit, not one more byte reaches the disk.
+        self.check.write(data).map_err(|e| StoreError::Mismatch(e.to_string()))?;
         f.write_all(data).await.map_err(io(format!("write {}", self.partial.display())))?;
-        self.check.write(data);
         Ok(())
     }
 

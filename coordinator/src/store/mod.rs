@@ -29,6 +29,10 @@ pub const MANIFEST_SUFFIX: &str = ".manifest.json";
 /// Largest manifest read: a real one is about 1 KiB; an object named like a manifest but larger is not one,
 /// and must not cost the coordinator its memory.
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
+/// Default largest snapshot (decompressed) the coordinator takes: twice etcd's largest recommended
+/// `--quota-backend-bytes` (8 GiB). Incoming bytes are checked as they stream, before the agent's summary
+/// says their size, so a hostile agent's endless stream or decompression bomb stops here.
+pub const DEFAULT_MAX_SNAPSHOT_SIZE: u64 = 16 << 30;
 
 /// The manifest written beside each object; a stable, documented format (see docs/ARCHITECTURE.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -146,6 +150,8 @@ pub struct BackupStore {
     deployment: String,
     /// Injected failures (tests only; `None` in the daemon).
     failures: Option<Arc<Failures>>,
+    /// Largest snapshot taken, decompressed ([`DEFAULT_MAX_SNAPSHOT_SIZE`]).
+    max_snapshot_size: u64,
 }
 
 enum Backend {
@@ -156,12 +162,22 @@ enum Backend {
 impl BackupStore {
     /// The local store in `dir` (created if missing); partial objects a crash left are removed.
     pub fn local(dir: &std::path::Path) -> Result<Self, StoreError> {
-        Ok(Self { backend: Backend::Local(LocalStore::open(dir)?), deployment: String::new(), failures: None })
+        Ok(Self {
+            backend: Backend::Local(LocalStore::open(dir)?),
+            deployment: String::new(),
+            failures: None,
+            max_snapshot_size: DEFAULT_MAX_SNAPSHOT_SIZE,
+        })
     }
 
     /// An S3 store, unusable until a configuration is set ([`Self::set_s3_config`]).
     pub fn s3() -> Self {
-        Self { backend: Backend::S3(S3Store::default()), deployment: String::new(), failures: None }
+        Self {
+            backend: Backend::S3(S3Store::default()),
+            deployment: String::new(),
+            failures: None,
+            max_snapshot_size: DEFAULT_MAX_SNAPSHOT_SIZE,
+        }
     }
 
     /// The same store, writing `deployment` into every manifest and deleting (retention) only backups of
@@ -169,6 +185,17 @@ impl BackupStore {
     pub fn with_deployment(mut self, deployment: impl Into<String>) -> Self {
         self.deployment = deployment.into();
         self
+    }
+
+    /// The same store, refusing snapshots larger than `bytes` decompressed (local: as they stream in).
+    pub fn with_max_snapshot_size(mut self, bytes: u64) -> Self {
+        self.max_snapshot_size = bytes;
+        self
+    }
+
+    /// Largest snapshot taken, decompressed.
+    pub fn max_snapshot_size(&self) -> u64 {
+        self.max_snapshot_size
     }
 
     /// This deployment's id.
@@ -302,7 +329,9 @@ impl BackupStore {
     ) -> Result<Pending, StoreError> {
         check_names(cluster, None)?;
         let kind = match &self.backend {
-            Backend::Local(l) => PendingKind::Local(Box::new(l.begin(cluster, at, &self.deployment, cancel).await?)),
+            Backend::Local(l) => PendingKind::Local(Box::new(
+                l.begin(cluster, at, &self.deployment, self.max_snapshot_size, cancel).await?,
+            )),
             Backend::S3(s) => PendingKind::S3(Box::new(s.begin(cluster, at, upload, &self.deployment, cancel).await?)),
         };
         Ok(Pending { kind, failures: self.failures.clone() })

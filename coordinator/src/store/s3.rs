@@ -491,7 +491,8 @@ impl PendingUpload {
         }
         let what = format!("read back s3://{bucket}/{}", self.key);
         let mut body = common_s3::get_object(&conn.client, bucket, &self.key, &what, cancel).await?;
-        let mut check = StreamCheck::new().map_err(|e| StoreError::Mismatch(e.to_string()))?;
+        // The agent's raw size bounds the decompression: a bomb stops there, not at its end.
+        let mut check = StreamCheck::with_limit(spec.rawsize).map_err(|e| StoreError::Mismatch(e.to_string()))?;
         loop {
             let piece = tokio::select! {
                 p = body.try_next() => p,
@@ -503,7 +504,7 @@ impl PendingUpload {
                 retryable: true,
             })?;
             let Some(piece) = piece else { break };
-            check.write(&piece);
+            check.write(&piece).map_err(|e| StoreError::Mismatch(format!("the uploaded object: {e}")))?;
             if check.bytes() > spec.size {
                 break;
             }

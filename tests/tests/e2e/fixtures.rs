@@ -8,12 +8,14 @@
 //! - [`process`]: a spawned daemon with a log file, stopped on drop.
 //! - [`etcd`]: [`EtcdCluster`] and the deterministic test data.
 //! - [`ferry`]: [`Coordinator`], [`Agent`], [`Ferryctl`] and the one-shot `ferry-agent restore`.
+//! - [`h2_corrupter`]: a proxy before etcd's client port that flips one bit inside a snapshot message.
 //! - [`hostile`]: a hostile agent speaking the wire protocol with a real agent certificate.
 //! - [`logs`]: checks on daemon logs.
 //! - [`restore`]: restore a snapshot with `etcdctl` and read it back; decompress with `zstd`.
 //! - [`s3`]: [`S3Server`] (a real `s3s-fs`), its Ferry config, and the `aws` CLI as an independent client.
 //! - [`tls_proxy`]: [`tls_proxy::TlsProxy`], HTTPS with a private CA in front of a plain-HTTP server.
 //! - [`tools`]: where etcd 3.5 and the other programs come from; the check that the daemons are fresh.
+//! - [`udp_relay`]: a UDP relay before the coordinator's QUIC port that can cut the path both ways.
 
 // The fixture API is wider than what today's tests call (e.g. `stop_member`); less used items are reached
 // through their module (`fixtures::ferry::BackupStore`).
@@ -21,6 +23,7 @@
 
 pub(crate) mod etcd;
 pub(crate) mod ferry;
+pub(crate) mod h2_corrupter;
 pub(crate) mod hostile;
 pub(crate) mod logs;
 pub(crate) mod pki;
@@ -30,6 +33,7 @@ pub(crate) mod restore;
 pub(crate) mod s3;
 pub(crate) mod tls_proxy;
 pub(crate) mod tools;
+pub(crate) mod udp_relay;
 
 use std::path::Path;
 use std::time::Duration;
