@@ -13,6 +13,7 @@ mod drills;
 mod encryption;
 mod failures;
 mod faults;
+mod faults_s3;
 mod ha;
 mod harness;
 mod least_privilege;
