@@ -158,7 +158,12 @@ enum Backend {
 impl BackupStore {
     /// The local store in `dir` (created if missing); partial objects a crash left are removed.
     pub fn local(dir: &std::path::Path) -> Result<Self, StoreError> {
-        Ok(Self { backend: Backend::Local(LocalStore::open(dir)?), deployment: String::new(), failures: None, foreign_seen: Default::default() })
+        Ok(Self {
+            backend: Backend::Local(LocalStore::open(dir)?),
+            deployment: String::new(),
+            failures: None,
+            foreign_seen: Default::default(),
+        })
     }
 
     /// An S3 store, unusable until a configuration is set ([`Self::set_s3_config`]).

@@ -111,10 +111,13 @@ impl Shared {
         let bucket = &conn.spec.bucket;
         common_s3::delete_object(&conn.client, bucket, &l.manifest, &CancellationToken::new()).await?;
         lock(&self.manifests).remove(&l.manifest);
-        if let Some(upload_id) = &l.upload_id {
-            common_s3::abort_upload(&conn.client, bucket, &l.key, upload_id).await?;
-        }
-        common_s3::delete_object(&conn.client, bucket, &l.key, &CancellationToken::new()).await
+        // A failed abort does not keep the object: only the manifest must go first.
+        let aborted = match &l.upload_id {
+            Some(upload_id) => common_s3::abort_upload(&conn.client, bucket, &l.key, upload_id).await,
+            None => Ok(()),
+        };
+        common_s3::delete_object(&conn.client, bucket, &l.key, &CancellationToken::new()).await?;
+        aborted
     }
 }
 
@@ -426,7 +429,7 @@ impl PendingUpload {
     /// etcd's trailing hash, bbolt's meta page) and writes its manifest. On failure the upload and object are
     /// discarded, so nothing unchecked or unlisted lingers.
     pub(super) async fn commit(
-        self,
+        mut self,
         mut spec: EtcdBackupSpec,
         parts: Vec<UploadedPart>,
         cancel: &CancellationToken,
@@ -434,9 +437,15 @@ impl PendingUpload {
         spec.snapshot = self.key.clone();
         let deployment = (!self.deployment.is_empty()).then(|| self.deployment.clone());
         let manifest = Manifest { format: 1, id: self.id.clone(), backup: spec, deployment };
-        match self.try_commit(&manifest, parts, cancel).await {
+        let mut completed = false;
+        match self.try_commit(&manifest, parts, &mut completed, cancel).await {
             Ok(()) => Ok(manifest),
             Err(e) => {
+                // A completed upload cannot be aborted (S3 answers NoSuchUpload, some servers AccessDenied):
+                // only its object and manifest are left to delete.
+                if completed {
+                    self.upload_id = None;
+                }
                 self.abort().await;
                 Err(e)
             }
@@ -515,9 +524,11 @@ impl PendingUpload {
         &self,
         manifest: &Manifest,
         parts: Vec<UploadedPart>,
+        completed: &mut bool,
         cancel: &CancellationToken,
     ) -> Result<(), StoreError> {
         self.complete(parts, cancel).await?;
+        *completed = true;
         self.verify(&manifest.backup, cancel).await?;
         let conn = &self.conn;
         let bucket = &conn.spec.bucket;

@@ -48,8 +48,7 @@ impl Rig {
         let written = etcd.put_random_values(mib * MIB, 7).await?;
         let metrics_port = free_port();
         let metrics = format!("127.0.0.1:{metrics_port}");
-        let options =
-            CoordinatorOptions::s3(&["--upload-part-size-mib", "5", "--metrics-listen", &metrics]);
+        let options = CoordinatorOptions::s3(&["--upload-part-size-mib", "5", "--metrics-listen", &metrics]);
         let coordinator = Coordinator::start(options).await?;
         let config = S3Config { endpoint: proxy.endpoint(), ..s3.config() };
         coordinator.ctl().apply_yaml(&config.to_yaml()).await?.ok().context("apply the S3 config")?;
@@ -99,14 +98,19 @@ impl Rig {
     /// are in the bucket and nothing else is (no object without its manifest), no multipart upload is
     /// left, and the S3 config is the one applied. Returns the listed ids.
     async fn assert_consistent(&self) -> anyhow::Result<Vec<String>> {
-        poll_until("no unfinished multipart upload in s3s-fs", Duration::from_secs(90), Duration::from_millis(250), || async {
-            let left = self.s3.leftover_uploads();
-            if left.is_empty() {
-                Ok(Some(()))
-            } else {
-                anyhow::bail!("left: {left:?}")
-            }
-        })
+        poll_until(
+            "no unfinished multipart upload in s3s-fs",
+            Duration::from_secs(90),
+            Duration::from_millis(250),
+            || async {
+                let left = self.s3.leftover_uploads();
+                if left.is_empty() {
+                    Ok(Some(()))
+                } else {
+                    anyhow::bail!("left: {left:?}")
+                }
+            },
+        )
         .await?;
         let listed = self.coordinator.backups(CLUSTER).await?;
         let mut expected = Vec::new();
@@ -269,7 +273,9 @@ async fn s3_down_at_start_fails_clearly_and_the_next_backup_succeeds() -> anyhow
     rig.backup_ok().await?;
     let recovered = back.elapsed();
     assert_eq!(rig.assert_consistent().await?.len(), 1);
-    eprintln!("FAULT s3-down-at-start: failed after {failed_after:?}: {error}; next backup ok {recovered:?} after S3 is back");
+    eprintln!(
+        "FAULT s3-down-at-start: failed after {failed_after:?}: {error}; next backup ok {recovered:?} after S3 is back"
+    );
     Ok(())
 }
 
@@ -279,7 +285,8 @@ async fn s3_down_at_commit_aborts_the_upload_and_lists_nothing() -> anyhow::Resu
     // CompleteMultipartUpload cut every time, and the abort that follows too, five times: the abort is
     // retried later.
     let complete = Rule::new(Request::is_complete_upload, When::Always, Answer::Close);
-    let abort = Rule::new(|r: &Request| r.method == "DELETE" && r.query.contains("uploadId="), When::First(5), Answer::Close);
+    let abort =
+        Rule::new(|r: &Request| r.method == "DELETE" && r.query.contains("uploadId="), When::First(5), Answer::Close);
     rig.proxy.set(Faults { rules: vec![complete.clone(), abort.clone()], ..Faults::default() });
     let error = rig.backup_fails().await?;
     assert!(error.contains("complete multipart upload"), "the error names the commit step: {error}");
@@ -370,7 +377,9 @@ async fn local_store_disk_full_fails_the_backup_and_recovers_once_space_is_back(
     assert!(coordinator.stop().await, "the coordinator stops on SIGTERM");
     let store = coordinator.store_dir();
     let Some(_tmpfs) = Tmpfs::mount(&store, 16 * MIB as u64) else {
-        eprintln!("skipped: mounting a tmpfs needs root (the disk-full fault is injected with a real small filesystem)");
+        eprintln!(
+            "skipped: mounting a tmpfs needs root (the disk-full fault is injected with a real small filesystem)"
+        );
         return Ok(());
     };
     coordinator.restart(crate::fixtures::Stop::Kill).await?;
@@ -392,7 +401,9 @@ async fn local_store_disk_full_fails_the_backup_and_recovers_once_space_is_back(
     assert_eq!(http_get(metrics_port, "/readyz")?.0, 200, "the coordinator stays ready");
     let errors = http_get(metrics_port, "/metrics")?.1;
     assert!(
-        errors.lines().any(|l| l.starts_with("ferry_backups_total{") && l.contains("result=\"error\"") && l.ends_with(" 1")),
+        errors
+            .lines()
+            .any(|l| l.starts_with("ferry_backups_total{") && l.contains("result=\"error\"") && l.ends_with(" 1")),
         "the failure is counted"
     );
 
