@@ -17,8 +17,9 @@ use crate::fixtures::ports::free_port;
 use crate::fixtures::s3::{S3Config, S3_CONFIG_ID};
 use crate::fixtures::s3_faults::{Answer, FaultProxy, Faults, Request, Rule, When};
 use crate::fixtures::{
-    assert_same_kvs, files_under, manual_backup_yaml, poll_until, restore_and_read_raw, unix_now, zstd_decompress,
-    Agent, Coordinator, CoordinatorOptions, EtcdCluster, S3Server, STATUS_OK, TEST_BUCKET, TEST_PREFIX,
+    assert_daemon_logs_clean, assert_same_kvs, files_under, manual_backup_yaml, poll_until, restore_and_read_raw,
+    unix_now, zstd_decompress, Agent, Coordinator, CoordinatorOptions, EtcdCluster, S3Server, STATUS_OK, TEST_BUCKET,
+    TEST_PREFIX,
 };
 use crate::observe::http_get;
 
@@ -213,6 +214,7 @@ async fn s3_slow_backup_completes_with_bounded_agent_memory() -> anyhow::Result<
     let after = rig.backup_ok().await?;
     assert_eq!(rig.assert_consistent().await?.len(), 3);
     rig.assert_newest_restores().await?;
+    assert_daemon_logs_clean(&rig.coordinator, &rig.agents);
     eprintln!(
         "FAULT s3-slow: {size} B backup {fast:?} uncapped, {slow:?} at 2 MiB/s + 50 ms, {after:?} after; agent VmHWM {} MiB",
         rss / MIB as u64
@@ -249,6 +251,7 @@ async fn s3_5xx_on_parts_is_retried_and_exhausted_retries_fail_cleanly() -> anyh
     rig.backup_ok().await?;
     let recovered = recovered.elapsed();
     assert_eq!(rig.assert_consistent().await?.len(), 2, "the failed backup is not listed");
+    assert_daemon_logs_clean(&rig.coordinator, &rig.agents);
     eprintln!(
         "FAULT s3-5xx: every 2nd part 503 -> ok in {took:?}, attempts per part {attempts:?}; part 1 always 500 -> failed after {} attempts ({tries} part requests); next ok in {recovered:?}",
         dead.hits()
@@ -273,6 +276,7 @@ async fn s3_down_at_start_fails_clearly_and_the_next_backup_succeeds() -> anyhow
     rig.backup_ok().await?;
     let recovered = back.elapsed();
     assert_eq!(rig.assert_consistent().await?.len(), 1);
+    assert_daemon_logs_clean(&rig.coordinator, &rig.agents);
     eprintln!(
         "FAULT s3-down-at-start: failed after {failed_after:?}: {error}; next backup ok {recovered:?} after S3 is back"
     );
@@ -312,6 +316,7 @@ async fn s3_down_at_commit_aborts_the_upload_and_lists_nothing() -> anyhow::Resu
     // The abort left for later ran before that backup: no part of the first failed upload remains.
     assert_eq!(rig.assert_consistent().await?.len(), 1, "only the good backup is in the bucket");
     assert_eq!(rig.backups_metric("error")?, 2.0);
+    assert_daemon_logs_clean(&rig.coordinator, &rig.agents);
     eprintln!("FAULT s3-down-at-commit: complete cut x{}, abort cut x5 then retried; manifest PUT 500 x{}; next ok in {recovered:?}", complete.hits(), manifest.hits());
     Ok(())
 }
@@ -346,6 +351,7 @@ async fn a_failure_between_the_manifest_write_and_the_cleanup_never_lists_a_mani
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(saw_manifest && put.hits() >= 1, "the manifest reached the bucket");
+    assert_eq!(rig.backups_metric("error")?, 1.0, "the failure is counted");
     // What is listed meanwhile is whole: the manifest and the object it names.
     for b in rig.coordinator.backups(CLUSTER).await? {
         let key = b["spec"]["snapshot"].as_str().context("spec.snapshot")?;
@@ -360,6 +366,7 @@ async fn a_failure_between_the_manifest_write_and_the_cleanup_never_lists_a_mani
     assert_eq!(rig.assert_consistent().await?.len(), 1, "only the good backup remains");
     let log = std::fs::read_to_string(rig.coordinator.log_path())?;
     assert!(log.contains("removed what a failed backup had left in the bucket"), "the late cleanup is logged");
+    assert_daemon_logs_clean(&rig.coordinator, &rig.agents);
     eprintln!("FAULT manifest-then-cleanup: manifest PUT answered 503 x{} (written), its DELETE 503 x5; cleaned up before the next backup, ok in {recovered:?}", put.hits());
     Ok(())
 }
