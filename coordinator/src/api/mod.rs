@@ -71,6 +71,8 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         if matches!(e, StoreError::BadName(_)) {
             Self::Invalid(e.to_string())
+        } else if matches!(e, StoreError::Foreign(_)) {
+            Self::NotFound(e.to_string())
         } else if e.is_unavailable() {
             Self::Unavailable(e.to_string())
         } else {

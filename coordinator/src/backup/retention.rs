@@ -29,14 +29,8 @@ pub(super) async fn apply(deps: &JobDeps, cluster: &str, verified: &str, cancel:
     // The newest backup a restore drill proved (without a key-count warning) is kept whatever its age: it may
     // be the last one known to hold the cluster as it should be.
     let proved = deps.status.drill(cluster).map(|d| d.lastpassedbackup).unwrap_or_default();
-    // Only this deployment's backups count and go: another deployment sharing the bucket keeps its own.
-    let all: Vec<_> = deps
-        .store
-        .list(Some(cluster), cancel)
-        .await?
-        .into_iter()
-        .filter(|m| m.deletable_by(deps.store.deployment()))
-        .collect();
+    // The store lists only this deployment's backups: another deployment sharing the bucket keeps its own.
+    let all = deps.store.list(Some(cluster), cancel).await?;
     let listed: Vec<(String, Timestamp)> = all.iter().map(|m| (m.id.clone(), m.backup.createdat)).collect();
     for id in to_delete(&listed, &policy).into_iter().filter(|id| id != verified && *id != proved) {
         let Some(m) = all.iter().find(|m| m.id == id) else { continue };

@@ -20,8 +20,19 @@ use super::{sort_newest_first, Manifest, StoreError, MANIFEST_SUFFIX, MAX_MANIFE
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// ENOSPC and EDQUOT: the store's filesystem (or the coordinator's quota on it) is full.
+const DISK_FULL: [i32; 2] = [28, 122];
+
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
-    StoreError::io(what)
+    let what = what.into();
+    move |error| {
+        // Said in words an operator acts on: the partial object is removed, the disk needs room.
+        if error.raw_os_error().is_some_and(|c| DISK_FULL.contains(&c)) {
+            let what = format!("{what}: the disk of the local backup store is full; free space there or give --local-store-dir a larger disk");
+            return StoreError::Io { what, error };
+        }
+        StoreError::Io { what, error }
+    }
 }
 
 fn cancelled(cancel: &CancellationToken) -> Result<()> {

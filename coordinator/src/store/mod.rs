@@ -62,9 +62,9 @@ impl Manifest {
         Ok(())
     }
 
-    /// Whether retention of deployment `deployment` may delete this backup: one it wrote, or one written
-    /// before manifests named their deployment (found at the key it derives itself, which the caller checks).
-    pub fn deletable_by(&self, deployment: &str) -> bool {
+    /// Whether this backup is deployment `deployment`'s: one it wrote, or one written before manifests named
+    /// their deployment. Only those are listed, restored, drilled and (retention) deleted by it.
+    pub fn owned_by(&self, deployment: &str) -> bool {
         self.deployment.as_deref().is_none_or(|d| d == deployment)
     }
 }
@@ -152,6 +152,8 @@ pub struct BackupStore {
     failures: Option<Arc<Failures>>,
     /// Largest snapshot taken, decompressed ([`DEFAULT_MAX_SNAPSHOT_SIZE`]).
     max_snapshot_size: u64,
+    /// Manifests of other deployments found in this store, each warned about once.
+    foreign_seen: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 enum Backend {
@@ -167,6 +169,7 @@ impl BackupStore {
             deployment: String::new(),
             failures: None,
             max_snapshot_size: DEFAULT_MAX_SNAPSHOT_SIZE,
+            foreign_seen: Default::default(),
         })
     }
 
@@ -177,6 +180,7 @@ impl BackupStore {
             deployment: String::new(),
             failures: None,
             max_snapshot_size: DEFAULT_MAX_SNAPSHOT_SIZE,
+            foreign_seen: Default::default(),
         }
     }
 
@@ -250,7 +254,7 @@ impl BackupStore {
         }
     }
 
-    /// Every backup of `cluster` (or all clusters), newest first.
+    /// Every backup of `cluster` (or all clusters) of this deployment, newest first.
     pub async fn list(&self, cluster: Option<&str>, cancel: &CancellationToken) -> Result<Vec<Manifest>, StoreError> {
         if let Some(c) = cluster {
             check_names(c, None)?;
@@ -258,13 +262,44 @@ impl BackupStore {
         if let Some(f) = &self.failures {
             f.on_list(cluster, cancel).await?;
         }
-        match &self.backend {
-            Backend::Local(l) => l.list(cluster, cancel),
-            Backend::S3(s) => s.list(cluster, cancel).await,
-        }
+        let all = match &self.backend {
+            Backend::Local(l) => l.list(cluster, cancel)?,
+            Backend::S3(s) => s.list(cluster, cancel).await?,
+        };
+        Ok(all.into_iter().filter(|m| self.is_own(m)).collect())
     }
 
-    /// One backup's manifest, if it exists.
+    /// Whether `m` is this deployment's (see [`Manifest::owned_by`]); another deployment's backup is warned
+    /// about once: two deployments share a bucket and prefix, which works but hides each other's backups.
+    fn is_own(&self, m: &Manifest) -> bool {
+        if m.owned_by(&self.deployment) {
+            return true;
+        }
+        let key = format!("{}/{}", m.backup.cluster, m.id);
+        if crate::lock(&self.foreign_seen).insert(key) {
+            tracing::warn!(
+                cluster = %m.backup.cluster,
+                backup_id = %m.id,
+                "ignoring a backup of deployment {:?} (this is {:?}): it shares this store's bucket and prefix; \
+                 give each deployment its own prefix",
+                m.deployment.as_deref().unwrap_or_default(),
+                self.deployment
+            );
+        }
+        false
+    }
+
+    fn foreign(&self, m: &Manifest) -> StoreError {
+        StoreError::Foreign(format!(
+            "backup {}/{} was written by deployment {:?}, not this one ({:?}); it is left alone",
+            m.backup.cluster,
+            m.id,
+            m.deployment.as_deref().unwrap_or_default(),
+            self.deployment
+        ))
+    }
+
+    /// One backup's manifest, if it exists; another deployment's is refused ([`StoreError::Foreign`]).
     pub async fn find(
         &self,
         cluster: &str,
@@ -272,9 +307,13 @@ impl BackupStore {
         cancel: &CancellationToken,
     ) -> Result<Option<Manifest>, StoreError> {
         check_names(cluster, Some(id))?;
-        match &self.backend {
-            Backend::Local(l) => l.find(cluster, id, cancel),
-            Backend::S3(s) => s.find(cluster, id, cancel).await,
+        let found = match &self.backend {
+            Backend::Local(l) => l.find(cluster, id, cancel)?,
+            Backend::S3(s) => s.find(cluster, id, cancel).await?,
+        };
+        match found {
+            Some(m) if !self.is_own(&m) => Err(self.foreign(&m)),
+            found => Ok(found),
         }
     }
 
@@ -283,14 +322,8 @@ impl BackupStore {
     /// another deployment wrote is refused.
     pub async fn delete(&self, m: &Manifest, cancel: &CancellationToken) -> Result<(), StoreError> {
         check_names(&m.backup.cluster, Some(&m.id))?;
-        if !m.deletable_by(&self.deployment) {
-            return Err(StoreError::Foreign(format!(
-                "backup {}/{} was written by deployment {:?}, not this one ({:?}); it is left alone",
-                m.backup.cluster,
-                m.id,
-                m.deployment.as_deref().unwrap_or_default(),
-                self.deployment
-            )));
+        if !m.owned_by(&self.deployment) {
+            return Err(self.foreign(m));
         }
         match &self.backend {
             Backend::Local(l) => l.delete(m, cancel).await,
@@ -445,5 +478,58 @@ impl ObjectReader {
                 })
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest of `prod/<id>` written by `deployment`, placed straight into a local store's dir.
+    fn plant(dir: &std::path::Path, id: &str, deployment: Option<&str>) {
+        let now = Timestamp::now();
+        let m = Manifest {
+            format: 1,
+            id: id.into(),
+            backup: EtcdBackupSpec {
+                cluster: "prod".into(),
+                createdat: now,
+                snapshot: format!("prod/{id}{OBJECT_SUFFIX}"),
+                size: 1,
+                rawsize: 1,
+                member: "m1".into(),
+                memberid: String::new(),
+                etcdclusterid: String::new(),
+                etcdversion: String::new(),
+                revision: 1,
+                sha256: String::new(),
+                rawsha256: String::new(),
+                zstdlevel: 3,
+                startedat: now,
+                finishedat: now,
+                encryption: None,
+            },
+            deployment: deployment.map(str::to_owned),
+        };
+        std::fs::create_dir_all(dir.join("prod")).unwrap();
+        std::fs::write(dir.join(format!("prod/{id}{MANIFEST_SUFFIX}")), serde_json::to_vec(&m).unwrap()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_deployment_lists_and_finds_only_its_own_backups_and_older_unowned_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        plant(dir.path(), "prod-1", Some("ca-a"));
+        plant(dir.path(), "prod-2", Some("ca-b"));
+        plant(dir.path(), "prod-3", None);
+        let cancel = CancellationToken::new();
+        let a = BackupStore::local(dir.path()).unwrap().with_deployment("ca-a");
+        let mut ids: Vec<String> = a.list(Some("prod"), &cancel).await.unwrap().into_iter().map(|m| m.id).collect();
+        ids.sort();
+        assert_eq!(ids, ["prod-1", "prod-3"]);
+        assert!(a.find("prod", "prod-1", &cancel).await.unwrap().is_some());
+        let err = a.find("prod", "prod-2", &cancel).await.unwrap_err();
+        assert!(matches!(err, StoreError::Foreign(_)) && err.to_string().contains("ca-b"), "{err}");
+        let all: Vec<String> = a.list(None, &cancel).await.unwrap().into_iter().map(|m| m.id).collect();
+        assert_eq!(all.len(), 2, "{all:?}");
     }
 }

@@ -43,11 +43,13 @@ impl S3Conn {
     }
 }
 
-/// A multipart upload that must be aborted.
+/// What a failed backup may have left in the bucket, removed in this order: its manifest (if a commit got
+/// as far as writing it), its multipart upload, its object.
 #[derive(Debug, Clone)]
-struct PendingAbort {
+struct Leftover {
+    manifest: String,
     key: String,
-    upload_id: String,
+    upload_id: Option<String>,
 }
 
 #[derive(Default)]
@@ -55,10 +57,10 @@ struct Shared {
     current: RwLock<Option<Arc<S3Conn>>>,
     /// Manifests never change once written: cache them by key.
     manifests: Mutex<HashMap<String, Manifest>>,
-    /// Uploads whose abort failed (S3 down); retried before each backup and periodically.
+    /// Failed backups whose cleanup failed (S3 down); retried before each backup and periodically.
     /// Kept in memory: a coordinator restart forgets them, so buckets should also carry a lifecycle rule
     /// that aborts incomplete multipart uploads (see docs/ARCHITECTURE.md).
-    pending_aborts: Mutex<Vec<PendingAbort>>,
+    leftovers: Mutex<Vec<Leftover>>,
 }
 
 #[derive(Default)]
@@ -94,27 +96,28 @@ impl Shared {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(StoreError::NotConfigured)
     }
 
-    /// Deletes a manifest a failed commit may have written (first, so nothing listed outlives its object),
-    /// aborts the upload, remembering it for a later retry when S3 is unreachable, then deletes an object the
-    /// agent may have completed without a manifest.
-    async fn discard(&self, conn: &S3Conn, key: &str, manifest: &str, upload_id: Option<&str>) {
+    /// Removes what a failed backup left (see [`Leftover`]), remembering it for a later retry when S3 fails.
+    async fn discard(&self, conn: &S3Conn, leftover: Leftover) {
+        if let Err(e) = self.try_discard(conn, &leftover).await {
+            warn!(key = %leftover.key, "failed to clean up after a failed backup, will retry: {e}");
+            lock(&self.leftovers).push(leftover);
+        }
+    }
+
+    /// The manifest goes first and, until it is gone, nothing else does: a listed manifest never outlives its
+    /// object, even when S3 fails between the two deletes. Not cancellable: it is the cleanup that runs after
+    /// a job was cancelled, so a shutdown does not leave a half-committed backup behind.
+    async fn try_discard(&self, conn: &S3Conn, l: &Leftover) -> Result<(), S3Error> {
         let bucket = &conn.spec.bucket;
-        // Cleanup: not cancellable, so a shutdown does not leave a half-committed backup behind.
-        if let Err(e) = common_s3::delete_object(&conn.client, bucket, manifest, &CancellationToken::new()).await {
-            warn!("failed to delete {manifest}: {e}");
-        }
-        lock(&self.manifests).remove(manifest);
-        if let Some(upload_id) = upload_id {
-            if let Err(e) = common_s3::abort_upload(&conn.client, bucket, key, upload_id).await {
-                warn!(%key, "failed to abort multipart upload, will retry: {e}");
-                lock(&self.pending_aborts)
-                    .push(PendingAbort { key: key.to_string(), upload_id: upload_id.to_string() });
-            }
-        }
-        // Cleanup: not cancellable, so a shutdown does not leave the object behind.
-        if let Err(e) = common_s3::delete_object(&conn.client, bucket, key, &CancellationToken::new()).await {
-            warn!("failed to delete {key}: {e}");
-        }
+        common_s3::delete_object(&conn.client, bucket, &l.manifest, &CancellationToken::new()).await?;
+        lock(&self.manifests).remove(&l.manifest);
+        // A failed abort does not keep the object: only the manifest must go first.
+        let aborted = match &l.upload_id {
+            Some(upload_id) => common_s3::abort_upload(&conn.client, bucket, &l.key, upload_id).await,
+            None => Ok(()),
+        };
+        common_s3::delete_object(&conn.client, bucket, &l.key, &CancellationToken::new()).await?;
+        aborted
     }
 }
 
@@ -294,16 +297,16 @@ impl S3Store {
         }
     }
 
-    /// Retries the aborts that failed earlier.
+    /// Retries the cleanups of failed backups that failed earlier.
     pub(super) async fn retry_pending_aborts(&self, _cancel: &CancellationToken) {
         let Ok(conn) = self.conn() else { return };
-        let pending = std::mem::take(&mut *lock(&self.shared.pending_aborts));
-        for p in pending {
-            match common_s3::abort_upload(&conn.client, &conn.spec.bucket, &p.key, &p.upload_id).await {
-                Ok(()) => info!(key = %p.key, "aborted a multipart upload left by a failed backup"),
+        let leftovers = std::mem::take(&mut *lock(&self.shared.leftovers));
+        for l in leftovers {
+            match self.shared.try_discard(&conn, &l).await {
+                Ok(()) => info!(key = %l.key, "removed what a failed backup had left in the bucket"),
                 Err(e) => {
-                    warn!(key = %p.key, "failed to abort multipart upload, will retry: {e}");
-                    lock(&self.shared.pending_aborts).push(p);
+                    warn!(key = %l.key, "failed to clean up after a failed backup, will retry: {e}");
+                    lock(&self.shared.leftovers).push(l);
                 }
             }
         }
@@ -426,7 +429,7 @@ impl PendingUpload {
     /// etcd's trailing hash, bbolt's meta page) and writes its manifest. On failure the upload and object are
     /// discarded, so nothing unchecked or unlisted lingers.
     pub(super) async fn commit(
-        self,
+        mut self,
         mut spec: EtcdBackupSpec,
         parts: Vec<UploadedPart>,
         cancel: &CancellationToken,
@@ -434,9 +437,15 @@ impl PendingUpload {
         spec.snapshot = self.key.clone();
         let deployment = (!self.deployment.is_empty()).then(|| self.deployment.clone());
         let manifest = Manifest { format: 1, id: self.id.clone(), backup: spec, deployment };
-        match self.try_commit(&manifest, parts, cancel).await {
+        let mut completed = false;
+        match self.try_commit(&manifest, parts, &mut completed, cancel).await {
             Ok(()) => Ok(manifest),
             Err(e) => {
+                // A completed upload cannot be aborted (S3 answers NoSuchUpload, some servers AccessDenied):
+                // only its object and manifest are left to delete.
+                if completed {
+                    self.upload_id = None;
+                }
                 self.abort().await;
                 Err(e)
             }
@@ -516,9 +525,11 @@ impl PendingUpload {
         &self,
         manifest: &Manifest,
         parts: Vec<UploadedPart>,
+        completed: &mut bool,
         cancel: &CancellationToken,
     ) -> Result<(), StoreError> {
         self.complete(parts, cancel).await?;
+        *completed = true;
         self.verify(&manifest.backup, cancel).await?;
         let conn = &self.conn;
         let bucket = &conn.spec.bucket;
@@ -543,10 +554,12 @@ impl PendingUpload {
         Ok(())
     }
 
-    /// Aborts the multipart upload (remembered for retry if S3 is down) and deletes any completed object.
+    /// Deletes a manifest the commit may have written, aborts the multipart upload and deletes any completed
+    /// object (all retried later if S3 fails).
     pub(super) async fn abort(self) {
         let manifest = manifest_key(&self.conn.spec, &self.cluster, &self.id);
-        self.shared.discard(&self.conn, &self.key, &manifest, self.upload_id.as_deref()).await;
+        let leftover = Leftover { manifest, key: self.key.clone(), upload_id: self.upload_id.clone() };
+        self.shared.discard(&self.conn, leftover).await;
     }
 }
 

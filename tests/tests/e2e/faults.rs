@@ -31,10 +31,10 @@ fn metric(port: u16, name: &str) -> anyhow::Result<Option<f64>> {
 }
 
 /// A tmpfs of `bytes` mounted at `at` for the life of the guard (needs root; `None` when mounting fails).
-struct Tmpfs(PathBuf);
+pub(crate) struct Tmpfs(PathBuf);
 
 impl Tmpfs {
-    fn mount(at: &Path, bytes: u64) -> Option<Self> {
+    pub(crate) fn mount(at: &Path, bytes: u64) -> Option<Self> {
         let ok = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={bytes},mode=0700"), "tmpfs"])
             .arg(at)
@@ -52,7 +52,7 @@ impl Drop for Tmpfs {
 }
 
 /// Fills the filesystem holding `dir` with one file until the kernel says ENOSPC; returns the file.
-fn fill(dir: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn fill(dir: &Path) -> anyhow::Result<PathBuf> {
     let path = dir.join("filler");
     let mut f = std::fs::File::create(&path)?;
     let chunk = vec![0xa5u8; 64 * 1024];
@@ -60,7 +60,7 @@ fn fill(dir: &Path) -> anyhow::Result<PathBuf> {
         match f.write_all(&chunk) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
-            Err(e) => return Err(e).context("fill the state dir"),
+            Err(e) => return Err(e).context("fill the filesystem"),
         }
     }
     // What is left is below one chunk: fill it byte-wise so nothing at all remains.

@@ -13,6 +13,7 @@
 //! - [`logs`]: checks on daemon logs.
 //! - [`restore`]: restore a snapshot with `etcdctl` and read it back; decompress with `zstd`.
 //! - [`s3`]: [`S3Server`] (a real `s3s-fs`), its Ferry config, and the `aws` CLI as an independent client.
+//! - [`s3_faults`]: [`s3_faults::FaultProxy`], a slow, flaky or dead S3 endpoint in front of `s3s-fs`.
 //! - [`tls_proxy`]: [`tls_proxy::TlsProxy`], HTTPS with a private CA in front of a plain-HTTP server.
 //! - [`tools`]: where etcd 3.5 and the other programs come from; the check that the daemons are fresh.
 //! - [`udp_relay`]: a UDP relay before the coordinator's QUIC port that can cut the path both ways.
@@ -31,6 +32,7 @@ pub(crate) mod ports;
 pub(crate) mod process;
 pub(crate) mod restore;
 pub(crate) mod s3;
+pub(crate) mod s3_faults;
 pub(crate) mod tls_proxy;
 pub(crate) mod tools;
 pub(crate) mod udp_relay;

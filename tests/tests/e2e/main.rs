@@ -14,6 +14,7 @@ mod encryption;
 mod failures;
 mod faults;
 mod faults_net;
+mod faults_s3;
 mod ha;
 mod harness;
 mod least_privilege;
