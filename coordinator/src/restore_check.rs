@@ -148,9 +148,10 @@ fn read_all(
     let mut limit = PAGE_KEYS;
     loop {
         let mut fresh = 0;
+        let counted = last.take();
         for key in page.keys {
             // A page starts at (or before) the last key counted: skip what was counted.
-            if last.as_ref().is_some_and(|l| key <= *l) {
+            if counted.as_ref().is_some_and(|c| key <= *c) {
                 continue;
             }
             if let Some(resource) = resource_of(&key) {
@@ -158,8 +159,11 @@ fn read_all(
             }
             restored.keys += 1;
             fresh += 1;
-            last = Some(key);
+            if last.as_ref().is_none_or(|l| key > *l) {
+                last = Some(key);
+            }
         }
+        let last = last.get_or_insert_with(|| counted.unwrap_or_default());
         if !page.more {
             return Ok(restored);
         }
@@ -168,7 +172,7 @@ fn read_all(
         }
         // Only a page starting well before the last key (see `from_arg`) brings nothing new: a bigger one does.
         limit = if fresh == 0 { limit.saturating_mul(2) } else { PAGE_KEYS };
-        page = next(last.as_deref().map(from_arg).unwrap_or_default(), limit)?;
+        page = next(from_arg(last), limit)?;
     }
 }
 

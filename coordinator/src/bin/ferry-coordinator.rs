@@ -297,6 +297,7 @@ async fn run(args: Args) -> Result<()> {
             }
             None => None,
         },
+        drill_key_drop: key_drop,
     };
 
     let metrics = Arc::new(Metrics::default());
@@ -494,7 +495,7 @@ async fn lead(shared: &Shared<'_>, lost: &CancellationToken, shutdown: &Cancella
         metrics: metrics.clone(),
         scratch: args.state_dir.join("drills"),
         identities: settings.identities.clone(),
-        key_drop,
+        key_drop: settings.drill_key_drop,
     })?;
     let stop_scheduler = CancellationToken::new();
     let scheduler = schedule::spawn(
