@@ -23,7 +23,9 @@ pub struct KeyDrop {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyDropError {
     /// Not a share.
-    #[error("--drill-key-drop-percent is {0}: it is a share of a resource's keys, 0 to 100 (0 flags any loss, 100 none)")]
+    #[error(
+        "--drill-key-drop-percent is {0}: it is a share of a resource's keys, 0 to 100 (0 flags any loss, 100 none)"
+    )]
     Percent(u64),
     /// Zero would judge resources that had no keys.
     #[error("--drill-key-drop-min-keys is 0: it must be at least 1 (resources with fewer keys before are not judged)")]

@@ -7,11 +7,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::{json, Value};
 
-use crate::fixtures::ferry::STATUS_ERROR;
 use crate::encryption::{age_identity, encrypt_to};
+use crate::fixtures::etcd::connect;
+use crate::fixtures::ferry::STATUS_ERROR;
 use crate::fixtures::logs::log_tail;
 use crate::fixtures::ports::free_port;
-use crate::fixtures::etcd::connect;
 use crate::fixtures::{
     assert_no_unexpected_errors, poll_until, restore_and_read_raw, test_dir, zstd_decompress, Agent, Coordinator,
     CoordinatorOptions, EtcdCluster, S3Server, STATUS_OK, TEST_PREFIX,
@@ -269,15 +269,16 @@ async fn a_member_whose_bbolt_file_was_altered_on_disk_is_caught_by_hashkv_and_n
     let _agents = c.start_agents(CLUSTER, &etcd).await?;
     // m3's agent reaches a healthy follower: without the member check it would be one of the two followers the
     // scheduler rotates between, so one of any two backups in a row would come from it.
-    poll_until("m3's agent to report a healthy follower", Duration::from_secs(60), Duration::from_millis(300), || {
-        async {
+    poll_until(
+        "m3's agent to report a healthy follower",
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+        || async {
             let agents = c.connected_agents(CLUSTER).await?;
             let m3 = agents.iter().find(|a| a["spec"]["member"] == "m3").map(|a| &a["spec"]);
-            Ok(m3
-                .filter(|s| s["etcderror"] == "" && s["leader"] == false && s["etcdversion"] != "")
-                .map(|_| ()))
-        }
-    })
+            Ok(m3.filter(|s| s["etcderror"] == "" && s["leader"] == false && s["etcdversion"] != "").map(|_| ()))
+        },
+    )
     .await?;
 
     let mut previous: Option<Value> = None;
