@@ -182,19 +182,31 @@ async fn an_agent_reaching_an_etcd_with_other_data_is_caught_and_never_backed_up
     }
     c.wait_agents_connected(CLUSTER, &["m1", "m2", "m3"], Duration::from_secs(30)).await?;
 
+    backups_never_from_m3(&c, port, "another etcd cluster").await?;
+    Ok(())
+}
+
+/// Three backups in a row, none from m3: each member check names m3 alone as diverged, saying `why`; every
+/// manifest names another member; the metric says m3 diverged. Returns the backups, newest first.
+async fn backups_never_from_m3(c: &Coordinator, port: u16, why: &str) -> anyhow::Result<Vec<Value>> {
     let mut previous: Option<Value> = None;
     for _ in 0..3 {
-        let (_, status) = backup(&c, previous.as_ref()).await?;
+        let (_, status) = backup(c, previous.as_ref()).await?;
         assert_ne!(status["member"], "m3", "a backup was taken from the diverged member: {status}");
         let check = &status["membercheck"];
         assert_eq!(check["diverged"], json!(["m3"]), "{status}");
-        assert!(check["message"].as_str().is_some_and(|m| m.contains("another etcd cluster")), "{status}");
+        let message = check["message"].as_str().unwrap_or_default();
+        assert!(message.contains("member m3 diverged") && message.contains(why), "{status}");
         assert!(check["revision"].as_i64().is_some_and(|r| r > 0), "{status}");
         previous = Some(status);
     }
+    let backups = c.backups(CLUSTER).await?;
+    let members: Vec<&str> = backups.iter().filter_map(|b| b["spec"]["member"].as_str()).collect();
+    assert_eq!(members.len(), 3, "{members:?}");
+    assert!(members.iter().all(|m| *m != "m3"), "every manifest names another member: {members:?}");
     let diverged = |member| member_diverged(port, member);
     assert_eq!((diverged("m1"), diverged("m2"), diverged("m3")), (Some(0.0), Some(0.0), Some(1.0)));
-    Ok(())
+    Ok(backups)
 }
 
 /// `ferry_etcd_member_diverged{cluster, member}`.
@@ -281,22 +293,7 @@ async fn a_member_whose_bbolt_file_was_altered_on_disk_is_caught_by_hashkv_and_n
     )
     .await?;
 
-    let mut previous: Option<Value> = None;
-    for _ in 0..3 {
-        let (_, status) = backup(&c, previous.as_ref()).await?;
-        assert_ne!(status["member"], "m3", "a backup was taken from the diverged member: {status}");
-        let check = &status["membercheck"];
-        assert_eq!(check["diverged"], json!(["m3"]), "{status}");
-        let message = check["message"].as_str().unwrap_or_default();
-        assert!(message.contains("member m3 diverged") && message.contains("key space differs"), "{status}");
-        previous = Some(status);
-    }
-    let backups = c.backups(CLUSTER).await?;
-    let members: Vec<&str> = backups.iter().filter_map(|b| b["spec"]["member"].as_str()).collect();
-    assert_eq!(members.len(), 3, "{members:?}");
-    assert!(members.iter().all(|m| *m != "m3"), "every manifest names another member: {members:?}");
-    let diverged = |member| member_diverged(port, member);
-    assert_eq!((diverged("m1"), diverged("m2"), diverged("m3")), (Some(0.0), Some(0.0), Some(1.0)));
+    let backups = backups_never_from_m3(&c, port, "key space differs").await?;
 
     // The backup holds what the cluster agreed on, not m3's altered bytes.
     let id = backups.first().and_then(|b| b["metadata"]["id"].as_str()).context("backup id")?.to_owned();
