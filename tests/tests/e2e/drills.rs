@@ -337,3 +337,46 @@ async fn a_drill_of_an_encrypted_s3_backup_opens_it_with_the_coordinators_identi
     assert_no_unexpected_errors(c.log_path(), &[]);
     Ok(())
 }
+
+/// Processes whose command line mentions `path` (a throw-away etcd on a drill's scratch dir names it).
+fn processes_naming(path: &std::path::Path) -> Vec<String> {
+    let needle = path.display().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+    procs
+        .filter_map(Result::ok)
+        .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_coordinator_stopping_mid_drill_waits_for_its_throw_away_etcd_and_leaves_no_copy_behind() -> anyhow::Result<()>
+{
+    let etcd = EtcdCluster::start(1).await?;
+    // Enough data that restoring it and starting etcd on it take a moment to catch.
+    etcd.put_random_values(32 << 20, 7).await?;
+    let (mut c, _) = coordinator().await?;
+    let _agents = c.start_agents(CLUSTER, &etcd).await?;
+    backup(&c, None).await?;
+    configure(&c, 1, None).await?;
+
+    // Caught while the restore runs (etcd's restore has made the data dir): SIGTERM.
+    let drills = c.state_dir().join("drills");
+    poll_until("a drill restoring", DRILL_TIMEOUT, Duration::from_millis(10), || async {
+        let restoring = std::fs::read_dir(&drills)?.filter_map(Result::ok).any(|d| d.path().join("restored").exists());
+        Ok(restoring.then_some(()))
+    })
+    .await?;
+    assert!(c.stop().await, "the coordinator stopped on SIGTERM within the fixture's wait");
+    let log = std::fs::read_to_string(c.log_path())?;
+    assert!(
+        log.contains("the drill is cancelled"),
+        "the drill was running at SIGTERM:\n{}",
+        log_tail(c.log_path(), 30)
+    );
+    let left: Vec<_> = std::fs::read_dir(&drills)?.filter_map(Result::ok).map(|d| d.path()).collect();
+    assert!(left.is_empty(), "scratch dirs outlived the coordinator: {left:?}");
+    assert_eq!(processes_naming(&drills), Vec::<String>::new(), "a throw-away etcd outlived the coordinator");
+    Ok(())
+}
