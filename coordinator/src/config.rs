@@ -23,6 +23,8 @@ pub struct Settings {
     pub byte_stall_timeout: std::time::Duration,
     /// `--identity`: age identities the coordinator opens encrypted backups with for restores; never sent.
     pub identities: Option<ferry_common::encryption::Identities>,
+    /// When a restore drill warns about lost keys (`--drill-key-drop-percent`, `--drill-key-drop-min-keys`).
+    pub drill_key_drop: crate::drill::compare::KeyDrop,
 }
 
 impl Default for Settings {
@@ -37,6 +39,7 @@ impl Default for Settings {
             max_concurrent_backups: 8,
             byte_stall_timeout: crate::backup::BYTE_STALL_TIMEOUT,
             identities: None,
+            drill_key_drop: Default::default(),
         }
     }
 }

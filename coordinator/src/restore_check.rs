@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use base64::Engine as _;
 use ferry_common::snapshot::{self, RestoreAs};
+use tokio_util::sync::CancellationToken;
 
 /// The client URL of the throw-away etcd, relative to its socket dir.
 const CLIENT_URL: &str = "unix://client:1";
@@ -36,8 +37,14 @@ pub struct Restored {
 
 /// Restores `snapshot` (etcd's snapshot file, checked already) into `scratch/restored`, starts a throw-away
 /// etcd on it, reads the revision and the key counts, and stops it. Blocking: run it off the async runtime.
-/// `timeout` bounds the wait for the throw-away etcd to answer.
-pub fn restore_and_read(snapshot: &Path, scratch: &Path, timeout: Duration) -> Result<Restored> {
+/// `timeout` bounds the wait for the throw-away etcd to answer; `stop` ends the wait or the count early (then
+/// the throw-away etcd is killed before this returns, so the caller may delete `scratch`).
+pub fn restore_and_read(
+    snapshot: &Path,
+    scratch: &Path,
+    timeout: Duration,
+    stop: &CancellationToken,
+) -> Result<Restored> {
     let data_dir = scratch.join("restored");
     let member = RestoreAs {
         name: "drill".into(),
@@ -50,7 +57,7 @@ pub fn restore_and_read(snapshot: &Path, scratch: &Path, timeout: Duration) -> R
     create_private_dir(&sockets)?;
     let log = scratch.join("etcd.log");
     let etcd = ThrowAway::start(&data_dir, &sockets, &log)?;
-    let result = read_keys(&sockets, timeout);
+    let result = read_keys(&sockets, timeout, stop);
     drop(etcd);
     result.map_err(|e| {
         let tail = std::fs::read_to_string(&log).unwrap_or_default();
@@ -93,48 +100,122 @@ impl Drop for ThrowAway {
     }
 }
 
-/// Polls the throw-away etcd until it answers, then reads every key name (not the values) once.
-fn read_keys(sockets: &Path, timeout: Duration) -> Result<Restored> {
+/// Keys per etcdctl request: key names only, so a page stays a few hundred KiB whatever the values weigh, and
+/// a database of millions of keys is counted in bounded memory.
+const PAGE_KEYS: usize = 5000;
+/// A key longer than this is not passed whole on etcdctl's command line (Linux caps one argument at 128 KiB):
+/// a page then starts from a shorter key before it and skips what was counted already.
+const MAX_KEY_ARG: usize = 4096;
+
+/// One page of `etcdctl get --keys-only`.
+#[derive(Debug, Default)]
+struct Page {
+    revision: i64,
+    keys: Vec<Vec<u8>>,
+    more: bool,
+}
+
+/// Polls the throw-away etcd until it answers, then reads every key name (not the values) page by page at the
+/// revision of the first page. `stop` ends the wait and the paging (the caller kills etcd).
+fn read_keys(sockets: &Path, timeout: Duration, stop: &CancellationToken) -> Result<Restored> {
     let deadline = Instant::now() + timeout;
+    let first = loop {
+        if stop.is_cancelled() {
+            bail!("cancelled");
+        }
+        match etcdctl_page(sockets, b"", 0, PAGE_KEYS) {
+            Ok(page) => break page,
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!("the restored etcd did not answer within {}s", timeout.as_secs())))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    let revision = first.revision;
+    read_all(first, stop, |from, limit| etcdctl_page(sockets, from, revision, limit))
+}
+
+/// Counts the keys of `first` and of the pages `next(from, limit)` returns (keys from `from` on, `from`
+/// included, at most `limit`), until one says there is no more.
+fn read_all(
+    first: Page,
+    stop: &CancellationToken,
+    mut next: impl FnMut(&[u8], usize) -> Result<Page>,
+) -> Result<Restored> {
+    let mut restored = Restored { revision: first.revision, ..Default::default() };
+    let mut page = first;
+    let mut last: Option<Vec<u8>> = None;
+    let mut limit = PAGE_KEYS;
     loop {
-        let out = Command::new("etcdctl")
-            .current_dir(sockets)
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", CLIENT_URL, "--command-timeout", "60s"])
-            .args(["get", "", "--prefix", "--keys-only", "-w", "json"])
-            .stdin(Stdio::null())
-            .output()
-            .context("run etcdctl (is it on PATH?)")?;
-        if out.status.success() {
-            return parse_keys(&out.stdout);
+        let mut fresh = 0;
+        let counted = last.take();
+        for key in page.keys {
+            // A page starts at (or before) the last key counted: skip what was counted.
+            if counted.as_ref().is_some_and(|c| key <= *c) {
+                continue;
+            }
+            if let Some(resource) = resource_of(&key) {
+                *restored.resources.entry(resource).or_insert(0) += 1;
+            }
+            restored.keys += 1;
+            fresh += 1;
+            if last.as_ref().is_none_or(|l| key > *l) {
+                last = Some(key);
+            }
         }
-        if Instant::now() > deadline {
-            bail!(
-                "the restored etcd did not answer within {}s: {}",
-                timeout.as_secs(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+        let last = last.get_or_insert_with(|| counted.unwrap_or_default());
+        if !page.more {
+            return Ok(restored);
         }
-        std::thread::sleep(Duration::from_millis(200));
+        if stop.is_cancelled() {
+            bail!("cancelled");
+        }
+        // Only a page starting well before the last key (see `from_arg`) brings nothing new: a bigger one does.
+        limit = if fresh == 0 { limit.saturating_mul(2) } else { PAGE_KEYS };
+        page = next(from_arg(last), limit)?;
     }
 }
 
+/// The key a page after `last` starts from on etcdctl's command line: `last` itself, or a key before it when
+/// `last` cannot be an argument (a NUL byte, or too long).
+fn from_arg(last: &[u8]) -> &[u8] {
+    let end = last.iter().position(|b| *b == 0).unwrap_or(last.len()).min(MAX_KEY_ARG);
+    &last[..end]
+}
+
+/// `etcdctl get --from-key FROM --keys-only --limit LIMIT` at `revision` (0: the newest); `FROM` empty for
+/// every key.
+fn etcdctl_page(sockets: &Path, from: &[u8], revision: i64, limit: usize) -> Result<Page> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let out = Command::new("etcdctl")
+        .current_dir(sockets)
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", CLIENT_URL, "--dial-timeout", "2s", "--command-timeout", "60s"])
+        .args(["get", "--from-key", "--keys-only", "-w", "json"])
+        .args(["--limit", &limit.to_string(), "--rev", &revision.to_string()])
+        // `--`: a key starting with `-` is not a flag.
+        .arg("--")
+        .arg(std::ffi::OsStr::from_bytes(from))
+        .stdin(Stdio::null())
+        .output()
+        .context("run etcdctl (is it on PATH?)")?;
+    if !out.status.success() {
+        bail!("etcdctl: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    parse_page(&out.stdout)
+}
+
 /// Parses `etcdctl get -w json --keys-only` (keys are base64).
-fn parse_keys(json: &[u8]) -> Result<Restored> {
+fn parse_page(json: &[u8]) -> Result<Page> {
     let v: serde_json::Value = serde_json::from_slice(json).context("parse etcdctl output")?;
     let revision = v["header"]["revision"].as_i64().context("etcdctl output carries no revision")?;
-    let mut resources = BTreeMap::new();
     let kvs = v["kvs"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let mut keys = Vec::with_capacity(kvs.len());
     for kv in kvs {
         let Some(key) = kv["key"].as_str() else { continue };
-        let key = base64::engine::general_purpose::STANDARD.decode(key).context("decode a key from etcdctl")?;
-        if let Some(resource) = resource_of(&key) {
-            *resources.entry(resource).or_insert(0) += 1;
-        }
+        keys.push(base64::engine::general_purpose::STANDARD.decode(key).context("decode a key from etcdctl")?);
     }
-    // `count` is the whole range; without keys the field is absent.
-    let keys = v["count"].as_u64().unwrap_or(kvs.len() as u64);
-    Ok(Restored { revision, keys, resources })
+    Ok(Page { revision, keys, more: v["more"].as_bool().unwrap_or(false) })
 }
 
 /// `pods` for `/registry/pods/ns/name`; `None` outside `/registry/`.
@@ -148,12 +229,17 @@ fn resource_of(key: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
 
+    fn page(keys: &[&[u8]], more: bool) -> Page {
+        Page { revision: 42, keys: keys.iter().map(|k| k.to_vec()).collect(), more }
+    }
+
     #[test]
     fn keys_are_counted_per_kubernetes_resource() {
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
         let json = serde_json::json!({
             "header": {"revision": 42},
             "count": 4,
+            "more": true,
             "kvs": [
                 {"key": b64("/registry/pods/default/a")},
                 {"key": b64("/registry/pods/default/b")},
@@ -161,10 +247,49 @@ mod tests {
                 {"key": b64("compact_rev_key")},
             ],
         });
-        let r = parse_keys(json.to_string().as_bytes()).unwrap();
+        let p = parse_page(json.to_string().as_bytes()).unwrap();
+        assert_eq!((p.revision, p.keys.len(), p.more), (42, 4, true));
+        let r = read_all(Page { more: false, ..p }, &CancellationToken::new(), |_, _| unreachable!()).unwrap();
         assert_eq!((r.revision, r.keys), (42, 4));
         assert_eq!(r.resources, BTreeMap::from([("namespaces".into(), 1), ("pods".into(), 2)]));
-        let empty = parse_keys(br#"{"header": {"revision": 1}}"#).unwrap();
-        assert_eq!((empty.keys, empty.resources.len()), (0, 0));
+        let empty = parse_page(br#"{"header": {"revision": 1}}"#).unwrap();
+        assert_eq!((empty.keys.len(), empty.more), (0, false));
+    }
+
+    /// etcd's `--from-key FROM --limit N` over a sorted key space.
+    fn serve(all: &[Vec<u8>], from: &[u8], limit: usize) -> Page {
+        let rest: Vec<&Vec<u8>> = all.iter().filter(|k| k.as_slice() >= from).collect();
+        let keys: Vec<&[u8]> = rest.iter().take(limit).map(|k| k.as_slice()).collect();
+        page(&keys, rest.len() > limit)
+    }
+
+    #[test]
+    fn pages_continue_from_the_last_key_and_count_each_key_once() {
+        let mut all: Vec<Vec<u8>> = (0..12_345).map(|i| format!("/registry/pods/ns/p{i:05}").into_bytes()).collect();
+        // Keys that cannot be a command-line argument whole, followed by many keys sharing their prefix.
+        let long = [b"/registry/secrets/".as_slice(), &[b'x'; 2 * MAX_KEY_ARG]].concat();
+        all.push(long.clone());
+        all.extend((0..PAGE_KEYS + 10).map(|i| [long.as_slice(), format!("{i:05}").as_bytes()].concat()));
+        let nul = b"/registry/secrets/a\0b".to_vec();
+        all.push(nul.clone());
+        all.extend((0..3 * PAGE_KEYS).map(|i| [nul.as_slice(), format!("{i:05}").as_bytes()].concat()));
+        all.sort();
+        let first = serve(&all, b"", PAGE_KEYS);
+        let mut calls = 0;
+        let r = read_all(first, &CancellationToken::new(), |from, limit| {
+            calls += 1;
+            assert!(from.len() <= MAX_KEY_ARG && !from.contains(&0), "an argument etcdctl can take");
+            Ok(serve(&all, from, limit))
+        })
+        .unwrap();
+        assert_eq!(r.keys, all.len() as u64);
+        assert_eq!(r.resources["pods"], 12_345);
+        assert_eq!(r.resources["secrets"], all.len() as u64 - 12_345);
+        assert!(calls < 50, "{calls} pages");
+
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let first = serve(&all, b"", PAGE_KEYS);
+        assert!(read_all(first, &stop, |_, _| unreachable!()).is_err(), "a cancelled read stops between pages");
     }
 }

@@ -25,6 +25,7 @@ use ferry_coordinator::api::{Api, ApiDeps};
 use ferry_coordinator::backup::{JobDeps, Jobs};
 use ferry_coordinator::config::{Bounds, Settings};
 use ferry_coordinator::credentials::Credentials;
+use ferry_coordinator::drill::compare::{KeyDrop, DEFAULT_DROP_PERCENT, DEFAULT_MIN_BASELINE_KEYS};
 use ferry_coordinator::drill::{DrillDeps, Drills};
 use ferry_coordinator::leader::{Election, Term};
 use ferry_coordinator::metrics::{Metrics, Observer};
@@ -137,6 +138,14 @@ struct Args {
     /// backup with etcd and etcdutl from PATH).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     min_drill_interval: Duration,
+    /// A drill warns when a Kubernetes resource lost more than this percentage of its keys since the previous
+    /// drill (0–100: 0 warns on any loss, 100 never).
+    #[arg(long, default_value_t = u64::from(DEFAULT_DROP_PERCENT))]
+    drill_key_drop_percent: u64,
+    /// Resources with fewer keys than this in the previous drill are not judged by the key-drop warning
+    /// (at least 1).
+    #[arg(long, default_value_t = DEFAULT_MIN_BASELINE_KEYS)]
+    drill_key_drop_min_keys: u64,
     /// Longest backup interval a cluster may ask for.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     max_backup_interval: Duration,
@@ -204,6 +213,8 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<()> {
+    // Flags first: a refused flag leaves nothing behind.
+    let key_drop = KeyDrop::new(args.drill_key_drop_percent, args.drill_key_drop_min_keys)?;
     // The state dir holds the CA key, the admin credentials and the S3 secret: 0700, and every file in it
     // 0600, whatever the umask and whoever made the dir.
     create_private_dir(&args.state_dir)
@@ -293,6 +304,7 @@ async fn run(args: Args) -> Result<()> {
             }
             None => None,
         },
+        drill_key_drop: key_drop,
     };
 
     let metrics = Arc::new(Metrics::default());
@@ -490,6 +502,7 @@ async fn lead(shared: &Shared<'_>, lost: &CancellationToken, shutdown: &Cancella
         metrics: metrics.clone(),
         scratch: args.state_dir.join("drills"),
         identities: settings.identities.clone(),
+        key_drop: settings.drill_key_drop,
     })?;
     let stop_scheduler = CancellationToken::new();
     let scheduler = schedule::spawn(

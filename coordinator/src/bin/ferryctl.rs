@@ -538,7 +538,8 @@ async fn verify(cfg: &FerryConfig, cluster: String, backup_id: String, identitie
     let status = ferry_common::snapshot::status(&snapshot)?;
     let dir = scratch.path().to_owned();
     let restored = tokio::task::spawn_blocking(move || {
-        ferry_coordinator::restore_check::restore_and_read(&snapshot, &dir, VERIFY_ETCD_TIMEOUT)
+        let never = tokio_util::sync::CancellationToken::new();
+        ferry_coordinator::restore_check::restore_and_read(&snapshot, &dir, VERIFY_ETCD_TIMEOUT, &never)
     })
     .await
     .context("the restore check panicked")??;

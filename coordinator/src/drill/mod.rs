@@ -41,6 +41,8 @@ pub struct DrillDeps {
     pub scratch: PathBuf,
     /// The coordinator's `--identity`, to open encrypted backups (without it, their drills fail and say so).
     pub identities: Option<ferry_common::encryption::Identities>,
+    /// When a resource's key count dropped enough to warn (`--drill-key-drop-percent`, `--drill-key-drop-min-keys`).
+    pub key_drop: compare::KeyDrop,
 }
 
 /// The drill runner; cheap to clone (a handle).
@@ -141,10 +143,12 @@ impl Drills {
 async fn drill(inner: &Inner, cluster: &str) {
     let deps = &inner.deps;
     let started = Instant::now();
-    let result = tokio::select! {
-        r = restore_newest(deps, cluster, &inner.cancel) => r,
-        () = inner.cancel.cancelled() => return info!("the coordinator is shutting down; the drill is cancelled"),
-    };
+    // Not raced against shutdown here: the drill stops itself at its next step and returns only once its
+    // throw-away etcd is dead and its scratch dir gone, so `Drills::stop` waits for exactly that.
+    let result = restore_newest(deps, cluster, &inner.cancel).await;
+    if inner.cancel.is_cancelled() {
+        return info!("the coordinator is shutting down; the drill is cancelled");
+    }
     let secs = started.elapsed().as_secs_f64();
     let labels = Metrics::cluster(cluster);
     let m = &deps.metrics;
@@ -177,7 +181,7 @@ async fn drill(inner: &Inner, cluster: &str) {
                 d.revision = r.revision;
                 d.keys = r.keys;
                 d.resources = r.resources.clone();
-                d.warning = compare::drops(&d.baselineresources, &r.resources).join("; ");
+                d.warning = deps.key_drop.drops(&d.baselineresources, &r.resources).join("; ");
                 if d.warning.is_empty() {
                     d.result = status::OK;
                     d.lastpassedbackup = backup.clone();
@@ -252,20 +256,33 @@ async fn restore(deps: &DrillDeps, manifest: &Manifest, cancel: &CancellationTok
             }
         }
         anyhow::Ok(None)
-    }
-    .await;
+    };
+    let read = tokio::select! {
+        r = read => r,
+        () = cancel.cancelled() => Err(anyhow!("cancelled")),
+    };
     // A check failure is the more telling error when both failed.
     let (checked, read) = match read {
         Ok(Some(e)) => (Err(e), Ok(())),
         Ok(None) => (writer.finish().await, Ok(())),
         Err(e) => (writer.finish().await, Err(e)),
     };
+    if cancel.is_cancelled() {
+        bail!("cancelled");
+    }
     checked.context("the stored backup fails its checks")?;
     read?;
-    let dir = scratch.path().to_owned();
-    let restored = tokio::task::spawn_blocking(move || restore_and_read(&snapshot, &dir, ETCD_ANSWER_TIMEOUT))
-        .await
-        .context("the restore check panicked")??;
+    // The blocking restore owns the scratch dir and deletes it only once its throw-away etcd is dead. If this
+    // future is dropped (the drill's time limit), the guard stops the restore at its next step.
+    let stop = cancel.child_token();
+    let _stop_if_dropped = stop.clone().drop_guard();
+    let restored = tokio::task::spawn_blocking(move || {
+        let r = restore_and_read(&snapshot, scratch.path(), ETCD_ANSWER_TIMEOUT, &stop);
+        drop(scratch);
+        r
+    })
+    .await
+    .context("the restore check panicked")??;
     if restored.revision < manifest.backup.revision {
         bail!(
             "the restored etcd is at revision {} but the manifest says the snapshot began at {}",
@@ -273,6 +290,5 @@ async fn restore(deps: &DrillDeps, manifest: &Manifest, cancel: &CancellationTok
             manifest.backup.revision
         );
     }
-    drop(scratch);
     Ok(restored)
 }

@@ -40,8 +40,20 @@ async fn keygen(coordinator: &Coordinator, dir: &Path, name: &str) -> anyhow::Re
     Ok((path, recipient))
 }
 
+/// An identity made with age's own tool in `dir/coordinator-key.txt` (0600), for a coordinator's `--identity`;
+/// its path and recipient.
+pub(crate) fn age_identity(dir: &Path) -> anyhow::Result<(PathBuf, String)> {
+    let key = dir.join("coordinator-key.txt");
+    let made = std::process::Command::new("age-keygen").arg("-o").arg(&key).output().context("age-keygen")?;
+    anyhow::ensure!(made.status.success(), "age-keygen: {}", String::from_utf8_lossy(&made.stderr));
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let derived = std::process::Command::new("age-keygen").arg("-y").arg(&key).output().context("age-keygen -y")?;
+    let recipient = String::from_utf8(derived.stdout)?.trim().to_owned();
+    Ok((key, recipient))
+}
+
 /// Applies the cluster-wide encryption config with `recipients` (empty: backups unencrypted).
-async fn encrypt_to(coordinator: &Coordinator, recipients: &[&str]) -> anyhow::Result<()> {
+pub(crate) async fn encrypt_to(coordinator: &Coordinator, recipients: &[&str]) -> anyhow::Result<()> {
     let list: Vec<String> = recipients.iter().map(|r| format!("\"{r}\"")).collect();
     let yaml = format!(
         "metadata:\n  namespace: default\n  type: EtcdBackupEncryptionConfigs.ferry.dev\n  id: etcd-backup-encryption\n\
@@ -218,15 +230,7 @@ async fn s3_backups_restore_through_the_coordinators_identity_which_no_agent_eve
     etcd.put_keys(KEYS).await?;
     let dir = test_dir("encryption-s3")?;
     // An identity made with age's own tool, held by the coordinator.
-    let key = dir.path().join("coordinator-key.txt");
-    let made = std::process::Command::new("age-keygen").arg("-o").arg(&key).output().context("age-keygen")?;
-    anyhow::ensure!(made.status.success(), "age-keygen: {}", String::from_utf8_lossy(&made.stderr));
-    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    let recipient = String::from_utf8(
-        std::process::Command::new("age-keygen").arg("-y").arg(&key).output().context("age-keygen -y")?.stdout,
-    )?
-    .trim()
-    .to_owned();
+    let (key, recipient) = age_identity(dir.path())?;
     let secret = std::fs::read_to_string(&key)?
         .lines()
         .find(|l| l.starts_with(SECRET_MARK))
