@@ -932,6 +932,54 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// The commit check with the coordinator's identity opens an encrypted object and checks what is inside;
+    /// without it only the outside is checked.
+    #[test]
+    fn stream_check_with_an_identity_checks_inside_an_encrypted_object() {
+        use crate::encryption::{keygen, parse_recipients, Sealer};
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, stranger) = (keygen(), keygen());
+        let path = dir.path().join("key.txt");
+        crate::config::create_private(&path).unwrap().write_all(ours.file_text.as_bytes()).unwrap();
+        let ids = Identities::load(&path).unwrap();
+        let raw = snapshot_file(&fake_bbolt(9, |i| (i % 89) as u8));
+        let (zstd, mut spec) = backup(&raw);
+        let seal = |to: &str, zstd: &[u8]| {
+            let mut s = Sealer::new(&parse_recipients(&[to.to_owned()]).unwrap()).unwrap();
+            let mut out = s.seal(zstd).unwrap();
+            out.extend(s.finish().unwrap().0);
+            out
+        };
+        spec.encryption = Some(crate::resources::BackupEncryption {
+            recipients: vec![ours.recipient.clone()],
+            zstdsize: zstd.len() as u64,
+            zstdsha256: hex::encode(Sha256::digest(&zstd)),
+        });
+        let check = |object: &[u8], spec: &EtcdBackupSpec, opener: Option<&Identities>| {
+            let mut c = StreamCheck::new().unwrap().with_raw_limit(spec.rawsize);
+            if let Some(ids) = opener {
+                c.open_with(ids.clone()).unwrap();
+            }
+            for piece in object.chunks(5000) {
+                c.write(piece);
+            }
+            let mut spec = spec.clone();
+            spec.size = object.len() as u64;
+            spec.sha256.clear();
+            c.record_stored_hash(&mut spec);
+            c.finish(&spec)
+        };
+        let good = seal(&ours.recipient, &zstd);
+        check(&good, &spec, Some(&ids)).unwrap();
+        let e = check(&seal(&stranger.recipient, &zstd), &spec, Some(&ids)).unwrap_err();
+        assert!(matches!(e, SnapshotError::NotSealedTo(_)), "{e}");
+        let mut lying = spec.clone();
+        lying.rawsha256 = hex::encode([7u8; 32]);
+        assert!(matches!(check(&good, &lying, Some(&ids)), Err(SnapshotError::RawHash { .. })));
+        // Without the identity the same lie passes: only the outside can be seen.
+        check(&good, &lying, None).unwrap();
+    }
+
     /// A small object that inflates far beyond its manifest's raw size (a decompression bomb whose stored
     /// size and sha256 match the manifest) stops at that size, named, with nothing beyond it written.
     #[test]
