@@ -274,7 +274,8 @@ async fn forward(tx: &mpsc::Sender<Vec<u8>>, data: Vec<u8>) -> Result<()> {
 }
 
 /// zstd, then (with recipients) age over the zstd stream: ciphertext does not compress, and the stored
-/// object stays `age -d | zstd -d`-able. Returns the zstd totals and, when encrypted, the stored object's.
+/// object stays `age -d | zstd -d`-able. Returns the zstd totals and, when encrypted, the stored object's
+/// size (the coordinator hashes the stored object itself).
 fn compress(
     mut rx: mpsc::Receiver<Vec<u8>>,
     tx: mpsc::Sender<Vec<u8>>,
@@ -310,7 +311,7 @@ fn compress(
         Some(s) => {
             let (last, sealed) = s.finish().context("age finish")?;
             send(last, &mut None)?;
-            Some(SealedObject { size: sealed.bytes, sha256: sealed.sha256 })
+            Some(SealedObject { size: sealed.bytes })
         }
         None => None,
     };

@@ -33,7 +33,9 @@ use crate::resources::{Resource, ResourceType, Selector, Timestamp};
 ///    hash, `RestoreSource::Decrypted` (the coordinator opened the backup with its own identity).
 /// 11: `JobRequest::RenewCredentials` → `RenewReply`: agents are sent a renewed certificate over their link;
 ///    full admin certificates are recorded and revocable (`AdminCredentials`, `RevokeAdminCredentials`).
-pub const PROTOCOL_VERSION: u32 = 11;
+/// 12: `SealedObject` carries the age object's size only: the agent no longer hashes the ciphertext, the
+///    coordinator's commit check hashes the stored object itself.
+pub const PROTOCOL_VERSION: u32 = 12;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
 pub const ALPN: &[u8] = b"ferry/1";
@@ -382,11 +384,12 @@ pub struct BackupSummary {
     pub sealed: Option<SealedObject>,
 }
 
-/// The stored age object of an encrypted backup.
+/// The stored age object of an encrypted backup. Its size only: the coordinator hashes the stored object
+/// itself (it reads every byte for its commit check anyway), so the agent spends no second sha256 on the
+/// ciphertext; what is inside is authenticated by age and checked by `compressed_sha256` and `raw_sha256`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealedObject {
     pub size: u64,
-    pub sha256: [u8; 32],
 }
 
 /// Agent → coordinator on a job stream.

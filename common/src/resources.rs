@@ -490,6 +490,14 @@ impl EtcdBackupSpec {
     }
 }
 
+impl BackupConfiguration {
+    /// Whether it asks for automatic backups (an interval or a schedule). Without either, the rest
+    /// (encryption, retention, drills) applies to the cluster's manual backups.
+    pub fn is_automatic(&self) -> bool {
+        self.interval.is_some() || !self.schedule.trim().is_empty()
+    }
+}
+
 /// `Clusters.ferry.dev`: id = cluster name. Exists once an agent of the cluster registers.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

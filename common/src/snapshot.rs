@@ -62,6 +62,10 @@ pub enum SnapshotError {
     ZstdStream { got: u64, sha: String, want: u64, want_sha: String },
     #[error("the stored object is {found} but its manifest says it is {expected}")]
     Sealing { found: &'static str, expected: &'static str },
+    /// The coordinator's identity opens the backup's recipients but not the object: it was sealed to
+    /// someone else (or is not the age file of this backup).
+    #[error("the stored object is not encrypted to the backup's recipients ({}): the identity that opens them does not open it", .0.join(", "))]
+    NotSealedTo(Vec<String>),
     #[error("the snapshot checking thread {0}")]
     Writer(&'static str),
     #[error("{tool} failed: {detail}")]
@@ -311,19 +315,52 @@ impl Drop for RawThread {
     }
 }
 
-type RawDecoder = zstd::stream::write::Decoder<'static, RawThread>;
+type RawDecoder<W> = zstd::stream::write::Decoder<'static, RawCheck<W>>;
+/// age → zstd → checks → `W`; age runs on its own thread.
+type Opening<W> = OpeningWriter<Counted<RawDecoder<W>>>;
 
 enum Sink {
     Stored(File),
-    Raw(Box<RawDecoder>),
-    /// age → zstd → checks → file; age runs on its own thread.
-    Sealed(Box<OpeningWriter<Counted<RawDecoder>>>),
+    Raw(Box<zstd::stream::write::Decoder<'static, RawThread>>),
+    Sealed(Box<Opening<File>>),
+}
+
+/// Opens an encrypted object with `ids` into zstd and the snapshot checks, writing the snapshot to `out`;
+/// decompression stops at `max_raw` bytes.
+fn opening<W: Write + Send + 'static>(
+    ids: Identities,
+    out: W,
+    max_raw: Option<u64>,
+) -> Result<Opening<W>, SnapshotError> {
+    let want = max_raw.unwrap_or(u64::MAX);
+    let decoder = zstd::stream::write::Decoder::new(RawCheck::new(out, max_raw)).map_err(|e| raw_error(e, want))?;
+    OpeningWriter::new(ids, Counted { inner: decoder, sha: Sha256::new(), bytes: 0 })
+        .map_err(|e| opening_error(e, want))
+}
+
+/// The checks once an encrypted object was opened whole: the zstd stream inside against the manifest's
+/// `encryption` (size, sha256), then the snapshot (raw size and sha256, etcd's hash, bbolt's meta page).
+fn finish_opening<W: Write + Send + 'static>(o: Opening<W>, spec: &EtcdBackupSpec) -> Result<W, SnapshotError> {
+    let mut zstd = o.finish().map_err(|e| opening_error(e, spec.rawsize))?;
+    let sha = hex::encode(zstd.sha.clone().finalize());
+    if let Some(enc) = &spec.encryption {
+        if zstd.bytes != enc.zstdsize || sha != enc.zstdsha256 {
+            return Err(SnapshotError::ZstdStream {
+                got: zstd.bytes,
+                sha,
+                want: enc.zstdsize,
+                want_sha: enc.zstdsha256.clone(),
+            });
+        }
+    }
+    zstd.inner.flush().map_err(|e| raw_error(e, spec.rawsize))?;
+    zstd.inner.into_inner().finish(spec)
 }
 
 /// An error of the decrypting thread: its output failing is zstd's (or the file's) failure.
-fn opening_error(e: EncryptionError) -> SnapshotError {
+fn opening_error(e: EncryptionError, want_raw: u64) -> SnapshotError {
     match e {
-        EncryptionError::Output(e) => SnapshotError::Decompress(e.to_string()),
+        EncryptionError::Output(e) => raw_error(e, want_raw),
         e => SnapshotError::Encryption(e),
     }
 }
@@ -372,15 +409,13 @@ impl VerifyingWriter {
         }
         let file = crate::config::create_private(&tmp).map_err(io)?;
         let sink = if decompress {
-            let raw = RawThread::spawn(RawCheck::new(file, Some(spec.rawsize))).map_err(io)?;
-            let decoder = zstd::stream::write::Decoder::new(raw).map_err(io)?;
             match opener {
-                Some(ids) => {
-                    let zstd = Counted { inner: decoder, sha: Sha256::new(), bytes: 0 };
-                    // The temp file is dropped with the writer on failure and removed by `Drop` below.
-                    Sink::Sealed(Box::new(OpeningWriter::new(ids, zstd).map_err(opening_error)?))
+                // The temp file is dropped with the writer on failure and removed by `Drop` below.
+                Some(ids) => Sink::Sealed(Box::new(opening(ids, file, Some(spec.rawsize))?)),
+                None => {
+                    let raw = RawThread::spawn(RawCheck::new(file, Some(spec.rawsize))).map_err(io)?;
+                    Sink::Raw(Box::new(zstd::stream::write::Decoder::new(raw).map_err(io)?))
                 }
-                None => Sink::Raw(Box::new(decoder)),
             }
         } else {
             Sink::Stored(file)
@@ -422,12 +457,12 @@ impl VerifyingWriter {
             Some(Sink::Raw(d)) => {
                 if self.failed.is_none() {
                     if let Err(e) = d.write_all(data) {
-                        self.failed = Some(raw_error(e, &self.spec));
+                        self.failed = Some(raw_error(e, self.spec.rawsize));
                     }
                 }
                 Ok(())
             }
-            Some(Sink::Sealed(o)) => o.write(data).map_err(opening_error),
+            Some(Sink::Sealed(o)) => o.write(data).map_err(|e| opening_error(e, self.spec.rawsize)),
             None => Ok(()),
         }
     }
@@ -447,25 +482,10 @@ impl VerifyingWriter {
         let file = match self.sink.take() {
             Some(Sink::Stored(f)) => f,
             Some(Sink::Raw(mut d)) => {
-                d.flush().map_err(|e| raw_error(e, &self.spec))?;
-                d.into_inner().finish().map_err(|e| raw_error(e, &self.spec))?.finish(&self.spec)?
+                d.flush().map_err(|e| raw_error(e, self.spec.rawsize))?;
+                d.into_inner().finish().map_err(|e| raw_error(e, self.spec.rawsize))?.finish(&self.spec)?
             }
-            Some(Sink::Sealed(o)) => {
-                let mut zstd = o.finish().map_err(opening_error)?;
-                let sha = hex::encode(zstd.sha.clone().finalize());
-                if let Some(enc) = &self.spec.encryption {
-                    if zstd.bytes != enc.zstdsize || sha != enc.zstdsha256 {
-                        return Err(SnapshotError::ZstdStream {
-                            got: zstd.bytes,
-                            sha,
-                            want: enc.zstdsize,
-                            want_sha: enc.zstdsha256.clone(),
-                        });
-                    }
-                }
-                zstd.inner.flush().map_err(|e| SnapshotError::Decompress(e.to_string()))?;
-                zstd.inner.into_inner().finish().map_err(|e| raw_error(e, &self.spec))?.finish(&self.spec)?
-            }
+            Some(Sink::Sealed(o)) => finish_opening(*o, &self.spec)?,
             None => return Err(SnapshotError::TooShort),
         };
         let io = |error| SnapshotError::Io { path: self.target.clone(), error };
@@ -545,10 +565,11 @@ impl BackgroundWriter {
     }
 }
 
-/// A write error of the decompressing sink, named: too large for the manifest, or not decompressing.
-fn raw_error(e: std::io::Error, spec: &EtcdBackupSpec) -> SnapshotError {
+/// A write error of the decompressing sink, named: more than the `want` bytes the manifest says, or not
+/// decompressing.
+fn raw_error(e: std::io::Error, want: u64) -> SnapshotError {
     if e.kind() == std::io::ErrorKind::FileTooLarge {
-        SnapshotError::RawTooLarge { want: spec.rawsize }
+        SnapshotError::RawTooLarge { want }
     } else {
         SnapshotError::Decompress(e.to_string())
     }
@@ -559,29 +580,38 @@ fn raw_error(e: std::io::Error, spec: &EtcdBackupSpec) -> SnapshotError {
 /// before it commits it, so that nothing an agent sends becomes a backup unless it is a whole etcd snapshot.
 /// What the bytes must match is given at the end (the agent's summary arrives after its bytes).
 ///
-/// An encrypted object (it starts with age's magic line, where zstd's frame starts with 0x28) cannot be opened
-/// here: for it only the stored size and sha256 and the age header line are checked, and the manifest must
+/// An encrypted object (it starts with age's magic line, where zstd's frame starts with 0x28) is opened only
+/// with identities given ([`Self::open_with`], the coordinator's `--identity` when it opens the backup's
+/// recipients): then everything inside is checked too — the zstd stream's size and sha256, and the snapshot
+/// as for a plain backup — with memory bounded (age's chunks on a thread behind a short queue). Without
+/// them only the stored size and sha256 and the age header line are checked. Either way the manifest must
 /// say it is encrypted — as it must say the opposite for a plain one, so an agent that ignores its recipients
 /// cannot store a plaintext backup where an encrypted one was asked for.
 pub struct StreamCheck {
     kind: CheckKind,
     sha: Sha256,
     bytes: u64,
-    /// Raw (decompressed) bytes accepted at most; stored bytes are held to it too, with room for zstd's and
-    /// age's framing. `None`: unbounded (the caller bounds the input).
-    limit: Option<u64>,
-    /// The limit was passed: every later write fails at once.
-    over_limit: bool,
     /// The first failure, kept until `finish` (a stream that does not decompress fails there, named).
-    failed: Option<String>,
+    failed: Option<SnapshotError>,
+    /// Identities to open an encrypted object with.
+    opener: Option<Identities>,
+    /// Decompressed bytes accepted at most, when known before the bytes (the manifest's raw size).
+    max_raw: Option<u64>,
+    /// The receiver's own bound on any snapshot (decompressed; stored bytes are held to it too, with room
+    /// for zstd's and age's framing): passing it fails at once, and every later write too.
+    limit: Option<u64>,
+    over_limit: bool,
 }
 
 enum CheckKind {
     /// No byte seen yet.
     Unknown,
-    Zstd(Box<zstd::stream::write::Decoder<'static, RawCheck<std::io::Sink>>>),
-    /// The first bytes, up to the length of age's magic line.
-    Sealed(Vec<u8>),
+    Zstd(Box<RawDecoder<std::io::Sink>>),
+    /// The first bytes, up to the length of age's magic line; and the opening, with identities.
+    Sealed {
+        head: Vec<u8>,
+        opening: Option<Box<Opening<std::io::Sink>>>,
+    },
 }
 
 impl StreamCheck {
@@ -590,9 +620,11 @@ impl StreamCheck {
             kind: CheckKind::Unknown,
             sha: Sha256::new(),
             bytes: 0,
+            failed: None,
+            opener: None,
+            max_raw: None,
             limit: None,
             over_limit: false,
-            failed: None,
         })
     }
 
@@ -609,6 +641,41 @@ impl StreamCheck {
         limit.saturating_add(limit / 32).saturating_add(1 << 20)
     }
 
+    /// Decompressed bytes accepted at most: the tighter of the manifest's raw size and the limit.
+    fn raw_cap(&self) -> Option<u64> {
+        match (self.max_raw, self.limit) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// A decompression that stopped at the cap: the limit's error when the limit is what stopped it.
+    fn cap_error(&mut self, e: std::io::Error) -> SnapshotError {
+        match self.limit {
+            Some(limit) if e.kind() == std::io::ErrorKind::FileTooLarge && self.max_raw.is_none_or(|m| limit <= m) => {
+                self.over_limit = true;
+                SnapshotError::OverLimit { limit }
+            }
+            _ => raw_error(e, self.max_raw.unwrap_or(u64::MAX)),
+        }
+    }
+
+    /// Also opens an encrypted object with `ids` and checks what is inside. Only for identities that open
+    /// the backup's recipients: any object they do not open then fails the check. Before the first byte.
+    pub fn open_with(&mut self, ids: Identities) -> Result<(), SnapshotError> {
+        if !matches!(self.kind, CheckKind::Unknown) {
+            return Err(SnapshotError::Writer("was given identities after the first byte"));
+        }
+        self.opener = Some(ids);
+        Ok(())
+    }
+
+    /// Stops decompressing past `max` bytes (the manifest's raw size, when known before the bytes).
+    pub fn with_raw_limit(mut self, max: u64) -> Self {
+        self.max_raw = Some(max);
+        self
+    }
+
     /// Stored (compressed) bytes so far.
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -617,6 +684,14 @@ impl StreamCheck {
     /// sha256 of the stored bytes so far, in hex.
     pub fn sha256_hex(&self) -> String {
         hex::encode(self.sha.clone().finalize())
+    }
+
+    /// Where the job left an encrypted object's stored sha256 to the store (agents do not hash the
+    /// ciphertext), records the one computed here over the bytes as stored.
+    pub fn record_stored_hash(&self, spec: &mut EtcdBackupSpec) {
+        if spec.encryption.is_some() && spec.sha256.is_empty() {
+            spec.sha256 = self.sha256_hex();
+        }
     }
 
     /// Checks the next stored bytes. Only going past the limit fails here (at once, and every later write
@@ -630,42 +705,75 @@ impl StreamCheck {
         }
         self.sha.update(data);
         self.bytes += data.len() as u64;
+        let cap = self.raw_cap();
         if matches!(self.kind, CheckKind::Unknown) && !data.is_empty() {
             self.kind = if data[0] == AGE_MAGIC[0] {
-                CheckKind::Sealed(Vec::with_capacity(AGE_MAGIC.len()))
+                let opening = match self.opener.take().map(|ids| opening(ids, std::io::sink(), cap)) {
+                    Some(Ok(o)) => Some(Box::new(o)),
+                    Some(Err(e)) => {
+                        self.failed = Some(e);
+                        None
+                    }
+                    None => None,
+                };
+                CheckKind::Sealed { head: Vec::with_capacity(AGE_MAGIC.len()), opening }
             } else {
-                match zstd::stream::write::Decoder::new(RawCheck::new(std::io::sink(), self.limit)) {
+                match zstd::stream::write::Decoder::new(RawCheck::new(std::io::sink(), cap)) {
                     Ok(d) => CheckKind::Zstd(Box::new(d)),
                     Err(e) => {
-                        self.failed = Some(e.to_string());
+                        self.failed = Some(raw_error(e, cap.unwrap_or(u64::MAX)));
                         return Ok(());
                     }
                 }
             };
         }
+        let want = cap.unwrap_or(u64::MAX);
+        let mut stopped = None;
         match &mut self.kind {
-            CheckKind::Zstd(decoder) if self.failed.is_none() => match decoder.write_all(data) {
-                Ok(()) => {}
-                // Decompressing stopped at the limit: nothing more of this stream is worth a cycle.
-                Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
-                    let limit = self.limit.unwrap_or_default();
-                    self.failed = Some(SnapshotError::OverLimit { limit }.to_string());
-                    self.over_limit = true;
-                    return Err(SnapshotError::OverLimit { limit });
+            CheckKind::Zstd(decoder) if self.failed.is_none() => {
+                if let Err(e) = decoder.write_all(data) {
+                    stopped = Some(e);
                 }
-                Err(e) => self.failed = Some(e.to_string()),
-            },
-            CheckKind::Sealed(head) if head.len() < AGE_MAGIC.len() => {
-                let n = (AGE_MAGIC.len() - head.len()).min(data.len());
-                head.extend_from_slice(&data[..n]);
+            }
+            CheckKind::Sealed { head, opening } => {
+                if head.len() < AGE_MAGIC.len() {
+                    let n = (AGE_MAGIC.len() - head.len()).min(data.len());
+                    head.extend_from_slice(&data[..n]);
+                }
+                if let (Some(o), None) = (opening.as_mut(), &self.failed) {
+                    if let Err(e) = o.write(data) {
+                        self.failed = Some(opening_error(e, want));
+                        *opening = None;
+                    }
+                }
             }
             _ => {}
+        }
+        if let Some(e) = stopped {
+            let e = self.cap_error(e);
+            if matches!(e, SnapshotError::OverLimit { .. }) {
+                // Decompressing stopped at the limit: nothing more of this stream is worth a cycle.
+                self.failed = Some(SnapshotError::OverLimit { limit: self.limit.unwrap_or_default() });
+                return Err(e);
+            }
+            self.failed = Some(e);
         }
         Ok(())
     }
 
-    /// The final checks against `spec`: sizes, hashes, etcd's trailing hash and the bbolt meta page.
+    /// The final checks against `spec`: sizes, hashes, etcd's trailing hash and the bbolt meta page (of an
+    /// encrypted object: those of what is inside when it was opened, else its age header).
     pub fn finish(self, spec: &EtcdBackupSpec) -> Result<(), SnapshotError> {
+        match (self.checks(spec), &spec.encryption) {
+            // Identities are given only when they open the backup's recipients.
+            (Err(SnapshotError::Encryption(EncryptionError::WrongIdentity { .. })), Some(enc)) => {
+                Err(SnapshotError::NotSealedTo(enc.recipients.clone()))
+            }
+            (r, _) => r,
+        }
+    }
+
+    fn checks(self, spec: &EtcdBackupSpec) -> Result<(), SnapshotError> {
         if self.bytes != spec.size {
             return Err(SnapshotError::StoredSize { got: self.bytes, want: spec.size });
         }
@@ -674,21 +782,24 @@ impl StreamCheck {
             return Err(SnapshotError::StoredHash { got, want: spec.sha256.clone() });
         }
         if let Some(e) = self.failed {
-            return Err(SnapshotError::Decompress(e));
+            return Err(e);
         }
         match (self.kind, spec.encryption.is_some()) {
-            (CheckKind::Sealed(head), true) => {
+            (CheckKind::Sealed { head, opening }, true) => {
                 if head != AGE_MAGIC {
                     return Err(EncryptionError::NotAge("it does not start with age's header line".into()).into());
                 }
-                Ok(())
+                match opening {
+                    Some(o) => finish_opening(*o, spec).map(|_| ()),
+                    None => Ok(()),
+                }
             }
-            (CheckKind::Sealed(_), false) => {
+            (CheckKind::Sealed { .. }, false) => {
                 Err(SnapshotError::Sealing { found: "an age (encrypted) file", expected: "plain zstd" })
             }
             (_, true) => Err(SnapshotError::Sealing { found: "not encrypted", expected: "an age (encrypted) file" }),
             (CheckKind::Zstd(mut decoder), false) => {
-                decoder.flush().map_err(|e| SnapshotError::Decompress(e.to_string()))?;
+                decoder.flush().map_err(|e| raw_error(e, spec.rawsize))?;
                 decoder.into_inner().finish(spec).map(|_| ())
             }
             (CheckKind::Unknown, false) => Err(SnapshotError::TooShort),
@@ -982,6 +1093,54 @@ mod tests {
         let e = write_all(&dir.join("trailer.db"), &stored, &spec, true).unwrap_err();
         assert!(matches!(e, SnapshotError::EtcdHash), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The commit check with the coordinator's identity opens an encrypted object and checks what is inside;
+    /// without it only the outside is checked.
+    #[test]
+    fn stream_check_with_an_identity_checks_inside_an_encrypted_object() {
+        use crate::encryption::{keygen, parse_recipients, Sealer};
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, stranger) = (keygen(), keygen());
+        let path = dir.path().join("key.txt");
+        crate::config::create_private(&path).unwrap().write_all(ours.file_text.as_bytes()).unwrap();
+        let ids = Identities::load(&path).unwrap();
+        let raw = snapshot_file(&fake_bbolt(9, |i| (i % 89) as u8));
+        let (zstd, mut spec) = backup(&raw);
+        let seal = |to: &str, zstd: &[u8]| {
+            let mut s = Sealer::new(&parse_recipients(&[to.to_owned()]).unwrap()).unwrap();
+            let mut out = s.seal(zstd).unwrap();
+            out.extend(s.finish().unwrap().0);
+            out
+        };
+        spec.encryption = Some(crate::resources::BackupEncryption {
+            recipients: vec![ours.recipient.clone()],
+            zstdsize: zstd.len() as u64,
+            zstdsha256: hex::encode(Sha256::digest(&zstd)),
+        });
+        let check = |object: &[u8], spec: &EtcdBackupSpec, opener: Option<&Identities>| {
+            let mut c = StreamCheck::new().unwrap().with_raw_limit(spec.rawsize);
+            if let Some(ids) = opener {
+                c.open_with(ids.clone()).unwrap();
+            }
+            for piece in object.chunks(5000) {
+                c.write(piece).unwrap();
+            }
+            let mut spec = spec.clone();
+            spec.size = object.len() as u64;
+            spec.sha256.clear();
+            c.record_stored_hash(&mut spec);
+            c.finish(&spec)
+        };
+        let good = seal(&ours.recipient, &zstd);
+        check(&good, &spec, Some(&ids)).unwrap();
+        let e = check(&seal(&stranger.recipient, &zstd), &spec, Some(&ids)).unwrap_err();
+        assert!(matches!(e, SnapshotError::NotSealedTo(_)), "{e}");
+        let mut lying = spec.clone();
+        lying.rawsha256 = hex::encode([7u8; 32]);
+        assert!(matches!(check(&good, &lying, Some(&ids)), Err(SnapshotError::RawHash { .. })));
+        // Without the identity the same lie passes: only the outside can be seen.
+        check(&good, &lying, None).unwrap();
     }
 
     /// A small object that inflates far beyond its manifest's raw size (a decompression bomb whose stored

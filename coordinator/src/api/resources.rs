@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use ferry_common::protocol::{AdminResponse, ApplyOutcome, RevokeTarget};
 use ferry_common::resources::{
-    validate_name, EtcdBackupS3ConfigSpec, EtcdManualBackupSpec, Resource, ResourceType, Selector, Spec, Timestamp,
-    ENCRYPTION_CONFIG_ID, LABEL_CLUSTER, REDACTED, S3_CONFIG_ID,
+    validate_name, BackupConfiguration, EtcdBackupS3ConfigSpec, EtcdManualBackupSpec, Resource, ResourceType, Selector,
+    Spec, Timestamp, ENCRYPTION_CONFIG_ID, LABEL_CLUSTER, REDACTED, S3_CONFIG_ID,
 };
 use ferry_common::tls::Identity;
 use tracing::info;
@@ -108,8 +108,11 @@ impl Api {
                 Spec::Cluster(spec) => {
                     validate_name("cluster", id)?;
                     if let Some(cfg) = &spec.backupconfiguration {
-                        if let Err(e) = plan::plan(cfg, &self.settings.bounds) {
-                            return invalid(format!("cluster {id}: {e}"));
+                        // Without an interval or schedule: manual backups only, with the other settings.
+                        if cfg.is_automatic() || *cfg == BackupConfiguration::default() {
+                            if let Err(e) = plan::plan(cfg, &self.settings.bounds) {
+                                return invalid(format!("cluster {id}: {e}"));
+                            }
                         }
                         if let Some(r) = &cfg.retention {
                             if let Err(e) = retention::check(r) {

@@ -196,6 +196,10 @@ async fn stream(
     let target = pending.target();
     // Public keys only: the agent can seal this backup and never open it.
     let recipients = crate::encryption::recipients_for(deps.state.as_ref(), cluster)?;
+    // A coordinator whose identity opens them checks the backup whole before it is listed.
+    if let Some(ids) = deps.settings.identities.as_ref().filter(|ids| ids.check_opens(&recipients).is_ok()) {
+        pending.open_with(ids.clone())?;
+    }
     let byte_stall = byte_stall_timeout(deps.settings.byte_stall_timeout, &target, deps.settings.upload_limit_bps);
     let job = BackupJob {
         backup_id: pending.id().to_string(),
@@ -256,11 +260,12 @@ async fn stream(
                 // The coordinator's clock dates the backup: schedule, retention and alerts never depend on an
                 // agent's. The agent's own times are kept as it reported them.
                 let createdat = Timestamp::now();
-                // Encrypted: the stored object is the age file; the zstd stream is what it opens to.
+                // Encrypted: the stored object is the age file; the zstd stream is what it opens to. Its
+                // sha256 is left to the store, which hashes the object as stored in its commit check.
                 let (size, sha256, encryption) = match (summary.sealed, recipients.is_empty()) {
                     (Some(sealed), false) => (
                         sealed.size,
-                        hex::encode(sealed.sha256),
+                        String::new(),
                         Some(BackupEncryption {
                             recipients: recipients.clone(),
                             zstdsize: summary.compressed_size,

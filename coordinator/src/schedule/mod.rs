@@ -217,7 +217,8 @@ impl Scheduler {
             let labels = Metrics::cluster(cluster);
             let _ = self.metrics.agents_connected.get_or_create(&labels);
             let _ = self.metrics.etcd_reachable_agents.get_or_create(&labels);
-            let Some(cfg) = cfg else {
+            // Without an interval or schedule the configuration serves manual backups only.
+            let Some(cfg) = cfg.as_ref().filter(|c| c.is_automatic()) else {
                 // Automatic backups off: no interval to show (the FerryBackupTooOld alert keys on it).
                 self.metrics.clear_interval(cluster);
                 continue;

@@ -38,7 +38,7 @@ pub fn plan(cfg: &BackupConfiguration, b: &Bounds) -> Result<Plan, String> {
     );
     match (&cfg.interval, cfg.schedule.trim()) {
         (Some(_), s) if !s.is_empty() => Err("set either backupconfiguration.interval or .schedule, not both".into()),
-        (None, "") => Err("backupconfiguration needs an interval (e.g. {seconds: 3600, nanos: 0}) or a cron schedule; use `backupconfiguration: null` to turn automatic backups off".into()),
+        (None, "") => Err("backupconfiguration is empty: give it an interval (e.g. {seconds: 3600, nanos: 0}) or a cron schedule for automatic backups, or only encryption, retention or drillinterval for manual backups; `backupconfiguration: null` turns it off".into()),
         (Some(i), _) => {
             if i.seconds < 0 || !(0..1_000_000_000).contains(&i.nanos) {
                 return Err(format!("backupconfiguration.interval {{seconds: {}, nanos: {}}} is not a valid duration", i.seconds, i.nanos));

@@ -10,6 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ferry_common::config::{create_private, create_private_dir};
+use ferry_common::encryption::Identities;
 use ferry_common::resources::{validate_backup_id, validate_name};
 use ferry_common::resources::{EtcdBackupSpec, Timestamp};
 use ferry_common::snapshot::StreamCheck;
@@ -208,6 +209,11 @@ pub(super) struct PendingLocal {
 }
 
 impl PendingLocal {
+    /// Opens an encrypted backup with `ids` while it arrives (they open its recipients): see [`StreamCheck`].
+    pub(super) fn open_with(&mut self, ids: Identities) -> Result<()> {
+        self.check.open_with(ids).map_err(|e| StoreError::Mismatch(e.to_string()))
+    }
+
     pub(super) async fn write(&mut self, data: &[u8], cancel: &CancellationToken) -> Result<()> {
         cancelled(cancel)?;
         let f =
@@ -225,6 +231,7 @@ impl PendingLocal {
         if self.done {
             return Err(StoreError::Mismatch(format!("backup {} is already committed", self.id)));
         }
+        self.check.record_stored_hash(&mut spec);
         let (bytes, sha) = (self.check.bytes(), self.check.sha256_hex());
         if spec.size != bytes || spec.sha256 != sha {
             return Err(StoreError::Mismatch(format!(

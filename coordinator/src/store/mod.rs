@@ -13,6 +13,7 @@ mod s3;
 
 use std::sync::Arc;
 
+use ferry_common::encryption::Identities;
 use ferry_common::protocol::{BackupTarget, PresignedRequest, RestoreSource, UploadedPart};
 use ferry_common::resources::{EtcdBackupS3ConfigSpec, EtcdBackupSpec, Timestamp};
 use ferry_common::s3::S3Error;
@@ -400,6 +401,19 @@ impl Pending {
         }
     }
 
+    /// Has the commit check open this encrypted backup with `ids` (which open its recipients) and check
+    /// everything inside it: the zstd stream, the snapshot's size and hashes, etcd's hash, bbolt's meta page.
+    /// Before the first byte.
+    pub fn open_with(&mut self, ids: Identities) -> Result<(), StoreError> {
+        match &mut self.kind {
+            PendingKind::Local(p) => p.open_with(ids),
+            PendingKind::S3(p) => {
+                p.opener = Some(ids);
+                Ok(())
+            }
+        }
+    }
+
     /// Appends bytes the agent sent on the job stream (local store).
     pub async fn write(&mut self, data: &[u8], cancel: &CancellationToken) -> Result<(), StoreError> {
         if let Some(f) = &self.failures {
@@ -421,8 +435,9 @@ impl Pending {
 
     /// Makes the backup durable and listed. `spec` must describe what was written: the coordinator checks it
     /// against the bytes it received (local) or the object it reads back (S3, after completing the upload
-    /// with `parts`) — sizes, hashes, etcd's trailing hash and bbolt's meta page. On failure nothing is left
-    /// behind.
+    /// with `parts`) — sizes, hashes, etcd's trailing hash and bbolt's meta page. An encrypted backup's
+    /// `sha256` is left empty by the job: the store records the one it computes over the object as stored
+    /// (agents do not hash the ciphertext). On failure nothing is left behind.
     pub async fn commit(
         self,
         spec: EtcdBackupSpec,

@@ -14,10 +14,11 @@ use std::time::Duration;
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use ferry_common::encryption::Identities;
 use ferry_common::protocol::{PresignedRequest, S3Upload, UploadedPart, MAX_PARTS, PRESIGNED_EXPIRY};
 use ferry_common::resources::{EtcdBackupS3ConfigSpec, EtcdBackupSpec, Timestamp};
 use ferry_common::s3::{self as common_s3, with_retries, S3Error, S3ErrorKind};
-use ferry_common::snapshot::StreamCheck;
+use ferry_common::snapshot::{SnapshotError, StreamCheck};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -180,6 +181,7 @@ impl S3Store {
             key,
             upload_id: Some(upload_id),
             target,
+            opener: None,
         })
     }
 
@@ -399,6 +401,8 @@ pub(super) struct PendingUpload {
     key: String,
     pub(super) upload_id: Option<String>,
     pub(super) target: S3Upload,
+    /// The coordinator's identities, when they open this backup's recipients: the check opens the object.
+    pub(super) opener: Option<Identities>,
 }
 
 impl PendingUpload {
@@ -435,11 +439,9 @@ impl PendingUpload {
         cancel: &CancellationToken,
     ) -> Result<Manifest, StoreError> {
         spec.snapshot = self.key.clone();
-        let deployment = (!self.deployment.is_empty()).then(|| self.deployment.clone());
-        let manifest = Manifest { format: 1, id: self.id.clone(), backup: spec, deployment };
         let mut completed = false;
-        match self.try_commit(&manifest, parts, &mut completed, cancel).await {
-            Ok(()) => Ok(manifest),
+        match self.try_commit(spec, parts, &mut completed, cancel).await {
+            Ok(manifest) => Ok(manifest),
             Err(e) => {
                 // A completed upload cannot be aborted (S3 answers NoSuchUpload, some servers AccessDenied):
                 // only its object and manifest are left to delete.
@@ -486,8 +488,9 @@ impl PendingUpload {
     }
 
     /// Reads the object back through [`StreamCheck`]: the coordinator itself sees that it is the snapshot
-    /// the manifest describes and a well-formed one.
-    async fn verify(&self, spec: &EtcdBackupSpec, cancel: &CancellationToken) -> Result<(), StoreError> {
+    /// the manifest describes and a well-formed one (an encrypted one: opened with its identity if it holds
+    /// one, and hashed as stored).
+    async fn verify(&self, spec: &mut EtcdBackupSpec, cancel: &CancellationToken) -> Result<(), StoreError> {
         let conn = &self.conn;
         let bucket = &conn.spec.bucket;
         let head = common_s3::head_object(&conn.client, bucket, &self.key, cancel).await?;
@@ -500,8 +503,11 @@ impl PendingUpload {
         }
         let what = format!("read back s3://{bucket}/{}", self.key);
         let mut body = common_s3::get_object(&conn.client, bucket, &self.key, &what, cancel).await?;
-        // The agent's raw size bounds the decompression: a bomb stops there, not at its end.
-        let mut check = StreamCheck::with_limit(spec.rawsize).map_err(|e| StoreError::Mismatch(e.to_string()))?;
+        let mismatch = |e: SnapshotError| StoreError::Mismatch(format!("the uploaded object failed its checks: {e}"));
+        let mut check = StreamCheck::new().map_err(mismatch)?.with_raw_limit(spec.rawsize);
+        if let Some(ids) = &self.opener {
+            check.open_with(ids.clone()).map_err(mismatch)?;
+        }
         loop {
             let piece = tokio::select! {
                 p = body.try_next() => p,
@@ -518,23 +524,26 @@ impl PendingUpload {
                 break;
             }
         }
-        check.finish(spec).map_err(|e| StoreError::Mismatch(format!("the uploaded object failed its checks: {e}")))
+        check.record_stored_hash(spec);
+        check.finish(spec).map_err(mismatch)
     }
 
     async fn try_commit(
         &self,
-        manifest: &Manifest,
+        mut spec: EtcdBackupSpec,
         parts: Vec<UploadedPart>,
         completed: &mut bool,
         cancel: &CancellationToken,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Manifest, StoreError> {
         self.complete(parts, cancel).await?;
         *completed = true;
-        self.verify(&manifest.backup, cancel).await?;
+        self.verify(&mut spec, cancel).await?;
+        let deployment = (!self.deployment.is_empty()).then(|| self.deployment.clone());
+        let manifest = Manifest { format: 1, id: self.id.clone(), backup: spec, deployment };
         let conn = &self.conn;
         let bucket = &conn.spec.bucket;
         let mkey = manifest_key(&conn.spec, &manifest.backup.cluster, &manifest.id);
-        let body = serde_json::to_vec_pretty(manifest)
+        let body = serde_json::to_vec_pretty(&manifest)
             .map(bytes::Bytes::from)
             .map_err(|e| StoreError::Corrupt(format!("encode manifest: {e}")))?;
         let what = format!("write manifest s3://{bucket}/{mkey}");
@@ -551,7 +560,7 @@ impl PendingUpload {
         })
         .await?;
         lock(&self.shared.manifests).insert(mkey, manifest.clone());
-        Ok(())
+        Ok(manifest)
     }
 
     /// Deletes a manifest the commit may have written, aborts the multipart upload and deletes any completed

@@ -2,22 +2,34 @@
 //! resource, in the local store and in S3, restored by `ferry-agent restore --identity`, by the coordinator's
 //! own identity (the agent gets the zstd stream inside, never the identity), and by `age -d | zstd -d` and
 //! etcd's tool alone; wrong identities and tampered objects refused by name, leaving nothing behind; two
-//! recipients, either identity opens; rotation and turning encryption off keep older backups readable.
+//! recipients, either identity opens; rotation and turning encryption off keep older backups readable; a
+//! cluster's own recipients apply to its manual backups without automatic ones. A coordinator holding the
+//! identity opens every encrypted backup before it lists it: a hostile agent's junk, wrong snapshot or object
+//! sealed to another key is refused at commit.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context as _;
-use ferry_common::protocol::{AdminRequest, AdminResponse, RestoreSource};
-use serde_json::Value;
+use ferry_common::encryption::{parse_recipients, Sealer};
+use ferry_common::protocol::{
+    expect_frame, write_frame, AdminRequest, AdminResponse, BackupSummary, JobMsg, JobReply, JobRequest, RestoreSource,
+    SealedObject,
+};
+use ferry_common::resources::Timestamp;
+use serde_json::{json, Value};
+use sha2::{Digest as _, Sha256};
 
 use crate::fixtures::ferry::agent_restore;
-use crate::fixtures::hostile::agent_request;
+use crate::fixtures::hostile::{agent_request, etcd_snapshot, HostileAgent};
 use crate::fixtures::s3::{S3Server, TEST_BUCKET};
 use crate::fixtures::{
     assert_no_unexpected_errors, assert_same_kvs, expected_test_kvs, restore_and_read, test_dir, zstd_decompress,
     Coordinator, CoordinatorOptions, EtcdCluster, TEST_PREFIX,
 };
+use crate::least_privilege::sane_facts;
 use crate::restore::{as_agent, assert_restore_refused, backup, one_member, peer_url, serve_and_read};
+use crate::schedule::set_backup_configuration;
 
 const CLUSTER: &str = "prod";
 const KEYS: usize = 400;
@@ -219,6 +231,16 @@ async fn local_store_backups_are_encrypted_and_restore_with_either_identity_or_a
     assert!(plain_spec["encryption"].is_null(), "{plain_spec:#}");
     agent_restores(&coordinator, &creds, &plain_id, dir.path(), "plain", &[]).await?.ok()?;
     assert_age_alone_restores(&object, &key_a, dir.path()).await?;
+
+    // The cluster's own recipients without automatic backups (manual backups only): accepted, and its manual
+    // backups are sealed to them while the cluster-wide config has none. An empty configuration still is not.
+    set_backup_configuration(&coordinator, CLUSTER, json!({"encryption": {"recipients": [c]}})).await?.ok()?;
+    let (own_id, own_spec) = backup(&coordinator, CLUSTER).await?;
+    assert_eq!(recipients_of(&own_spec), [c.as_str()], "{own_spec:#}");
+    let own = coordinator.store_dir().join(CLUSTER).join(format!("{own_id}.snapshot.zst"));
+    assert_age_alone_restores(&own, &key_c, dir.path()).await?;
+    let out = set_backup_configuration(&coordinator, CLUSTER, json!({})).await?;
+    assert!(!out.success() && out.stderr.contains("backupconfiguration is empty"), "{}", out.stderr);
     assert_no_unexpected_errors(coordinator.log_path(), &["tampered", "wrong identity"]);
     Ok(())
 }
@@ -287,5 +309,112 @@ async fn s3_backups_restore_through_the_coordinators_identity_which_no_agent_eve
     }
     assert!(!std::fs::read_to_string(coordinator.log_path())?.contains(SECRET_MARK), "the coordinator logged it");
     assert_no_unexpected_errors(coordinator.log_path(), &[]);
+    Ok(())
+}
+
+/// How long a hostile backup job may take to be sent, answered and recorded.
+const HOSTILE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Plays a hostile agent of "evil" for one manual backup: seals `zstd` to `to` and describes it as that zstd
+/// stream (its true size and sha256) of the snapshot `raw`, so only what is inside can give it away. Returns
+/// the recipients the job asked for and the coordinator's verdict.
+async fn hostile_sealed_backup(
+    coordinator: &Coordinator,
+    evil: &HostileAgent,
+    zstd: &[u8],
+    raw: &[u8],
+    to: &str,
+) -> anyhow::Result<(Vec<String>, JobReply)> {
+    coordinator.manual_backup("evil").await?;
+    let mut job = evil.next_job(HOSTILE_TIMEOUT).await?;
+    let JobRequest::Backup(request) = &job.request else { anyhow::bail!("not a backup job: {:?}", job.request) };
+    let recipients = request.recipients.clone();
+    write_frame(&mut job.send, &JobMsg::Started(sane_facts(1))).await?;
+    let mut sealer = Sealer::new(&parse_recipients(&[to.to_owned()])?)?;
+    for piece in zstd.chunks(256 * 1024) {
+        let sealed = sealer.seal(piece)?;
+        if !sealed.is_empty() {
+            write_frame(&mut job.send, &JobMsg::Data(sealed)).await?;
+        }
+    }
+    let (last, sealed) = sealer.finish()?;
+    write_frame(&mut job.send, &JobMsg::Data(last)).await?;
+    let summary = BackupSummary {
+        raw_size: raw.len() as u64,
+        raw_sha256: Sha256::digest(raw).into(),
+        compressed_size: zstd.len() as u64,
+        compressed_sha256: Sha256::digest(zstd).into(),
+        zstd_level: 3,
+        started_at: Timestamp::now(),
+        finished_at: Timestamp::now(),
+        parts: Vec::new(),
+        sealed: Some(SealedObject { size: sealed.bytes }),
+    };
+    write_frame(&mut job.send, &JobMsg::Finished(summary)).await?;
+    Ok((recipients, expect_frame(&mut job.recv).await?))
+}
+
+#[tokio::test]
+async fn a_coordinator_holding_the_identity_refuses_junk_a_wrong_snapshot_or_another_key_at_commit(
+) -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    etcd.put_keys(50).await?;
+    let dir = test_dir("encryption-commit")?;
+    let key = dir.path().join("coordinator-key.txt");
+    let made = ferry_common::encryption::keygen();
+    std::io::Write::write_all(&mut ferry_common::config::create_private(&key)?, made.file_text.as_bytes())?;
+    let recipient = made.recipient;
+    let stranger = ferry_common::encryption::keygen().recipient;
+    let options = CoordinatorOptions {
+        extra_args: vec!["--identity".into(), key.display().to_string()],
+        ..CoordinatorOptions::default()
+    };
+    let coordinator = Coordinator::start(options).await?;
+
+    // A stolen node of "evil", whose cluster has its own recipient and no automatic backups.
+    let creds = coordinator.issue_agent_credentials("evil", "m1").await?;
+    let mut evil = HostileAgent::connect(&coordinator, &creds).await?;
+    evil.report(sane_facts(1)).await?;
+    coordinator.wait_agents_connected("evil", &["m1"], HOSTILE_TIMEOUT).await?;
+    set_backup_configuration(&coordinator, "evil", json!({"encryption": {"recipients": [recipient]}})).await?.ok()?;
+
+    let snapshot = etcd_snapshot(etcd.member(0).client_url()).await?;
+    let zstd = zstd::encode_all(&snapshot[..], 3)?;
+    etcd.put_keys(80).await?;
+    let other = zstd::encode_all(&etcd_snapshot(etcd.member(0).client_url()).await?[..], 3)?;
+    let junk: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let cases: [(&str, &[u8], &str, &str); 3] = [
+        ("junk sealed to the recipient", &junk, &recipient, "does not decompress"),
+        ("another snapshot sealed to the recipient", &other, &recipient, "decompressed snapshot"),
+        ("the snapshot sealed to another key", &zstd, &stranger, "not encrypted to the backup's recipients"),
+    ];
+    let mut previous: Option<Value> = None;
+    for (what, sealed, to, refusal) in cases {
+        let (asked, reply) = hostile_sealed_backup(&coordinator, &evil, sealed, &snapshot, to).await?;
+        assert_eq!(asked, [recipient.as_str()], "the cluster's own recipient is in its manual backup's job");
+        assert!(matches!(&reply, JobReply::Failed { error } if error.contains(refusal)), "{what}: {reply:?}");
+        let status = match &previous {
+            None => coordinator.wait_backup_status("evil", HOSTILE_TIMEOUT).await?,
+            Some(p) => coordinator.wait_next_backup_status("evil", p, HOSTILE_TIMEOUT).await?,
+        };
+        assert!(status["error"].as_str().is_some_and(|e| e.contains(refusal)), "{what}: {status:#}");
+        assert!(coordinator.backups("evil").await?.is_empty(), "{what} was listed");
+        previous = Some(status);
+        // Manual backups are named by the second they are asked for.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    assert!(std::fs::read_dir(coordinator.store_dir().join("evil"))?.next().is_none(), "nothing left behind");
+
+    // The snapshot it describes, sealed to the recipient: opened, checked whole, listed.
+    let (_, reply) = hostile_sealed_backup(&coordinator, &evil, &zstd, &snapshot, &recipient).await?;
+    assert!(matches!(reply, JobReply::Committed), "{reply:?}");
+    let backups = coordinator.backups("evil").await?;
+    assert_eq!(backups.len(), 1);
+    assert_eq!(recipients_of(&backups[0]["spec"]), [recipient.as_str()]);
+    evil.close().await;
+    assert_no_unexpected_errors(
+        coordinator.log_path(),
+        &["does not decompress", "decompressed snapshot", "not encrypted to the backup's recipients"],
+    );
     Ok(())
 }

@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::faults::{fill, Tmpfs};
 use crate::fixtures::ferry::STATUS_ERROR;
 use crate::fixtures::ports::free_port;
-use crate::fixtures::s3::{S3Config, S3_CONFIG_ID};
+use crate::fixtures::s3::{S3Config, S3_CONFIG_ID, TEST_SECRET_KEY};
 use crate::fixtures::s3_faults::{Answer, FaultProxy, Faults, Request, Rule, When};
 use crate::fixtures::{
     assert_daemon_logs_clean, assert_same_kvs, files_under, manual_backup_yaml, poll_until, restore_and_read_raw,
@@ -280,6 +280,31 @@ async fn s3_down_at_start_fails_clearly_and_the_next_backup_succeeds() -> anyhow
     eprintln!(
         "FAULT s3-down-at-start: failed after {failed_after:?}: {error}; next backup ok {recovered:?} after S3 is back"
     );
+    Ok(())
+}
+
+/// The S3 key Ferry holds was right, then S3 stopped accepting it (revoked, rotated at the provider).
+#[tokio::test]
+async fn s3_credentials_revoked_after_they_worked_fail_by_name_and_the_next_backup_succeeds() -> anyhow::Result<()> {
+    let mut rig = Rig::start(4).await?;
+    rig.backup_ok().await?;
+    rig.s3.start_again_with_secret("rotated-secret-Zp4wQ9").await?;
+    let error = rig.backup_fails().await?;
+    let lower = error.to_lowercase();
+    assert!(
+        lower.contains("signature") || lower.contains("access denied") || lower.contains("credentials"),
+        "the error says S3 refused the credentials: {error}"
+    );
+    assert_eq!(rig.backups_metric("error")?, 1.0);
+    // The S3 configuration is kept (secret redacted), nothing partial listed.
+    let s3 = rig.coordinator.ctl().get_json("etcdbackups3config", Some(S3_CONFIG_ID)).await?;
+    assert_eq!(s3["spec"]["secretaccesskey"], "***", "config kept: {s3:#}");
+    rig.s3.start_again_with_secret(TEST_SECRET_KEY).await?;
+    let back = Instant::now();
+    rig.backup_ok().await?;
+    let recovered = back.elapsed();
+    assert_eq!(rig.assert_consistent().await?.len(), 2, "the first and the last backup, nothing between");
+    eprintln!("FAULT s3-credentials-revoked: {error}; next backup ok {recovered:?} after the key is accepted again");
     Ok(())
 }
 

@@ -33,7 +33,8 @@ use crate::fixtures::{poll_until, test_dir, unix_now, Coordinator, EtcdCluster, 
 
 const BACKUP_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn sane_facts(member_id: u64) -> EtcdFacts {
+/// What an ordinary member reports (for hostile agents that otherwise look sane).
+pub(crate) fn sane_facts(member_id: u64) -> EtcdFacts {
     EtcdFacts {
         member_id,
         cluster_id: 7,

@@ -59,7 +59,7 @@ fn cluster_yaml(cluster: &str, seconds: i64) -> String {
 
 /// Sets a registered cluster's backup configuration the way a user does: `get cluster NAME -o json`, edit
 /// `spec.backupconfiguration`, `apply -f -` (JSON is YAML). The caller decides whether it had to succeed.
-async fn set_backup_configuration(
+pub(crate) async fn set_backup_configuration(
     coordinator: &Coordinator,
     cluster: &str,
     config: Value,
