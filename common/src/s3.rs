@@ -234,6 +234,17 @@ impl S3Error {
                         (S3ErrorKind::NotFound, format!("not found ({code})"), false)
                     }
                     _ if status == 404 => (S3ErrorKind::NotFound, "not found (HTTP 404)".to_string(), false),
+                    // A refused HEAD carries no error body, so no code: say what a 403 means all the same.
+                    _ if status == 403 => (
+                        S3ErrorKind::AccessDenied,
+                        format!(
+                            "S3 refused the request (HTTP 403{}): the credentials are wrong, revoked or lack \
+                             permission on bucket {bucket:?} — check spec.accesskeyid, spec.secretaccesskey and the \
+                             key's policy",
+                            if code.is_empty() { String::new() } else { format!(" {code}") }
+                        ),
+                        false,
+                    ),
                     _ => {
                         let msg = e.message().unwrap_or_default();
                         let retryable = status >= 500 || status == 429 || status == 408 || code == "SlowDown";

@@ -513,7 +513,11 @@ async fn bench_latency(
     let configs: Vec<(&str, Vec<String>, Pod)> = vec![
         ("ferry, backoff off", args(&["--etcd-latency-backoff", "0"]), None),
         ("ferry, backoff 2× (default)", vec![], None),
-        ("ferry, backoff off, pod: request 25m, limit 1", args(&["--etcd-latency-backoff", "0"]), Some((25, Some(1.0)))),
+        (
+            "ferry, backoff off, pod: request 25m, limit 1",
+            args(&["--etcd-latency-backoff", "0"]),
+            Some((25, Some(1.0))),
+        ),
         ("ferry, backoff 2×, pod: request 25m, limit 1", vec![], Some((25, Some(1.0)))),
     ];
     let mut idle = Vec::new();
