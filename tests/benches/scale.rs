@@ -35,7 +35,7 @@ use ferry_common::protocol::{
     JobRequest,
 };
 use ferry_common::resources::{EtcdManualBackupSpec, Resource, ResourceType, Spec, Timestamp};
-use ferry_common::tls::quinn_client_config;
+use ferry_common::tls::{quinn_agent_config, quinn_client_config};
 use ferry_tests::bench::{release_bin, Proc};
 use ferry_tests::wire::{admin_call, answer_hash_kv, etcd_snapshot, open_link, PreparedSnapshot};
 use tokio::task::JoinSet;
@@ -335,7 +335,7 @@ impl Admin {
         };
         match self.call(&request).await? {
             AdminResponse::Credentials { cert_pem, key_pem, .. } => {
-                Ok(quinn_client_config(&self.ca_pem, &ferry_common::tls::CertifiedPem { cert_pem, key_pem })?)
+                Ok(quinn_agent_config(&self.ca_pem, &ferry_common::tls::CertifiedPem { cert_pem, key_pem })?)
             }
             other => bail!("unexpected answer {other:?}"),
         }

@@ -202,6 +202,8 @@ async fn run(args: Args) -> Result<()> {
     // 0600, whatever the umask and whoever made the dir.
     create_private_dir(&args.state_dir)
         .with_context(|| format!("create --state-dir {} (0700)", args.state_dir.display()))?;
+    // The etcd store again, typed: each term of leadership fences its writes.
+    let mut fenced: Option<Arc<EtcdStore>> = None;
     let (state, election): (Arc<dyn StateStore>, Option<Election>) = match args.state_store {
         StateKind::Redb => {
             if !args.state_etcd_endpoints.is_empty() {
@@ -218,7 +220,9 @@ async fn run(args: Args) -> Result<()> {
                 .await
                 .context("connect to the state etcd")?
                 .with_context(|| format!("connect to the state etcd at {endpoints}"))?;
-            (Arc::new(store), Some(election))
+            let store = Arc::new(store);
+            fenced = Some(store.clone());
+            (store, Some(election))
         }
     };
     let keys = match election {
@@ -345,7 +349,12 @@ async fn run(args: Args) -> Result<()> {
                 stop_redirecting.cancel();
                 let _ = redirect.await;
                 match term {
-                    Some(term) => Some(term),
+                    Some(term) => {
+                        if let Some(store) = &fenced {
+                            store.fence(term.fence.0.clone(), term.fence.1);
+                        }
+                        Some(term)
+                    }
                     None => break,
                 }
             }
