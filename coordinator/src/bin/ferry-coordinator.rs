@@ -258,7 +258,8 @@ async fn run(args: Args) -> Result<()> {
                 BackupStore::s3()
             }
         }
-        .with_deployment(deployment.clone()),
+        .with_deployment(deployment.clone())
+        .with_state(state.clone()),
     );
     let server_config = quinn_server_config(&pki.ca.pem().cert_pem, &pki.server)?;
     if args.min_backup_interval > args.max_backup_interval {
@@ -573,14 +574,17 @@ async fn load_s3_config(
         S3Conn::unchecked(&spec).await.map_err(|e| anyhow::anyhow!("build S3 client from the stored config: {e}"))?;
     store.set_s3_config(conn);
     status.set_configuration("", false)?;
-    let (s, st) = (store.clone(), status.clone());
+    let (s, st, c) = (store.clone(), status.clone(), cancel.clone());
     tasks.spawn(async move {
         if let Err(msg) = s.check_s3_config(&spec).await {
             warn!("the stored S3 config does not work right now: {msg}");
             if let Err(e) = st.set_configuration(&msg, false) {
                 warn!("failed to record configuration status: {e:#}");
             }
+            return;
         }
+        // At the start of a term: uploads a dead leader (or this coordinator before a crash) left open.
+        s.retry_pending_aborts(&c).await;
     });
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! coordinator replicas work on one state.
 //!
 //! Layout under the prefix: `resources/<type>/<id>` (the JSON record, as in redb), `index/<entry>` (the label
-//! index, written in the same transactions), `blobs/<name>`, `meta/label-index` (set once the index covers
+//! index, written in the same transactions), `blobs/<name>`, `records/<key>` (bookkeeping such as open
+//! multipart uploads), `meta/label-index` (set once the index covers
 //! every record), and the leader election's keys under `leader` (see [`crate::leader`]).
 //!
 //! Fencing: once this replica has been elected, every write carries one more comparison — the term's election
@@ -393,6 +394,33 @@ impl StateStore for EtcdStore {
             std::thread::sleep(Duration::from_millis(u64::from(attempt.min(10)) * rand::random_range(1..5)));
         }
         Err(StateError::Conflict(MAX_ATTEMPTS))
+    }
+
+    fn put_record(&self, key: &str, value: &[u8]) -> Result<(), StateError> {
+        let writes = BTreeMap::from([(format!("{}records/{key}", self.prefix), Some(value.to_vec()))]);
+        self.commit(&HashMap::new(), &writes).map(drop)
+    }
+
+    fn delete_record(&self, key: &str) -> Result<(), StateError> {
+        let writes = BTreeMap::from([(format!("{}records/{key}", self.prefix), None)]);
+        self.commit(&HashMap::new(), &writes).map(drop)
+    }
+
+    fn list_records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+        let root = format!("{}records/", self.prefix);
+        let full = format!("{root}{prefix}");
+        let mut c = self.client.clone();
+        let kvs = run_on(self.rt(), "list records", async move {
+            Ok(c.get(full, Some(GetOptions::new().with_prefix())).await?.take_kvs())
+        })?;
+        Ok(kvs
+            .into_iter()
+            .filter_map(|kv| {
+                let (k, v) = kv.into_key_value();
+                let k = String::from_utf8(k).ok()?;
+                Some((k.strip_prefix(&root)?.to_string(), v))
+            })
+            .collect())
     }
 
     fn blob_or_create(

@@ -85,6 +85,13 @@ pub trait StateStore: Send + Sync {
         name: &str,
         create: &mut dyn FnMut() -> Result<Vec<u8>, StateError>,
     ) -> Result<Vec<u8>, StateError>;
+    /// Stores a record of Ferry's own bookkeeping that is no resource (an open multipart upload to abort if
+    /// its backup never finishes), replacing one under the same key.
+    fn put_record(&self, key: &str, value: &[u8]) -> Result<(), StateError>;
+    /// Removes a record; absent is fine.
+    fn delete_record(&self, key: &str) -> Result<(), StateError>;
+    /// Records whose key starts with `prefix`, by key.
+    fn list_records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateError>;
     /// A number that changes whenever a resource of type `rt` is written or deleted through this store, so a
     /// reader polling a type (the scheduler, every second) decodes it again only after a change. `None`: the
     /// store cannot tell, read every time.

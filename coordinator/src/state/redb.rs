@@ -33,6 +33,8 @@ const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources"
 const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
 /// The label index ([`super::index_entries`]): entries only, no values.
 const INDEX: TableDefinition<&str, ()> = TableDefinition::new("label-index");
+/// [`StateStore::put_record`]'s records.
+const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 /// Format markers: `label-index` once the index covers every record (databases from before it get it built at
 /// open).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -63,6 +65,7 @@ fn open_db(path: &Path) -> Result<redb::Database, StateError> {
     let tx = db.begin_write()?;
     tx.open_table(RESOURCES)?;
     tx.open_table(BLOBS)?;
+    tx.open_table(RECORDS)?;
     {
         let mut meta = tx.open_table(META)?;
         if meta.get("label-index")?.is_none() {
@@ -334,6 +337,40 @@ impl StateStore for RedbStore {
             };
             tx.commit()?;
             Ok(value)
+        })
+    }
+
+    fn put_record(&self, key: &str, value: &[u8]) -> Result<(), StateError> {
+        self.run(true, |db| {
+            let tx = db.begin_write()?;
+            tx.open_table(RECORDS)?.insert(key, value)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn delete_record(&self, key: &str) -> Result<(), StateError> {
+        self.run(true, |db| {
+            let tx = db.begin_write()?;
+            tx.open_table(RECORDS)?.remove(key)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn list_records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+        self.run(false, |db| {
+            let tx = db.begin_read()?;
+            let table = tx.open_table(RECORDS)?;
+            let mut out = Vec::new();
+            for item in table.range(prefix..)? {
+                let (k, v) = item?;
+                if !k.value().starts_with(prefix) {
+                    break;
+                }
+                out.push((k.value().to_string(), v.value().to_vec()));
+            }
+            Ok(out)
         })
     }
 

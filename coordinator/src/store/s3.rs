@@ -25,6 +25,7 @@ use super::{
     sort_newest_first, Manifest, StoreError, UploadSettings, MANIFEST_SUFFIX, MAX_MANIFEST_BYTES, OBJECT_SUFFIX,
 };
 use crate::lock;
+use crate::state::StateStore;
 
 /// How long `apply` waits for a new config's test listing.
 const VALIDATE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -43,12 +44,18 @@ impl S3Conn {
     }
 }
 
-/// A multipart upload that must be aborted.
-#[derive(Debug, Clone)]
+/// A multipart upload that must be aborted; also the state record of an open upload
+/// ([`RECORD_PREFIX`]`<upload id>`), so whoever leads next aborts the uploads of a coordinator that died.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct PendingAbort {
+    #[serde(default)]
+    bucket: String,
     key: String,
     upload_id: String,
 }
+
+/// State record keys of open multipart uploads.
+const RECORD_PREFIX: &str = "s3-open-upload/";
 
 #[derive(Default)]
 struct Shared {
@@ -59,6 +66,10 @@ struct Shared {
     /// Kept in memory: a coordinator restart forgets them, so buckets should also carry a lifecycle rule
     /// that aborts incomplete multipart uploads (see docs/ARCHITECTURE.md).
     pending_aborts: Mutex<Vec<PendingAbort>>,
+    /// Where open uploads are recorded until they are completed or aborted (`None`: not recorded).
+    state: RwLock<Option<Arc<dyn StateStore>>>,
+    /// Upload ids this process has open: their records are not left over from a dead coordinator.
+    open: Mutex<std::collections::HashSet<String>>,
 }
 
 #[derive(Default)]
@@ -90,6 +101,30 @@ fn manifest_key(spec: &EtcdBackupS3ConfigSpec, cluster: &str, id: &str) -> Strin
 }
 
 impl Shared {
+    fn state(&self) -> Option<Arc<dyn StateStore>> {
+        self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records an open upload before its id is handed out.
+    fn remember(&self, p: &PendingAbort) -> Result<(), StoreError> {
+        lock(&self.open).insert(p.upload_id.clone());
+        let Some(state) = self.state() else { return Ok(()) };
+        let value = serde_json::to_vec(p).map_err(|e| StoreError::Mismatch(format!("encode upload record: {e}")))?;
+        state
+            .put_record(&format!("{RECORD_PREFIX}{}", p.upload_id), &value)
+            .map_err(|e| StoreError::Mismatch(format!("record the open upload: {e}")))
+    }
+
+    /// Drops the record of an upload completed or aborted.
+    fn forget(&self, upload_id: &str) {
+        lock(&self.open).remove(upload_id);
+        if let Some(state) = self.state() {
+            if let Err(e) = state.delete_record(&format!("{RECORD_PREFIX}{upload_id}")) {
+                warn!("failed to remove the record of a finished upload (aborted again later, harmlessly): {e}");
+            }
+        }
+    }
+
     fn conn(&self) -> Result<Arc<S3Conn>, StoreError> {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(StoreError::NotConfigured)
     }
@@ -105,10 +140,17 @@ impl Shared {
         }
         lock(&self.manifests).remove(manifest);
         if let Some(upload_id) = upload_id {
-            if let Err(e) = common_s3::abort_upload(&conn.client, bucket, key, upload_id).await {
-                warn!(%key, "failed to abort multipart upload, will retry: {e}");
-                lock(&self.pending_aborts)
-                    .push(PendingAbort { key: key.to_string(), upload_id: upload_id.to_string() });
+            lock(&self.open).remove(upload_id);
+            match common_s3::abort_upload(&conn.client, bucket, key, upload_id).await {
+                Ok(()) => self.forget(upload_id),
+                Err(e) => {
+                    warn!(%key, "failed to abort multipart upload, will retry: {e}");
+                    lock(&self.pending_aborts).push(PendingAbort {
+                        bucket: bucket.clone(),
+                        key: key.to_string(),
+                        upload_id: upload_id.to_string(),
+                    });
+                }
             }
         }
         // Cleanup: not cancellable, so a shutdown does not leave the object behind.
@@ -122,6 +164,11 @@ impl S3Store {
     /// The current configuration, or why there is none.
     pub(super) fn conn(&self) -> Result<Arc<S3Conn>, StoreError> {
         self.shared.conn()
+    }
+
+    /// Records open uploads in `state` from now on.
+    pub(super) fn set_state(&self, state: Arc<dyn StateStore>) {
+        *self.shared.state.write().unwrap_or_else(|p| p.into_inner()) = Some(state);
     }
 
     pub(super) fn set(&self, conn: S3Conn) {
@@ -162,6 +209,16 @@ impl S3Store {
             })
         })
         .await?;
+        let record = PendingAbort { bucket: bucket.clone(), key: key.clone(), upload_id: upload_id.clone() };
+        if let Err(e) = self.shared.remember(&record) {
+            // Unrecorded, it could outlive a crash unnoticed: not handed out.
+            lock(&self.shared.open).remove(&upload_id);
+            if let Err(abort) = common_s3::abort_upload(&conn.client, bucket, &key, &upload_id).await {
+                warn!(%key, "failed to abort multipart upload, will retry: {abort}");
+                lock(&self.shared.pending_aborts).push(record);
+            }
+            return Err(e);
+        }
         let target = S3Upload {
             key: key.clone(),
             part_size: upload.part_size,
@@ -294,13 +351,39 @@ impl S3Store {
         }
     }
 
-    /// Retries the aborts that failed earlier.
+    /// Retries the aborts that failed earlier, and aborts the uploads recorded in the state that no backup of
+    /// this process has open (left by a coordinator that was killed or lost its leadership mid-backup).
     pub(super) async fn retry_pending_aborts(&self, _cancel: &CancellationToken) {
         let Ok(conn) = self.conn() else { return };
-        let pending = std::mem::take(&mut *lock(&self.shared.pending_aborts));
+        let mut pending = std::mem::take(&mut *lock(&self.shared.pending_aborts));
+        if let Some(state) = self.shared.state() {
+            match state.list_records(RECORD_PREFIX) {
+                Ok(records) => {
+                    let open = lock(&self.shared.open).clone();
+                    for (k, v) in records {
+                        match serde_json::from_slice::<PendingAbort>(&v) {
+                            Ok(p) if !open.contains(&p.upload_id) && !pending.iter().any(|q| q.upload_id == p.upload_id) => {
+                                pending.push(p)
+                            }
+                            Ok(_) => {}
+                            Err(e) => warn!(record = %k, "failed to read an open-upload record: {e}"),
+                        }
+                    }
+                }
+                Err(e) => warn!("failed to list open uploads in the state store: {e}"),
+            }
+        }
         for p in pending {
+            if !p.bucket.is_empty() && p.bucket != conn.spec.bucket {
+                // Another bucket than the one configured now: kept until it is configured again.
+                lock(&self.shared.pending_aborts).push(p);
+                continue;
+            }
             match common_s3::abort_upload(&conn.client, &conn.spec.bucket, &p.key, &p.upload_id).await {
-                Ok(()) => info!(key = %p.key, "aborted a multipart upload left by a failed backup"),
+                Ok(()) => {
+                    self.shared.forget(&p.upload_id);
+                    info!(key = %p.key, "aborted a multipart upload left by a failed or interrupted backup")
+                }
                 Err(e) => {
                     warn!(key = %p.key, "failed to abort multipart upload, will retry: {e}");
                     lock(&self.shared.pending_aborts).push(p);
@@ -435,7 +518,12 @@ impl PendingUpload {
         let deployment = (!self.deployment.is_empty()).then(|| self.deployment.clone());
         let manifest = Manifest { format: 1, id: self.id.clone(), backup: spec, deployment };
         match self.try_commit(&manifest, parts, cancel).await {
-            Ok(()) => Ok(manifest),
+            Ok(()) => {
+                if let Some(id) = &self.upload_id {
+                    self.shared.forget(id);
+                }
+                Ok(manifest)
+            }
             Err(e) => {
                 self.abort().await;
                 Err(e)
