@@ -197,10 +197,10 @@ impl EtcdStore {
         for chunk in entries.chunks(INDEX_BUILD_BATCH) {
             let ops: Vec<TxnOp> = chunk.iter().map(|e| TxnOp::put(self.index_key(e), Vec::new(), None)).collect();
             let mut c = self.client.clone();
-            run_on(self.rt(), "write the label index", async move { Ok(c.txn(Txn::new().and_then(ops)).await?) })?;
+            run_on(self.rt(), "write the label index", async move { c.txn(Txn::new().and_then(ops)).await })?;
         }
         let mut c = self.client.clone();
-        run_on(self.rt(), "mark the label index built", async move { Ok(c.put(marker, "1", None).await?) })?;
+        run_on(self.rt(), "mark the label index built", async move { c.put(marker, "1", None).await })?;
         Ok(())
     }
 

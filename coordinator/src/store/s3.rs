@@ -362,7 +362,10 @@ impl S3Store {
                     let open = lock(&self.shared.open).clone();
                     for (k, v) in records {
                         match serde_json::from_slice::<PendingAbort>(&v) {
-                            Ok(p) if !open.contains(&p.upload_id) && !pending.iter().any(|q| q.upload_id == p.upload_id) => {
+                            Ok(p)
+                                if !open.contains(&p.upload_id)
+                                    && !pending.iter().any(|q| q.upload_id == p.upload_id) =>
+                            {
                                 pending.push(p)
                             }
                             Ok(_) => {}

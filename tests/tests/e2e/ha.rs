@@ -13,11 +13,11 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::fixtures::logs::log_tail;
 use crate::fixtures::ports::free_port;
-use crate::observe::http_get;
 use crate::fixtures::{
     expected_test_kvs, poll_until, restore_and_read_raw, unix_now, Coordinator, CoordinatorOptions, EtcdCluster,
     S3Server, STATUS_OK,
 };
+use crate::observe::http_get;
 
 /// The election's name under the default `--state-etcd-prefix`.
 const ELECTION: &str = "/ferry/leader";
@@ -117,9 +117,12 @@ async fn killing_the_leader_mid_backup_and_after_a_scheduled_backup_loses_and_du
     assert!(back <= AGENTS_BACK, "agents took {back:?} to reach the new leader");
     // The dead leader's multipart upload was recorded in the state before its id went out: the new leader
     // aborts it (S3's own view: no unfinished upload left).
-    poll_until("the dead leader's upload to be aborted", Duration::from_secs(60), Duration::from_millis(500), || async {
-        Ok(s3.leftover_uploads().is_empty().then_some(()))
-    })
+    poll_until(
+        "the dead leader's upload to be aborted",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || async { Ok(s3.leftover_uploads().is_empty().then_some(())) },
+    )
     .await
     .with_context(|| format!("left: {:?}\n{}", s3.leftover_uploads(), log_tail(replicas[lead].log_path(), 30)))?;
     // The interrupted backup is not listed; its status says why.
@@ -233,11 +236,7 @@ async fn a_replica_cut_off_from_the_state_etcd_stops_leading_and_ferryctl_works_
     // The first replica reaches the state etcd only through the relay, and starts first: it leads.
     let cut_off = CoordinatorOptions {
         port: Some(ports[0]),
-        ..replica_options(
-            &format!("http://127.0.0.1:{}", relay.port),
-            &addresses,
-            &["--metrics-listen", &listen_a],
-        )
+        ..replica_options(&format!("http://127.0.0.1:{}", relay.port), &addresses, &["--metrics-listen", &listen_a])
     };
     let a = Coordinator::start_s3(&s3, cut_off).await?;
     let b = Coordinator::start(CoordinatorOptions {
