@@ -16,7 +16,7 @@ use ferry_common::protocol::{
     RenewedCredentials,
 };
 use ferry_common::tls::CertifiedPem;
-use ferry_common::tls::{quinn_client_config, resolve, Identity};
+use ferry_common::tls::{quinn_agent_config, resolve, Identity};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
@@ -53,7 +53,7 @@ impl Link {
     /// Runs until `cancel` fires; then waits up to [`SHUTDOWN_GRACE`] for running jobs, and cancels them
     /// through `jobs_cancel` if they are still running.
     pub async fn run(mut self, cancel: CancellationToken, jobs_cancel: CancellationToken) -> Result<()> {
-        let mut client = quinn_client_config(&self.credentials.ca_pem, &self.credentials.client)
+        let mut client = quinn_agent_config(&self.credentials.ca_pem, &self.credentials.client)
             .context("build TLS config from --credentials")?;
         // One UDP socket per address family, made when the coordinator's address first resolves to it: a socket
         // bound to 0.0.0.0 cannot reach an IPv6 coordinator, nor one bound to [::] an IPv4 one everywhere.
@@ -62,12 +62,14 @@ impl Link {
         let mut last_facts = EtcdFacts::default();
         let addresses = coordinator_addresses(&self.coordinator);
         anyhow::ensure!(!addresses.is_empty(), "--coordinator names no address");
-        // The replica to dial next, and the leader a replica named (dialed first when set).
-        let (mut next, mut redirect) = (0usize, None::<String>);
+        // The replica to dial next, dials in this round (a backoff after each full round), and the leader a
+        // replica named (dialed first when set).
+        let (mut next, mut round, mut redirect) = (0usize, 0usize, None::<String>);
         while !cancel.is_cancelled() {
             let target = redirect.take().unwrap_or_else(|| addresses[next % addresses.len()].clone());
             self.reload_credentials(&mut client);
             let client = &client;
+            let mut linked = false;
             let result = async {
                 let (addr, server_name) = resolve(&target).await?;
                 let bind = bind_address_for(addr);
@@ -83,7 +85,8 @@ impl Link {
                 };
                 let ep = endpoint.insert(ep);
                 ep.set_default_client_config(client.clone());
-                self.session(ep, addr, &server_name, &cancel, &jobs_cancel, &mut last_facts, &mut failures).await
+                self.session(ep, addr, &server_name, &cancel, &jobs_cancel, &mut last_facts, &mut failures, &mut linked)
+                    .await
             }
             .await;
             match result {
@@ -97,17 +100,27 @@ impl Link {
             if cancel.is_cancelled() {
                 break;
             }
+            // A link that was up just ended (a SIGKILLed leader): the other replicas first, from the one after
+            // it, in a fresh round; the one that failed comes last.
+            if linked {
+                if let Some(p) = addresses.iter().position(|a| *a == target) {
+                    next = p;
+                }
+                round = 0;
+            }
             // Another replica or the leader is worth a try at once; after a whole round, back off.
             if redirect.is_none() {
                 next += 1;
+                round += 1;
             }
-            if redirect.is_some() || next % addresses.len() != 0 {
+            if redirect.is_some() || round < addresses.len() {
                 tokio::select! {
                     _ = tokio::time::sleep(NEXT_REPLICA_DELAY) => {}
                     _ = cancel.cancelled() => {}
                 }
                 continue;
             }
+            round = 0;
             failures = failures.saturating_add(1);
             let delay = RECONNECT_BACKOFF.delay(failures);
             info!(delay_ms = delay.as_millis() as u64, "reconnecting to the coordinator");
@@ -134,6 +147,7 @@ impl Link {
         jobs_cancel: &CancellationToken,
         last_facts: &mut EtcdFacts,
         failures: &mut u32,
+        linked: &mut bool,
     ) -> Result<Option<Option<String>>> {
         let connecting = endpoint.connect(addr, server_name).context("start QUIC connection")?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
@@ -151,6 +165,7 @@ impl Link {
             }
         }
         *failures = 0;
+        *linked = true;
         METRICS.coordinator_connected.set(1);
         let _disconnected = DisconnectedOnDrop;
         let mut ticker = tokio::time::interval(REPORT_INTERVAL);
@@ -237,7 +252,7 @@ impl Link {
         if loaded.client.cert_pem == self.credentials.client.cert_pem && loaded.ca_pem == self.credentials.ca_pem {
             return;
         }
-        match quinn_client_config(&loaded.ca_pem, &loaded.client) {
+        match quinn_agent_config(&loaded.ca_pem, &loaded.client) {
             Ok(c) => {
                 info!("using the new certificate in --credentials");
                 *client = c;
@@ -275,7 +290,7 @@ fn save_renewed(dir: &std::path::Path, renewed: RenewedCredentials) -> Result<()
         client: CertifiedPem { cert_pem: renewed.cert_pem, key_pem: renewed.key_pem },
     };
     // The pair must work before it replaces the one in use.
-    quinn_client_config(&creds.ca_pem, &creds.client).context("check the renewed certificate")?;
+    quinn_agent_config(&creds.ca_pem, &creds.client).context("check the renewed certificate")?;
     creds.save(dir).with_context(|| format!("write {}", dir.display()))?;
     info!(serial = %renewed.serial, not_after = %renewed.not_after.human(), "saved the renewed certificate");
     Ok(())

@@ -1,5 +1,6 @@
-//! What both daemons expose to operators: `/metrics` (Prometheus), `/healthz` (alive) and `/readyz` (ready)
-//! on `--metrics-listen`, and their log format (`--log-format text|json`, level from `RUST_LOG`).
+//! What both daemons expose to operators: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (ready to
+//! take connections) and `/leaderz` (leads: the one coordinator replica that schedules and runs backups) on
+//! `--metrics-listen`, and their log format (`--log-format text|json`, level from `RUST_LOG`).
 //!
 //! That port is unauthenticated, so it is bounded: at most [`MAX_CONNECTIONS`] at once (more are closed as
 //! soon as they are accepted), [`HEADER_TIMEOUT`] to send a request's headers, [`CONNECTION_LIFE`] in all and
@@ -39,6 +40,10 @@ pub trait Observed: Send + Sync + 'static {
     fn metrics(&self) -> String;
     /// `Ok` when ready to serve, else why not.
     fn ready(&self) -> Result<(), String>;
+    /// Whether this process leads its replica set; `None` where there is no such thing (an agent).
+    fn leading(&self) -> Option<bool> {
+        None
+    }
 }
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -126,6 +131,7 @@ async fn serve(
 ) -> std::io::Result<()> {
     let m = observed.clone();
     let r = observed.clone();
+    let l = observed.clone();
     let app = Router::new()
         .route("/metrics", get(move |h: HeaderMap| metrics(h, m.clone())))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -134,14 +140,35 @@ async fn serve(
             get(move || {
                 let r = r.clone();
                 async move {
+                    // A follower is ready too (it takes connections and redirects them); the body says which.
+                    let role = match r.leading() {
+                        Some(true) => " (leader)",
+                        Some(false) => " (follower: redirects clients to the leader)",
+                        None => "",
+                    };
                     match r.ready() {
-                        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+                        Ok(()) => (StatusCode::OK, format!("ok{role}\n")),
                         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
                     }
                 }
             }),
+        )
+        .route(
+            "/leaderz",
+            get(move || {
+                let l = l.clone();
+                async move {
+                    match (l.ready(), l.leading()) {
+                        (Err(why), _) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+                        (Ok(()), Some(true) | None) => (StatusCode::OK, "leader\n".to_string()),
+                        (Ok(()), Some(false)) => {
+                            (StatusCode::SERVICE_UNAVAILABLE, "follower: another replica leads\n".to_string())
+                        }
+                    }
+                }
+            }),
         );
-    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz and /leaderz");
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let connections = tokio_util::task::TaskTracker::new();
     loop {

@@ -220,7 +220,7 @@ impl Agents {
         Ok(self
             .inner
             .state
-            .list(ResourceType::Agent)?
+            .list_labeled(ResourceType::Agent, LABEL_CLUSTER, cluster)?
             .iter()
             .any(|r| matches!(&r.spec, Spec::Agent(a) if a.cluster == cluster)))
     }

@@ -102,7 +102,7 @@ impl Credentials {
     /// their connections); returns the serials revoked.
     pub fn record(&self, cluster: &str, member: &str, issued: &IssuedCert) -> Result<Vec<String>, StateError> {
         self.put_record(cluster, member, issued)?;
-        let older = self.serials(|s| s.cluster == cluster && s.member == member && s.serial != issued.serial)?;
+        let older = self.serials(cluster, |s| s.member == member && s.serial != issued.serial)?;
         self.revoke_serials(ResourceType::AgentCredential, &older)
     }
 
@@ -156,9 +156,8 @@ impl Credentials {
         let issued =
             self.inner.ca.issue_agent(&s.cluster, &s.member, lifetime).map_err(|e| Refused::Issue(e.to_string()))?;
         self.put_record(&s.cluster, &s.member, &issued)?;
-        let unused = self.serials(|o| {
-            o.cluster == s.cluster && o.member == s.member && o.serial != serial && o.serial != issued.serial
-        })?;
+        let unused =
+            self.serials(&s.cluster, |o| o.member == s.member && o.serial != serial && o.serial != issued.serial)?;
         self.revoke_serials(ResourceType::AgentCredential, &unused)?;
         info!(cluster = %s.cluster, member = %s.member, old = %serial, new = %issued.serial, "renewed agent certificate");
         Ok(issued)
@@ -191,10 +190,8 @@ impl Credentials {
     /// Revokes what `target` names; returns the serials revoked now (already revoked ones are not repeated).
     pub fn revoke(&self, target: &RevokeTarget) -> Result<Vec<String>, StateError> {
         let serials = match target {
-            RevokeTarget::Member { cluster, member } => {
-                self.serials(|s| &s.cluster == cluster && &s.member == member)?
-            }
-            RevokeTarget::Serial(serial) => self.serials(|s| &s.serial == serial)?,
+            RevokeTarget::Member { cluster, member } => self.serials(cluster, |s| &s.member == member)?,
+            RevokeTarget::Serial(serial) => self.live_record(serial)?.map(|s| s.serial).into_iter().collect(),
         };
         self.revoke_serials(ResourceType::AgentCredential, &serials)
     }
@@ -204,15 +201,16 @@ impl Credentials {
         Ok(self.inner.state.get(ResourceType::AgentCredential, serial)?.is_some())
     }
 
-    /// Serials of unrevoked records matching `f`.
-    fn serials(&self, f: impl Fn(&AgentCredentialSpec) -> bool) -> Result<Vec<String>, StateError> {
+    /// Serials of unrevoked records of `cluster` matching `f` (through the state's label index: a cluster's
+    /// few records, not every agent's).
+    fn serials(&self, cluster: &str, f: impl Fn(&AgentCredentialSpec) -> bool) -> Result<Vec<String>, StateError> {
         Ok(self
             .inner
             .state
-            .list(ResourceType::AgentCredential)?
+            .list_labeled(ResourceType::AgentCredential, LABEL_CLUSTER, cluster)?
             .into_iter()
             .filter_map(|r| match r.spec {
-                Spec::AgentCredential(s) if !s.revoked && f(&s) => Some(s.serial),
+                Spec::AgentCredential(s) if !s.revoked && s.cluster == cluster && f(&s) => Some(s.serial),
                 _ => None,
             })
             .collect())

@@ -39,6 +39,9 @@ pub struct Election {
 /// A term of leadership; `lost` fires when it ends (lease not renewed in time, or [`Term::resign`]).
 pub struct Term {
     pub lost: CancellationToken,
+    /// This term's election key and the revision it was created at: the state store fences every write on
+    /// it ([`crate::state::EtcdStore::fence`]), so nothing this replica writes lands after the term ended.
+    pub fence: (String, i64),
     lease: i64,
     client: Client,
 }
@@ -76,12 +79,17 @@ impl Election {
         let lease = grant.id();
         let lost = CancellationToken::new();
         tokio::spawn(keep_alive(leases, lease, sent + Duration::from_secs(grant.ttl().max(0) as u64), lost.clone()));
-        let term = Term { lost: lost.clone(), lease, client: self.client.clone() };
+        let mut term = Term { lost: lost.clone(), fence: (String::new(), 0), lease, client: self.client.clone() };
         let mut elections: ElectionClient = self.client.election_client();
         tokio::select! {
             r = elections.campaign(self.name.as_str(), self.me.as_str(), lease) => match r {
-                Ok(_) if !lost.is_cancelled() => {
-                    info!(lease = format!("{lease:x}"), "elected leader");
+                Ok(resp) if !lost.is_cancelled() => {
+                    let Some(key) = resp.leader() else {
+                        term.resign().await;
+                        return Err("the campaign answered without a leader key".into());
+                    };
+                    term.fence = (String::from_utf8_lossy(key.key()).into_owned(), key.rev());
+                    info!(lease = format!("{lease:x}"), revision = key.rev(), "elected leader");
                     Ok(Some(term))
                 }
                 Ok(_) => Err("elected on a lease that just expired".into()),

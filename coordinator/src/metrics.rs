@@ -309,6 +309,10 @@ impl ferry_common::observe::Observed for Observer {
         self.metrics.render()
     }
 
+    fn leading(&self) -> Option<bool> {
+        Some(self.metrics.leader.get() == 1)
+    }
+
     fn ready(&self) -> Result<(), String> {
         self.state_health()?;
         if self.listening.load(Ordering::Relaxed) {

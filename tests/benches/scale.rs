@@ -13,8 +13,9 @@
 //!   /proc/PID/stat), as % of one core: the machine is shared, so this is the coordinator's own time, not
 //!   wall-clock load;
 //! - `ferryctl get agents` wall time (the real binary, median of 3);
-//! - a round of manual backups to every cluster: time until every cluster's job reached an agent
-//!   (dispatch) and until every backup was committed;
+//! - a round of manual backups to every cluster: time until the one `Apply` was answered (every job queued),
+//!   until every cluster's job reached an agent (dispatch; at most `--max-concurrent-backups`, default 8, run
+//!   at once) and until every backup was committed;
 //! - SIGTERM and restart of the coordinator: time until every agent is connected again, and that no backup
 //!   was duplicated (one per cluster stored, one job per cluster seen by the agents).
 //!
@@ -35,7 +36,7 @@ use ferry_common::protocol::{
     JobRequest,
 };
 use ferry_common::resources::{EtcdManualBackupSpec, Resource, ResourceType, Spec, Timestamp};
-use ferry_common::tls::quinn_client_config;
+use ferry_common::tls::{quinn_agent_config, quinn_client_config};
 use ferry_tests::bench::{release_bin, Proc};
 use ferry_tests::wire::{admin_call, answer_hash_kv, etcd_snapshot, open_link, PreparedSnapshot};
 use tokio::task::JoinSet;
@@ -335,7 +336,7 @@ impl Admin {
         };
         match self.call(&request).await? {
             AdminResponse::Credentials { cert_pem, key_pem, .. } => {
-                Ok(quinn_client_config(&self.ca_pem, &ferry_common::tls::CertifiedPem { cert_pem, key_pem })?)
+                Ok(quinn_agent_config(&self.ca_pem, &ferry_common::tls::CertifiedPem { cert_pem, key_pem })?)
             }
             other => bail!("unexpected answer {other:?}"),
         }
@@ -366,6 +367,7 @@ struct Row {
     rss_mib: f64,
     cpu_pct: f64,
     get_agents_s: f64,
+    apply_s: f64,
     dispatch_s: f64,
     complete_s: f64,
     failed: u64,
@@ -479,13 +481,17 @@ async fn measure(agents: usize, raw_snapshot: &[u8], root: &Path) -> Result<Row>
         .collect();
     let start = Instant::now();
     admin.call(&AdminRequest::Apply { resources }).await?;
+    row.apply_s = start.elapsed().as_secs_f64();
     let jobs_seen = || stats.jobs.lock().unwrap_or_else(|e| e.into_inner()).len();
     row.dispatch_s = wait_for("every cluster's job", || jobs_seen() == clusters).await?.as_secs_f64();
     let done = || stats.committed.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed) >= clusters as u64;
     wait_for("every backup to finish", done).await?;
     row.complete_s = start.elapsed().as_secs_f64();
     row.failed = stats.failed.load(Ordering::Relaxed);
-    eprintln!("{agents} agents: round dispatched in {:.1}s, done in {:.1}s", row.dispatch_s, row.complete_s);
+    eprintln!(
+        "{agents} agents: round applied in {:.1}s, dispatched in {:.1}s, done in {:.1}s",
+        row.apply_s, row.dispatch_s, row.complete_s
+    );
 
     // Restart: every agent reconnects at once.
     coordinator.restart()?;
@@ -529,18 +535,19 @@ async fn main() -> Result<()> {
         rows.push(measure(n, &raw, root.path()).await?);
     }
     println!(
-        "| agents | issue certs | all connected | coord RSS | coord CPU (steady) | `get agents` | round dispatched | round done (failed) | restart: all back | RSS after | backups stored / jobs |"
+        "| agents | issue certs | all connected | coord RSS | coord CPU (steady) | `get agents` | round applied | round dispatched | round done (failed) | restart: all back | RSS after | backups stored / jobs |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {:.1} s | {:.1} s | {:.0} MiB | {:.1} % | {:.2} s | {:.2} s | {:.1} s ({}) | {:.1} s | {:.0} MiB | {} / {} |",
+            "| {} | {:.1} s | {:.1} s | {:.0} MiB | {:.1} % | {:.2} s | {:.2} s | {:.2} s | {:.1} s ({}) | {:.1} s | {:.0} MiB | {} / {} |",
             r.agents,
             r.issue_s,
             r.connect_s,
             r.rss_mib,
             r.cpu_pct,
             r.get_agents_s,
+            r.apply_s,
             r.dispatch_s,
             r.complete_s,
             r.failed,

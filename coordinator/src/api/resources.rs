@@ -23,6 +23,8 @@ const MANUAL_BACKUP_WINDOW_SECS: i64 = 60;
 /// Bounds of an agent certificate's life: long enough to deploy it, short enough that a forgotten one dies.
 const MIN_VALIDITY_SECS: u64 = 60;
 const MAX_VALIDITY_SECS: u64 = 3650 * 86_400;
+/// State operations per apply transaction: under etcd's default `--max-txn-ops` of 128.
+const APPLY_BATCH_OPS: usize = 120;
 
 type Result<T, E = ApiError> = std::result::Result<T, E>;
 
@@ -145,29 +147,24 @@ impl Api {
         if backups.iter().enumerate().any(|(i, c)| backups[..i].contains(c)) {
             return invalid("the input asks for two manual backups of the same cluster; apply one");
         }
+        if resources.iter().any(|r| r.resource_type() == ResourceType::EtcdBackupS3Config) {
+            self.status.set_configuration("", true)?;
+        }
+        // Written in batches, each one state transaction: one commit (one fsync) for many documents rather than
+        // one per document, and within etcd's default limit of 128 operations per transaction.
         let mut out = Vec::new();
-        for r in resources {
-            let rt = r.resource_type();
-            let id = r.metadata.id.clone();
-            let old = self.state.get(rt, &id)?;
-            if rt == ResourceType::EtcdBackupS3Config {
-                self.status.set_configuration("", true)?;
+        let mut batch = Vec::new();
+        let mut ops = 0;
+        let mut resources = resources.into_iter().peekable();
+        while let Some(r) = resources.next() {
+            // The record, plus at worst every label's index entry removed and added.
+            ops += 1 + 2 * r.metadata.labels.len();
+            batch.push(r);
+            let full = resources.peek().is_none_or(|n| ops + 1 + 2 * n.metadata.labels.len() > APPLY_BATCH_OPS);
+            if full {
+                out.extend(self.apply_batch(std::mem::take(&mut batch))?);
+                ops = 0;
             }
-            let outcome = match &old {
-                Some(o) if o.spec == r.spec && o.metadata.labels == r.metadata.labels => {
-                    out.push(ApplyOutcome::Unchanged { rt, id });
-                    continue;
-                }
-                Some(_) => ApplyOutcome::Updated { rt, id: id.clone() },
-                None => ApplyOutcome::Created { rt, id: id.clone() },
-            };
-            let mut r = r;
-            if let Some(o) = old {
-                r.metadata.created = o.metadata.created;
-            }
-            self.state.put(r)?;
-            info!(%rt, %id, "applied");
-            out.push(outcome);
         }
         if let Some(conn) = s3 {
             self.store.set_s3_config(conn);
@@ -176,6 +173,39 @@ impl Api {
         }
         for cluster in backups {
             self.jobs.start(&cluster, Trigger::Manual)?;
+        }
+        Ok(out)
+    }
+
+    /// Writes checked resources in one state transaction; what each became.
+    fn apply_batch(&self, batch: Vec<Resource>) -> Result<Vec<ApplyOutcome>> {
+        let mut out = Vec::new();
+        self.state.transact(&mut |tx| {
+            out.clear();
+            for r in &batch {
+                let (rt, id) = (r.resource_type(), r.metadata.id.clone());
+                let old = tx.get(rt, &id)?;
+                let outcome = match &old {
+                    Some(o) if o.spec == r.spec && o.metadata.labels == r.metadata.labels => {
+                        out.push(ApplyOutcome::Unchanged { rt, id });
+                        continue;
+                    }
+                    Some(_) => ApplyOutcome::Updated { rt, id },
+                    None => ApplyOutcome::Created { rt, id },
+                };
+                let mut r = r.clone();
+                if let Some(o) = old {
+                    r.metadata.created = o.metadata.created;
+                }
+                tx.put(r)?;
+                out.push(outcome);
+            }
+            Ok(())
+        })?;
+        for o in &out {
+            if let ApplyOutcome::Created { rt, id } | ApplyOutcome::Updated { rt, id } = o {
+                info!(%rt, %id, "applied");
+            }
         }
         Ok(out)
     }

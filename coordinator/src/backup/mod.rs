@@ -191,7 +191,9 @@ async fn run(inner: Arc<Inner>, cluster: String, trigger: Trigger, _guard: Runni
     if let Err(e) = marked {
         warn!("failed to record backup status: {e:#}");
     }
-    let result = job::take_with_failover(&inner, &cluster).await;
+    // Boxed: a queued backup (a whole round of 3 333 may queue) holds only the small wait above, not the
+    // job's large state.
+    let result = Box::pin(job::take_with_failover(&inner, &cluster)).await;
     let (recorded, outcome) = match &result {
         Ok(m) => {
             info!(backup_id = %m.id, size = m.backup.size, rawsize = m.backup.rawsize, member = %m.backup.member, "backup stored");

@@ -219,6 +219,8 @@ async fn run(args: Args) -> Result<()> {
     // 0600, whatever the umask and whoever made the dir.
     create_private_dir(&args.state_dir)
         .with_context(|| format!("create --state-dir {} (0700)", args.state_dir.display()))?;
+    // The etcd store again, typed: each term of leadership fences its writes.
+    let mut fenced: Option<Arc<EtcdStore>> = None;
     let (state, election): (Arc<dyn StateStore>, Option<Election>) = match args.state_store {
         StateKind::Redb => {
             if !args.state_etcd_endpoints.is_empty() {
@@ -235,7 +237,9 @@ async fn run(args: Args) -> Result<()> {
                 .await
                 .context("connect to the state etcd")?
                 .with_context(|| format!("connect to the state etcd at {endpoints}"))?;
-            (Arc::new(store), Some(election))
+            let store = Arc::new(store);
+            fenced = Some(store.clone());
+            (store, Some(election))
         }
     };
     let keys = match election {
@@ -272,7 +276,8 @@ async fn run(args: Args) -> Result<()> {
             }
         }
         .with_deployment(deployment.clone())
-        .with_max_snapshot_size(args.max_snapshot_size_mib << 20),
+        .with_max_snapshot_size(args.max_snapshot_size_mib << 20)
+        .with_state(state.clone()),
     );
     let server_config = quinn_server_config(&pki.ca.pem().cert_pem, &pki.server)?;
     if args.min_backup_interval > args.max_backup_interval {
@@ -364,7 +369,12 @@ async fn run(args: Args) -> Result<()> {
                 stop_redirecting.cancel();
                 let _ = redirect.await;
                 match term {
-                    Some(term) => Some(term),
+                    Some(term) => {
+                        if let Some(store) = &fenced {
+                            store.fence(term.fence.0.clone(), term.fence.1);
+                        }
+                        Some(term)
+                    }
                     None => break,
                 }
             }
@@ -584,14 +594,17 @@ async fn load_s3_config(
         S3Conn::unchecked(&spec).await.map_err(|e| anyhow::anyhow!("build S3 client from the stored config: {e}"))?;
     store.set_s3_config(conn);
     status.set_configuration("", false)?;
-    let (s, st) = (store.clone(), status.clone());
+    let (s, st, c) = (store.clone(), status.clone(), cancel.clone());
     tasks.spawn(async move {
         if let Err(msg) = s.check_s3_config(&spec).await {
             warn!("the stored S3 config does not work right now: {msg}");
             if let Err(e) = st.set_configuration(&msg, false) {
                 warn!("failed to record configuration status: {e:#}");
             }
+            return;
         }
+        // At the start of a term: uploads a dead leader (or this coordinator before a crash) left open.
+        s.retry_pending_aborts(&c).await;
     });
     Ok(())
 }

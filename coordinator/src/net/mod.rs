@@ -276,7 +276,9 @@ impl Server {
                 };
                 debug!(?request, "request");
                 let streams = matches!(request, AdminRequest::Download { .. } | AdminRequest::Restore { .. });
-                let answer = self.api.handle(&identity, request, &mut send);
+                // Boxed: a request's future is large, and without the box every connection's task (10 000 agent
+                // links) would be sized for it (docs/PERFORMANCE.md, "Scale").
+                let answer = Box::pin(self.api.handle(&identity, request, &mut send));
                 if streams {
                     answer.await?;
                 } else {
@@ -298,7 +300,7 @@ impl Server {
             (Identity::Agent { cluster, member }, Intent::AgentLink) => {
                 let cancel = self.connections.child_token();
                 let peer = agent_link::Peer { cluster, member, serial, software_version: hello.software_version };
-                agent_link::run(&self.agents, &self.credentials, peer, &conn, &mut recv, &cancel).await
+                Box::pin(agent_link::run(&self.agents, &self.credentials, peer, &conn, &mut recv, &cancel)).await
             }
         }
     }

@@ -9,6 +9,10 @@
 //! update. Besides resources the store keeps a few opaque blobs created once (the CA, the QUIC keys), so
 //! replicas share them.
 //!
+//! Each resource's labels are indexed in the same transaction that writes it ([`StateStore::list_labeled`]),
+//! so finding a cluster's agents or a member's certificates costs what it finds, not the type's size (10 000
+//! agents: issuing a certificate must not read all 10 000 records).
+//!
 //! A store that cannot write (disk full, I/O errors) says so through [`StateStore::health`], which `/readyz`,
 //! the `ferry_state_store_writable` metric and the overall status show, and recovers by itself once the
 //! cause is gone.
@@ -17,6 +21,8 @@ mod etcd;
 mod redb;
 #[cfg(test)]
 pub(crate) mod tests;
+
+use std::collections::BTreeSet;
 
 use ferry_common::resources::{Resource, ResourceType, Timestamp};
 
@@ -35,6 +41,10 @@ pub enum StateError {
     /// A transaction kept meeting concurrent writers of the same records.
     #[error("state etcd: transaction gave up after {0} conflicting attempts")]
     Conflict(u32),
+    /// This replica's term of leadership is over (its election key is gone or belongs to a newer term): it
+    /// writes nothing any more.
+    #[error("state etcd: this replica is no longer the leader; the write was refused")]
+    NotLeader,
     /// A record does not decode as a resource.
     #[error("state store holds an unreadable record {key:?}: {error}")]
     Corrupt { key: String, error: serde_json::Error },
@@ -60,6 +70,8 @@ pub trait StateTxn {
 pub trait StateStore: Send + Sync {
     fn get(&self, rt: ResourceType, id: &str) -> Result<Option<Resource>, StateError>;
     fn list(&self, rt: ResourceType) -> Result<Vec<Resource>, StateError>;
+    /// Resources of type `rt` labelled `label=value`, found through the label index.
+    fn list_labeled(&self, rt: ResourceType, label: &str, value: &str) -> Result<Vec<Resource>, StateError>;
     /// Stores `r`, returning it as stored (with its new version).
     fn put(&self, r: Resource) -> Result<Resource, StateError>;
     /// Removes a resource; `false` if it did not exist.
@@ -73,6 +85,13 @@ pub trait StateStore: Send + Sync {
         name: &str,
         create: &mut dyn FnMut() -> Result<Vec<u8>, StateError>,
     ) -> Result<Vec<u8>, StateError>;
+    /// Stores a record of Ferry's own bookkeeping that is no resource (an open multipart upload to abort if
+    /// its backup never finishes), replacing one under the same key.
+    fn put_record(&self, key: &str, value: &[u8]) -> Result<(), StateError>;
+    /// Removes a record; absent is fine.
+    fn delete_record(&self, key: &str) -> Result<(), StateError>;
+    /// Records whose key starts with `prefix`, by key.
+    fn list_records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateError>;
     /// A number that changes whenever a resource of type `rt` is written or deleted through this store, so a
     /// reader polling a type (the scheduler, every second) decodes it again only after a change. `None`: the
     /// store cannot tell, read every time.
@@ -89,6 +108,34 @@ pub trait StateStore: Send + Sync {
 /// The key of a resource record.
 fn key(rt: ResourceType, id: &str) -> String {
     format!("{}/{id}", rt.full_name())
+}
+
+/// The prefix of the label index entries of type `rt` and label `label=value`. NUL separates the parts, so
+/// one label's entries never run into another's (readers still check the labels of what they find).
+fn index_prefix(rt: ResourceType, label: &str, value: &str) -> String {
+    format!("{}\0{label}\0{value}\0", rt.full_name())
+}
+
+/// The label index entries of `r`: one per label, each ending in the resource's id.
+fn index_entries(r: &Resource) -> BTreeSet<String> {
+    let rt = r.resource_type();
+    r.metadata.labels.iter().map(|(k, v)| format!("{}{}", index_prefix(rt, k, v), r.metadata.id)).collect()
+}
+
+/// What a write of `new` over `old` changes in the label index: entries to remove, entries to add.
+fn index_changes(old: Option<&Resource>, new: Option<&Resource>) -> (Vec<String>, Vec<String>) {
+    let (old, new) = (old.map(index_entries).unwrap_or_default(), new.map(index_entries).unwrap_or_default());
+    (old.difference(&new).cloned().collect(), new.difference(&old).cloned().collect())
+}
+
+/// The id at the end of an index entry under `prefix`.
+fn indexed_id<'k>(entry: &'k str, prefix: &str) -> Option<&'k str> {
+    entry.strip_prefix(prefix)
+}
+
+/// Whether `r` really carries `label=value` (an index entry is only a hint).
+fn has_label(r: &Resource, label: &str, value: &str) -> bool {
+    r.metadata.labels.get(label).is_some_and(|v| v == value)
 }
 
 /// Decodes a resource record stored under `k`.

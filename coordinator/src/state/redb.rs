@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 use ferry_common::resources::{Resource, ResourceType, Timestamp};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{decode, key, stamp, StateError, StateStore, StateTxn};
+use super::{
+    decode, has_label, index_changes, index_entries, index_prefix, indexed_id, key, stamp, StateError, StateStore,
+    StateTxn,
+};
 
 macro_rules! db_err {
     ($($t:ty),*) => {$(impl From<$t> for StateError { #[allow(clippy::useless_conversion)] fn from(e: $t) -> Self { Self::Db(e.into()) } })*};
@@ -28,6 +31,13 @@ db_err!(
 
 const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources");
 const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
+/// The label index ([`super::index_entries`]): entries only, no values.
+const INDEX: TableDefinition<&str, ()> = TableDefinition::new("label-index");
+/// [`StateStore::put_record`]'s records.
+const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
+/// Format markers: `label-index` once the index covers every record (databases from before it get it built at
+/// open).
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Where [`StateStore::health`] proves that writes work again; nothing reads it.
 const PROBE: TableDefinition<&str, u64> = TableDefinition::new("probe");
 /// How often a store that cannot write tries to reopen or probe: often enough to recover quickly, rarely
@@ -55,6 +65,21 @@ fn open_db(path: &Path) -> Result<redb::Database, StateError> {
     let tx = db.begin_write()?;
     tx.open_table(RESOURCES)?;
     tx.open_table(BLOBS)?;
+    tx.open_table(RECORDS)?;
+    {
+        let mut meta = tx.open_table(META)?;
+        if meta.get("label-index")?.is_none() {
+            let resources = tx.open_table(RESOURCES)?;
+            let mut index = tx.open_table(INDEX)?;
+            for item in resources.iter()? {
+                let (k, v) = item?;
+                for entry in index_entries(&decode(k.value(), v.value())?) {
+                    index.insert(entry.as_str(), ())?;
+                }
+            }
+            meta.insert("label-index", 1)?;
+        }
+    }
     tx.commit()?;
     Ok(db)
 }
@@ -145,9 +170,49 @@ impl RedbStore {
     }
 }
 
+/// The tables a resource write touches.
+struct Tables<'t> {
+    resources: redb::Table<'t, &'static str, &'static [u8]>,
+    index: redb::Table<'t, &'static str, ()>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(tx: &'t redb::WriteTransaction) -> Result<Self, StateError> {
+        Ok(Self { resources: tx.open_table(RESOURCES)?, index: tx.open_table(INDEX)? })
+    }
+
+    fn put(&mut self, r: Resource) -> Result<Resource, StateError> {
+        let k = key(r.resource_type(), &r.metadata.id);
+        let old = self.resources.get(k.as_str())?.map(|v| decode(&k, v.value())).transpose()?;
+        let (remove, add) = index_changes(old.as_ref(), Some(&r));
+        let (r, bytes) = stamp(r, old)?;
+        self.resources.insert(k.as_str(), bytes.as_slice())?;
+        self.reindex(&remove, &add)?;
+        Ok(r)
+    }
+
+    fn delete(&mut self, rt: ResourceType, id: &str) -> Result<bool, StateError> {
+        let k = key(rt, id);
+        let old = self.resources.remove(k.as_str())?.map(|v| decode(&k, v.value())).transpose()?;
+        let (remove, add) = index_changes(old.as_ref(), None);
+        self.reindex(&remove, &add)?;
+        Ok(old.is_some())
+    }
+
+    fn reindex(&mut self, remove: &[String], add: &[String]) -> Result<(), StateError> {
+        for e in remove {
+            self.index.remove(e.as_str())?;
+        }
+        for e in add {
+            self.index.insert(e.as_str(), ())?;
+        }
+        Ok(())
+    }
+}
+
 /// Reads and writes of one redb write transaction.
 struct RedbTxn<'t> {
-    table: redb::Table<'t, &'static str, &'static [u8]>,
+    tables: Tables<'t>,
     /// Types written, for [`RedbStore::bump`].
     written: Vec<ResourceType>,
 }
@@ -155,22 +220,14 @@ struct RedbTxn<'t> {
 impl StateTxn for RedbTxn<'_> {
     fn get(&mut self, rt: ResourceType, id: &str) -> Result<Option<Resource>, StateError> {
         let k = key(rt, id);
-        let v = self.table.get(k.as_str())?;
+        let v = self.tables.resources.get(k.as_str())?;
         v.map(|v| decode(&k, v.value())).transpose()
     }
 
     fn put(&mut self, r: Resource) -> Result<Resource, StateError> {
         self.written.push(r.resource_type());
-        put_in(&mut self.table, r)
+        self.tables.put(r)
     }
-}
-
-fn put_in(table: &mut redb::Table<'_, &'static str, &'static [u8]>, r: Resource) -> Result<Resource, StateError> {
-    let k = key(r.resource_type(), &r.metadata.id);
-    let old = table.get(k.as_str())?.map(|v| decode(&k, v.value())).transpose()?;
-    let (r, bytes) = stamp(r, old)?;
-    table.insert(k.as_str(), bytes.as_slice())?;
-    Ok(r)
 }
 
 impl StateStore for RedbStore {
@@ -188,12 +245,35 @@ impl StateStore for RedbStore {
         self.run(false, |db| list_in(db, rt))
     }
 
+    fn list_labeled(&self, rt: ResourceType, label: &str, value: &str) -> Result<Vec<Resource>, StateError> {
+        self.run(false, |db| {
+            let tx = db.begin_read()?;
+            let (resources, index) = (tx.open_table(RESOURCES)?, tx.open_table(INDEX)?);
+            let prefix = index_prefix(rt, label, value);
+            // The prefix ends in NUL: every entry under it sorts below the same text ending in \x01.
+            let end = format!("{}\u{1}", &prefix[..prefix.len() - 1]);
+            let mut out = Vec::new();
+            for item in index.range(prefix.as_str()..end.as_str())? {
+                let (entry, _) = item?;
+                let Some(id) = indexed_id(entry.value(), &prefix) else { continue };
+                let k = key(rt, id);
+                if let Some(v) = resources.get(k.as_str())? {
+                    let r = decode(&k, v.value())?;
+                    if has_label(&r, label, value) {
+                        out.push(r);
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
     fn put(&self, r: Resource) -> Result<Resource, StateError> {
         let rt = r.resource_type();
         self.bump(rt);
         let stored = self.run(true, |db| {
             let tx = db.begin_write()?;
-            let stored = put_in(&mut tx.open_table(RESOURCES)?, r)?;
+            let stored = Tables::open(&tx)?.put(r)?;
             tx.commit()?;
             Ok(stored)
         });
@@ -206,7 +286,7 @@ impl StateStore for RedbStore {
         let r = self.run(true, |db| {
             let tx = db.begin_write()?;
             {
-                let mut txn = RedbTxn { table: tx.open_table(RESOURCES)?, written: Vec::new() };
+                let mut txn = RedbTxn { tables: Tables::open(&tx)?, written: Vec::new() };
                 // Dropping `tx` uncommitted on error aborts it.
                 let r = f(&mut txn);
                 written = std::mem::take(&mut txn.written);
@@ -230,11 +310,7 @@ impl StateStore for RedbStore {
         let _bump_after = BumpOnDrop(self, rt);
         self.run(true, |db| {
             let tx = db.begin_write()?;
-            let existed = {
-                let mut table = tx.open_table(RESOURCES)?;
-                let removed = table.remove(key(rt, id).as_str())?;
-                removed.is_some()
-            };
+            let existed = Tables::open(&tx)?.delete(rt, id)?;
             tx.commit()?;
             Ok(existed)
         })
@@ -261,6 +337,40 @@ impl StateStore for RedbStore {
             };
             tx.commit()?;
             Ok(value)
+        })
+    }
+
+    fn put_record(&self, key: &str, value: &[u8]) -> Result<(), StateError> {
+        self.run(true, |db| {
+            let tx = db.begin_write()?;
+            tx.open_table(RECORDS)?.insert(key, value)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn delete_record(&self, key: &str) -> Result<(), StateError> {
+        self.run(true, |db| {
+            let tx = db.begin_write()?;
+            tx.open_table(RECORDS)?.remove(key)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn list_records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+        self.run(false, |db| {
+            let tx = db.begin_read()?;
+            let table = tx.open_table(RECORDS)?;
+            let mut out = Vec::new();
+            for item in table.range(prefix..)? {
+                let (k, v) = item?;
+                if !k.value().starts_with(prefix) {
+                    break;
+                }
+                out.push((k.value().to_string(), v.value().to_vec()));
+            }
+            Ok(out)
         })
     }
 
@@ -333,5 +443,27 @@ mod tests {
         assert_ne!(g2, g1);
         s.delete(ResourceType::Cluster, "a").unwrap();
         assert_ne!(g(), g2);
+    }
+
+    /// A database from before the label index gets it built when opened.
+    #[test]
+    fn an_older_database_gets_its_label_index_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut t = tx.open_table(RESOURCES).unwrap();
+                let mut r = Resource::new("c1/m1", Spec::Agent(Default::default()));
+                r.metadata.labels.insert(ferry_common::resources::LABEL_CLUSTER.into(), "c1".into());
+                let bytes = serde_json::to_vec(&r).unwrap();
+                t.insert(key(ResourceType::Agent, "c1/m1").as_str(), bytes.as_slice()).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let s = RedbStore::open(&path).unwrap();
+        let found = s.list_labeled(ResourceType::Agent, ferry_common::resources::LABEL_CLUSTER, "c1").unwrap();
+        assert_eq!(found.len(), 1);
     }
 }

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_common::resources::{ClusterSpec, Resource, ResourceType, Spec};
+use ferry_common::resources::{ClusterSpec, Resource, ResourceType, Spec, LABEL_CLUSTER};
 
 use super::{EtcdStore, EtcdStoreOptions, RedbStore, StateStore};
 
@@ -190,4 +190,85 @@ fn concurrent_read_modify_writes_from_two_replicas_lose_no_update() {
     });
     let r = replicas[0].get(ResourceType::Cluster, "c").unwrap().unwrap();
     assert_eq!(r.metadata.version, (4 * EACH) as u64, "an update was lost");
+}
+
+fn labeled(id: &str, cluster: &str) -> Resource {
+    let mut r = Resource::new(id, Spec::Agent(Default::default()));
+    r.metadata.labels.insert(LABEL_CLUSTER.into(), cluster.into());
+    r
+}
+
+fn ids(rs: Vec<Resource>) -> Vec<String> {
+    rs.into_iter().map(|r| r.metadata.id).collect()
+}
+
+/// The label index follows every write: put, relabel, delete, transactions; values that share a prefix or
+/// other types with the same label do not leak in.
+#[test]
+fn the_label_index_finds_exactly_the_labelled_resources() {
+    for (name, t) in TestState::both() {
+        let s = t.open();
+        s.put(labeled("a/m1", "a")).unwrap();
+        s.put(labeled("a/m2", "a")).unwrap();
+        s.put(labeled("ab/m1", "ab")).unwrap();
+        let mut other_type = cluster("a");
+        other_type.metadata.labels.insert(LABEL_CLUSTER.into(), "a".into());
+        s.put(other_type).unwrap();
+        let find = |v: &str| ids(s.list_labeled(ResourceType::Agent, LABEL_CLUSTER, v).unwrap());
+        assert_eq!(find("a"), ["a/m1", "a/m2"], "{name}");
+        assert_eq!(find("ab"), ["ab/m1"], "{name}");
+        assert!(find("b").is_empty(), "{name}");
+        // Relabelled: found under the new value only.
+        s.put(labeled("a/m2", "b")).unwrap();
+        assert_eq!((find("a"), find("b")), (vec!["a/m1".to_string()], vec!["a/m2".to_string()]), "{name}");
+        assert!(s.delete(ResourceType::Agent, "a/m1").unwrap(), "{name}");
+        assert!(find("a").is_empty(), "{name}");
+        // A failed transaction leaves the index alone; a committed one updates it.
+        let _ = s.transact(&mut |tx| {
+            tx.put(labeled("c/m1", "c"))?;
+            Err(super::StateError::WrongType("on purpose".into()))
+        });
+        assert!(find("c").is_empty(), "{name}");
+        s.transact(&mut |tx| tx.put(labeled("c/m1", "c")).map(drop)).unwrap();
+        assert_eq!(find("c"), ["c/m1"], "{name}");
+        drop(s);
+        // The index survives a reopen.
+        let s = t.open();
+        assert_eq!(ids(s.list_labeled(ResourceType::Agent, LABEL_CLUSTER, "c").unwrap()), ["c/m1"], "{name}");
+    }
+}
+
+/// Once fenced on a term's election key, a store writes only while that key exists with the term's create
+/// revision: after the term ends (key gone, or re-created by a newer term) every write fails `NotLeader`.
+#[test]
+fn a_fenced_store_writes_nothing_once_its_term_is_over() {
+    let etcd = TestEtcd::start();
+    let options =
+        EtcdStoreOptions { endpoints: vec![etcd.url.clone()], prefix: "/ferry-test/".into(), ..Default::default() };
+    let s = EtcdStore::connect(&options).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut c = s.client();
+    let key = "/ferry-test/leader/694d";
+    let put_key = |c: &mut etcd_client::Client| {
+        rt.block_on(c.put(key, "127.0.0.1:7443", None)).unwrap().header().unwrap().revision()
+    };
+    let rev = put_key(&mut c);
+    s.fence(key.to_string(), rev);
+    s.put(cluster("a")).unwrap();
+    s.transact(&mut |tx| tx.put(cluster("b")).map(drop)).unwrap();
+    assert!(s.delete(ResourceType::Cluster, "b").unwrap());
+    let not_leader = |r: Result<(), super::StateError>| matches!(r, Err(super::StateError::NotLeader));
+    // The term ends: its key is deleted (lease expired or revoked) ...
+    rt.block_on(c.delete(key, None)).unwrap();
+    assert!(not_leader(s.put(cluster("c")).map(drop)));
+    assert!(not_leader(s.transact(&mut |tx| tx.put(cluster("c")).map(drop))));
+    assert!(not_leader(s.delete(ResourceType::Cluster, "a").map(drop)));
+    assert!(not_leader(s.blob_or_create("x", &mut || Ok(b"x".to_vec())).map(drop)));
+    // ... and a newer term holds the same key name: still not this term's.
+    put_key(&mut c);
+    assert!(not_leader(s.put(cluster("c")).map(drop)));
+    let unfenced = EtcdStore::connect(&options).unwrap();
+    assert!(unfenced.get(ResourceType::Cluster, "c").unwrap().is_none(), "a deposed leader wrote");
+    assert!(unfenced.get(ResourceType::Cluster, "a").unwrap().is_some(), "a deposed leader deleted");
+    assert!(unfenced.get_raw("/ferry-test/blobs/x".into()).unwrap().0.is_none(), "a deposed leader made a blob");
 }

@@ -203,6 +203,15 @@ impl BackupStore {
         self.max_snapshot_size
     }
 
+    /// The same store, recording open S3 multipart uploads in `state` until they are completed or aborted, so
+    /// the next leader (or this coordinator after a crash) aborts what a dead one left open.
+    pub fn with_state(self, state: std::sync::Arc<dyn crate::state::StateStore>) -> Self {
+        if let Backend::S3(s) = &self.backend {
+            s.set_state(state);
+        }
+        self
+    }
+
     /// This deployment's id.
     pub fn deployment(&self) -> &str {
         &self.deployment

@@ -26,6 +26,7 @@ use super::{
     sort_newest_first, Manifest, StoreError, UploadSettings, MANIFEST_SUFFIX, MAX_MANIFEST_BYTES, OBJECT_SUFFIX,
 };
 use crate::lock;
+use crate::state::StateStore;
 
 /// How long `apply` waits for a new config's test listing.
 const VALIDATE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -53,6 +54,19 @@ struct Leftover {
     upload_id: Option<String>,
 }
 
+/// The state record of an open multipart upload ([`RECORD_PREFIX`]`<upload id>`), written before its id
+/// goes out and removed once it is completed or aborted: whoever leads next aborts a dead coordinator's.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct OpenUpload {
+    #[serde(default)]
+    bucket: String,
+    key: String,
+    upload_id: String,
+}
+
+/// State record keys of open multipart uploads.
+const RECORD_PREFIX: &str = "s3-open-upload/";
+
 #[derive(Default)]
 struct Shared {
     current: RwLock<Option<Arc<S3Conn>>>,
@@ -62,6 +76,10 @@ struct Shared {
     /// Kept in memory: a coordinator restart forgets them, so buckets should also carry a lifecycle rule
     /// that aborts incomplete multipart uploads (see docs/ARCHITECTURE.md).
     leftovers: Mutex<Vec<Leftover>>,
+    /// Where open uploads are recorded until they are completed or aborted (`None`: not recorded).
+    state: RwLock<Option<Arc<dyn StateStore>>>,
+    /// Upload ids this process has open: their records are not left over from a dead coordinator.
+    open: Mutex<std::collections::HashSet<String>>,
 }
 
 #[derive(Default)]
@@ -97,6 +115,30 @@ impl Shared {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(StoreError::NotConfigured)
     }
 
+    fn state(&self) -> Option<Arc<dyn StateStore>> {
+        self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records an open upload before its id is handed out.
+    fn remember(&self, u: &OpenUpload) -> Result<(), StoreError> {
+        lock(&self.open).insert(u.upload_id.clone());
+        let Some(state) = self.state() else { return Ok(()) };
+        let value = serde_json::to_vec(u).map_err(|e| StoreError::Mismatch(format!("encode upload record: {e}")))?;
+        state
+            .put_record(&format!("{RECORD_PREFIX}{}", u.upload_id), &value)
+            .map_err(|e| StoreError::Mismatch(format!("record the open upload: {e}")))
+    }
+
+    /// Drops the record of an upload completed or aborted.
+    fn forget(&self, upload_id: &str) {
+        lock(&self.open).remove(upload_id);
+        if let Some(state) = self.state() {
+            if let Err(e) = state.delete_record(&format!("{RECORD_PREFIX}{upload_id}")) {
+                warn!("failed to remove the record of a finished upload (aborted again later, harmlessly): {e}");
+            }
+        }
+    }
+
     /// Removes what a failed backup left (see [`Leftover`]), remembering it for a later retry when S3 fails.
     async fn discard(&self, conn: &S3Conn, leftover: Leftover) {
         if let Err(e) = self.try_discard(conn, &leftover).await {
@@ -114,7 +156,13 @@ impl Shared {
         lock(&self.manifests).remove(&l.manifest);
         // A failed abort does not keep the object: only the manifest must go first.
         let aborted = match &l.upload_id {
-            Some(upload_id) => common_s3::abort_upload(&conn.client, bucket, &l.key, upload_id).await,
+            Some(upload_id) => {
+                let r = common_s3::abort_upload(&conn.client, bucket, &l.key, upload_id).await;
+                if r.is_ok() {
+                    self.forget(upload_id);
+                }
+                r
+            }
             None => Ok(()),
         };
         common_s3::delete_object(&conn.client, bucket, &l.key, &CancellationToken::new()).await?;
@@ -126,6 +174,11 @@ impl S3Store {
     /// The current configuration, or why there is none.
     pub(super) fn conn(&self) -> Result<Arc<S3Conn>, StoreError> {
         self.shared.conn()
+    }
+
+    /// Records open uploads in `state` from now on.
+    pub(super) fn set_state(&self, state: Arc<dyn StateStore>) {
+        *self.shared.state.write().unwrap_or_else(|p| p.into_inner()) = Some(state);
     }
 
     pub(super) fn set(&self, conn: S3Conn) {
@@ -166,6 +219,18 @@ impl S3Store {
             })
         })
         .await?;
+        let record = OpenUpload { bucket: bucket.clone(), key: key.clone(), upload_id: upload_id.clone() };
+        if let Err(e) = self.shared.remember(&record) {
+            // Unrecorded, it could outlive a crash unnoticed: not handed out.
+            lock(&self.shared.open).remove(&upload_id);
+            let leftover = Leftover {
+                manifest: manifest_key(&conn.spec, cluster, &id),
+                key: key.clone(),
+                upload_id: Some(upload_id),
+            };
+            self.shared.discard(&conn, leftover).await;
+            return Err(e);
+        }
         let target = S3Upload {
             key: key.clone(),
             part_size: upload.part_size,
@@ -299,9 +364,34 @@ impl S3Store {
         }
     }
 
-    /// Retries the cleanups of failed backups that failed earlier.
+    /// Retries the cleanups of failed backups that failed earlier, and aborts the uploads recorded in the
+    /// state that no backup of this process has open (left by a coordinator that was killed or lost its
+    /// leadership mid-backup; their records stay until the abort succeeds).
     pub(super) async fn retry_pending_aborts(&self, _cancel: &CancellationToken) {
         let Ok(conn) = self.conn() else { return };
+        if let Some(state) = self.shared.state() {
+            match state.list_records(RECORD_PREFIX) {
+                Ok(records) => {
+                    let open = lock(&self.shared.open).clone();
+                    for (k, v) in records {
+                        match serde_json::from_slice::<OpenUpload>(&v) {
+                            // Another bucket than the one configured now: kept until it is configured again.
+                            Ok(u) if open.contains(&u.upload_id) || (!u.bucket.is_empty() && u.bucket != conn.spec.bucket) => {}
+                            Ok(u) => match common_s3::abort_upload(&conn.client, &conn.spec.bucket, &u.key, &u.upload_id).await {
+                                Ok(()) => {
+                                    self.shared.forget(&u.upload_id);
+                                    info!(key = %u.key, "aborted a multipart upload left by an interrupted backup");
+                                }
+                                Err(e) if e.kind == S3ErrorKind::NotFound => self.shared.forget(&u.upload_id),
+                                Err(e) => warn!(key = %u.key, "failed to abort a recorded multipart upload, will retry: {e}"),
+                            },
+                            Err(e) => warn!(record = %k, "failed to read an open-upload record: {e}"),
+                        }
+                    }
+                }
+                Err(e) => warn!("failed to list open uploads in the state store: {e}"),
+            }
+        }
         let leftovers = std::mem::take(&mut *lock(&self.shared.leftovers));
         for l in leftovers {
             match self.shared.try_discard(&conn, &l).await {
@@ -441,12 +531,19 @@ impl PendingUpload {
         spec.snapshot = self.key.clone();
         let mut completed = false;
         match self.try_commit(spec, parts, &mut completed, cancel).await {
-            Ok(manifest) => Ok(manifest),
+            Ok(manifest) => {
+                if let Some(id) = &self.upload_id {
+                    self.shared.forget(id);
+                }
+                Ok(manifest)
+            }
             Err(e) => {
                 // A completed upload cannot be aborted (S3 answers NoSuchUpload, some servers AccessDenied):
                 // only its object and manifest are left to delete.
                 if completed {
-                    self.upload_id = None;
+                    if let Some(id) = self.upload_id.take() {
+                        self.shared.forget(&id);
+                    }
                 }
                 self.abort().await;
                 Err(e)

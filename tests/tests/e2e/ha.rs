@@ -17,11 +17,14 @@ use crate::fixtures::{
     expected_test_kvs, poll_until, restore_and_read_raw, unix_now, Coordinator, CoordinatorOptions, EtcdCluster,
     S3Server, STATUS_OK,
 };
+use crate::observe::http_get;
 
 /// The election's name under the default `--state-etcd-prefix`.
 const ELECTION: &str = "/ferry/leader";
 /// What the issue asks of a failover.
 const TAKEOVER: Duration = Duration::from_secs(15);
+/// Agents of a SIGKILLed leader are on the new one within this (their links time out after 9 s of silence).
+const AGENTS_BACK: Duration = Duration::from_secs(15);
 const MIB: usize = 1024 * 1024;
 
 /// The replica flags for state on `state_etcd` (endpoints as given) and these replica addresses.
@@ -106,6 +109,22 @@ async fn killing_the_leader_mid_backup_and_after_a_scheduled_backup_loses_and_du
     assert!(took <= TAKEOVER, "the new leader took {took:?}");
     let dead = lead;
     lead = index_of(&addresses, &second)?;
+    // Agents notice the dead leader by their links' idle timeout and go to the new one well before the 20 s
+    // QUIC idle timeout of other connections.
+    replicas[lead].wait_agents_connected("alpha", &["m1", "m2", "m3"], Duration::from_secs(60)).await?;
+    let back = killed_at.elapsed();
+    println!("agents on the new leader {:.1}s after the kill", back.as_secs_f64());
+    assert!(back <= AGENTS_BACK, "agents took {back:?} to reach the new leader");
+    // The dead leader's multipart upload was recorded in the state before its id went out: the new leader
+    // aborts it (S3's own view: no unfinished upload left).
+    poll_until(
+        "the dead leader's upload to be aborted",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || async { Ok(s3.leftover_uploads().is_empty().then_some(())) },
+    )
+    .await
+    .with_context(|| format!("left: {:?}\n{}", s3.leftover_uploads(), log_tail(replicas[lead].log_path(), 30)))?;
     // The interrupted backup is not listed; its status says why.
     let interrupted = replicas[lead].wait_backup_status("alpha", Duration::from_secs(60)).await?;
     assert_ne!(interrupted["status"], STATUS_OK, "the interrupted backup cannot have succeeded: {interrupted:#}");
@@ -210,19 +229,35 @@ async fn a_replica_cut_off_from_the_state_etcd_stops_leading_and_ferryctl_works_
     let target = state.member(0).client_url().trim_start_matches("http://").to_owned();
     let relay = Relay::start(target).await?;
     let ports = [free_port(), free_port()];
+    let metrics = [free_port(), free_port()];
     let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let listen = |i: usize| format!("127.0.0.1:{}", metrics[i]);
+    let (listen_a, listen_b) = (listen(0), listen(1));
     // The first replica reaches the state etcd only through the relay, and starts first: it leads.
     let cut_off = CoordinatorOptions {
         port: Some(ports[0]),
-        ..replica_options(&format!("http://127.0.0.1:{}", relay.port), &addresses, &[])
+        ..replica_options(&format!("http://127.0.0.1:{}", relay.port), &addresses, &["--metrics-listen", &listen_a])
     };
     let a = Coordinator::start_s3(&s3, cut_off).await?;
     let b = Coordinator::start(CoordinatorOptions {
         port: Some(ports[1]),
-        ..replica_options(&state.client_urls().join(","), &addresses, &[])
+        ..replica_options(&state.client_urls().join(","), &addresses, &["--metrics-listen", &listen_b])
     })
     .await?;
     assert_eq!(wait_new_leader(&state, None, TAKEOVER).await?, addresses[0]);
+    // Both are ready (the follower takes connections and redirects them); only the leader answers /leaderz.
+    let leading = |want: [u16; 2]| async move {
+        poll_until("/leaderz to follow the election", TAKEOVER, Duration::from_millis(200), || async move {
+            let codes = [http_get(metrics[0], "/leaderz")?.0, http_get(metrics[1], "/leaderz")?.0];
+            Ok((codes == want).then_some(()))
+        })
+        .await
+    };
+    leading([200, 503]).await?;
+    for (port, role) in [(metrics[0], "(leader)"), (metrics[1], "(follower")] {
+        let (code, body) = http_get(port, "/readyz")?;
+        assert!(code == 200 && body.contains(role), "/readyz on {port}: {code} {body}");
+    }
     // ferryctl through either replica alone reaches the leader.
     for r in [&a, &b] {
         let only_this = r.dir().join("single.ferryconfig");
@@ -244,6 +279,7 @@ async fn a_replica_cut_off_from_the_state_etcd_stops_leading_and_ferryctl_works_
     .with_context(|| log_tail(a.log_path(), 30))?;
     let stepped_down = cut_at.elapsed();
     assert_eq!(wait_new_leader(&state, Some(&addresses[0]), TAKEOVER).await?, addresses[1]);
+    leading([503, 200]).await?;
     println!(
         "stepped down {:.1}s after the cut; new leader after {:.1}s",
         stepped_down.as_secs_f64(),
