@@ -973,8 +973,10 @@ fn bench_restore(ferry: &Ferry, gib: f64) -> Result<Vec<RestoreRow>> {
     let creds = ferry.dir.join("agent-creds");
     // Alternating runs (the order flipping each time) so that drift on a shared machine hits both alike.
     let runs: usize = std::env::var("FERRY_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-    let (mut fetches, mut locals, mut ferries) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut fetches, mut locals, mut cleanups, mut ferries) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs * 2 {
+        // Each method starts with the previous one's writes on disk, not still being flushed under it.
+        run(&mut Command::new("sync"))?;
         if (i % 2 == 0) == (i / 2 % 2 == 0) {
             eprintln!("[{gib:.2} GiB] restore with aws s3 cp → zstd -d → etcdutl snapshot restore…");
             let fetch = timed(
@@ -988,27 +990,46 @@ fn bench_restore(ferry: &Ferry, gib: f64) -> Result<Vec<RestoreRow>> {
                     .arg(format!("s3://{BUCKET}/{key}"))
                     .arg(&zst),
             )?;
-            let local = timed(Command::new("zstd").args(["-d", "-q", "-f"]).arg(&zst).arg("-o").arg(&db))?
-                + timed(
-                    Command::new("etcdutl")
-                        .args(["snapshot", "restore"])
-                        .arg(&db)
-                        .arg("--data-dir")
-                        .arg(dir.join("tools"))
-                        .args(member)
-                        // What a Kubernetes restore needs, as Ferry does by default.
-                        .args(["--bump-revision", "100000", "--mark-compacted"]),
-                )?;
+            let unzstd = timed(Command::new("zstd").args(["-d", "-q", "-f"]).arg(&zst).arg("-o").arg(&db))?;
+            let restore = timed(
+                Command::new("etcdutl")
+                    .args(["snapshot", "restore"])
+                    .arg(&db)
+                    .arg("--data-dir")
+                    .arg(dir.join("tools"))
+                    .args(member)
+                    // What a Kubernetes restore needs, as Ferry does by default.
+                    .args(["--bump-revision", "100000", "--mark-compacted"]),
+            )?;
+            // A careful script removes its temporary snapshot as `ferry-agent restore` does; unlinking a
+            // freshly written multi-GB file waits for its writeback, so it is timed on its own.
+            let t = Instant::now();
+            std::fs::remove_file(&db)?;
+            let cleanup = t.elapsed();
+            eprintln!(
+                "[{gib:.2} GiB] tools: aws s3 cp {:.2} s, zstd -d {:.2} s, etcdutl restore {:.2} s, rm snapshot {:.2} s",
+                fetch.as_secs_f64(),
+                unzstd.as_secs_f64(),
+                restore.as_secs_f64(),
+                cleanup.as_secs_f64()
+            );
+            let local = unzstd + restore;
             // Free the disk before the next restore: a 3 GiB database is three 4.6 GiB copies at once otherwise.
-            for p in [dir.join("tools"), db.clone(), zst.clone()] {
+            for p in [dir.join("tools"), zst.clone()] {
                 let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
             }
             fetches.push(fetch + local);
             locals.push(local);
+            cleanups.push(local + cleanup);
         } else {
-            eprintln!("[{gib:.2} GiB] ferry-agent restore…");
+            eprintln!(
+                "[{gib:.2} GiB] ferry-agent restore… (started {:.3} s after the epoch)",
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64()
+            );
+            // Its log (phases with timestamps) goes to the bench's stderr: where the time went.
             ferries.push(timed(
                 Command::new(release_bin("ferry-agent")?)
+                    .stderr(Stdio::inherit())
                     .args(["restore", "--coordinator", &ferry.addr, "--credentials"])
                     .arg(&creds)
                     .args(["--backup", &id, "--data-dir"])
@@ -1023,9 +1044,11 @@ fn bench_restore(ferry: &Ferry, gib: f64) -> Result<Vec<RestoreRow>> {
         v[v.len() / 2]
     };
     let (fetch, local, ferry_wall) = (median(&mut fetches), median(&mut locals), median(&mut ferries));
+    let cleaned = median(&mut cleanups);
     let rows = vec![
         RestoreRow { gib, method: "aws s3 cp → zstd -d → etcdutl snapshot restore", wall: fetch },
         RestoreRow { gib, method: "zstd -d → etcdutl snapshot restore (object local)", wall: local },
+        RestoreRow { gib, method: "the same, then rm the temporary snapshot", wall: cleaned },
         RestoreRow { gib, method: "ferry-agent restore (fetch + checks + restore)", wall: ferry_wall },
     ];
     for r in &rows {
@@ -1037,10 +1060,10 @@ fn bench_restore(ferry: &Ferry, gib: f64) -> Result<Vec<RestoreRow>> {
 fn print_restore_table(rows: &[RestoreRow]) {
     println!();
     println!(
-        "| {:>6} | {:<50} | {:>7} | {:>14} | {:>17} |",
-        "DB GiB", "restore method", "wall s", "× tools+fetch", "× tools (local)"
+        "| {:>6} | {:<50} | {:>7} | {:>14} | {:>17} | {:>15} |",
+        "DB GiB", "restore method", "wall s", "× tools+fetch", "× tools (local)", "× tools + rm"
     );
-    println!("|{:-<8}|{:-<52}|{:-<9}|{:-<16}|{:-<19}|", "", "", "", "", "");
+    println!("|{:-<8}|{:-<52}|{:-<9}|{:-<16}|{:-<19}|{:-<17}|", "", "", "", "", "", "");
     for r in rows {
         let same: Vec<&RestoreRow> = rows.iter().filter(|o| (o.gib - r.gib).abs() < 1e-9).collect();
         let ratio = |prefix: &str| {
@@ -1050,12 +1073,13 @@ fn print_restore_table(rows: &[RestoreRow]) {
                 .unwrap_or_default()
         };
         println!(
-            "| {:>6.2} | {:<50} | {:>7.2} | {:>14} | {:>17} |",
+            "| {:>6.2} | {:<50} | {:>7.2} | {:>14} | {:>17} | {:>15} |",
             r.gib,
             r.method,
             r.wall.as_secs_f64(),
             ratio("aws s3 cp"),
-            ratio("zstd -d")
+            ratio("zstd -d"),
+            ratio("the same, then rm")
         );
     }
 }

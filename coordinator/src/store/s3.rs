@@ -376,15 +376,23 @@ impl S3Store {
                     for (k, v) in records {
                         match serde_json::from_slice::<OpenUpload>(&v) {
                             // Another bucket than the one configured now: kept until it is configured again.
-                            Ok(u) if open.contains(&u.upload_id) || (!u.bucket.is_empty() && u.bucket != conn.spec.bucket) => {}
-                            Ok(u) => match common_s3::abort_upload(&conn.client, &conn.spec.bucket, &u.key, &u.upload_id).await {
-                                Ok(()) => {
-                                    self.shared.forget(&u.upload_id);
-                                    info!(key = %u.key, "aborted a multipart upload left by an interrupted backup");
+                            Ok(u)
+                                if open.contains(&u.upload_id)
+                                    || (!u.bucket.is_empty() && u.bucket != conn.spec.bucket) => {}
+                            Ok(u) => {
+                                match common_s3::abort_upload(&conn.client, &conn.spec.bucket, &u.key, &u.upload_id)
+                                    .await
+                                {
+                                    Ok(()) => {
+                                        self.shared.forget(&u.upload_id);
+                                        info!(key = %u.key, "aborted a multipart upload left by an interrupted backup");
+                                    }
+                                    Err(e) if e.kind == S3ErrorKind::NotFound => self.shared.forget(&u.upload_id),
+                                    Err(e) => {
+                                        warn!(key = %u.key, "failed to abort a recorded multipart upload, will retry: {e}")
+                                    }
                                 }
-                                Err(e) if e.kind == S3ErrorKind::NotFound => self.shared.forget(&u.upload_id),
-                                Err(e) => warn!(key = %u.key, "failed to abort a recorded multipart upload, will retry: {e}"),
-                            },
+                            }
                             Err(e) => warn!(record = %k, "failed to read an open-upload record: {e}"),
                         }
                     }
