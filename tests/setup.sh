@@ -101,7 +101,7 @@ if ((${#packages[@]})); then
     say "apt-get install ${packages[*]}"
     apt_install "${packages[@]}"
 else
-    say "apt packages present (etcd, protoc, zstd, prometheus, age)"
+    say "apt packages present (etcd, protoc, zstd, prometheus, age, faketime)"
 fi
 
 etcd35
