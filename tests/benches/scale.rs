@@ -19,6 +19,8 @@
 //! - SIGTERM and restart of the coordinator: time until every agent is connected again, and that no backup
 //!   was duplicated (one per cluster stored, one job per cluster seen by the agents).
 //!
+//! `FERRY_SCALE_COORDINATOR_ARGS` adds coordinator flags (space-separated, e.g. `--max-concurrent-backups 64`).
+//!
 //! Needs `etcd` (tests/setup.sh). Prints a table; it is a benchmark, never a pass/fail test.
 
 use std::collections::HashMap;
@@ -117,6 +119,11 @@ impl Coordinator {
             "--local-store-dir".to_owned(),
             dir.join("store").display().to_string(),
         ];
+        // FERRY_SCALE_COORDINATOR_ARGS: extra flags, space-separated (e.g. `--max-concurrent-backups 64`).
+        let mut args = args;
+        args.extend(
+            std::env::var("FERRY_SCALE_COORDINATOR_ARGS").unwrap_or_default().split_whitespace().map(str::to_owned),
+        );
         let mut c = Self { proc: None, args, dir: dir.to_owned(), addr };
         c.spawn()?;
         Ok(c)
