@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use ferry_common::protocol::{write_frame, EtcdFacts, JobMsg};
+use ferry_common::protocol::{write_frame, JobMsg};
 use serde_json::Value;
 
 use crate::fixtures::ferry::{STATUS_ERROR, STATUS_OK, STATUS_RUNNING};
@@ -24,6 +24,7 @@ use crate::fixtures::{
     assert_same_kvs, files_under, manual_backup_yaml, restore_and_read_raw, unix_now, Agent, Coordinator,
     CoordinatorOptions, EtcdCluster, TEST_PREFIX,
 };
+use crate::least_privilege::sane_facts;
 use crate::observe::http_get;
 
 const BACKUP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -313,17 +314,7 @@ async fn a_hostile_agents_decompression_bomb_stops_at_the_size_limit() -> anyhow
     let coordinator = Coordinator::start(options).await?;
     let creds = coordinator.issue_agent_credentials(CLUSTER, "m1").await?;
     let mut evil = HostileAgent::connect(&coordinator, &creds).await?;
-    let facts = EtcdFacts {
-        member_id: 1,
-        cluster_id: 7,
-        etcd_version: "3.5.16".into(),
-        db_size: 1 << 20,
-        raft_applied_index: 100,
-        revision: 10,
-        leader: true,
-        leader_id: 1,
-        error: None,
-    };
+    let facts = sane_facts(1);
     evil.report(facts.clone()).await?;
     coordinator.wait_agents_connected(CLUSTER, &["m1"], BACKUP_TIMEOUT).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
