@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions};
 
+use crate::etcd::EtcdMember;
 use crate::metrics::METRICS;
 
 /// How often etcd's latency is sampled during a backup.
@@ -56,13 +57,20 @@ impl Pacer {
         Self { slow: Arc::new(AtomicBool::new(false)), started: Instant::now(), paused: Duration::ZERO, _probe: None }
     }
 
-    /// Measures etcd's latency now (the baseline) and starts watching it on `client` (a connection of its
-    /// own: a paused snapshot stream fills its HTTP/2 connection's window, and a probe sharing it would wait
-    /// behind that). `factor` ≤ 1 or a baseline that cannot be measured turns the pacer off.
-    pub async fn start(mut client: Client, factor: f64) -> Self {
+    /// Measures `etcd`'s latency now (the baseline) and starts watching it on a connection of its own (a
+    /// paused snapshot stream fills its HTTP/2 connection's window, and a probe sharing it would wait behind
+    /// that). `factor` ≤ 1, or a baseline that cannot be measured, turns the pacer off.
+    pub async fn start(etcd: &EtcdMember, factor: f64) -> Self {
         if factor <= 1.0 {
             return Self::off();
         }
+        let mut client = match etcd.separate_client().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("no second etcd connection to watch its latency ({e:#}); backing off is off");
+                return Self::off();
+            }
+        };
         let mut samples = Vec::with_capacity(BASELINE_PROBES);
         for _ in 0..BASELINE_PROBES {
             if let Some(d) = probe(&mut client).await {

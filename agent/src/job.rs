@@ -126,13 +126,7 @@ async fn pump(
 ) -> Result<BackupSummary> {
     // Checked before etcd is asked for anything: a bad recipient fails the job at once.
     let recipients = parse_recipients(&job.recipients).context("the job's encryption recipients")?;
-    let pacer = match etcd.separate_client().await {
-        Ok(c) => Pacer::start(c, pipeline.backoff_factor).await,
-        Err(e) => {
-            tracing::warn!("no second etcd connection to watch its latency ({e:#}); backing off is off");
-            Pacer::off()
-        }
-    };
+    let pacer = Pacer::start(etcd, pipeline.backoff_factor).await;
     let snapshot = etcd.snapshot().await?;
     let (raw_tx, raw_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
