@@ -751,9 +751,9 @@ impl StreamCheck {
         }
         if let Some(e) = stopped {
             let e = self.cap_error(e);
-            if matches!(e, SnapshotError::OverLimit { .. }) {
+            if let SnapshotError::OverLimit { limit } = e {
                 // Decompressing stopped at the limit: nothing more of this stream is worth a cycle.
-                self.failed = Some(SnapshotError::OverLimit { limit: self.limit.unwrap_or_default() });
+                self.failed = Some(SnapshotError::OverLimit { limit });
                 return Err(e);
             }
             self.failed = Some(e);
