@@ -46,6 +46,8 @@ pub struct PipelineSettings {
     /// Pause reading etcd's snapshot while its latency is above this × its latency before the backup
     /// (≤ 1: never).
     pub backoff_factor: f64,
+    /// Bytes per second read from etcd's snapshot stream at most (0: unlimited).
+    pub read_limit_bps: u64,
 }
 
 /// Runs a backup job on a job stream the coordinator opened; reports failure on the stream itself.
@@ -131,7 +133,8 @@ async fn pump(
     let (raw_tx, raw_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
     let (progress_tx, progress_rx) = tokio::sync::watch::channel(0u64);
-    let mut reader = AbortOnDrop(tokio::spawn(read_etcd(snapshot, raw_tx, progress_tx, pacer)));
+    let read_limit = pipeline.read_limit_bps;
+    let mut reader = AbortOnDrop(tokio::spawn(read_etcd(snapshot, raw_tx, progress_tx, pacer, read_limit)));
     let level = job.zstd_level;
     let compressor = tokio::task::spawn_blocking(move || compress(raw_rx, out_tx, level, &recipients, pipeline));
 
@@ -236,8 +239,10 @@ async fn read_etcd(
     raw_tx: mpsc::Sender<Vec<u8>>,
     progress: tokio::sync::watch::Sender<u64>,
     mut pacer: Pacer,
+    read_limit_bps: u64,
 ) -> Result<Verified> {
     let mut verifier = SnapshotVerifier::default();
+    let mut read_limit: Option<Throttle> = None;
     loop {
         pacer.wait().await;
         let msg = tokio::time::timeout(STALL_TIMEOUT, snapshot.message())
@@ -246,6 +251,10 @@ async fn read_etcd(
             .context("read etcd snapshot stream")?;
         let Some(msg) = msg else { break };
         METRICS.etcd_read_bytes.inc_by(msg.blob().len() as u64);
+        let limit = read_limit.get_or_insert_with(|| {
+            Throttle::new(read_rate(read_limit_bps, msg.blob().len() as u64 + msg.remaining_bytes()))
+        });
+        limit.consume(msg.blob().len()).await;
         if let Some(data) = verifier.push(msg.blob().to_vec()) {
             forward(&raw_tx, data).await?;
             progress.send_replace(verifier.db_bytes());
@@ -261,6 +270,20 @@ async fn read_etcd(
     forward(&raw_tx, verified.trailer.clone()).await?;
     progress.send_replace(verified.file_bytes);
     Ok(verified)
+}
+
+/// A limited read of etcd's snapshot takes at most this long: the snapshot holds a bbolt read transaction
+/// open in etcd all along (pages freed meanwhile cannot be reused, so a busy database grows), and a large
+/// database is read faster than the limit rather than for longer.
+const MAX_LIMITED_READ: Duration = Duration::from_secs(120);
+
+/// The read rate for a snapshot of `total` bytes: the limit, raised so the read ends within
+/// [`MAX_LIMITED_READ`]; 0 (unlimited) stays 0.
+fn read_rate(limit_bps: u64, total: u64) -> u64 {
+    if limit_bps == 0 {
+        return 0;
+    }
+    limit_bps.max(total / MAX_LIMITED_READ.as_secs())
 }
 
 async fn forward(tx: &mpsc::Sender<Vec<u8>>, data: Vec<u8>) -> Result<()> {
@@ -346,6 +369,15 @@ impl Drop for RestorePriority {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_large_snapshot_is_read_faster_than_the_limit_rather_than_for_longer() {
+        let mib = 1u64 << 20;
+        assert_eq!(read_rate(0, 8 << 30), 0, "unlimited stays unlimited");
+        assert_eq!(read_rate(40 * mib, mib << 10), 40 * mib, "1 GiB at 40 MiB/s: 26 s");
+        // 8 GiB at 40 MiB/s would hold etcd's read transaction for 205 s.
+        assert_eq!(read_rate(40 * mib, 8 << 30), (8 << 30) / 120);
+    }
 
     /// The loop shape of `pump`: a progress tick far more often than the stall limit, and no data. The stall
     /// must still fire (scaled down: 50 ms ticks, 300 ms limit).

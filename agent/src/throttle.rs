@@ -7,14 +7,18 @@ use tokio::time::Instant;
 
 pub struct Throttle {
     bytes_per_sec: u64,
-    start: Instant,
-    sent: u64,
+    /// When the bytes accounted so far are due.
+    due: Instant,
 }
+
+/// Time left unused (a pause, a slow consumer) is saved up for a burst afterwards only this far: a cap that
+/// spares etcd must not turn into a full-speed catch-up.
+const MAX_CREDIT: Duration = Duration::from_millis(100);
 
 impl Throttle {
     /// `bytes_per_sec == 0` means unlimited.
     pub fn new(bytes_per_sec: u64) -> Self {
-        Self { bytes_per_sec, start: Instant::now(), sent: 0 }
+        Self { bytes_per_sec, due: Instant::now() }
     }
 
     /// Accounts for `n` bytes about to be sent, sleeping until they fit under the limit.
@@ -22,9 +26,10 @@ impl Throttle {
         if self.bytes_per_sec == 0 {
             return;
         }
-        self.sent += n as u64;
-        let due = self.start + Duration::from_secs_f64(self.sent as f64 / self.bytes_per_sec as f64);
-        tokio::time::sleep_until(due).await;
+        let now = Instant::now();
+        let floor = now.checked_sub(MAX_CREDIT).unwrap_or(now);
+        self.due = self.due.max(floor) + Duration::from_secs_f64(n as f64 / self.bytes_per_sec as f64);
+        tokio::time::sleep_until(self.due).await;
     }
 }
 
@@ -46,5 +51,12 @@ mod tests {
         let start = tokio::time::Instant::now();
         unlimited.consume(usize::MAX).await;
         assert!(start.elapsed() < Duration::from_millis(50));
+        // A second idle: it buys no burst of a second's bytes.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let start = tokio::time::Instant::now();
+        for _ in 0..5 {
+            t.consume(50_000).await;
+        }
+        assert!(start.elapsed() >= Duration::from_millis(145), "{:?}", start.elapsed());
     }
 }
