@@ -250,18 +250,19 @@ impl<W: Write> Write for Counted<W> {
 
 /// [`RawCheck`] on a thread of its own, fed by the decompressor: hashing the raw snapshot (several GB at
 /// ~1.5 GB/s) and writing it run beside decompression instead of after it, so a restore uses both cores.
-struct RawThread {
+struct RawThread<W: Write + Send + 'static> {
     tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
     /// Buffers back from the thread, reused: a fresh 128 KiB allocation per chunk is an mmap and page faults.
-    spare: std::sync::mpsc::Receiver<Vec<u8>>,
-    thread: Option<std::thread::JoinHandle<std::io::Result<RawCheck<File>>>>,
+    /// (In a mutex only to be `Sync`: the coordinator's checks live in futures held across awaits.)
+    spare: std::sync::Mutex<std::sync::mpsc::Receiver<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<RawCheck<W>>>>,
 }
 
 /// Decompressed chunks waiting for the hashing thread (zstd writes ≤ 128 KiB at a time: bounded memory).
 const RAW_QUEUE: usize = 8;
 
-impl RawThread {
-    fn spawn(mut check: RawCheck<File>) -> std::io::Result<Self> {
+impl<W: Write + Send + 'static> RawThread<W> {
+    fn spawn(mut check: RawCheck<W>) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(RAW_QUEUE);
         let (spare_tx, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(RAW_QUEUE + 2);
         let thread = std::thread::Builder::new().name("ferry-raw-check".into()).spawn(move || {
@@ -271,11 +272,11 @@ impl RawThread {
             }
             Ok(check)
         })?;
-        Ok(Self { tx: Some(tx), spare, thread: Some(thread) })
+        Ok(Self { tx: Some(tx), spare: std::sync::Mutex::new(spare), thread: Some(thread) })
     }
 
     /// The thread's outcome: its error (the first one), or the check with every byte seen.
-    fn join(&mut self) -> std::io::Result<RawCheck<File>> {
+    fn join(&mut self) -> std::io::Result<RawCheck<W>> {
         self.tx = None;
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r,
@@ -284,14 +285,14 @@ impl RawThread {
         }
     }
 
-    fn finish(mut self) -> std::io::Result<RawCheck<File>> {
+    fn finish(mut self) -> std::io::Result<RawCheck<W>> {
         self.join()
     }
 }
 
-impl Write for RawThread {
+impl<W: Write + Send + 'static> Write for RawThread<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut chunk = self.spare.try_recv().unwrap_or_default();
+        let mut chunk = self.spare.get_mut().ok().and_then(|r| r.try_recv().ok()).unwrap_or_default();
         chunk.clear();
         chunk.extend_from_slice(buf);
         let sent = self.tx.as_ref().is_some_and(|tx| tx.send(chunk).is_ok());
@@ -306,7 +307,7 @@ impl Write for RawThread {
     }
 }
 
-impl Drop for RawThread {
+impl<W: Write + Send + 'static> Drop for RawThread<W> {
     fn drop(&mut self) {
         // Let the thread drain and close the file before the caller removes it.
         if self.thread.is_some() {
@@ -321,7 +322,7 @@ type Opening<W> = OpeningWriter<Counted<RawDecoder<W>>>;
 
 enum Sink {
     Stored(File),
-    Raw(Box<zstd::stream::write::Decoder<'static, RawThread>>),
+    Raw(Box<zstd::stream::write::Decoder<'static, RawThread<File>>>),
     Sealed(Box<Opening<File>>),
 }
 
@@ -606,12 +607,10 @@ pub struct StreamCheck {
 enum CheckKind {
     /// No byte seen yet.
     Unknown,
-    Zstd(Box<RawDecoder<std::io::Sink>>),
+    /// Decompression here, the snapshot's checks on a thread of their own.
+    Zstd(Box<zstd::stream::write::Decoder<'static, RawThread<std::io::Sink>>>),
     /// The first bytes, up to the length of age's magic line; and the opening, with identities.
-    Sealed {
-        head: Vec<u8>,
-        opening: Option<Box<Opening<std::io::Sink>>>,
-    },
+    Sealed { head: Vec<u8>, opening: Option<Box<Opening<std::io::Sink>>> },
 }
 
 impl StreamCheck {
@@ -718,7 +717,8 @@ impl StreamCheck {
                 };
                 CheckKind::Sealed { head: Vec::with_capacity(AGE_MAGIC.len()), opening }
             } else {
-                match zstd::stream::write::Decoder::new(RawCheck::new(std::io::sink(), cap)) {
+                let raw = RawThread::spawn(RawCheck::new(std::io::sink(), cap));
+                match raw.and_then(zstd::stream::write::Decoder::new) {
                     Ok(d) => CheckKind::Zstd(Box::new(d)),
                     Err(e) => {
                         self.failed = Some(raw_error(e, cap.unwrap_or(u64::MAX)));
@@ -800,7 +800,7 @@ impl StreamCheck {
             (_, true) => Err(SnapshotError::Sealing { found: "not encrypted", expected: "an age (encrypted) file" }),
             (CheckKind::Zstd(mut decoder), false) => {
                 decoder.flush().map_err(|e| raw_error(e, spec.rawsize))?;
-                decoder.into_inner().finish(spec).map(|_| ())
+                decoder.into_inner().finish().map_err(|e| raw_error(e, spec.rawsize))?.finish(spec).map(|_| ())
             }
             (CheckKind::Unknown, false) => Err(SnapshotError::TooShort),
         }

@@ -947,10 +947,22 @@ async fn bench_size(
         return Ok(Vec::new());
     }
 
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let etcd_pid = _etcd.0.id().to_string();
+    let s3_pid = _s3.0.id().to_string();
     eprintln!("[{gib} GiB {data}] etcdctl snapshot save…");
+    let etcd_before = cpu_seconds(&etcd_pid, false);
     let (wall, cpu) = timed_cpu(
         Command::new("etcdctl").env("ETCDCTL_API", "3").args(["--endpoints", &etcd_url, "snapshot", "save"]).arg(&snap),
     )?;
+    let etcd_cpu = cpu_seconds(&etcd_pid, false) - etcd_before;
+    println!(
+        "CPU budget [{db_gib:.2} GiB {data}] etcdctl snapshot save: etcd {etcd_cpu:.2} s + etcdctl {cpu:.2} s = {:.2} s \
+         in {:.2} s wall ({cores} cores: {:.2} s available)",
+        etcd_cpu + cpu,
+        wall.as_secs_f64(),
+        wall.as_secs_f64() * cores as f64
+    );
     row("etcdctl snapshot save (local disk)".into(), wall, Some(cpu), None, Some(file_size(&snap)), file_size(&snap));
     for level in run_.levels {
         let zst = dir.join("alone.zst");
@@ -1045,6 +1057,9 @@ async fn bench_size(
         let pid = agent.0.id().to_string();
         let (_, writes_before) = proc_stats(agent.0.id());
         let cpu_before = cpu_seconds(&pid, false);
+        let coordinator_pid = ferry.coordinator.as_ref().map(|c| c.0.id().to_string()).unwrap_or_default();
+        let others = |pids: [&str; 3]| pids.map(|p| cpu_seconds(p, false));
+        let others_before = others([&etcd_pid, &coordinator_pid, &s3_pid]);
         let stop = flag::Stop::default();
         let during = tokio::spawn(put_latencies(etcd_url.clone(), stop.clone()));
         let backup = {
@@ -1055,6 +1070,15 @@ async fn bench_size(
         let latencies = during.await??;
         let (wall, stored) = backup?;
         let cpu = cpu_seconds(&pid, false) - cpu_before;
+        let after = others([&etcd_pid, &coordinator_pid, &s3_pid]);
+        let [e, c, s3] = [0, 1, 2].map(|i| after[i] - others_before[i]);
+        println!(
+            "CPU budget [{db_gib:.2} GiB {data}] {label}: etcd {e:.2} s + agent {cpu:.2} s + coordinator {c:.2} s \
+             + s3s-fs {s3:.2} s = {:.2} s in {:.2} s wall ({cores} cores: {:.2} s available)",
+            e + cpu + c + s3,
+            wall.as_secs_f64(),
+            wall.as_secs_f64() * cores as f64
+        );
         let (rss, writes_after) = proc_stats(agent.0.id());
         latency_rows.push(LatencyRow { gib: db_gib, data, during: label.clone(), latencies: percentiles(latencies) });
         row(label, wall, Some(cpu), Some(rss), Some(writes_after - writes_before), stored);
