@@ -391,6 +391,10 @@ impl Ferry {
             )?;
         }
         let mut cmd = Command::new(release_bin("ferry-agent")?);
+        // As deploy/Containerfile and the systemd unit run it (FERRY_BENCH_GLIBC_DEFAULTS: without).
+        if std::env::var_os("FERRY_BENCH_GLIBC_DEFAULTS").is_none() {
+            cmd.env("MALLOC_MMAP_THRESHOLD_", "1048576");
+        }
         cmd.args(["--coordinator", &self.addr, "--credentials"])
             .arg(&creds)
             .args(["--etcd-endpoints", &self.etcd])
