@@ -269,8 +269,12 @@ async fn s3_down_at_start_fails_clearly_and_the_next_backup_succeeds() -> anyhow
     assert!(error.contains("unreachable"), "the error says S3 is unreachable: {error}");
     assert_eq!(rig.backups_metric("error")?, 1.0);
     // While S3 is down the listing cannot be read: a server failure (exit 2), not an empty list.
+    let listed_at = Instant::now();
     let listing = rig.coordinator.ctl().run(&["get", "etcdbackup"]).await?;
+    let listing_took = listed_at.elapsed();
     assert_eq!(listing.status.code(), Some(2), "listing while S3 is down: {listing:?}");
+    // Within the retries' budget (5 attempts, ~6 s of waits), not a hung request's 30 s.
+    assert!(listing_took < Duration::from_secs(25), "the listing was refused after {listing_took:?}");
     rig.proxy.set(Faults::default());
     let back = Instant::now();
     rig.backup_ok().await?;
@@ -278,7 +282,7 @@ async fn s3_down_at_start_fails_clearly_and_the_next_backup_succeeds() -> anyhow
     assert_eq!(rig.assert_consistent().await?.len(), 1);
     assert_daemon_logs_clean(&rig.coordinator, &rig.agents);
     eprintln!(
-        "FAULT s3-down-at-start: failed after {failed_after:?}: {error}; next backup ok {recovered:?} after S3 is back"
+        "FAULT s3-down-at-start: failed after {failed_after:?}: {error}; listing refused after {listing_took:?}; next backup ok {recovered:?} after S3 is back"
     );
     Ok(())
 }
