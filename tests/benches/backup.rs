@@ -596,21 +596,18 @@ async fn bench_latency(
         idle.extend(probe.await??);
         // etcd's own cost of a snapshot: etcdctl streaming it into memory (tmpfs), no disk, no compression.
         CpuLimit::to_root(etcd_pid)?;
-        let stop = flag::Stop::default();
-        let probe = tokio::spawn(put_latencies_at(ferry.etcd.clone(), stop.clone()));
-        let start = Instant::now();
-        let saved = timed(
-            Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .args(["--endpoints", &ferry.etcd, "snapshot", "save"])
-                .arg(&snap),
-        );
-        stop.set();
-        let lat = probe.await??;
+        let (saved, lat) = while_putting(&ferry.etcd, "etcdctl snapshot save → tmpfs", || {
+            timed(
+                Command::new("etcdctl")
+                    .env("ETCDCTL_API", "3")
+                    .args(["--endpoints", &ferry.etcd, "snapshot", "save"])
+                    .arg(&snap),
+            )
+        })
+        .await?;
         let _ = std::fs::remove_file(&snap);
         etcdctl.1.push(saved?);
-        report_stalls("etcdctl snapshot save → tmpfs", start, &lat);
-        etcdctl.0.extend(lat.into_iter().map(|(_, l)| l));
+        etcdctl.0.extend(lat);
         for (i, (label, agent_args, pod)) in configs.iter().enumerate() {
             let agent_group = match (pod, &etcd_group) {
                 (None, _) => {
@@ -630,18 +627,12 @@ async fn bench_latency(
             }
             let pid = agent.0.id().to_string();
             let cpu_before = cpu_seconds(&pid, false);
-            let stop = flag::Stop::default();
-            let probe = tokio::spawn(put_latencies_at(ferry.etcd.clone(), stop.clone()));
             seq += 1;
-            let start = Instant::now();
-            let backup = {
+            let (backup, lat) = {
                 let ferry = &*ferry;
-                tokio::task::block_in_place(|| ferry.backup(seq))
+                while_putting(&ferry.etcd, label, || ferry.backup(seq)).await?
             };
-            stop.set();
-            let lat = probe.await??;
-            report_stalls(label, start, &lat);
-            during[i].extend(lat.into_iter().map(|(_, l)| l));
+            during[i].extend(lat);
             let (wall, stored) = backup?;
             let cpu = cpu_seconds(&pid, false) - cpu_before;
             let (rss, _) = proc_stats(agent.0.id());
@@ -702,6 +693,19 @@ async fn bench_latency(
         latency_rows.push(LatencyRow { gib: db_gib, data: run_.data(), during: (*label).into(), latencies: lat });
     }
     Ok(())
+}
+
+/// Runs `work` (blocking) while small puts stream into etcd at `endpoint`; its result and each put's
+/// latency, with the slowest reported under `label`.
+async fn while_putting<T>(endpoint: &str, label: &str, work: impl FnOnce() -> T) -> Result<(T, Vec<Duration>)> {
+    let stop = flag::Stop::default();
+    let probe = tokio::spawn(put_latencies_at(endpoint.to_owned(), stop.clone()));
+    let start = Instant::now();
+    let result = tokio::task::block_in_place(work);
+    stop.set();
+    let lat = probe.await??;
+    report_stalls(label, start, &lat);
+    Ok((result, lat.into_iter().map(|(_, l)| l).collect()))
 }
 
 /// The slowest puts of one measured backup and when they came (seconds after its start), on stderr: a stall
@@ -1043,21 +1047,20 @@ async fn bench_size(
     let args = |a: &[&str]| a.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();
     // The pipeline's own speed: etcd's stream read as fast as it goes (the default caps it to spare etcd;
     // its row comes last).
-    let fast = uncapped;
     let mut runs: Vec<(String, Vec<String>, Vec<String>)> = run_
         .levels
         .iter()
-        .map(|l| (format!("ferry → S3, zstd -{l}, read uncapped"), args(&["--zstd-level", &l.to_string()]), fast()))
+        .map(|l| (format!("ferry → S3, zstd -{l}, read uncapped"), args(&["--zstd-level", &l.to_string()]), uncapped()))
         .collect();
     runs.push((
         "ferry → S3, zstd -3, 2 zstd workers, uncapped".into(),
         args(&["--zstd-level", "3"]),
-        [fast(), args(&["--zstd-workers", "2"])].concat(),
+        [uncapped(), args(&["--zstd-workers", "2"])].concat(),
     ));
     runs.push((
         format!("ferry → S3, upload capped at {THROTTLED_MBPS} Mbit/s"),
         args(&["--upload-limit-mbps", &THROTTLED_MBPS.to_string()]),
-        fast(),
+        uncapped(),
     ));
     runs.push(("ferry → S3, defaults (read ≤ 40 MiB/s, zstd -1)".into(), vec![], vec![]));
     for (seq, (label, extra, agent_extra)) in runs.into_iter().enumerate() {
