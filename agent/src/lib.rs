@@ -7,5 +7,6 @@ pub mod link;
 pub mod metrics;
 pub mod pipeline;
 pub mod restore;
+pub mod scratch;
 pub mod throttle;
 pub mod upload;

@@ -8,6 +8,7 @@ use ferry_agent::etcd::{EtcdMember, EtcdTls};
 use ferry_agent::job::PipelineSettings;
 use ferry_agent::link::Link;
 use ferry_agent::restore::{BumpChoice, RestoreRequest};
+use ferry_agent::scratch::ScratchChoice;
 use std::sync::Arc;
 
 use ferry_common::config::{AgentCredentials, FerryConfig};
@@ -83,6 +84,11 @@ struct RestoreArgs {
     /// hold an identity for it. Bring it for the restore only: agents never keep one.
     #[arg(long, value_name = "FILE")]
     identity: Option<PathBuf>,
+    /// Where the checked snapshot waits for etcd's restore tool: `memory` never writes it to disk (and
+    /// saves deleting a multi-GB file afterwards), `disk` is a hidden file in the data dir; `auto` takes
+    /// memory when the snapshot needs at most half of what the node (and the container's limit) leaves.
+    #[arg(long, value_enum, default_value_t)]
+    scratch: ScratchChoice,
 }
 
 /// Run mode. Checked by hand, not by clap: clap cannot make these required only without a subcommand.
@@ -256,6 +262,7 @@ async fn restore(a: RestoreArgs) -> Result<()> {
         data_dir: a.data_dir,
         member,
         force: a.force,
+        scratch: a.scratch,
         identities,
         bump: match (a.bump_revision, a.no_bump_revision) {
             (_, true) => BumpChoice::Off,

@@ -2,9 +2,9 @@
 //!
 //! The coordinator says where the backup is (it streams a local-store backup itself, or hands over the S3
 //! object and credentials for this restore only). The bytes go through every check — the stored object's
-//! sha256, decompression, the snapshot's sha256 and etcd's own trailing hash — into a hidden file inside the
-//! data dir; etcd's own tool then restores it into a hidden temp dir there, and only then is the result moved
-//! into place. In a static pod the data dir is usually a hostPath mount point that cannot be renamed, which
+//! sha256, decompression, the snapshot's sha256 and etcd's own trailing hash — into a scratch copy (in
+//! memory when it fits, else a hidden file inside the data dir: `scratch.rs`); etcd's own tool then restores
+//! it into a hidden temp dir inside the data dir, and only then is the result moved into place. In a static pod the data dir is usually a hostPath mount point that cannot be renamed, which
 //! is why all of this happens inside it. Old contents are moved aside into `.ferry-old-<unix seconds>/`, never
 //! deleted, and any failure leaves the data dir as it was.
 //!
@@ -28,6 +28,7 @@ use ferry_common::tls::CertifiedPem;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::scratch::{Scratch, ScratchChoice};
 use crate::throttle::Throttle;
 
 /// Entries of the data dir Ferry itself makes; they do not make it "non-empty".
@@ -91,6 +92,8 @@ pub struct RestoreRequest {
     pub member: RestoreAs,
     pub force: bool,
     pub bump: BumpChoice,
+    /// Where the checked snapshot waits for etcd's tool (`--scratch`).
+    pub scratch: ScratchChoice,
     /// `--identity`: opens an encrypted backup the coordinator does not open itself.
     pub identities: Option<Identities>,
 }
@@ -172,9 +175,7 @@ pub async fn run(req: RestoreRequest) -> Result<()> {
     // etcd's data: owner only, like etcd itself wants it.
     ferry_common::config::create_private_dir(dir).with_context(|| format!("create --data-dir {}", dir.display()))?;
     let stamp = unix_now();
-    let snapshot = dir.join(format!("{FERRY_PREFIX}restore-{stamp}.db"));
-    let result = restore_into(&req, &snapshot, &existing, stamp).await;
-    let _ = std::fs::remove_file(&snapshot);
+    let result = restore_into(&req, &existing, stamp).await;
     if result.is_err() && created {
         // Leave no trace of a failed restore: remove the dir we made (only if still empty).
         let _ = std::fs::remove_dir(dir);
@@ -182,8 +183,10 @@ pub async fn run(req: RestoreRequest) -> Result<()> {
     result
 }
 
-async fn restore_into(req: &RestoreRequest, snapshot: &Path, existing: &[PathBuf], stamp: u64) -> Result<()> {
-    let (backup, highest) = fetch(req, snapshot).await?;
+async fn restore_into(req: &RestoreRequest, existing: &[PathBuf], stamp: u64) -> Result<()> {
+    // The scratch copy goes when this returns, whatever happened.
+    let (backup, highest, scratch) = fetch(req, stamp).await?;
+    let snapshot = scratch.path();
     // Checked again now that the download took its time: a member started meanwhile is not swapped out.
     if held_by_live_etcd(&req.data_dir)? {
         bail!("--data-dir {} was taken by a running etcd during the download; nothing changed", req.data_dir.display());
@@ -287,9 +290,9 @@ fn plan_bump(
     Ok(Some(RevisionBump { by }))
 }
 
-/// Asks the coordinator for the backup and writes the verified snapshot file to `snapshot`; also returns
+/// Asks the coordinator for the backup and writes the verified snapshot into a scratch copy; also returns
 /// the highest revision the coordinator saw the cluster at.
-async fn fetch(req: &RestoreRequest, snapshot: &Path) -> Result<(EtcdBackupSpec, Option<RevisionSeen>)> {
+async fn fetch(req: &RestoreRequest, stamp: u64) -> Result<(EtcdBackupSpec, Option<RevisionSeen>, Scratch)> {
     let request = AdminRequest::Restore { cluster: req.from_cluster.clone(), backup: req.backup.clone() };
     let mut s = Session::open(&req.coordinator, &req.ca_pem, &req.client, &request).await?;
     let result = async {
@@ -311,16 +314,17 @@ async fn fetch(req: &RestoreRequest, snapshot: &Path) -> Result<(EtcdBackupSpec,
             encrypted = backup.encryption.is_some(),
             "restoring backup"
         );
+        let scratch = Scratch::open(req.scratch, backup.rawsize, &req.data_dir, stamp)?;
         // The snapshot only feeds etcd's restore tool, which syncs its own copy: no fsync of it.
+        let (file, label) = (scratch.writer()?, scratch.path());
         let w = match source {
             // What arrives is the zstd stream inside; it is checked against the manifest's hashes of it.
             RestoreSource::Decrypted => {
                 info!("the coordinator opens the encrypted backup with its own identity");
-                VerifyingWriter::create(snapshot, &backup.decrypted(), true, None)?
+                VerifyingWriter::decompress_into(file, label, &backup.decrypted(), None)?
             }
-            _ => VerifyingWriter::create(snapshot, &backup, true, req.identities.as_ref())?,
-        }
-        .without_fsync();
+            _ => VerifyingWriter::decompress_into(file, label, &backup, req.identities.as_ref())?,
+        };
         // Decompressing and hashing run on their own thread, so they overlap the download.
         let mut w = BackgroundWriter::spawn(w);
         let mut throttle = Throttle::new(limit);
@@ -360,7 +364,7 @@ async fn fetch(req: &RestoreRequest, snapshot: &Path) -> Result<(EtcdBackupSpec,
         }
         w.finish().await?;
         progress.finish();
-        Ok((backup, highest))
+        Ok((backup, highest, scratch))
     }
     .await;
     s.close().await;

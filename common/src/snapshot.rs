@@ -369,8 +369,10 @@ fn opening_error(e: EncryptionError, want_raw: u64) -> SnapshotError {
 /// Writes a backup to `target` (as stored, or decompressed) while checking it against its manifest.
 pub struct VerifyingWriter {
     sink: Option<Sink>,
+    /// The file being written (or what names it in errors, for a caller's file).
     tmp: PathBuf,
-    target: PathBuf,
+    /// Where the file goes once checked (fsynced, renamed); `None` for a caller's file, left as it is.
+    target: Option<PathBuf>,
     sha: Sha256,
     bytes: u64,
     spec: EtcdBackupSpec,
@@ -378,9 +380,6 @@ pub struct VerifyingWriter {
     /// The first decompression failure, reported by `finish` after the stored size and hash: a damaged
     /// object is then named by its hash, whichever byte broke the decoder first.
     failed: Option<SnapshotError>,
-    /// fsync the file before it is renamed into place (off for a snapshot that only feeds a restore and
-    /// is deleted after it: etcd's restore tool writes and syncs its own copy).
-    sync: bool,
 }
 
 impl VerifyingWriter {
@@ -392,14 +391,7 @@ impl VerifyingWriter {
         decompress: bool,
         identities: Option<&Identities>,
     ) -> Result<Self, SnapshotError> {
-        let opener = match (&spec.encryption, decompress) {
-            (Some(enc), true) => {
-                let ids = identities.ok_or_else(|| EncryptionError::IdentityNeeded(enc.recipients.clone()))?;
-                ids.check_opens(&enc.recipients)?;
-                Some(ids.clone())
-            }
-            _ => None,
-        };
+        let opener = if decompress { Self::opener(spec, identities)? } else { None };
         let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "backup".into());
         let tmp = target.with_file_name(format!(".{name}.part"));
         let io = |error| SnapshotError::Io { path: tmp.clone(), error };
@@ -409,35 +401,67 @@ impl VerifyingWriter {
             _ => {}
         }
         let file = crate::config::create_private(&tmp).map_err(io)?;
-        let sink = if decompress {
-            match opener {
-                // The temp file is dropped with the writer on failure and removed by `Drop` below.
-                Some(ids) => Sink::Sealed(Box::new(opening(ids, file, Some(spec.rawsize))?)),
-                None => {
-                    let raw = RawThread::spawn(RawCheck::new(file, Some(spec.rawsize))).map_err(io)?;
-                    Sink::Raw(Box::new(zstd::stream::write::Decoder::new(raw).map_err(io)?))
-                }
+        // Once the writer exists, `Drop` below removes the temp file on failure.
+        match Self::sink(file, &tmp, spec, decompress, opener) {
+            Ok(sink) => Ok(Self::new(sink, tmp, Some(target.to_path_buf()), spec)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
             }
-        } else {
-            Sink::Stored(file)
-        };
-        Ok(Self {
+        }
+    }
+
+    /// Decompresses a backup into `file`, which the caller made and keeps (a restore's scratch copy, read
+    /// once by etcd's restore tool and then dropped), checking it as [`create`](Self::create) does; `finish`
+    /// neither syncs nor moves it. `label` names the file in errors.
+    pub fn decompress_into(
+        file: File,
+        label: &Path,
+        spec: &EtcdBackupSpec,
+        identities: Option<&Identities>,
+    ) -> Result<Self, SnapshotError> {
+        let sink = Self::sink(file, label, spec, true, Self::opener(spec, identities)?)?;
+        Ok(Self::new(sink, label.to_path_buf(), None, spec))
+    }
+
+    /// What opens an encrypted backup for decompression (checked against its recipients before anything
+    /// is written); `None` for a plain one.
+    fn opener(spec: &EtcdBackupSpec, identities: Option<&Identities>) -> Result<Option<Identities>, SnapshotError> {
+        let Some(enc) = &spec.encryption else { return Ok(None) };
+        let ids = identities.ok_or_else(|| EncryptionError::IdentityNeeded(enc.recipients.clone()))?;
+        ids.check_opens(&enc.recipients)?;
+        Ok(Some(ids.clone()))
+    }
+
+    fn sink(
+        file: File,
+        path: &Path,
+        spec: &EtcdBackupSpec,
+        decompress: bool,
+        opener: Option<Identities>,
+    ) -> Result<Sink, SnapshotError> {
+        let io = |error| SnapshotError::Io { path: path.to_path_buf(), error };
+        Ok(match (decompress, opener) {
+            (false, _) => Sink::Stored(file),
+            (true, Some(ids)) => Sink::Sealed(Box::new(opening(ids, file, Some(spec.rawsize))?)),
+            (true, None) => {
+                let raw = RawThread::spawn(RawCheck::new(file, Some(spec.rawsize))).map_err(io)?;
+                Sink::Raw(Box::new(zstd::stream::write::Decoder::new(raw).map_err(io)?))
+            }
+        })
+    }
+
+    fn new(sink: Sink, tmp: PathBuf, target: Option<PathBuf>, spec: &EtcdBackupSpec) -> Self {
+        Self {
             sink: Some(sink),
             tmp,
-            target: target.to_path_buf(),
+            target,
             sha: Sha256::new(),
             bytes: 0,
             spec: spec.clone(),
             done: false,
             failed: None,
-            sync: true,
-        })
-    }
-
-    /// Skips the fsync at the end: for a file that is read once right after and then deleted.
-    pub fn without_fsync(mut self) -> Self {
-        self.sync = false;
-        self
+        }
     }
 
     /// Stored (compressed) bytes so far.
@@ -468,7 +492,8 @@ impl VerifyingWriter {
         }
     }
 
-    /// Runs the final checks; on success the file is in place at the target, fsynced.
+    /// Runs the final checks; on success the file is in place at the target, fsynced (a caller's file:
+    /// complete, and returned as its label).
     pub fn finish(mut self) -> Result<PathBuf, SnapshotError> {
         if self.bytes != self.spec.size {
             return Err(SnapshotError::StoredSize { got: self.bytes, want: self.spec.size });
@@ -489,19 +514,22 @@ impl VerifyingWriter {
             Some(Sink::Sealed(o)) => finish_opening(*o, &self.spec)?,
             None => return Err(SnapshotError::TooShort),
         };
-        let io = |error| SnapshotError::Io { path: self.target.clone(), error };
-        if self.sync {
-            file.sync_all().map_err(io)?;
-        }
-        std::fs::rename(&self.tmp, &self.target).map_err(io)?;
+        let Some(target) = self.target.clone() else {
+            self.done = true;
+            return Ok(self.tmp.clone());
+        };
+        let io = |error| SnapshotError::Io { path: target.clone(), error };
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&self.tmp, &target).map_err(io)?;
         self.done = true;
-        Ok(self.target.clone())
+        Ok(target)
     }
 }
 
 impl Drop for VerifyingWriter {
     fn drop(&mut self) {
-        if !self.done {
+        // Only a temp file of our own: a caller's file is the caller's to remove.
+        if !self.done && self.target.is_some() {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }

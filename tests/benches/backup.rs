@@ -1143,8 +1143,8 @@ struct RestoreRow {
     wall: Duration,
 }
 
-/// Restores the newest backup three ways: the standard tools with and without fetching it from S3 first,
-/// and `ferry-agent restore` (which fetches, checks and restores in one go).
+/// Restores the newest backup four ways: the standard tools with and without fetching it from S3 first,
+/// and `ferry-agent restore` (which fetches, checks and restores in one go) with its scratch copy in memory and on disk.
 fn bench_restore(ferry: &Ferry, gib: f64) -> Result<Vec<RestoreRow>> {
     let list: serde_json::Value = serde_json::from_str(&ferry.ctl(&["get", "etcdbackup", "-o", "json"], None)?)?;
     let key = list[0]["spec"]["snapshot"].as_str().context("snapshot key")?.to_string();
@@ -1166,11 +1166,14 @@ fn bench_restore(ferry: &Ferry, gib: f64) -> Result<Vec<RestoreRow>> {
     let creds = ferry.dir.join("agent-creds");
     // Alternating runs (the order flipping each time) so that drift on a shared machine hits both alike.
     let runs: usize = std::env::var("FERRY_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-    let (mut fetches, mut locals, mut cleanups, mut ferries) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for i in 0..runs * 2 {
+    let (mut fetches, mut locals, mut cleanups) = (Vec::new(), Vec::new(), Vec::new());
+    // `ferry-agent restore` as it chooses (in memory here) and with its scratch copy on disk.
+    let (mut ferries, mut on_disk) = (Vec::new(), Vec::new());
+    for i in 0..runs * 3 {
         // Each method starts with the previous one's writes on disk, not still being flushed under it.
         run(&mut Command::new("sync"))?;
-        if (i % 2 == 0) == (i / 2 % 2 == 0) {
+        let method = (i + i / 3) % 3;
+        if method == 0 {
             eprintln!("[{gib:.2} GiB] restore with aws s3 cp → zstd -d → etcdutl snapshot restore…");
             let fetch = timed(
                 Command::new("aws")
@@ -1215,20 +1218,22 @@ fn bench_restore(ferry: &Ferry, gib: f64) -> Result<Vec<RestoreRow>> {
             locals.push(local);
             cleanups.push(local + cleanup);
         } else {
+            let scratch = if method == 1 { "auto" } else { "disk" };
             eprintln!(
-                "[{gib:.2} GiB] ferry-agent restore… (started {:.3} s after the epoch)",
+                "[{gib:.2} GiB] ferry-agent restore --scratch {scratch}… (started {:.3} s after the epoch)",
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64()
             );
             // Its log (phases with timestamps) goes to the bench's stderr: where the time went.
-            ferries.push(timed(
+            let wall = timed(
                 Command::new(release_bin("ferry-agent")?)
                     .stderr(Stdio::inherit())
                     .args(["restore", "--coordinator", &ferry.addr, "--credentials"])
                     .arg(&creds)
-                    .args(["--backup", &id, "--data-dir"])
+                    .args(["--backup", &id, "--scratch", scratch, "--data-dir"])
                     .arg(dir.join("ferry"))
                     .args(member),
-            )?);
+            )?;
+            if method == 1 { &mut ferries } else { &mut on_disk }.push(wall);
             let _ = std::fs::remove_dir_all(dir.join("ferry"));
         }
     }
@@ -1237,12 +1242,13 @@ fn bench_restore(ferry: &Ferry, gib: f64) -> Result<Vec<RestoreRow>> {
         v[v.len() / 2]
     };
     let (fetch, local, ferry_wall) = (median(&mut fetches), median(&mut locals), median(&mut ferries));
-    let cleaned = median(&mut cleanups);
+    let (cleaned, disk_wall) = (median(&mut cleanups), median(&mut on_disk));
     let rows = vec![
         RestoreRow { gib, method: "aws s3 cp → zstd -d → etcdutl snapshot restore", wall: fetch },
         RestoreRow { gib, method: "zstd -d → etcdutl snapshot restore (object local)", wall: local },
         RestoreRow { gib, method: "the same, then rm the temporary snapshot", wall: cleaned },
         RestoreRow { gib, method: "ferry-agent restore (fetch + checks + restore)", wall: ferry_wall },
+        RestoreRow { gib, method: "ferry-agent restore --scratch disk", wall: disk_wall },
     ];
     for r in &rows {
         eprintln!("[{gib:.2} GiB] {}: {:.2} s", r.method, r.wall.as_secs_f64());

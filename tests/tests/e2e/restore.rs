@@ -257,6 +257,13 @@ async fn three_member_cluster_comes_back_from_ferry_restore() -> anyhow::Result<
 
     for out in &outputs {
         assert!(!out.stderr.contains(" ERROR "), "`{}` logged an error: {}", out.command, out.stderr);
+        // A small database on a machine with memory to spare: the scratch copy never touched the disk.
+        assert!(
+            out.stderr.contains("waits in memory"),
+            "`{}` kept its scratch copy elsewhere: {}",
+            out.command,
+            out.stderr
+        );
     }
     assert_no_unexpected_errors(coordinator.log_path(), &[]);
     Ok(())
@@ -296,9 +303,11 @@ async fn corrupted_and_truncated_backups_are_refused_and_leave_the_data_dir_alon
         assert_restore_refused(&out, keywords);
         assert!(!fresh.exists(), "a refused restore ({what}) created {}", fresh.display());
 
-        // Over a member's data with --force: refused before anything is moved.
+        // Over a member's data with --force: refused before anything is moved, with the scratch copy in
+        // memory (the default here) or on disk inside the data dir, where it is removed again.
         let mut args = [as_agent(&coordinator, &credentials), one_member(&id, &existing, &peer)].concat();
         args.push("--force".into());
+        args.extend(["--scratch".into(), ["memory", "disk"][i].into()]);
         let out = agent_restore(&args).await?;
         assert_restore_refused(&out, keywords);
         assert!(tree(&existing)? == existing_before, "a refused restore ({what}) changed {}", existing.display());
@@ -308,12 +317,20 @@ async fn corrupted_and_truncated_backups_are_refused_and_leave_the_data_dir_alon
         assert_restore_refused(&out, keywords);
     }
 
-    // The intact object restores over the same dir: the refusals were about the bytes.
+    // The intact object restores over the same dir: the refusals were about the bytes. Its scratch copy on
+    // disk is gone afterwards.
     std::fs::write(&object, &intact)?;
     let mut args = [as_agent(&coordinator, &credentials), one_member(&id, &existing, &peer)].concat();
-    args.push("--force".into());
-    agent_restore(&args).await?.ok()?;
+    args.extend(["--force", "--scratch", "disk"].map(String::from));
+    let out = agent_restore(&args).await?.ok()?;
+    assert!(out.stderr.contains("waits on disk"), "--scratch disk said nothing of it: {}", out.stderr);
     assert!(existing.join("member/snap/db").is_file(), "the restore put a member in place");
+    let scratch: Vec<_> = std::fs::read_dir(&existing)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".ferry-restore-"))
+        .map(|e| e.path())
+        .collect();
+    assert!(scratch.is_empty(), "the restore left its scratch copy: {scratch:?}");
     assert_ne!(
         std::fs::read(existing.join("member/snap/db"))?,
         b"the old member's database",
