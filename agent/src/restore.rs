@@ -4,8 +4,9 @@
 //! object and credentials for this restore only). The bytes go through every check — the stored object's
 //! sha256, decompression, the snapshot's sha256 and etcd's own trailing hash — into a scratch copy (in
 //! memory when it fits, else a hidden file inside the data dir: `scratch.rs`); etcd's own tool then restores
-//! it into a hidden temp dir inside the data dir, and only then is the result moved into place. In a static pod the data dir is usually a hostPath mount point that cannot be renamed, which
-//! is why all of this happens inside it. Old contents are moved aside into `.ferry-old-<unix seconds>/`, never
+//! it into a hidden temp dir inside the data dir, and only then is the result moved into place. In a static
+//! pod the data dir is usually a hostPath mount point that cannot be renamed, which is why all of this
+//! happens inside it. Old contents are moved aside into `.ferry-old-<unix seconds>/`, never
 //! deleted, and any failure leaves the data dir as it was.
 //!
 //! Guards: a data dir a running etcd holds (bbolt's lock on `member/snap/db`) is never touched, `--force` moves
