@@ -124,7 +124,7 @@ fn fits_in_memory(rawsize: u64, headroom: u64) -> bool {
 fn memory_headroom() -> Option<u64> {
     let available = parse_mem_available(&std::fs::read_to_string("/proc/meminfo").ok()?)?;
     let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    Some(cgroup_limits(&cgroups).into_iter().fold(available, u64::min))
+    Some(cgroup_limits(Path::new("/sys/fs/cgroup"), &cgroups).into_iter().fold(available, u64::min))
 }
 
 fn parse_mem_available(meminfo: &str) -> Option<u64> {
@@ -136,7 +136,7 @@ fn parse_mem_available(meminfo: &str) -> Option<u64> {
 /// The room under each memory limit of this process's cgroup and its ancestors, v2 or v1. A container
 /// sees its own cgroup at the mount's root, whatever `/proc/self/cgroup` names, so the walk ends there.
 /// Unreadable or unlimited ones count as no limit.
-fn cgroup_limits(proc_self_cgroup: &str) -> Vec<u64> {
+fn cgroup_limits(sys_fs_cgroup: &Path, proc_self_cgroup: &str) -> Vec<u64> {
     let room = |limit: PathBuf, usage: PathBuf| -> Option<u64> {
         let read = |p: PathBuf| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok();
         Some(read(limit)?.saturating_sub(read(usage)?))
@@ -146,17 +146,17 @@ fn cgroup_limits(proc_self_cgroup: &str) -> Vec<u64> {
         let mut parts = line.splitn(3, ':');
         let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
         let (root, limit, usage) = if controllers.is_empty() {
-            ("/sys/fs/cgroup", "memory.max", "memory.current")
+            (sys_fs_cgroup.to_path_buf(), "memory.max", "memory.current")
         } else if controllers.split(',').any(|c| c == "memory") {
-            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes")
+            (sys_fs_cgroup.join("memory"), "memory.limit_in_bytes", "memory.usage_in_bytes")
         } else {
             continue;
         };
-        let mut dir = Path::new(root).join(path.trim_start_matches('/'));
+        let mut dir = root.join(path.trim_start_matches('/'));
         loop {
             // v2's "max" does not parse: no limit at that level.
             out.extend(room(dir.join(limit), dir.join(usage)));
-            if dir == Path::new(root) || !dir.pop() {
+            if dir == root || !dir.pop() {
                 break;
             }
         }
@@ -185,11 +185,26 @@ mod tests {
     }
 
     #[test]
-    fn unknown_cgroups_add_no_limit() {
-        // Whatever the machine's own limits, a cgroup that does not exist adds none.
-        let own = cgroup_limits("0::/\n4:memory:/\n").len();
-        assert_eq!(cgroup_limits("0::/no/such/ferry-test-cgroup\n4:memory:/no/such/ferry-test-cgroup\n").len(), own);
-        assert!(cgroup_limits("3:cpu:/x\ngarbage").is_empty());
+    fn cgroup_limits_count_every_level_and_the_mount_root() {
+        let sys = tempfile::tempdir().unwrap();
+        let write = |dir: &str, files: &[(&str, &str)]| {
+            let d = sys.path().join(dir);
+            std::fs::create_dir_all(&d).unwrap();
+            for (name, text) in files {
+                std::fs::write(d.join(name), text).unwrap();
+            }
+        };
+        // v2: the service's own limit and its slice's; "max" at the pod level is no limit.
+        write("system.slice", &[("memory.max", "8000\n"), ("memory.current", "1000\n")]);
+        write("system.slice/ferry.service", &[("memory.max", "3000\n"), ("memory.current", "500\n")]);
+        write("system.slice/ferry.service/inner", &[("memory.max", "max\n"), ("memory.current", "400\n")]);
+        let mut got = cgroup_limits(sys.path(), "0::/system.slice/ferry.service/inner\n");
+        got.sort_unstable();
+        assert_eq!(got, [2500, 7000]);
+        // A container sees its own cgroup at the mount's root, whatever /proc/self/cgroup names.
+        write("memory", &[("memory.limit_in_bytes", "268435456"), ("memory.usage_in_bytes", "67108864")]);
+        assert_eq!(cgroup_limits(sys.path(), "4:memory:/kubepods/pod1/abc\n3:cpu:/x\n"), [(256 - 64) << 20]);
+        assert!(cgroup_limits(sys.path(), "3:cpu:/x\ngarbage").is_empty());
     }
 
     #[test]
