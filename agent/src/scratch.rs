@@ -74,7 +74,11 @@ impl Scratch {
             .map_err(std::io::Error::from)
             .context("--scratch memory: create an in-memory file (memfd_create)")?;
         let file = File::from(fd);
-        // etcd's tool is another process: it opens the file through this one's /proc entry.
+        // etcd's tool is another process: it opens the file through this one's /proc entry, which the kernel
+        // hands to root only when this process is not dumpable (file capabilities, setuid).
+        if rustix::process::dumpable_behavior().ok() != Some(rustix::process::DumpableBehavior::Dumpable) {
+            anyhow::bail!("--scratch memory: the agent is not dumpable, so etcd's tool could not open its /proc entry");
+        }
         let path = PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), std::os::fd::AsRawFd::as_raw_fd(&file)));
         File::open(&path).with_context(|| {
             format!("--scratch memory: open the in-memory file as {} (is /proc mounted?)", path.display())
