@@ -175,6 +175,7 @@ pub async fn run(req: RestoreRequest) -> Result<()> {
     let created = !dir.exists();
     // etcd's data: owner only, like etcd itself wants it.
     ferry_common::config::create_private_dir(dir).with_context(|| format!("create --data-dir {}", dir.display()))?;
+    crate::scratch::remove_stale(dir);
     let stamp = unix_now();
     let result = restore_into(&req, &existing, stamp).await;
     if result.is_err() && created {

@@ -15,6 +15,35 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use tracing::{info, warn};
 
+/// A disk copy's name in the data dir: `.ferry-restore-<unix seconds>.db`.
+const DISK_PREFIX: &str = ".ferry-restore-";
+
+/// Removes the disk copies a killed restore left in `data_dir` (a failed one removes its own): several GB
+/// each, and never anything but a scratch copy.
+pub fn remove_stale(data_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stamp = name.strip_prefix(DISK_PREFIX).and_then(|n| n.strip_suffix(".db"));
+        if !stamp.is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())) {
+            continue;
+        }
+        // A file, not a link or a directory someone put there.
+        let Ok(meta) = entry.path().symlink_metadata() else { continue };
+        if !meta.is_file() {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => {
+                warn!(path = %entry.path().display(), bytes = meta.len(), "removed a scratch copy that a killed restore left behind")
+            }
+            Err(e) => {
+                warn!(path = %entry.path().display(), "cannot remove a scratch copy a killed restore left behind: {e}")
+            }
+        }
+    }
+}
+
 /// `ferry-agent restore --scratch`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum ScratchChoice {
@@ -54,7 +83,7 @@ impl Scratch {
                 Err(e) => warn!("{e:#}; the snapshot goes to disk instead"),
             }
         }
-        let s = Self::disk(&data_dir.join(format!(".ferry-restore-{stamp}.db")))?;
+        let s = Self::disk(&data_dir.join(format!("{DISK_PREFIX}{stamp}.db")))?;
         info!(
             rawsize,
             available = room,
@@ -209,6 +238,31 @@ mod tests {
         write("memory", &[("memory.limit_in_bytes", "268435456"), ("memory.usage_in_bytes", "67108864")]);
         assert_eq!(cgroup_limits(sys.path(), "4:memory:/kubepods/pod1/abc\n3:cpu:/x\n"), [(256 - 64) << 20]);
         assert!(cgroup_limits(sys.path(), "3:cpu:/x\ngarbage").is_empty());
+    }
+
+    #[test]
+    fn stale_disk_copies_go_and_nothing_else_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep =
+            [".ferry-restored", ".ferry-restore-.db", ".ferry-restore-12x.db", "member", ".ferry-restore-7.db.d"];
+        for name in keep.iter().take(3) {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        std::fs::create_dir(dir.path().join("member")).unwrap();
+        std::fs::create_dir(dir.path().join(".ferry-restore-7.db.d")).unwrap();
+        std::fs::create_dir(dir.path().join(".ferry-restore-8.db")).unwrap();
+        std::fs::write(dir.path().join(".ferry-restore-1795323509.db"), b"stale").unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", dir.path().join(".ferry-restore-9.db")).unwrap();
+        remove_stale(dir.path());
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut want: Vec<String> = keep.iter().map(|s| s.to_string()).collect();
+        want.extend([".ferry-restore-8.db".to_string(), ".ferry-restore-9.db".to_string()]);
+        want.sort();
+        assert_eq!(left, want);
     }
 
     #[test]

@@ -318,8 +318,9 @@ async fn corrupted_and_truncated_backups_are_refused_and_leave_the_data_dir_alon
     }
 
     // The intact object restores over the same dir: the refusals were about the bytes. Its scratch copy on
-    // disk is gone afterwards.
+    // disk is gone afterwards, and so is one that a killed restore left behind.
     std::fs::write(&object, &intact)?;
+    std::fs::write(existing.join(".ferry-restore-1795000000.db"), b"left by a killed restore")?;
     let mut args = [as_agent(&coordinator, &credentials), one_member(&id, &existing, &peer)].concat();
     args.extend(["--force", "--scratch", "disk"].map(String::from));
     let out = agent_restore(&args).await?.ok()?;
