@@ -117,13 +117,7 @@ impl Scratch {
 
     fn disk(path: &Path) -> Result<Self> {
         // A stale one from a crashed run goes; never through a link planted at the path.
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(e).with_context(|| format!("remove the stale {}", path.display()))
-            }
-            _ => {}
-        }
-        let file = ferry_common::config::create_private(path)
+        let file = ferry_common::config::create_private_replacing(path)
             .with_context(|| format!("create the restore's scratch file {}", path.display()))?;
         Ok(Self { file, path: path.to_path_buf(), on_disk: true })
     }

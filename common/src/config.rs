@@ -122,6 +122,16 @@ pub fn create_private(path: &Path) -> std::io::Result<fs::File> {
     Ok(f)
 }
 
+/// [`create_private`] at a fixed path, first removing what a crashed run left there (a file, or a link:
+/// removed, never followed).
+pub fn create_private_replacing(path: &Path) -> std::io::Result<fs::File> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    create_private(path)
+}
+
 /// Creates `dir` and its missing parents, and makes `dir` itself 0700 (whatever the umask, and also when it
 /// existed with wider permissions): for directories that hold secrets or backups.
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {

@@ -396,11 +396,7 @@ impl VerifyingWriter {
         let tmp = target.with_file_name(format!(".{name}.part"));
         let io = |error| SnapshotError::Io { path: tmp.clone(), error };
         // Backup data: 0600, never through a link planted at the temp path; a stale one from a crash goes.
-        match std::fs::remove_file(&tmp) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-            _ => {}
-        }
-        let file = crate::config::create_private(&tmp).map_err(io)?;
+        let file = crate::config::create_private_replacing(&tmp).map_err(io)?;
         // Once the writer exists, `Drop` below removes the temp file on failure.
         match Self::sink(file, &tmp, spec, decompress, opener) {
             Ok(sink) => Ok(Self::new(sink, tmp, Some(target.to_path_buf()), spec)),

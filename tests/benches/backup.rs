@@ -1144,7 +1144,8 @@ struct RestoreRow {
 }
 
 /// Restores the newest backup four ways: the standard tools with and without fetching it from S3 first,
-/// and `ferry-agent restore` (which fetches, checks and restores in one go) with its scratch copy in memory and on disk.
+/// and `ferry-agent restore` (which fetches, checks and restores in one go) with its scratch copy in memory
+/// and on disk.
 fn bench_restore(ferry: &Ferry, gib: f64) -> Result<Vec<RestoreRow>> {
     let list: serde_json::Value = serde_json::from_str(&ferry.ctl(&["get", "etcdbackup", "-o", "json"], None)?)?;
     let key = list[0]["spec"]["snapshot"].as_str().context("snapshot key")?.to_string();
@@ -1164,7 +1165,7 @@ fn bench_restore(ferry: &Ferry, gib: f64) -> Result<Vec<RestoreRow>> {
     let zst = dir.join("backup.snapshot.zst");
     let db = dir.join("snapshot.db");
     let creds = ferry.dir.join("agent-creds");
-    // Alternating runs (the order flipping each time) so that drift on a shared machine hits both alike.
+    // The methods take turns, the order rotating each round, so that drift on a shared machine hits all alike.
     let runs: usize = std::env::var("FERRY_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     let (mut fetches, mut locals, mut cleanups) = (Vec::new(), Vec::new(), Vec::new());
     // `ferry-agent restore` as it chooses (in memory here) and with its scratch copy on disk.

@@ -9,7 +9,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use ferry_common::config::{create_private, create_private_dir};
+use ferry_common::config::{create_private, create_private_dir, create_private_replacing};
 use ferry_common::encryption::Identities;
 use ferry_common::resources::{validate_backup_id, validate_name};
 use ferry_common::resources::{EtcdBackupSpec, Timestamp};
@@ -321,11 +321,7 @@ fn write_manifest(dir: &Path, id: &str, m: &Manifest) -> Result<()> {
     let path = dir.join(format!("{id}{MANIFEST_SUFFIX}"));
     let tmp = dir.join(format!(".{id}{MANIFEST_SUFFIX}.tmp"));
     let body = serde_json::to_vec_pretty(m).map_err(|e| StoreError::Corrupt(format!("encode manifest: {e}")))?;
-    match fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(format!("remove {}", tmp.display()))(e)),
-        _ => {}
-    }
-    let mut f = create_private(&tmp).map_err(io(format!("create {}", tmp.display())))?;
+    let mut f = create_private_replacing(&tmp).map_err(io(format!("create {}", tmp.display())))?;
     f.write_all(&body).map_err(io(format!("write {}", tmp.display())))?;
     f.sync_all().map_err(io(format!("fsync {}", tmp.display())))?;
     fs::rename(&tmp, &path).map_err(io(format!("rename into {}", path.display())))?;
