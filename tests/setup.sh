@@ -8,7 +8,8 @@
 #   protobuf-compiler (etcd-client's build needs protoc), zstd, prometheus (promtool + a real Prometheus),
 #   age (the independent client for encrypted backups), faketime (agents with a skewed clock).
 # - etcd 3.5, the version Kubernetes runs: Debian trixie's etcd-server/etcd-client, fetched with
-#   `apt-get download` through a private sources list and unpacked with `dpkg-deb -x` into .tools/etcd-3.5
+#   `apt-get download` through a private sources list (the system's own Debian mirror, read from its apt
+#   sources, with the suite trixie) and unpacked with `dpkg-deb -x` into .tools/etcd-3.5
 #   in this checkout. Nothing is added to the system's sources and the system's etcd is left alone.
 # - cargo: s3s-fs (a real S3 server; pinned because the tests read its on-disk layout).
 # - pip: the aws CLI (an independent S3 client) and kubernetes-validate (checks deploy/kubernetes).
@@ -20,7 +21,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="$ROOT/.tools"
 ETCD35_DIR="$TOOLS/etcd-3.5"
-ETCD35_SUITE="deb http://deb.debian.org/debian trixie main"
+ETCD35_SUITE=trixie
 S3S_FS_VERSION=0.14.1
 what="${1:-all}"
 
@@ -42,6 +43,27 @@ apt_install() {
 }
 
 # --- etcd 3.5 from Debian trixie, unpacked into .tools ---------------------------------------------------
+# The system's own Debian mirror: the first URI of a Debian archive (not its security archive) in the apt
+# sources, one-line or deb822 form. Proxies and local mirrors keep working; no host is named here.
+debian_mirror() {
+    local files=() f
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+        [[ -f $f ]] && files+=("$f")
+    done
+    ((${#files[@]})) || return 1
+    # One awk, no pipe: under pipefail a reader that stops early would fail the writer with SIGPIPE.
+    awk '
+        function pick(u) { if (u ~ /\/debian\/?$/) { print u; found = 1; exit } }
+        /^[[:space:]]*#/ { next }
+        /^[[:space:]]*deb[[:space:]]/ {
+            for (i = 2; i <= NF; i++) if ($i ~ /:\/\//) { pick($i); break }
+            next
+        }
+        /^URIs:/ { for (i = 2; i <= NF; i++) pick($i) }
+        END { exit !found }
+    ' "${files[@]}"
+}
+
 etcd35() {
     if [[ -x "$ETCD35_DIR/usr/bin/etcdutl" ]] && "$ETCD35_DIR/usr/bin/etcd" --version 2>/dev/null | grep -q '^etcd Version: 3\.5\.'; then
         say "etcd 3.5 present: $("$ETCD35_DIR/usr/bin/etcd" --version | head -n 1)"
@@ -54,7 +76,9 @@ etcd35() {
     # _apt drops privileges to download; let it write into the private dirs.
     chmod 755 "$work"
     mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/debs" "$work/root"
-    echo "$ETCD35_SUITE" >"$work/sources.list"
+    local mirror
+    mirror="$(debian_mirror)" || { echo "setup: no Debian mirror in the system's apt sources (/etc/apt/sources.list, /etc/apt/sources.list.d/*): add one, or fetch etcd 3.5 by hand into $ETCD35_DIR" >&2; exit 1; }
+    echo "deb $mirror $ETCD35_SUITE main" >"$work/sources.list"
     local opts=(-o "Dir::Etc::sourcelist=$work/sources.list" -o "Dir::Etc::sourceparts=/dev/null"
         -o "Dir::State::Lists=$work/lists" -o "Dir::Cache=$work/cache" -o "APT::Sandbox::User=root")
     apt-get "${opts[@]}" update -q >"$work/update.log" 2>&1 || { cat "$work/update.log" >&2; exit 1; }

@@ -1,7 +1,8 @@
 //! Multipart upload of a compressed snapshot straight to S3, with presigned requests only.
 //!
 //! The coordinator created the upload; the agent holds no S3 credential. Before sending each part it asks
-//! the coordinator for a presigned `UploadPart` request for that part ([`JobMsg::PartUrl`]), valid for that
+//! the coordinator for a presigned `UploadPart` request for that part ([`JobMsg::PartUrl`]), announcing the
+//! part's size and digests, which the signature binds; the request is valid for those bytes as that
 //! one part of that one upload for a few minutes, and sends it through the SDK's HTTP stack. Parts are cut
 //! from the compressed stream as it arrives and uploaded with at most `parts_in_flight` at once; `write`
 //! waits when that many are in flight, which pushes back through the pipeline to the etcd reader. Memory is
@@ -14,7 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use ferry_common::presigned::PresignedClient;
 use ferry_common::protocol::{
-    expect_frame, write_frame, JobMsg, JobReply, PresignedRequest, S3Upload, UploadedPart, MAX_PARTS,
+    expect_frame, write_frame, JobMsg, JobReply, PartDigest, PresignedRequest, S3Upload, UploadedPart, MAX_PARTS,
 };
 use ferry_common::s3::{with_retries, S3Error, S3ErrorKind};
 use quinn::{RecvStream, SendStream};
@@ -37,8 +38,8 @@ pub struct JobLink<'a> {
 
 impl JobLink<'_> {
     /// The presigned request for part `number`.
-    async fn part_url(&mut self, number: u32) -> Result<PresignedRequest> {
-        write_frame(self.send, &JobMsg::PartUrl { number }).await.context("ask for a part URL")?;
+    async fn part_url(&mut self, number: u32, digest: PartDigest) -> Result<PresignedRequest> {
+        write_frame(self.send, &JobMsg::PartUrl { number, digest }).await.context("ask for a part URL")?;
         let reply: JobReply = tokio::time::timeout(PART_URL_WAIT, expect_frame(self.recv))
             .await
             .map_err(|_| {
@@ -111,7 +112,12 @@ impl MultipartUpload {
             bail!("the snapshot needs more than {MAX_PARTS} parts; raise --upload-part-size-mib on the coordinator");
         }
         self.next_part += 1;
-        let request = link.part_url(number).await?;
+        // The URL is signed for exactly these bytes, so the store refuses any others sent with it.
+        let hashed = body.clone();
+        let digest = tokio::task::spawn_blocking(move || PartDigest::of(&hashed))
+            .await
+            .map_err(|e| anyhow!("hash part {number}: {e}"))?;
+        let request = link.part_url(number, digest).await?;
         let (http, key, cancel) = (self.http.clone(), self.key.clone(), self.cancel.clone());
         let part_task = async move {
             let what = format!("upload part {number} of {key}");

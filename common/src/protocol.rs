@@ -35,7 +35,9 @@ use crate::resources::{Resource, ResourceType, Selector, Timestamp};
 ///    full admin certificates are recorded and revocable (`AdminCredentials`, `RevokeAdminCredentials`).
 /// 12: `SealedObject` carries the age object's size only: the agent no longer hashes the ciphertext, the
 ///    coordinator's commit check hashes the stored object itself.
-pub const PROTOCOL_VERSION: u32 = 12;
+/// 13: `JobMsg::PartUrl` announces the part's size and digests ([`PartDigest`]) before its URL is signed:
+///    they are bound into the signature and compared with what the store holds before the upload completes.
+pub const PROTOCOL_VERSION: u32 = 13;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
 pub const ALPN: &[u8] = b"ferry/1";
@@ -279,6 +281,25 @@ impl std::fmt::Debug for PresignedRequest {
     }
 }
 
+/// What an agent announces of a part before it may upload it: the URL it gets is signed for exactly these
+/// bytes (`Content-MD5`, `x-amz-checksum-sha256`, `Content-Length`), and the coordinator compares them with
+/// what the store holds before it completes the upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartDigest {
+    pub size: u64,
+    pub sha256: [u8; 32],
+    pub md5: [u8; 16],
+}
+
+impl PartDigest {
+    /// The digest of `part`.
+    pub fn of(part: &[u8]) -> Self {
+        use md5::Digest as _;
+        use sha2::Digest as _;
+        Self { size: part.len() as u64, sha256: sha2::Sha256::digest(part).into(), md5: md5::Md5::digest(part).into() }
+    }
+}
+
 /// A part the agent uploaded: its number and the ETag S3 answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadedPart {
@@ -399,9 +420,10 @@ pub enum JobMsg {
     Started(EtcdFacts),
     /// Stored snapshot bytes: zstd, or age over zstd (local store only).
     Data(Vec<u8>),
-    /// S3 only: a presigned `UploadPart` request for part `number` is wanted (answered by
-    /// [`JobReply::PartUrl`]). Asked for just before each part is sent, so it also shows byte progress.
-    PartUrl { number: u32 },
+    /// S3 only: a presigned `UploadPart` request for part `number`, whose bytes `digest` describes, is wanted
+    /// (answered by [`JobReply::PartUrl`]). Asked for just before each part is sent, so it also shows byte
+    /// progress. A part asked for again (its URL expired) must be announced with the same digest.
+    PartUrl { number: u32, digest: PartDigest },
     /// Raw snapshot bytes read from etcd so far.
     Progress { raw_bytes: u64 },
     /// Every byte is sent and etcd's trailing hash matched.

@@ -318,6 +318,10 @@ pub struct EtcdBackupStatusSpec {
     /// Member the latest (or running) backup was taken from.
     #[serde(default)]
     pub member: String,
+    /// What the running backup is waiting for (no agent of the cluster connected, e.g. while agents move to
+    /// a new coordinator leader); empty otherwise.
+    #[serde(default)]
+    pub waiting: String,
     /// The highest etcd revision an agent of this cluster reported (0: none yet); a restore is bumped
     /// above it so that Kubernetes' watch caches never see a revision twice.
     #[serde(default)]

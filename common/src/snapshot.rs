@@ -93,7 +93,9 @@ pub fn planned_bump(highest_seen: i64, snapshot_revision: i64) -> u64 {
     let floor = highest_seen.max(snapshot_revision).max(0);
     let margin = (floor / 100 * BUMP_MARGIN_PERCENT).max(BUMP_MARGIN_MIN);
     let target = floor.saturating_add(margin);
-    u64::try_from(target - snapshot_revision.max(0)).unwrap_or(0)
+    // Never less than the margin: a declared revision near i64::MAX saturates `target` and would leave a
+    // bump of 1, landing the restore far below what watchers saw.
+    u64::try_from(target - snapshot_revision.max(0)).unwrap_or(0).max(margin as u64)
 }
 
 /// The etcd revision bump of a restore.
@@ -1059,6 +1061,13 @@ mod tests {
             w.write(c)?;
         }
         w.finish()
+    }
+
+    #[test]
+    fn a_declared_revision_near_the_top_of_the_range_still_gets_the_whole_margin() {
+        assert!(planned_bump(1_000, i64::MAX - 1) >= BUMP_MARGIN_MIN as u64);
+        assert!(planned_bump(0, i64::MAX) >= BUMP_MARGIN_MIN as u64);
+        assert!(planned_bump(i64::MAX, 5) >= BUMP_MARGIN_MIN as u64);
     }
 
     #[test]

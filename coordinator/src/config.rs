@@ -37,7 +37,7 @@ impl Default for Settings {
             download_limit_bps: 0,
             bounds: Bounds::default(),
             max_concurrent_backups: 8,
-            byte_stall_timeout: crate::backup::BYTE_STALL_TIMEOUT,
+            byte_stall_timeout: crate::limits::BYTE_STALL_TIMEOUT,
             identities: None,
             drill_key_drop: Default::default(),
         }

@@ -12,7 +12,8 @@
 //! - [`schedule`]: the scheduler task, owner of its per-cluster state, fed by those outcomes;
 //! - [`net`] and [`api`]: the QUIC listener and the admin requests it serves;
 //! - [`leader`]: the election among replicas sharing a state etcd (only the leader runs the owners above);
-//! - [`cli`]: ferryctl's half (tables, cluster templates).
+//! - [`cli`]: ferryctl's half (tables, cluster templates);
+//! - [`limits`]: how long a backup may take (jobs, drills and the settings' defaults share it).
 //!
 //! Imports point one way: `schedule` → `backup` → {`store`, `status`, `agents`} → `state`; nothing below imports
 //! what is above it.
@@ -26,6 +27,7 @@ pub mod credentials;
 pub mod drill;
 pub mod encryption;
 pub mod leader;
+pub mod limits;
 pub mod metrics;
 pub mod net;
 pub mod pki;

@@ -60,6 +60,10 @@ pub struct Metrics {
     pub drill_key_drop: Family<ClusterLabels, Gauge>,
     pub member_diverged: Family<MemberLabels, Gauge>,
     pub member_check_unreachable: Family<ClusterLabels, Gauge>,
+    /// 1 when the latest member check compared hashes, 0 when it could not (the status says why).
+    pub member_check_compared: Family<ClusterLabels, Gauge>,
+    /// 1 while the member is out of rotation after refused backups (`backup::quarantine`).
+    pub member_out_of_rotation: Family<MemberLabels, Gauge>,
     /// The members with a `member_diverged` series, per cluster, so they can be removed.
     checked_members: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
 }
@@ -93,6 +97,8 @@ impl Default for Metrics {
             drill_key_drop: Family::default(),
             member_diverged: Family::default(),
             member_check_unreachable: Family::default(),
+            member_out_of_rotation: Family::default(),
+            member_check_compared: Family::default(),
             checked_members: Default::default(),
             registry: Registry::default(),
         };
@@ -195,6 +201,16 @@ impl Default for Metrics {
             "Members that did not answer the latest HashKV comparison before a backup",
             m.member_check_unreachable.clone(),
         );
+        registry.register(
+            "etcd_member_check_compared",
+            "1 when the latest check before a backup compared the members' HashKV, 0 when it could not (see membercheck in the status)",
+            m.member_check_compared.clone(),
+        );
+        registry.register(
+            "member_out_of_rotation",
+            "1 while the member is not chosen for backups because the store refused its last backups",
+            m.member_out_of_rotation.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -251,6 +267,7 @@ impl Metrics {
             &self.drill_failing,
             &self.drill_key_drop,
             &self.member_check_unreachable,
+            &self.member_check_compared,
         ] {
             family.remove(&l);
         }
@@ -274,8 +291,9 @@ impl Metrics {
 
     /// Records a member check: `members` (every member checked) with whether each diverged; series of members
     /// no longer checked go.
-    pub fn set_member_check(&self, cluster: &str, members: &[(String, bool)], unreachable: usize) {
+    pub fn set_member_check(&self, cluster: &str, members: &[(String, bool)], unreachable: usize, compared: bool) {
         self.clear_members(cluster);
+        self.member_check_compared.get_or_create(&Self::cluster(cluster)).set(i64::from(compared));
         for (member, diverged) in members {
             self.member_diverged.get_or_create(&Self::member(cluster, member)).set(i64::from(*diverged));
         }

@@ -9,7 +9,7 @@ use ferry_common::resources::{
     Spec, Timestamp, ENCRYPTION_CONFIG_ID, LABEL_CLUSTER, REDACTED, S3_CONFIG_ID,
 };
 use ferry_common::tls::Identity;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::backups::backup_resource;
 use super::{Api, ApiError};
@@ -229,12 +229,37 @@ impl Api {
             else {
                 return invalid("secretaccesskey is *** but no secret is stored yet; give the real secret");
             };
+            // A stored secret goes only where it went before: *** with another endpoint, bucket or key id would
+            // send it to whoever runs that endpoint.
+            let moved: Vec<&str> = [
+                ("endpoint", spec.endpoint != old.endpoint),
+                ("bucket", spec.bucket != old.bucket),
+                ("accesskeyid", spec.accesskeyid != old.accesskeyid),
+            ]
+            .into_iter()
+            .filter_map(|(field, changed)| changed.then_some(field))
+            .collect();
+            if !moved.is_empty() {
+                return invalid(format!(
+                    "the stored secrets are kept only for the same endpoint, bucket and key id, and this config \
+                     changes {}; give secretaccesskey (and sessiontoken, if any) in full instead of ***",
+                    moved.join(", ")
+                ));
+            }
             if spec.secretaccesskey == REDACTED {
                 spec.secretaccesskey = old.secretaccesskey;
             }
             if spec.sessiontoken == REDACTED {
                 spec.sessiontoken = old.sessiontoken;
             }
+        }
+        if spec.endpoint.trim_start().to_ascii_lowercase().starts_with("http://") {
+            // Allowed (test rigs, a store on the same host), but presigned URLs are bearer tokens on the wire.
+            warn!(
+                endpoint = %spec.endpoint,
+                "the S3 endpoint is plain http: the presigned URLs agents send to it can be read and replayed by \
+                 anyone on the path until they expire; use https"
+            );
         }
         let current_error = self.status.configuration_error()?;
         match self.store.check_s3_config(spec).await {
@@ -253,12 +278,13 @@ impl Api {
             return invalid(format!("spec.backupat.nanos must be 0, got {}; set backupat to whole seconds", at.nanos));
         }
         let now = Timestamp::now().seconds;
-        let skew = at.seconds - now;
-        if skew.abs() > MANUAL_BACKUP_WINDOW_SECS {
+        // i128: `seconds` near i64::MIN must not wrap to a skew of zero.
+        let skew = i128::from(at.seconds) - i128::from(now);
+        if skew.unsigned_abs() > MANUAL_BACKUP_WINDOW_SECS as u128 {
             return invalid(format!(
                 "spec.backupat.seconds {} is {}s {} the coordinator's clock; it must be within one minute of now ({now}): set it to the current time, e.g. $(date +%s)",
                 at.seconds,
-                skew.abs(),
+                skew.unsigned_abs(),
                 if skew < 0 { "behind" } else { "ahead of" },
             ));
         }

@@ -39,6 +39,11 @@ pub struct Divergence {
 }
 
 impl Divergence {
+    /// Whether any hashes were compared (a verdict, even a disagreement, rather than nothing asked or heard).
+    pub fn compared(&self) -> bool {
+        !self.agreeing.is_empty() || !self.diverged.is_empty()
+    }
+
     /// Whether `member` is excluded from backups.
     pub fn is_diverged(&self, member: &str) -> bool {
         self.diverged.iter().any(|(m, _)| m == member)
@@ -59,10 +64,15 @@ impl Divergence {
 
 /// Asks every agent in `agents` (the cluster's connected ones that reach etcd) and judges their answers.
 pub async fn check(agents: &[LiveAgent], cancel: &CancellationToken) -> Divergence {
-    let Some(mut revision) =
-        agents.iter().filter_map(|a| a.facts.as_ref().filter(|f| f.error.is_none()).map(|f| f.revision)).min()
+    // Revisions of 0 or below are no revision: one member saying 0 must not turn the check off for all.
+    let Some(mut revision) = agents
+        .iter()
+        .filter_map(|a| a.facts.as_ref().filter(|f| f.error.is_none()).map(|f| f.revision))
+        .filter(|r| *r > 0)
+        .min()
     else {
-        return Divergence::default();
+        let inconclusive = (!agents.is_empty()).then(|| "not compared: no member reported a revision above 0".into());
+        return Divergence { inconclusive, ..Default::default() };
     };
     let mut replies = Vec::new();
     for _ in 0..ROUNDS {

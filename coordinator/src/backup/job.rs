@@ -17,30 +17,22 @@ use super::divergence::{self, Divergence};
 use super::members::order_members;
 use super::Inner;
 use crate::agents::LiveAgent;
+use crate::limits::job_timeout;
 use crate::store::{Manifest, Pending, StoreError, UploadSettings};
 
 /// No message from the agent for this long aborts the job (it reports progress every second).
 const STALL_TIMEOUT: Duration = Duration::from_secs(90);
-/// No snapshot bytes for this long aborts the job, whatever progress messages say: data frames (local) or
-/// requests for the next part (S3, plus the time one part takes at the upload cap) are what count.
-pub const BYTE_STALL_TIMEOUT: Duration = Duration::from_secs(120);
-/// A DB size an agent reports above this is not believed when sizing the job's deadline (etcd's own hard
-/// limit on `--quota-backend-bytes` is 8 GiB; this leaves room).
-const MAX_BELIEVED_DB_SIZE: i64 = 64 << 30;
+/// How far a backup's declared revision may lie above the highest one the cluster's agents reported (they
+/// report every 10 s; writes in between raise it): half the restore's smallest bump margin, so a lying
+/// member can never take a restore below the revisions watchers saw.
+const REVISION_SLACK: i64 = ferry_common::snapshot::BUMP_MARGIN_MIN / 2;
+/// How long a backup waits for an agent of its cluster to (re)connect: agents move to a new leader within
+/// seconds of a failover, and a manual backup's request is good for a minute.
+const AGENT_WAIT: Duration = Duration::from_secs(60);
+/// How often it looks while it waits.
+const AGENT_POLL: Duration = Duration::from_millis(250);
 /// Status progress is written at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
-/// Every job gets at least this long, plus time for its DB size at `ASSUMED_RATE`.
-const JOB_TIMEOUT_BASE: Duration = Duration::from_secs(600);
-/// A pessimistic end-to-end rate for sizing job timeouts (bytes per second).
-const ASSUMED_RATE: u64 = 4 * 1024 * 1024;
-
-/// How long one job may take: generous for its DB size, so large clusters are not cut off.
-pub fn job_timeout(db_size: i64, upload_limit_bps: u64) -> Duration {
-    let rate = if upload_limit_bps > 0 { upload_limit_bps.min(ASSUMED_RATE) } else { ASSUMED_RATE };
-    // The agent reports the size: bounded, so a lying agent cannot hold a job slot for years.
-    let db_size = db_size.clamp(0, MAX_BELIEVED_DB_SIZE) as u64;
-    JOB_TIMEOUT_BASE + Duration::from_secs(db_size / rate.max(1))
-}
 
 /// How long a job may go without byte progress: for S3 one part at the upload cap on top.
 fn byte_stall_timeout(base: Duration, target: &BackupTarget, upload_limit_bps: u64) -> Duration {
@@ -55,7 +47,7 @@ fn byte_stall_timeout(base: Duration, target: &BackupTarget, upload_limit_bps: u
 /// Tries each candidate member in turn; fails only when every one failed.
 pub(super) async fn take_with_failover(inner: &Inner, cluster: &str) -> Result<Manifest> {
     let deps = &inner.deps;
-    let agents = deps.agents.live(cluster);
+    let agents = wait_for_agents(inner, cluster).await?;
     let reachable: Vec<LiveAgent> =
         agents.iter().filter(|a| a.facts.as_ref().is_some_and(|f| f.error.is_none())).cloned().collect();
     let check = divergence::check(&reachable, &inner.cancel).await;
@@ -65,7 +57,26 @@ pub(super) async fn take_with_failover(inner: &Inner, cluster: &str) -> Result<M
         .filter(|a| !check.is_diverged(&a.member))
         .filter_map(|a| a.facts.clone().map(|f| (a.member.clone(), f)))
         .collect();
-    let order = order_members(&facts, inner.rotation.next(cluster));
+    let mut order = order_members(&facts, inner.rotation.next(cluster));
+    let mut out = Vec::new();
+    order.retain(|m| match inner.quarantine.out_for(cluster, m) {
+        Some(left) => {
+            out.push(format!("{m} (for another {} min)", left.as_secs().div_ceil(60)));
+            false
+        }
+        None => {
+            deps.metrics.member_out_of_rotation.remove(&crate::metrics::Metrics::member(cluster, m));
+            true
+        }
+    });
+    if order.is_empty() && !out.is_empty() {
+        bail!(
+            "every member of cluster {cluster} that could back up is out of rotation after {} refused backups in a \
+             row: {} (a node sending backups the store refuses may be compromised; see the coordinator's log)",
+            super::quarantine::STRIKES,
+            out.join(", ")
+        );
+    }
     if order.is_empty() {
         if !check.diverged.is_empty() {
             bail!("no member of cluster {cluster} to back up from: {}", check.summary());
@@ -87,9 +98,24 @@ pub(super) async fn take_with_failover(inner: &Inner, cluster: &str) -> Result<M
         };
         deps.status.update(cluster, |s| s.member = member.clone())?;
         match take(inner, cluster, &agent).await {
-            Ok(m) => return Ok(m),
+            Ok(m) => {
+                inner.quarantine.committed(cluster, member);
+                return Ok(m);
+            }
             Err(e) => {
                 warn!(%member, "backup from this member failed: {e:#}");
+                if refused(&e) && inner.quarantine.refused(cluster, member) {
+                    warn!(
+                        %member,
+                        "out of rotation for {} min: the store refused its last {} backups",
+                        super::quarantine::OUT_FOR.as_secs() / 60,
+                        super::quarantine::STRIKES
+                    );
+                    deps.metrics
+                        .member_out_of_rotation
+                        .get_or_create(&crate::metrics::Metrics::member(cluster, member))
+                        .set(1);
+                }
                 failures.push(format!("{member}: {e:#}"));
             }
         }
@@ -97,12 +123,47 @@ pub(super) async fn take_with_failover(inner: &Inner, cluster: &str) -> Result<M
     bail!("the backup failed on every member: {}", failures.join("; "))
 }
 
+/// The cluster's live agents, once one is connected: a backup started while its agents are between
+/// coordinators (a leader just failed over, a coordinator just restarted) waits for them, up to
+/// [`AGENT_WAIT`], saying so in the status, rather than failing at once. Agents that are connected but cannot
+/// reach etcd are a real failure and are not waited for.
+async fn wait_for_agents(inner: &Inner, cluster: &str) -> Result<Vec<LiveAgent>> {
+    let deps = &inner.deps;
+    let deadline = tokio::time::Instant::now() + AGENT_WAIT;
+    let mut waited = false;
+    let agents = loop {
+        let agents = deps.agents.live(cluster);
+        if !agents.is_empty() || tokio::time::Instant::now() >= deadline {
+            break agents;
+        }
+        if !waited {
+            waited = true;
+            info!("no agent of the cluster is connected; waiting up to {}s for one", AGENT_WAIT.as_secs());
+            deps.status.update(cluster, |s| {
+                s.waiting = format!(
+                    "no agent of cluster {cluster} is connected (agents move to a new coordinator leader within \
+                     seconds); waiting up to {}s",
+                    AGENT_WAIT.as_secs()
+                )
+            })?;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(AGENT_POLL) => {}
+            () = inner.cancel.cancelled() => bail!("the coordinator is shutting down; the backup is cancelled"),
+        }
+    };
+    if waited {
+        deps.status.update(cluster, |s| s.waiting.clear())?;
+    }
+    Ok(agents)
+}
+
 /// Puts a member check into the cluster's status and metrics, and logs a divergence.
 fn record_member_check(inner: &Inner, cluster: &str, checked: &[LiveAgent], check: &Divergence) {
     let deps = &inner.deps;
     let members: Vec<(String, bool)> =
         checked.iter().map(|a| (a.member.clone(), check.is_diverged(&a.member))).collect();
-    deps.metrics.set_member_check(cluster, &members, check.unreachable.len());
+    deps.metrics.set_member_check(cluster, &members, check.unreachable.len(), check.compared());
     let summary = check.summary();
     if !summary.is_empty() {
         warn!(revision = check.revision, "members disagree: {summary}");
@@ -132,7 +193,8 @@ async fn take(inner: &Inner, cluster: &str, agent: &LiveAgent) -> Result<Manifes
     let member = agent.member.clone();
     let upload = UploadSettings { part_size: deps.settings.part_size, parts_in_flight: deps.settings.parts_in_flight };
     let mut pending = deps.store.begin(cluster, Timestamp::now(), upload, &inner.cancel).await?;
-    info!(%member, backup_id = %pending.id(), "backup started");
+    let backup_id = pending.id().to_string();
+    info!(%member, %backup_id, "backup started");
     let db_size = agent.facts.as_ref().map_or(0, |f| f.db_size);
     let limit = job_timeout(db_size, deps.settings.upload_limit_bps);
     let streamed = match tokio::time::timeout(limit, stream(inner, cluster, agent, &mut pending)).await {
@@ -149,9 +211,16 @@ async fn take(inner: &Inner, cluster: &str, agent: &LiveAgent) -> Result<Manifes
         }
     };
     let committed = commit_within(pending, spec, parts, &inner.cancel, COMMIT_TIMEOUT).await;
+    // The agent learns that it failed, never why: the reason names sizes and hashes the coordinator computed
+    // over what is stored, which would teach a lying agent what to declare next time.
     let reply = match &committed {
         Ok(_) => JobReply::Committed,
-        Err(e) => JobReply::Failed { error: format!("{e:#}") },
+        Err(_) => JobReply::Failed {
+            error: format!(
+                "the coordinator did not commit backup {backup_id}; the reason is in its status \
+                 (`ferryctl get etcdbackupstatus {cluster} -o yaml`) and log"
+            ),
+        },
     };
     write_frame(&mut send, &reply).await.ok();
     send.finish().ok();
@@ -234,7 +303,7 @@ async fn stream(
                     bytes_deadline = tokio::time::Instant::now() + byte_stall;
                 }
             }
-            JobMsg::PartUrl { number } => {
+            JobMsg::PartUrl { number, digest } => {
                 // Parts are asked for in order; a part may be asked for again (its URL expired), but not
                 // without end.
                 part_requests += 1;
@@ -245,7 +314,7 @@ async fn stream(
                     highest_part = number;
                     bytes_deadline = tokio::time::Instant::now() + byte_stall;
                 }
-                let request = pending.part_url(number).await.map_err(|e| wrong_path(e, member))?;
+                let request = pending.part_url(number, digest).await.map_err(|e| wrong_path(e, member))?;
                 write_frame(&mut send, &JobReply::PartUrl { number, request }).await.context("send part URL")?;
             }
             JobMsg::Progress { raw_bytes } => {
@@ -276,6 +345,16 @@ async fn stream(
                     (None, false) => bail!("agent {member} did not encrypt the backup although the job asked it to"),
                     (Some(_), true) => bail!("agent {member} encrypted a backup the job did not ask to encrypt"),
                 };
+                // The revision a restore bumps from: never above what the cluster's members reported.
+                if let Some((highest, _)) = deps.agents.highest_revision(cluster) {
+                    if f.revision > highest.saturating_add(REVISION_SLACK) {
+                        bail!(
+                            "agent {member} declared revision {} for its snapshot, more than {REVISION_SLACK} above \
+                             the highest revision cluster {cluster} was seen at ({highest}); not believed",
+                            f.revision
+                        );
+                    }
+                }
                 let spec = EtcdBackupSpec {
                     cluster: cluster.to_string(),
                     createdat,
@@ -313,6 +392,11 @@ async fn stream(
     }
 }
 
+/// Whether the store refused what the member sent (a strike against it), as opposed to failing to store it.
+fn refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| matches!(c.downcast_ref::<StoreError>(), Some(StoreError::Mismatch(_))))
+}
+
 /// An agent sent something its job's store does not take: the agent's fault, named.
 fn wrong_path(e: StoreError, member: &str) -> anyhow::Error {
     match e {
@@ -324,13 +408,6 @@ fn wrong_path(e: StoreError, member: &str) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn job_timeout_grows_with_db_size() {
-        assert_eq!(job_timeout(0, 0), JOB_TIMEOUT_BASE);
-        assert!(job_timeout(8 << 30, 0) > job_timeout(1 << 30, 0));
-        assert!(job_timeout(1 << 30, 1 << 20) > job_timeout(1 << 30, 0), "a bandwidth cap needs more time");
-    }
 
     /// The coordinator's side of the commit deadline: a store that never commits is given up on after the
     /// limit (in the daemon `COMMIT_TIMEOUT`, shorter than the agent's `COMMIT_REPLY_WAIT`), and what it had

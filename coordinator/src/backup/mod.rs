@@ -1,7 +1,8 @@
 //! Backup jobs: [`Jobs`] starts them (one per cluster at a time, at most `--max-concurrent-backups` at once),
 //! owns their task tracker and cancellation token, and reports every finished job — manual or scheduled — as
 //! a [`JobOutcome`] on a channel (the scheduler listens). The job itself is in [`job`], the choice of member
-//! in [`members`], what retention deletes afterwards in [`retention`].
+//! in [`members`] (members whose backups keep being refused are out, [`quarantine`]), what retention deletes
+//! afterwards in [`retention`].
 //!
 //! Shutdown is in three steps the daemon calls in order: [`Jobs::stop_starting`] (queued jobs give up, new ones
 //! are refused), [`Jobs::drain`] (running jobs get the grace period), [`Jobs::cancel`] (the rest are cancelled:
@@ -10,6 +11,7 @@
 pub mod divergence;
 mod job;
 pub mod members;
+pub mod quarantine;
 pub mod retention;
 
 use std::collections::HashSet;
@@ -22,7 +24,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, warn, Instrument};
 
-pub use self::job::{job_timeout, BYTE_STALL_TIMEOUT};
 use crate::agents::Agents;
 use crate::config::Settings;
 use crate::lock;
@@ -90,6 +91,8 @@ struct Inner {
     cancel: CancellationToken,
     outcomes: mpsc::UnboundedSender<JobOutcome>,
     rotation: members::Rotation,
+    /// Members whose backups the store keeps refusing.
+    quarantine: quarantine::Quarantine,
 }
 
 /// Marks a cluster as backing up; the mark is removed when this is dropped.
@@ -118,6 +121,7 @@ impl Jobs {
                 cancel: CancellationToken::new(),
                 outcomes,
                 rotation: members::Rotation::default(),
+                quarantine: quarantine::Quarantine::default(),
             }),
         }
     }

@@ -229,7 +229,7 @@ async fn restore_newest(deps: &DrillDeps, cluster: &str, cancel: &CancellationTo
     let Some(manifest) = newest.into_iter().next() else { return Ok(None) };
     let id = manifest.id.clone();
     info!(backup_id = %id, "restore drill started");
-    let limit = crate::backup::job_timeout(manifest.backup.rawsize.min(i64::MAX as u64) as i64, 0);
+    let limit = crate::limits::job_timeout(manifest.backup.rawsize.min(i64::MAX as u64) as i64, 0);
     match tokio::time::timeout(limit, restore(deps, &manifest, cancel)).await {
         Ok(Ok(r)) => Ok(Some((id, r))),
         Ok(Err(e)) => Err((id, e)),

@@ -4,7 +4,7 @@
 //! Layout under the prefix: `resources/<type>/<id>` (the JSON record, as in redb), `index/<entry>` (the label
 //! index, written in the same transactions), `blobs/<name>`, `records/<key>` (bookkeeping such as open
 //! multipart uploads), `meta/label-index` (set once the index covers
-//! every record), and the leader election's keys under `leader` (see [`crate::leader`]).
+//! every record), and the leader election's keys under `leader` (see the `leader` module).
 //!
 //! Fencing: once this replica has been elected, every write carries one more comparison — the term's election
 //! key still exists with the revision it was created at ([`EtcdStore::fence`]). A deposed leader (lease

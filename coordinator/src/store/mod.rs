@@ -14,7 +14,7 @@ mod s3;
 use std::sync::Arc;
 
 use ferry_common::encryption::Identities;
-use ferry_common::protocol::{BackupTarget, PresignedRequest, RestoreSource, UploadedPart};
+use ferry_common::protocol::{BackupTarget, PartDigest, PresignedRequest, RestoreSource, UploadedPart};
 use ferry_common::resources::{EtcdBackupS3ConfigSpec, EtcdBackupSpec, Timestamp};
 use ferry_common::s3::S3Error;
 use serde::{Deserialize, Serialize};
@@ -435,9 +435,9 @@ impl Pending {
     }
 
     /// A presigned `UploadPart` request for part `number` of this job's upload (S3).
-    pub async fn part_url(&self, number: u32) -> Result<PresignedRequest, StoreError> {
+    pub async fn part_url(&self, number: u32, digest: PartDigest) -> Result<PresignedRequest, StoreError> {
         match &self.kind {
-            PendingKind::S3(p) => p.part_url(number).await,
+            PendingKind::S3(p) => p.part_url(number, digest).await,
             PendingKind::Local(_) => Err(StoreError::WrongPath { store: "local", what: "a request for an S3 part" }),
         }
     }

@@ -14,8 +14,9 @@ use std::time::Duration;
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use base64::Engine as _;
 use ferry_common::encryption::Identities;
-use ferry_common::protocol::{PresignedRequest, S3Upload, UploadedPart, MAX_PARTS, PRESIGNED_EXPIRY};
+use ferry_common::protocol::{PartDigest, PresignedRequest, S3Upload, UploadedPart, MAX_PARTS, PRESIGNED_EXPIRY};
 use ferry_common::resources::{EtcdBackupS3ConfigSpec, EtcdBackupSpec, Timestamp};
 use ferry_common::s3::{self as common_s3, with_retries, S3Error, S3ErrorKind};
 use ferry_common::snapshot::{SnapshotError, StreamCheck};
@@ -27,6 +28,9 @@ use super::{
 };
 use crate::lock;
 use crate::state::StateStore;
+
+/// S3's smallest part but the last; agents never cut parts smaller than this, whatever the job says.
+const MIN_PART_SIZE: u64 = 5 << 20;
 
 /// How long `apply` waits for a new config's test listing.
 const VALIDATE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -247,6 +251,7 @@ impl S3Store {
             upload_id: Some(upload_id),
             target,
             opener: None,
+            announced: Mutex::new(HashMap::new()),
         })
     }
 
@@ -501,16 +506,38 @@ pub(super) struct PendingUpload {
     pub(super) target: S3Upload,
     /// The coordinator's identities, when they open this backup's recipients: the check opens the object.
     pub(super) opener: Option<Identities>,
+    /// What the agent announced of each part before its URL was signed: fixed at the first announcement.
+    announced: Mutex<HashMap<u32, PartDigest>>,
 }
 
 impl PendingUpload {
-    /// A presigned `UploadPart` request for part `number` of this upload (and nothing else).
-    pub(super) async fn part_url(&self, number: u32) -> Result<PresignedRequest, StoreError> {
+    /// A presigned `UploadPart` request for part `number` of this upload, signed for exactly the bytes `digest`
+    /// describes (`Content-MD5`, `x-amz-checksum-sha256` and `Content-Length` are signed headers), and
+    /// nothing else. A part asked for again keeps its first digest: one part number, one content.
+    pub(super) async fn part_url(&self, number: u32, digest: PartDigest) -> Result<PresignedRequest, StoreError> {
         if !(1..=MAX_PARTS).contains(&number) {
             return Err(StoreError::Mismatch(format!("part number {number} is outside 1..={MAX_PARTS}")));
         }
+        if digest.size == 0 || digest.size > self.target.part_size.max(MIN_PART_SIZE) {
+            return Err(StoreError::Mismatch(format!(
+                "part {number} is announced as {} bytes, outside 1..={} (the job's part size)",
+                digest.size, self.target.part_size
+            )));
+        }
+        match lock(&self.announced).entry(number) {
+            std::collections::hash_map::Entry::Occupied(first) if *first.get() != digest => {
+                return Err(StoreError::Mismatch(format!(
+                    "part {number} was announced again with other content; a part's content is fixed once announced"
+                )));
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {}
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(digest);
+            }
+        }
         let upload_id = self.upload_id.as_deref().ok_or_else(|| StoreError::Mismatch("no upload".into()))?;
         let bucket = &self.conn.spec.bucket;
+        let b64 = base64::engine::general_purpose::STANDARD;
         let p = self
             .conn
             .client
@@ -519,6 +546,9 @@ impl PendingUpload {
             .key(&self.key)
             .upload_id(upload_id)
             .part_number(number as i32)
+            .content_length(digest.size as i64)
+            .content_md5(b64.encode(digest.md5))
+            .checksum_sha256(b64.encode(digest.sha256))
             .presigned(presigning_config()?)
             .await
             .map_err(|e| {
@@ -527,6 +557,41 @@ impl PendingUpload {
         Ok(presigned(&p))
     }
 
+    /// Compares the parts the store holds with what the agent announced before each was signed: the same
+    /// numbers, sizes and, where the store reports them, MD5 ETags and SHA-256 checksums. A part written by
+    /// anything but the announced bytes (an `UploadPartCopy` smuggled onto a part's URL, on a server that does
+    /// not refuse unsigned `x-amz-*` headers) is refused here, before the upload is completed.
+    async fn check_stored_parts(&self, reported: usize, cancel: &CancellationToken) -> Result<(), StoreError> {
+        let conn = &self.conn;
+        let bucket = &conn.spec.bucket;
+        let upload_id = self.upload_id.as_deref().ok_or_else(|| StoreError::Mismatch("no upload".into()))?;
+        let what = format!("list the parts of s3://{bucket}/{}", self.key);
+        let mut stored = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let page = with_retries(cancel, &what, || async {
+                conn.client
+                    .list_parts()
+                    .bucket(bucket)
+                    .key(&self.key)
+                    .upload_id(upload_id)
+                    .set_part_number_marker(marker.clone())
+                    .send()
+                    .await
+                    .map_err(|e| S3Error::from_sdk(&what, bucket, &e))
+            })
+            .await?;
+            stored.extend(page.parts().iter().cloned());
+            match page.next_part_number_marker() {
+                Some(m) if page.is_truncated() == Some(true) && stored.len() <= MAX_PARTS as usize => {
+                    marker = Some(m.to_string())
+                }
+                _ => break,
+            }
+        }
+        let announced = lock(&self.announced).clone();
+        compare_parts(&announced, reported, &stored)
+    }
     /// Completes the upload with the agent's `parts`, checks the object (read back whole: sizes, hashes,
     /// etcd's trailing hash, bbolt's meta page) and writes its manifest. On failure the upload and object are
     /// discarded, so nothing unchecked or unlisted lingers.
@@ -570,6 +635,7 @@ impl PendingUpload {
                 parts.len()
             )));
         }
+        self.check_stored_parts(parts.len(), cancel).await?;
         let parts: Vec<CompletedPart> = parts
             .into_iter()
             .map(|p| CompletedPart::builder().part_number(p.number as i32).e_tag(p.etag).build())
@@ -677,6 +743,56 @@ impl PendingUpload {
     }
 }
 
+/// What [`PendingUpload::check_stored_parts`] decides, apart from S3: parts `1..=reported` were each
+/// announced, and each stored part is one of them with the announced size, and the announced MD5 or SHA-256
+/// wherever the store reports an MD5 ETag or a SHA-256 checksum. Part numbers are all the agent learns of a
+/// mismatch; the stored values go to the log only.
+fn compare_parts(
+    announced: &HashMap<u32, PartDigest>,
+    reported: usize,
+    stored: &[aws_sdk_s3::types::Part],
+) -> Result<(), StoreError> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut seen = std::collections::BTreeSet::new();
+    for part in stored {
+        let number = part.part_number().and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+        let Some(want) = announced.get(&number) else {
+            warn!(number, "the store holds a part that was never announced");
+            return Err(StoreError::Mismatch(format!("the store holds part {number}, which was never announced")));
+        };
+        let mut differs = Vec::new();
+        if part.size() != Some(want.size as i64) {
+            differs.push(format!("size {:?}, announced {}", part.size(), want.size));
+        }
+        let etag = part.e_tag().unwrap_or_default().trim_matches('"');
+        // An MD5 ETag (single-part upload semantics; not under SSE-KMS, where ETags are opaque).
+        if etag.len() == 32
+            && etag.bytes().all(|b| b.is_ascii_hexdigit())
+            && !etag.eq_ignore_ascii_case(&hex::encode(want.md5))
+        {
+            differs.push(format!("ETag {etag}, announced MD5 {}", hex::encode(want.md5)));
+        }
+        if let Some(sum) = part.checksum_sha256() {
+            if sum != b64.encode(want.sha256) {
+                differs.push(format!("SHA-256 {sum}, announced {}", b64.encode(want.sha256)));
+            }
+        }
+        if !differs.is_empty() {
+            warn!(number, "a stored part is not what the agent announced: {}", differs.join(", "));
+            return Err(StoreError::Mismatch(format!("stored part {number} is not the part the agent announced")));
+        }
+        seen.insert(number);
+    }
+    let expected: std::collections::BTreeSet<u32> = (1..=reported as u32).collect();
+    if seen != expected {
+        return Err(StoreError::Mismatch(format!(
+            "the store holds {} of the {reported} parts the agent reported",
+            seen.intersection(&expected).count()
+        )));
+    }
+    Ok(())
+}
+
 /// The key prefix with one trailing slash, or empty.
 fn prefix(spec: &EtcdBackupS3ConfigSpec) -> String {
     let p = spec.prefix.trim_matches('/');
@@ -684,5 +800,63 @@ fn prefix(spec: &EtcdBackupS3ConfigSpec) -> String {
         String::new()
     } else {
         format!("{p}/")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_s3::types::Part;
+
+    use super::*;
+
+    fn stored(number: i32, bytes: &[u8]) -> Part {
+        let d = PartDigest::of(bytes);
+        Part::builder()
+            .part_number(number)
+            .size(bytes.len() as i64)
+            .e_tag(format!("\"{}\"", hex::encode(d.md5)))
+            .build()
+    }
+
+    /// The comparison before completing an upload: the stored parts must be exactly the announced ones.
+    #[test]
+    fn only_the_announced_parts_pass_the_comparison() {
+        let (one, two) = (vec![1u8; 100], vec![2u8; 50]);
+        let announced: HashMap<u32, PartDigest> = [(1, PartDigest::of(&one)), (2, PartDigest::of(&two))].into();
+        compare_parts(&announced, 2, &[stored(2, &two), stored(1, &one)]).unwrap();
+
+        // A copy of something else: another size and MD5 (s3s-fs reports sizes only: the size alone refuses it).
+        let foreign = vec![9u8; 4096];
+        let copy = stored(1, &foreign);
+        assert!(compare_parts(&announced, 2, &[copy.clone(), stored(2, &two)]).is_err());
+        let size_only = Part::builder().part_number(1).size(foreign.len() as i64).build();
+        assert!(compare_parts(&announced, 2, &[size_only, stored(2, &two)]).is_err());
+        // Same size, other bytes: the MD5 ETag refuses it.
+        let same_size = vec![3u8; 100];
+        assert!(compare_parts(&announced, 2, &[stored(1, &same_size), stored(2, &two)]).is_err());
+        // ... and where the store reports SHA-256 but an opaque ETag (SSE-KMS), the checksum does.
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let opaque = Part::builder()
+            .part_number(1)
+            .size(100)
+            .e_tag("\"opaque-kms-etag\"")
+            .checksum_sha256(b64.encode(PartDigest::of(&same_size).sha256))
+            .build();
+        assert!(compare_parts(&announced, 2, &[opaque, stored(2, &two)]).is_err());
+        let opaque_ok = Part::builder()
+            .part_number(1)
+            .size(100)
+            .e_tag("\"opaque\"")
+            .checksum_sha256(b64.encode(announced[&1].sha256))
+            .build();
+        compare_parts(&announced, 2, &[opaque_ok, stored(2, &two)]).unwrap();
+
+        // A part never announced, a part missing, a reported count beyond what is stored.
+        assert!(compare_parts(&announced, 2, &[stored(1, &one), stored(2, &two), stored(3, &two)]).is_err());
+        assert!(compare_parts(&announced, 2, &[stored(1, &one)]).is_err());
+        assert!(compare_parts(&announced, 1, &[stored(1, &one), stored(2, &two)]).is_err());
+        // What the agent may learn names the part, never a stored size or hash.
+        let e = compare_parts(&announced, 2, &[copy, stored(2, &two)]).unwrap_err().to_string();
+        assert!(!e.contains("4096") && !e.contains(&hex::encode(PartDigest::of(&foreign).md5)), "{e}");
     }
 }

@@ -19,7 +19,7 @@ use ferry_common::config::AgentCredentials;
 use ferry_common::presigned::PresignedClient;
 use ferry_common::protocol::{
     expect_frame, read_frame, write_frame, AdminRequest, AdminResponse, BackupSummary, BackupTarget, EtcdFacts, JobMsg,
-    JobReply, JobRequest, PresignedRequest, RestoreSource,
+    JobReply, JobRequest, PartDigest, PresignedRequest, RestoreSource, UploadedPart,
 };
 use ferry_common::resources::Timestamp;
 use ferry_common::s3::S3ErrorKind;
@@ -121,12 +121,13 @@ async fn s3_presigned_requests_an_agent_gets_reach_no_other_object() -> anyhow::
     let BackupTarget::S3(upload) = &b.target else { anyhow::bail!("an S3 job expected: {:?}", job.request) };
     let own_key = upload.key.clone();
     write_frame(&mut job.send, &JobMsg::Started(sane_facts(1))).await?;
-    write_frame(&mut job.send, &JobMsg::PartUrl { number: 1 }).await?;
+    let own_part = Bytes::from(vec![7u8; 1024]);
+    write_frame(&mut job.send, &JobMsg::PartUrl { number: 1, digest: PartDigest::of(&own_part) }).await?;
     let reply: JobReply = expect_frame(&mut job.recv).await?;
     received.push_str(&serde_json::to_string(&reply)?);
     let JobReply::PartUrl { request: part, .. } = reply else { anyhow::bail!("a part URL expected: {reply:?}") };
-    // What the agent got works for what it is for: this one part of this one upload.
-    http.send(&part, Bytes::from(vec![7u8; 1024]), "upload part 1 as given").await?;
+    // What the agent got works for what it is for: these bytes as this one part of this one upload.
+    http.send(&part, own_part, "upload part 1 as given").await?;
     let own_path = format!("{TEST_BUCKET}/{own_key}");
     let attempts = [
         ("read the object being uploaded", retarget(&part, &origin, "GET", &own_path)),
@@ -208,11 +209,16 @@ async fn what_a_hostile_agent_says_neither_picks_it_nor_dates_commits_or_holds_a
     // A stolen node of prod claims the highest possible applied index and a leader no one else names.
     let liar_creds = coordinator.issue_agent_credentials("prod", "m9").await?;
     let mut liar = HostileAgent::connect(&coordinator, &liar_creds).await?;
-    liar.report(EtcdFacts { raft_applied_index: u64::MAX, leader: false, leader_id: 4242, ..sane_facts(999) }).await?;
+    // It also reports revision 0, which once turned the member check off for the whole cluster (issue 26).
+    let lie =
+        EtcdFacts { raft_applied_index: u64::MAX, leader: false, leader_id: 4242, revision: 0, ..sane_facts(999) };
+    liar.report(lie).await?;
     coordinator.wait_agents_connected("prod", &["m1", "m9"], BACKUP_TIMEOUT).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let status = backup_ok(&coordinator, "prod").await?;
     assert_eq!(status["member"], "m1", "the honest member is chosen: {status:#}");
+    let check = &status["membercheck"];
+    assert!(check["revision"].as_i64().unwrap_or_default() > 0, "the members were compared despite a 0: {status:#}");
     assert!(!liar.got_a_job_within(Duration::from_millis(500)).await, "the liar was sent a job");
 
     // A stolen node of "evil" sends bytes with a correct trailing sha256 that are no etcd snapshot.
@@ -227,9 +233,13 @@ async fn what_a_hostile_agent_says_neither_picks_it_nor_dates_commits_or_holds_a
     let far_future = Timestamp { seconds: 568_971_849_600, nanos: 0 }; // year 20000
     let reply = send_backup(&coordinator, &evil, &junk, far_future).await?;
     assert!(
-        matches!(&reply, JobReply::Failed { error } if error.contains("not an etcd")),
+        matches!(&reply, JobReply::Failed { .. }),
         "junk with a correct trailing hash must not be committed: {reply:?}"
     );
+    // Why goes to the status and the log, not to the agent.
+    let status = coordinator.backup_status("evil").await?;
+    assert!(status["error"].as_str().unwrap_or_default().contains("not an etcd"), "{status:#}");
+    assert!(!format!("{reply:?}").contains("not an etcd"), "the agent is told why: {reply:?}");
     assert!(coordinator.backups("evil").await?.is_empty(), "junk was listed as a backup");
 
     // A real snapshot, dated year 20000 by the agent: committed, dated by the coordinator's clock.
@@ -245,6 +255,17 @@ async fn what_a_hostile_agent_says_neither_picks_it_nor_dates_commits_or_holds_a
     for args in [&["get", "etcdbackup"][..], &["get", "etcdbackupstatus"]] {
         coordinator.ctl().run(args).await?.ok().context("ferryctl shows year-20000 times")?;
     }
+
+    // The same snapshot declared at revision i64::MAX - 1 (a restore bumping from it would add 1 and land far
+    // below what watchers saw): not believed, nothing committed.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let previous = coordinator.backup_status("evil").await?;
+    let lying = EtcdFacts { revision: i64::MAX - 1, ..sane_facts(1) };
+    let reply = send_backup_as(&coordinator, &evil, &snapshot, Timestamp::now(), lying).await;
+    assert!(!matches!(reply, Ok(JobReply::Committed)), "a revision above the cluster's was committed");
+    let status = coordinator.wait_next_backup_status("evil", &previous, BACKUP_TIMEOUT).await?;
+    assert!(status["error"].as_str().unwrap_or_default().contains("not believed"), "{status:#}");
+    assert_eq!(coordinator.backups("evil").await?.len(), 1, "only the honest backup is listed");
 
     // Progress messages without bytes do not keep a job alive.
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -273,6 +294,127 @@ async fn what_a_hostile_agent_says_neither_picks_it_nor_dates_commits_or_holds_a
     Ok(())
 }
 
+/// The critical finding of the hostile review (issue 26): a part's presigned URL, sent with an unsigned
+/// `x-amz-copy-source` header, is an `UploadPartCopy` of any object on servers that do not refuse unsigned
+/// `x-amz-*` headers (s3s-fs executes it). A stolen node of "evil" copies alpha's backup into its own upload
+/// and declares it exactly as alpha's manifest describes it (the attacker is given every hash and size):
+/// nothing is committed, the agent's failure replies carry none of what the coordinator computed, and after
+/// three refused backups the member is out of rotation with its alert metric set.
+#[tokio::test]
+async fn a_part_url_turned_into_a_copy_of_another_clusters_backup_commits_nothing() -> anyhow::Result<()> {
+    let s3 = S3Server::start().await?;
+    let etcd = EtcdCluster::start(1).await?;
+    etcd.put_keys(100).await?;
+    let metrics_port = crate::fixtures::ports::free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let options = CoordinatorOptions::s3(&["--upload-part-size-mib", "5", "--metrics-listen", &metrics]);
+    let coordinator = Coordinator::start_s3(&s3, options).await?;
+    let _alpha = coordinator.start_agents("alpha", &etcd).await?;
+    backup_ok(&coordinator, "alpha").await?;
+    let alpha = coordinator.backups("alpha").await?[0]["spec"].clone();
+    let alpha_object = alpha["snapshot"].as_str().context("alpha's snapshot key")?.to_owned();
+    let before = bucket_digest(&s3).await?;
+    let http = PresignedClient::new("")?;
+    let hash = |field: &str| -> anyhow::Result<[u8; 32]> {
+        let h = hex::decode(alpha[field].as_str().unwrap_or_default())?;
+        h.try_into().map_err(|_| anyhow::anyhow!("alpha's {field} is not a sha256: {alpha:#}"))
+    };
+    let secrets = [alpha["sha256"].as_str(), alpha["rawsha256"].as_str()].map(|s| s.unwrap_or("none").to_owned());
+
+    let evil_creds = coordinator.issue_agent_credentials("evil", "m1").await?;
+    let mut evil = HostileAgent::connect(&coordinator, &evil_creds).await?;
+    evil.report(sane_facts(1)).await?;
+    coordinator.wait_agents_connected("evil", &["m1"], BACKUP_TIMEOUT).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut copies_executed = 0;
+    for attempt in 1..=quarantine_strikes() {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let previous = coordinator.backup_status("evil").await.unwrap_or_default();
+        coordinator.manual_backup("evil").await?;
+        let mut job = evil.next_job(BACKUP_TIMEOUT).await?;
+        write_frame(&mut job.send, &JobMsg::Started(sane_facts(1))).await?;
+        let own_part = Bytes::from(vec![attempt as u8; 1024]);
+        write_frame(&mut job.send, &JobMsg::PartUrl { number: 1, digest: PartDigest::of(&own_part) }).await?;
+        let reply: JobReply = expect_frame(&mut job.recv).await?;
+        let JobReply::PartUrl { request: mut part, .. } = reply else {
+            anyhow::bail!("a part URL expected: {reply:?}")
+        };
+        // The signed request, plus an unsigned header that makes it a copy of alpha's backup.
+        part.headers.push(("x-amz-copy-source".into(), format!("/{TEST_BUCKET}/{alpha_object}")));
+        let etag = match http.send(&part, own_part, "copy alpha's backup through a part URL").await {
+            Ok(r) => {
+                copies_executed += 1;
+                let body = r.into_body().collect().await?.into_bytes();
+                let body = String::from_utf8_lossy(&body).into_owned();
+                body.split_once("<ETag>")
+                    .and_then(|(_, r)| r.split_once("</ETag>"))
+                    .map_or(String::new(), |(e, _)| e.replace("&quot;", "\""))
+            }
+            Err(e) => {
+                assert!(matches!(e.kind, S3ErrorKind::AccessDenied | S3ErrorKind::BadSignature), "{e}");
+                String::new()
+            }
+        };
+        let summary = BackupSummary {
+            raw_size: alpha["rawsize"].as_u64().unwrap_or_default(),
+            raw_sha256: hash("rawsha256")?,
+            compressed_size: alpha["size"].as_u64().unwrap_or_default(),
+            compressed_sha256: hash("sha256")?,
+            zstd_level: 3,
+            started_at: Timestamp::now(),
+            finished_at: Timestamp::now(),
+            parts: vec![UploadedPart { number: 1, etag }],
+            sealed: None,
+        };
+        write_frame(&mut job.send, &JobMsg::Finished(summary)).await?;
+        let reply: JobReply = expect_frame(&mut job.recv).await?;
+        let JobReply::Failed { error } = &reply else {
+            anyhow::bail!("alpha's backup was committed as evil's: {reply:?}")
+        };
+        for secret in &secrets {
+            assert!(
+                !error.contains(secret.as_str()),
+                "the failure reply names a hash the coordinator computed: {error}"
+            );
+        }
+        assert!(!error.contains("bytes"), "the failure reply names a size: {error}");
+        let status = coordinator.wait_next_backup_status("evil", &previous, BACKUP_TIMEOUT).await?;
+        assert_eq!(status["status"], STATUS_ERROR, "{status:#}");
+        let why = status["error"].as_str().unwrap_or_default();
+        assert!(why.contains("not the part the agent announced"), "the stored parts were compared: {status:#}");
+    }
+    // s3s-fs executes the copy; were it refused (as AWS S3 refuses unsigned x-amz-* headers), the stored part
+    // would be missing and the comparison would refuse it as well.
+    println!("copies the S3 server executed: {copies_executed}");
+    assert!(coordinator.backups("evil").await?.is_empty(), "something was committed for evil");
+
+    // Three refusals in a row: the member is out of rotation, and says so.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let previous = coordinator.backup_status("evil").await?;
+    coordinator.manual_backup("evil").await?;
+    let status = coordinator.wait_next_backup_status("evil", &previous, BACKUP_TIMEOUT).await?;
+    assert!(status["error"].as_str().unwrap_or_default().contains("out of rotation"), "{status:#}");
+    assert!(!evil.got_a_job_within(Duration::from_millis(500)).await, "a member out of rotation was sent a job");
+    let (_, text) = crate::observe::http_get(metrics_port, "/metrics")?;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ferry_member_out_of_rotation{") && l.contains("\"evil\"") && l.ends_with(" 1")),
+        "ferry_member_out_of_rotation is 1 for evil/m1:\n{text}"
+    );
+    poll_until("evil's uploads to be aborted", BACKUP_TIMEOUT, Duration::from_millis(250), || async {
+        Ok(s3.leftover_uploads().is_empty().then_some(()))
+    })
+    .await?;
+    assert_eq!(bucket_digest(&s3).await?, before, "the bucket changed (alpha's backup, or something of evil's)");
+    evil.close().await;
+    Ok(())
+}
+
+/// Refused backups in a row that take a member out of rotation (the coordinator's `quarantine::STRIKES`).
+fn quarantine_strikes() -> u32 {
+    3
+}
+
 /// Asks for a backup of "evil", plays its agent sending `raw` (compressed) with lying dates, returns the verdict.
 async fn send_backup(
     coordinator: &Coordinator,
@@ -280,9 +422,20 @@ async fn send_backup(
     raw: &[u8],
     dated: Timestamp,
 ) -> anyhow::Result<JobReply> {
+    send_backup_as(coordinator, evil, raw, dated, sane_facts(1)).await
+}
+
+/// [`send_backup`] with `facts` as the snapshot's facts at its start.
+async fn send_backup_as(
+    coordinator: &Coordinator,
+    evil: &HostileAgent,
+    raw: &[u8],
+    dated: Timestamp,
+    facts: EtcdFacts,
+) -> anyhow::Result<JobReply> {
     coordinator.manual_backup("evil").await?;
     let mut job = evil.next_job(BACKUP_TIMEOUT).await?;
-    write_frame(&mut job.send, &JobMsg::Started(sane_facts(1))).await?;
+    write_frame(&mut job.send, &JobMsg::Started(facts)).await?;
     let stored = zstd::encode_all(raw, 3)?;
     for chunk in stored.chunks(256 * 1024) {
         write_frame(&mut job.send, &JobMsg::Data(chunk.to_vec())).await?;

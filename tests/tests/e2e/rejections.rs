@@ -40,9 +40,12 @@ async fn assert_no_manual_backup_stored(coordinator: &Coordinator, cluster: &str
 #[tokio::test]
 async fn manual_backup_outside_one_minute_is_rejected() -> anyhow::Result<()> {
     let (_etcd, coordinator, _agents) = coordinator_with_cluster().await?;
-    for (what, offset) in [("2 minutes old", -120), ("2 minutes ahead", 120)] {
-        let out = coordinator.ctl().apply_yaml(&manual_backup_yaml(CLUSTER, unix_now() + offset, 0)).await?;
-        assert!(!out.success(), "a backupat {what} must be rejected");
+    let now = unix_now();
+    // i64::MIN + now: a skew that overflowed to "0 s away" once (issue 26); ± a few seconds of clock between.
+    let near_min = (-3..=3).map(|d| ("i64::MIN seconds after now", i64::MIN + now + d));
+    for (what, seconds) in [("2 minutes old", now - 120), ("2 minutes ahead", now + 120)].into_iter().chain(near_min) {
+        let out = coordinator.ctl().apply_yaml(&manual_backup_yaml(CLUSTER, seconds, 0)).await?;
+        assert!(!out.success(), "a backupat {what} ({seconds}) must be rejected");
         assert_cli_error(&out, &["minute"]);
     }
     assert_no_manual_backup_stored(&coordinator, CLUSTER).await

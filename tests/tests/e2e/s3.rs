@@ -187,6 +187,22 @@ async fn s3_config_errors_are_each_named_and_keep_the_old_config() -> anyhow::Re
     assert_eq!(kept["prefix"], "elsewhere", "{kept:#}");
     assert_eq!(kept["secretaccesskey"], "***", "{kept:#}");
 
+    // `***` never takes the stored secret to another endpoint, bucket or key id (issue 26): it would be sent to
+    // whoever answers there. Refused before any request, the stored config unchanged.
+    let redacted = || S3Config { secret_access_key: "***".to_owned(), ..s3.config() };
+    let moves = [
+        ("endpoint", S3Config { endpoint: "http://127.0.0.1:9".to_owned(), ..redacted() }),
+        ("bucket", S3Config { bucket: "another-bucket".to_owned(), ..redacted() }),
+        ("accesskeyid", S3Config { access_key_id: "ANOTHERKEYID".to_owned(), ..redacted() }),
+    ];
+    for (field, moved) in moves {
+        let out = ctl.apply_yaml(&moved.to_yaml()).await?;
+        assert_one_line_error(&out, field);
+        assert_one_line_error(&out, "in full instead of ***");
+        outputs.push(out);
+    }
+    assert_eq!(ctl.get_json(S3_CONFIG_TYPE, Some(S3_CONFIG_ID)).await?["spec"], kept, "the stored config changed");
+
     for format in ["json", "yaml"] {
         outputs.push(ctl.run(&["get", S3_CONFIG_TYPE, "-o", format]).await?.ok()?);
     }
