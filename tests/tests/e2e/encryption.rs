@@ -388,29 +388,30 @@ async fn a_coordinator_holding_the_identity_refuses_junk_a_wrong_snapshot_or_ano
         ("another snapshot sealed to the recipient", &other, &recipient, "decompressed snapshot"),
         ("the snapshot sealed to another key", &zstd, &stranger, "not encrypted to the backup's recipients"),
     ];
-    let mut previous: Option<Value> = None;
-    for (what, sealed, to, refusal) in cases {
-        let (asked, reply) = hostile_sealed_backup(&coordinator, &evil, sealed, &snapshot, to).await?;
-        assert_eq!(asked, [recipient.as_str()], "the cluster's own recipient is in its manual backup's job");
-        assert!(matches!(&reply, JobReply::Failed { error } if error.contains(refusal)), "{what}: {reply:?}");
-        let status = match &previous {
-            None => coordinator.wait_backup_status("evil", HOSTILE_TIMEOUT).await?,
-            Some(p) => coordinator.wait_next_backup_status("evil", p, HOSTILE_TIMEOUT).await?,
-        };
-        assert!(status["error"].as_str().is_some_and(|e| e.contains(refusal)), "{what}: {status:#}");
-        assert!(coordinator.backups("evil").await?.is_empty(), "{what} was listed");
-        previous = Some(status);
-        // Manual backups are named by the second they are asked for.
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-    }
-    assert!(std::fs::read_dir(coordinator.store_dir().join("evil"))?.next().is_none(), "nothing left behind");
-
-    // The snapshot it describes, sealed to the recipient: opened, checked whole, listed.
+    // The snapshot it describes, sealed to the recipient: opened, checked whole, listed. First: three refusals
+    // in a row take the member out of rotation (issue 26), so the honest commit cannot come after them.
     let (_, reply) = hostile_sealed_backup(&coordinator, &evil, &zstd, &snapshot, &recipient).await?;
     assert!(matches!(reply, JobReply::Committed), "{reply:?}");
     let backups = coordinator.backups("evil").await?;
     assert_eq!(backups.len(), 1);
     assert_eq!(recipients_of(&backups[0]["spec"]), [recipient.as_str()]);
+    let stored_before = std::fs::read_dir(coordinator.store_dir().join("evil"))?.count();
+    let mut previous = coordinator.wait_backup_status("evil", HOSTILE_TIMEOUT).await?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for (what, sealed, to, refusal) in cases {
+        let (asked, reply) = hostile_sealed_backup(&coordinator, &evil, sealed, &snapshot, to).await?;
+        assert_eq!(asked, [recipient.as_str()], "the cluster's own recipient is in its manual backup's job");
+        // Refused, and the agent is not told why (that would teach it what to send): the status is.
+        assert!(matches!(&reply, JobReply::Failed { error } if !error.contains(refusal)), "{what}: {reply:?}");
+        let status = coordinator.wait_next_backup_status("evil", &previous, HOSTILE_TIMEOUT).await?;
+        assert!(status["error"].as_str().is_some_and(|e| e.contains(refusal)), "{what}: {status:#}");
+        assert_eq!(coordinator.backups("evil").await?.len(), 1, "{what} was listed");
+        previous = status;
+        // Manual backups are named by the second they are asked for.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    let stored = std::fs::read_dir(coordinator.store_dir().join("evil"))?.count();
+    assert_eq!(stored, stored_before, "the refused backups left something behind");
     evil.close().await;
     assert_no_unexpected_errors(
         coordinator.log_path(),

@@ -23,7 +23,7 @@ use crate::observe::http_get;
 const ELECTION: &str = "/ferry/leader";
 /// What the issue asks of a failover.
 const TAKEOVER: Duration = Duration::from_secs(15);
-/// Agents of a SIGKILLed leader are on the new one within this (their links time out after 9 s of silence).
+/// Agents of a SIGKILLed leader are on the new one within this (their links time out after 4 s of silence).
 const AGENTS_BACK: Duration = Duration::from_secs(15);
 const MIB: usize = 1024 * 1024;
 
@@ -183,6 +183,45 @@ async fn killing_the_leader_mid_backup_and_after_a_scheduled_backup_loses_and_du
     .with_context(|| format!("leader log:\n{}", log_tail(replicas[survivor].log_path(), 40)))?;
     let ids: HashSet<&str> = two.iter().filter_map(|b| b["metadata"]["id"].as_str()).collect();
     assert_eq!((two.len(), ids.len()), (2, 2), "two distinct scheduled backups: {two:#?}");
+    Ok(())
+}
+
+/// Issue 27: failover nobody notices. With every agent on the leader, the leader is SIGKILLed and, as soon as
+/// a new one is elected, `ferryctl backup now --wait` is run through each survivor in turn, without waiting
+/// for the agents: each backup waits for them (status `waiting`) instead of failing with "no agent … is
+/// connected", succeeds, and is listed exactly once.
+#[tokio::test]
+async fn a_backup_asked_for_right_after_the_leader_died_waits_for_its_agents_and_succeeds() -> anyhow::Result<()> {
+    let s3 = S3Server::start().await?;
+    let state = EtcdCluster::start(3).await?;
+    let alpha = EtcdCluster::start(3).await?;
+    alpha.put_keys(500).await?;
+    let (mut replicas, addresses) = start_replicas(&s3, &state, &["--min-backup-interval", "1s"]).await?;
+    let first = wait_new_leader(&state, None, TAKEOVER).await?;
+    let dead = index_of(&addresses, &first)?;
+    let _agents = replicas[dead].start_agents("alpha", &alpha).await?;
+    replicas[dead].wait_agents_connected("alpha", &["m1", "m2", "m3"], Duration::from_secs(60)).await?;
+    replicas[dead].kill();
+    let killed_at = Instant::now();
+    let second = wait_new_leader(&state, Some(&first), TAKEOVER).await?;
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != dead).collect();
+    for (n, &through) in survivors.iter().enumerate() {
+        let before = unix_now();
+        while unix_now() <= before {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let out = replicas[through].ctl().run(&["backup", "now", "alpha", "--wait", "--timeout", "120s"]).await?;
+        println!(
+            "backup {} through replica {through} ({}) done {:.1}s after the kill",
+            n + 1,
+            if addresses[through] == second { "the new leader" } else { "a follower" },
+            killed_at.elapsed().as_secs_f64()
+        );
+        assert!(out.success(), "backup now through a survivor after the failover failed: {out:?}");
+    }
+    let backups = replicas[survivors[0]].backups("alpha").await?;
+    let ids: HashSet<&str> = backups.iter().filter_map(|b| b["metadata"]["id"].as_str()).collect();
+    assert_eq!((backups.len(), ids.len()), (2, 2), "each backup listed exactly once: {backups:#?}");
     Ok(())
 }
 
