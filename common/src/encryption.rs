@@ -62,6 +62,92 @@ pub enum EncryptionError {
     Output(io::Error),
 }
 
+/// The longest age header Ferry reads: [`MAX_RECIPIENTS`] X25519 stanzas take under 2 KiB.
+pub const MAX_AGE_HEADER: usize = 8 * 1024;
+/// age's payload: a 16-byte nonce, then chunks of 64 KiB of plaintext, each with a 16-byte tag.
+const AGE_NONCE: u64 = 16;
+
+/// What an age file's header says, read without a key: how long it is and how many X25519 stanzas it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgeHeader {
+    /// Bytes up to and including the MAC line's newline.
+    pub len: usize,
+    pub x25519_stanzas: usize,
+}
+
+impl AgeHeader {
+    /// Parses the header at the start of `head` (at least the whole header, at most [`MAX_AGE_HEADER`] are
+    /// looked at): the version line, stanzas (`-> TYPE ARGS…` then base64 body lines, the last shorter than 64
+    /// columns), the MAC line. Anything else is refused by name. An X25519 stanza has one 43-column argument
+    /// and a 43-column body: age names no recipient in it, so the count is what a header tells of them. age's
+    /// grease stanzas are passed over.
+    pub fn parse(head: &[u8]) -> Result<Self, EncryptionError> {
+        let bad = |why: &str| Err(EncryptionError::NotAge(format!("its header is malformed: {why}")));
+        let head = &head[..head.len().min(MAX_AGE_HEADER)];
+        let Some(rest) = head.strip_prefix(AGE_MAGIC) else {
+            return bad("it does not start with age's version line");
+        };
+        let mut pos = AGE_MAGIC.len();
+        let mut lines = rest.split_inclusive(|b| *b == b'\n');
+        let mut x25519_stanzas = 0;
+        let b64 = |s: &str| s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/');
+        loop {
+            let Some(line) = lines.next() else { return bad("it ends before its MAC line") };
+            pos += line.len();
+            let Some(line) = line.strip_suffix(b"\n") else { return bad("it ends before its MAC line") };
+            let Ok(line) = std::str::from_utf8(line) else { return bad("a header line is not text") };
+            if let Some(mac) = line.strip_prefix("--- ") {
+                if mac.len() != 43 || !b64(mac) {
+                    return bad("its MAC is not 32 bytes of base64");
+                }
+                return Ok(Self { len: pos, x25519_stanzas });
+            }
+            let Some(stanza) = line.strip_prefix("-> ") else { return bad("a line is neither a stanza nor the MAC") };
+            let args: Vec<&str> = stanza.split(' ').collect();
+            // age adds random "grease" stanzas (types ending in -grease) that every reader ignores and that no
+            // identity unwraps: allowed, not counted. Any other type would be a recipient Ferry never seals to.
+            let grease = args[0].ends_with("-grease");
+            if !grease && args[0] != "X25519" {
+                return bad(&format!("a {:?} stanza (Ferry seals to X25519 recipients only)", args[0]));
+            }
+            if args.iter().any(|a| a.is_empty() || !a.bytes().all(|b| b.is_ascii_graphic())) {
+                return bad("a stanza argument is empty or not printable");
+            }
+            if !grease && (args.len() != 2 || args[1].len() != 43 || !b64(args[1])) {
+                return bad("an X25519 stanza's share is not 32 bytes of base64");
+            }
+            // The body: full 64-column lines, then one shorter (for X25519, one line of 43).
+            let mut body = 0;
+            loop {
+                let Some(b) = lines.next() else { return bad("it ends inside a stanza") };
+                pos += b.len();
+                let Some(b) = b.strip_suffix(b"\n") else { return bad("it ends inside a stanza") };
+                let Ok(b) = std::str::from_utf8(b) else { return bad("a stanza body is not text") };
+                if b.len() > 64 || !b64(b) {
+                    return bad("a stanza body line is not base64 of at most 64 columns");
+                }
+                body += b.len();
+                if b.len() < 64 {
+                    break;
+                }
+            }
+            if grease {
+                continue;
+            }
+            if body != 43 {
+                return bad("an X25519 stanza's body is not a 32-byte wrapped key");
+            }
+            x25519_stanzas += 1;
+        }
+    }
+
+    /// The size of an age file with this header sealing `plain` bytes.
+    pub fn sealed_size(&self, plain: u64) -> u64 {
+        let chunks = plain.div_ceil(AGE_CHUNK as u64).max(1);
+        self.len as u64 + AGE_NONCE + plain + chunks * AGE_TAG as u64
+    }
+}
+
 /// Checks a list of recipients as a resource gives it: each an X25519 recipient, none twice, not too many.
 pub fn parse_recipients(list: &[String]) -> Result<Vec<x25519::Recipient>, EncryptionError> {
     if list.len() > MAX_RECIPIENTS {
@@ -408,6 +494,34 @@ mod tests {
         assert!(matches!(open_pushed(&ids, &flipped), Err(EncryptionError::Tampered(_))));
         assert!(matches!(open_pushed(&ids, &sealed[..n - 100]), Err(EncryptionError::Tampered(_))));
         assert!(matches!(open_pushed(&ids, &plain), Err(EncryptionError::NotAge(_))));
+    }
+
+    #[test]
+    fn age_headers_are_read_without_a_key() {
+        let recipients: Vec<String> = (0..3).map(|_| keygen().recipient).collect();
+        for n in 1..=3 {
+            for plain in [0usize, 1, 65_536, 65_537, 300_000] {
+                let data = vec![7u8; plain];
+                let sealed = seal_all(&recipients[..n], &data);
+                let h = AgeHeader::parse(&sealed).unwrap();
+                assert_eq!(h.x25519_stanzas, n);
+                assert_eq!(h.sealed_size(plain as u64), sealed.len() as u64, "{n} recipients, {plain} bytes");
+            }
+        }
+        let sealed = seal_all(&recipients[..1], b"x");
+        let h = AgeHeader::parse(&sealed).unwrap();
+        // A header followed by anything else parses (only its size gives that away), a broken one does not.
+        let mut plain_after = sealed[..h.len].to_vec();
+        plain_after.extend_from_slice(b"plain zstd here");
+        assert_eq!(AgeHeader::parse(&plain_after).unwrap(), h);
+        for broken in [
+            &sealed[..h.len - 1],
+            &sealed[..AGE_MAGIC.len() + 3],
+            b"age-encryption.org/v1\n-> scrypt abc 18\nxxxx\n--- aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n",
+            b"age-encryption.org/v2\n",
+        ] {
+            assert!(matches!(AgeHeader::parse(broken), Err(EncryptionError::NotAge(_))), "{broken:?}");
+        }
     }
 
     #[test]

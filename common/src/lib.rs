@@ -2,6 +2,7 @@
 //! primitives. No daemon logic lives here.
 
 pub mod backoff;
+pub mod bbolt;
 pub mod client;
 pub mod config;
 pub mod encryption;

@@ -2,8 +2,9 @@
 //! take connections) and `/leaderz` (leads: the one coordinator replica that schedules and runs backups) on
 //! `--metrics-listen`, and their log format (`--log-format text|json`, level from `RUST_LOG`).
 //!
-//! That port is unauthenticated, so it is bounded: at most [`MAX_CONNECTIONS`] at once (more are closed as
-//! soon as they are accepted), [`HEADER_TIMEOUT`] to send a request's headers, [`CONNECTION_LIFE`] in all and
+//! That port is unauthenticated, so it is bounded: at most [`MAX_CONNECTIONS`] at once and
+//! [`MAX_CONNECTIONS_PER_SOURCE`] from one address (more are closed as soon as they are accepted),
+//! [`HEADER_TIMEOUT`] to send a request's headers, [`CONNECTION_LIFE`] in all and
 //! one request per connection. With [`raise_fd_limit`] at start, a slowloris client can hold at most
 //! `MAX_CONNECTIONS` descriptors: never the ones backups need.
 
@@ -92,6 +93,9 @@ async fn metrics(headers: HeaderMap, o: Arc<dyn Observed>) -> Response {
 
 /// Connections the metrics port serves at once; Prometheus and kubelet probes need a handful.
 pub const MAX_CONNECTIONS: usize = 32;
+/// Connections one source address may hold at once: a slowloris from one pod or host cannot take the slots
+/// that kubelet's probes (from the node) and Prometheus need.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
 /// Time a client gets to send its request headers (a slowloris client is cut after this).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a connection lives, request and response included: the answers are small.
@@ -170,14 +174,15 @@ async fn serve(
         );
     tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz and /leaderz");
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_source = PerSource::default();
     let connections = tokio_util::task::TaskTracker::new();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = cancel.cancelled() => break,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, source) = match accepted {
+            Ok((stream, peer)) => (stream, peer.ip()),
             Err(e) => {
                 // EMFILE and the like: back off instead of spinning; the daemon's other work goes on.
                 tracing::warn!("failed to accept on the metrics port: {e}");
@@ -185,11 +190,13 @@ async fn serve(
                 continue;
             }
         };
-        // Over the cap: closed at once, so the descriptor is back within microseconds.
+        // Over a cap: closed at once, so the descriptor is back within microseconds. The source's cap first: a
+        // flood from one address does not take the shared slots.
+        let Some(from_source) = per_source.take(source) else { continue };
         let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         connections.spawn(async move {
-            let _permit = permit;
+            let (_permit, _from_source) = (permit, from_source);
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
@@ -201,6 +208,37 @@ async fn serve(
     connections.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), connections.wait()).await;
     Ok(())
+}
+
+/// Open connections per source address, capped at [`MAX_CONNECTIONS_PER_SOURCE`].
+#[derive(Clone, Default)]
+struct PerSource(Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
+
+/// One connection counted against its source; released on drop.
+struct SourceSlot(PerSource, std::net::IpAddr);
+
+impl PerSource {
+    fn take(&self, ip: std::net::IpAddr) -> Option<SourceSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_default();
+        if *n >= MAX_CONNECTIONS_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut open = (self.0).0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C: where both daemons begin their ordered shutdown.

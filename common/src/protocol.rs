@@ -123,6 +123,12 @@ where
     Ok(())
 }
 
+/// The largest hello: a version number, a software version and an intent take a few dozen bytes.
+pub const MAX_HELLO_FRAME: usize = 4 * 1024;
+/// The largest message an agent certificate may send outside a job stream: a report, or a request (only
+/// `Restore` is allowed). Whoever holds one node's certificate cannot make the coordinator read 16 MiB frames.
+pub const MAX_AGENT_MESSAGE_FRAME: usize = 64 * 1024;
+
 /// Reads one frame; `Ok(None)` when the stream ended cleanly at a frame boundary. An end anywhere else —
 /// inside the length prefix included — is [`FrameError::Truncated`].
 pub async fn read_frame<R, T>(r: &mut R) -> Result<Option<T>, FrameError>
@@ -130,6 +136,16 @@ where
     R: AsyncRead + Unpin,
     T: DeserializeOwned,
 {
+    read_frame_within(r, MAX_FRAME).await
+}
+
+/// [`read_frame`] refusing frames over `max` bytes (at most [`MAX_FRAME`]) before reading them.
+pub async fn read_frame_within<R, T>(r: &mut R, max: usize) -> Result<Option<T>, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    let max = max.min(MAX_FRAME);
     let mut len = [0u8; 4];
     let mut have = 0;
     while have < len.len() {
@@ -140,9 +156,9 @@ where
         }
     }
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
+    if len > max {
         // Checked before allocating: a hostile or broken peer cannot make us reserve gigabytes.
-        return Err(FrameError::TooLarge { len, max: MAX_FRAME });
+        return Err(FrameError::TooLarge { len, max });
     }
     // The buffer grows with what arrives: a peer that announces 16 MiB and sends nothing costs 64 KiB, not 16 MiB.
     let mut body = Vec::with_capacity(len.min(FRAME_INITIAL_BUFFER));
@@ -160,6 +176,15 @@ where
     T: DeserializeOwned,
 {
     read_frame(r).await?.ok_or(FrameError::Closed)
+}
+
+/// [`expect_frame`] refusing frames over `max` bytes.
+pub async fn expect_frame_within<R, T>(r: &mut R, max: usize) -> Result<T, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    read_frame_within(r, max).await?.ok_or(FrameError::Closed)
 }
 
 /// First message of every connection, client to coordinator.
@@ -596,6 +621,24 @@ impl ErrorKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hellos and agents' own messages have small limits, checked from the length prefix alone.
+    #[tokio::test]
+    async fn a_frame_over_its_own_limit_is_refused_before_it_is_read() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &Hello::new(Intent::Request)).await.unwrap();
+        let hello: Hello = expect_frame_within(&mut &buf[..], MAX_HELLO_FRAME).await.unwrap();
+        assert_eq!(hello.protocol_version, PROTOCOL_VERSION);
+        // A 1 MiB "hello": only its length prefix is there, and it is refused on that.
+        let big = (1u32 << 20).to_be_bytes();
+        let r: Result<Hello, _> = expect_frame_within(&mut &big[..], MAX_HELLO_FRAME).await;
+        assert!(
+            matches!(r, Err(FrameError::TooLarge { len, max }) if len == 1 << 20 && max == MAX_HELLO_FRAME),
+            "{r:?}"
+        );
+        let r: Result<Option<AgentMsg>, _> = read_frame_within(&mut &big[..], MAX_AGENT_MESSAGE_FRAME).await;
+        assert!(matches!(r, Err(FrameError::TooLarge { .. })), "{r:?}");
+    }
 
     #[tokio::test]
     async fn frames_round_trip_and_oversize_is_refused() {

@@ -26,6 +26,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// One attempt of one S3 call (an 8 MiB part on a slow link included) may take this long before it is
 /// abandoned as stalled and retried.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Calls that move little (listings, HEADs, manifests, deletes, aborts, and the answer to a download before its
+/// body): a server that has not answered one within this is stalled, and the attempt is retried. Without it a
+/// stalled store held `ferryctl get etcdbackup` and restores for [`ATTEMPT_TIMEOUT`] per attempt (~10 min).
+pub const SMALL_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts per S3 call before giving up.
 pub const MAX_ATTEMPTS: u32 = 5;
 /// Between attempts of one call: short, since most failures are a blip; capped so five attempts stay within
@@ -300,6 +304,28 @@ where
     }
 }
 
+/// [`with_retries`] for a call that moves little: each attempt gets [`SMALL_CALL_TIMEOUT`] (see there). For a
+/// download, the timeout covers the answer up to its first byte; the body streams under the SDK's own limits.
+pub async fn with_quick_retries<T, F, Fut>(cancel: &CancellationToken, what: &str, mut op: F) -> Result<T, S3Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, S3Error>>,
+{
+    with_retries(cancel, what, || {
+        let attempt = op();
+        async move {
+            tokio::time::timeout(SMALL_CALL_TIMEOUT, attempt).await.unwrap_or_else(|_| {
+                Err(S3Error {
+                    kind: S3ErrorKind::Timeout,
+                    message: format!("{what}: the S3 endpoint did not answer within {}s", SMALL_CALL_TIMEOUT.as_secs()),
+                    retryable: true,
+                })
+            })
+        }
+    })
+    .await
+}
+
 /// Aborts a multipart upload, with retries, so its parts are freed; an upload already gone counts as
 /// aborted. Not cancellable: it is the cleanup that runs after a job was cancelled.
 pub async fn abort_upload(
@@ -309,7 +335,7 @@ pub async fn abort_upload(
     upload_id: &str,
 ) -> Result<(), S3Error> {
     let what = format!("abort multipart upload s3://{bucket}/{key}");
-    let r = with_retries(&CancellationToken::new(), &what, || async {
+    let r = with_quick_retries(&CancellationToken::new(), &what, || async {
         client
             .abort_multipart_upload()
             .bucket(bucket)
@@ -335,7 +361,7 @@ pub async fn head_object(
     cancel: &CancellationToken,
 ) -> Result<aws_sdk_s3::operation::head_object::HeadObjectOutput, S3Error> {
     let what = format!("check s3://{bucket}/{key}");
-    with_retries(cancel, &what, || async {
+    with_quick_retries(cancel, &what, || async {
         client.head_object().bucket(bucket).key(key).send().await.map_err(|e| S3Error::from_sdk(&what, bucket, &e))
     })
     .await
@@ -349,7 +375,7 @@ pub async fn get_object(
     what: &str,
     cancel: &CancellationToken,
 ) -> Result<ByteStream, S3Error> {
-    let r = with_retries(cancel, what, || async {
+    let r = with_quick_retries(cancel, what, || async {
         client.get_object().bucket(bucket).key(key).send().await.map_err(|e| S3Error::from_sdk(what, bucket, &e))
     })
     .await?;
@@ -370,7 +396,7 @@ pub async fn get_bytes(
         message: format!("{what}: the object is larger than {max} bytes"),
         retryable: false,
     };
-    with_retries(cancel, &what, || async {
+    with_quick_retries(cancel, &what, || async {
         // Only the first max + 1 bytes are asked for: a huge object costs no memory.
         let r = client
             .get_object()
@@ -410,7 +436,7 @@ pub async fn delete_object(
     cancel: &CancellationToken,
 ) -> Result<(), S3Error> {
     let what = format!("delete s3://{bucket}/{key}");
-    with_retries(cancel, &what, || async {
+    with_quick_retries(cancel, &what, || async {
         client.delete_object().bucket(bucket).key(key).send().await.map_err(|e| S3Error::from_sdk(&what, bucket, &e))
     })
     .await

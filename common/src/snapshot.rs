@@ -15,7 +15,8 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use crate::encryption::{EncryptionError, Identities, OpeningWriter, AGE_MAGIC};
+use crate::bbolt::{Members, MembersReader};
+use crate::encryption::{AgeHeader, EncryptionError, Identities, OpeningWriter, AGE_MAGIC, MAX_AGE_HEADER};
 use crate::resources::EtcdBackupSpec;
 
 /// A check on a backup failed; the message names it.
@@ -54,6 +55,13 @@ pub enum SnapshotError {
     NotBbolt(String),
     #[error("write {path}: {error}")]
     Io { path: PathBuf, error: std::io::Error },
+    /// The snapshot's `members` bucket names etcd members that most of the cluster's agents do not report:
+    /// another cluster's snapshot.
+    #[error(
+        "the snapshot's etcd members ({found}) are not the cluster's: most of its connected members report ids \
+         not among them ({reported}); it is another etcd cluster's snapshot"
+    )]
+    ForeignMembers { found: String, reported: String },
     #[error(transparent)]
     Encryption(#[from] EncryptionError),
     #[error(
@@ -167,15 +175,57 @@ struct RawCheck<W: Write> {
     bytes: u64,
     /// Decompressed bytes accepted at most (the manifest's raw size, trailing hash included), when known.
     max: Option<u64>,
+    /// The etcd member ids the cluster's connected agents report (empty: not compared), and the snapshot's.
+    expected_members: Vec<u64>,
+    members: MembersReader,
 }
 
 impl<W: Write> RawCheck<W> {
     fn new(out: W, max: Option<u64>) -> Self {
-        Self { out, db: Sha256::new(), tail: Vec::with_capacity(64), head: Vec::new(), bytes: 0, max }
+        Self {
+            out,
+            db: Sha256::new(),
+            tail: Vec::with_capacity(64),
+            head: Vec::new(),
+            bytes: 0,
+            max,
+            expected_members: Vec::new(),
+            members: MembersReader::new(),
+        }
+    }
+
+    /// Also compares the snapshot's `members` bucket with `reported`: see [`StreamCheck::expect_members`].
+    fn expecting(mut self, reported: Vec<u64>) -> Self {
+        self.expected_members = reported;
+        self
+    }
+
+    /// A strict majority of the reported member ids missing from the snapshot's members: not this cluster's.
+    /// Members the snapshot's layout hides from one streaming pass are not guessed at.
+    fn check_members(&mut self) -> Result<(), SnapshotError> {
+        let reported: Vec<u64> = self.expected_members.iter().copied().filter(|id| *id != 0).collect();
+        // A lone member is believed, as when choosing members: there is nobody to hold it against.
+        if reported.len() < 2 {
+            return Ok(());
+        }
+        match std::mem::take(&mut self.members).finish() {
+            Members::Read(found) => {
+                let missing = reported.iter().filter(|id| !found.contains(id)).count();
+                if missing * 2 > reported.len() {
+                    let hex = |ids: &[u64]| ids.iter().map(|id| format!("{id:x}")).collect::<Vec<_>>().join(", ");
+                    return Err(SnapshotError::ForeignMembers { found: hex(&found), reported: hex(&reported) });
+                }
+                Ok(())
+            }
+            Members::Unread(why) => {
+                tracing::warn!("the snapshot's etcd members were not compared with the cluster's: {why}");
+                Ok(())
+            }
+        }
     }
 
     /// The checks on the decompressed bytes, against `spec`.
-    fn finish(self, spec: &EtcdBackupSpec) -> Result<W, SnapshotError> {
+    fn finish(mut self, spec: &EtcdBackupSpec) -> Result<W, SnapshotError> {
         if self.bytes != spec.rawsize {
             return Err(SnapshotError::RawSize { got: self.bytes, want: spec.rawsize });
         }
@@ -188,10 +238,11 @@ impl<W: Write> RawCheck<W> {
         if self.tail.len() < 32 {
             return Err(SnapshotError::TooShort);
         }
-        if self.db.finalize()[..] != self.tail[..] {
+        if self.db.clone().finalize()[..] != self.tail[..] {
             return Err(SnapshotError::EtcdHash);
         }
         check_bbolt(&self.head, self.bytes - 32)?;
+        self.check_members()?;
         Ok(self.out)
     }
 }
@@ -204,6 +255,9 @@ impl<W: Write> Write for RawCheck<W> {
         }
         self.out.write_all(buf)?;
         self.bytes += buf.len() as u64;
+        if !self.expected_members.is_empty() {
+            self.members.write(buf);
+        }
         if self.head.len() < BBOLT_HEAD {
             let n = (BBOLT_HEAD - self.head.len()).min(buf.len());
             self.head.extend_from_slice(&buf[..n]);
@@ -334,9 +388,11 @@ fn opening<W: Write + Send + 'static>(
     ids: Identities,
     out: W,
     max_raw: Option<u64>,
+    members: Vec<u64>,
 ) -> Result<Opening<W>, SnapshotError> {
     let want = max_raw.unwrap_or(u64::MAX);
-    let decoder = zstd::stream::write::Decoder::new(RawCheck::new(out, max_raw)).map_err(|e| raw_error(e, want))?;
+    let raw = RawCheck::new(out, max_raw).expecting(members);
+    let decoder = zstd::stream::write::Decoder::new(raw).map_err(|e| raw_error(e, want))?;
     OpeningWriter::new(ids, Counted { inner: decoder, sha: Sha256::new(), bytes: 0 })
         .map_err(|e| opening_error(e, want))
 }
@@ -441,7 +497,7 @@ impl VerifyingWriter {
         let io = |error| SnapshotError::Io { path: path.to_path_buf(), error };
         Ok(match (decompress, opener) {
             (false, _) => Sink::Stored(file),
-            (true, Some(ids)) => Sink::Sealed(Box::new(opening(ids, file, Some(spec.rawsize))?)),
+            (true, Some(ids)) => Sink::Sealed(Box::new(opening(ids, file, Some(spec.rawsize), Vec::new())?)),
             (true, None) => {
                 let raw = RawThread::spawn(RawCheck::new(file, Some(spec.rawsize))).map_err(io)?;
                 Sink::Raw(Box::new(zstd::stream::write::Decoder::new(raw).map_err(io)?))
@@ -628,6 +684,8 @@ pub struct StreamCheck {
     /// for zstd's and age's framing): passing it fails at once, and every later write too.
     limit: Option<u64>,
     over_limit: bool,
+    /// The etcd member ids the cluster's connected agents report: see [`Self::expect_members`].
+    expected_members: Vec<u64>,
 }
 
 enum CheckKind {
@@ -650,7 +708,21 @@ impl StreamCheck {
             max_raw: None,
             limit: None,
             over_limit: false,
+            expected_members: Vec::new(),
         })
+    }
+
+    /// Also reads the snapshot's etcd members (its bbolt `members` bucket) as it streams by and refuses it when
+    /// a strict majority of `reported` (the member ids the cluster's connected agents report, the sender's
+    /// included) is not among them: another etcd cluster's snapshot, whatever its hashes. One lying agent
+    /// among honest ones cannot fail an honest backup this way, nor pass a foreign one; a lone reporting member
+    /// is not compared (nobody to hold it against). Before the first byte.
+    pub fn expect_members(&mut self, reported: Vec<u64>) -> Result<(), SnapshotError> {
+        if !matches!(self.kind, CheckKind::Unknown) {
+            return Err(SnapshotError::Writer("was given member ids after the first byte"));
+        }
+        self.expected_members = reported;
+        Ok(())
     }
 
     /// A check that refuses, as soon as it is passed, a snapshot decompressing to more than `limit` bytes
@@ -733,7 +805,8 @@ impl StreamCheck {
         let cap = self.raw_cap();
         if matches!(self.kind, CheckKind::Unknown) && !data.is_empty() {
             self.kind = if data[0] == AGE_MAGIC[0] {
-                let opening = match self.opener.take().map(|ids| opening(ids, std::io::sink(), cap)) {
+                let members = self.expected_members.clone();
+                let opening = match self.opener.take().map(|ids| opening(ids, std::io::sink(), cap, members)) {
                     Some(Ok(o)) => Some(Box::new(o)),
                     Some(Err(e)) => {
                         self.failed = Some(e);
@@ -741,9 +814,10 @@ impl StreamCheck {
                     }
                     None => None,
                 };
-                CheckKind::Sealed { head: Vec::with_capacity(AGE_MAGIC.len()), opening }
+                CheckKind::Sealed { head: Vec::with_capacity(MAX_AGE_HEADER), opening }
             } else {
-                let raw = RawThread::spawn(RawCheck::new(std::io::sink(), cap));
+                let raw =
+                    RawThread::spawn(RawCheck::new(std::io::sink(), cap).expecting(self.expected_members.clone()));
                 match raw.and_then(zstd::stream::write::Decoder::new) {
                     Ok(d) => CheckKind::Zstd(Box::new(d)),
                     Err(e) => {
@@ -762,8 +836,8 @@ impl StreamCheck {
                 }
             }
             CheckKind::Sealed { head, opening } => {
-                if head.len() < AGE_MAGIC.len() {
-                    let n = (AGE_MAGIC.len() - head.len()).min(data.len());
+                if head.len() < MAX_AGE_HEADER {
+                    let n = (MAX_AGE_HEADER - head.len()).min(data.len());
                     head.extend_from_slice(&data[..n]);
                 }
                 if let (Some(o), None) = (opening.as_mut(), &self.failed) {
@@ -810,25 +884,39 @@ impl StreamCheck {
         if let Some(e) = self.failed {
             return Err(e);
         }
-        match (self.kind, spec.encryption.is_some()) {
-            (CheckKind::Sealed { head, opening }, true) => {
-                if head != AGE_MAGIC {
-                    return Err(EncryptionError::NotAge("it does not start with age's header line".into()).into());
+        match (self.kind, &spec.encryption) {
+            (CheckKind::Sealed { head, opening }, Some(enc)) => {
+                // Read without a key: a well-formed header with one X25519 stanza per configured recipient (a
+                // member cannot add its own), and exactly the size age gives the declared zstd stream (an age
+                // header in front of the plain snapshot is not that size, unless the member lies about the
+                // zstd size too, which only opening the object catches).
+                let header = AgeHeader::parse(&head)?;
+                if header.x25519_stanzas != enc.recipients.len() {
+                    return Err(SnapshotError::Sealing {
+                        found: "sealed to a different number of recipients",
+                        expected: "sealed to exactly the cluster's recipients",
+                    });
+                }
+                if header.sealed_size(enc.zstdsize) != self.bytes {
+                    return Err(SnapshotError::Sealing {
+                        found: "not the size age gives its declared zstd stream",
+                        expected: "an age file of the declared zstd stream",
+                    });
                 }
                 match opening {
                     Some(o) => finish_opening(*o, spec).map(|_| ()),
                     None => Ok(()),
                 }
             }
-            (CheckKind::Sealed { .. }, false) => {
+            (CheckKind::Sealed { .. }, None) => {
                 Err(SnapshotError::Sealing { found: "an age (encrypted) file", expected: "plain zstd" })
             }
-            (_, true) => Err(SnapshotError::Sealing { found: "not encrypted", expected: "an age (encrypted) file" }),
-            (CheckKind::Zstd(mut decoder), false) => {
+            (_, Some(_)) => Err(SnapshotError::Sealing { found: "not encrypted", expected: "an age (encrypted) file" }),
+            (CheckKind::Zstd(mut decoder), None) => {
                 decoder.flush().map_err(|e| raw_error(e, spec.rawsize))?;
                 decoder.into_inner().finish().map_err(|e| raw_error(e, spec.rawsize))?.finish(spec).map(|_| ())
             }
-            (CheckKind::Unknown, false) => Err(SnapshotError::TooShort),
+            (CheckKind::Unknown, None) => Err(SnapshotError::TooShort),
         }
     }
 }

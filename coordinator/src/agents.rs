@@ -41,8 +41,17 @@ struct Inner {
     live: Mutex<HashMap<(String, String), LiveAgent>>,
     /// Per cluster, the highest revision reported, when it was first seen and when it was last persisted.
     highest: Mutex<HashMap<String, HighestRevision>>,
+    /// Per member: when its record was last written, and whether it said connected.
+    written: Mutex<HashMap<(String, String), (std::time::Instant, bool)>>,
+    /// Members that connected at least once since start (a further connection is a reconnect).
+    seen: Mutex<std::collections::HashSet<(String, String)>>,
     next_conn_id: AtomicU64,
 }
+
+/// A member's record is written at most this often, but for a disconnect its record does not show yet:
+/// one certificate reconnecting in a loop (1 174 times in 20 s in a hostile review) costs a write every few
+/// seconds, not three per connection. `get agents` overlays the live state, so a skipped write hides nothing.
+const PERSIST_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A cluster's highest revision as the registry tracks it.
 #[derive(Clone, Copy, Default)]
@@ -78,6 +87,8 @@ impl Agents {
                 metrics,
                 live: Mutex::new(HashMap::new()),
                 highest: Mutex::new(HashMap::new()),
+                written: Mutex::new(HashMap::new()),
+                seen: Mutex::new(std::collections::HashSet::new()),
                 next_conn_id: AtomicU64::new(1),
             }),
         })
@@ -91,13 +102,24 @@ impl Agents {
     /// An agent connected: remember it, and make sure its cluster and status resources exist.
     pub fn connected(&self, cluster: &str, agent: LiveAgent) -> Result<(), StateError> {
         let state = &self.inner.state;
+        // Insert-if-absent in one transaction: a first registration never overwrites a cluster an operator is
+        // applying at the same moment (a read then a separate write could).
         if state.get(ResourceType::Cluster, cluster)?.is_none() {
-            let mut r = Resource::new(cluster, Spec::Cluster(ClusterSpec::default()));
-            r.metadata.labels.insert(LABEL_CLUSTER.into(), cluster.into());
-            state.put(r)?;
+            state.transact(&mut |tx| {
+                if tx.get(ResourceType::Cluster, cluster)?.is_none() {
+                    let mut r = Resource::new(cluster, Spec::Cluster(ClusterSpec::default()));
+                    r.metadata.labels.insert(LABEL_CLUSTER.into(), cluster.into());
+                    tx.put(r)?;
+                }
+                Ok(())
+            })?;
         }
         crate::status::ensure_exists(state.as_ref(), cluster)?;
-        let old = lock(&self.inner.live).insert((cluster.to_string(), agent.member.clone()), agent.clone());
+        let key = (cluster.to_string(), agent.member.clone());
+        if !lock(&self.inner.seen).insert(key.clone()) {
+            self.inner.metrics.agent_reconnects.get_or_create(&Metrics::member(cluster, &agent.member)).inc();
+        }
+        let old = lock(&self.inner.live).insert(key, agent.clone());
         if let Some(old) = old {
             old.conn.close(0u32.into(), b"replaced by a newer connection of the same agent");
         }
@@ -108,13 +130,17 @@ impl Agents {
     /// A report arrived.
     pub fn reported(&self, cluster: &str, member: &str, conn_id: u64, facts: EtcdFacts) -> Result<(), StateError> {
         let revision = facts.error.is_none().then_some(facts.revision);
+        let key = (cluster.to_string(), member.to_string());
+        // The record says disconnected although the agent is live (its connect's write fell in a throttled
+        // window): this report writes it.
+        let stale = lock(&self.inner.written).get(&key).is_none_or(|(_, connected)| !connected);
         let (first, reachability_changed) = {
             let mut live = lock(&self.inner.live);
-            let Some(a) = live.get_mut(&(cluster.to_string(), member.to_string())) else { return Ok(()) };
+            let Some(a) = live.get_mut(&key) else { return Ok(()) };
             if a.conn_id != conn_id {
                 return Ok(());
             }
-            let first = a.facts.is_none();
+            let first = a.facts.is_none() || stale;
             let was_reachable = a.facts.as_ref().is_some_and(|f| f.error.is_none());
             let changed = was_reachable != facts.error.is_none();
             a.facts = Some(facts);
@@ -128,7 +154,8 @@ impl Agents {
         if let Some(revision) = revision {
             self.saw_revision(cluster, revision)?;
         }
-        // Persist the first report only; later ones live in memory (`get agents` overlays them).
+        // Persist the first report only (or one whose record is stale); later ones live in memory (`get agents`
+        // overlays them).
         match first {
             Some(a) => self.persist(cluster, &a, true),
             None => Ok(()),
@@ -182,6 +209,22 @@ impl Agents {
     }
 
     fn persist(&self, cluster: &str, a: &LiveAgent, connected: bool) -> Result<(), StateError> {
+        {
+            let now = std::time::Instant::now();
+            let mut written = lock(&self.inner.written);
+            let key = (cluster.to_string(), a.member.clone());
+            let due = match written.get(&key) {
+                None => true,
+                // A disconnect the record does not show yet is always written: it must not say connected.
+                Some((_, true)) if !connected => true,
+                Some((_, was)) if *was == connected && !connected => false,
+                Some((at, _)) => now.duration_since(*at) >= PERSIST_EVERY,
+            };
+            if !due {
+                return Ok(());
+            }
+            written.insert(key, (now, connected));
+        }
         let mut r = Resource::new(format!("{cluster}/{}", a.member), Spec::Agent(agent_spec(cluster, a, connected)));
         r.metadata.labels.insert(LABEL_CLUSTER.into(), cluster.into());
         r.metadata.labels.insert(LABEL_MEMBER.into(), a.member.clone());

@@ -62,6 +62,9 @@ pub struct Metrics {
     pub member_check_unreachable: Family<ClusterLabels, Gauge>,
     /// 1 when the latest member check compared hashes, 0 when it could not (the status says why).
     pub member_check_compared: Family<ClusterLabels, Gauge>,
+    /// Connections of a member after its first since start: a loop of them is a broken link or two holders of
+    /// one certificate replacing each other.
+    pub agent_reconnects: Family<MemberLabels, Counter>,
     /// 1 while the member is out of rotation after refused backups (`backup::quarantine`).
     pub member_out_of_rotation: Family<MemberLabels, Gauge>,
     /// The members with a `member_diverged` series, per cluster, so they can be removed.
@@ -98,6 +101,7 @@ impl Default for Metrics {
             member_diverged: Family::default(),
             member_check_unreachable: Family::default(),
             member_out_of_rotation: Family::default(),
+            agent_reconnects: Family::default(),
             member_check_compared: Family::default(),
             checked_members: Default::default(),
             registry: Registry::default(),
@@ -205,6 +209,11 @@ impl Default for Metrics {
             "etcd_member_check_compared",
             "1 when the latest check before a backup compared the members' HashKV, 0 when it could not (see membercheck in the status)",
             m.member_check_compared.clone(),
+        );
+        registry.register(
+            "agent_reconnects",
+            "Connections of an agent (cluster, member) after its first since the coordinator started",
+            m.agent_reconnects.clone(),
         );
         registry.register(
             "member_out_of_rotation",

@@ -31,6 +31,8 @@ const REVISION_SLACK: i64 = ferry_common::snapshot::BUMP_MARGIN_MIN / 2;
 const AGENT_WAIT: Duration = Duration::from_secs(60);
 /// How often it looks while it waits.
 const AGENT_POLL: Duration = Duration::from_millis(250);
+/// The smallest snapshot size limit a cluster gets, whatever its members report (a new, nearly empty etcd).
+const MIN_SIZE_LIMIT: u64 = 64 << 20;
 /// Status progress is written at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -195,7 +197,11 @@ async fn take(inner: &Inner, cluster: &str, agent: &LiveAgent) -> Result<Manifes
     let mut pending = deps.store.begin(cluster, Timestamp::now(), upload, &inner.cancel).await?;
     let backup_id = pending.id().to_string();
     info!(%member, %backup_id, "backup started");
-    let db_size = agent.facts.as_ref().map_or(0, |f| f.db_size);
+    // The members' median DB size, not the chosen member's word: one member claiming a huge DB cannot hold
+    // its cluster's backup (and a job slot) for hours.
+    let sizes: Vec<i64> =
+        deps.agents.live(cluster).iter().filter_map(|a| a.facts.as_ref().map(|f| f.db_size)).collect();
+    let db_size = median(sizes).unwrap_or_else(|| agent.facts.as_ref().map_or(0, |f| f.db_size));
     let limit = job_timeout(db_size, deps.settings.upload_limit_bps);
     let streamed = match tokio::time::timeout(limit, stream(inner, cluster, agent, &mut pending)).await {
         Ok(r) => r,
@@ -269,6 +275,11 @@ async fn stream(
     if let Some(ids) = deps.settings.identities.as_ref().filter(|ids| ids.check_opens(&recipients).is_ok()) {
         pending.open_with(ids.clone())?;
     }
+    // The snapshot must hold the etcd members most of the cluster's connected agents report (issue 26: a
+    // member could have another cluster's backup committed as its own).
+    let reported: Vec<u64> =
+        deps.agents.live(cluster).iter().filter_map(|a| a.facts.as_ref().map(|f| f.member_id)).collect();
+    pending.expect_members(reported)?;
     let byte_stall = byte_stall_timeout(deps.settings.byte_stall_timeout, &target, deps.settings.upload_limit_bps);
     let job = BackupJob {
         backup_id: pending.id().to_string(),
@@ -375,6 +386,20 @@ async fn stream(
                 };
                 // The local store stopped such a stream as it came in; an S3 upload is refused before its
                 // read-back would decompress it.
+                // Twice the database size the cluster's members report (their median), never above the
+                // store's limit: a member declaring 2 GiB for a 66 KB upload would make every drill write that.
+                let sizes =
+                    deps.agents.live(cluster).iter().filter_map(|a| a.facts.as_ref().map(|f| f.db_size)).collect();
+                let reported =
+                    median(sizes).map_or(u64::MAX, |m| (m.max(0) as u64).saturating_mul(2).max(MIN_SIZE_LIMIT));
+                if summary.raw_size > reported {
+                    bail!(
+                        "agent {member} reports a {}-byte snapshot, more than twice the database size its cluster's \
+                         members report ({} bytes at the median); not believed",
+                        summary.raw_size,
+                        reported / 2
+                    );
+                }
                 let max = deps.store.max_snapshot_size();
                 if summary.raw_size > max {
                     bail!(
@@ -390,6 +415,12 @@ async fn stream(
             }
         }
     }
+}
+
+/// The median of `values` (the lower middle one of an even count: a liar among two is not believed upward).
+fn median(mut values: Vec<i64>) -> Option<i64> {
+    values.sort_unstable();
+    values.get(values.len().checked_sub(1)? / 2).copied()
 }
 
 /// Whether the store refused what the member sent (a strike against it), as opposed to failing to store it.
@@ -408,6 +439,14 @@ fn wrong_path(e: StoreError, member: &str) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_median_db_size_ignores_one_liar() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![5]), Some(5));
+        assert_eq!(median(vec![100, i64::MAX]), Some(100));
+        assert_eq!(median(vec![i64::MAX, 90, 100]), Some(100));
+    }
 
     /// The coordinator's side of the commit deadline: a store that never commits is given up on after the
     /// limit (in the daemon `COMMIT_TIMEOUT`, shorter than the agent's `COMMIT_REPLY_WAIT`), and what it had

@@ -138,6 +138,11 @@ struct Args {
     /// backup with etcd and etcdutl from PATH).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     min_drill_interval: Duration,
+    /// Where restore drills restore (default STATE_DIR/drills). A drill needs about twice the backup's raw size
+    /// plus 64 MiB there and checks that much is free before it starts; give it its own volume so a drill can
+    /// never fill the state store's.
+    #[arg(long)]
+    drill_scratch_dir: Option<PathBuf>,
     /// A drill warns when a Kubernetes resource lost more than this percentage of its keys since the previous
     /// drill (0–100: 0 warns on any loss, 100 never).
     #[arg(long, default_value_t = u64::from(DEFAULT_DROP_PERCENT))]
@@ -362,8 +367,15 @@ async fn run(args: Args) -> Result<()> {
             Some(election) => {
                 // Until elected, every client is sent to the leader.
                 let stop_redirecting = CancellationToken::new();
-                let redirect =
-                    tokio::spawn(redirect_to_leader(endpoint.clone(), election.clone(), stop_redirecting.clone()));
+                let ca = &shared.ca.pem();
+                let ca = CertAuthority::from_pem(&ca.cert_pem, &ca.key_pem).context("load the coordinator CA")?;
+                let credentials = Credentials::new(shared.state.clone(), ca);
+                let redirect = tokio::spawn(redirect_to_leader(
+                    endpoint.clone(),
+                    election.clone(),
+                    credentials,
+                    stop_redirecting.clone(),
+                ));
                 info!("campaigning for leadership; redirecting clients to the leader meanwhile");
                 let term = election.campaign(&shutdown).await;
                 stop_redirecting.cancel();
@@ -510,7 +522,7 @@ async fn lead(shared: &Shared<'_>, lost: &CancellationToken, shutdown: &Cancella
         store: store.clone(),
         status: status.clone(),
         metrics: metrics.clone(),
-        scratch: args.state_dir.join("drills"),
+        scratch: args.drill_scratch_dir.clone().unwrap_or_else(|| args.state_dir.join("drills")),
         identities: settings.identities.clone(),
         key_drop: settings.drill_key_drop,
     })?;

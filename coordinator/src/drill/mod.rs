@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_common::protocol::DATA_CHUNK;
 use ferry_common::resources::{status, DrillStatus, Timestamp, DRILL_WARNING};
-use ferry_common::snapshot::{BackgroundWriter, VerifyingWriter};
+use ferry_common::snapshot::{BackgroundWriter, SnapshotError, VerifyingWriter};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, warn, Instrument};
@@ -237,15 +237,52 @@ async fn restore_newest(deps: &DrillDeps, cluster: &str, cancel: &CancellationTo
     }
 }
 
+/// Room a drill needs in its scratch dir: the decompressed snapshot, the data dir restored from it (about as
+/// large), and the throw-away etcd's WAL and logs.
+fn scratch_needed(rawsize: u64) -> u64 {
+    rawsize.saturating_mul(2).saturating_add(64 << 20)
+}
+
+/// Fails, saying how much is missing, when the scratch dir cannot hold a drill of `rawsize`: checked before
+/// anything is written, so a full disk is reported as one and never as a corrupted backup.
+fn check_scratch_room(dir: &std::path::Path, rawsize: u64) -> Result<()> {
+    let st = rustix::fs::statvfs(dir).with_context(|| format!("check the free space of {}", dir.display()))?;
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    let needed = scratch_needed(rawsize);
+    if free < needed {
+        bail!(
+            "the drill needs about {} MiB in its scratch dir {} (twice the backup's {} MiB, plus 64 MiB) but only {} \
+             MiB are free: give drills more room (--drill-scratch-dir on a volume of its own); the backup itself was \
+             not judged",
+            needed >> 20,
+            dir.display(),
+            rawsize >> 20,
+            free >> 20
+        );
+    }
+    Ok(())
+}
+
+/// A failure of the drill's own copy: an I/O error on this host is said to be one, not blamed on the backup.
+fn checks_failed(e: SnapshotError) -> anyhow::Error {
+    match e {
+        e @ SnapshotError::Io { .. } => {
+            anyhow!(e).context("the drill could not write its scratch copy (an I/O error on the coordinator's host, not a fault of the backup)")
+        }
+        e => anyhow!(e).context("the stored backup fails its checks"),
+    }
+}
+
 async fn restore(deps: &DrillDeps, manifest: &Manifest, cancel: &CancellationToken) -> Result<Restored> {
+    check_scratch_room(&deps.scratch, manifest.backup.rawsize)?;
     let scratch = tempfile::Builder::new()
         .prefix(&format!("{}-", manifest.backup.cluster))
         .tempdir_in(&deps.scratch)
         .context("create a scratch dir")?;
     let snapshot = scratch.path().join("snapshot.db");
     // The checks and zstd run on a blocking thread, fed through a small queue.
-    let w = VerifyingWriter::create(&snapshot, &manifest.backup, true, deps.identities.as_ref())
-        .context("the stored backup fails its checks")?;
+    let w =
+        VerifyingWriter::create(&snapshot, &manifest.backup, true, deps.identities.as_ref()).map_err(checks_failed)?;
     let mut writer = BackgroundWriter::spawn(w);
     let read = async {
         let mut object = deps.store.open(manifest, cancel).await.context("open the backup object")?;
@@ -270,7 +307,7 @@ async fn restore(deps: &DrillDeps, manifest: &Manifest, cancel: &CancellationTok
     if cancel.is_cancelled() {
         bail!("cancelled");
     }
-    checked.context("the stored backup fails its checks")?;
+    checked.map_err(checks_failed)?;
     read?;
     // The blocking restore owns the scratch dir and deletes it only once its throw-away etcd is dead. If this
     // future is dropped (the drill's time limit), the guard stops the restore at its next step.
@@ -291,4 +328,19 @@ async fn restore(deps: &DrillDeps, manifest: &Manifest, cancel: &CancellationTok
         );
     }
     Ok(restored)
+}
+
+#[cfg(test)]
+mod scratch_tests {
+    use super::*;
+
+    /// A drill that cannot fit is refused before it writes a byte, and says it is a matter of room.
+    #[test]
+    fn a_drill_that_does_not_fit_its_scratch_dir_says_so_before_starting() {
+        let dir = tempfile::tempdir().unwrap();
+        check_scratch_room(dir.path(), 1 << 20).unwrap();
+        let e = format!("{:#}", check_scratch_room(dir.path(), u64::MAX / 4).unwrap_err());
+        assert!(e.contains("MiB are free") && e.contains("--drill-scratch-dir") && e.contains("not judged"), "{e}");
+        assert_eq!(scratch_needed(100 << 20), (200 << 20) + (64 << 20));
+    }
 }

@@ -5,7 +5,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use ferry_common::protocol::{
-    expect_frame, read_frame, write_frame, AgentMsg, JobRequest, RenewReply, RenewedCredentials,
+    expect_frame, read_frame_within, write_frame, AgentMsg, JobRequest, RenewReply, RenewedCredentials,
+    MAX_AGENT_MESSAGE_FRAME,
 };
 use ferry_common::resources::Timestamp;
 use tokio_util::sync::CancellationToken;
@@ -79,7 +80,7 @@ async fn reports(
 ) -> Result<()> {
     loop {
         let msg = tokio::select! {
-            m = read_frame::<_, AgentMsg>(recv) => m.context("read agent report")?,
+            m = read_frame_within::<_, AgentMsg>(recv, MAX_AGENT_MESSAGE_FRAME) => m.context("read agent report")?,
             () = cancel.cancelled() => return Ok(()),
         };
         match msg {

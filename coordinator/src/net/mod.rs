@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_common::protocol::{
-    expect_frame, read_frame, write_frame, AdminRequest, Hello, HelloReply, Intent, PROTOCOL_VERSION,
+    expect_frame_within, read_frame_within, write_frame, AdminRequest, Hello, HelloReply, Intent,
+    MAX_AGENT_MESSAGE_FRAME, MAX_FRAME, MAX_HELLO_FRAME, PROTOCOL_VERSION,
 };
 use ferry_common::tls::{certificate_serial, Identity};
 use rustls::pki_types::CertificateDer;
@@ -43,7 +44,7 @@ pub struct Server {
     connections: CancellationToken,
     tracker: TaskTracker,
     /// Open connections per identity.
-    open: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    caps: Caps,
     /// Set when shutdown begins: new connections are still answered, with a refusal that says why.
     shutting_down: CancellationToken,
 }
@@ -56,7 +57,7 @@ impl Server {
             credentials,
             connections: CancellationToken::new(),
             tracker: TaskTracker::new(),
-            open: Default::default(),
+            caps: Caps::default(),
             shutting_down: CancellationToken::new(),
         })
     }
@@ -102,30 +103,7 @@ impl Server {
                 // Wrong CA, wrong ALPN, a scanner: the client's problem, not ours.
                 Err(e) => return warn!(%remote, "refused a connection: TLS handshake failed: {e}"),
             };
-            let (identity, serial) = match peer_identity(&conn) {
-                Ok(i) => i,
-                Err(e) => {
-                    warn!(%remote, "refused a connection: {e:#}");
-                    return conn.close(1u32.into(), b"no ferry identity in certificate");
-                }
-            };
-            let key = match &identity {
-                Identity::Admin => "admin".to_string(),
-                Identity::AdminReadOnly => "admin-ro".to_string(),
-                Identity::Agent { cluster, member } => format!("agent/{cluster}/{member}"),
-            };
-            // Certificates must be recorded and not revoked; registered first so a revocation closes it.
-            let _admitted = match self.credentials.admit(&serial, &identity, &conn) {
-                Ok(open) => open,
-                Err(e) => {
-                    warn!(%remote, identity = %key, "refused a connection: {e}");
-                    return conn.close(3u32.into(), e.to_string().as_bytes());
-                }
-            };
-            let Some(_slot) = ConnectionSlot::take(&self, &key) else {
-                warn!(%remote, identity = %key, "refused a connection: {MAX_CONNECTIONS_PER_IDENTITY} already open for this identity");
-                return conn.close(2u32.into(), b"too many connections for this identity");
-            };
+            let Ok((identity, serial, _admitted, _slot)) = admit(&self.credentials, &self.caps, &conn) else { return };
             let span = match &identity {
                 Identity::Admin => info_span!("admin", %remote),
                 Identity::AdminReadOnly => info_span!("admin-ro", %remote),
@@ -144,15 +122,23 @@ impl Server {
 
 /// While this replica does not lead (several replicas on one state etcd): accepts connections until `stop`
 /// fires and tells every client which replica leads ([`HelloReply::NotLeader`]); ferryctl and agents dial it.
-pub async fn redirect_to_leader(endpoint: quinn::Endpoint, election: Election, stop: CancellationToken) {
+/// A follower admits exactly whom the leader would (recorded, unrevoked certificates, the per-identity cap):
+/// a revoked certificate learns nothing from it, and one certificate cannot hold thousands of its connections.
+pub async fn redirect_to_leader(
+    endpoint: quinn::Endpoint,
+    election: Election,
+    credentials: Credentials,
+    stop: CancellationToken,
+) {
     let tracker = TaskTracker::new();
+    let caps = Caps::default();
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
             () = stop.cancelled() => break,
         };
         let Some(incoming) = incoming else { break };
-        let election = election.clone();
+        let (election, credentials, caps) = (election.clone(), credentials.clone(), caps.clone());
         tracker.spawn(async move {
             let remote = incoming.remote_address();
             let conn = match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
@@ -160,6 +146,7 @@ pub async fn redirect_to_leader(endpoint: quinn::Endpoint, election: Election, s
                 Ok(Err(e)) => return warn!(%remote, "refused a connection: TLS handshake failed: {e}"),
                 Err(_) => return,
             };
+            let Ok((_identity, _serial, _admitted, _slot)) = admit(&credentials, &caps, &conn) else { return };
             if let Err(e) = say_not_leader(&conn, &election).await {
                 debug!(%remote, "redirect to the leader failed: {e:#}");
             }
@@ -183,7 +170,7 @@ async fn accept_hello(conn: &quinn::Connection) -> Result<(quinn::SendStream, qu
         .await
         .context("no stream within the hello timeout")?
         .context("accept first stream")?;
-    let hello: Hello = tokio::time::timeout(HELLO_TIMEOUT, expect_frame(&mut recv))
+    let hello: Hello = tokio::time::timeout(HELLO_TIMEOUT, expect_frame_within(&mut recv, MAX_HELLO_FRAME))
         .await
         .context("no hello within the timeout")?
         .context("read hello")?;
@@ -199,33 +186,81 @@ async fn final_reply(conn: &quinn::Connection, send: &mut quinn::SendStream, rep
     Ok(())
 }
 
+/// Open connections per identity, capped at [`MAX_CONNECTIONS_PER_IDENTITY`]; cheap to clone.
+#[derive(Clone, Default)]
+struct Caps(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
+
 /// One open connection counted against its identity's cap; released on drop.
 struct ConnectionSlot {
-    server: Arc<Server>,
+    caps: Caps,
     key: String,
 }
 
-impl ConnectionSlot {
-    fn take(server: &Arc<Server>, key: &str) -> Option<Self> {
-        let mut open = crate::lock(&server.open);
+impl Caps {
+    fn take(&self, key: &str) -> Option<ConnectionSlot> {
+        let mut open = crate::lock(&self.0);
         let n = open.entry(key.to_string()).or_default();
         if *n >= MAX_CONNECTIONS_PER_IDENTITY {
             return None;
         }
         *n += 1;
-        Some(Self { server: server.clone(), key: key.to_string() })
+        Some(ConnectionSlot { caps: self.clone(), key: key.to_string() })
     }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        let mut open = crate::lock(&self.server.open);
+        let mut open = crate::lock(&self.caps.0);
         if let Some(n) = open.get_mut(&self.key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 open.remove(&self.key);
             }
         }
+    }
+}
+
+/// Who may hold a connection at all, on the leader and on every follower alike: a client certificate with a
+/// Ferry identity, recorded and not revoked, within its identity's connection cap. `Err` closes `conn` with
+/// the reason (and logs it).
+fn admit(
+    credentials: &Credentials,
+    caps: &Caps,
+    conn: &quinn::Connection,
+) -> std::result::Result<(Identity, String, crate::credentials::OpenConnection, ConnectionSlot), ()> {
+    let remote = conn.remote_address();
+    let (identity, serial) = match peer_identity(conn) {
+        Ok(i) => i,
+        Err(e) => {
+            warn!(%remote, "refused a connection: {e:#}");
+            conn.close(1u32.into(), b"no ferry identity in certificate");
+            return Err(());
+        }
+    };
+    let key = identity_key(&identity);
+    // Certificates must be recorded and not revoked; registered first so a revocation closes it.
+    let admitted = match credentials.admit(&serial, &identity, conn) {
+        Ok(open) => open,
+        Err(e) => {
+            warn!(%remote, identity = %key, "refused a connection: {e}");
+            conn.close(3u32.into(), e.to_string().as_bytes());
+            return Err(());
+        }
+    };
+    let Some(slot) = caps.take(&key) else {
+        warn!(%remote, identity = %key, "refused a connection: {MAX_CONNECTIONS_PER_IDENTITY} already open for this identity");
+        conn.close(2u32.into(), b"too many connections for this identity");
+        return Err(());
+    };
+    Ok((identity, serial, admitted, slot))
+}
+
+/// The key an identity's connections are counted under.
+fn identity_key(identity: &Identity) -> String {
+    match identity {
+        Identity::Admin => "admin".to_string(),
+        Identity::AdminReadOnly => "admin-ro".to_string(),
+        Identity::Agent { cluster, member } => format!("agent/{cluster}/{member}"),
     }
 }
 
@@ -265,10 +300,13 @@ impl Server {
         match (&identity, hello.intent) {
             (_, Intent::Request) => {
                 // A request must arrive as promptly as the hello: an open connection that says nothing is dropped.
-                let Some(request): Option<AdminRequest> = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv))
-                    .await
-                    .context("no request within the timeout")?
-                    .context("read request")?
+                // An agent's (only `Restore`) is small; an admin's `apply` may be large.
+                let max = if matches!(identity, Identity::Agent { .. }) { MAX_AGENT_MESSAGE_FRAME } else { MAX_FRAME };
+                let Some(request): Option<AdminRequest> =
+                    tokio::time::timeout(HELLO_TIMEOUT, read_frame_within(&mut recv, max))
+                        .await
+                        .context("no request within the timeout")?
+                        .context("read request")?
                 else {
                     // A hello and a clean end: `ferryctl version` asking only for the versions.
                     debug!("hello only (a version check)");

@@ -204,7 +204,7 @@ pub(super) struct PendingLocal {
     object: PathBuf,
     file: Option<tokio::fs::File>,
     /// Every check of a restore, over the bytes as they arrive.
-    check: StreamCheck,
+    pub(super) check: StreamCheck,
     done: bool,
 }
 

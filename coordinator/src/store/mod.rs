@@ -423,6 +423,18 @@ impl Pending {
         }
     }
 
+    /// Has the commit check compare the snapshot's etcd members with the ids the cluster's connected agents
+    /// report (`StreamCheck::expect_members`): another cluster's snapshot is refused. Before the first byte.
+    pub fn expect_members(&mut self, reported: Vec<u64>) -> Result<(), StoreError> {
+        match &mut self.kind {
+            PendingKind::Local(p) => p.check.expect_members(reported).map_err(|e| StoreError::Mismatch(e.to_string())),
+            PendingKind::S3(p) => {
+                p.expected_members = reported;
+                Ok(())
+            }
+        }
+    }
+
     /// Appends bytes the agent sent on the job stream (local store).
     pub async fn write(&mut self, data: &[u8], cancel: &CancellationToken) -> Result<(), StoreError> {
         if let Some(f) = &self.failures {

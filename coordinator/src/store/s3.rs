@@ -18,7 +18,7 @@ use base64::Engine as _;
 use ferry_common::encryption::Identities;
 use ferry_common::protocol::{PartDigest, PresignedRequest, S3Upload, UploadedPart, MAX_PARTS, PRESIGNED_EXPIRY};
 use ferry_common::resources::{EtcdBackupS3ConfigSpec, EtcdBackupSpec, Timestamp};
-use ferry_common::s3::{self as common_s3, with_retries, S3Error, S3ErrorKind};
+use ferry_common::s3::{self as common_s3, with_quick_retries, with_retries, S3Error, S3ErrorKind};
 use ferry_common::snapshot::{SnapshotError, StreamCheck};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -206,7 +206,7 @@ impl S3Store {
         let key = object_key(&conn.spec, cluster, &id);
         let bucket = &conn.spec.bucket;
         let what = format!("create multipart upload s3://{bucket}/{key}");
-        let upload_id = with_retries(cancel, &what, || async {
+        let upload_id = with_quick_retries(cancel, &what, || async {
             let r = conn
                 .client
                 .create_multipart_upload()
@@ -251,6 +251,7 @@ impl S3Store {
             upload_id: Some(upload_id),
             target,
             opener: None,
+            expected_members: Vec::new(),
             announced: Mutex::new(HashMap::new()),
         })
     }
@@ -307,7 +308,7 @@ impl S3Store {
         let mut keys = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let page = with_retries(cancel, &what, || async {
+            let page = with_quick_retries(cancel, &what, || async {
                 conn.client
                     .list_objects_v2()
                     .bucket(bucket)
@@ -506,6 +507,8 @@ pub(super) struct PendingUpload {
     pub(super) target: S3Upload,
     /// The coordinator's identities, when they open this backup's recipients: the check opens the object.
     pub(super) opener: Option<Identities>,
+    /// The etcd member ids the cluster's agents report, compared with the snapshot's at the read-back.
+    pub(super) expected_members: Vec<u64>,
     /// What the agent announced of each part before its URL was signed: fixed at the first announcement.
     announced: Mutex<HashMap<u32, PartDigest>>,
 }
@@ -569,7 +572,7 @@ impl PendingUpload {
         let mut stored = Vec::new();
         let mut marker: Option<String> = None;
         loop {
-            let page = with_retries(cancel, &what, || async {
+            let page = with_quick_retries(cancel, &what, || async {
                 conn.client
                     .list_parts()
                     .bucket(bucket)
@@ -679,6 +682,7 @@ impl PendingUpload {
         if let Some(ids) = &self.opener {
             check.open_with(ids.clone()).map_err(mismatch)?;
         }
+        check.expect_members(self.expected_members.clone()).map_err(mismatch)?;
         loop {
             let piece = tokio::select! {
                 p = body.try_next() => p,
@@ -718,7 +722,7 @@ impl PendingUpload {
             .map(bytes::Bytes::from)
             .map_err(|e| StoreError::Corrupt(format!("encode manifest: {e}")))?;
         let what = format!("write manifest s3://{bucket}/{mkey}");
-        with_retries(cancel, &what, || async {
+        with_quick_retries(cancel, &what, || async {
             conn.client
                 .put_object()
                 .bucket(bucket)

@@ -325,20 +325,38 @@ async fn hostile_sealed_backup(
     raw: &[u8],
     to: &str,
 ) -> anyhow::Result<(Vec<String>, JobReply)> {
+    let object = seal(&[to], zstd)?;
+    hostile_object_backup(coordinator, evil, &object, zstd, raw).await
+}
+
+/// `zstd` sealed with age to `to`.
+fn seal(to: &[&str], zstd: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let recipients: Vec<String> = to.iter().map(|r| (*r).to_owned()).collect();
+    let mut sealer = Sealer::new(&parse_recipients(&recipients)?)?;
+    let mut object = Vec::new();
+    for piece in zstd.chunks(256 * 1024) {
+        object.extend(sealer.seal(piece)?);
+    }
+    object.extend(sealer.finish()?.0);
+    Ok(object)
+}
+
+/// Plays a hostile agent of "evil" that stores `object` as the encrypted backup of `zstd` (of `raw`).
+async fn hostile_object_backup(
+    coordinator: &Coordinator,
+    evil: &HostileAgent,
+    object: &[u8],
+    zstd: &[u8],
+    raw: &[u8],
+) -> anyhow::Result<(Vec<String>, JobReply)> {
     coordinator.manual_backup("evil").await?;
     let mut job = evil.next_job(HOSTILE_TIMEOUT).await?;
     let JobRequest::Backup(request) = &job.request else { anyhow::bail!("not a backup job: {:?}", job.request) };
     let recipients = request.recipients.clone();
     write_frame(&mut job.send, &JobMsg::Started(sane_facts(1))).await?;
-    let mut sealer = Sealer::new(&parse_recipients(&[to.to_owned()])?)?;
-    for piece in zstd.chunks(256 * 1024) {
-        let sealed = sealer.seal(piece)?;
-        if !sealed.is_empty() {
-            write_frame(&mut job.send, &JobMsg::Data(sealed)).await?;
-        }
+    for piece in object.chunks(256 * 1024) {
+        write_frame(&mut job.send, &JobMsg::Data(piece.to_vec())).await?;
     }
-    let (last, sealed) = sealer.finish()?;
-    write_frame(&mut job.send, &JobMsg::Data(last)).await?;
     let summary = BackupSummary {
         raw_size: raw.len() as u64,
         raw_sha256: Sha256::digest(raw).into(),
@@ -348,10 +366,60 @@ async fn hostile_sealed_backup(
         started_at: Timestamp::now(),
         finished_at: Timestamp::now(),
         parts: Vec::new(),
-        sealed: Some(SealedObject { size: sealed.bytes }),
+        sealed: Some(SealedObject { size: object.len() as u64 }),
     };
     write_frame(&mut job.send, &JobMsg::Finished(summary)).await?;
     Ok((recipients, expect_frame(&mut job.recv).await?))
+}
+
+/// Issue 26, finding 7: the member that seals could sidestep encryption. Without a coordinator identity an
+/// age header followed by the plain zstd stream was committed as encrypted; a member could add its own
+/// recipient unseen. The coordinator now reads the age header without a key: one X25519 stanza per
+/// configured recipient, and exactly the size age gives the declared zstd stream.
+#[tokio::test]
+async fn a_member_cannot_skip_the_encryption_or_add_its_own_recipient() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    etcd.put_keys(50).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let recipient = ferry_common::encryption::keygen().recipient;
+    let own = ferry_common::encryption::keygen().recipient;
+    let creds = coordinator.issue_agent_credentials("evil", "m1").await?;
+    let mut evil = HostileAgent::connect(&coordinator, &creds).await?;
+    evil.report(sane_facts(1)).await?;
+    coordinator.wait_agents_connected("evil", &["m1"], HOSTILE_TIMEOUT).await?;
+    set_backup_configuration(&coordinator, "evil", json!({"encryption": {"recipients": [recipient]}})).await?.ok()?;
+    let snapshot = etcd_snapshot(etcd.member(0).client_url()).await?;
+    let zstd = zstd::encode_all(&snapshot[..], 3)?;
+
+    // An age header (of a real sealing to the recipient) in front of the plain zstd stream.
+    let sealed = seal(&[&recipient], &zstd)?;
+    let header = ferry_common::encryption::AgeHeader::parse(&sealed)?;
+    let mut plain_behind = sealed[..header.len].to_vec();
+    plain_behind.extend_from_slice(&zstd);
+    let two = seal(&[&recipient, &own], &zstd)?;
+    let cases: [(&str, &[u8], &str); 2] = [
+        ("the plain snapshot behind an age header", &plain_behind, "not the size age gives"),
+        ("sealed to the cluster's recipient and the member's own", &two, "different number of recipients"),
+    ];
+    let mut previous: Option<Value> = None;
+    for (what, object, refusal) in cases {
+        let (_, reply) = hostile_object_backup(&coordinator, &evil, object, &zstd, &snapshot).await?;
+        assert!(matches!(reply, JobReply::Failed { .. }), "{what} was committed: {reply:?}");
+        let status = match &previous {
+            None => coordinator.wait_backup_status("evil", HOSTILE_TIMEOUT).await?,
+            Some(p) => coordinator.wait_next_backup_status("evil", p, HOSTILE_TIMEOUT).await?,
+        };
+        assert!(status["error"].as_str().is_some_and(|e| e.contains(refusal)), "{what}: {status:#}");
+        assert!(coordinator.backups("evil").await?.is_empty(), "{what} was listed");
+        previous = Some(status);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    // Sealed as asked: committed.
+    let (_, reply) = hostile_object_backup(&coordinator, &evil, &sealed, &zstd, &snapshot).await?;
+    assert!(matches!(reply, JobReply::Committed), "{reply:?}");
+    evil.close().await;
+    assert_no_unexpected_errors(coordinator.log_path(), &["not the size age gives", "different number of recipients"]);
+    Ok(())
 }
 
 #[tokio::test]

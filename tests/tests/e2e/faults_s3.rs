@@ -499,3 +499,24 @@ impl Coordinator {
         self.ctl().run(&["backup", "download", CLUSTER, id, "-o", &out.display().to_string()]).await
     }
 }
+
+/// A stalled S3 (connections accepted, requests never answered) held `get etcdbackup` for the long attempt
+/// timeout of large transfers, 120 s per attempt, about 10 minutes per call (issue 26, finding 14). Listings,
+/// HEADs and manifest reads now give an attempt 10 s: two stalled listings cost about 20 s, and the third
+/// attempt answers.
+#[tokio::test]
+async fn a_stalled_s3_costs_a_listing_seconds_not_minutes() -> anyhow::Result<()> {
+    let rig = Rig::start(1).await?;
+    rig.backup_ok().await?;
+    let listing =
+        Rule::new(|r: &Request| r.method == "GET" && r.query.contains("list-type=2"), When::First(2), Answer::Stall);
+    rig.proxy.set(Faults { rules: vec![listing.clone()], ..Faults::default() });
+    let started = Instant::now();
+    let listed = rig.coordinator.ctl().list_json("etcdbackup", None).await.context("the third attempt answers")?;
+    let took = started.elapsed();
+    assert_eq!(listed.len(), 1, "{listed:#?}");
+    assert_eq!(listing.hits(), 2, "both stalls were met");
+    assert!(took < Duration::from_secs(40), "two stalled listings took {took:?}");
+    eprintln!("FAULT s3-stalled-listing: two stalled attempts, listing answered after {took:?}");
+    Ok(())
+}

@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::fixtures::hostile::{handshake_only, redirect_answer};
 use crate::fixtures::logs::log_tail;
 use crate::fixtures::ports::free_port;
 use crate::fixtures::{
@@ -222,6 +223,42 @@ async fn a_backup_asked_for_right_after_the_leader_died_waits_for_its_agents_and
     let backups = replicas[survivors[0]].backups("alpha").await?;
     let ids: HashSet<&str> = backups.iter().filter_map(|b| b["metadata"]["id"].as_str()).collect();
     assert_eq!((backups.len(), ids.len()), (2, 2), "each backup listed exactly once: {backups:#?}");
+    Ok(())
+}
+
+/// Issue 26, finding 11: a follower replica admits exactly whom the leader would. Before, it redirected any
+/// certificate signed by the CA (revoked ones too), without the per-identity cap, and read 16 MiB hellos.
+#[tokio::test]
+async fn a_follower_admits_only_whom_the_leader_would() -> anyhow::Result<()> {
+    const CAP: usize = 16; // coordinator::net::MAX_CONNECTIONS_PER_IDENTITY
+    let s3 = S3Server::start().await?;
+    let state = EtcdCluster::start(1).await?;
+    let (replicas, addresses) = start_replicas(&s3, &state, &[]).await?;
+    let leader = wait_new_leader(&state, None, TAKEOVER).await?;
+    let lead = index_of(&addresses, &leader)?;
+    let follower = &replicas[(lead + 1) % 3];
+    let creds = replicas[lead].issue_agent_credentials("evil", "m1").await?;
+    let named = redirect_answer(&follower.addr(), &creds).await?;
+    assert!(named.as_deref().is_some_and(|l| l.contains(&leader)), "the follower names the leader: {named:?}");
+
+    // One certificate holding connections that never say hello: at most CAP of them on the follower too.
+    let mut held = Vec::new();
+    for _ in 0..CAP + 4 {
+        held.push(handshake_only(&follower.addr(), &creds).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let closed = held.iter().filter(|(_, c)| c.close_reason().is_some()).count();
+    assert_eq!(closed, 4, "the follower caps one identity's connections at {CAP}");
+    for (endpoint, conn) in held {
+        conn.close(0u32.into(), b"done");
+        endpoint.close(0u32.into(), b"done");
+    }
+
+    // Revoked: the follower refuses it too, instead of telling it where the leader is.
+    replicas[lead].ctl().run(&["agent-credentials", "revoke", "--cluster", "evil", "--member", "m1"]).await?.ok()?;
+    let refused = redirect_answer(&follower.addr(), &creds).await;
+    let why = format!("{:#}", refused.err().context("a revoked certificate was redirected by a follower")?);
+    assert!(why.contains("revoked"), "{why}");
     Ok(())
 }
 

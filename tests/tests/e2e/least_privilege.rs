@@ -537,6 +537,174 @@ async fn one_agent_certificate_cannot_open_connections_without_bound() -> anyhow
     Ok(())
 }
 
+/// Issue 26, finding 2 (in part): a backup is bound to its cluster. The members of cluster "evil" report the
+/// etcd member ids of their etcd (a 3-member cluster); whichever of them gets the job sends a valid snapshot of
+/// *another* etcd, with every hash right: refused, since its `members` bucket holds none of the ids the
+/// cluster's members report. Its own etcd's snapshot is committed.
+#[tokio::test]
+async fn a_snapshot_of_another_etcd_cluster_is_refused_by_its_members() -> anyhow::Result<()> {
+    let own = EtcdCluster::start(3).await?;
+    own.put_keys(20).await?;
+    let other = EtcdCluster::start(1).await?;
+    other.put_keys(20).await?;
+    let mut client = own.client().await?;
+    let ids: Vec<u64> = client.member_list().await?.members().iter().map(|m| m.id()).collect();
+    anyhow::ensure!(ids.len() == 3, "three members: {ids:?}");
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let mut agents = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let member = format!("m{}", i + 1);
+        let creds = coordinator.issue_agent_credentials("evil", &member).await?;
+        let mut a = HostileAgent::connect(&coordinator, &creds).await?;
+        a.report(EtcdFacts { leader: i == 0, leader_id: ids[0], ..sane_facts(*id) }).await?;
+        agents.push(a);
+    }
+    coordinator.wait_agents_connected("evil", &["m1", "m2", "m3"], BACKUP_TIMEOUT).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let foreign = etcd_snapshot(other.member(0).client_url()).await?;
+    let genuine = etcd_snapshot(own.member(0).client_url()).await?;
+    for (what, snapshot, committed) in [("another etcd's snapshot", &foreign, false), ("its own", &genuine, true)] {
+        let previous = coordinator.backup_status("evil").await.unwrap_or_default();
+        coordinator.manual_backup("evil").await?;
+        // Whichever member is chosen answers, and so does each the coordinator fails over to.
+        let mut replies = Vec::new();
+        let status = loop {
+            let job = tokio::select! {
+                j = agents[0].next_job(BACKUP_TIMEOUT) => j?,
+                j = agents[1].next_job(BACKUP_TIMEOUT) => j?,
+                j = agents[2].next_job(BACKUP_TIMEOUT) => j?,
+                s = coordinator.wait_next_backup_status("evil", &previous, BACKUP_TIMEOUT) => break s?,
+            };
+            replies.push(send_snapshot(job, snapshot, sane_facts(ids[1])).await?);
+        };
+        let any_committed = replies.iter().any(|r| matches!(r, JobReply::Committed));
+        assert_eq!(any_committed, committed, "{what}: {replies:?} {status:#}");
+        if !committed {
+            assert!(status["error"].as_str().unwrap_or_default().contains("not the cluster's"), "{what}: {status:#}");
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    assert_eq!(coordinator.backups("evil").await?.len(), 1, "only its own snapshot is listed");
+    for a in agents {
+        a.close().await;
+    }
+    Ok(())
+}
+
+/// Plays the agent of `job`: sends `raw` (zstd-compressed, with every hash right) as its snapshot taken at
+/// `facts`, and returns the coordinator's verdict.
+async fn send_snapshot(
+    mut job: crate::fixtures::hostile::HostileJob,
+    raw: &[u8],
+    facts: EtcdFacts,
+) -> anyhow::Result<JobReply> {
+    write_frame(&mut job.send, &JobMsg::Started(facts)).await?;
+    let stored = zstd::encode_all(raw, 3)?;
+    write_frame(&mut job.send, &JobMsg::Data(stored.clone())).await?;
+    let summary = BackupSummary {
+        raw_size: raw.len() as u64,
+        raw_sha256: Sha256::digest(raw).into(),
+        compressed_size: stored.len() as u64,
+        compressed_sha256: Sha256::digest(&stored).into(),
+        zstd_level: 3,
+        started_at: Timestamp::now(),
+        finished_at: Timestamp::now(),
+        parts: Vec::new(),
+        sealed: None,
+    };
+    write_frame(&mut job.send, &JobMsg::Finished(summary)).await?;
+    Ok(expect_frame(&mut job.recv).await?)
+}
+
+/// Issue 26, finding 8: a 66 KB upload declared as a 2 GiB snapshot was committed, and every drill then wrote
+/// 4 GiB. A snapshot more than twice the database size the cluster's members report is not believed.
+#[tokio::test]
+async fn a_snapshot_declared_far_larger_than_the_database_is_refused() -> anyhow::Result<()> {
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let creds = coordinator.issue_agent_credentials("evil", "m1").await?;
+    let mut evil = HostileAgent::connect(&coordinator, &creds).await?;
+    evil.report(sane_facts(1)).await?; // a 1 MiB database
+    coordinator.wait_agents_connected("evil", &["m1"], BACKUP_TIMEOUT).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    coordinator.manual_backup("evil").await?;
+    let mut job = evil.next_job(BACKUP_TIMEOUT).await?;
+    write_frame(&mut job.send, &JobMsg::Started(sane_facts(1))).await?;
+    let stored = zstd::encode_all(&vec![0u8; 1 << 20][..], 19)?;
+    write_frame(&mut job.send, &JobMsg::Data(stored.clone())).await?;
+    let summary = BackupSummary {
+        raw_size: 2 << 30,
+        raw_sha256: [0; 32],
+        compressed_size: stored.len() as u64,
+        compressed_sha256: Sha256::digest(&stored).into(),
+        zstd_level: 19,
+        started_at: Timestamp::now(),
+        finished_at: Timestamp::now(),
+        parts: Vec::new(),
+        sealed: None,
+    };
+    write_frame(&mut job.send, &JobMsg::Finished(summary)).await?;
+    let status = coordinator.wait_backup_status("evil", BACKUP_TIMEOUT).await?;
+    assert_eq!(status["status"], STATUS_ERROR, "{status:#}");
+    assert!(status["error"].as_str().unwrap_or_default().contains("twice the database size"), "{status:#}");
+    assert!(coordinator.backups("evil").await?.is_empty());
+    evil.close().await;
+    Ok(())
+}
+
+/// Issue 26, finding 12: one agent certificate reconnecting in a loop (1 174 times in 20 s in the review) cost
+/// three state writes per connection and nothing reported it. Now a member's record is written at most every
+/// few seconds (a disconnect the record does not show yet excepted), and every reconnect is counted in
+/// `ferry_agent_reconnects_total`, which `FerryAgentReconnectLoop` alerts on.
+#[tokio::test]
+async fn one_certificate_reconnecting_in_a_loop_is_counted_and_costs_few_writes() -> anyhow::Result<()> {
+    const LOOPS: usize = 60;
+    let metrics_port = crate::fixtures::ports::free_port();
+    let options = CoordinatorOptions {
+        extra_args: vec!["--metrics-listen".into(), format!("127.0.0.1:{metrics_port}")],
+        ..CoordinatorOptions::default()
+    };
+    let coordinator = Coordinator::start(options).await?;
+    let creds = coordinator.issue_agent_credentials("evil", "m1").await?;
+    let version = |c: &Coordinator| {
+        let ctl = c.ctl();
+        async move {
+            let a = ctl.get_json("agent", Some("evil/m1")).await?;
+            anyhow::Ok(a["metadata"]["version"].as_u64().unwrap_or_default())
+        }
+    };
+    let mut first = HostileAgent::connect(&coordinator, &creds).await?;
+    first.report(sane_facts(1)).await?;
+    coordinator.wait_agents_connected("evil", &["m1"], BACKUP_TIMEOUT).await?;
+    first.close().await;
+    let started = Instant::now();
+    let before = version(&coordinator).await?;
+    for _ in 0..LOOPS {
+        let mut a = HostileAgent::connect(&coordinator, &creds).await?;
+        a.report(sane_facts(1)).await?;
+        a.close().await;
+    }
+    let took = started.elapsed();
+    // Let the last disconnect land, then count.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let writes = version(&coordinator).await? - before;
+    let budget = 2 * (took.as_secs() / 5 + 2);
+    assert!(
+        writes <= budget,
+        "{LOOPS} reconnects in {took:?} wrote the agent's record {writes} times (budget {budget})"
+    );
+    let (_, text) = crate::observe::http_get(metrics_port, "/metrics")?;
+    let counted = text
+        .lines()
+        .find(|l| l.starts_with("ferry_agent_reconnects_total{") && l.contains("\"evil\"") && l.contains("\"m1\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert_eq!(counted, Some(LOOPS as f64), "every reconnect is counted:\n{text}");
+    // The record ends up saying what is true: disconnected.
+    let agent = coordinator.ctl().get_json("agent", Some("evil/m1")).await?;
+    assert_eq!(agent["spec"]["connected"], false, "{agent:#}");
+    eprintln!("reconnect loop: {LOOPS} connections in {took:?}, {writes} record writes");
+    Ok(())
+}
+
 /// A request connection that asks for a backup and then stops reading is dropped once it makes no progress
 /// (30 s, `api::backups::STREAM_PROGRESS_TIMEOUT`), so it holds no slot, store reader or buffers for long.
 #[tokio::test]
