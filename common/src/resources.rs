@@ -554,7 +554,9 @@ pub struct EncryptionSettings {
 }
 
 /// A retention policy: the newest `keeplast`, plus the newest backup of each of the last `hourly` hours,
-/// `daily` days and `weekly` weeks. The newest successful backup is always kept.
+/// `daily` days and `weekly` weeks. The newest successful backup is always kept, and so is the newest backup
+/// of a second member when everything else kept came from one member (one node's backups are never all
+/// that is left).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Retention {

@@ -213,6 +213,10 @@ async fn take(inner: &Inner, cluster: &str, agent: &LiveAgent) -> Result<Manifes
             // In the background (but joined at shutdown): with S3 down, cleanup retries would hold up the status
             // and the next member.
             inner.tracker.spawn(pending.abort().in_current_span());
+            // Whichever step noticed the shutdown first (a store write says only "cancelled"), say why.
+            if inner.cancel.is_cancelled() {
+                bail!("the coordinator is shutting down; the backup is cancelled");
+            }
             return Err(e);
         }
     };
@@ -325,7 +329,7 @@ async fn stream(
                     highest_part = number;
                     bytes_deadline = tokio::time::Instant::now() + byte_stall;
                 }
-                let request = pending.part_url(number, digest).await.map_err(|e| wrong_path(e, member))?;
+                let request = pending.part_url(number, digest, cancel).await.map_err(|e| wrong_path(e, member))?;
                 write_frame(&mut send, &JobReply::PartUrl { number, request }).await.context("send part URL")?;
             }
             JobMsg::Progress { raw_bytes } => {

@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use ferry_common::resources::{Resource, ResourceType, Retention, Spec, Timestamp};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -32,8 +32,12 @@ pub(super) async fn apply(deps: &JobDeps, cluster: &str, verified: &str, cancel:
     // The store lists only this deployment's backups: another deployment sharing the bucket keeps its own.
     let all = deps.store.list(Some(cluster), cancel).await?;
     let listed: Vec<(String, Timestamp)> = all.iter().map(|m| (m.id.clone(), m.backup.createdat)).collect();
-    for id in to_delete(&listed, &policy).into_iter().filter(|id| id != verified && *id != proved) {
+    let members: Vec<(String, String)> = all.iter().map(|m| (m.id.clone(), m.backup.member.clone())).collect();
+    let doomed = keep_two_members(to_delete(&listed, &policy), &listed, &members);
+    for id in doomed.into_iter().filter(|id| id != verified && *id != proved) {
         let Some(m) = all.iter().find(|m| m.id == id) else { continue };
+        // A deposed leader (stopped past its lease, then resumed) deletes nothing: checked before each delete.
+        deps.state.still_leading().context("retention stops: this replica no longer leads")?;
         match deps.store.delete(m, cancel).await {
             Ok(()) => {}
             Err(e @ StoreError::Foreign(_)) => {
@@ -80,6 +84,33 @@ pub fn to_delete(backups: &[(String, Timestamp)], policy: &Retention) -> Vec<Str
     sorted.iter().filter(|b| !keep.contains(b.0.as_str())).map(|b| b.0.clone()).collect()
 }
 
+/// `doomed` less the newest backup of a second member, when every backup kept came from one member and
+/// another member's exists: a stolen node whose backups are always chosen (or that lies its way to being
+/// chosen) cannot make retention keep only what it sent (issue 26). `members` is `(id, member)`.
+pub fn keep_two_members(
+    mut doomed: Vec<String>,
+    backups: &[(String, Timestamp)],
+    members: &[(String, String)],
+) -> Vec<String> {
+    let member_of = |id: &str| members.iter().find(|(i, _)| i == id).map(|(_, m)| m.as_str());
+    let kept: HashSet<&str> = backups
+        .iter()
+        .map(|(id, _)| id.as_str())
+        .filter(|id| !doomed.iter().any(|d| d == id))
+        .filter_map(member_of)
+        .collect();
+    if kept.len() != 1 {
+        return doomed;
+    }
+    let mut by_age: Vec<&(String, Timestamp)> = backups.iter().collect();
+    by_age.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
+    let other = by_age.iter().find(|(id, _)| member_of(id).is_some_and(|m| !kept.contains(m)));
+    if let Some((id, _)) = other {
+        doomed.retain(|d| d != id);
+    }
+    doomed
+}
+
 /// Checks a policy: one that keeps nothing but the newest backup is almost certainly a mistake.
 pub fn check(policy: &Retention) -> Result<(), String> {
     if policy.keeplast == 0 && policy.hourly == 0 && policy.daily == 0 && policy.weekly == 0 {
@@ -94,6 +125,22 @@ mod tests {
 
     const H: i64 = 3600;
     const D: i64 = 86400;
+
+    #[test]
+    fn the_newest_backup_of_a_second_member_is_kept_too() {
+        let b = vec![at("m1-3", 300), at("m1-2", 200), at("m2-1", 100), at("m3-0", 50)];
+        let members: Vec<(String, String)> =
+            b.iter().map(|(id, _)| (id.clone(), id.split('-').next().unwrap_or_default().to_string())).collect();
+        let keep2 = Retention { keeplast: 2, ..Default::default() };
+        let doomed = keep_two_members(to_delete(&b, &keep2), &b, &members);
+        assert_eq!(sorted(doomed), ["m3-0"], "m2's newest stays beside m1's two");
+        // Two members kept already: the policy alone decides.
+        let keep3 = Retention { keeplast: 3, ..Default::default() };
+        assert_eq!(sorted(keep_two_members(to_delete(&b, &keep3), &b, &members)), ["m3-0"]);
+        // One member only: nothing to add.
+        let solo: Vec<(String, String)> = b.iter().map(|(id, _)| (id.clone(), "m1".to_string())).collect();
+        assert_eq!(sorted(keep_two_members(to_delete(&b, &keep2), &b, &solo)), ["m2-1", "m3-0"]);
+    }
 
     fn at(id: &str, seconds: i64) -> (String, Timestamp) {
         (id.to_string(), Timestamp { seconds, nanos: 0 })

@@ -103,7 +103,10 @@ impl Server {
                 // Wrong CA, wrong ALPN, a scanner: the client's problem, not ours.
                 Err(e) => return warn!(%remote, "refused a connection: TLS handshake failed: {e}"),
             };
-            let Ok((identity, serial, _admitted, _slot)) = admit(&self.credentials, &self.caps, &conn) else { return };
+            let Ok((identity, serial, _admitted, _slot)) = admit(&self.credentials, &self.caps, &conn, Role::Leader)
+            else {
+                return;
+            };
             let span = match &identity {
                 Identity::Admin => info_span!("admin", %remote),
                 Identity::AdminReadOnly => info_span!("admin-ro", %remote),
@@ -146,7 +149,9 @@ pub async fn redirect_to_leader(
                 Ok(Err(e)) => return warn!(%remote, "refused a connection: TLS handshake failed: {e}"),
                 Err(_) => return,
             };
-            let Ok((_identity, _serial, _admitted, _slot)) = admit(&credentials, &caps, &conn) else { return };
+            let Ok((_identity, _serial, _admitted, _slot)) = admit(&credentials, &caps, &conn, Role::Follower) else {
+                return;
+            };
             if let Err(e) = say_not_leader(&conn, &election).await {
                 debug!(%remote, "redirect to the leader failed: {e:#}");
             }
@@ -227,7 +232,8 @@ fn admit(
     credentials: &Credentials,
     caps: &Caps,
     conn: &quinn::Connection,
-) -> std::result::Result<(Identity, String, crate::credentials::OpenConnection, ConnectionSlot), ()> {
+    role: Role,
+) -> std::result::Result<(Identity, String, Option<crate::credentials::OpenConnection>, ConnectionSlot), ()> {
     let remote = conn.remote_address();
     let (identity, serial) = match peer_identity(conn) {
         Ok(i) => i,
@@ -240,7 +246,13 @@ fn admit(
     let key = identity_key(&identity);
     // Certificates must be recorded and not revoked; registered first so a revocation closes it.
     let admitted = match credentials.admit(&serial, &identity, conn) {
-        Ok(open) => open,
+        Ok(open) => Some(open),
+        // A follower cut off from the state etcd cannot look the certificate up. It only names the leader,
+        // which admits for real; refusing would leave clients of a partitioned replica with nowhere to go.
+        Err(crate::credentials::Refused::State(e)) if role == Role::Follower => {
+            debug!(%remote, identity = %key, "redirecting without a certificate check (state store unreachable: {e})");
+            None
+        }
         Err(e) => {
             warn!(%remote, identity = %key, "refused a connection: {e}");
             conn.close(3u32.into(), e.to_string().as_bytes());
@@ -253,6 +265,13 @@ fn admit(
         return Err(());
     };
     Ok((identity, serial, admitted, slot))
+}
+
+/// Where [`admit`] runs: the leader serves, a follower only redirects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Leader,
+    Follower,
 }
 
 /// The key an identity's connections are counted under.

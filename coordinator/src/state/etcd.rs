@@ -396,6 +396,18 @@ impl StateStore for EtcdStore {
         Err(StateError::Conflict(MAX_ATTEMPTS))
     }
 
+    fn still_leading(&self) -> Result<(), StateError> {
+        let Some(fence) = self.fence_compare() else { return Ok(()) };
+        let txn = Txn::new().when([fence]);
+        let mut c = self.client.clone();
+        let holds = run_on(self.rt(), "check the leader's term", async move { Ok(c.txn(txn).await?.succeeded()) })?;
+        if holds {
+            Ok(())
+        } else {
+            Err(StateError::NotLeader)
+        }
+    }
+
     fn put_record(&self, key: &str, value: &[u8]) -> Result<(), StateError> {
         let writes = BTreeMap::from([(format!("{}records/{key}", self.prefix), Some(value.to_vec()))]);
         self.commit(&HashMap::new(), &writes).map(drop)

@@ -103,6 +103,12 @@ pub trait StateStore: Send + Sync {
     fn health(&self) -> Result<(), String> {
         Ok(())
     }
+    /// `Err(NotLeader)` once this replica's term is over (a fenced store: its election key is gone or was
+    /// re-created); `Ok` for a store without replicas. For effects outside the state store (completing an
+    /// upload, deleting backups) that a deposed leader must not make.
+    fn still_leading(&self) -> Result<(), StateError> {
+        Ok(())
+    }
 }
 
 /// The key of a resource record.

@@ -118,6 +118,9 @@ pub enum StoreError {
     /// The backup belongs to another deployment sharing the store.
     #[error("{0}")]
     Foreign(String),
+    /// This replica's term as leader ended: it completes no upload and deletes no backup any more.
+    #[error("this coordinator replica no longer leads; it leaves the backup to the new leader (which aborts it)")]
+    NotLeading,
     /// Injected by the failing wrapper (tests).
     #[error("injected failure: {0}")]
     Injected(String),
@@ -126,7 +129,7 @@ pub enum StoreError {
 impl StoreError {
     /// Whether the store could not be reached or is not set up, as opposed to a fault of the data.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::NotConfigured | Self::S3(_) | Self::Cancelled)
+        matches!(self, Self::NotConfigured | Self::S3(_) | Self::Cancelled | Self::NotLeading)
     }
 
     fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
@@ -447,9 +450,14 @@ impl Pending {
     }
 
     /// A presigned `UploadPart` request for part `number` of this job's upload (S3).
-    pub async fn part_url(&self, number: u32, digest: PartDigest) -> Result<PresignedRequest, StoreError> {
+    pub async fn part_url(
+        &self,
+        number: u32,
+        digest: PartDigest,
+        cancel: &CancellationToken,
+    ) -> Result<PresignedRequest, StoreError> {
         match &self.kind {
-            PendingKind::S3(p) => p.part_url(number, digest).await,
+            PendingKind::S3(p) => p.part_url(number, digest, cancel).await,
             PendingKind::Local(_) => Err(StoreError::WrongPath { store: "local", what: "a request for an S3 part" }),
         }
     }

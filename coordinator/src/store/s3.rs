@@ -123,6 +123,18 @@ impl Shared {
         self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// `Err(NotLeading)` once this replica's term is over (see `StateStore::still_leading`).
+    fn still_leading(&self) -> Result<(), StoreError> {
+        match self.state().map(|s| s.still_leading()) {
+            // Not known to lead (the state etcd did not answer) is not leading: nothing is committed.
+            Some(Err(e)) => {
+                warn!("not committing: this replica cannot show it still leads: {e}");
+                Err(StoreError::NotLeading)
+            }
+            None | Some(Ok(())) => Ok(()),
+        }
+    }
+
     /// Records an open upload before its id is handed out.
     fn remember(&self, u: &OpenUpload) -> Result<(), StoreError> {
         lock(&self.open).insert(u.upload_id.clone());
@@ -517,9 +529,28 @@ impl PendingUpload {
     /// A presigned `UploadPart` request for part `number` of this upload, signed for exactly the bytes `digest`
     /// describes (`Content-MD5`, `x-amz-checksum-sha256` and `Content-Length` are signed headers), and
     /// nothing else. A part asked for again keeps its first digest: one part number, one content.
-    pub(super) async fn part_url(&self, number: u32, digest: PartDigest) -> Result<PresignedRequest, StoreError> {
+    pub(super) async fn part_url(
+        &self,
+        number: u32,
+        digest: PartDigest,
+        cancel: &CancellationToken,
+    ) -> Result<PresignedRequest, StoreError> {
         if !(1..=MAX_PARTS).contains(&number) {
             return Err(StoreError::Mismatch(format!("part number {number} is outside 1..={MAX_PARTS}")));
+        }
+        // A new part's URL only once the parts before those in flight are stored: asking for URLs without
+        // uploading cannot keep a backup "running" (issue 26; the byte-stall deadline moves with new parts).
+        let in_flight = self.target.parts_in_flight.max(1);
+        let first_time = !lock(&self.announced).contains_key(&number);
+        if first_time && number > in_flight + 1 {
+            let stored = self.stored_parts(cancel).await?.len() as u32;
+            let needed = number - 1 - in_flight;
+            if stored < needed {
+                return Err(StoreError::Mismatch(format!(
+                    "part {number} was asked for with {stored} parts stored; the parts before the last {in_flight} \
+                     in flight must be stored first"
+                )));
+            }
         }
         if digest.size == 0 || digest.size > self.target.part_size.max(MIN_PART_SIZE) {
             return Err(StoreError::Mismatch(format!(
@@ -560,11 +591,8 @@ impl PendingUpload {
         Ok(presigned(&p))
     }
 
-    /// Compares the parts the store holds with what the agent announced before each was signed: the same
-    /// numbers, sizes and, where the store reports them, MD5 ETags and SHA-256 checksums. A part written by
-    /// anything but the announced bytes (an `UploadPartCopy` smuggled onto a part's URL, on a server that does
-    /// not refuse unsigned `x-amz-*` headers) is refused here, before the upload is completed.
-    async fn check_stored_parts(&self, reported: usize, cancel: &CancellationToken) -> Result<(), StoreError> {
+    /// The parts the store holds for this upload.
+    async fn stored_parts(&self, cancel: &CancellationToken) -> Result<Vec<aws_sdk_s3::types::Part>, StoreError> {
         let conn = &self.conn;
         let bucket = &conn.spec.bucket;
         let upload_id = self.upload_id.as_deref().ok_or_else(|| StoreError::Mismatch("no upload".into()))?;
@@ -592,6 +620,15 @@ impl PendingUpload {
                 _ => break,
             }
         }
+        Ok(stored)
+    }
+
+    /// Compares the parts the store holds with what the agent announced before each was signed: the same
+    /// numbers, sizes and, where the store reports them, MD5 ETags and SHA-256 checksums. A part written by
+    /// anything but the announced bytes (an `UploadPartCopy` smuggled onto a part's URL, on a server that does
+    /// not refuse unsigned `x-amz-*` headers) is refused here, before the upload is completed.
+    async fn check_stored_parts(&self, reported: usize, cancel: &CancellationToken) -> Result<(), StoreError> {
+        let stored = self.stored_parts(cancel).await?;
         let announced = lock(&self.announced).clone();
         compare_parts(&announced, reported, &stored)
     }
@@ -710,9 +747,13 @@ impl PendingUpload {
         completed: &mut bool,
         cancel: &CancellationToken,
     ) -> Result<Manifest, StoreError> {
+        // A deposed leader (stopped past its lease, then resumed) completes nothing: the new leader aborts the
+        // upload it recorded. Checked again before the manifest, the commit point, after the long read-back.
+        self.shared.still_leading()?;
         self.complete(parts, cancel).await?;
         *completed = true;
         self.verify(&mut spec, cancel).await?;
+        self.shared.still_leading()?;
         let deployment = (!self.deployment.is_empty()).then(|| self.deployment.clone());
         let manifest = Manifest { format: 1, id: self.id.clone(), backup: spec, deployment };
         let conn = &self.conn;

@@ -226,6 +226,76 @@ async fn a_backup_asked_for_right_after_the_leader_died_waits_for_its_agents_and
     Ok(())
 }
 
+/// Sends `signal` (`STOP`, `CONT`) to process `pid`.
+fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let ok = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status()?.success();
+    anyhow::ensure!(ok, "kill -{signal} {pid}");
+    Ok(())
+}
+
+/// Issue 27: a deposed leader does nothing. The leader is stopped (SIGSTOP) in the middle of a backup, past
+/// its lease; another replica takes over, the agents follow it and the stopped leader's upload is aborted.
+/// Resumed, the old leader steps down at once: it starts, stores and deletes no backup, and the interrupted
+/// backup is never listed twice. A backup through the new leader then succeeds.
+#[tokio::test]
+async fn a_leader_stopped_past_its_lease_does_nothing_once_resumed() -> anyhow::Result<()> {
+    let s3 = S3Server::start().await?;
+    let state = EtcdCluster::start(1).await?;
+    let alpha = EtcdCluster::start(1).await?;
+    alpha.put_keys(200).await?;
+    // 12 MiB of incompressible values at 1 MB/s: the backup runs for about 12 s.
+    alpha.put_random_values(12 * MIB, 7).await?;
+    let (replicas, addresses) =
+        start_replicas(&s3, &state, &["--upload-limit-mbps", "8", "--min-backup-interval", "1s"]).await?;
+    let first = wait_new_leader(&state, None, TAKEOVER).await?;
+    let old = index_of(&addresses, &first)?;
+    let _agents = replicas[old].start_agents("alpha", &alpha).await?;
+    let follower = (old + 1) % 3;
+    replicas[follower].manual_backup("alpha").await?;
+    replicas[follower].wait_backup_running("alpha", Duration::from_secs(60)).await?;
+    let pid = replicas[old].pid().context("the leader's pid")?;
+    signal(pid, "STOP")?;
+    let stopped = async {
+        let second = wait_new_leader(&state, Some(&first), TAKEOVER).await?;
+        let lead = index_of(&addresses, &second)?;
+        replicas[lead].wait_agents_connected("alpha", &["m1"], Duration::from_secs(60)).await?;
+        poll_until(
+            "the stopped leader's upload to be aborted",
+            Duration::from_secs(60),
+            Duration::from_millis(500),
+            || async { Ok(s3.leftover_uploads().is_empty().then_some(())) },
+        )
+        .await?;
+        anyhow::Ok(lead)
+    }
+    .await;
+    // Resumed whatever happened, so a failure leaves no stopped process behind.
+    let log_before = std::fs::metadata(replicas[old].log_path())?.len() as usize;
+    signal(pid, "CONT")?;
+    let lead = stopped?;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let log = std::fs::read(replicas[old].log_path())?;
+    let after = String::from_utf8_lossy(&log[log_before.min(log.len())..]).into_owned();
+    for deed in ["backup started", "backup stored", "retention deleted", "elected leader"] {
+        assert!(!after.contains(deed), "the resumed old leader logged {deed:?}:\n{after}");
+    }
+    let listed = replicas[lead].backups("alpha").await?;
+    assert!(listed.len() <= 1, "the interrupted backup is listed at most once: {listed:#?}");
+    let before = listed.len();
+    let previous = replicas[lead].backup_status("alpha").await?;
+    let second_run = unix_now();
+    while unix_now() <= second_run {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    replicas[lead].manual_backup("alpha").await?;
+    let done = replicas[lead].wait_next_backup_status("alpha", &previous, Duration::from_secs(90)).await?;
+    assert_eq!(done["status"], STATUS_OK, "the backup through the new leader: {done:#}");
+    let listed = replicas[lead].backups("alpha").await?;
+    let ids: HashSet<&str> = listed.iter().filter_map(|b| b["metadata"]["id"].as_str()).collect();
+    assert_eq!((listed.len(), ids.len()), (before + 1, before + 1), "{listed:#?}");
+    Ok(())
+}
+
 /// Issue 26, finding 11: a follower replica admits exactly whom the leader would. Before, it redirected any
 /// certificate signed by the CA (revoked ones too), without the per-identity cap, and read 16 MiB hellos.
 #[tokio::test]

@@ -591,6 +591,39 @@ async fn a_snapshot_of_another_etcd_cluster_is_refused_by_its_members() -> anyho
     Ok(())
 }
 
+/// Issue 26, finding 10: a member held its cluster's backup "running" with no bytes by asking for a new part
+/// URL every 119 s (each new part moved the byte-stall deadline). A part's URL is now handed out only once the
+/// parts before those in flight are stored.
+#[tokio::test]
+async fn part_urls_are_not_handed_out_ahead_of_stored_parts() -> anyhow::Result<()> {
+    let s3 = S3Server::start().await?;
+    let coordinator = Coordinator::start_s3(&s3, CoordinatorOptions::s3(&["--upload-parts-in-flight", "2"])).await?;
+    let creds = coordinator.issue_agent_credentials("evil", "m1").await?;
+    let mut evil = HostileAgent::connect(&coordinator, &creds).await?;
+    evil.report(sane_facts(1)).await?;
+    coordinator.wait_agents_connected("evil", &["m1"], BACKUP_TIMEOUT).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    coordinator.manual_backup("evil").await?;
+    let mut job = evil.next_job(BACKUP_TIMEOUT).await?;
+    write_frame(&mut job.send, &JobMsg::Started(sane_facts(1))).await?;
+    // Parts 1..=3 (two in flight, one more being cut) are handed out with nothing stored; part 4 is not.
+    for number in 1..=4u32 {
+        let part = vec![number as u8; 1024];
+        write_frame(&mut job.send, &JobMsg::PartUrl { number, digest: PartDigest::of(&part) }).await?;
+        let reply = tokio::time::timeout(Duration::from_secs(20), read_frame::<_, JobReply>(&mut job.recv)).await?;
+        match (number, reply) {
+            (1..=3, Ok(Some(JobReply::PartUrl { number: n, .. }))) if n == number => {}
+            (4, Ok(None) | Err(_)) => {}
+            (n, other) => anyhow::bail!("part {n}: {other:?}"),
+        }
+    }
+    let status = coordinator.wait_backup_status("evil", BACKUP_TIMEOUT).await?;
+    assert_eq!(status["status"], STATUS_ERROR, "{status:#}");
+    assert!(status["error"].as_str().unwrap_or_default().contains("must be stored first"), "{status:#}");
+    evil.close().await;
+    Ok(())
+}
+
 /// Plays the agent of `job`: sends `raw` (zstd-compressed, with every hash right) as its snapshot taken at
 /// `facts`, and returns the coordinator's verdict.
 async fn send_snapshot(
