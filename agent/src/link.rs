@@ -12,11 +12,13 @@ use ferry_common::backoff::Backoff;
 use ferry_common::client::{bind_address_for, coordinator_addresses};
 use ferry_common::config::AgentCredentials;
 use ferry_common::protocol::{
-    expect_frame, write_frame, AgentMsg, EtcdFacts, Hello, HelloReply, Intent, JobRequest, RenewReply,
-    RenewedCredentials,
+    expect_frame, read_frame, write_frame, AgentMsg, EtcdFacts, Hello, HelloReply, Intent, JobRequest, RenewAnswer,
+    RenewCsr, RenewReply,
 };
-use ferry_common::tls::CertifiedPem;
-use ferry_common::tls::{quinn_agent_config, resolve, Identity};
+use ferry_common::tls::{
+    key_matches_certificate, new_key_and_csr, pem_serial_and_expiry, quinn_agent_config, resolve, CertifiedPem,
+    Identity,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
@@ -34,6 +36,12 @@ const NEXT_REPLICA_DELAY: Duration = Duration::from_millis(200);
 
 /// How long running backups get to finish after SIGTERM before they are cancelled (and their uploads aborted).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long the agent waits for the coordinator's answer to its signing request, and for the end of the
+/// renewal stream after its own answer.
+const RENEW_ANSWER_WAIT: Duration = Duration::from_secs(30);
+/// After saving a renewed certificate, how often the agent looks whether its job streams are done, to end the
+/// link and reconnect with the new certificate (whose first use revokes the old one at the coordinator).
+const SWITCH_CHECK: Duration = Duration::from_secs(1);
 
 pub struct Link {
     pub coordinator: String,
@@ -169,14 +177,33 @@ impl Link {
         METRICS.coordinator_connected.set(1);
         let _disconnected = DisconnectedOnDrop;
         let mut ticker = tokio::time::interval(REPORT_INTERVAL);
+        // A renewed certificate was saved: the link ends (and the agent dials again with it) as soon as no job
+        // stream is open, so the old certificate stops being used early and the new one is proven.
+        let renewed = std::sync::Arc::new(tokio::sync::Notify::new());
+        let open_streams = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut switch_to_renewed = false;
+        let mut switch_check = tokio::time::interval(SWITCH_CHECK);
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
                     let facts = self.facts(last_facts).await;
                     write_frame(&mut send, &AgentMsg::Report(facts)).await.context("send report")?;
                 }
+                () = renewed.notified(), if !switch_to_renewed => {
+                    info!("reconnecting with the renewed certificate once no job runs");
+                    switch_to_renewed = true;
+                }
+                _ = switch_check.tick(), if switch_to_renewed => {
+                    if open_streams.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                        info!("reconnecting with the renewed certificate");
+                        conn.close(0u32.into(), b"reconnecting with a renewed certificate");
+                        return Ok(None);
+                    }
+                }
                 incoming = conn.accept_bi() => {
                     let (job_send, mut job_recv) = incoming.context("coordinator link closed")?;
+                    let open = StreamOpen::new(&open_streams);
+                    let renewed = renewed.clone();
                     let etcd = self.etcd.clone();
                     let pipeline = self.pipeline;
                     let credentials_dir = self.credentials_dir.clone();
@@ -185,6 +212,7 @@ impl Link {
                     // Created here so the job's span hangs under this agent's (cluster, member) span.
                     let job_span = info_span!("job");
                     self.jobs.spawn(async move {
+                        let _open = open;
                         let request: JobRequest = match expect_frame(&mut job_recv).await {
                             Ok(r) => r,
                             Err(e) => return warn!("failed to read job request: {e:#}"),
@@ -200,21 +228,14 @@ impl Link {
                                     }
                                 }.instrument(span).await
                             }
-                            JobRequest::RenewCredentials(renewed) => {
-                                let span = info_span!(parent: &job_span, "renew", serial = %renewed.serial);
+                            JobRequest::RenewCredentials => {
+                                let span = info_span!(parent: &job_span, "renew");
                                 async move {
-                                    let reply = match save_renewed(&credentials_dir, *renewed) {
-                                        Ok(()) => RenewReply::Saved,
-                                        Err(e) => {
-                                            warn!("failed to save the renewed certificate: {e:#}");
-                                            RenewReply::Failed { error: format!("{e:#}") }
-                                        }
-                                    };
                                     let mut send = job_send;
-                                    if let Err(e) = write_frame(&mut send, &reply).await {
-                                        return warn!("failed to answer the renewal: {e:#}");
+                                    match renew(&credentials_dir, &mut send, &mut job_recv).await {
+                                        Ok(()) => renewed.notify_one(),
+                                        Err(e) => warn!("failed to renew the certificate: {e:#}"),
                                     }
-                                    let _ = send.finish();
                                 }.instrument(span).await
                             }
                             JobRequest::HashKv { revision } => {
@@ -279,21 +300,71 @@ impl Link {
     }
 }
 
-/// Saves a renewed certificate into the credentials directory (each file 0600, written to a temp file and
-/// renamed), after checking that it is for the same cluster and member as the one in use.
-fn save_renewed(dir: &std::path::Path, renewed: RenewedCredentials) -> Result<()> {
+/// One renewal, on the stream the coordinator opened: a new key pair made here, a signing request for it sent,
+/// the certificate the coordinator signed saved beside the key as a new version of the credentials directory
+/// ([`AgentCredentials::save_version`]). The key never leaves this process but into that directory. Ends
+/// once the coordinator has read the answer (it ends the stream), so that a reconnect does not cut it off.
+async fn renew(dir: &std::path::Path, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) -> Result<()> {
     let current = AgentCredentials::load(dir).context("read the credentials in use")?;
-    let (old, new) = (Identity::from_pem(&current.client.cert_pem)?, Identity::from_pem(&renewed.cert_pem)?);
-    anyhow::ensure!(old == new, "the renewed certificate is for {new:?}, not {old:?}");
-    let creds = AgentCredentials {
-        ca_pem: renewed.ca_pem,
-        client: CertifiedPem { cert_pem: renewed.cert_pem, key_pem: renewed.key_pem },
+    let identity = Identity::from_pem(&current.client.cert_pem)?;
+    let new = new_key_and_csr(&identity).context("make a key pair")?;
+    write_frame(send, &RenewCsr { csr_pem: new.csr_pem.clone() }).await.context("send the signing request")?;
+    let answer = tokio::time::timeout(RENEW_ANSWER_WAIT, expect_frame(recv))
+        .await
+        .context("no answer to the signing request within the timeout")?
+        .context("read the answer to the signing request")?;
+    let (cert_pem, ca_pem) = match answer {
+        RenewAnswer::Signed { cert_pem, ca_pem, serial: _, not_after: _ } => (cert_pem, ca_pem),
+        RenewAnswer::Refused { reason } => bail!("the coordinator refused the signing request: {reason}"),
     };
+    let saved = save_renewed(dir, &identity, CertifiedPem { cert_pem, key_pem: new.key_pem }, ca_pem);
+    let reply = match &saved {
+        Ok(()) => RenewReply::Saved,
+        Err(e) => {
+            warn!("failed to save the renewed certificate: {e:#}");
+            RenewReply::Failed { error: format!("{e:#}") }
+        }
+    };
+    write_frame(send, &reply).await.context("answer the renewal")?;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(RENEW_ANSWER_WAIT, read_frame::<_, RenewAnswer>(recv)).await;
+    saved
+}
+
+/// Saves a renewed certificate and its key as a new version of the credentials directory (switched to with
+/// one rename), after checking that it is for the same cluster and member as the one in use, that the key is
+/// the certificate's, and that the pair builds a TLS config.
+fn save_renewed(dir: &std::path::Path, identity: &Identity, client: CertifiedPem, ca_pem: String) -> Result<()> {
+    let new = Identity::from_pem(&client.cert_pem)?;
+    anyhow::ensure!(new == *identity, "the renewed certificate is for {new:?}, not {identity:?}");
+    anyhow::ensure!(
+        key_matches_certificate(&client.cert_pem, &client.key_pem)?,
+        "the renewed certificate is not for the key this agent made"
+    );
+    let (serial, not_after) = pem_serial_and_expiry(&client.cert_pem)?;
+    let creds = AgentCredentials { ca_pem, client };
     // The pair must work before it replaces the one in use.
     quinn_agent_config(&creds.ca_pem, &creds.client).context("check the renewed certificate")?;
-    creds.save(dir).with_context(|| format!("write {}", dir.display()))?;
-    info!(serial = %renewed.serial, not_after = %renewed.not_after.human(), "saved the renewed certificate");
+    let version = creds.save_version(dir, &serial).with_context(|| format!("write {}", dir.display()))?;
+    let not_after = ferry_common::resources::Timestamp::from(not_after);
+    info!(%serial, not_after = %not_after.human(), version = %version.display(), "saved the renewed certificate");
     Ok(())
+}
+
+/// A job stream open on the link, counted until its task ends.
+struct StreamOpen(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl StreamOpen {
+    fn new(count: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for StreamOpen {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Lets running jobs finish within [`SHUTDOWN_GRACE`], then cancels the rest and waits for their cleanup.

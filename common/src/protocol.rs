@@ -10,6 +10,8 @@
 //! - job stream (coordinator → agent): one [`JobRequest`]; the agent answers with [`JobMsg`]s; for the local
 //!   store the compressed snapshot travels on this stream as [`JobMsg::Data`]; the coordinator ends it with
 //!   one [`JobReply`].
+//! - renewal stream (coordinator → agent): [`JobRequest::RenewCredentials`], the agent's [`RenewCsr`], the
+//!   coordinator's [`RenewAnswer`], the agent's [`RenewReply`]; the coordinator then ends the stream.
 //! - admin stream (ferryctl → coordinator, first stream): `Hello`, then one [`AdminRequest`] and its
 //!   [`AdminResponse`]s.
 
@@ -37,7 +39,10 @@ use crate::resources::{Resource, ResourceType, Selector, Timestamp};
 ///    coordinator's commit check hashes the stored object itself.
 /// 13: `JobMsg::PartUrl` announces the part's size and digests ([`PartDigest`]) before its URL is signed:
 ///    they are bound into the signature and compared with what the store holds before the upload completes.
-pub const PROTOCOL_VERSION: u32 = 13;
+/// 14: renewal by signing request: `JobRequest::RenewCredentials` carries no key; the agent answers with a
+///    [`RenewCsr`] (its new key stays on the node), the coordinator with a [`RenewAnswer`], the agent with a
+///    [`RenewReply`].
+pub const PROTOCOL_VERSION: u32 = 14;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
 pub const ALPN: &[u8] = b"ferry/1";
@@ -354,32 +359,30 @@ pub enum JobRequest {
     HashKv {
         revision: i64,
     },
-    /// A renewed certificate for this agent's cluster and member (its current one nears expiry): the agent
-    /// saves it in its credentials directory for its next connection and answers one [`RenewReply`].
-    RenewCredentials(Box<RenewedCredentials>),
+    /// The agent's certificate nears expiry: the agent makes a new key pair, keeps the key and answers with a
+    /// [`RenewCsr`]; the coordinator signs a certificate for the connection's own identity and answers one
+    /// [`RenewAnswer`]; the agent saves it and answers one [`RenewReply`]. No private key is ever on the wire.
+    RenewCredentials,
 }
 
-/// An agent certificate the coordinator renewed, with its key (the link is mutual TLS with the certificate
-/// it replaces). `Debug` leaves the key out.
-#[derive(Clone, Serialize, Deserialize)]
-pub struct RenewedCredentials {
-    pub ca_pem: String,
-    pub cert_pem: String,
-    pub key_pem: String,
-    pub serial: String,
-    pub not_after: Timestamp,
+/// Agent → coordinator: a PKCS#10 signing request for the agent's new key. The coordinator checks its
+/// signature and takes only its public key: every name and extension in it is ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewCsr {
+    pub csr_pem: String,
 }
 
-impl std::fmt::Debug for RenewedCredentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RenewedCredentials")
-            .field("serial", &self.serial)
-            .field("not_after", &self.not_after.seconds)
-            .finish_non_exhaustive()
-    }
+/// Coordinator → agent: the answer to a [`RenewCsr`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RenewAnswer {
+    /// The certificate for the CSR's key (same cluster, member and lifetime as the one it renews). Public
+    /// material only.
+    Signed { cert_pem: String, ca_pem: String, serial: String, not_after: Timestamp },
+    /// Not signed (an unreadable CSR, a bad signature, a certificate that may not be renewed).
+    Refused { reason: String },
 }
 
-/// Agent → coordinator: the answer to [`JobRequest::RenewCredentials`].
+/// Agent → coordinator: the end of a renewal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RenewReply {
     /// Written to the credentials directory; the next connection uses it.

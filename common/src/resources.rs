@@ -612,6 +612,20 @@ pub struct AgentCredentialSpec {
     pub revoked: bool,
     #[serde(default)]
     pub revokedat: Option<Timestamp>,
+    /// The serial this certificate renewed (its predecessor), for a certificate issued by a renewal.
+    #[serde(default)]
+    pub renewedfrom: Option<String>,
+    /// When the agent answered that it saved this renewed certificate: its predecessor is not renewed again.
+    #[serde(default)]
+    pub savedat: Option<Timestamp>,
+    /// When a connection first presented this certificate. A renewed certificate in use revokes its
+    /// predecessor.
+    #[serde(default)]
+    pub firstusedat: Option<Timestamp>,
+    /// The successor whose use revoked this certificate: a connection presenting this one afterwards is an
+    /// old copy (stolen?), counted in `ferry_agent_predecessor_certificate_used_total`.
+    #[serde(default)]
+    pub supersededby: Option<String>,
 }
 
 /// `AdminCredentials.ferry.dev`: id = the certificate's serial (hex), one per admin certificate (full or

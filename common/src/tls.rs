@@ -57,6 +57,14 @@ impl Identity {
         }
     }
 
+    fn common_name(&self) -> String {
+        match self {
+            Self::Admin => "ferry-admin".to_string(),
+            Self::AdminReadOnly => "ferry-admin-ro".to_string(),
+            Self::Agent { cluster, member } => format!("ferry-agent {cluster}/{member}"),
+        }
+    }
+
     fn from_uri(uri: &str) -> Option<Self> {
         match uri {
             "ferry://admin" => return Some(Self::Admin),
@@ -149,6 +157,61 @@ pub struct IssuedCert {
     /// The certificate's serial number, lowercase hex.
     pub serial: String,
     pub not_after: std::time::SystemTime,
+}
+
+/// A certificate signed for a key the CA never saw (the holder keeps it): public material only.
+#[derive(Debug, Clone)]
+pub struct SignedCert {
+    pub cert_pem: String,
+    /// The certificate's serial number, lowercase hex.
+    pub serial: String,
+    pub not_after: std::time::SystemTime,
+}
+
+/// The public key of a signing request whose signature checked out (the requester holds its private key).
+#[derive(Debug, Clone)]
+pub struct CsrPublicKey(rcgen::PublicKey);
+
+/// Reads a PEM PKCS#10 signing request and checks its signature; only its public key is kept, every name and
+/// extension it asks for is dropped.
+pub fn csr_public_key(csr_pem: &str) -> Result<CsrPublicKey, TlsError> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| TlsError::Certificate(format!("signing request: {e}")))?;
+    Ok(CsrPublicKey(csr.public_key))
+}
+
+/// A key pair made on the node that will hold it, and the signing request for it. `Debug` hides the key.
+pub struct NewKey {
+    pub key_pem: String,
+    pub csr_pem: String,
+}
+
+impl std::fmt::Debug for NewKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewKey").field("key_pem", &"***").finish_non_exhaustive()
+    }
+}
+
+/// A fresh key pair and a signing request for it naming `identity` (for readability only: the coordinator
+/// decides the names of what it signs).
+pub fn new_key_and_csr(identity: &Identity) -> Result<NewKey, TlsError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, identity.common_name());
+    params.distinguished_name = dn;
+    params.subject_alt_names.push(SanType::URI(identity.uri().try_into()?));
+    let csr = params.serialize_request(&key)?;
+    Ok(NewKey { key_pem: key.serialize_pem(), csr_pem: csr.pem()? })
+}
+
+/// Whether `key_pem` is the private key of the first certificate in `cert_pem`.
+pub fn key_matches_certificate(cert_pem: &str, key_pem: &str) -> Result<bool, TlsError> {
+    let key = KeyPair::from_pem(key_pem).map_err(|e| TlsError::Pem(format!("private key: {e}")))?;
+    let der = &certs(cert_pem, "certificate")?[0];
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| TlsError::Certificate(format!("unparseable certificate: {e}")))?;
+    Ok(cert.tbs_certificate.subject_pki.raw == rcgen::PublicKeyData::subject_public_key_info(&key).as_slice())
 }
 
 /// The serial number (lowercase hex, as [`CertAuthority::issue_agent`] records it) of a DER certificate.
@@ -244,13 +307,38 @@ impl CertAuthority {
 
     /// A client certificate for `identity`, valid for `valid_for` from now, with a fresh random serial.
     pub fn issue_expiring(&self, identity: &Identity, valid_for: Duration) -> Result<IssuedCert, TlsError> {
-        let cn = match identity {
-            Identity::Admin => "ferry-admin".to_string(),
-            Identity::AdminReadOnly => "ferry-admin-ro".to_string(),
-            Identity::Agent { cluster, member } => format!("ferry-agent {cluster}/{member}"),
-        };
         let key = KeyPair::generate()?;
-        let mut params = base_params(&cn);
+        let signed = self.sign_expiring(identity, valid_for, &key)?;
+        Ok(IssuedCert {
+            pem: CertifiedPem { cert_pem: signed.cert_pem, key_pem: key.serialize_pem() },
+            serial: signed.serial,
+            not_after: signed.not_after,
+        })
+    }
+
+    /// An agent's certificate for a public key it sent in a signing request (renewal: the key never leaves
+    /// the node), valid for `valid_for` from now, with a fresh random serial. Only the key is taken from the
+    /// request; names and extensions are Ferry's own for `cluster`/`member`.
+    pub fn issue_agent_for_key(
+        &self,
+        cluster: &str,
+        member: &str,
+        valid_for: Duration,
+        public_key: &CsrPublicKey,
+    ) -> Result<SignedCert, TlsError> {
+        validate_name("cluster", cluster)?;
+        validate_name("member", member)?;
+        let identity = Identity::Agent { cluster: cluster.into(), member: member.into() };
+        self.sign_expiring(&identity, valid_for, &public_key.0)
+    }
+
+    fn sign_expiring(
+        &self,
+        identity: &Identity,
+        valid_for: Duration,
+        key: &impl rcgen::PublicKeyData,
+    ) -> Result<SignedCert, TlsError> {
+        let mut params = base_params(&identity.common_name());
         // 16 random bytes, the top bit clear so the DER integer stays positive and its hex is what peers see.
         let mut serial: [u8; 16] = rand::random();
         serial[0] = (serial[0] & 0x7f) | 0x01;
@@ -260,12 +348,8 @@ impl CertAuthority {
         params.subject_alt_names.push(SanType::URI(identity.uri().try_into()?));
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedCert {
-            pem: CertifiedPem { cert_pem: cert.pem(), key_pem: key.serialize_pem() },
-            serial: hex::encode(serial),
-            not_after,
-        })
+        let cert = params.signed_by(key, &self.issuer)?;
+        Ok(SignedCert { cert_pem: cert.pem(), serial: hex::encode(serial), not_after })
     }
 
     /// A client certificate for ferryctl or an agent.
@@ -275,12 +359,7 @@ impl CertAuthority {
             validate_name("member", member)?;
         }
         let key = KeyPair::generate()?;
-        let cn = match identity {
-            Identity::Admin => "ferry-admin".to_string(),
-            Identity::AdminReadOnly => "ferry-admin-ro".to_string(),
-            Identity::Agent { cluster, member } => format!("ferry-agent {cluster}/{member}"),
-        };
-        let mut params = base_params(&cn);
+        let mut params = base_params(&identity.common_name());
         params.subject_alt_names.push(SanType::URI(identity.uri().try_into()?));
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -425,6 +504,31 @@ mod tests {
             Identity::from_certificate(&der[0]).unwrap(),
             Identity::Agent { cluster: "prod".into(), member: "m1".into() }
         );
+    }
+
+    #[test]
+    fn a_signing_request_gives_only_its_key_the_names_are_the_cas() {
+        let ca = CertAuthority::generate().unwrap();
+        let other = Identity::Agent { cluster: "other".into(), member: "m9".into() };
+        let new = new_key_and_csr(&other).unwrap();
+        assert!(!format!("{new:?}").contains("PRIVATE KEY"));
+        let key = csr_public_key(&new.csr_pem).unwrap();
+        let signed = ca.issue_agent_for_key("prod", "m1", Duration::from_secs(120), &key).unwrap();
+        assert_eq!(
+            Identity::from_pem(&signed.cert_pem).unwrap(),
+            Identity::Agent { cluster: "prod".into(), member: "m1".into() }
+        );
+        assert!(key_matches_certificate(&signed.cert_pem, &new.key_pem).unwrap());
+        let unrelated = KeyPair::generate().unwrap().serialize_pem();
+        assert!(!key_matches_certificate(&signed.cert_pem, &unrelated).unwrap());
+        let pair = CertifiedPem { cert_pem: signed.cert_pem.clone(), key_pem: new.key_pem.clone() };
+        quinn_client_config(&ca.pem().cert_pem, &pair).unwrap();
+        // A request whose signature does not match its key is refused.
+        let mut tampered = new.csr_pem.clone().into_bytes();
+        let mid = tampered.len() / 2;
+        tampered[mid] = if tampered[mid] == b'A' { b'B' } else { b'A' };
+        assert!(csr_public_key(&String::from_utf8(tampered).unwrap()).is_err());
+        assert!(csr_public_key("not a csr").is_err());
     }
 
     #[test]

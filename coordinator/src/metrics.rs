@@ -31,7 +31,12 @@ pub struct MemberLabels {
     pub member: String,
 }
 
-type FloatGauge = Gauge<f64, AtomicU64>;
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SerialLabels {
+    pub serial: String,
+}
+
+pub type FloatGauge = Gauge<f64, AtomicU64>;
 
 pub struct Metrics {
     registry: Registry,
@@ -67,6 +72,14 @@ pub struct Metrics {
     pub agent_reconnects: Family<MemberLabels, Counter>,
     /// 1 while the member is out of rotation after refused backups (`backup::quarantine`).
     pub member_out_of_rotation: Family<MemberLabels, Gauge>,
+    /// Unix time the newest unrevoked certificate of each agent expires.
+    pub agent_certificate_expiry: Family<MemberLabels, FloatGauge>,
+    /// Unix time each unrevoked, unexpired full admin certificate expires.
+    pub admin_certificate_expiry: Family<SerialLabels, FloatGauge>,
+    /// Unix time the coordinator's CA certificate expires.
+    pub ca_certificate_expiry: FloatGauge,
+    /// Connections refused because they presented a certificate whose renewed successor is in use.
+    pub agent_predecessor_used: Family<MemberLabels, Counter>,
     /// The members with a `member_diverged` series, per cluster, so they can be removed.
     checked_members: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
 }
@@ -103,6 +116,10 @@ impl Default for Metrics {
             member_out_of_rotation: Family::default(),
             agent_reconnects: Family::default(),
             member_check_compared: Family::default(),
+            agent_certificate_expiry: Family::default(),
+            admin_certificate_expiry: Family::default(),
+            ca_certificate_expiry: FloatGauge::default(),
+            agent_predecessor_used: Family::default(),
             checked_members: Default::default(),
             registry: Registry::default(),
         };
@@ -219,6 +236,26 @@ impl Default for Metrics {
             "member_out_of_rotation",
             "1 while the member is not chosen for backups because the store refused its last backups",
             m.member_out_of_rotation.clone(),
+        );
+        registry.register(
+            "agent_certificate_expiry_timestamp_seconds",
+            "Unix time the newest unrevoked certificate of the agent expires",
+            m.agent_certificate_expiry.clone(),
+        );
+        registry.register(
+            "admin_certificate_expiry_timestamp_seconds",
+            "Unix time the full admin certificate expires (unrevoked ones)",
+            m.admin_certificate_expiry.clone(),
+        );
+        registry.register(
+            "ca_certificate_expiry_timestamp_seconds",
+            "Unix time the coordinator's CA certificate expires",
+            m.ca_certificate_expiry.clone(),
+        );
+        registry.register(
+            "agent_predecessor_certificate_used",
+            "Connections refused for presenting an agent certificate whose renewed successor is in use (an old copy: stolen?)",
+            m.agent_predecessor_used.clone(),
         );
         Self { registry, ..m }
     }

@@ -295,7 +295,7 @@ async fn job(
             };
         }
         // Certificates in the bench live far longer than a run: no renewal is expected, none is kept.
-        JobRequest::RenewCredentials(_) => {}
+        JobRequest::RenewCredentials => {}
     }
 }
 

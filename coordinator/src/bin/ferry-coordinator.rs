@@ -18,8 +18,8 @@ use ferry_common::config::{create_private, create_private_dir};
 use ferry_common::encryption::Identities;
 use ferry_common::observe::{init_logging, listen, shutdown_signal, LogFormat, Observed};
 use ferry_common::resources::{Resource, ResourceType, Spec, S3_CONFIG_ID};
-use ferry_common::tls::quinn_server_config;
 use ferry_common::tls::CertAuthority;
+use ferry_common::tls::{pem_serial_and_expiry, quinn_server_config};
 use ferry_coordinator::agents::Agents;
 use ferry_coordinator::api::{Api, ApiDeps};
 use ferry_coordinator::backup::{JobDeps, Jobs};
@@ -261,7 +261,16 @@ async fn run(args: Args) -> Result<()> {
     // Before any election: with replicas, whichever leads must accept every replica's admin.ferryconfig.
     let own_ca =
         CertAuthority::from_pem(&pki.ca.pem().cert_pem, &pki.ca.pem().key_pem).context("load the coordinator CA")?;
-    ferry_coordinator::pki::ensure_own_admin(&pki.ca, &args.state_dir, &Credentials::new(state.clone(), own_ca))
+    let metrics = Arc::new(Metrics::default());
+    match pem_serial_and_expiry(&pki.ca.pem().cert_pem) {
+        Ok((_, not_after)) => {
+            let seconds = not_after.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+            metrics.ca_certificate_expiry.set(seconds);
+        }
+        Err(e) => warn!("failed to read the CA certificate's expiry: {e}"),
+    }
+    let own_credentials = Credentials::new(state.clone(), own_ca, metrics.clone());
+    ferry_coordinator::pki::ensure_own_admin(&pki.ca, &args.state_dir, &own_credentials)
         .context("check the coordinator's admin.ferryconfig")?;
     let store_dir = args.local_store_dir.clone().unwrap_or_else(|| args.state_dir.join("backups"));
     let deployment = args.deployment_id.clone().unwrap_or_else(|| deployment_id_from_ca(&pki.ca.pem().cert_pem));
@@ -317,7 +326,6 @@ async fn run(args: Args) -> Result<()> {
         drill_key_drop: key_drop,
     };
 
-    let metrics = Arc::new(Metrics::default());
     let endpoint_config = ferry_coordinator::pki::quic_endpoint_config(&keys)?;
     let socket = std::net::UdpSocket::bind(args.listen).with_context(|| format!("listen on {} (UDP)", args.listen))?;
     let endpoint =
@@ -369,7 +377,7 @@ async fn run(args: Args) -> Result<()> {
                 let stop_redirecting = CancellationToken::new();
                 let ca = &shared.ca.pem();
                 let ca = CertAuthority::from_pem(&ca.cert_pem, &ca.key_pem).context("load the coordinator CA")?;
-                let credentials = Credentials::new(shared.state.clone(), ca);
+                let credentials = Credentials::new(shared.state.clone(), ca, shared.metrics.clone());
                 let redirect = tokio::spawn(redirect_to_leader(
                     endpoint.clone(),
                     election.clone(),
@@ -484,7 +492,11 @@ async fn lead(shared: &Shared<'_>, lost: &CancellationToken, shutdown: &Cancella
     let credentials = Credentials::new(
         state.clone(),
         CertAuthority::from_pem(&ca.pem().cert_pem, &ca.pem().key_pem).context("load the coordinator CA")?,
+        metrics.clone(),
     );
+    if let Err(e) = credentials.seed_metrics() {
+        warn!("failed to read the certificates' records for their expiry metrics: {e}");
+    }
 
     let (outcomes_tx, outcomes_rx) = tokio::sync::mpsc::unbounded_channel();
     let jobs = Jobs::new(

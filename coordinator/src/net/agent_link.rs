@@ -1,24 +1,32 @@
-//! An agent's control stream: register the agent, take its periodic reports, send it a renewed certificate
-//! when its current one nears expiry, and mark it gone when the link ends.
+//! An agent's control stream: register the agent, take its periodic reports, have it renew its certificate
+//! when the current one nears expiry (it sends a signing request, its key stays on the node), and mark it
+//! gone when the link ends.
 
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
+use ferry_common::backoff::Backoff;
 use ferry_common::protocol::{
-    expect_frame, read_frame_within, write_frame, AgentMsg, JobRequest, RenewReply, RenewedCredentials,
-    MAX_AGENT_MESSAGE_FRAME,
+    expect_frame_within, read_frame_within, write_frame, AgentMsg, JobRequest, RenewAnswer, RenewCsr, RenewReply,
+    RevokeTarget, MAX_AGENT_MESSAGE_FRAME,
 };
 use ferry_common::resources::Timestamp;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::agents::{Agents, LiveAgent};
-use crate::credentials::Credentials;
+use crate::credentials::{Credentials, Refused};
 
-/// How long an agent may take to save a renewed certificate and answer.
+/// How long an agent may take to make its key and send the signing request, and to save the certificate and
+/// answer.
 const RENEW_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Pause before sending a renewal again after one failed (the agent could not save it, or the link hiccuped).
-const RENEW_RETRY: Duration = Duration::from_secs(60);
+/// Pause before reading the certificate's record again after reading it failed.
+const RECORD_RETRY: Duration = Duration::from_secs(60);
+/// Retries of a failed renewal (the agent could not save it, the link hiccuped): from 1 s, doubling, at most
+/// 60 s, and at most a 24th of the certificate's life (5 s for a 2-minute certificate, so that one is renewed
+/// well within the third of its life left when renewal starts).
+const RENEW_BACKOFF: Backoff = Backoff { base: Duration::from_secs(1), max: Duration::from_secs(60), jitter: 0.2 };
+const RENEW_BACKOFF_SHARE_OF_LIFE: u32 = 24;
 
 /// Who is on the other end of a link.
 pub(super) struct Peer<'a> {
@@ -95,66 +103,96 @@ async fn reports(
     }
 }
 
-/// Waits until the connection's certificate is due for renewal, then sends the agent its successor; retries
-/// every [`RENEW_RETRY`] until one is saved. Returns once one is (the connection keeps its certificate; the
-/// next one uses the new) or when the certificate is revoked (a revoked certificate is never renewed).
+/// Waits until the connection's certificate is due for renewal, then has the agent renew it; retries with
+/// [`RENEW_BACKOFF`] until a renewed certificate is saved. Returns once one is (the connection keeps its
+/// certificate; the agent reconnects with the new one) or when the certificate is revoked or renewed already.
 async fn renew_when_due(credentials: &Credentials, serial: &str, conn: &quinn::Connection, cancel: &CancellationToken) {
+    let mut failures: u32 = 0;
     loop {
-        let wait = match credentials.renewal_due(serial) {
-            Ok(Some(due)) => due.duration_since(SystemTime::now()).unwrap_or_default(),
+        let plan = match credentials.renewal_due(serial) {
+            Ok(Some(plan)) => plan,
             Ok(None) => return,
             Err(e) => {
                 warn!("failed to read the agent certificate's record: {e}");
-                RENEW_RETRY
+                tokio::select! {
+                    () = tokio::time::sleep(RECORD_RETRY) => continue,
+                    () = cancel.cancelled() => return,
+                }
             }
         };
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = cancel.cancelled() => return,
-        }
-        if credentials.renewal_due(serial).ok().flatten().is_some_and(|due| due <= SystemTime::now()) {
-            match renew(credentials, serial, conn).await {
-                Ok(()) => return,
-                Err(e) => warn!("failed to renew the agent's certificate: {e:#}"),
-            }
+        let wait = plan.due.duration_since(SystemTime::now()).unwrap_or_default();
+        if !wait.is_zero() {
             tokio::select! {
-                () = tokio::time::sleep(RENEW_RETRY) => {}
+                () = tokio::time::sleep(wait) => continue,
                 () = cancel.cancelled() => return,
             }
+        }
+        match renew(credentials, serial, conn).await {
+            Ok(()) => return,
+            Err(e) => warn!("failed to renew the agent's certificate: {e:#}"),
+        }
+        failures = failures.saturating_add(1);
+        let cap = (plan.lifetime / RENEW_BACKOFF_SHARE_OF_LIFE).max(RENEW_BACKOFF.base);
+        let backoff = Backoff { max: RENEW_BACKOFF.max.min(cap), ..RENEW_BACKOFF };
+        tokio::select! {
+            () = tokio::time::sleep(backoff.delay(failures)) => {}
+            () = cancel.cancelled() => return,
         }
     }
 }
 
-/// Issues the successor of `serial` and sends it. When the agent says it could not save it, it is revoked;
-/// when the answer is lost it stays valid (the agent may have saved it), and the next renewal from `serial`
-/// revokes it if the agent comes back still presenting `serial`.
+/// One renewal on its own stream: asks the agent for a signing request, signs its key as the successor of
+/// `serial` (for this connection's identity only, whatever the request names) and sends the certificate.
+/// When the agent says it could not save it, it is revoked; when the answer is lost it stays valid (the agent
+/// may have saved it): it is revoked at the next renewal from `serial` if the agent comes back still
+/// presenting `serial`, and its first use revokes `serial`.
 async fn renew(credentials: &Credentials, serial: &str, conn: &quinn::Connection) -> Result<()> {
-    let issued = credentials.renew(serial)?;
-    let new = issued.serial.clone();
-    let sent = async {
-        let (mut send, mut recv) = conn.open_bi().await.context("open renewal stream")?;
-        let renewed = RenewedCredentials {
-            ca_pem: credentials.ca_pem(),
-            cert_pem: issued.pem.cert_pem,
-            key_pem: issued.pem.key_pem,
-            serial: issued.serial,
-            not_after: Timestamp::from(issued.not_after),
-        };
-        write_frame(&mut send, &JobRequest::RenewCredentials(Box::new(renewed))).await.context("send")?;
-        let _ = send.finish();
-        tokio::time::timeout(RENEW_REPLY_TIMEOUT, expect_frame::<_, RenewReply>(&mut recv))
+    let (mut send, mut recv) = conn.open_bi().await.context("open renewal stream")?;
+    write_frame(&mut send, &JobRequest::RenewCredentials).await.context("send the renewal request")?;
+    let csr: RenewCsr =
+        tokio::time::timeout(RENEW_REPLY_TIMEOUT, expect_frame_within(&mut recv, MAX_AGENT_MESSAGE_FRAME))
             .await
-            .context("no answer within the timeout")?
-            .context("read the answer")
-    }
-    .await?;
-    match sent {
+            .context("no signing request within the timeout")?
+            .context("read the signing request")?;
+    let signed = match credentials.renew(serial, &csr.csr_pem) {
+        Ok(signed) => signed,
+        Err(e) => {
+            let reason = match &e {
+                Refused::Csr(_) | Refused::AlreadyRenewed(_) | Refused::Revoked(_) => e.to_string(),
+                _ => "the coordinator could not sign it; the reason is in its log".to_string(),
+            };
+            let _ = write_frame(&mut send, &RenewAnswer::Refused { reason }).await;
+            let _ = send.finish();
+            return Err(e.into());
+        }
+    };
+    let new = signed.serial.clone();
+    let answer = RenewAnswer::Signed {
+        cert_pem: signed.cert_pem,
+        ca_pem: credentials.ca_pem(),
+        serial: signed.serial,
+        not_after: Timestamp::from(signed.not_after),
+    };
+    write_frame(&mut send, &answer).await.context("send the renewed certificate")?;
+    let reply = tokio::time::timeout(
+        RENEW_REPLY_TIMEOUT,
+        expect_frame_within::<_, RenewReply>(&mut recv, MAX_AGENT_MESSAGE_FRAME),
+    )
+    .await
+    .context("no answer within the timeout")?
+    .context("read the answer")?;
+    // The end of the exchange: the agent waits for it before it reconnects with the new certificate.
+    let _ = send.finish();
+    match reply {
         RenewReply::Saved => {
+            if let Err(e) = credentials.mark_saved(&new) {
+                warn!(serial = %new, "failed to record that the agent saved its renewed certificate: {e}");
+            }
             info!(old = %serial, new = %new, "agent saved its renewed certificate");
             Ok(())
         }
         RenewReply::Failed { error } => {
-            if let Err(r) = credentials.revoke(&ferry_common::protocol::RevokeTarget::Serial(new.clone())) {
+            if let Err(r) = credentials.revoke(&RevokeTarget::Serial(new.clone())) {
                 warn!(serial = %new, "failed to revoke the unsaved renewed certificate: {r}");
             }
             bail!("the agent could not save it: {error}")
