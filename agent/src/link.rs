@@ -31,6 +31,9 @@ pub const REPORT_INTERVAL: Duration = Duration::from_secs(10);
 const RECONNECT_BACKOFF: Backoff = Backoff { base: Duration::from_secs(1), max: Duration::from_secs(30), jitter: 0.5 };
 /// A QUIC handshake that takes longer than this is abandoned and retried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// With several coordinator replicas a silent one is given up on sooner: another answers (a dead leader is
+/// dialed last in a round, and its 10 s would delay the next round; ferryctl does the same).
+const REPLICA_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pause before dialing the next replica or the leader a replica named (no backoff within a round).
 const NEXT_REPLICA_DELAY: Duration = Duration::from_millis(200);
 
@@ -158,7 +161,9 @@ impl Link {
         linked: &mut bool,
     ) -> Result<Option<Option<String>>> {
         let connecting = endpoint.connect(addr, server_name).context("start QUIC connection")?;
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        let limit =
+            if coordinator_addresses(&self.coordinator).len() > 1 { REPLICA_CONNECT_TIMEOUT } else { CONNECT_TIMEOUT };
+        let conn = tokio::time::timeout(limit, connecting)
             .await
             .context("QUIC handshake timed out")?
             .context("QUIC handshake")?;

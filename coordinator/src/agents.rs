@@ -117,7 +117,11 @@ impl Agents {
         crate::status::ensure_exists(state.as_ref(), cluster)?;
         let key = (cluster.to_string(), agent.member.clone());
         if !lock(&self.inner.seen).insert(key.clone()) {
-            self.inner.metrics.agent_reconnects.get_or_create(&Metrics::member(cluster, &agent.member)).inc();
+            self.inner
+                .metrics
+                .agent_reconnects
+                .get_or_create(&self.inner.metrics.member_series(cluster, &agent.member))
+                .inc();
         }
         let old = lock(&self.inner.live).insert(key, agent.clone());
         if let Some(old) = old {

@@ -145,7 +145,7 @@ impl Credentials {
             self.inner
                 .metrics
                 .agent_certificate_expiry
-                .get_or_create(&Metrics::member(&cluster, &member))
+                .get_or_create(&self.inner.metrics.member_series(&cluster, &member))
                 .set(not_after);
         }
         let now = Timestamp::now().seconds;
@@ -187,7 +187,7 @@ impl Credentials {
                 _ => None,
             })
             .reduce(f64::max);
-        let labels = Metrics::member(cluster, member);
+        let labels = self.inner.metrics.member_series(cluster, member);
         match newest {
             Some(t) => {
                 self.inner.metrics.agent_certificate_expiry.get_or_create(&labels).set(t);
@@ -501,7 +501,11 @@ impl Credentials {
                 Some(successor) => {
                     warn!(%cluster, %member, %serial, %successor,
                         "an agent certificate whose renewed successor is in use was presented: an old copy (stolen?)");
-                    self.inner.metrics.agent_predecessor_used.get_or_create(&Metrics::member(cluster, member)).inc();
+                    self.inner
+                        .metrics
+                        .agent_predecessor_used
+                        .get_or_create(&self.inner.metrics.member_series(cluster, member))
+                        .inc();
                     Err(Refused::Superseded { serial: serial.to_string(), successor })
                 }
                 None => Err(Refused::Revoked(serial.into())),

@@ -80,6 +80,9 @@ pub struct Metrics {
     pub ca_certificate_expiry: FloatGauge,
     /// Connections refused because they presented a certificate whose renewed successor is in use.
     pub agent_predecessor_used: Family<MemberLabels, Counter>,
+    /// Members with a series in a per-member family other than `member_diverged` (reconnects, out of
+    /// rotation, certificate expiry, predecessor use), per cluster, so deleting the cluster removes them.
+    members_seen: std::sync::Mutex<std::collections::HashMap<String, std::collections::BTreeSet<String>>>,
     /// The members with a `member_diverged` series, per cluster, so they can be removed.
     checked_members: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
 }
@@ -121,6 +124,7 @@ impl Default for Metrics {
             ca_certificate_expiry: FloatGauge::default(),
             agent_predecessor_used: Family::default(),
             checked_members: Default::default(),
+            members_seen: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -325,6 +329,21 @@ impl Metrics {
             self.drills.remove(&Self::result_named(cluster, result));
         }
         self.clear_members(cluster);
+        let seen = crate::lock(&self.members_seen).remove(cluster).unwrap_or_default();
+        for member in seen {
+            let l = Self::member(cluster, &member);
+            self.member_out_of_rotation.remove(&l);
+            self.agent_certificate_expiry.remove(&l);
+            self.agent_reconnects.remove(&l);
+            self.agent_predecessor_used.remove(&l);
+        }
+    }
+
+    /// The labels of `member` of `cluster` for a per-member family, remembered so that deleting the cluster
+    /// removes its series ([`Self::remove_cluster`]).
+    pub fn member_series(&self, cluster: &str, member: &str) -> MemberLabels {
+        crate::lock(&self.members_seen).entry(cluster.to_string()).or_default().insert(member.to_string());
+        Self::member(cluster, member)
     }
 
     /// Forgets every member series of `cluster`.

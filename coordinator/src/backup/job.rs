@@ -115,7 +115,7 @@ pub(super) async fn take_with_failover(inner: &Inner, cluster: &str) -> Result<M
                     );
                     deps.metrics
                         .member_out_of_rotation
-                        .get_or_create(&crate::metrics::Metrics::member(cluster, member))
+                        .get_or_create(&deps.metrics.member_series(cluster, member))
                         .set(1);
                 }
                 failures.push(format!("{member}: {e:#}"));

@@ -232,6 +232,11 @@ async fn cluster_gauges_are_seeded_at_start_and_removed_when_backups_stop() -> a
     // Deleted: nothing labelled with the cluster is left.
     coordinator.ctl().run(&["delete", "cluster", CLUSTER]).await?.ok()?;
     let label = format!("cluster=\"{CLUSTER}\"");
-    wait_metrics(port, "every series of the deleted cluster removed", |m| !m.contains(&label)).await?;
+    wait_metrics(port, "every series of the deleted cluster removed", |m| !m.contains(&label)).await.with_context(
+        || {
+            let m = http_get(port, "/metrics").map(|(_, m)| m).unwrap_or_default();
+            m.lines().filter(|l| l.contains(&label)).collect::<Vec<_>>().join("\n")
+        },
+    )?;
     Ok(())
 }
