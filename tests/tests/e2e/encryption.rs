@@ -329,6 +329,16 @@ async fn hostile_sealed_backup(
     hostile_object_backup(coordinator, evil, &object, zstd, raw).await
 }
 
+/// A stolen node of cluster "evil", connected and reporting, whose cluster seals its backups to `recipient`.
+async fn hostile_sealing_member(coordinator: &Coordinator, recipient: &str) -> anyhow::Result<HostileAgent> {
+    let creds = coordinator.issue_agent_credentials("evil", "m1").await?;
+    let mut evil = HostileAgent::connect(coordinator, &creds).await?;
+    evil.report(sane_facts(1)).await?;
+    coordinator.wait_agents_connected("evil", &["m1"], HOSTILE_TIMEOUT).await?;
+    set_backup_configuration(coordinator, "evil", json!({"encryption": {"recipients": [recipient]}})).await?.ok()?;
+    Ok(evil)
+}
+
 /// `zstd` sealed with age to `to`.
 fn seal(to: &[&str], zstd: &[u8]) -> anyhow::Result<Vec<u8>> {
     let recipients: Vec<String> = to.iter().map(|r| (*r).to_owned()).collect();
@@ -383,11 +393,7 @@ async fn a_member_cannot_skip_the_encryption_or_add_its_own_recipient() -> anyho
     let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
     let recipient = ferry_common::encryption::keygen().recipient;
     let own = ferry_common::encryption::keygen().recipient;
-    let creds = coordinator.issue_agent_credentials("evil", "m1").await?;
-    let mut evil = HostileAgent::connect(&coordinator, &creds).await?;
-    evil.report(sane_facts(1)).await?;
-    coordinator.wait_agents_connected("evil", &["m1"], HOSTILE_TIMEOUT).await?;
-    set_backup_configuration(&coordinator, "evil", json!({"encryption": {"recipients": [recipient]}})).await?.ok()?;
+    let evil = hostile_sealing_member(&coordinator, &recipient).await?;
     let snapshot = etcd_snapshot(etcd.member(0).client_url()).await?;
     let zstd = zstd::encode_all(&snapshot[..], 3)?;
 
@@ -440,11 +446,7 @@ async fn a_coordinator_holding_the_identity_refuses_junk_a_wrong_snapshot_or_ano
     let coordinator = Coordinator::start(options).await?;
 
     // A stolen node of "evil", whose cluster has its own recipient and no automatic backups.
-    let creds = coordinator.issue_agent_credentials("evil", "m1").await?;
-    let mut evil = HostileAgent::connect(&coordinator, &creds).await?;
-    evil.report(sane_facts(1)).await?;
-    coordinator.wait_agents_connected("evil", &["m1"], HOSTILE_TIMEOUT).await?;
-    set_backup_configuration(&coordinator, "evil", json!({"encryption": {"recipients": [recipient]}})).await?.ok()?;
+    let evil = hostile_sealing_member(&coordinator, &recipient).await?;
 
     let snapshot = etcd_snapshot(etcd.member(0).client_url()).await?;
     let zstd = zstd::encode_all(&snapshot[..], 3)?;

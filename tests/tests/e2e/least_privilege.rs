@@ -434,25 +434,8 @@ async fn send_backup_as(
     facts: EtcdFacts,
 ) -> anyhow::Result<JobReply> {
     coordinator.manual_backup("evil").await?;
-    let mut job = evil.next_job(BACKUP_TIMEOUT).await?;
-    write_frame(&mut job.send, &JobMsg::Started(facts)).await?;
-    let stored = zstd::encode_all(raw, 3)?;
-    for chunk in stored.chunks(256 * 1024) {
-        write_frame(&mut job.send, &JobMsg::Data(chunk.to_vec())).await?;
-    }
-    let summary = BackupSummary {
-        raw_size: raw.len() as u64,
-        raw_sha256: Sha256::digest(raw).into(),
-        compressed_size: stored.len() as u64,
-        compressed_sha256: Sha256::digest(&stored).into(),
-        zstd_level: 3,
-        started_at: dated,
-        finished_at: dated,
-        parts: Vec::new(),
-        sealed: None,
-    };
-    write_frame(&mut job.send, &JobMsg::Finished(summary)).await?;
-    Ok(expect_frame(&mut job.recv).await?)
+    let job = evil.next_job(BACKUP_TIMEOUT).await?;
+    send_snapshot(job, raw, facts, dated).await
 }
 
 #[tokio::test]
@@ -575,7 +558,7 @@ async fn a_snapshot_of_another_etcd_cluster_is_refused_by_its_members() -> anyho
                 j = agents[2].next_job(BACKUP_TIMEOUT) => j?,
                 s = coordinator.wait_next_backup_status("evil", &previous, BACKUP_TIMEOUT) => break s?,
             };
-            replies.push(send_snapshot(job, snapshot, sane_facts(ids[1])).await?);
+            replies.push(send_snapshot(job, snapshot, sane_facts(ids[1]), Timestamp::now()).await?);
         };
         let any_committed = replies.iter().any(|r| matches!(r, JobReply::Committed));
         assert_eq!(any_committed, committed, "{what}: {replies:?} {status:#}");
@@ -625,23 +608,26 @@ async fn part_urls_are_not_handed_out_ahead_of_stored_parts() -> anyhow::Result<
 }
 
 /// Plays the agent of `job`: sends `raw` (zstd-compressed, with every hash right) as its snapshot taken at
-/// `facts`, and returns the coordinator's verdict.
+/// `facts`, dated `dated` by the agent, and returns the coordinator's verdict.
 async fn send_snapshot(
     mut job: crate::fixtures::hostile::HostileJob,
     raw: &[u8],
     facts: EtcdFacts,
+    dated: Timestamp,
 ) -> anyhow::Result<JobReply> {
     write_frame(&mut job.send, &JobMsg::Started(facts)).await?;
     let stored = zstd::encode_all(raw, 3)?;
-    write_frame(&mut job.send, &JobMsg::Data(stored.clone())).await?;
+    for chunk in stored.chunks(256 * 1024) {
+        write_frame(&mut job.send, &JobMsg::Data(chunk.to_vec())).await?;
+    }
     let summary = BackupSummary {
         raw_size: raw.len() as u64,
         raw_sha256: Sha256::digest(raw).into(),
         compressed_size: stored.len() as u64,
         compressed_sha256: Sha256::digest(&stored).into(),
         zstd_level: 3,
-        started_at: Timestamp::now(),
-        finished_at: Timestamp::now(),
+        started_at: dated,
+        finished_at: dated,
         parts: Vec::new(),
         sealed: None,
     };
