@@ -41,8 +41,8 @@ struct Inner {
     live: Mutex<HashMap<(String, String), LiveAgent>>,
     /// Per cluster, the highest revision reported, when it was first seen and when it was last persisted.
     highest: Mutex<HashMap<String, HighestRevision>>,
-    /// Per member: when its record was last written, and whether it said connected.
-    written: Mutex<HashMap<(String, String), (std::time::Instant, bool)>>,
+    /// Per member: whether its record, last written when, says connected.
+    written: Mutex<HashMap<(String, String), (bool, std::time::Instant)>>,
     /// Members that connected at least once since start (a further connection is a reconnect).
     seen: Mutex<std::collections::HashSet<(String, String)>>,
     next_conn_id: AtomicU64,
@@ -137,7 +137,7 @@ impl Agents {
         let key = (cluster.to_string(), member.to_string());
         // The record says disconnected although the agent is live (its connect's write fell in a throttled
         // window): this report writes it.
-        let stale = lock(&self.inner.written).get(&key).is_none_or(|(_, connected)| !connected);
+        let stale = lock(&self.inner.written).get(&key).is_none_or(|(connected, _)| !connected);
         let (first, reachability_changed) = {
             let mut live = lock(&self.inner.live);
             let Some(a) = live.get_mut(&key) else { return Ok(()) };
@@ -219,15 +219,14 @@ impl Agents {
             let key = (cluster.to_string(), a.member.clone());
             let due = match written.get(&key) {
                 None => true,
-                // A disconnect the record does not show yet is always written: it must not say connected.
-                Some((_, true)) if !connected => true,
-                Some((_, was)) if *was == connected && !connected => false,
-                Some((at, _)) => now.duration_since(*at) >= PERSIST_EVERY,
+                // A disconnect is written exactly when the record still says connected: it must not say that.
+                Some((was_connected, _)) if !connected => *was_connected,
+                Some((_, at)) => now.duration_since(*at) >= PERSIST_EVERY,
             };
             if !due {
                 return Ok(());
             }
-            written.insert(key, (now, connected));
+            written.insert(key, (connected, now));
         }
         let mut r = Resource::new(format!("{cluster}/{}", a.member), Spec::Agent(agent_spec(cluster, a, connected)));
         r.metadata.labels.insert(LABEL_CLUSTER.into(), cluster.into());

@@ -199,9 +199,7 @@ async fn take(inner: &Inner, cluster: &str, agent: &LiveAgent) -> Result<Manifes
     info!(%member, %backup_id, "backup started");
     // The members' median DB size, not the chosen member's word: one member claiming a huge DB cannot hold
     // its cluster's backup (and a job slot) for hours.
-    let sizes: Vec<i64> =
-        deps.agents.live(cluster).iter().filter_map(|a| a.facts.as_ref().map(|f| f.db_size)).collect();
-    let db_size = median(sizes).unwrap_or_else(|| agent.facts.as_ref().map_or(0, |f| f.db_size));
+    let db_size = median_db_size(deps, cluster).unwrap_or_else(|| agent.facts.as_ref().map_or(0, |f| f.db_size));
     let limit = job_timeout(db_size, deps.settings.upload_limit_bps);
     let streamed = match tokio::time::timeout(limit, stream(inner, cluster, agent, &mut pending)).await {
         Ok(r) => r,
@@ -392,10 +390,8 @@ async fn stream(
                 // read-back would decompress it.
                 // Twice the database size the cluster's members report (their median), never above the
                 // store's limit: a member declaring 2 GiB for a 66 KB upload would make every drill write that.
-                let sizes =
-                    deps.agents.live(cluster).iter().filter_map(|a| a.facts.as_ref().map(|f| f.db_size)).collect();
-                let reported =
-                    median(sizes).map_or(u64::MAX, |m| (m.max(0) as u64).saturating_mul(2).max(MIN_SIZE_LIMIT));
+                let reported = median_db_size(deps, cluster)
+                    .map_or(u64::MAX, |m| (m.max(0) as u64).saturating_mul(2).max(MIN_SIZE_LIMIT));
                 if summary.raw_size > reported {
                     bail!(
                         "agent {member} reports a {}-byte snapshot, more than twice the database size its cluster's \
@@ -419,6 +415,11 @@ async fn stream(
             }
         }
     }
+}
+
+/// The median of the DB sizes the cluster's connected agents report (`None` without a report).
+fn median_db_size(deps: &super::JobDeps, cluster: &str) -> Option<i64> {
+    median(deps.agents.live(cluster).iter().filter_map(|a| a.facts.as_ref().map(|f| f.db_size)).collect())
 }
 
 /// The median of `values` (the lower middle one of an even count: a liar among two is not believed upward).

@@ -538,6 +538,13 @@ impl PendingUpload {
         if !(1..=MAX_PARTS).contains(&number) {
             return Err(StoreError::Mismatch(format!("part number {number} is outside 1..={MAX_PARTS}")));
         }
+        let largest = self.target.part_size.max(MIN_PART_SIZE);
+        if digest.size == 0 || digest.size > largest {
+            return Err(StoreError::Mismatch(format!(
+                "part {number} is announced as {} bytes, outside 1..={largest} (the job's part size)",
+                digest.size
+            )));
+        }
         // A new part's URL only once the parts before those in flight are stored: asking for URLs without
         // uploading cannot keep a backup "running" (issue 26; the byte-stall deadline moves with new parts).
         let in_flight = self.target.parts_in_flight.max(1);
@@ -551,12 +558,6 @@ impl PendingUpload {
                      in flight must be stored first"
                 )));
             }
-        }
-        if digest.size == 0 || digest.size > self.target.part_size.max(MIN_PART_SIZE) {
-            return Err(StoreError::Mismatch(format!(
-                "part {number} is announced as {} bytes, outside 1..={} (the job's part size)",
-                digest.size, self.target.part_size
-            )));
         }
         match lock(&self.announced).entry(number) {
             std::collections::hash_map::Entry::Occupied(first) if *first.get() != digest => {
@@ -632,6 +633,7 @@ impl PendingUpload {
         let announced = lock(&self.announced).clone();
         compare_parts(&announced, reported, &stored)
     }
+
     /// Completes the upload with the agent's `parts`, checks the object (read back whole: sizes, hashes,
     /// etcd's trailing hash, bbolt's meta page) and writes its manifest. On failure the upload and object are
     /// discarded, so nothing unchecked or unlisted lingers.
