@@ -2,11 +2,13 @@
 
 pub mod backoff;
 pub mod etcd;
+pub mod gate;
 pub mod job;
 pub mod link;
 pub mod metrics;
 pub mod pipeline;
 pub mod restore;
+pub mod restore_steps;
 pub mod scratch;
 pub mod throttle;
 pub mod upload;

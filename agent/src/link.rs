@@ -58,6 +58,10 @@ pub struct Link {
     pub jobs: tokio_util::task::TaskTracker,
     /// How this node runs the compression.
     pub pipeline: crate::job::PipelineSettings,
+    /// The member's gate and data dir, for orchestrated restores (`None`: the agent takes no part in them).
+    pub restore: Option<crate::restore_steps::RestoreSetup>,
+    /// Restore steps run one at a time.
+    pub restore_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Link {
@@ -212,6 +216,8 @@ impl Link {
                     let etcd = self.etcd.clone();
                     let pipeline = self.pipeline;
                     let credentials_dir = self.credentials_dir.clone();
+                    let restore = self.restore.clone();
+                    let restore_lock = self.restore_lock.clone();
                     // Jobs get their own token: at shutdown they may finish within the grace period.
                     let cancel = jobs_cancel.child_token();
                     // Created here so the job's span hangs under this agent's (cluster, member) span.
@@ -242,6 +248,12 @@ impl Link {
                                         Err(e) => warn!("failed to renew the certificate: {e:#}"),
                                     }
                                 }.instrument(span).await
+                            }
+                            JobRequest::Restore(step) => {
+                                let span = info_span!(parent: &job_span, "restore_step");
+                                crate::restore_steps::run(restore, restore_lock, step, job_send, job_recv, cancel)
+                                    .instrument(span)
+                                    .await
                             }
                             JobRequest::HashKv { revision } => {
                                 let span = info_span!(parent: &job_span, "hashkv", revision);

@@ -115,6 +115,10 @@ struct Args {
     /// TCP address for /metrics, /healthz and /readyz (off when not given).
     #[arg(long, env = "FERRY_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// TCP address for /healthz and /readyz alone, with connection caps of their own (for the kubelet's
+    /// probes: a flood of the metrics port cannot fail them); off when not given.
+    #[arg(long, env = "FERRY_HEALTH_LISTEN")]
+    health_listen: Option<std::net::SocketAddr>,
     /// zstd worker threads for a backup's compression (0: one thread). More finish a backup sooner on a node
     /// with idle cores, for slightly more CPU in all; see docs/PERFORMANCE.md.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=16))]
@@ -134,6 +138,17 @@ struct Args {
     /// (a snapshot holds a read transaction open in etcd). See docs/PERFORMANCE.md.
     #[arg(long, value_name = "MIB_PER_S", default_value_t = 40, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     etcd_read_limit_mibps: u32,
+    /// The gate's directory (`ferry-agent gate --gate-dir`, shared with etcd's container): lets the coordinator
+    /// hold, restore and restart this member in an orchestrated restore. Needs --data-dir.
+    #[arg(long, requires = "data_dir")]
+    gate_dir: Option<PathBuf>,
+    /// etcd's data dir as mounted in the agent (read-write): where a restore rebuilds the member.
+    #[arg(long, requires = "gate_dir")]
+    data_dir: Option<PathBuf>,
+    /// The client URL etcd serves on while a restore is not verified yet: loopback, a port nothing else uses,
+    /// so that no client (kube-apiserver) reaches a restored member before the whole cluster is checked.
+    #[arg(long, default_value = "http://127.0.0.1:2390")]
+    restore_client_url: String,
 }
 
 fn backoff_factor(s: &str) -> Result<f64, String> {
@@ -189,12 +204,31 @@ async fn run(args: Args) -> Result<()> {
         shutdown_signal().await;
         signals.cancel();
     });
+    if let Some(addr) = args.health_listen {
+        let server =
+            ferry_common::observe::listen_health(addr, Arc::new(ferry_agent::metrics::Observed), cancel.clone())
+                .await
+                .with_context(|| format!("listen on --health-listen {addr}"))?;
+        tokio::spawn(server);
+    }
     if let Some(addr) = args.metrics_listen {
         let server = listen(addr, Arc::new(ferry_agent::metrics::Observed), cancel.clone())
             .await
             .with_context(|| format!("listen on --metrics-listen {addr}"))?;
         tokio::spawn(server);
     }
+    let restore = match (args.gate_dir, args.data_dir) {
+        (Some(gate_dir), Some(data_dir)) => {
+            check_restore_url(&args.restore_client_url)?;
+            Some(ferry_agent::restore_steps::RestoreSetup {
+                gate_dir,
+                data_dir,
+                restore_url: args.restore_client_url,
+                scratch: ScratchChoice::Auto,
+            })
+        }
+        _ => None,
+    };
     let span = info_span!("agent", %cluster, %member);
     async {
         info!(%coordinator, etcd = %endpoint, "agent starting");
@@ -212,6 +246,8 @@ async fn run(args: Args) -> Result<()> {
             etcd,
             jobs: tokio_util::task::TaskTracker::new(),
             pipeline,
+            restore,
+            restore_lock: Default::default(),
         }
         .run(cancel, jobs_cancel)
         .await?;
@@ -220,6 +256,21 @@ async fn run(args: Args) -> Result<()> {
     }
     .instrument(span)
     .await
+}
+
+/// The restore URL must keep clients away: plain `http://` on a loopback address with a port.
+fn check_restore_url(url: &str) -> Result<()> {
+    let rest = url.strip_prefix("http://").unwrap_or("");
+    let (host, port) = rest.rsplit_once(':').unwrap_or(("", ""));
+    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if !loopback || port.parse::<u16>().map_or(true, |p| p == 0) {
+        anyhow::bail!(
+            "--restore-client-url {url:?} must be http://LOOPBACK:PORT (e.g. http://127.0.0.1:2390): a restored member \
+             serves only there until the cluster is verified"
+        );
+    }
+    Ok(())
 }
 
 async fn restore(a: RestoreArgs) -> Result<()> {

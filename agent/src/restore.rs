@@ -39,15 +39,18 @@ const RESTORED_MARKER: &str = ".ferry-restored";
 
 /// What the marker records; a run asking for the same is already done.
 #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-struct Restored {
+pub(crate) struct Restored {
     /// `--backup` as given (`latest` stays `latest`: the same request is the same restore).
-    backup: String,
-    from_cluster: Option<String>,
-    initial_cluster_token: String,
-    member: String,
+    pub(crate) backup: String,
+    pub(crate) from_cluster: Option<String>,
+    pub(crate) initial_cluster_token: String,
+    pub(crate) member: String,
     /// The backup actually restored.
-    restored: String,
-    at: u64,
+    pub(crate) restored: String,
+    pub(crate) at: u64,
+    /// The orchestrated restore this was done for (absent for `ferry-agent restore` by hand).
+    #[serde(default)]
+    pub(crate) restore_id: Option<String>,
 }
 
 impl Restored {
@@ -59,14 +62,14 @@ impl Restored {
     }
 }
 
-fn read_marker(dir: &Path) -> Option<Restored> {
+pub(crate) fn read_marker(dir: &Path) -> Option<Restored> {
     let text = std::fs::read(dir.join(RESTORED_MARKER)).ok()?;
     serde_json::from_slice(&text).ok()
 }
 
 /// Whether a running etcd holds `dir`: etcd's bbolt keeps an exclusive `flock` on `member/snap/db` while it
 /// runs, so failing to take that lock for a moment means a live member.
-fn held_by_live_etcd(dir: &Path) -> Result<bool> {
+pub(crate) fn held_by_live_etcd(dir: &Path) -> Result<bool> {
     let db = dir.join("member").join("snap").join("db");
     let f = match std::fs::File::open(&db) {
         Ok(f) => f,
@@ -115,7 +118,7 @@ fn unix_now() -> u64 {
 }
 
 /// Entries of the data dir other than Ferry's own.
-fn existing_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn existing_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     match std::fs::read_dir(dir) {
         Ok(entries) => Ok(entries
             .filter_map(|e| e.ok())
@@ -188,39 +191,7 @@ pub async fn run(req: RestoreRequest) -> Result<()> {
 async fn restore_into(req: &RestoreRequest, existing: &[PathBuf], stamp: u64) -> Result<()> {
     // The scratch copy goes when this returns, whatever happened.
     let (backup, highest, scratch) = fetch(req, stamp).await?;
-    let snapshot = scratch.path();
-    // Checked again now that the download took its time: a member started meanwhile is not swapped out.
-    if held_by_live_etcd(&req.data_dir)? {
-        bail!("--data-dir {} was taken by a running etcd during the download; nothing changed", req.data_dir.display());
-    }
-    info!(backup = %backup.snapshot, revision = backup.revision, "backup downloaded; every hash matched");
-    let bump = plan_bump(req.bump, snapshot, backup.revision, highest)?;
-
-    let dir = &req.data_dir;
-    let staging = dir.join(format!("{FERRY_PREFIX}restoring-{stamp}"));
-    let restored = ferry_common::snapshot::restore(snapshot, &staging, &req.member, bump);
-    if let Err(e) = restored {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(e.into());
-    }
-    info!(tool = ferry_common::snapshot::restore_tool(), "snapshot restored into a staging dir");
-
-    // Everything checked out: now, and only now, touch what was there.
-    if !existing.is_empty() {
-        let aside = dir.join(format!("{FERRY_PREFIX}old-{stamp}"));
-        std::fs::DirBuilder::new().mode(0o700).create(&aside).with_context(|| format!("create {}", aside.display()))?;
-        for p in existing {
-            let name = p.file_name().context("entry without a name")?;
-            std::fs::rename(p, aside.join(name)).with_context(|| format!("move {} aside", p.display()))?;
-        }
-        info!(kept = %aside.display(), "moved the old data aside");
-    }
-    for entry in std::fs::read_dir(&staging).with_context(|| format!("read {}", staging.display()))? {
-        let entry = entry?;
-        let to = dir.join(entry.file_name());
-        std::fs::rename(entry.path(), &to).with_context(|| format!("move the restored {} into place", to.display()))?;
-    }
-    std::fs::remove_dir(&staging).with_context(|| format!("remove {}", staging.display()))?;
+    let bump = plan_bump(req.bump, scratch.path(), backup.revision, highest)?;
     let marker = Restored {
         backup: req.backup.clone(),
         from_cluster: req.from_cluster.clone(),
@@ -228,13 +199,70 @@ async fn restore_into(req: &RestoreRequest, existing: &[PathBuf], stamp: u64) ->
         member: req.member.name.clone(),
         restored: backup.snapshot.clone(),
         at: stamp,
+        restore_id: None,
     };
+    swap_in(&req.data_dir, existing, scratch.path(), &req.member, bump, &marker)
+}
+
+/// Restores the checked `snapshot` into a staging dir inside `dir`, then moves `existing` aside into
+/// `.ferry-old-<stamp>/` (kept) and the restored data into place, and writes `marker`. Nothing is touched
+/// before etcd's tool succeeded, and a live etcd on `dir` stops it before anything moves.
+pub(crate) fn swap_in(
+    dir: &Path,
+    existing: &[PathBuf],
+    snapshot: &Path,
+    member: &RestoreAs,
+    bump: Option<RevisionBump>,
+    marker: &Restored,
+) -> Result<()> {
+    // Checked again now that the download took its time: a member started meanwhile is not swapped out.
+    if held_by_live_etcd(dir)? {
+        bail!("--data-dir {} was taken by a running etcd during the download; nothing changed", dir.display());
+    }
+    let stamp = marker.at;
+    let staging = dir.join(format!("{FERRY_PREFIX}restoring-{stamp}"));
+    let restored = ferry_common::snapshot::restore(snapshot, &staging, member, bump);
+    if let Err(e) = restored {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e.into());
+    }
+    info!(tool = ferry_common::snapshot::restore_tool(), "snapshot restored into a staging dir");
+
+    // Everything checked out: now, and only now, touch what was there.
+    move_aside(dir, existing, stamp)?;
+    for entry in std::fs::read_dir(&staging).with_context(|| format!("read {}", staging.display()))? {
+        let entry = entry?;
+        let to = dir.join(entry.file_name());
+        std::fs::rename(entry.path(), &to).with_context(|| format!("move the restored {} into place", to.display()))?;
+    }
+    std::fs::remove_dir(&staging).with_context(|| format!("remove {}", staging.display()))?;
+    write_marker(dir, marker)?;
+    info!(data_dir = %dir.display(), member = %member.name, "restore complete; etcd can start");
+    Ok(())
+}
+
+/// Moves `existing` (entries of `dir`) into `dir/.ferry-old-<stamp>/`: renamed, never copied or deleted.
+pub(crate) fn move_aside(dir: &Path, existing: &[PathBuf], stamp: u64) -> Result<()> {
+    if existing.is_empty() {
+        return Ok(());
+    }
+    let aside = dir.join(format!("{FERRY_PREFIX}old-{stamp}"));
+    std::fs::DirBuilder::new().mode(0o700).create(&aside).with_context(|| format!("create {}", aside.display()))?;
+    for p in existing {
+        let name = p.file_name().context("entry without a name")?;
+        std::fs::rename(p, aside.join(name)).with_context(|| format!("move {} aside", p.display()))?;
+    }
+    info!(kept = %aside.display(), "moved the old data aside");
+    Ok(())
+}
+
+/// Writes the marker of a finished restore (and syncs the dir, so it survives a power cut with the data).
+pub(crate) fn write_marker(dir: &Path, marker: &Restored) -> Result<()> {
     let marker_path = dir.join(RESTORED_MARKER);
-    let text = serde_json::to_vec_pretty(&marker).context("encode the restore marker")?;
+    let text = serde_json::to_vec_pretty(marker).context("encode the restore marker")?;
     ferry_common::config::write_private(&marker_path, &text)
         .with_context(|| format!("write {}", marker_path.display()))?;
     std::fs::File::open(dir)?.sync_all().with_context(|| format!("fsync {}", dir.display()))?;
-    info!(data_dir = %dir.display(), member = %req.member.name, "restore complete; etcd can start");
     Ok(())
 }
 
@@ -242,7 +270,7 @@ async fn restore_into(req: &RestoreRequest, existing: &[PathBuf], stamp: u64) ->
 /// `manifest_revision` is the revision etcd reported just before the snapshot stream opened: a lower bound
 /// of the snapshot's own, the same for every member, and free, where `etcdutl snapshot status` reads (and
 /// hashes) the whole file. Bumping from the lower bound lands at or above the planned revision.
-fn plan_bump(
+pub(crate) fn plan_bump(
     choice: BumpChoice,
     snapshot: &Path,
     manifest_revision: i64,
@@ -297,78 +325,92 @@ fn plan_bump(
 async fn fetch(req: &RestoreRequest, stamp: u64) -> Result<(EtcdBackupSpec, Option<RevisionSeen>, Scratch)> {
     let request = AdminRequest::Restore { cluster: req.from_cluster.clone(), backup: req.backup.clone() };
     let mut s = Session::open(&req.coordinator, &req.ca_pem, &req.client, &request).await?;
-    let result = async {
-        let (backup, source, limit, highest) = match expect_frame(&mut s.recv)
-            .await
-            .context("read the coordinator's answer")?
-        {
-            AdminResponse::RestoreFrom { backup, source, download_limit_bps, highest_revision } => match backup.spec {
-                Spec::EtcdBackup(b) => (b, source, download_limit_bps, highest_revision),
-                other => bail!("unexpected backup description {other:?}"),
-            },
-            AdminResponse::Error { message, .. } => bail!(message),
-            other => bail!("unexpected answer {other:?}"),
-        };
-        info!(
-            size = backup.size,
-            rawsize = backup.rawsize,
-            from = %backup.member,
-            encrypted = backup.encryption.is_some(),
-            "restoring backup"
-        );
-        let scratch = Scratch::open(req.scratch, backup.rawsize, &req.data_dir, stamp)?;
-        // The snapshot only feeds etcd's restore tool, which syncs its own copy: no fsync of it.
-        let (file, label) = (scratch.writer()?, scratch.path());
-        let w = match source {
-            // What arrives is the zstd stream inside; it is checked against the manifest's hashes of it.
-            RestoreSource::Decrypted => {
-                info!("the coordinator opens the encrypted backup with its own identity");
-                VerifyingWriter::decompress_into(file, label, &backup.decrypted(), None)?
-            }
-            _ => VerifyingWriter::decompress_into(file, label, &backup, req.identities.as_ref())?,
-        };
-        // Decompressing and hashing run on their own thread, so they overlap the download.
-        let mut w = BackgroundWriter::spawn(w);
-        let mut throttle = Throttle::new(limit);
-        // A bar when run by hand on a terminal, plain log lines every few seconds in an init container.
-        let arriving = if matches!(source, RestoreSource::Decrypted) { backup.decrypted().size } else { backup.size };
-        let mut progress = Progress::new("restore download", arriving, Lines::Log);
-        match source {
-            RestoreSource::Coordinator | RestoreSource::Decrypted => loop {
-                match expect_frame(&mut s.recv).await.context("read backup data")? {
-                    AdminResponse::Data(d) => {
-                        throttle.consume(d.len()).await;
-                        w.write(Bytes::from(d)).await?;
-                        progress.set(w.bytes());
-                    }
-                    AdminResponse::DownloadEnd => break,
-                    AdminResponse::Error { message, .. } => bail!(message),
-                    other => bail!("unexpected answer {other:?}"),
-                }
-            },
-            RestoreSource::S3 { head, get, cacert } => {
-                // Presigned HEAD and GET of this one object: the agent holds no S3 credential.
-                let http = ferry_common::presigned::PresignedClient::new(&cacert)?;
-                let what = format!("download {}", backup.snapshot);
-                let cancel = CancellationToken::new();
-                let found = with_retries(&cancel, &what, || http.send(&head, Bytes::new(), &what)).await?;
-                let size = found.header("content-length").and_then(|v| v.parse::<u64>().ok());
-                if size != Some(backup.size) {
-                    bail!("{what}: the object is {size:?} bytes, but the backup's manifest says {}", backup.size);
-                }
-                let mut body = with_retries(&cancel, &what, || http.send(&get, Bytes::new(), &what)).await?.into_body();
-                while let Some(chunk) = body.try_next().await.with_context(|| format!("{what}: read"))? {
-                    throttle.consume(chunk.len()).await;
-                    w.write(chunk).await?;
-                    progress.set(w.bytes());
-                }
-            }
-        }
-        w.finish().await?;
-        progress.finish();
-        Ok((backup, highest, scratch))
-    }
-    .await;
+    let result = receive(&mut s.recv, &req.data_dir, req.scratch, req.identities.as_ref(), stamp, None).await;
     s.close().await;
     result
+}
+
+/// Reads the coordinator's answer to a restore (`RestoreFrom`, then the bytes on `recv` or from S3) and
+/// writes the snapshot, checked against every hash, into a scratch copy. `progress` gets the bytes fetched.
+pub(crate) async fn receive<R: tokio::io::AsyncRead + Unpin>(
+    recv: &mut R,
+    data_dir: &Path,
+    scratch: ScratchChoice,
+    identities: Option<&Identities>,
+    stamp: u64,
+    progress_to: Option<&tokio::sync::watch::Sender<u64>>,
+) -> Result<(EtcdBackupSpec, Option<RevisionSeen>, Scratch)> {
+    let (backup, source, limit, highest) = match expect_frame(recv).await.context("read the coordinator's answer")? {
+        AdminResponse::RestoreFrom { backup, source, download_limit_bps, highest_revision } => match backup.spec {
+            Spec::EtcdBackup(b) => (b, source, download_limit_bps, highest_revision),
+            other => bail!("unexpected backup description {other:?}"),
+        },
+        AdminResponse::Error { message, .. } => bail!(message),
+        other => bail!("unexpected answer {other:?}"),
+    };
+    info!(
+        size = backup.size,
+        rawsize = backup.rawsize,
+        from = %backup.member,
+        encrypted = backup.encryption.is_some(),
+        "restoring backup"
+    );
+    let scratch = Scratch::open(scratch, backup.rawsize, data_dir, stamp)?;
+    // The snapshot only feeds etcd's restore tool, which syncs its own copy: no fsync of it.
+    let (file, label) = (scratch.writer()?, scratch.path());
+    let w = match source {
+        // What arrives is the zstd stream inside; it is checked against the manifest's hashes of it.
+        RestoreSource::Decrypted => {
+            info!("the coordinator opens the encrypted backup with its own identity");
+            VerifyingWriter::decompress_into(file, label, &backup.decrypted(), None)?
+        }
+        _ => VerifyingWriter::decompress_into(file, label, &backup, identities)?,
+    };
+    // Decompressing and hashing run on their own thread, so they overlap the download.
+    let mut w = BackgroundWriter::spawn(w);
+    let mut throttle = Throttle::new(limit);
+    // A bar when run by hand on a terminal, plain log lines every few seconds in an init container.
+    let arriving = if matches!(source, RestoreSource::Decrypted) { backup.decrypted().size } else { backup.size };
+    let mut progress = Progress::new("restore download", arriving, Lines::Log);
+    let mut report = |n: u64| {
+        progress.set(n);
+        if let Some(p) = progress_to {
+            p.send_replace(n);
+        }
+    };
+    match source {
+        RestoreSource::Coordinator | RestoreSource::Decrypted => loop {
+            match expect_frame(recv).await.context("read backup data")? {
+                AdminResponse::Data(d) => {
+                    throttle.consume(d.len()).await;
+                    w.write(Bytes::from(d)).await?;
+                    report(w.bytes());
+                }
+                AdminResponse::DownloadEnd => break,
+                AdminResponse::Error { message, .. } => bail!(message),
+                other => bail!("unexpected answer {other:?}"),
+            }
+        },
+        RestoreSource::S3 { head, get, cacert } => {
+            // Presigned HEAD and GET of this one object: the agent holds no S3 credential.
+            let http = ferry_common::presigned::PresignedClient::new(&cacert)?;
+            let what = format!("download {}", backup.snapshot);
+            let cancel = CancellationToken::new();
+            let found = with_retries(&cancel, &what, || http.send(&head, Bytes::new(), &what)).await?;
+            let size = found.header("content-length").and_then(|v| v.parse::<u64>().ok());
+            if size != Some(backup.size) {
+                bail!("{what}: the object is {size:?} bytes, but the backup's manifest says {}", backup.size);
+            }
+            let mut body = with_retries(&cancel, &what, || http.send(&get, Bytes::new(), &what)).await?.into_body();
+            while let Some(chunk) = body.try_next().await.with_context(|| format!("{what}: read"))? {
+                throttle.consume(chunk.len()).await;
+                w.write(chunk).await?;
+                report(w.bytes());
+            }
+        }
+    }
+    w.finish().await?;
+    progress.finish();
+    info!(backup = %backup.snapshot, revision = backup.revision, "backup downloaded; every hash matched");
+    Ok((backup, highest, scratch))
 }

@@ -122,8 +122,24 @@ pub async fn listen(
 ) -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     Ok(async move {
-        if let Err(e) = serve(listener, observed, cancel).await {
+        if let Err(e) = serve(listener, observed, cancel, true).await {
             tracing::warn!(%addr, "failed to serve /metrics: {e}");
+        }
+    })
+}
+
+/// Binds `--health-listen`: `/healthz`, `/readyz` and `/leaderz` only, with connection caps of their own, so
+/// that a flood of the metrics port (from many addresses, which its per-source cap does not stop) never
+/// fails the kubelet's probes and restarts the daemon. Serves until `cancel` fires.
+pub async fn listen_health(
+    addr: SocketAddr,
+    observed: Arc<dyn Observed>,
+    cancel: CancellationToken,
+) -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    Ok(async move {
+        if let Err(e) = serve(listener, observed, cancel, false).await {
+            tracing::warn!(%addr, "failed to serve /healthz: {e}");
         }
     })
 }
@@ -132,12 +148,14 @@ async fn serve(
     listener: tokio::net::TcpListener,
     observed: Arc<dyn Observed>,
     cancel: CancellationToken,
+    with_metrics: bool,
 ) -> std::io::Result<()> {
     let m = observed.clone();
     let r = observed.clone();
     let l = observed.clone();
-    let app = Router::new()
-        .route("/metrics", get(move |h: HeaderMap| metrics(h, m.clone())))
+    let app = Router::new();
+    let app = if with_metrics { app.route("/metrics", get(move |h: HeaderMap| metrics(h, m.clone()))) } else { app };
+    let app = app
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
@@ -172,7 +190,11 @@ async fn serve(
                 }
             }),
         );
-    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz and /leaderz");
+    if with_metrics {
+        tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz and /leaderz");
+    } else {
+        tracing::info!(addr = %listener.local_addr()?, "serving /healthz, /readyz and /leaderz (health port)");
+    }
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let per_source = PerSource::default();
     let connections = tokio_util::task::TaskTracker::new();

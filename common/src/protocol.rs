@@ -42,7 +42,8 @@ use crate::resources::{Resource, ResourceType, Selector, Timestamp};
 /// 14: renewal by signing request: `JobRequest::RenewCredentials` carries no key; the agent answers with a
 ///    [`RenewCsr`] (its new key stays on the node), the coordinator with a [`RenewAnswer`], the agent with a
 ///    [`RenewReply`].
-pub const PROTOCOL_VERSION: u32 = 14;
+/// 15: orchestrated restores: `JobRequest::Restore` carries one [`RestoreStep`], answered by [`StepMsg`]s.
+pub const PROTOCOL_VERSION: u32 = 15;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
 pub const ALPN: &[u8] = b"ferry/1";
@@ -363,6 +364,106 @@ pub enum JobRequest {
     /// [`RenewCsr`]; the coordinator signs a certificate for the connection's own identity and answers one
     /// [`RenewAnswer`]; the agent saves it and answers one [`RenewReply`]. No private key is ever on the wire.
     RenewCredentials,
+    /// One step of an orchestrated restore; the agent answers with [`StepMsg`]s, the last `Done` or `Failed`.
+    Restore(RestoreStep),
+}
+
+/// A step of an orchestrated restore, as the coordinator's plan orders them. Each is idempotent on the agent
+/// (asked again after a coordinator failover, a step already done answers `Done` at once) and none touches
+/// the data dir unless the member's gate holds etcd stopped.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum RestoreStep {
+    /// Read only: the member as its gate knows it, for the plan.
+    Describe,
+    /// Stop etcd and keep it stopped, durably (across pod restarts and reboots).
+    Hold { restore_id: String },
+    /// Rebuild the held member's data dir from the backup that follows on this stream, exactly as for a
+    /// restore request (`AdminResponse::RestoreFrom`, then `Data`… `DownloadEnd` when the bytes come this way).
+    Rebuild(Box<RebuildPlan>),
+    /// Move the held member's data dir aside (never deleted) so that it can join as a new member.
+    Wipe { restore_id: String },
+    /// Start etcd on its new data, serving clients only on the agent's loopback restore URL (unverified).
+    /// `join`: the member joins a running cluster (`--initial-cluster` and `--initial-cluster-state existing`).
+    Start { restore_id: String, join: Option<JoinFlags> },
+    /// Read the member through its restore URL: identity, revision, `HashKV` at `revision` (0: its current)
+    /// and the key count at that revision.
+    Check { restore_id: String, revision: i64 },
+    /// etcd membership change, asked of a started member (the seed): add a learner, or promote one.
+    AddLearner { restore_id: String, name: String, peer_urls: String },
+    Promote { restore_id: String, name: String, peer_urls: String },
+    /// etcd's own flags again: clients are served. The restore is over for this member.
+    Release { restore_id: String },
+}
+
+/// How a member that joins a running cluster starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinFlags {
+    pub initial_cluster: String,
+    pub initial_cluster_token: String,
+}
+
+/// What a member is restored as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildPlan {
+    pub restore_id: String,
+    pub name: String,
+    pub initial_cluster: String,
+    pub initial_cluster_token: String,
+    pub initial_advertise_peer_urls: String,
+    /// `etcdutl snapshot restore --bump-revision` (and `--mark-compacted`): the same for every member.
+    pub bump_by: u64,
+}
+
+/// Agent → coordinator on a restore step's stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum StepMsg {
+    /// Backup bytes fetched so far (`Rebuild`).
+    Progress { bytes: u64 },
+    Done(StepDone),
+    Failed { error: String },
+}
+
+/// A step's result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StepDone {
+    Described(MemberLayout),
+    Held,
+    Rebuilt,
+    Wiped,
+    Started,
+    Checked(RestoredMember),
+    MembershipChanged,
+    Released,
+}
+
+/// A member as its gate and data dir show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberLayout {
+    /// etcd's `--name` and `--initial-advertise-peer-urls`, from the command line the gate runs.
+    pub etcd_name: String,
+    pub peer_urls: String,
+    pub data_dir: String,
+    /// Free bytes on the data dir's file system.
+    pub free_bytes: u64,
+    /// The owner of the hold in force (a restore id), if etcd is held.
+    pub held_by: Option<String>,
+}
+
+/// A restored member read through its restore URL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoredMember {
+    pub member_id: u64,
+    pub cluster_id: u64,
+    /// The member's revision now.
+    pub revision: i64,
+    /// Whether the member sees a leader.
+    pub has_leader: bool,
+    /// Whether the member is a learner.
+    pub learner: bool,
+    /// `HashKV` at the asked revision (when asked with one).
+    pub hash: Option<u32>,
+    /// Keys at the asked revision (when asked with one).
+    pub keys: Option<u64>,
 }
 
 /// Agent → coordinator: a PKCS#10 signing request for the agent's new key. The coordinator checks its

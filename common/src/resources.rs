@@ -74,6 +74,8 @@ pub enum ResourceType {
     AgentCredential,
     EtcdBackupEncryptionConfig,
     AdminCredential,
+    EtcdRestore,
+    EtcdRestoreStatus,
 }
 
 /// `get`/`apply` named a type Ferry does not have.
@@ -82,7 +84,7 @@ pub enum ResourceType {
 pub struct UnknownType(pub String);
 
 impl ResourceType {
-    pub const ALL: [ResourceType; 10] = [
+    pub const ALL: [ResourceType; 12] = [
         Self::EtcdBackupS3Config,
         Self::EtcdBackupOverallStatus,
         Self::EtcdBackupStatus,
@@ -93,6 +95,8 @@ impl ResourceType {
         Self::AgentCredential,
         Self::EtcdBackupEncryptionConfig,
         Self::AdminCredential,
+        Self::EtcdRestore,
+        Self::EtcdRestoreStatus,
     ];
 
     /// Singular CamelCase name, e.g. `EtcdBackupStatus`.
@@ -108,6 +112,8 @@ impl ResourceType {
             Self::AgentCredential => "AgentCredential",
             Self::EtcdBackupEncryptionConfig => "EtcdBackupEncryptionConfig",
             Self::AdminCredential => "AdminCredential",
+            Self::EtcdRestore => "EtcdRestore",
+            Self::EtcdRestoreStatus => "EtcdRestoreStatus",
         }
     }
 
@@ -124,6 +130,8 @@ impl ResourceType {
             Self::AgentCredential => "AgentCredentials",
             Self::EtcdBackupEncryptionConfig => "EtcdBackupEncryptionConfigs",
             Self::AdminCredential => "AdminCredentials",
+            Self::EtcdRestore => "EtcdRestores",
+            Self::EtcdRestoreStatus => "EtcdRestoreStatuses",
         }
     }
 
@@ -141,9 +149,10 @@ impl ResourceType {
             | Self::Cluster
             | Self::AgentCredential
             | Self::AdminCredential
-            | Self::EtcdBackupEncryptionConfig => "default",
+            | Self::EtcdBackupEncryptionConfig
+            | Self::EtcdRestore => "default",
             Self::EtcdManualBackup | Self::Agent => "ephemeral",
-            Self::EtcdBackupOverallStatus | Self::EtcdBackupStatus => "metrics",
+            Self::EtcdBackupOverallStatus | Self::EtcdBackupStatus | Self::EtcdRestoreStatus => "metrics",
             Self::EtcdBackup => "external",
         }
     }
@@ -152,7 +161,11 @@ impl ResourceType {
     pub fn user_writable(self) -> bool {
         matches!(
             self,
-            Self::EtcdBackupS3Config | Self::EtcdManualBackup | Self::Cluster | Self::EtcdBackupEncryptionConfig
+            Self::EtcdBackupS3Config
+                | Self::EtcdManualBackup
+                | Self::Cluster
+                | Self::EtcdBackupEncryptionConfig
+                | Self::EtcdRestore
         )
     }
 
@@ -692,6 +705,142 @@ impl fmt::Debug for EtcdBackupS3ConfigSpec {
     }
 }
 
+/// `EtcdRestores.ferry.dev` (namespace `default`, id = cluster): restore the whole cluster from one backup.
+/// Immutable once created; the coordinator carries it out and reports in [`EtcdRestoreStatusSpec`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdRestoreSpec {
+    /// A backup id of this cluster, or `latest` (the newest; with `before`, the newest taken before it).
+    pub backup: String,
+    /// With `latest`: the newest backup created before this time.
+    #[serde(default)]
+    pub before: Option<Timestamp>,
+    /// `all-members` (every member restored from the snapshot with one new cluster token) or `seed-join`
+    /// (one member restored, the others added back as learners and promoted). Empty: `seed-join`.
+    #[serde(default)]
+    pub mode: String,
+    /// Members whose agents cannot answer and that the operator declares gone: left out of the plan.
+    #[serde(default)]
+    pub lostmembers: Vec<String>,
+    /// The cluster's name: required while a majority of its members is healthy (what would be lost is in
+    /// the refusal).
+    #[serde(default)]
+    pub confirm: String,
+}
+
+/// The restore modes [`EtcdRestoreSpec::mode`] takes.
+pub mod restore_mode {
+    pub const ALL_MEMBERS: &str = "all-members";
+    pub const SEED_JOIN: &str = "seed-join";
+}
+
+/// Phases of a restore, in order ([`EtcdRestoreStatusSpec::phase`]).
+pub mod restore_phase {
+    /// Accepted, not planned yet (waiting for agents to describe their members).
+    pub const PENDING: &str = "pending";
+    pub const PLANNED: &str = "planned";
+    pub const HOLDING: &str = "holding";
+    pub const RESTORING: &str = "restoring";
+    pub const JOINING: &str = "joining";
+    pub const VERIFYING: &str = "verifying";
+    pub const DONE: &str = "done";
+    pub const FAILED: &str = "failed";
+
+    /// Whether a restore in this phase is over.
+    pub fn is_final(phase: &str) -> bool {
+        phase == DONE || phase == FAILED
+    }
+}
+
+/// `EtcdRestoreStatuses.ferry.dev` (namespace `metrics`, id = cluster): how the cluster's restore goes.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdRestoreStatusSpec {
+    /// The restore this status is about (the plan's id; empty until planned).
+    #[serde(default)]
+    pub restoreid: String,
+    /// See [`restore_phase`].
+    #[serde(default)]
+    pub phase: String,
+    /// What the restore waits for right now, in words (an agent not answering, etcd not healthy yet).
+    #[serde(default)]
+    pub waiting: String,
+    /// Why the restore failed, and what state the members are left in.
+    #[serde(default)]
+    pub error: String,
+    /// Fixed once, before anything is touched; never recomputed.
+    #[serde(default)]
+    pub plan: Option<RestorePlanned>,
+    #[serde(default)]
+    pub members: Vec<MemberRestoreStatus>,
+    #[serde(default)]
+    pub startedat: Option<Timestamp>,
+    #[serde(default)]
+    pub finishedat: Option<Timestamp>,
+    /// What verification found (absent until it passed).
+    #[serde(default)]
+    pub verified: Option<RestoreVerified>,
+}
+
+/// The plan of one restore.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestorePlanned {
+    pub restoreid: String,
+    pub mode: String,
+    /// The backup restored (resolved: never `latest`).
+    pub backup: String,
+    /// The revision etcd reported when the backup began.
+    pub backuprevision: i64,
+    /// Its key count, from a drill of that backup (0: never drilled, not compared).
+    pub backupkeys: u64,
+    /// Agent member names, in order; the first is the seed.
+    pub members: Vec<PlannedMember>,
+    pub lostmembers: Vec<String>,
+    pub initialclustertoken: String,
+    /// `--initial-cluster` of the restored cluster (in `seed-join`: the seed alone).
+    pub initialcluster: String,
+    /// The highest revision the cluster was seen at, and the bump above it.
+    pub highestrevision: i64,
+    pub bumpby: u64,
+    pub createdat: Timestamp,
+}
+
+/// A member as planned: the agent's member name and etcd's own name and peer URLs (from its gate).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlannedMember {
+    pub member: String,
+    pub etcdname: String,
+    pub peerurls: String,
+}
+
+/// One member's progress through a restore.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberRestoreStatus {
+    pub member: String,
+    /// The last step done: `held`, `rebuilt`, `started`, `joined`, `released`.
+    #[serde(default)]
+    pub step: String,
+    /// Backup bytes the member fetched so far.
+    #[serde(default)]
+    pub bytes: u64,
+    #[serde(default)]
+    pub error: String,
+}
+
+/// What a passed verification saw: every member at one revision with one hash and key count.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreVerified {
+    pub etcdclusterid: String,
+    pub revision: i64,
+    pub hash: u32,
+    pub keys: u64,
+    pub time: Option<Timestamp>,
+}
+
 /// A resource's spec, typed by its resource type.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Spec {
@@ -705,6 +854,8 @@ pub enum Spec {
     AgentCredential(AgentCredentialSpec),
     EtcdBackupEncryptionConfig(EncryptionSettings),
     AdminCredential(AdminCredentialSpec),
+    EtcdRestore(EtcdRestoreSpec),
+    EtcdRestoreStatus(EtcdRestoreStatusSpec),
 }
 
 impl Spec {
@@ -720,6 +871,8 @@ impl Spec {
             Self::AgentCredential(_) => ResourceType::AgentCredential,
             Self::EtcdBackupEncryptionConfig(_) => ResourceType::EtcdBackupEncryptionConfig,
             Self::AdminCredential(_) => ResourceType::AdminCredential,
+            Self::EtcdRestore(_) => ResourceType::EtcdRestore,
+            Self::EtcdRestoreStatus(_) => ResourceType::EtcdRestoreStatus,
         }
     }
 
@@ -736,6 +889,8 @@ impl Spec {
             Self::AgentCredential(s) => serde_json::to_value(s),
             Self::EtcdBackupEncryptionConfig(s) => serde_json::to_value(s),
             Self::AdminCredential(s) => serde_json::to_value(s),
+            Self::EtcdRestore(s) => serde_json::to_value(s),
+            Self::EtcdRestoreStatus(s) => serde_json::to_value(s),
         };
         v.unwrap_or(serde_json::Value::Null)
     }
@@ -752,6 +907,8 @@ impl Spec {
             ResourceType::AgentCredential => Self::AgentCredential(serde_json::from_value(v)?),
             ResourceType::EtcdBackupEncryptionConfig => Self::EtcdBackupEncryptionConfig(serde_json::from_value(v)?),
             ResourceType::AdminCredential => Self::AdminCredential(serde_json::from_value(v)?),
+            ResourceType::EtcdRestore => Self::EtcdRestore(serde_json::from_value(v)?),
+            ResourceType::EtcdRestoreStatus => Self::EtcdRestoreStatus(serde_json::from_value(v)?),
         })
     }
 }

@@ -31,6 +31,7 @@ pub mod limits;
 pub mod metrics;
 pub mod net;
 pub mod pki;
+pub mod restore;
 pub mod restore_check;
 pub mod schedule;
 pub mod state;

@@ -80,6 +80,16 @@ pub struct Metrics {
     pub ca_certificate_expiry: FloatGauge,
     /// Connections refused because they presented a certificate whose renewed successor is in use.
     pub agent_predecessor_used: Family<MemberLabels, Counter>,
+    /// 1 while a restore of the cluster runs (from planning until done or failed).
+    pub restore_in_progress: Family<ClusterLabels, Gauge>,
+    /// Unix time the running (or last) restore started.
+    pub restore_started: Family<ClusterLabels, FloatGauge>,
+    /// 1 when the cluster's last restore failed (until the next one starts).
+    pub restore_failed: Family<ClusterLabels, Gauge>,
+    /// Seconds from the last finished restore's request to its verified end.
+    pub restore_duration: Family<ClusterLabels, FloatGauge>,
+    /// Backup bytes the members of a running restore fetched, summed.
+    pub restore_bytes: Family<ClusterLabels, Gauge>,
     /// Members with a series in a per-member family other than `member_diverged` (reconnects, out of
     /// rotation, certificate expiry, predecessor use), per cluster, so deleting the cluster removes them.
     members_seen: std::sync::Mutex<std::collections::HashMap<String, std::collections::BTreeSet<String>>>,
@@ -113,6 +123,11 @@ impl Default for Metrics {
             drill_duration: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
             drill_interval: Family::default(),
             drill_failing: Family::default(),
+            restore_in_progress: Family::default(),
+            restore_started: Family::default(),
+            restore_failed: Family::default(),
+            restore_duration: Family::default(),
+            restore_bytes: Family::default(),
             drill_key_drop: Family::default(),
             member_diverged: Family::default(),
             member_check_unreachable: Family::default(),
@@ -194,6 +209,27 @@ impl Default for Metrics {
             "restore_drill_keys",
             "Keys the cluster's latest passed restore drill read from the restored etcd",
             m.drill_keys.clone(),
+        );
+        registry.register(
+            "restore_in_progress",
+            "1 while an orchestrated restore of the cluster runs",
+            m.restore_in_progress.clone(),
+        );
+        registry.register(
+            "restore_started_timestamp_seconds",
+            "Unix time the running or last restore of the cluster started",
+            m.restore_started.clone(),
+        );
+        registry.register("restore_failed", "1 when the cluster's last restore failed", m.restore_failed.clone());
+        registry.register(
+            "restore_duration_seconds",
+            "Seconds the cluster's last finished restore took, from its request to verified",
+            m.restore_duration.clone(),
+        );
+        registry.register(
+            "restore_fetched_bytes",
+            "Backup bytes the members of the running restore fetched so far",
+            m.restore_bytes.clone(),
         );
         registry.register("restore_drills", "Restore drills, by result (success, warning or error)", m.drills.clone());
         registry.register(
@@ -318,9 +354,14 @@ impl Metrics {
             &self.drill_key_drop,
             &self.member_check_unreachable,
             &self.member_check_compared,
+            &self.restore_in_progress,
+            &self.restore_failed,
+            &self.restore_bytes,
         ] {
             family.remove(&l);
         }
+        self.restore_started.remove(&l);
+        self.restore_duration.remove(&l);
         self.retention_deleted.remove(&l);
         for ok in [true, false] {
             self.backups.remove(&Self::result(cluster, ok));

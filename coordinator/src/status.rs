@@ -76,6 +76,26 @@ pub(crate) fn restore_plan(
     Ok(plan)
 }
 
+/// The highest revision recorded for `cluster` (0: none).
+pub(crate) fn highest_recorded(state: &dyn StateStore, cluster: &str) -> Result<i64, StateError> {
+    Ok(match state.get(ResourceType::EtcdBackupStatus, cluster)? {
+        Some(Resource { spec: Spec::EtcdBackupStatus(s), .. }) => s.highestrevision,
+        _ => 0,
+    })
+}
+
+/// The keys a passed drill of `backup` read (0: that backup's drill is not the latest, or it failed).
+pub(crate) fn drilled_keys(state: &dyn StateStore, cluster: &str, backup: &str) -> Result<u64, StateError> {
+    Ok(match state.get(ResourceType::EtcdBackupStatus, cluster)? {
+        Some(Resource { spec: Spec::EtcdBackupStatus(EtcdBackupStatusSpec { drill: Some(d), .. }), .. })
+            if d.backup == backup && d.result != status::ERROR =>
+        {
+            d.keys
+        }
+        _ => 0,
+    })
+}
+
 /// Read-modify-write of a cluster's status in one transaction (no mirror into the overall status: for the
 /// fields that are not about the last backup).
 fn update_cluster(

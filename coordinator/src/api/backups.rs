@@ -55,7 +55,7 @@ pub(super) fn backup_resource(m: Manifest) -> Resource {
 
 impl Api {
     /// Finds a backup by id, or the newest with `latest`.
-    async fn resolve(&self, cluster: &str, backup_id: &str) -> Result<Manifest, ApiError> {
+    pub(crate) async fn resolve(&self, cluster: &str, backup_id: &str) -> Result<Manifest, ApiError> {
         let found = if backup_id == "latest" {
             self.store.list(Some(cluster), &self.cancel).await?.into_iter().next()
         } else {
@@ -109,22 +109,6 @@ impl Api {
             Err(e) => return reply_error(send, e).await,
         };
         info!(%cluster, backup_id = %manifest.id, "restore requested");
-        // An encrypted backup the coordinator's own identity opens is opened here: the agent gets the zstd
-        // stream, never the identity. Otherwise the agent needs its own (`ferry-agent restore --identity`).
-        let opener = match (&manifest.backup.encryption, &self.settings.identities) {
-            (Some(enc), Some(ids)) if ids.check_opens(&enc.recipients).is_ok() => Some(ids.clone()),
-            _ => None,
-        };
-        let source = match opener {
-            Some(_) => RestoreSource::Decrypted,
-            None => match self.store.restore_source(&manifest).await {
-                Ok(s) => s,
-                Err(e) => return reply_error(send, e.into()).await,
-            },
-        };
-        let bytes_follow = matches!(source, RestoreSource::Coordinator);
-        let backup = Box::new(backup_resource(manifest.clone()));
-        let download_limit_bps = self.settings.download_limit_bps;
         // One floor for every member restoring this backup: see `status::restore_plan`.
         let plan = match crate::status::restore_plan(
             self.state.as_ref(),
@@ -140,14 +124,45 @@ impl Api {
             revision: plan.highestrevision,
             at: plan.highestrevisionat.unwrap_or(plan.createdat),
         });
+        self.send_restore(&manifest, highest_revision, send).await
+    }
+
+    /// Sends a restoring agent its backup: `RestoreFrom`, then the bytes on this stream (local store, or the
+    /// zstd stream inside when the coordinator's identity opens it), or presigned requests for the S3 object.
+    pub(crate) async fn send_backup(&self, manifest: &Manifest, send: &mut SendStream) -> Result<()> {
+        self.send_restore(manifest, None, send).await
+    }
+
+    async fn send_restore(
+        &self,
+        manifest: &Manifest,
+        highest_revision: Option<RevisionSeen>,
+        send: &mut SendStream,
+    ) -> Result<()> {
+        // An encrypted backup the coordinator's own identity opens is opened here: the agent gets the zstd
+        // stream, never the identity. Otherwise the agent needs its own (`ferry-agent restore --identity`).
+        let opener = match (&manifest.backup.encryption, &self.settings.identities) {
+            (Some(enc), Some(ids)) if ids.check_opens(&enc.recipients).is_ok() => Some(ids.clone()),
+            _ => None,
+        };
+        let source = match opener {
+            Some(_) => RestoreSource::Decrypted,
+            None => match self.store.restore_source(manifest).await {
+                Ok(s) => s,
+                Err(e) => return reply_error(send, e.into()).await,
+            },
+        };
+        let bytes_follow = matches!(source, RestoreSource::Coordinator);
+        let backup = Box::new(backup_resource(manifest.clone()));
+        let download_limit_bps = self.settings.download_limit_bps;
         write_frame(send, &AdminResponse::RestoreFrom { backup, source, download_limit_bps, highest_revision })
             .await
             .context("send response")?;
         if let Some(ids) = opener {
             info!(backup_id = %manifest.id, "opening the encrypted backup with the coordinator's identity");
-            self.stream_decrypted(&manifest, ids, send).await?;
+            self.stream_decrypted(manifest, ids, send).await?;
         } else if bytes_follow {
-            self.stream_object(&manifest, send).await?;
+            self.stream_object(manifest, send).await?;
         }
         Ok(())
     }

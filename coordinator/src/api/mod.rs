@@ -6,6 +6,9 @@
 
 mod backups;
 mod resources;
+mod restores;
+
+pub use restores::cluster_members;
 
 use std::sync::Arc;
 
@@ -84,7 +87,7 @@ impl From<StoreError> for ApiError {
 impl From<StartError> for ApiError {
     fn from(e: StartError) -> Self {
         match e {
-            StartError::AlreadyRunning(_) => Self::Conflict(e.to_string()),
+            StartError::AlreadyRunning(_) | StartError::Restoring(_) => Self::Conflict(e.to_string()),
             StartError::ShuttingDown => Self::Unavailable(e.to_string()),
         }
     }

@@ -141,6 +141,7 @@ impl Api {
                     }
                     crate::encryption::check_settings("spec.recipients", spec).or_else(invalid)?;
                 }
+                Spec::EtcdRestore(spec) => self.check_restore(id, spec).await?,
                 _ => return invalid(format!("{rt} cannot be applied")),
             }
         }
@@ -322,6 +323,9 @@ impl Api {
         }
         if !rt.user_writable() {
             return invalid(format!("{rt} is written by Ferry itself and cannot be deleted"));
+        }
+        if rt == ResourceType::EtcdRestore {
+            self.check_restore_delete(id)?;
         }
         if !self.state.delete(rt, id)? {
             return Err(ApiError::NotFound(format!("{rt} {id:?} not found")));

@@ -41,6 +41,9 @@ pub enum StartError {
     /// The coordinator is shutting down.
     #[error("the coordinator is shutting down: no new backup starts; apply again once it is back")]
     ShuttingDown,
+    /// The cluster is being restored: its members are held, and its backups would be of half-restored data.
+    #[error("cluster {0} is being restored; backups start again once the restore ended (`ferryctl get etcdrestorestatus {0}`)")]
+    Restoring(String),
 }
 
 /// What asked for a backup.
@@ -130,6 +133,9 @@ impl Jobs {
     pub fn start(&self, cluster: &str, trigger: Trigger) -> Result<(), StartError> {
         if self.inner.stop_starting.is_cancelled() {
             return Err(StartError::ShuttingDown);
+        }
+        if matches!(crate::restore::active(self.inner.deps.state.as_ref(), cluster), Ok(true)) {
+            return Err(StartError::Restoring(cluster.to_string()));
         }
         let fresh = lock(&self.inner.running).insert(cluster.to_string());
         if !fresh {

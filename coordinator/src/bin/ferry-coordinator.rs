@@ -100,6 +100,10 @@ struct Args {
     /// TCP address for /metrics, /healthz and /readyz (off when not given).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// TCP address for /healthz, /readyz and /leaderz alone, with connection caps of their own: what the
+    /// kubelet's probes should use, so that a flood of the metrics port cannot fail them (off when not given).
+    #[arg(long)]
+    health_listen: Option<SocketAddr>,
     /// Log format on stderr; the level comes from RUST_LOG.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -347,6 +351,12 @@ async fn run(args: Args) -> Result<()> {
             }
         }
     });
+    if let Some(addr) = args.health_listen {
+        let serve = ferry_common::observe::listen_health(addr, observer.clone() as Arc<dyn Observed>, process.clone())
+            .await
+            .with_context(|| format!("listen on --health-listen {addr}"))?;
+        process_tasks.spawn(serve);
+    }
     if let Some(addr) = args.metrics_listen {
         let serve = listen(addr, observer as Arc<dyn Observed>, process.clone())
             .await
@@ -527,6 +537,17 @@ async fn lead(shared: &Shared<'_>, lost: &CancellationToken, shutdown: &Cancella
         settings: settings.clone(),
         cancel: background.clone(),
     }));
+    let stop_restores = CancellationToken::new();
+    let restores = tokio::spawn(ferry_coordinator::restore::run(
+        ferry_coordinator::restore::RestoreDeps {
+            state: state.clone(),
+            agents: agents.clone(),
+            api: api.clone(),
+            jobs: jobs.clone(),
+            metrics: metrics.clone(),
+        },
+        stop_restores.clone(),
+    ));
     let server = Server::new(api, agents.clone(), credentials);
     let (stop_accepting, stop_serving) = (CancellationToken::new(), CancellationToken::new());
     let listener = tokio::spawn(server.clone().serve(endpoint.clone(), stop_accepting.clone(), stop_serving.clone()));
@@ -568,6 +589,9 @@ async fn lead(shared: &Shared<'_>, lost: &CancellationToken, shutdown: &Cancella
     stop_scheduler.cancel();
     jobs.stop_starting();
     let _ = scheduler.await;
+    // A restore pauses between steps (each is idempotent); the next leader, or this one restarted, goes on.
+    stop_restores.cancel();
+    let _ = restores.await;
     // A drill only reads: it is cancelled at once (its throw-away etcd is killed, its scratch dir removed).
     if !drills.stop(CANCEL_DEADLINE).await {
         warn!("the restore drill did not stop within {}s", CANCEL_DEADLINE.as_secs());

@@ -12,7 +12,7 @@ use ferry_common::encryption::Identities;
 use ferry_common::progress::{Lines, Progress};
 use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, ApplyOutcome, RevokeTarget, PROTOCOL_VERSION};
 use ferry_common::resources::EtcdBackupSpec;
-use ferry_common::resources::{Resource, ResourceType, Selector, Spec};
+use ferry_common::resources::{Resource, ResourceType, Selector, Spec, Timestamp};
 use ferry_common::snapshot::VerifyingWriter;
 use ferry_common::tls::CertifiedPem;
 use ferry_coordinator::cli::complete::TypeName;
@@ -131,6 +131,33 @@ enum Command {
         #[command(subcommand)]
         command: BackupCommand,
     },
+    /// Restore a whole cluster from a backup, through its members' gates (an EtcdRestores resource):
+    /// every member held, restored, started on a loopback URL, verified, then released.
+    Restore {
+        cluster: String,
+        /// A backup id, or `latest` (the newest; with --before, the newest before that time).
+        #[arg(long, default_value = "latest")]
+        backup: String,
+        /// With `--backup latest`: the newest backup taken before this time (RFC 3339, e.g. 2026-12-07T03:00:00Z).
+        #[arg(long, value_parser = parse_time)]
+        before: Option<Timestamp>,
+        /// `seed-join` (default: one member restored, the others added back) or `all-members`.
+        #[arg(long)]
+        mode: Option<String>,
+        /// Members whose agents cannot answer, declared gone: left out of the restored cluster (MEMBER,…).
+        #[arg(long, value_delimiter = ',')]
+        lost: Vec<String>,
+        /// Restore even though a majority of the cluster's members is healthy (what is lost is listed when
+        /// this is missing).
+        #[arg(long)]
+        yes: bool,
+        /// Follow the restore with a progress line; exit 0 once verified and serving, 2 if it fails.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up waiting after this long (the restore goes on).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30m", requires = "wait")]
+        timeout: Duration,
+    },
     /// Work with clusters.
     Cluster {
         #[command(subcommand)]
@@ -153,6 +180,14 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+/// An RFC 3339 time, e.g. 2026-12-07T03:00:00Z.
+fn parse_time(s: &str) -> Result<Timestamp, String> {
+    let t = humantime::parse_rfc3339_weak(s)
+        .map_err(|e| format!("{s:?} is not a time: {e}; give RFC 3339, e.g. 2026-12-07T03:00:00Z"))?;
+    let d = t.duration_since(std::time::UNIX_EPOCH).map_err(|_| format!("{s:?} is before 1970"))?;
+    Ok(Timestamp { seconds: d.as_secs() as i64, nanos: 0 })
 }
 
 #[derive(Subcommand, Debug)]
@@ -381,6 +416,18 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Backup { command: BackupCommand::Verify { cluster, backup_id, identity } } => {
             let ids = identity.as_deref().map(Identities::load).transpose()?;
             verify(&cfg()?, cluster, backup_id, ids.as_ref()).await?;
+        }
+        Command::Restore { cluster, backup, before, mode, lost, yes, wait, timeout } => {
+            let args = ferry_coordinator::cli::restore::RestoreArgs {
+                cluster,
+                backup,
+                before,
+                mode,
+                lost,
+                yes,
+                wait: wait.then_some(timeout),
+            };
+            ferry_coordinator::cli::restore::run(&cfg()?, args).await?;
         }
         Command::Cluster { command: ClusterCommand::Template { file, action } } => {
             let file = file.ok_or_else(|| anyhow!("give the template with -f FILE"))?;

@@ -15,6 +15,8 @@ const TYPE_NAMES: [&str; ResourceType::ALL.len()] = [
     "agentcredentials",
     "etcdbackupencryptionconfigs",
     "admincredentials",
+    "etcdrestores",
+    "etcdrestorestatuses",
 ];
 
 /// TYPE of `get` and `delete`: any string is taken as given (ferryctl parses it, any case, singular or

@@ -6,5 +6,6 @@ pub mod backup_now;
 pub mod complete;
 pub mod render;
 pub mod request;
+pub mod restore;
 pub mod template;
 pub mod watch;

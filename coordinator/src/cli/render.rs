@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use ferry_common::resources::{
+use ferry_common::resources::{restore_mode, 
     status, BackupConfiguration, DrillStatus, Resource, ResourceType, Spec, Timestamp, DRILL_WARNING,
 };
 
@@ -134,6 +134,10 @@ fn table(rt: ResourceType, resources: &[Resource]) -> String {
         ResourceType::EtcdBackupS3Config => {
             vec!["ID", "BUCKET", "REGION", "ENDPOINT", "PREFIX", "ACCESS KEY ID", "SECRET ACCESS KEY"]
         }
+        ResourceType::EtcdRestore => vec!["ID", "BACKUP", "BEFORE", "MODE", "LOST MEMBERS"],
+        ResourceType::EtcdRestoreStatus => {
+            vec!["ID", "RESTORE", "PHASE", "BACKUP", "MEMBERS", "STARTED AT", "FINISHED AT", "WAITING", "ERROR"]
+        }
     };
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for r in resources {
@@ -215,6 +219,24 @@ fn table(rt: ResourceType, resources: &[Resource]) -> String {
                 let s = s.redacted();
                 vec![id, s.bucket, s.region, s.endpoint, s.prefix, s.accesskeyid, s.secretaccesskey]
             }
+            Spec::EtcdRestore(s) => vec![
+                id,
+                s.backup.clone(),
+                ts(&s.before),
+                if s.mode.is_empty() { restore_mode::SEED_JOIN.to_string() } else { s.mode.clone() },
+                s.lostmembers.join(","),
+            ],
+            Spec::EtcdRestoreStatus(s) => vec![
+                id,
+                s.restoreid.clone(),
+                s.phase.clone(),
+                s.plan.as_ref().map_or_else(String::new, |p| p.backup.clone()),
+                s.members.iter().map(|m| format!("{}:{}", m.member, m.step)).collect::<Vec<_>>().join(","),
+                ts(&s.startedat),
+                ts(&s.finishedat),
+                s.waiting.clone(),
+                s.error.clone(),
+            ],
         });
     }
     let widths: Vec<usize> = (0..rows[0].len())

@@ -257,13 +257,20 @@ async fn a_slowloris_on_the_metrics_port_never_starves_backups() -> anyhow::Resu
     let etcd = EtcdCluster::start(1).await?;
     etcd.put_keys(100).await?;
     let metrics_port = free_port();
+    let health_port = free_port();
     let coordinator = Coordinator::start(CoordinatorOptions {
-        extra_args: vec!["--metrics-listen".into(), format!("127.0.0.1:{metrics_port}")],
+        extra_args: vec![
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{metrics_port}"),
+            "--health-listen".into(),
+            format!("127.0.0.1:{health_port}"),
+        ],
         ..Default::default()
     })
     .await?;
     let _agents = coordinator.start_agents("prod", &etcd).await?;
     backup_now(&coordinator, "prod").await?;
+    assert_eq!(http_get(health_port, "/metrics")?.0, 404, "the health port serves no metrics");
 
     // A tight descriptor budget, as on a crowded host, then more half-sent requests than it holds.
     let pid = coordinator.pid().context("coordinator pid")?;
@@ -296,6 +303,29 @@ async fn a_slowloris_on_the_metrics_port_never_starves_backups() -> anyhow::Resu
         assert_eq!(http_get(metrics_port, "/readyz")?.0, 200, "every probe is answered during the attack");
     }
     backup_now(&coordinator, "prod").await?;
+    // From many addresses (pods) at once, every slot of the metrics port is taken: its per-source cap cannot
+    // stop that, but the health port has slots of its own and the probes still answer.
+    for last in 3..=8u8 {
+        for _ in 0..8 {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(([127, 0, 0, last], 0).into())?;
+            if let Ok(mut s) = socket.connect(([127, 0, 0, 1], metrics_port).into()).await {
+                use tokio::io::AsyncWriteExt as _;
+                let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ").await;
+                attackers.push(s);
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let starved = http_get(metrics_port, "/healthz");
+    assert!(
+        !matches!(starved, Ok((200, _))),
+        "the metrics port should be full with 48 connections from 6 more addresses: {starved:?}"
+    );
+    for _ in 0..40 {
+        assert_eq!(http_get(health_port, "/readyz")?.0, 200, "the health port answers while the metrics port is full");
+    }
+    assert_eq!(http_get(health_port, "/healthz")?.0, 200);
     drop(attackers);
     backup_now(&coordinator, "prod").await?;
     let log = std::fs::read_to_string(coordinator.log_path())?;

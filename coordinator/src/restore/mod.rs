@@ -1,0 +1,750 @@
+//! Orchestrated restores: an `EtcdRestores` resource restores a whole cluster through the members' gates.
+//!
+//! The leader runs one task per cluster with an unfinished restore. The task is the only writer of the
+//! cluster's `EtcdRestoreStatuses`, and everything it does follows that status: the plan (fixed once, in one
+//! transaction, before anything is touched), then each member's last step done. A new leader (or this one
+//! after a restart) reads the status and carries on from there; agents answer a step already done as done, so
+//! no step happens twice. The order guards against two clusters serving at once: every planned member is
+//! held before any data dir changes, restored members serve clients only on a loopback URL until the whole
+//! cluster is verified, and only then are they released to their own flags.
+
+pub mod plan;
+mod steps;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_common::protocol::{JoinFlags, RebuildPlan, RestoreStep, RestoredMember, StepDone};
+use ferry_common::resources::{
+    restore_mode, restore_phase, EtcdRestoreSpec, EtcdRestoreStatusSpec, MemberRestoreStatus, Resource,
+    ResourceType, RestorePlanned, RestoreVerified, Spec, Timestamp,
+};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::agents::{Agents, LiveAgent};
+use crate::api::Api;
+use crate::backup::{Jobs, Trigger};
+use crate::metrics::Metrics;
+use crate::state::{StateError, StateStore};
+use steps::StepError;
+
+/// How often the owner looks for restores to run.
+const SCAN_EVERY: Duration = Duration::from_secs(1);
+/// How long a restore waits for a planned member's agent to come back before it fails naming it.
+const MEMBER_WAIT: Duration = Duration::from_secs(300);
+/// How often a failed step is tried before the restore fails.
+const STEP_ATTEMPTS: u32 = 3;
+/// A step other than the rebuild: the gate stops etcd within 30 s (then kills it).
+const STEP_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long the restored cluster may take to become healthy and agree.
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long a learner may take to catch up before it is promoted.
+const PROMOTE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The steps a member goes through, as `MemberRestoreStatus::step` records them.
+mod step {
+    pub(super) const HELD: &str = "held";
+    pub(super) const REBUILT: &str = "rebuilt";
+    pub(super) const WIPED: &str = "wiped";
+    pub(super) const ADDED: &str = "added";
+    pub(super) const STARTED: &str = "started";
+    pub(super) const JOINED: &str = "joined";
+    pub(super) const RELEASED: &str = "released";
+    /// In order: a member at a later step has done every earlier one.
+    pub(super) const ORDER: [&str; 7] = [HELD, WIPED, REBUILT, ADDED, STARTED, JOINED, RELEASED];
+}
+
+fn step_rank(s: &str) -> usize {
+    step::ORDER.iter().position(|x| *x == s).map_or(0, |i| i + 1)
+}
+
+/// What the owner works with.
+pub struct RestoreDeps {
+    pub state: Arc<dyn StateStore>,
+    pub agents: Agents,
+    pub api: Arc<Api>,
+    pub jobs: Jobs,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The id of the restore an `EtcdRestores` resource asks for: its cluster and creation time, so that a new
+/// resource (after the old one was deleted) is a new restore and the same one read again is not.
+pub fn restore_id(r: &Resource) -> String {
+    let t = r.metadata.created.unwrap_or_default();
+    format!("{}-{}{:03}", r.metadata.id, t.seconds, t.nanos / 1_000_000)
+}
+
+/// Whether `cluster` has a restore that has not ended (one asked for and not yet planned counts).
+pub fn active(state: &dyn StateStore, cluster: &str) -> Result<bool, StateError> {
+    let Some(r) = state.get(ResourceType::EtcdRestore, cluster)? else {
+        return Ok(false);
+    };
+    Ok(match state.get(ResourceType::EtcdRestoreStatus, cluster)? {
+        Some(Resource { spec: Spec::EtcdRestoreStatus(s), .. }) if s.restoreid == restore_id(&r) => {
+            !restore_phase::is_final(&s.phase)
+        }
+        _ => true,
+    })
+}
+
+/// The cluster's restore status, if any.
+pub fn status_of(state: &dyn StateStore, cluster: &str) -> Result<Option<EtcdRestoreStatusSpec>, StateError> {
+    Ok(match state.get(ResourceType::EtcdRestoreStatus, cluster)? {
+        Some(Resource { spec: Spec::EtcdRestoreStatus(s), .. }) => Some(s),
+        _ => None,
+    })
+}
+
+/// Runs until `cancel`: starts a task for every cluster whose restore has not ended.
+pub async fn run(deps: RestoreDeps, cancel: CancellationToken) {
+    let deps = Arc::new(deps);
+    let running: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let tasks = TaskTracker::new();
+    loop {
+        match deps.state.list(ResourceType::EtcdRestore) {
+            Ok(list) => {
+                for r in list {
+                    let cluster = r.metadata.id.clone();
+                    if !matches!(active(deps.state.as_ref(), &cluster), Ok(true)) {
+                        continue;
+                    }
+                    if !crate::lock(&running).insert(cluster.clone()) {
+                        continue;
+                    }
+                    let (deps, running, cancel) = (deps.clone(), running.clone(), cancel.clone());
+                    let span = info_span!("restore", %cluster, restore_id = %restore_id(&r));
+                    tasks.spawn(
+                        async move {
+                            let mut d = Driver::new(deps, r, cancel);
+                            d.run().await;
+                            crate::lock(&running).remove(&cluster);
+                        }
+                        .instrument(span),
+                    );
+                }
+            }
+            Err(e) => warn!("failed to list restores: {e}"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(SCAN_EVERY) => {}
+            () = cancel.cancelled() => break,
+        }
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// Why a restore stopped before its end.
+enum Stop {
+    /// Leadership lost or shutting down: the next leader carries on.
+    Cancelled,
+    /// The restore failed; the message says why and what state the members are in.
+    Failed(String),
+}
+
+impl From<StateError> for Stop {
+    fn from(e: StateError) -> Self {
+        // A state store that cannot be written (or a lost lease) stops this leader's work; a new leader
+        // goes on from the last status written.
+        warn!("restore paused: the state store failed: {e}");
+        Stop::Cancelled
+    }
+}
+
+struct Driver {
+    deps: Arc<RestoreDeps>,
+    cluster: String,
+    spec: EtcdRestoreSpec,
+    id: String,
+    st: EtcdRestoreStatusSpec,
+    cancel: CancellationToken,
+}
+
+impl Driver {
+    fn new(deps: Arc<RestoreDeps>, r: Resource, cancel: CancellationToken) -> Self {
+        let id = restore_id(&r);
+        let spec = match r.spec {
+            Spec::EtcdRestore(s) => s,
+            _ => EtcdRestoreSpec::default(),
+        };
+        Self { deps, cluster: r.metadata.id, spec, id, st: EtcdRestoreStatusSpec::default(), cancel }
+    }
+
+    async fn run(&mut self) {
+        match status_of(self.deps.state.as_ref(), &self.cluster) {
+            Ok(Some(s)) if s.restoreid == self.id => self.st = s,
+            Ok(_) => {
+                self.st = EtcdRestoreStatusSpec {
+                    restoreid: self.id.clone(),
+                    phase: restore_phase::PENDING.into(),
+                    startedat: Some(Timestamp::now()),
+                    ..Default::default()
+                };
+                if self.save().is_err() {
+                    return;
+                }
+                info!(spec = ?self.spec, "restore requested");
+            }
+            Err(e) => return warn!("failed to read the restore status: {e}"),
+        }
+        let m = self.deps.metrics.clone();
+        let l = crate::metrics::Metrics::cluster(&self.cluster);
+        m.restore_in_progress.get_or_create(&l).set(1);
+        m.restore_failed.get_or_create(&l).set(0);
+        if let Some(t) = self.st.startedat {
+            m.restore_started.get_or_create(&l).set(t.seconds as f64);
+        }
+        let result = self.steps().await;
+        m.restore_in_progress.get_or_create(&l).set(0);
+        match result {
+            Ok(()) => {}
+            Err(Stop::Cancelled) => info!("restore paused; the coordinator that leads next carries it on"),
+            Err(Stop::Failed(why)) => {
+                warn!("restore failed: {why}");
+                m.restore_failed.get_or_create(&l).set(1);
+                self.st.phase = restore_phase::FAILED.into();
+                self.st.error = why;
+                self.st.waiting.clear();
+                self.st.finishedat = Some(Timestamp::now());
+                let _ = self.save();
+            }
+        }
+    }
+
+    fn save(&mut self) -> Result<(), StateError> {
+        self.deps.state.still_leading()?;
+        let r = Resource::new(&self.cluster, Spec::EtcdRestoreStatus(self.st.clone()));
+        self.deps.state.put(r)?;
+        Ok(())
+    }
+
+    fn set_phase(&mut self, phase: &str) -> Result<(), Stop> {
+        if self.st.phase != phase {
+            info!(phase, "restore phase");
+            self.st.phase = phase.into();
+            self.st.waiting.clear();
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    fn plan(&self) -> Result<&RestorePlanned, Stop> {
+        self.st.plan.as_ref().ok_or_else(|| Stop::Failed("the restore has no plan".into()))
+    }
+
+    async fn steps(&mut self) -> Result<(), Stop> {
+        if self.st.phase == restore_phase::PENDING || self.st.plan.is_none() {
+            self.make_plan().await?;
+        }
+        let mode = self.plan()?.mode.clone();
+        if step_rank_all(&self.st) < step_rank(step::HELD) {
+            self.set_phase(restore_phase::HOLDING)?;
+            self.hold_all().await?;
+        }
+        if mode == restore_mode::ALL_MEMBERS {
+            self.set_phase(restore_phase::RESTORING)?;
+            self.rebuild_all().await?;
+            self.start_all().await?;
+        } else {
+            self.set_phase(restore_phase::RESTORING)?;
+            self.seed().await?;
+            self.set_phase(restore_phase::JOINING)?;
+            self.join_others().await?;
+        }
+        self.set_phase(restore_phase::VERIFYING)?;
+        let verified = self.verify().await?;
+        self.st.verified = Some(verified);
+        self.save()?;
+        self.release_all().await?;
+        self.st.phase = restore_phase::DONE.into();
+        self.st.waiting.clear();
+        self.st.finishedat = Some(Timestamp::now());
+        self.save()?;
+        let took = self.st.finishedat.unwrap_or_default().seconds - self.st.startedat.unwrap_or_default().seconds;
+        let l = crate::metrics::Metrics::cluster(&self.cluster);
+        self.deps.metrics.restore_duration.get_or_create(&l).set(took as f64);
+        info!(seconds = took, "restore done: every member verified and serving");
+        // A backup of the restored cluster at once: the old backups are of the old cluster's history.
+        if let Err(e) = self.deps.jobs.start(&self.cluster, Trigger::Manual) {
+            warn!("failed to start the backup after the restore: {e}");
+        }
+        Ok(())
+    }
+
+    /// Waits for a planned member's agent, failing after [`MEMBER_WAIT`].
+    async fn agent(&mut self, member: &str) -> Result<LiveAgent, Stop> {
+        let deadline = tokio::time::Instant::now() + MEMBER_WAIT;
+        loop {
+            if let Some(a) = self.deps.agents.live(&self.cluster).into_iter().find(|a| a.member == member) {
+                return Ok(a);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Stop::Failed(format!(
+                    "member {member}'s agent did not come back within {}s; {}",
+                    MEMBER_WAIT.as_secs(),
+                    self.left_as()
+                )));
+            }
+            let waiting = format!("member {member}'s agent is not connected");
+            if self.st.waiting != waiting {
+                self.st.waiting = waiting;
+                self.save()?;
+            }
+            self.pause(Duration::from_secs(1)).await?;
+        }
+    }
+
+    async fn pause(&self, d: Duration) -> Result<(), Stop> {
+        tokio::select! {
+            () = tokio::time::sleep(d) => Ok(()),
+            () = self.cancel.cancelled() => Err(Stop::Cancelled),
+        }
+    }
+
+    /// In words, where a failure leaves the members.
+    fn left_as(&self) -> String {
+        let touched = self.st.members.iter().any(|m| step_rank(&m.step) > step_rank(step::HELD));
+        if touched {
+            "the members stay held (etcd stopped, or serving only on the restore URL); apply a new restore \
+             (`ferryctl restore`) to try again"
+                .into()
+        } else {
+            "no data dir was touched".into()
+        }
+    }
+
+    /// One step on one member, retried while the agent is away or answers a failure (up to a few times).
+    async fn step(&mut self, member: &str, make: &(dyn Fn() -> RestoreStep + Sync)) -> Result<StepDone, Stop> {
+        let mut failures = 0;
+        loop {
+            let agent = self.agent(member).await?;
+            self.deps.state.still_leading()?;
+            match steps::ask(&agent, make(), STEP_TIMEOUT).await {
+                Ok(d) => return Ok(d),
+                Err(StepError::Lost(e)) => {
+                    self.st.waiting = format!("member {member}: {e}");
+                    self.save()?;
+                }
+                Err(StepError::Failed(e)) => {
+                    failures += 1;
+                    if failures >= STEP_ATTEMPTS {
+                        return Err(Stop::Failed(format!("member {member}: {e}")));
+                    }
+                    self.st.waiting = format!("member {member} (attempt {failures} failed): {e}");
+                    self.save()?;
+                }
+            }
+            self.pause(Duration::from_secs(2)).await?;
+        }
+    }
+
+    fn member_status(&mut self, member: &str) -> &mut MemberRestoreStatus {
+        if let Some(i) = self.st.members.iter().position(|m| m.member == member) {
+            return &mut self.st.members[i];
+        }
+        self.st.members.push(MemberRestoreStatus { member: member.into(), ..Default::default() });
+        let last = self.st.members.len() - 1;
+        &mut self.st.members[last]
+    }
+
+    fn at_least(&self, member: &str, s: &str) -> bool {
+        self.st.members.iter().any(|m| m.member == member && step_rank(&m.step) >= step_rank(s))
+    }
+
+    fn record(&mut self, member: &str, s: &str) -> Result<(), Stop> {
+        let m = self.member_status(member);
+        m.step = s.into();
+        m.error.clear();
+        self.st.waiting.clear();
+        self.save()?;
+        info!(%member, step = s, "member step done");
+        Ok(())
+    }
+
+    fn planned_members(&self) -> Result<Vec<String>, Stop> {
+        Ok(self.plan()?.members.iter().map(|m| m.member.clone()).collect())
+    }
+
+    async fn make_plan(&mut self) -> Result<(), Stop> {
+        let spec = self.spec.clone();
+        plan::mode(&spec).map_err(Stop::Failed)?;
+        let known = crate::api::cluster_members(self.deps.state.as_ref(), &self.cluster)?;
+        let planned: Vec<String> = known.into_iter().filter(|m| !spec.lostmembers.contains(m)).collect();
+        let manifest = self.deps.api.resolve_restore(&self.cluster, &spec).await.map_err(|e| Stop::Failed(e.to_string()))?;
+        let mut layouts = BTreeMap::new();
+        for member in &planned {
+            match self.step(member, &|| RestoreStep::Describe).await? {
+                StepDone::Described(l) => {
+                    layouts.insert(member.clone(), l);
+                }
+                other => return Err(Stop::Failed(format!("member {member} answered {other:?} to Describe"))),
+            }
+        }
+        let highest = self.deps.agents.highest_revision(&self.cluster).map_or(0, |(r, _)| r);
+        let highest = highest.max(crate::status::highest_recorded(self.deps.state.as_ref(), &self.cluster)?);
+        let keys = crate::status::drilled_keys(self.deps.state.as_ref(), &self.cluster, &manifest.id)?;
+        let p = plan::make(&plan::PlanInput {
+            restore_id: &self.id,
+            spec: &spec,
+            layouts: &layouts,
+            backup_id: &manifest.id,
+            backup_revision: manifest.backup.revision,
+            backup_rawsize: manifest.backup.rawsize,
+            backup_keys: keys,
+            highest_revision: highest,
+            now: Timestamp::now(),
+        })
+        .map_err(Stop::Failed)?;
+        // Fixed once: written only if no plan is there yet (a second leader racing this one keeps the first).
+        let (cluster, id) = (self.cluster.clone(), self.id.clone());
+        let mut stored = None;
+        self.deps.state.transact(&mut |tx| {
+            let mut st = match tx.get(ResourceType::EtcdRestoreStatus, &cluster)? {
+                Some(Resource { spec: Spec::EtcdRestoreStatus(s), .. }) if s.restoreid == id => s,
+                _ => EtcdRestoreStatusSpec { restoreid: id.clone(), startedat: Some(Timestamp::now()), ..Default::default() },
+            };
+            if st.plan.is_none() {
+                st.plan = Some(p.clone());
+                st.phase = restore_phase::PLANNED.into();
+                st.waiting.clear();
+                st.members = p.members.iter().map(|m| MemberRestoreStatus { member: m.member.clone(), ..Default::default() }).collect();
+                tx.put(Resource::new(&cluster, Spec::EtcdRestoreStatus(st.clone())))?;
+            }
+            stored = Some(st);
+            Ok(())
+        })?;
+        if let Some(st) = stored {
+            self.st = st;
+        }
+        let p = self.plan()?;
+        info!(
+            backup = %p.backup,
+            mode = %p.mode,
+            members = ?p.members.iter().map(|m| &m.member).collect::<Vec<_>>(),
+            bump = p.bumpby,
+            highest_revision = p.highestrevision,
+            "restore planned"
+        );
+        Ok(())
+    }
+
+    async fn hold_all(&mut self) -> Result<(), Stop> {
+        let id = self.id.clone();
+        for member in self.planned_members()? {
+            if self.at_least(&member, step::HELD) {
+                continue;
+            }
+            let id = id.clone();
+            match self.step(&member, &move || RestoreStep::Hold { restore_id: id.clone() }).await {
+                Ok(_) => self.record(&member, step::HELD)?,
+                Err(Stop::Failed(e)) => {
+                    // Nothing touched yet: the members held so far run their old data again.
+                    self.release_held().await;
+                    return Err(Stop::Failed(format!("{e}; the members held so far were released, no data dir was touched")));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Best effort, after a failure before any data dir was touched.
+    async fn release_held(&mut self) {
+        let id = self.id.clone();
+        let held: Vec<String> =
+            self.st.members.iter().filter(|m| m.step == step::HELD).map(|m| m.member.clone()).collect();
+        for member in held {
+            if let Some(a) = self.deps.agents.live(&self.cluster).into_iter().find(|a| a.member == member) {
+                let r = steps::ask(&a, RestoreStep::Release { restore_id: id.clone() }, STEP_TIMEOUT).await;
+                if let Err(e) = r {
+                    warn!(%member, "failed to release the member after the failed restore: {e}");
+                } else {
+                    self.member_status(&member).step.clear();
+                }
+            }
+        }
+        let _ = self.save();
+    }
+
+    fn rebuild_plan(&self, member: &str, initial_cluster: &str) -> Result<RebuildPlan, Stop> {
+        let p = self.plan()?;
+        let m = p.members.iter().find(|m| m.member == member).ok_or_else(|| Stop::Failed(format!("{member} is not planned")))?;
+        Ok(RebuildPlan {
+            restore_id: self.id.clone(),
+            name: m.etcdname.clone(),
+            initial_cluster: initial_cluster.into(),
+            initial_cluster_token: p.initialclustertoken.clone(),
+            initial_advertise_peer_urls: m.peerurls.clone(),
+            bump_by: p.bumpby,
+        })
+    }
+
+    async fn rebuild(&mut self, member: &str, initial_cluster: &str) -> Result<(), Stop> {
+        if self.at_least(member, step::REBUILT) {
+            return Ok(());
+        }
+        let plan = self.rebuild_plan(member, initial_cluster)?;
+        let backup = self.plan()?.backup.clone();
+        let manifest = self.deps.api.resolve(&self.cluster, &backup).await.map_err(|e| Stop::Failed(e.to_string()))?;
+        let limit = Duration::from_secs(600 + 2 * manifest.backup.size / (1 << 20));
+        let mut failures = 0;
+        loop {
+            let agent = self.agent(member).await?;
+            self.deps.state.still_leading()?;
+            let bytes = std::sync::atomic::AtomicU64::new(0);
+            let mut progress = |b: u64| bytes.store(b, std::sync::atomic::Ordering::Relaxed);
+            let r = steps::rebuild(&agent, plan.clone(), &self.deps.api, &manifest, &mut progress, limit).await;
+            self.member_status(member).bytes = bytes.load(std::sync::atomic::Ordering::Relaxed);
+            match r {
+                Ok(_) => {
+                    self.member_status(member).bytes = manifest.backup.size;
+                    return self.record(member, step::REBUILT);
+                }
+                Err(StepError::Lost(e)) => {
+                    self.st.waiting = format!("member {member}: {e}");
+                    self.save()?;
+                }
+                Err(StepError::Failed(e)) => {
+                    failures += 1;
+                    self.member_status(member).error = e.clone();
+                    if failures >= STEP_ATTEMPTS {
+                        return Err(Stop::Failed(format!("member {member} could not be rebuilt: {e}; {}", self.left_as())));
+                    }
+                    self.save()?;
+                }
+            }
+            self.pause(Duration::from_secs(2)).await?;
+        }
+    }
+
+    async fn rebuild_all(&mut self) -> Result<(), Stop> {
+        let initial = self.plan()?.initialcluster.clone();
+        for member in self.planned_members()? {
+            self.rebuild(&member, &initial).await?;
+        }
+        Ok(())
+    }
+
+    async fn start(&mut self, member: &str, join: Option<JoinFlags>) -> Result<(), Stop> {
+        if self.at_least(member, step::STARTED) {
+            return Ok(());
+        }
+        let id = self.id.clone();
+        self.step(member, &move || RestoreStep::Start { restore_id: id.clone(), join: join.clone() }).await?;
+        self.record(member, step::STARTED)
+    }
+
+    async fn start_all(&mut self) -> Result<(), Stop> {
+        for member in self.planned_members()? {
+            self.start(&member, None).await?;
+        }
+        Ok(())
+    }
+
+    /// `seed-join`: the seed is rebuilt alone and started; the others' data dirs are moved aside.
+    async fn seed(&mut self) -> Result<(), Stop> {
+        let members = self.planned_members()?;
+        let initial = self.plan()?.initialcluster.clone();
+        let seed = members[0].clone();
+        self.rebuild(&seed, &initial).await?;
+        self.start(&seed, None).await?;
+        let id = self.id.clone();
+        for member in &members[1..] {
+            if self.at_least(member, step::WIPED) {
+                continue;
+            }
+            let id = id.clone();
+            self.step(member, &move || RestoreStep::Wipe { restore_id: id.clone() }).await?;
+            self.record(member, step::WIPED)?;
+        }
+        Ok(())
+    }
+
+    /// `seed-join`: each other member is added to the seed's cluster as a learner, started to join it, and
+    /// promoted once it caught up, one at a time.
+    async fn join_others(&mut self) -> Result<(), Stop> {
+        let members = self.planned_members()?;
+        let seed = members[0].clone();
+        self.wait_healthy(&seed).await?;
+        for (n, member) in members.iter().enumerate().skip(1) {
+            if self.at_least(member, step::JOINED) {
+                continue;
+            }
+            let p = self.plan()?;
+            let m = p.members[n].clone();
+            let token = p.initialclustertoken.clone();
+            let initial_cluster = plan::joining_cluster(p, n);
+            let id = self.id.clone();
+            if !self.at_least(member, step::ADDED) {
+                let (id, name, urls) = (id.clone(), m.etcdname.clone(), m.peerurls.clone());
+                self.step(&seed, &move || RestoreStep::AddLearner {
+                    restore_id: id.clone(),
+                    name: name.clone(),
+                    peer_urls: urls.clone(),
+                })
+                .await?;
+                self.record(member, step::ADDED)?;
+            }
+            self.start(member, Some(JoinFlags { initial_cluster, initial_cluster_token: token })).await?;
+            self.promote(&seed, member, &m.etcdname, &m.peerurls).await?;
+            self.record(member, step::JOINED)?;
+        }
+        Ok(())
+    }
+
+    /// Promotes a learner once etcd accepts it (etcd refuses while the learner is behind).
+    async fn promote(&mut self, seed: &str, member: &str, name: &str, peer_urls: &str) -> Result<(), Stop> {
+        let deadline = tokio::time::Instant::now() + PROMOTE_TIMEOUT;
+        loop {
+            let agent = self.agent(seed).await?;
+            self.deps.state.still_leading()?;
+            let step = RestoreStep::Promote { restore_id: self.id.clone(), name: name.into(), peer_urls: peer_urls.into() };
+            match steps::ask(&agent, step, STEP_TIMEOUT).await {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(Stop::Failed(format!(
+                        "member {member} did not catch up with the seed within {}s: {e}; {}",
+                        PROMOTE_TIMEOUT.as_secs(),
+                        self.left_as()
+                    )))
+                }
+                Err(e) => {
+                    let waiting = format!("member {member} catching up: {e}");
+                    if self.st.waiting != waiting {
+                        self.st.waiting = waiting;
+                        self.save()?;
+                    }
+                }
+            }
+            self.pause(Duration::from_secs(1)).await?;
+        }
+    }
+
+    async fn check(&mut self, member: &str, revision: i64) -> Result<RestoredMember, String> {
+        let agent = self.deps.agents.live(&self.cluster).into_iter().find(|a| a.member == member);
+        let agent = agent.ok_or_else(|| format!("member {member}'s agent is not connected"))?;
+        let step = RestoreStep::Check { restore_id: self.id.clone(), revision };
+        match steps::ask(&agent, step, STEP_TIMEOUT).await {
+            Ok(StepDone::Checked(c)) => Ok(c),
+            Ok(other) => Err(format!("member {member} answered {other:?}")),
+            Err(e) => Err(format!("member {member}: {e}")),
+        }
+    }
+
+    async fn wait_healthy(&mut self, member: &str) -> Result<(), Stop> {
+        let deadline = tokio::time::Instant::now() + VERIFY_TIMEOUT;
+        loop {
+            match self.check(member, 0).await {
+                Ok(c) if c.has_leader => return Ok(()),
+                Ok(_) => self.st.waiting = format!("member {member} has no leader yet"),
+                Err(e) => self.st.waiting = e,
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Stop::Failed(format!("member {member} did not become healthy: {}; {}", self.st.waiting, self.left_as())));
+            }
+            self.save()?;
+            self.pause(Duration::from_secs(1)).await?;
+        }
+    }
+
+    /// Every member healthy, one cluster id, one revision above the highest ever seen, one `HashKV` and key
+    /// count there, and the count the backup's drill read (when it was drilled).
+    async fn verify(&mut self) -> Result<RestoreVerified, Stop> {
+        let deadline = tokio::time::Instant::now() + VERIFY_TIMEOUT;
+        loop {
+            let problem = match self.verify_once().await {
+                Ok(v) => return Ok(v),
+                Err(Err(fatal)) => return Err(Stop::Failed(format!("verification failed: {fatal}; {}", self.left_as()))),
+                Err(Ok(p)) => p,
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Stop::Failed(format!(
+                    "the restored cluster did not verify within {}s: {problem}; {}",
+                    VERIFY_TIMEOUT.as_secs(),
+                    self.left_as()
+                )));
+            }
+            if self.st.waiting != problem {
+                self.st.waiting = problem;
+                self.save()?;
+            }
+            self.pause(Duration::from_secs(1)).await?;
+        }
+    }
+
+    /// `Err(Ok(..))`: not yet (try again); `Err(Err(..))`: wrong for good.
+    async fn verify_once(&mut self) -> Result<RestoreVerified, Result<String, String>> {
+        let members = self.planned_members().map_err(|_| Err("no plan".to_string()))?;
+        let mut first = Vec::new();
+        for m in &members {
+            let c = self.check(m, 0).await.map_err(Ok)?;
+            if !c.has_leader {
+                return Err(Ok(format!("member {m} has no leader yet")));
+            }
+            if c.learner {
+                return Err(Ok(format!("member {m} is still a learner")));
+            }
+            first.push((m.clone(), c));
+        }
+        let cluster_id = first[0].1.cluster_id;
+        if let Some((m, c)) = first.iter().find(|(_, c)| c.cluster_id != cluster_id) {
+            return Err(Err(format!("member {m} is in cluster {:x}, {} in {cluster_id:x}", c.cluster_id, first[0].0)));
+        }
+        let revision = first.iter().map(|(_, c)| c.revision).min().unwrap_or(0);
+        let mut hashes = Vec::new();
+        for m in &members {
+            let c = self.check(m, revision).await.map_err(Ok)?;
+            hashes.push((m.clone(), c.hash.unwrap_or(0), c.keys.unwrap_or(0)));
+        }
+        let (hash, keys) = (hashes[0].1, hashes[0].2);
+        if let Some((m, h, k)) = hashes.iter().find(|(_, h, k)| *h != hash || *k != keys) {
+            return Err(Err(format!(
+                "members disagree at revision {revision}: {m} has hash {h:x} and {k} keys, {} has {hash:x} and {keys}",
+                hashes[0].0
+            )));
+        }
+        let p = self.plan().map_err(|_| Err("no plan".to_string()))?;
+        if revision <= p.highestrevision {
+            return Err(Err(format!(
+                "the restored revision {revision} is not above the highest the cluster was seen at ({}): Kubernetes \
+                 watch caches would miss changes",
+                p.highestrevision
+            )));
+        }
+        if p.backupkeys > 0 && keys != p.backupkeys {
+            return Err(Err(format!(
+                "the restored cluster holds {keys} keys, the backup's drill read {}",
+                p.backupkeys
+            )));
+        }
+        info!(revision, hash, keys, cluster_id = %format!("{cluster_id:x}"), "restored cluster verified");
+        Ok(RestoreVerified {
+            etcdclusterid: format!("{cluster_id:x}"),
+            revision,
+            hash,
+            keys,
+            time: Some(Timestamp::now()),
+        })
+    }
+
+    async fn release_all(&mut self) -> Result<(), Stop> {
+        let id = self.id.clone();
+        for member in self.planned_members()? {
+            if self.at_least(&member, step::RELEASED) {
+                continue;
+            }
+            let id = id.clone();
+            self.step(&member, &move || RestoreStep::Release { restore_id: id.clone() }).await?;
+            self.record(&member, step::RELEASED)?;
+        }
+        Ok(())
+    }
+}
+
+/// The lowest step every planned member has reached.
+fn step_rank_all(st: &EtcdRestoreStatusSpec) -> usize {
+    st.members.iter().map(|m| step_rank(&m.step)).min().unwrap_or(0)
+}

@@ -1,0 +1,411 @@
+//! Orchestrated restores: `ferryctl restore` brings a whole 3-member cluster back through the members' gates
+//! (real etcd 3.5 under `ferry-agent gate`, real agents, the real coordinator), in both modes; the
+//! coordinator killed mid-restore carries on; no client reaches a restored member before the cluster is
+//! verified; a member whose agent is gone blocks the restore until it is declared lost; refusals.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use etcd_client::GetOptions;
+use serde_json::Value;
+
+use crate::fixtures::ports::free_port;
+use crate::fixtures::poll_until;
+use crate::fixtures::{assert_no_unexpected_errors, Agent, Coordinator, CoordinatorOptions, EtcdCluster, Stop};
+use crate::restore::backup;
+
+const CLUSTER: &str = "prod";
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One agent per gated member, with its gate, data dir and a restore URL of its own.
+async fn start_gated_agents(coordinator: &Coordinator, etcd: &EtcdCluster) -> anyhow::Result<Vec<Agent>> {
+    let mut agents = Vec::new();
+    for (i, member) in etcd.members().iter().enumerate() {
+        let creds = coordinator.issue_agent_credentials(CLUSTER, member.name()).await?;
+        let args = vec![
+            "--gate-dir".to_string(),
+            etcd.gate_dir(i).display().to_string(),
+            "--data-dir".into(),
+            member.data_dir().display().to_string(),
+            "--restore-client-url".into(),
+            format!("http://127.0.0.1:{}", free_port()),
+        ];
+        agents.push(Agent::start_with_args(coordinator, &creds, member.client_url(), &args)?);
+    }
+    let names: Vec<&str> = etcd.members().iter().map(|m| m.name()).collect();
+    coordinator.wait_agents_connected(CLUSTER, &names, Duration::from_secs(30)).await?;
+    Ok(agents)
+}
+
+/// Every key of the cluster with its value, read through the members' normal client URLs.
+async fn keyspace(etcd: &EtcdCluster) -> anyhow::Result<HashMap<String, String>> {
+    etcd.read_prefix("").await
+}
+
+/// The cluster's id and revision, as a member's normal client URL answers them.
+async fn cluster_id_and_revision(etcd: &EtcdCluster) -> anyhow::Result<(u64, i64)> {
+    let mut c = etcd.client().await?;
+    let r = tokio::time::timeout(REQUEST_TIMEOUT, c.get("", Some(GetOptions::new().with_all_keys().with_count_only())))
+        .await
+        .context("count: timed out")?
+        .map_err(|e| anyhow::anyhow!("count: {e:?}"))?;
+    let h = r.header().context("header")?;
+    Ok((h.cluster_id(), h.revision()))
+}
+
+async fn restore_status(coordinator: &Coordinator) -> anyhow::Result<Value> {
+    Ok(coordinator.ctl().get_json("etcdrestorestatus", Some(CLUSTER)).await?["spec"].clone())
+}
+
+/// The whole story in one mode: keys written, a backup, more keys written (to be lost), a refusal while
+/// the cluster is healthy, then `ferryctl restore --yes --wait`: every backed-up key back, the later ones
+/// gone, a new cluster id, a revision above any seen, every member serving, and a backup taken at once.
+async fn restore_whole_cluster(mode: Option<&str>) -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start_gated(3).await?;
+    etcd.put_keys(500).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let _agents = start_gated_agents(&coordinator, &etcd).await?;
+    let (id, _) = backup(&coordinator, CLUSTER).await?;
+    let at_backup = keyspace(&etcd).await?;
+    let (old_id, _) = cluster_id_and_revision(&etcd).await?;
+    // Written after the backup: what the restore discards.
+    let mut c = etcd.client().await?;
+    for i in 0..50 {
+        c.put(format!("/after-backup/{i}"), "lost", None).await?;
+    }
+    let (_, highest) = cluster_id_and_revision(&etcd).await?;
+    // Let the agents report the newest revision.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+
+    let ctl = coordinator.ctl().with_timeout(RESTORE_TIMEOUT + Duration::from_secs(30));
+    let mut args = vec!["restore", CLUSTER, "--backup", &id];
+    if let Some(m) = mode {
+        args.extend(["--mode", m]);
+    }
+    let refused = ctl.run(&args).await?;
+    assert!(!refused.success(), "a healthy cluster is restored only when confirmed: {}", refused.stdout);
+    assert!(
+        refused.stderr.contains("--yes") && refused.stderr.contains("revisions"),
+        "the refusal says what would be lost and how to confirm: {}",
+        refused.stderr
+    );
+    args.extend(["--yes", "--wait", "--timeout", "5m"]);
+    let out = ctl.run(&args).await?;
+    assert!(out.success(), "restore failed: {}\n{}\ncoordinator log:\n{}", out.stdout, out.stderr, crate::fixtures::logs::log_tail(coordinator.log_path(), 40));
+    assert!(out.stdout.contains("done"), "{}", out.stdout);
+
+    assert_eq!(keyspace(&etcd).await?, at_backup, "the restored keyspace is the backup's, the later writes gone");
+    let (new_id, revision) = cluster_id_and_revision(&etcd).await?;
+    assert_ne!(new_id, old_id, "a restored cluster has a new cluster id");
+    assert!(revision > highest, "revision {revision} must be above the {highest} the cluster was seen at");
+    // Every member serves on its own client URL, writes go through.
+    for m in etcd.members() {
+        let mut c = crate::fixtures::etcd::connect(&[m.client_url().to_string()]).await?;
+        tokio::time::timeout(REQUEST_TIMEOUT, c.put("/after-restore", m.name(), None))
+            .await
+            .context("write after the restore")?
+            .map_err(|e| anyhow::anyhow!("write through {} after the restore: {e:?}", m.name()))?;
+    }
+    let st = restore_status(&coordinator).await?;
+    assert_eq!(st["phase"], "done", "{st:#}");
+    let steps: Vec<&str> = st["members"].as_array().context("members")?.iter().filter_map(|m| m["step"].as_str()).collect();
+    assert_eq!(steps, ["released"; 3], "{st:#}");
+    assert_eq!(st["plan"]["mode"], mode.unwrap_or("seed-join"));
+    // A fresh backup of the restored cluster, at once.
+    let fresh = poll_until("a backup after the restore", Duration::from_secs(60), Duration::from_millis(500), || {
+        let coordinator = &coordinator;
+        async move {
+            let b = coordinator.backups(CLUSTER).await?;
+            Ok(b.iter().any(|b| b["spec"]["etcdclusterid"].as_str() == Some(&format!("{new_id:x}"))).then_some(()))
+        }
+    })
+    .await;
+    assert!(fresh.is_ok(), "no backup of the restored cluster: {fresh:?}");
+    assert_no_unexpected_errors(coordinator.log_path(), &[]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn ferryctl_restore_brings_back_every_member_in_all_members_mode() -> anyhow::Result<()> {
+    restore_whole_cluster(Some("all-members")).await
+}
+
+#[tokio::test]
+async fn ferryctl_restore_seeds_one_member_and_joins_the_others_by_default() -> anyhow::Result<()> {
+    restore_whole_cluster(None).await
+}
+
+/// The coordinator SIGKILLed once a restored member runs: no client reaches it on the normal client URL
+/// (it serves only on the agent's loopback restore URL until the cluster is verified); the coordinator
+/// started again carries the same plan on to the end.
+#[tokio::test]
+async fn a_coordinator_killed_mid_restore_carries_on_and_no_client_writes_before_it_is_verified() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start_gated(3).await?;
+    etcd.put_keys(300).await?;
+    let mut coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let _agents = start_gated_agents(&coordinator, &etcd).await?;
+    let (id, _) = backup(&coordinator, CLUSTER).await?;
+    let at_backup = keyspace(&etcd).await?;
+    let ctl = coordinator.ctl();
+    ctl.run(&["restore", CLUSTER, "--backup", &id, "--mode", "all-members", "--yes"]).await?.ok()?;
+    let plan = poll_until("a restored member started", RESTORE_TIMEOUT, Duration::from_millis(100), || {
+        let coordinator = &coordinator;
+        async move {
+            let st = restore_status(coordinator).await?;
+            let started = st["members"].as_array().is_some_and(|ms| ms.iter().any(|m| m["step"] == "started"));
+            Ok(started.then(|| st["plan"].clone()))
+        }
+    })
+    .await?;
+    coordinator.kill();
+    // Not verified yet: whatever member runs serves no client on its normal URL.
+    for m in etcd.members() {
+        let reached = async {
+            let mut c = crate::fixtures::etcd::connect(&[m.client_url().to_string()]).await?;
+            tokio::time::timeout(Duration::from_secs(3), c.put("/sneaked-in", "before verification", None))
+                .await?
+                .map_err(|e| anyhow::anyhow!("{e:?}"))
+        }
+        .await;
+        assert!(reached.is_err(), "member {} took a write before the restore was verified", m.name());
+    }
+    coordinator.restart(Stop::Kill).await?;
+    let out = poll_until("the restore to end", RESTORE_TIMEOUT, Duration::from_millis(500), || {
+        let coordinator = &coordinator;
+        async move {
+            let st = restore_status(coordinator).await?;
+            Ok(matches!(st["phase"].as_str(), Some("done" | "failed")).then_some(st))
+        }
+    })
+    .await?;
+    assert_eq!(out["phase"], "done", "{out:#}");
+    assert_eq!(out["plan"], plan, "the new run kept the plan it found");
+    assert_eq!(keyspace(&etcd).await?, at_backup);
+    Ok(())
+}
+
+/// A member whose agent is gone (its node lost) blocks the restore, which says so; deleted and applied
+/// again with the member declared lost, the restore is done with the two others.
+#[tokio::test]
+async fn a_member_whose_agent_is_gone_blocks_the_restore_until_it_is_declared_lost() -> anyhow::Result<()> {
+    let mut etcd = EtcdCluster::start_gated(3).await?;
+    etcd.put_keys(200).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let mut agents = start_gated_agents(&coordinator, &etcd).await?;
+    let (id, _) = backup(&coordinator, CLUSTER).await?;
+    let at_backup = keyspace(&etcd).await?;
+    // The node of m3 is lost: its agent and etcd gone.
+    agents[2].kill();
+    etcd.kill_member(2);
+    let ctl = coordinator.ctl().with_timeout(RESTORE_TIMEOUT);
+    ctl.run(&["restore", CLUSTER, "--backup", &id, "--mode", "all-members", "--yes"]).await?.ok()?;
+    let waiting = poll_until("the restore to wait for m3", Duration::from_secs(30), Duration::from_millis(200), || {
+        let coordinator = &coordinator;
+        async move {
+            let st = restore_status(coordinator).await?;
+            Ok(st["waiting"].as_str().filter(|w| w.contains("m3")).map(str::to_owned))
+        }
+    })
+    .await?;
+    assert!(waiting.contains("not connected"), "{waiting}");
+    let st = restore_status(&coordinator).await?;
+    assert_eq!(st["phase"], "pending", "nothing is held while a planned member does not answer: {st:#}");
+    ctl.run(&["delete", "etcdrestore", CLUSTER]).await?.ok()?;
+    let out = ctl
+        .run(&["restore", CLUSTER, "--backup", &id, "--mode", "all-members", "--lost", "m3", "--yes", "--wait", "--timeout", "4m"])
+        .await?;
+    assert!(out.success(), "{}\n{}", out.stdout, out.stderr);
+    let st = restore_status(&coordinator).await?;
+    let planned: Vec<&str> =
+        st["plan"]["members"].as_array().context("plan")?.iter().filter_map(|m| m["member"].as_str()).collect();
+    assert_eq!(planned, ["m1", "m2"]);
+    let live = crate::fixtures::etcd::read_prefix(&[etcd.member(0).client_url().to_string()], "").await?;
+    assert_eq!(live, at_backup);
+    Ok(())
+}
+
+/// Every bad request is refused with what to change, and nothing starts.
+#[tokio::test]
+async fn bad_restore_requests_are_refused_with_what_to_change() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start_gated(3).await?;
+    etcd.put_keys(10).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let _agents = start_gated_agents(&coordinator, &etcd).await?;
+    let (id, _) = backup(&coordinator, CLUSTER).await?;
+    let ctl = coordinator.ctl();
+    let cases: [(&[&str], &str); 6] = [
+        (&["restore", CLUSTER, "--backup", "no-such-backup", "--yes"], "not found"),
+        (&["restore", CLUSTER, "--backup", &id, "--mode", "sideways", "--yes"], "not a restore mode"),
+        (&["restore", CLUSTER, "--backup", &id, "--lost", "m9", "--yes"], "not a member"),
+        (&["restore", CLUSTER, "--backup", &id, "--lost", "m1,m2,m3", "--yes"], "at least one"),
+        (&["restore", "elsewhere", "--backup", &id, "--yes"], "no registered members"),
+        (&["restore", CLUSTER, "--backup", &id, "--before", "2020-01-01T00:00:00Z", "--yes"], "goes with"),
+    ];
+    for (args, want) in cases {
+        let out = ctl.run(args).await?;
+        assert!(!out.success(), "`{}` was accepted", out.command);
+        assert!(out.stderr.contains(want), "`{}` should say {want:?}: {}", out.command, out.stderr);
+    }
+    let out = ctl.run(&["restore", CLUSTER, "--before", "2020-01-01T00:00:00Z", "--yes"]).await?;
+    assert!(out.stderr.contains("no backup taken before"), "{}", out.stderr);
+    let out = ctl.apply_yaml(&format!(
+        "metadata:\n  namespace: default\n  type: EtcdRestores.ferry.dev\n  id: {CLUSTER}\nspec:\n  backup: {id}\n  confirm: other\n"
+    )).await?;
+    assert!(out.stderr.contains("must be the cluster's name"), "{}", out.stderr);
+    let list = ctl.list_json("etcdrestores", None).await?;
+    assert!(list.is_empty(), "nothing was written: {list:#?}");
+    // One at a time: a second, different restore while the first runs is refused.
+    ctl.run(&["restore", CLUSTER, "--backup", &id, "--mode", "all-members", "--yes"]).await?.ok()?;
+    let out = ctl.run(&["restore", CLUSTER, "--backup", "latest", "--yes"]).await?;
+    assert!(out.stderr.contains("under way") || out.stderr.contains("finished restore"), "{}", out.stderr);
+    // A backup asked for while the restore runs is refused.
+    let out = ctl.run(&["backup", "now", CLUSTER]).await?;
+    if !out.success() {
+        assert!(out.stderr.contains("being restored"), "{}", out.stderr);
+    }
+    Ok(())
+}
+
+/// Answers the restore steps the coordinator sends the liar with `answer` until `stop` says enough.
+async fn play_liar(
+    liar: &crate::fixtures::hostile::HostileAgent,
+    answer: impl Fn(&ferry_common::protocol::RestoreStep) -> ferry_common::protocol::StepMsg,
+    until: Duration,
+) -> Vec<String> {
+    use ferry_common::protocol::{write_frame, JobRequest, RestoreStep, StepMsg};
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + until;
+    while tokio::time::Instant::now() < deadline {
+        let Ok(mut job) = liar.next_job(deadline.saturating_duration_since(tokio::time::Instant::now())).await else {
+            break;
+        };
+        let JobRequest::Restore(step) = &job.request else { continue };
+        seen.push(format!("{step:?}").split([' ', '(', '{']).next().unwrap_or("").to_string());
+        if matches!(step, RestoreStep::Rebuild(_)) {
+            // Asks for the backup, reads none of it, and claims it is rebuilt.
+            let _ = write_frame(&mut job.send, &StepMsg::Progress { bytes: 0 }).await;
+        }
+        let _ = write_frame(&mut job.send, &answer(step)).await;
+        let _ = job.send.finish();
+    }
+    seen
+}
+
+/// A stolen node answering `Describe` with another member's peer URL cannot steer the plan: the restore
+/// fails before anything is held, and the cluster keeps serving as it was.
+#[tokio::test]
+async fn a_lying_member_cannot_steer_the_plan_onto_another_members_address() -> anyhow::Result<()> {
+    use ferry_common::protocol::{MemberLayout, RestoreStep, StepDone, StepMsg};
+    let etcd = EtcdCluster::start_gated(3).await?;
+    etcd.put_keys(20).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let mut agents = start_gated_agents(&coordinator, &etcd).await?;
+    let (id, _) = backup(&coordinator, CLUSTER).await?;
+    // m3's node is taken over: its real agent gone, the attacker holds its certificate.
+    agents[2].kill();
+    let creds = coordinator.dir().join("credentials").join(format!("{CLUSTER}-m3"));
+    let liar = crate::fixtures::hostile::HostileAgent::connect(&coordinator, &creds).await?;
+    let ctl = coordinator.ctl();
+    let before = keyspace(&etcd).await?;
+    ctl.run(&["restore", CLUSTER, "--backup", &id, "--mode", "all-members", "--yes"]).await?.ok()?;
+    let stolen_url = etcd.member(0).peer_url().to_string();
+    let seen = play_liar(
+        &liar,
+        |step| match step {
+            RestoreStep::Describe => StepMsg::Done(StepDone::Described(MemberLayout {
+                etcd_name: "m3".into(),
+                peer_urls: stolen_url.clone(),
+                data_dir: "/nowhere".into(),
+                free_bytes: u64::MAX,
+                held_by: None,
+            })),
+            _ => StepMsg::Failed { error: "not playing".into() },
+        },
+        Duration::from_secs(20),
+    )
+    .await;
+    let st = poll_until("the restore to fail", Duration::from_secs(60), Duration::from_millis(200), || {
+        let coordinator = &coordinator;
+        async move {
+            let st = restore_status(coordinator).await?;
+            Ok((st["phase"] == "failed").then_some(st))
+        }
+    })
+    .await?;
+    assert!(st["error"].as_str().is_some_and(|e| e.contains("peer URL")), "{st:#}");
+    assert_eq!(seen, ["Describe"], "the liar was asked nothing else");
+    for i in 0..2 {
+        assert_eq!(etcd.gate(i).command()?.hold, false, "member {i} was never held");
+    }
+    assert_eq!(keyspace(&etcd).await?, before, "the cluster serves as before");
+    Ok(())
+}
+
+/// A stolen node playing along and lying in its checks (claiming a rebuild it never did, a cluster and
+/// hash of its own) cannot get the restore verified: it fails, and no member ever serves clients.
+#[tokio::test]
+async fn a_lying_member_cannot_get_a_restore_verified_and_nothing_serves() -> anyhow::Result<()> {
+    use ferry_common::protocol::{MemberLayout, RestoreStep, RestoredMember, StepDone, StepMsg};
+    let etcd = EtcdCluster::start_gated(3).await?;
+    etcd.put_keys(20).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let mut agents = start_gated_agents(&coordinator, &etcd).await?;
+    let (id, _) = backup(&coordinator, CLUSTER).await?;
+    // m3's node is taken over: its real agent gone, the attacker holds its certificate.
+    agents[2].kill();
+    let creds = coordinator.dir().join("credentials").join(format!("{CLUSTER}-m3"));
+    let liar = crate::fixtures::hostile::HostileAgent::connect(&coordinator, &creds).await?;
+    let ctl = coordinator.ctl();
+    ctl.run(&["restore", CLUSTER, "--backup", &id, "--mode", "all-members", "--yes"]).await?.ok()?;
+    let (name, url) = (etcd.member(2).name().to_string(), etcd.member(2).peer_url().to_string());
+    let seen = play_liar(
+        &liar,
+        |step| match step {
+            RestoreStep::Describe => StepMsg::Done(StepDone::Described(MemberLayout {
+                etcd_name: name.clone(),
+                peer_urls: url.clone(),
+                data_dir: "/var/lib/etcd".into(),
+                free_bytes: u64::MAX,
+                held_by: None,
+            })),
+            RestoreStep::Hold { .. } => StepMsg::Done(StepDone::Held),
+            RestoreStep::Rebuild(_) => StepMsg::Done(StepDone::Rebuilt),
+            RestoreStep::Start { .. } => StepMsg::Done(StepDone::Started),
+            RestoreStep::Check { revision, .. } => StepMsg::Done(StepDone::Checked(RestoredMember {
+                member_id: 0xbad,
+                cluster_id: 0xbad,
+                revision: 1 << 40,
+                has_leader: true,
+                learner: false,
+                hash: (*revision > 0).then_some(0xbad),
+                keys: (*revision > 0).then_some(1),
+            })),
+            _ => StepMsg::Done(StepDone::Released),
+        },
+        Duration::from_secs(120),
+    );
+    let status = poll_until("the restore to end", RESTORE_TIMEOUT, Duration::from_millis(200), || {
+        let coordinator = &coordinator;
+        async move {
+            let st = restore_status(coordinator).await?;
+            Ok(matches!(st["phase"].as_str(), Some("failed" | "done")).then_some(st))
+        }
+    });
+    let (seen, st) = tokio::join!(seen, status);
+    let st = st?;
+    assert_eq!(st["phase"], "failed", "{st:#}\nliar saw {seen:?}");
+    assert!(st["error"].as_str().is_some_and(|e| e.contains("verification failed")), "{st:#}");
+    assert!(!seen.iter().any(|s| s == "Release"), "nobody was released: {seen:?}");
+    // The honest members stay on their restore URLs: no client reaches them.
+    for m in &etcd.members()[..2] {
+        let reached = async {
+            let mut c = crate::fixtures::etcd::connect(&[m.client_url().to_string()]).await?;
+            tokio::time::timeout(Duration::from_secs(3), c.put("/sneaked-in", "x", None)).await?.map_err(|e| anyhow::anyhow!("{e:?}"))
+        }
+        .await;
+        assert!(reached.is_err(), "member {} serves clients after a failed restore", m.name());
+    }
+    Ok(())
+}
