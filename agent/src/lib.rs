@@ -2,6 +2,7 @@
 
 pub mod backoff;
 pub mod etcd;
+pub mod gate;
 pub mod job;
 pub mod link;
 pub mod metrics;
