@@ -10,7 +10,8 @@
 //!   in a private mount namespace of the agent (so the server certificate really is checked against it).
 //!
 //! Changing users and capabilities needs root; set `FERRY_E2E_SKIP_ROOT=1` to skip those two tests knowingly.
-//! A third test checks, without root, that the files agree with each other on names, ports and paths.
+//! A third test checks, without root, that the files agree with each other on names, ports and paths; a fourth, that
+//! the gate's files (static pod, kubeadm patch, systemd drop-in) agree, and runs the static pod's gate command.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -118,7 +119,8 @@ fn sub(from: &str, to: impl Into<String>) -> (String, String) {
 /// with the agent's side of a restore through the gate; the shipped files carry them already).
 fn agent_gate_flags(args: Vec<String>, dir: &Path) -> anyhow::Result<Vec<String>> {
     let help = std::process::Command::new(ferry_bin("ferry-agent")).arg("--help").output()?;
-    let supported = String::from_utf8_lossy(&help.stdout).contains("--gate-dir");
+    // An option line of its own (the `gate` subcommand's summary mentions --gate-dir too).
+    let supported = String::from_utf8_lossy(&help.stdout).lines().any(|l| l.trim_start().starts_with("--gate-dir"));
     let (gate, data) = (dir.join("gate"), dir.join("etcd-data"));
     for d in [&gate, &data] {
         std::fs::create_dir_all(d)?;
