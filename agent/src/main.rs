@@ -35,6 +35,26 @@ struct Cli {
 enum Command {
     /// Rebuild this member's data dir from a backup (run as an init container, before etcd starts).
     Restore(RestoreArgs),
+    /// Run etcd as this process's child, so that the agent can hold it stopped or restart it with other
+    /// flags through files in --gate-dir (etcd's container command: `ferry-agent gate … -- etcd ARGS…`).
+    Gate(GateArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct GateArgs {
+    /// Directory shared with the agent sidecar (a hostPath): command.json in, status.json out. Created 0700
+    /// when missing.
+    #[arg(long)]
+    gate_dir: PathBuf,
+    /// etcd's data dir: a hold is reported once etcd's lock on its member/snap/db is gone.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// How long etcd gets to exit after SIGTERM before it is killed.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    stop_timeout: std::time::Duration,
+    /// etcd's command line, after `--`: `-- etcd --name=m1 …`.
+    #[arg(last = true, value_name = "ETCD_COMMAND")]
+    etcd: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -162,13 +182,32 @@ fn backoff_factor(s: &str) -> Result<f64, String> {
 async fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    // The metrics port takes at most a fixed handful of descriptors; everything else is the daemon's work.
-    match ferry_common::observe::raise_fd_limit() {
-        Ok(n) => tracing::debug!(open_files = n, "file descriptor limit"),
-        Err(e) => tracing::warn!("failed to raise the open-file limit: {e}"),
+    // The metrics port takes at most a fixed handful of descriptors; everything else is the daemon's work. Not
+    // for the gate: etcd inherits its limits, and gets them as they were given.
+    if !matches!(cli.command, Some(Command::Gate(_))) {
+        match ferry_common::observe::raise_fd_limit() {
+            Ok(n) => tracing::debug!(open_files = n, "file descriptor limit"),
+            Err(e) => tracing::warn!("failed to raise the open-file limit: {e}"),
+        }
     }
     let result = match cli.command {
         Some(Command::Restore(r)) => restore(r).await,
+        Some(Command::Gate(g)) => {
+            let config = ferry_agent::gate::GateConfig {
+                gate_dir: g.gate_dir,
+                data_dir: g.data_dir,
+                stop_timeout: g.stop_timeout,
+                command: g.etcd,
+            };
+            match ferry_agent::gate::run(config).await {
+                Ok(code) => std::process::exit(code),
+                // A refusal to start, like a usage error: exit 2.
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    std::process::exit(2);
+                }
+            }
+        }
         None => run(cli.run).await,
     };
     if let Err(e) = result {

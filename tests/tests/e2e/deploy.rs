@@ -10,7 +10,8 @@
 //!   in a private mount namespace of the agent (so the server certificate really is checked against it).
 //!
 //! Changing users and capabilities needs root; set `FERRY_E2E_SKIP_ROOT=1` to skip those two tests knowingly.
-//! A third test checks, without root, that the files agree with each other on names, ports and paths.
+//! A third test checks, without root, that the files agree with each other on names, ports and paths; a fourth, that
+//! the gate's files (static pod, kubeadm patch, systemd drop-in) agree, and runs the static pod's gate command.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -111,6 +112,30 @@ fn rewrite(args: &[String], subs: &[(String, String)]) -> anyhow::Result<Vec<Str
 
 fn sub(from: &str, to: impl Into<String>) -> (String, String) {
     (from.to_owned(), to.into())
+}
+
+/// The agent's `--gate-dir=` and `--data-dir=` (the gate's directory, etcd's data dir) in `args` pointed at
+/// fresh `gate/` and `etcd-data/` dirs in `dir`, or dropped while the agent binary has no such flags yet (they come
+/// with the agent's side of a restore through the gate; the shipped files carry them already).
+fn agent_gate_flags(args: Vec<String>, dir: &Path) -> anyhow::Result<Vec<String>> {
+    let help = std::process::Command::new(ferry_bin("ferry-agent")).arg("--help").output()?;
+    // An option line of its own (the `gate` subcommand's summary mentions --gate-dir too).
+    let supported = String::from_utf8_lossy(&help.stdout).lines().any(|l| l.trim_start().starts_with("--gate-dir"));
+    let (gate, data) = (dir.join("gate"), dir.join("etcd-data"));
+    for d in [&gate, &data] {
+        std::fs::create_dir_all(d)?;
+        chmod(d, 0o700)?;
+    }
+    ensure!(args.iter().any(|a| a.starts_with("--gate-dir=")), "the shipped agent has no --gate-dir=: {args:?}");
+    Ok(args
+        .into_iter()
+        .filter_map(|a| match (a.split_once('='), supported) {
+            (Some(("--gate-dir" | "--data-dir", _)), false) => None,
+            (Some(("--gate-dir", _)), true) => Some(format!("--gate-dir={}", gate.display())),
+            (Some(("--data-dir", _)), true) => Some(format!("--data-dir={}", data.display())),
+            _ => Some(a),
+        })
+        .collect())
 }
 
 /// Fails (or skips, with `FERRY_E2E_SKIP_ROOT=1`) unless running as root. Returns false to skip.
@@ -387,6 +412,7 @@ async fn static_pod_agent_as_root_without_capabilities_backs_up_and_restores() -
             sub("$(NODE_IP):9465", format!("127.0.0.1:{metrics}")),
         ],
     )?;
+    let args = agent_gate_flags(args, dir.path())?;
     let (program, args) = wrapped(&coordinator.hosts()?, ROOT_NO_CAPS, &ferry_bin("ferry-agent"), &args)?;
     let mut process = Daemon::spawn(
         "ferry-agent (static pod)",
@@ -499,6 +525,10 @@ async fn systemd_agent_as_its_user_with_owned_credentials_verifies_the_coordinat
             sub("https://127.0.0.1:2379", etcd.client_url.clone()),
         ],
     )?;
+    let args = agent_gate_flags(args, dir.path())?;
+    for d in ["gate", "etcd-data"] {
+        std::os::unix::fs::chown(dir.path().join(d), Some(uid), Some(gid))?;
+    }
     // EnvironmentFile=/etc/ferry/agent.env holds FERRY_METRICS_LISTEN=NODE_IP:9465 (loopback here).
     assert_eq!(
         unit_setting("systemd/ferry-agent.service", "EnvironmentFile")?.as_deref(),
@@ -602,5 +632,145 @@ async fn shipped_deploy_files_agree_on_names_ports_and_paths() -> anyhow::Result
             "{file} runs {image}; deploy/Containerfile copies etcd's tools from another image"
         );
     }
+    Ok(())
+}
+
+/// Applies an RFC 6902 JSON patch made of `add` operations (all a kubeadm patch here uses) to `doc`.
+fn apply_json_patch(doc: &mut serde_json::Value, patch: &serde_json::Value) -> anyhow::Result<()> {
+    for op in patch.as_array().context("a JSON patch is a list of operations")? {
+        ensure!(op["op"] == "add", "only `add` operations are expected: {op}");
+        let path = op["path"].as_str().context("an operation without a path")?;
+        let (parent, last) = path.rsplit_once('/').with_context(|| format!("path {path}"))?;
+        let target = doc.pointer_mut(parent).with_context(|| format!("{path}: the pod has no {parent}"))?;
+        let value = op["value"].clone();
+        match target {
+            serde_json::Value::Array(items) if last == "-" => items.push(value),
+            serde_json::Value::Array(items) => {
+                let i: usize = last.parse().with_context(|| format!("{path}: not an index"))?;
+                ensure!(i <= items.len(), "{path}: past the end");
+                items.insert(i, value);
+            }
+            serde_json::Value::Object(fields) => {
+                fields.insert(last.to_owned(), value);
+            }
+            _ => bail!("{path}: {parent} is neither a list nor an object"),
+        }
+    }
+    Ok(())
+}
+
+/// The lines `KEY=` of a shipped unit or drop-in, in order.
+fn unit_settings(unit: &str, key: &str) -> anyhow::Result<Vec<String>> {
+    let prefix = format!("{key}=");
+    Ok(read_shipped(unit)?.lines().filter_map(|l| l.strip_prefix(&prefix)).map(str::to_owned).collect())
+}
+
+#[tokio::test]
+async fn shipped_gate_files_agree_and_the_static_pods_gate_command_runs() -> anyhow::Result<()> {
+    const GATE_DIR: &str = "/var/lib/ferry/gate";
+    let pod = static_pod("kubernetes/etcd-static-pod.yaml")?;
+    let spec = &pod["spec"];
+    let etcd = container(spec, "containers", "etcd")?;
+    let command = strings(&etcd["command"], "etcd command")?;
+    let sep = command.iter().position(|a| a == "--").context("no `--` in the etcd container's command")?;
+    let (gate, etcd_command) = (&command[..sep], &command[sep + 1..]);
+    assert_eq!(etcd_command[0], "etcd", "etcd's own command line follows `--`");
+    assert_eq!(gate[1], "gate");
+
+    // The binary the etcd container runs is the one the init container copies into the shared emptyDir, from
+    // where the Containerfile puts the static build.
+    let install = strings(&container(spec, "initContainers", "ferry-gate-install")?["command"], "install")?;
+    assert_eq!(install.last(), Some(&gate[0]), "the etcd container runs what ferry-gate-install copies");
+    let containerfile = read_shipped("Containerfile")?;
+    assert!(containerfile.contains(&format!("/out/static/ferry-agent {}", install[1])), "{install:?}");
+    let mount_of = |c: &Value, name: &str| -> Option<String> {
+        c["volumeMounts"].as_sequence()?.iter().find(|m| m["name"].as_str() == Some(name))?["mountPath"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let volume = |name: &str| -> anyhow::Result<&Value> {
+        spec["volumes"]
+            .as_sequence()
+            .and_then(|vs| vs.iter().find(|v| v["name"].as_str() == Some(name)))
+            .with_context(|| format!("no volume {name}"))
+    };
+    let bin_dir = Path::new(&gate[0]).parent().context("bin dir")?.display().to_string();
+    assert_eq!(mount_of(etcd, "ferry-bin").as_deref(), Some(bin_dir.as_str()));
+    assert!(volume("ferry-bin")?["emptyDir"].is_mapping());
+
+    // One gate dir, on the node, mounted by both containers; one data dir.
+    let sidecar = container(spec, "containers", "ferry-agent")?;
+    let agent_command = strings(&sidecar["command"], "sidecar")?;
+    assert_eq!(flag(gate, "--gate-dir")?, GATE_DIR);
+    assert_eq!(flag(&agent_command, "--gate-dir")?, GATE_DIR);
+    assert_eq!(volume("ferry-gate")?["hostPath"]["path"].as_str(), Some(GATE_DIR));
+    assert_eq!(volume("ferry-gate")?["hostPath"]["type"].as_str(), Some("DirectoryOrCreate"));
+    for c in [etcd, sidecar] {
+        assert_eq!(mount_of(c, "ferry-gate").as_deref(), Some(GATE_DIR), "{:?}", c["name"]);
+        assert_eq!(mount_of(c, "etcd-data").as_deref(), Some(flag(etcd_command, "--data-dir")?), "{:?}", c["name"]);
+    }
+    assert_eq!(flag(gate, "--data-dir")?, flag(etcd_command, "--data-dir")?);
+    assert_eq!(flag(&agent_command, "--data-dir")?, flag(etcd_command, "--data-dir")?);
+
+    // The kubeadm patch turns kubeadm's own manifest (the static pod without Ferry's parts) into the static pod.
+    let full = serde_json::to_value(&pod)?;
+    let mut kubeadm = full.clone();
+    let kspec = kubeadm["spec"].as_object_mut().context("spec")?;
+    kspec.remove("initContainers");
+    let keep = |v: &serde_json::Value, names: &[&str]| names.contains(&v["name"].as_str().unwrap_or_default());
+    kspec["volumes"].as_array_mut().context("volumes")?.retain(|v| keep(v, &["etcd-data", "etcd-certs"]));
+    let containers = kspec["containers"].as_array_mut().context("containers")?;
+    containers.retain(|c| keep(c, &["etcd"]));
+    containers[0]["command"].as_array_mut().context("command")?.drain(..=sep);
+    containers[0]["volumeMounts"].as_array_mut().context("mounts")?.retain(|m| keep(m, &["etcd-data", "etcd-certs"]));
+    let patch: serde_json::Value = serde_json::from_str(&read_shipped("kubernetes/kubeadm-patches/etcd+json.json")?)?;
+    apply_json_patch(&mut kubeadm, &patch)?;
+    assert!(kubeadm == full, "kubeadm-patches/etcd+json.json and etcd-static-pod.yaml disagree; patched:\n{kubeadm:#}");
+
+    // The systemd drop-in: the agent's unit names the same gate dir and data dir, and may write both.
+    let drop_in = "systemd/etcd.service.d/ferry-gate.conf";
+    let exec = unit_settings(drop_in, "ExecStart")?;
+    assert_eq!(exec.first().map(String::as_str), Some(""), "the drop-in first resets the unit's ExecStart");
+    let unit_gate: Vec<String> = exec.last().context("ExecStart")?.split_whitespace().map(str::to_owned).collect();
+    let agent_unit = exec_start("systemd/ferry-agent.service")?;
+    assert_eq!((unit_gate[0].as_str(), unit_gate[1].as_str()), (agent_unit[0].as_str(), "gate"));
+    let state_dir = unit_setting(drop_in, "StateDirectory")?.context("StateDirectory")?;
+    let gate_dir = format!("/var/lib/{state_dir}");
+    assert_eq!(flag(&unit_gate, "--gate-dir")?, gate_dir);
+    assert_eq!(flag(&agent_unit, "--gate-dir")?, gate_dir);
+    assert_eq!(flag(&agent_unit, "--data-dir")?, flag(&unit_gate, "--data-dir")?);
+    let writable = unit_setting("systemd/ferry-agent.service", "ReadWritePaths")?.unwrap_or_default();
+    let writable: Vec<&str> = writable.split_whitespace().map(|p| p.trim_start_matches('-')).collect();
+    for path in [gate_dir.as_str(), flag(&unit_gate, "--data-dir")?] {
+        assert!(writable.contains(&path), "ferry-agent.service may not write {path}: {writable:?}");
+    }
+    assert_eq!(unit_setting(drop_in, "NotifyAccess")?.as_deref(), Some("all"), "etcd notifies from the child");
+    assert_eq!(unit_setting(drop_in, "KillMode")?.as_deref(), Some("mixed"), "SIGTERM to the gate alone");
+
+    // The static pod's gate command, with its paths in a temp dir, runs etcd (here `etcd --version`) as given.
+    let dir = test_dir("deploy-gate")?;
+    let args = rewrite(
+        &gate[1..],
+        &[
+            sub(GATE_DIR, dir.path().join("gate").display().to_string()),
+            sub("/var/lib/etcd", dir.path().join("etcd").display().to_string()),
+        ],
+    )?;
+    let out = output_within(
+        tokio::process::Command::new(ferry_bin("ferry-agent"))
+            .args(&args)
+            .arg("--")
+            .arg(crate::fixtures::tools::etcd_tool("etcd")?)
+            .arg("--version")
+            .env("NO_COLOR", "1")
+            .output(),
+        "ferry-agent gate … -- etcd --version",
+        Duration::from_secs(30),
+    )
+    .await?;
+    let stdout = success_stdout("the static pod's gate command", &out)?;
+    assert!(stdout.contains("etcd Version"), "etcd's output is the gate's: {stdout}");
+    let status: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("gate/status.json"))?)?;
+    assert_eq!(status["etcd"]["data_dir"], dir.path().join("etcd").display().to_string(), "{status}");
     Ok(())
 }

@@ -15,6 +15,7 @@ mod failures;
 mod faults;
 mod faults_net;
 mod faults_s3;
+mod gate;
 mod ha;
 mod harness;
 mod least_privilege;
