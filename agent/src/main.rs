@@ -301,7 +301,8 @@ async fn run(args: Args) -> Result<()> {
 fn check_restore_url(url: &str) -> Result<()> {
     let rest = url.strip_prefix("http://").unwrap_or("");
     let (host, port) = rest.rsplit_once(':').unwrap_or(("", ""));
-    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    let loopback = host == "localhost"
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
         || host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
     if !loopback || port.parse::<u16>().map_or(true, |p| p == 0) {
         anyhow::bail!(

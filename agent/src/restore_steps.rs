@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::etcd::{EtcdMember, EtcdTls};
-use crate::gate::GateControl;
+use crate::gate::{GateControl, GateState};
 use crate::restore::{existing_entries, read_marker, write_marker, Restored};
 use crate::scratch::ScratchChoice;
 
@@ -153,14 +153,14 @@ fn ensure_held_for(setup: &RestoreSetup, gate: &GateControl, restore_id: &str) -
         );
     }
     match gate.status()? {
-        Some(s) if s.state == "held" && s.applied_generation == command.generation => {}
-        other => bail!(
-            "the gate has not stopped etcd yet (it reports {:?}); nothing touched",
-            other.map(|s| s.state)
-        ),
+        Some(s) if s.state == GateState::Held && s.applied_generation == command.generation => {}
+        other => bail!("the gate has not stopped etcd yet (it reports {:?}); nothing touched", other.map(|s| s.state)),
     }
     if crate::restore::held_by_live_etcd(&setup.data_dir)? {
-        bail!("an etcd still holds {} open although the gate reports it stopped; nothing touched", setup.data_dir.display());
+        bail!(
+            "an etcd still holds {} open although the gate reports it stopped; nothing touched",
+            setup.data_dir.display()
+        );
     }
     Ok(())
 }
@@ -271,7 +271,12 @@ fn wipe(setup: &RestoreSetup, gate: &GateControl, restore_id: &str) -> Result<St
     Ok(StepDone::Wiped)
 }
 
-async fn start(setup: &RestoreSetup, gate: &GateControl, restore_id: &str, join: Option<JoinFlags>) -> Result<StepDone> {
+async fn start(
+    setup: &RestoreSetup,
+    gate: &GateControl,
+    restore_id: &str,
+    join: Option<JoinFlags>,
+) -> Result<StepDone> {
     if done_for(&setup.data_dir, restore_id).is_none() {
         bail!("the data dir was not rebuilt or wiped for restore {restore_id}; refusing to start etcd on other data");
     }

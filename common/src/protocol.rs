@@ -376,23 +376,43 @@ pub enum RestoreStep {
     /// Read only: the member as its gate knows it, for the plan.
     Describe,
     /// Stop etcd and keep it stopped, durably (across pod restarts and reboots).
-    Hold { restore_id: String },
+    Hold {
+        restore_id: String,
+    },
     /// Rebuild the held member's data dir from the backup that follows on this stream, exactly as for a
     /// restore request (`AdminResponse::RestoreFrom`, then `Data`… `DownloadEnd` when the bytes come this way).
     Rebuild(Box<RebuildPlan>),
     /// Move the held member's data dir aside (never deleted) so that it can join as a new member.
-    Wipe { restore_id: String },
+    Wipe {
+        restore_id: String,
+    },
     /// Start etcd on its new data, serving clients only on the agent's loopback restore URL (unverified).
     /// `join`: the member joins a running cluster (`--initial-cluster` and `--initial-cluster-state existing`).
-    Start { restore_id: String, join: Option<JoinFlags> },
+    Start {
+        restore_id: String,
+        join: Option<JoinFlags>,
+    },
     /// Read the member through its restore URL: identity, revision, `HashKV` at `revision` (0: its current)
     /// and the key count at that revision.
-    Check { restore_id: String, revision: i64 },
+    Check {
+        restore_id: String,
+        revision: i64,
+    },
     /// etcd membership change, asked of a started member (the seed): add a learner, or promote one.
-    AddLearner { restore_id: String, name: String, peer_urls: String },
-    Promote { restore_id: String, name: String, peer_urls: String },
+    AddLearner {
+        restore_id: String,
+        name: String,
+        peer_urls: String,
+    },
+    Promote {
+        restore_id: String,
+        name: String,
+        peer_urls: String,
+    },
     /// etcd's own flags again: clients are served. The restore is over for this member.
-    Release { restore_id: String },
+    Release {
+        restore_id: String,
+    },
 }
 
 /// How a member that joins a running cluster starts.
@@ -418,9 +438,13 @@ pub struct RebuildPlan {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum StepMsg {
     /// Backup bytes fetched so far (`Rebuild`).
-    Progress { bytes: u64 },
+    Progress {
+        bytes: u64,
+    },
     Done(StepDone),
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
 }
 
 /// A step's result.

@@ -294,8 +294,8 @@ async fn job(
                 _ => stats.failed.fetch_add(1, Ordering::Relaxed),
             };
         }
-        // Certificates in the bench live far longer than a run: no renewal is expected, none is kept.
-        JobRequest::RenewCredentials => {}
+        // Neither renewal nor restores happen in this bench.
+        JobRequest::RenewCredentials | JobRequest::Restore(_) => {}
     }
 }
 

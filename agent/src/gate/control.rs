@@ -37,12 +37,13 @@ impl GateControl {
         read_command(&self.dir)
     }
 
-    /// Stop etcd and keep it stopped. Idempotent: when the current command already holds (any owner), no
-    /// new generation is written. Returns once status.json shows `held` at that generation, or errors after
+    /// Stop etcd and keep it stopped. Idempotent: when the current command already holds for this owner, no
+    /// new generation is written (a hold of another owner, e.g. a failed earlier restore, is taken over: a new
+    /// generation, etcd stays stopped). Returns once status.json shows `held` at that generation, or errors after
     /// `timeout` naming what the gate last reported (or that no gate answers).
     pub async fn hold(&self, owner: &str, timeout: Duration) -> anyhow::Result<GateStatus> {
         let current = self.command()?;
-        let generation = if current.hold {
+        let generation = if current.hold && current.owner == owner {
             current.generation
         } else {
             self.write_next(GateCommand { generation: 0, owner: owner.to_owned(), hold: true, overrides: vec![] })?

@@ -1,8 +1,6 @@
 //! Admission of `EtcdRestores`: what may be restored, and when a restore must be confirmed.
 
-use ferry_common::resources::{
-    restore_phase, EtcdRestoreSpec, Resource, ResourceType, Spec, Timestamp, LABEL_CLUSTER,
-};
+use ferry_common::resources::{restore_phase, EtcdRestoreSpec, Resource, ResourceType, Spec, Timestamp, LABEL_CLUSTER};
 
 use super::{Api, ApiError};
 use crate::restore::plan::{self, human};
@@ -40,12 +38,8 @@ impl Api {
         let Some(before) = spec.before else {
             return self.resolve(cluster, "latest").await;
         };
-        let found = self
-            .store
-            .list(Some(cluster), &self.cancel)
-            .await?
-            .into_iter()
-            .find(|m| m.backup.createdat < before);
+        let found =
+            self.store.list(Some(cluster), &self.cancel).await?.into_iter().find(|m| m.backup.createdat < before);
         found.ok_or_else(|| {
             ApiError::NotFound(format!(
                 "cluster {cluster} has no backup taken before {}; list them with `ferryctl get etcdbackup --selector {LABEL_CLUSTER}={cluster}`",

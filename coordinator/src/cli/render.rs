@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use ferry_common::resources::{restore_mode, 
-    status, BackupConfiguration, DrillStatus, Resource, ResourceType, Spec, Timestamp, DRILL_WARNING,
+use ferry_common::resources::{
+    restore_mode, status, BackupConfiguration, DrillStatus, Resource, ResourceType, Spec, Timestamp, DRILL_WARNING,
 };
 
 /// Output formats of `get`.

@@ -41,11 +41,10 @@ pub fn resource(a: &RestoreArgs) -> Resource {
 }
 
 async fn status(cfg: &FerryConfig, cluster: &str) -> Result<Option<EtcdRestoreStatusSpec>> {
-    Ok(get(cfg, ResourceType::EtcdRestoreStatus, Some(cluster.into()), None).await?.into_iter().find_map(|r| {
-        match r.spec {
-            Spec::EtcdRestoreStatus(s) => Some(s),
-            _ => None,
-        }
+    // Listed rather than asked for by id: a cluster never restored has none, which is no error.
+    Ok(get(cfg, ResourceType::EtcdRestoreStatus, None, None).await?.into_iter().find_map(|r| match r.spec {
+        Spec::EtcdRestoreStatus(s) if r.metadata.id == cluster => Some(s),
+        _ => None,
     }))
 }
 

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use ferry_common::protocol::{JoinFlags, RebuildPlan, RestoreStep, RestoredMember, StepDone};
 use ferry_common::resources::{
-    restore_mode, restore_phase, EtcdRestoreSpec, EtcdRestoreStatusSpec, MemberRestoreStatus, Resource,
-    ResourceType, RestorePlanned, RestoreVerified, Spec, Timestamp,
+    restore_mode, restore_phase, EtcdRestoreSpec, EtcdRestoreStatusSpec, MemberRestoreStatus, Resource, ResourceType,
+    RestorePlanned, RestoreVerified, Spec, Timestamp,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -141,6 +141,8 @@ pub async fn run(deps: RestoreDeps, cancel: CancellationToken) {
 enum Stop {
     /// Leadership lost or shutting down: the next leader carries on.
     Cancelled,
+    /// The restore was deleted (allowed only before it held anything, or after it ended).
+    Superseded,
     /// The restore failed; the message says why and what state the members are in.
     Failed(String),
 }
@@ -202,6 +204,7 @@ impl Driver {
         match result {
             Ok(()) => {}
             Err(Stop::Cancelled) => info!("restore paused; the coordinator that leads next carries it on"),
+            Err(Stop::Superseded) => info!("restore deleted before it held any member; it stops here"),
             Err(Stop::Failed(why)) => {
                 warn!("restore failed: {why}");
                 m.restore_failed.get_or_create(&l).set(1);
@@ -214,11 +217,34 @@ impl Driver {
         }
     }
 
-    fn save(&mut self) -> Result<(), StateError> {
+    /// Writes the status, in one transaction with the check that the restore is still the one asked for: a
+    /// restore deleted while pending (to be applied again, e.g. with a member declared lost) stops here and
+    /// never overwrites its successor's status.
+    fn save(&mut self) -> Result<(), Stop> {
         self.deps.state.still_leading()?;
+        let (cluster, id) = (self.cluster.clone(), self.id.clone());
         let r = Resource::new(&self.cluster, Spec::EtcdRestoreStatus(self.st.clone()));
-        self.deps.state.put(r)?;
-        Ok(())
+        let mut current = true;
+        self.deps.state.transact(&mut |tx| {
+            current = tx.get(ResourceType::EtcdRestore, &cluster)?.is_some_and(|r| restore_id(&r) == id);
+            if current {
+                tx.put(r.clone())?;
+            }
+            Ok(())
+        })?;
+        if current {
+            Ok(())
+        } else {
+            Err(Stop::Superseded)
+        }
+    }
+
+    /// Whether the restore was deleted (or replaced) since it started.
+    fn superseded(&self) -> bool {
+        !matches!(
+            self.deps.state.get(ResourceType::EtcdRestore, &self.cluster),
+            Ok(Some(r)) if restore_id(&r) == self.id
+        )
     }
 
     fn set_phase(&mut self, phase: &str) -> Result<(), Stop> {
@@ -267,7 +293,18 @@ impl Driver {
         let l = crate::metrics::Metrics::cluster(&self.cluster);
         self.deps.metrics.restore_duration.get_or_create(&l).set(took as f64);
         info!(seconds = took, "restore done: every member verified and serving");
-        // A backup of the restored cluster at once: the old backups are of the old cluster's history.
+        // A backup of the restored cluster at once (the old backups are of the old cluster's history), as soon
+        // as an agent reports its released member reachable (agents report every few seconds).
+        let released = self.st.finishedat.unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let reported = |agents: &Agents| {
+            agents.live(&self.cluster).iter().any(|a| {
+                a.last_heard > released && a.facts.as_ref().is_some_and(|f| f.error.is_none() && f.member_id != 0)
+            })
+        };
+        while !reported(&self.deps.agents) && tokio::time::Instant::now() < deadline {
+            self.pause(Duration::from_millis(500)).await?;
+        }
         if let Err(e) = self.deps.jobs.start(&self.cluster, Trigger::Manual) {
             warn!("failed to start the backup after the restore: {e}");
         }
@@ -299,9 +336,13 @@ impl Driver {
 
     async fn pause(&self, d: Duration) -> Result<(), Stop> {
         tokio::select! {
-            () = tokio::time::sleep(d) => Ok(()),
-            () = self.cancel.cancelled() => Err(Stop::Cancelled),
+            () = tokio::time::sleep(d) => {}
+            () = self.cancel.cancelled() => return Err(Stop::Cancelled),
         }
+        if self.superseded() {
+            return Err(Stop::Superseded);
+        }
+        Ok(())
     }
 
     /// In words, where a failure leaves the members.
@@ -373,7 +414,8 @@ impl Driver {
         plan::mode(&spec).map_err(Stop::Failed)?;
         let known = crate::api::cluster_members(self.deps.state.as_ref(), &self.cluster)?;
         let planned: Vec<String> = known.into_iter().filter(|m| !spec.lostmembers.contains(m)).collect();
-        let manifest = self.deps.api.resolve_restore(&self.cluster, &spec).await.map_err(|e| Stop::Failed(e.to_string()))?;
+        let manifest =
+            self.deps.api.resolve_restore(&self.cluster, &spec).await.map_err(|e| Stop::Failed(e.to_string()))?;
         let mut layouts = BTreeMap::new();
         for member in &planned {
             match self.step(member, &|| RestoreStep::Describe).await? {
@@ -402,22 +444,36 @@ impl Driver {
         let (cluster, id) = (self.cluster.clone(), self.id.clone());
         let mut stored = None;
         self.deps.state.transact(&mut |tx| {
+            stored = None;
+            // Deleted meanwhile (allowed while pending): no plan, nothing will be held.
+            if tx.get(ResourceType::EtcdRestore, &cluster)?.is_none_or(|r| restore_id(&r) != id) {
+                return Ok(());
+            }
             let mut st = match tx.get(ResourceType::EtcdRestoreStatus, &cluster)? {
                 Some(Resource { spec: Spec::EtcdRestoreStatus(s), .. }) if s.restoreid == id => s,
-                _ => EtcdRestoreStatusSpec { restoreid: id.clone(), startedat: Some(Timestamp::now()), ..Default::default() },
+                _ => EtcdRestoreStatusSpec {
+                    restoreid: id.clone(),
+                    startedat: Some(Timestamp::now()),
+                    ..Default::default()
+                },
             };
             if st.plan.is_none() {
                 st.plan = Some(p.clone());
                 st.phase = restore_phase::PLANNED.into();
                 st.waiting.clear();
-                st.members = p.members.iter().map(|m| MemberRestoreStatus { member: m.member.clone(), ..Default::default() }).collect();
+                st.members = p
+                    .members
+                    .iter()
+                    .map(|m| MemberRestoreStatus { member: m.member.clone(), ..Default::default() })
+                    .collect();
                 tx.put(Resource::new(&cluster, Spec::EtcdRestoreStatus(st.clone())))?;
             }
             stored = Some(st);
             Ok(())
         })?;
-        if let Some(st) = stored {
-            self.st = st;
+        match stored {
+            Some(st) => self.st = st,
+            None => return Err(Stop::Superseded),
         }
         let p = self.plan()?;
         info!(
@@ -443,7 +499,9 @@ impl Driver {
                 Err(Stop::Failed(e)) => {
                     // Nothing touched yet: the members held so far run their old data again.
                     self.release_held().await;
-                    return Err(Stop::Failed(format!("{e}; the members held so far were released, no data dir was touched")));
+                    return Err(Stop::Failed(format!(
+                        "{e}; the members held so far were released, no data dir was touched"
+                    )));
                 }
                 Err(e) => return Err(e),
             }
@@ -471,7 +529,11 @@ impl Driver {
 
     fn rebuild_plan(&self, member: &str, initial_cluster: &str) -> Result<RebuildPlan, Stop> {
         let p = self.plan()?;
-        let m = p.members.iter().find(|m| m.member == member).ok_or_else(|| Stop::Failed(format!("{member} is not planned")))?;
+        let m = p
+            .members
+            .iter()
+            .find(|m| m.member == member)
+            .ok_or_else(|| Stop::Failed(format!("{member} is not planned")))?;
         Ok(RebuildPlan {
             restore_id: self.id.clone(),
             name: m.etcdname.clone(),
@@ -511,7 +573,10 @@ impl Driver {
                     failures += 1;
                     self.member_status(member).error = e.clone();
                     if failures >= STEP_ATTEMPTS {
-                        return Err(Stop::Failed(format!("member {member} could not be rebuilt: {e}; {}", self.left_as())));
+                        return Err(Stop::Failed(format!(
+                            "member {member} could not be rebuilt: {e}; {}",
+                            self.left_as()
+                        )));
                     }
                     self.save()?;
                 }
@@ -601,7 +666,8 @@ impl Driver {
         loop {
             let agent = self.agent(seed).await?;
             self.deps.state.still_leading()?;
-            let step = RestoreStep::Promote { restore_id: self.id.clone(), name: name.into(), peer_urls: peer_urls.into() };
+            let step =
+                RestoreStep::Promote { restore_id: self.id.clone(), name: name.into(), peer_urls: peer_urls.into() };
             match steps::ask(&agent, step, STEP_TIMEOUT).await {
                 Ok(_) => return Ok(()),
                 Err(e) if tokio::time::Instant::now() >= deadline => {
@@ -643,7 +709,11 @@ impl Driver {
                 Err(e) => self.st.waiting = e,
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(Stop::Failed(format!("member {member} did not become healthy: {}; {}", self.st.waiting, self.left_as())));
+                return Err(Stop::Failed(format!(
+                    "member {member} did not become healthy: {}; {}",
+                    self.st.waiting,
+                    self.left_as()
+                )));
             }
             self.save()?;
             self.pause(Duration::from_secs(1)).await?;
@@ -657,7 +727,9 @@ impl Driver {
         loop {
             let problem = match self.verify_once().await {
                 Ok(v) => return Ok(v),
-                Err(Err(fatal)) => return Err(Stop::Failed(format!("verification failed: {fatal}; {}", self.left_as()))),
+                Err(Err(fatal)) => {
+                    return Err(Stop::Failed(format!("verification failed: {fatal}; {}", self.left_as())))
+                }
                 Err(Ok(p)) => p,
             };
             if tokio::time::Instant::now() >= deadline {

@@ -50,7 +50,10 @@ pub fn make(input: &PlanInput<'_>) -> Result<RestorePlanned, String> {
     let mut urls = std::collections::HashSet::new();
     for (member, l) in input.layouts {
         if !names.insert(l.etcd_name.as_str()) {
-            return Err(format!("two members run etcd as --name {:?} (one is {member}); names must be unique", l.etcd_name));
+            return Err(format!(
+                "two members run etcd as --name {:?} (one is {member}); names must be unique",
+                l.etcd_name
+            ));
         }
         for u in l.peer_urls.split(',') {
             if !urls.insert(u.trim()) {

@@ -3,8 +3,7 @@
 use std::time::Duration;
 
 use ferry_common::protocol::{
-    expect_frame_within, write_frame, JobRequest, RebuildPlan, RestoreStep, StepDone, StepMsg,
-    MAX_AGENT_MESSAGE_FRAME,
+    expect_frame_within, write_frame, JobRequest, RebuildPlan, RestoreStep, StepDone, StepMsg, MAX_AGENT_MESSAGE_FRAME,
 };
 
 use crate::agents::LiveAgent;
@@ -41,7 +40,10 @@ pub(super) async fn ask(agent: &LiveAgent, step: RestoreStep, limit: Duration) -
 }
 
 /// Reads `Progress` messages (passed to `progress`) until the result.
-async fn read_result(recv: &mut quinn::RecvStream, progress: &mut (dyn FnMut(u64) + Send)) -> Result<StepDone, StepError> {
+async fn read_result(
+    recv: &mut quinn::RecvStream,
+    progress: &mut (dyn FnMut(u64) + Send),
+) -> Result<StepDone, StepError> {
     loop {
         match expect_frame_within::<_, StepMsg>(recv, MAX_AGENT_MESSAGE_FRAME).await {
             Ok(StepMsg::Progress { bytes }) => progress(bytes),

@@ -24,7 +24,7 @@ mod observe;
 mod persistence;
 mod rejections;
 mod restore;
-// mod restore_orchestrated;
+mod restore_orchestrated;
 mod s3;
 mod s3_tls;
 mod schedule;
