@@ -8,7 +8,10 @@
 #   2. starts ferry-coordinator and one ferry-agent per member (cluster "demo"),
 #   3. takes a manual backup and shows the status resources,
 #   4. downloads the backup, restores it with `etcdutl snapshot restore --bump-revision --mark-compacted`
-#      (etcd's own tool, as Kubernetes needs it), and counts the keys.
+#      (etcd's own tool, as Kubernetes needs it), and counts the keys,
+#   5. damages the cluster (keys deleted, keys written after the backup) and brings all three members back
+#      with one command, `ferryctl restore` (each member's etcd runs under `ferry-agent gate`, which the
+#      coordinator holds, rebuilds, verifies and releases), then counts the keys on every member.
 # Every process it starts is stopped when it exits, also on failure or Ctrl-C; logs stay in ./demo-run.
 #
 # Environment:
@@ -27,6 +30,8 @@ COORD_ADDR=127.0.0.1:27443
 MEMBERS=("m1 22379 22380" "m2 22479 22480" "m3 22579 22580")
 RESTORE_CLIENT=22679
 RESTORE_PEER=22680
+# Each agent's loopback client URL for its member while a restore is not verified yet.
+RESTORE_URL_PORTS=(22390 22391 22392)
 export ETCDCTL_API=3
 
 # Colours only on a terminal.
@@ -135,7 +140,7 @@ mkdir -p "$WORK"
 info "work dir: ${WORK#"$ROOT"/}"
 
 # --- 1. etcd ----------------------------------------------------------------------------------------------
-section "1. Starting a 3-member etcd cluster"
+section "1. Starting a 3-member etcd cluster, each member under ferry-agent gate"
 INITIAL_CLUSTER=""
 ENDPOINTS=""
 for m in "${MEMBERS[@]}"; do
@@ -145,7 +150,9 @@ for m in "${MEMBERS[@]}"; do
 done
 for m in "${MEMBERS[@]}"; do
     read -r name client peer <<<"$m"
-    start "etcd $name" "$WORK/etcd-$name.log" etcd \
+    # The gate runs etcd as its child; the agent holds, restores and restarts it through $WORK/gate-$name.
+    start "etcd $name" "$WORK/etcd-$name.log" "$BIN/ferry-agent" gate \
+        --gate-dir "$WORK/gate-$name" --data-dir "$WORK/etcd-$name" -- etcd \
         --name "$name" --data-dir "$WORK/etcd-$name" \
         --listen-client-urls "http://127.0.0.1:$client" --advertise-client-urls "http://127.0.0.1:$client" \
         --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
@@ -183,13 +190,15 @@ wait_for "coordinator answering ferryctl" 30 ctl_ready \
 info "admin credentials: ${FERRYCONFIG#"$ROOT"/} (ferryctl reads it from \$FERRYCONFIG)"
 
 section "Issuing agent credentials and starting one ferry-agent per member (cluster \"$CLUSTER\")"
-for m in "${MEMBERS[@]}"; do
-    read -r name client _ <<<"$m"
+for i in "${!MEMBERS[@]}"; do
+    read -r name client _ <<<"${MEMBERS[$i]}"
     "$FERRYCTL" agent-credentials --cluster "$CLUSTER" --member "$name" --out "$WORK/agent-$name"
     info "credentials for $CLUSTER/$name in ${WORK#"$ROOT"/}/agent-$name"
     start "ferry-agent $name" "$WORK/agent-$name.log" "$BIN/ferry-agent" \
         --coordinator "$COORD_ADDR" --credentials "$WORK/agent-$name" \
-        --etcd-endpoints "http://127.0.0.1:$client"
+        --etcd-endpoints "http://127.0.0.1:$client" \
+        --gate-dir "$WORK/gate-$name" --data-dir "$WORK/etcd-$name" \
+        --restore-client-url "http://127.0.0.1:${RESTORE_URL_PORTS[$i]}"
 done
 agents_connected() {
     [[ $("$FERRYCTL" get agents -o json | grep -c '"connected": *true') -eq ${#MEMBERS[@]} ]]
@@ -269,4 +278,31 @@ SAMPLE=$(printf '/demo/key-%05d' $((KEYS / 2)))
 info "$SAMPLE = $(etcdctl --endpoints "http://127.0.0.1:$RESTORE_CLIENT" get "$SAMPLE" --print-value-only)"
 ((RESTORED == KEYS)) || fail "the restored etcd has $RESTORED keys, expected $KEYS"
 
-printf '\n%sPASS: backup %s of cluster %s restored with all %d keys%s\n' "$GREEN" "$BACKUP_ID" "$CLUSTER" "$KEYS" "$RESET"
+# --- 5. the whole cluster back with one command ---------------------------------------------------------
+section "5. Damage: 100 keys deleted, 50 written after the backup; then ferryctl restore"
+OLD_ID=$(etcdctl --endpoints "$ENDPOINTS" endpoint status -w json | grep -o '"cluster_id":[0-9]*' | head -n 1 | cut -d: -f2)
+etcdctl --endpoints "$ENDPOINTS" del /demo/key-000 --prefix >/dev/null
+for i in $(seq 1 50); do etcdctl --endpoints "$ENDPOINTS" put "/after-backup/$i" lost >/dev/null; done
+info "keys under /demo/ now: $(count_keys "$ENDPOINTS"), under /after-backup/: $(etcdctl --endpoints "$ENDPOINTS" get /after-backup/ --prefix --keys-only | grep -c .)"
+# Without --yes the coordinator refuses (the cluster is healthy) and says what would be lost.
+echo "\$ ferryctl restore $CLUSTER --backup $BACKUP_ID"
+"$FERRYCTL" restore "$CLUSTER" --backup "$BACKUP_ID" 2>&1 | sed 's/^/    /' || true
+echo "\$ ferryctl restore $CLUSTER --backup $BACKUP_ID --mode all-members --yes --wait"
+"$FERRYCTL" restore "$CLUSTER" --backup "$BACKUP_ID" --mode all-members --yes --wait --timeout 5m \
+    || fail_with_logs "ferryctl restore failed" "$WORK/coordinator.log" "$WORK"/agent-m*.log "$WORK"/etcd-m*.log
+echo
+echo "\$ ferryctl get etcdrestorestatus"
+"$FERRYCTL" get etcdrestorestatus
+for m in "${MEMBERS[@]}"; do
+    read -r name client _ <<<"$m"
+    n=$(count_keys "http://127.0.0.1:$client")
+    info "member $name: $n keys under /demo/"
+    ((n == KEYS)) || fail "member $name has $n keys after the restore, expected $KEYS"
+done
+LOST=$(etcdctl --endpoints "$ENDPOINTS" get /after-backup/ --prefix --keys-only | { grep -c . || true; })
+((LOST == 0)) || fail "$LOST keys written after the backup are still there"
+NEW_ID=$(etcdctl --endpoints "$ENDPOINTS" endpoint status -w json | grep -o '"cluster_id":[0-9]*' | head -n 1 | cut -d: -f2)
+info "cluster id: $OLD_ID -> $NEW_ID (a restored cluster is a new one); writes after the backup gone"
+[[ "$NEW_ID" != "$OLD_ID" ]] || fail "the cluster id did not change"
+
+printf '\n%sPASS: backup %s of cluster %s restored with all %d keys, by etcdutl and by ferryctl restore on all 3 members%s\n' "$GREEN" "$BACKUP_ID" "$CLUSTER" "$KEYS" "$RESET"
