@@ -28,4 +28,5 @@ echo "=== compatibility pass on $("$ETCD34_DIR/etcd" --version | head -n 1)"
 FERRY_ETCD_DIR="$ETCD34_DIR" cargo test -p ferry-tests --test e2e -- --exact \
     backup::manual_backup_of_three_member_cluster_restores_every_key \
     s3::s3_backup_restores_with_independent_tools \
-    restore::three_member_cluster_comes_back_from_ferry_restore
+    restore::three_member_cluster_comes_back_from_ferry_restore \
+    restore_orchestrated::ferryctl_restore_seeds_one_member_and_joins_the_others_by_default

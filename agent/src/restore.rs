@@ -215,11 +215,23 @@ pub(crate) fn swap_in(
     bump: Option<RevisionBump>,
     marker: &Restored,
 ) -> Result<()> {
+    let staging = stage(dir, snapshot, member, bump, marker.at)?;
+    commit(dir, existing, &staging, marker)
+}
+
+/// etcd's tool restores `snapshot` into a hidden staging dir inside `dir`: the data dir's own contents are
+/// not touched (a failure removes the staging dir).
+pub(crate) fn stage(
+    dir: &Path,
+    snapshot: &Path,
+    member: &RestoreAs,
+    bump: Option<RevisionBump>,
+    stamp: u64,
+) -> Result<PathBuf> {
     // Checked again now that the download took its time: a member started meanwhile is not swapped out.
     if held_by_live_etcd(dir)? {
         bail!("--data-dir {} was taken by a running etcd during the download; nothing changed", dir.display());
     }
-    let stamp = marker.at;
     let staging = dir.join(format!("{FERRY_PREFIX}restoring-{stamp}"));
     let restored = ferry_common::snapshot::restore(snapshot, &staging, member, bump);
     if let Err(e) = restored {
@@ -227,17 +239,24 @@ pub(crate) fn swap_in(
         return Err(e.into());
     }
     info!(tool = ferry_common::snapshot::restore_tool(), "snapshot restored into a staging dir");
+    Ok(staging)
+}
 
-    // Everything checked out: now, and only now, touch what was there.
-    move_aside(dir, existing, stamp)?;
-    for entry in std::fs::read_dir(&staging).with_context(|| format!("read {}", staging.display()))? {
+/// Moves `existing` aside and the staged data into place, then writes `marker`: the data dir changes here.
+pub(crate) fn commit(dir: &Path, existing: &[PathBuf], staging: &Path, marker: &Restored) -> Result<()> {
+    if held_by_live_etcd(dir)? {
+        let _ = std::fs::remove_dir_all(staging);
+        bail!("--data-dir {} was taken by a running etcd during the restore; nothing changed", dir.display());
+    }
+    move_aside(dir, existing, marker.at)?;
+    for entry in std::fs::read_dir(staging).with_context(|| format!("read {}", staging.display()))? {
         let entry = entry?;
         let to = dir.join(entry.file_name());
         std::fs::rename(entry.path(), &to).with_context(|| format!("move the restored {} into place", to.display()))?;
     }
-    std::fs::remove_dir(&staging).with_context(|| format!("remove {}", staging.display()))?;
+    std::fs::remove_dir(staging).with_context(|| format!("remove {}", staging.display()))?;
     write_marker(dir, marker)?;
-    info!(data_dir = %dir.display(), member = %member.name, "restore complete; etcd can start");
+    info!(data_dir = %dir.display(), member = %marker.member, "restore complete; etcd can start");
     Ok(())
 }
 

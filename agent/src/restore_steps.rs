@@ -57,21 +57,22 @@ pub async fn run(
         None => Err(anyhow::anyhow!(
             "this agent runs without --gate-dir and --data-dir, so it cannot take part in a restore; run etcd \
              under `ferry-agent gate` and give the agent both flags (docs/DEPLOY.md)"
-        )),
+        )
+        .into()),
         Some(setup) => {
             // One step at a time per member: a step resent after a failover waits for the first to end.
             let _one = lock.lock().await;
             tokio::select! {
                 r = step_on(&setup, step, &mut send, &mut recv) => r,
-                () = cancel.cancelled() => Err(anyhow::anyhow!("the agent is shutting down")),
+                () = cancel.cancelled() => Err(anyhow::anyhow!("the agent is shutting down").into()),
             }
         }
     };
     let msg = match result {
         Ok(done) => StepMsg::Done(done),
-        Err(e) => {
-            tracing::warn!("restore step failed: {e:#}");
-            StepMsg::Failed { error: format!("{e:#}") }
+        Err(StepFailure { error, touched }) => {
+            tracing::warn!(touched, "restore step failed: {error:#}");
+            StepMsg::Failed { error: format!("{error:#}"), touched }
         }
     };
     if let Err(e) = write_frame(&mut send, &msg).await {
@@ -80,32 +81,48 @@ pub async fn run(
     let _ = send.finish();
 }
 
+/// A failed step: why, and whether the data dir changed before it failed.
+struct StepFailure {
+    error: anyhow::Error,
+    touched: bool,
+}
+
+impl From<anyhow::Error> for StepFailure {
+    fn from(error: anyhow::Error) -> Self {
+        Self { error, touched: false }
+    }
+}
+
+fn touched(error: anyhow::Error) -> StepFailure {
+    StepFailure { error, touched: true }
+}
+
 async fn step_on(
     setup: &RestoreSetup,
     step: RestoreStep,
     send: &mut SendStream,
     recv: &mut RecvStream,
-) -> Result<StepDone> {
+) -> Result<StepDone, StepFailure> {
     let gate = GateControl::new(&setup.gate_dir);
-    match step {
-        RestoreStep::Describe => describe(setup, &gate),
+    Ok(match step {
+        RestoreStep::Describe => describe(setup, &gate)?,
         RestoreStep::Hold { restore_id } => {
             gate.hold(&restore_id, GATE_TIMEOUT).await?;
             info!(%restore_id, "etcd is held");
-            Ok(StepDone::Held)
+            StepDone::Held
         }
-        RestoreStep::Rebuild(plan) => rebuild(setup, &gate, &plan, send, recv).await,
-        RestoreStep::Wipe { restore_id } => wipe(setup, &gate, &restore_id),
-        RestoreStep::Start { restore_id, join } => start(setup, &gate, &restore_id, join).await,
-        RestoreStep::Check { restore_id: _, revision } => check(setup, revision).await.map(StepDone::Checked),
-        RestoreStep::AddLearner { restore_id: _, name, peer_urls } => add_learner(setup, &name, &peer_urls).await,
-        RestoreStep::Promote { restore_id: _, name: _, peer_urls } => promote(setup, &peer_urls).await,
+        RestoreStep::Rebuild(plan) => rebuild(setup, &gate, &plan, send, recv).await?,
+        RestoreStep::Wipe { restore_id } => wipe(setup, &gate, &restore_id)?,
+        RestoreStep::Start { restore_id, join } => start(setup, &gate, &restore_id, join).await?,
+        RestoreStep::Check { restore_id: _, revision } => StepDone::Checked(check(setup, revision).await?),
+        RestoreStep::AddLearner { restore_id: _, name, peer_urls } => add_learner(setup, &name, &peer_urls).await?,
+        RestoreStep::Promote { restore_id: _, name: _, peer_urls } => promote(setup, &peer_urls).await?,
         RestoreStep::Release { restore_id } => {
             gate.release(&restore_id, GATE_TIMEOUT).await?;
             info!(%restore_id, "etcd runs with its own flags again");
-            Ok(StepDone::Released)
+            StepDone::Released
         }
-    }
+    })
 }
 
 fn describe(setup: &RestoreSetup, gate: &GateControl) -> Result<StepDone> {
@@ -175,7 +192,7 @@ async fn rebuild(
     plan: &RebuildPlan,
     send: &mut SendStream,
     recv: &mut RecvStream,
-) -> Result<StepDone> {
+) -> Result<StepDone, StepFailure> {
     let dir = &setup.data_dir;
     if let Some(m) = done_for(dir, &plan.restore_id) {
         if m.restored != WIPED {
@@ -184,7 +201,7 @@ async fn rebuild(
         }
     }
     ensure_held_for(setup, gate, &plan.restore_id)?;
-    ferry_common::snapshot::check_can_bump()?;
+    ferry_common::snapshot::check_can_bump().map_err(anyhow::Error::from)?;
     ferry_common::config::create_private_dir(dir).with_context(|| format!("create --data-dir {}", dir.display()))?;
     crate::scratch::remove_stale(dir);
     let existing = existing_entries(dir)?;
@@ -212,12 +229,13 @@ async fn rebuild(
     // Room for the restored database beside what is there (the old data is renamed, not freed).
     let free = free_bytes(dir)?;
     if free < backup.rawsize.saturating_add(backup.rawsize / 10) {
-        bail!(
+        return Err(anyhow::anyhow!(
             "{} has {free} bytes free, too few for the restored database ({} bytes and 10 % room); free space \
              or give etcd a larger disk, then restore again. Nothing was touched",
             dir.display(),
             backup.rawsize
-        );
+        )
+        .into());
     }
     let member = RestoreAs {
         name: plan.name.clone(),
@@ -237,16 +255,18 @@ async fn rebuild(
     let bump = Some(RevisionBump { by: plan.bump_by });
     let path = scratch.path().to_path_buf();
     let d = dir.clone();
-    tokio::task::spawn_blocking(move || {
+    // Staging (etcd's tool into a hidden dir) leaves the data dir as it was; only the swap after it changes it.
+    let (staging, marker) = tokio::task::spawn_blocking(move || {
         let _keep = scratch;
-        crate::restore::swap_in(&d, &existing, &path, &member, bump, &marker)
+        crate::restore::stage(&d, &path, &member, bump, marker.at).map(|staging| (staging, marker))
     })
     .await
     .context("restore task")??;
+    crate::restore::commit(dir, &existing, &staging, &marker).map_err(touched)?;
     Ok(StepDone::Rebuilt)
 }
 
-fn wipe(setup: &RestoreSetup, gate: &GateControl, restore_id: &str) -> Result<StepDone> {
+fn wipe(setup: &RestoreSetup, gate: &GateControl, restore_id: &str) -> Result<StepDone, StepFailure> {
     let dir = &setup.data_dir;
     if done_for(dir, restore_id).is_some() {
         return Ok(StepDone::Wiped);
@@ -254,7 +274,8 @@ fn wipe(setup: &RestoreSetup, gate: &GateControl, restore_id: &str) -> Result<St
     ensure_held_for(setup, gate, restore_id)?;
     ferry_common::config::create_private_dir(dir).with_context(|| format!("create --data-dir {}", dir.display()))?;
     let stamp = unix_now();
-    crate::restore::move_aside(dir, &existing_entries(dir)?, stamp)?;
+    let existing = existing_entries(dir)?;
+    crate::restore::move_aside(dir, &existing, stamp).map_err(touched)?;
     write_marker(
         dir,
         &Restored {
@@ -266,7 +287,8 @@ fn wipe(setup: &RestoreSetup, gate: &GateControl, restore_id: &str) -> Result<St
             at: stamp,
             restore_id: Some(restore_id.into()),
         },
-    )?;
+    )
+    .map_err(touched)?;
     info!(%restore_id, "data dir moved aside; the member joins as a new one");
     Ok(StepDone::Wiped)
 }
@@ -319,9 +341,17 @@ async fn check(setup: &RestoreSetup, revision: i64) -> Result<RestoredMember> {
         keys: None,
     };
     if revision > 0 {
-        let h = timed("HashKV", c.hash_kv(revision)).await?;
+        // A restored member's revision is its compaction mark: etcd 3.4 refuses HashKV at exactly the compacted
+        // revision, but hashes its current one (asked as 0), which is the same revision when nothing wrote.
+        let asked = if revision == out.revision { 0 } else { revision };
+        let h = timed("HashKV", c.hash_kv(asked)).await?;
+        let hashed_at = h.header().map_or(0, |h| h.revision());
+        if hashed_at != revision {
+            bail!("etcd hashed revision {hashed_at}, not {revision}: something wrote to the restored member");
+        }
         out.hash = Some(h.hash());
-        let opts = GetOptions::new().with_all_keys().with_count_only().with_revision(revision).with_serializable();
+        let opts = GetOptions::new().with_all_keys().with_count_only().with_serializable();
+        let opts = if asked == 0 { opts } else { opts.with_revision(revision) };
         let r = timed("count keys", c.get("", Some(opts))).await?;
         out.keys = Some(u64::try_from(r.count()).unwrap_or(0));
     }

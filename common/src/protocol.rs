@@ -442,8 +442,11 @@ pub enum StepMsg {
         bytes: u64,
     },
     Done(StepDone),
+    /// `touched`: the data dir was changed before the failure (a rebuild failing after it moved the old
+    /// data aside); otherwise it is as it was, and the member may run its old data again.
     Failed {
         error: String,
+        touched: bool,
     },
 }
 

@@ -43,6 +43,8 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(90);
 const VERIFY_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long a learner may take to catch up before it is promoted.
 const PROMOTE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long etcd may refuse a membership change (it does for a few seconds after a leader election).
+const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The steps a member goes through, as `MemberRestoreStatus::step` records them.
 mod step {
@@ -163,6 +165,9 @@ struct Driver {
     id: String,
     st: EtcdRestoreStatusSpec,
     cancel: CancellationToken,
+    /// A step failed after changing a data dir (in memory: a new leader goes by the steps recorded, and keeps
+    /// members held whenever one is past `held`).
+    touched: bool,
 }
 
 impl Driver {
@@ -172,7 +177,7 @@ impl Driver {
             Spec::EtcdRestore(s) => s,
             _ => EtcdRestoreSpec::default(),
         };
-        Self { deps, cluster: r.metadata.id, spec, id, st: EtcdRestoreStatusSpec::default(), cancel }
+        Self { deps, cluster: r.metadata.id, spec, id, st: EtcdRestoreStatusSpec::default(), cancel, touched: false }
     }
 
     async fn run(&mut self) {
@@ -345,10 +350,14 @@ impl Driver {
         Ok(())
     }
 
+    /// Whether any member's data dir changed (a step past `held`, or a failed step that says so).
+    fn any_touched(&self) -> bool {
+        self.touched || self.st.members.iter().any(|m| step_rank(&m.step) > step_rank(step::HELD))
+    }
+
     /// In words, where a failure leaves the members.
     fn left_as(&self) -> String {
-        let touched = self.st.members.iter().any(|m| step_rank(&m.step) > step_rank(step::HELD));
-        if touched {
+        if self.any_touched() {
             "the members stay held (etcd stopped, or serving only on the restore URL); apply a new restore \
              (`ferryctl restore`) to try again"
                 .into()
@@ -369,7 +378,7 @@ impl Driver {
                     self.st.waiting = format!("member {member}: {e}");
                     self.save()?;
                 }
-                Err(StepError::Failed(e)) => {
+                Err(StepError::Failed { error: e, .. }) => {
                     failures += 1;
                     if failures >= STEP_ATTEMPTS {
                         return Err(Stop::Failed(format!("member {member}: {e}")));
@@ -569,14 +578,22 @@ impl Driver {
                     self.st.waiting = format!("member {member}: {e}");
                     self.save()?;
                 }
-                Err(StepError::Failed(e)) => {
+                Err(StepError::Failed { error: e, touched }) => {
                     failures += 1;
                     self.member_status(member).error = e.clone();
+                    if touched {
+                        self.touched = true;
+                    }
                     if failures >= STEP_ATTEMPTS {
-                        return Err(Stop::Failed(format!(
-                            "member {member} could not be rebuilt: {e}; {}",
-                            self.left_as()
-                        )));
+                        let why = format!("member {member} could not be rebuilt: {e}");
+                        if !self.any_touched() {
+                            // Every data dir is as it was: the members run their old data again.
+                            self.release_held().await;
+                            return Err(Stop::Failed(format!(
+                                "{why}; no data dir was touched and the held members were released"
+                            )));
+                        }
+                        return Err(Stop::Failed(format!("{why}; {}", self.left_as())));
                     }
                     self.save()?;
                 }
@@ -644,41 +661,53 @@ impl Driver {
             let initial_cluster = plan::joining_cluster(p, n);
             let id = self.id.clone();
             if !self.at_least(member, step::ADDED) {
-                let (id, name, urls) = (id.clone(), m.etcdname.clone(), m.peerurls.clone());
-                self.step(&seed, &move || RestoreStep::AddLearner {
+                // etcd refuses membership changes for a few seconds after a leader is elected ("unhealthy
+                // cluster"): retried until it takes them.
+                let add = RestoreStep::AddLearner {
                     restore_id: id.clone(),
-                    name: name.clone(),
-                    peer_urls: urls.clone(),
-                })
-                .await?;
+                    name: m.etcdname.clone(),
+                    peer_urls: m.peerurls.clone(),
+                };
+                self.retry_on(&seed, member, add, "being added as a learner", MEMBERSHIP_TIMEOUT).await?;
                 self.record(member, step::ADDED)?;
             }
             self.start(member, Some(JoinFlags { initial_cluster, initial_cluster_token: token })).await?;
-            self.promote(&seed, member, &m.etcdname, &m.peerurls).await?;
+            // Promoted once etcd accepts it (it refuses while the learner is behind).
+            let promote = RestoreStep::Promote {
+                restore_id: id.clone(),
+                name: m.etcdname.clone(),
+                peer_urls: m.peerurls.clone(),
+            };
+            self.retry_on(&seed, member, promote, "catching up with the seed", PROMOTE_TIMEOUT).await?;
             self.record(member, step::JOINED)?;
         }
         Ok(())
     }
 
-    /// Promotes a learner once etcd accepts it (etcd refuses while the learner is behind).
-    async fn promote(&mut self, seed: &str, member: &str, name: &str, peer_urls: &str) -> Result<(), Stop> {
-        let deadline = tokio::time::Instant::now() + PROMOTE_TIMEOUT;
+    /// Sends `step` to `on` (the seed) until it succeeds or `limit` passed; `member` is who it is about.
+    async fn retry_on(
+        &mut self,
+        on: &str,
+        member: &str,
+        step: RestoreStep,
+        doing: &str,
+        limit: Duration,
+    ) -> Result<(), Stop> {
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let agent = self.agent(seed).await?;
+            let agent = self.agent(on).await?;
             self.deps.state.still_leading()?;
-            let step =
-                RestoreStep::Promote { restore_id: self.id.clone(), name: name.into(), peer_urls: peer_urls.into() };
-            match steps::ask(&agent, step, STEP_TIMEOUT).await {
+            match steps::ask(&agent, step.clone(), STEP_TIMEOUT).await {
                 Ok(_) => return Ok(()),
                 Err(e) if tokio::time::Instant::now() >= deadline => {
                     return Err(Stop::Failed(format!(
-                        "member {member} did not catch up with the seed within {}s: {e}; {}",
-                        PROMOTE_TIMEOUT.as_secs(),
+                        "member {member} was not done {doing} within {}s: {e}; {}",
+                        limit.as_secs(),
                         self.left_as()
                     )))
                 }
                 Err(e) => {
-                    let waiting = format!("member {member} catching up: {e}");
+                    let waiting = format!("member {member} {doing}: {e}");
                     if self.st.waiting != waiting {
                         self.st.waiting = waiting;
                         self.save()?;

@@ -17,9 +17,9 @@ pub(super) enum StepError {
     /// idempotent on the agent).
     #[error("{0}")]
     Lost(String),
-    /// The agent answered that the step failed.
-    #[error("{0}")]
-    Failed(String),
+    /// The agent answered that the step failed; `touched`: after changing the data dir.
+    #[error("{error}")]
+    Failed { error: String, touched: bool },
 }
 
 /// Sends `step` and waits for its result.
@@ -48,7 +48,7 @@ async fn read_result(
         match expect_frame_within::<_, StepMsg>(recv, MAX_AGENT_MESSAGE_FRAME).await {
             Ok(StepMsg::Progress { bytes }) => progress(bytes),
             Ok(StepMsg::Done(d)) => return Ok(d),
-            Ok(StepMsg::Failed { error }) => return Err(StepError::Failed(error)),
+            Ok(StepMsg::Failed { error, touched }) => return Err(StepError::Failed { error, touched }),
             Err(e) => return Err(StepError::Lost(format!("read answer: {e}"))),
         }
     }
@@ -73,7 +73,7 @@ pub(super) async fn rebuild(
         match expect_frame_within::<_, StepMsg>(&mut recv, MAX_AGENT_MESSAGE_FRAME).await {
             Ok(StepMsg::Progress { .. }) => {}
             Ok(StepMsg::Done(d)) => return Ok(d),
-            Ok(StepMsg::Failed { error }) => return Err(StepError::Failed(error)),
+            Ok(StepMsg::Failed { error, touched }) => return Err(StepError::Failed { error, touched }),
             Err(e) => return Err(StepError::Lost(format!("read answer: {e}"))),
         }
         let sending = async {

@@ -19,8 +19,24 @@ const CLUSTER: &str = "prod";
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The agents' PATH: the etcd under test's tools first, then etcd 3.5's, whose `etcdutl` bumps revisions (on
+/// the 3.4 compatibility pass, etcd 3.4 has none; the Ferry image carries etcdutl 3.5 for any member).
+fn agent_path() -> String {
+    let tools = crate::fixtures::tools::workspace_root().join(".tools/etcd-3.5/usr/bin");
+    format!("{}:{}", crate::fixtures::tools::child_path().to_string_lossy(), tools.display())
+}
+
 /// One agent per gated member, with its gate, data dir and a restore URL of its own.
 async fn start_gated_agents(coordinator: &Coordinator, etcd: &EtcdCluster) -> anyhow::Result<Vec<Agent>> {
+    start_gated_agents_with_path(coordinator, etcd, &agent_path()).await
+}
+
+/// [`start_gated_agents`] with the agents' `PATH` (where they find etcd's restore tool).
+async fn start_gated_agents_with_path(
+    coordinator: &Coordinator,
+    etcd: &EtcdCluster,
+    path: &str,
+) -> anyhow::Result<Vec<Agent>> {
     let mut agents = Vec::new();
     for (i, member) in etcd.members().iter().enumerate() {
         let creds = coordinator.issue_agent_credentials(CLUSTER, member.name()).await?;
@@ -32,7 +48,7 @@ async fn start_gated_agents(coordinator: &Coordinator, etcd: &EtcdCluster) -> an
             "--restore-client-url".into(),
             format!("http://127.0.0.1:{}", free_port()),
         ];
-        agents.push(Agent::start_with_args(coordinator, &creds, member.client_url(), &args)?);
+        agents.push(Agent::spawn(coordinator, &creds, member.client_url(), &args, &[("PATH", path)])?);
     }
     let names: Vec<&str> = etcd.members().iter().map(|m| m.name()).collect();
     coordinator.wait_agents_connected(CLUSTER, &names, Duration::from_secs(30)).await?;
@@ -247,6 +263,40 @@ async fn a_member_whose_agent_is_gone_blocks_the_restore_until_it_is_declared_lo
     Ok(())
 }
 
+/// A rebuild refused before it touched anything (here: the members' nodes have no etcdutl, so the revision
+/// cannot be bumped) releases every held member: the cluster runs its old data again, nothing lost.
+#[tokio::test]
+async fn a_rebuild_refused_before_touching_anything_releases_every_member() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start_gated(3).await?;
+    etcd.put_keys(50).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    // etcdctl 3.4 from the system, no etcdutl: a restore cannot bump the revision.
+    let tools = tempfile::tempdir()?;
+    std::os::unix::fs::symlink("/usr/bin/etcdctl", tools.path().join("etcdctl"))?;
+    let _agents = start_gated_agents_with_path(&coordinator, &etcd, &tools.path().display().to_string()).await?;
+    let (id, _) = backup(&coordinator, CLUSTER).await?;
+    let before = keyspace(&etcd).await?;
+    let ctl = coordinator.ctl().with_timeout(RESTORE_TIMEOUT);
+    let out = ctl.run(&["restore", CLUSTER, "--backup", &id, "--mode", "all-members", "--yes", "--wait"]).await?;
+    assert!(!out.success(), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("etcdutl")
+            && out.stderr.contains("no data dir was touched and the held members were released"),
+        "{}",
+        out.stderr
+    );
+    for i in 0..3 {
+        assert!(!etcd.gate(i).command()?.hold, "member {i} is released");
+    }
+    let back = poll_until("the old cluster serving again", Duration::from_secs(60), Duration::from_millis(500), || {
+        let etcd = &etcd;
+        async move { Ok(keyspace(etcd).await.ok()) }
+    })
+    .await?;
+    assert_eq!(back, before, "the old data, untouched");
+    Ok(())
+}
+
 /// Every bad request is refused with what to change, and nothing starts.
 #[tokio::test]
 async fn bad_restore_requests_are_refused_with_what_to_change() -> anyhow::Result<()> {
@@ -342,7 +392,7 @@ async fn a_lying_member_cannot_steer_the_plan_onto_another_members_address() -> 
                 free_bytes: u64::MAX,
                 held_by: None,
             })),
-            _ => StepMsg::Failed { error: "not playing".into() },
+            _ => StepMsg::Failed { error: "not playing".into(), touched: false },
         },
         Duration::from_secs(20),
     )
