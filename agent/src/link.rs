@@ -251,7 +251,7 @@ impl Link {
                             }
                             JobRequest::Restore(step) => {
                                 let span = info_span!(parent: &job_span, "restore_step");
-                                crate::restore_steps::run(restore, restore_lock, step, job_send, job_recv, cancel)
+                                crate::restore_steps::run(etcd, restore, restore_lock, step, job_send, job_recv, cancel)
                                     .instrument(span)
                                     .await
                             }

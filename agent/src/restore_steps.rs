@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use etcd_client::{Client, GetOptions, MemberAddOptions};
 use ferry_common::protocol::{
-    write_frame, JoinFlags, MemberLayout, RebuildPlan, RestoreStep, RestoredMember, StepDone, StepMsg,
+    write_frame, ClusterMember, JoinFlags, MemberLayout, RebuildPlan, RestoreStep, RestoredMember, StepDone, StepMsg,
 };
 use ferry_common::snapshot::{RestoreAs, RevisionBump};
 use quinn::{RecvStream, SendStream};
@@ -46,6 +46,7 @@ pub struct RestoreSetup {
 
 /// Runs one step on a job stream and answers it; never fails the link.
 pub async fn run(
+    etcd: EtcdMember,
     setup: Option<RestoreSetup>,
     lock: std::sync::Arc<tokio::sync::Mutex<()>>,
     step: RestoreStep,
@@ -63,7 +64,7 @@ pub async fn run(
             // One step at a time per member: a step resent after a failover waits for the first to end.
             let _one = lock.lock().await;
             tokio::select! {
-                r = step_on(&setup, step, &mut send, &mut recv) => r,
+                r = step_on(&setup, &etcd, step, &mut send, &mut recv) => r,
                 () = cancel.cancelled() => Err(anyhow::anyhow!("the agent is shutting down").into()),
             }
         }
@@ -99,6 +100,7 @@ fn touched(error: anyhow::Error) -> StepFailure {
 
 async fn step_on(
     setup: &RestoreSetup,
+    etcd: &EtcdMember,
     step: RestoreStep,
     send: &mut SendStream,
     recv: &mut RecvStream,
@@ -114,9 +116,24 @@ async fn step_on(
         RestoreStep::Rebuild(plan) => rebuild(setup, &gate, &plan, send, recv).await?,
         RestoreStep::Wipe { restore_id } => wipe(setup, &gate, &restore_id)?,
         RestoreStep::Start { restore_id, join } => start(setup, &gate, &restore_id, join).await?,
-        RestoreStep::Check { restore_id: _, revision } => StepDone::Checked(check(setup, revision).await?),
-        RestoreStep::AddLearner { restore_id: _, name, peer_urls } => add_learner(setup, &name, &peer_urls).await?,
-        RestoreStep::Promote { restore_id: _, name: _, peer_urls } => promote(setup, &peer_urls).await?,
+        RestoreStep::Check { restore_id: _, revision } => {
+            StepDone::Checked(check(&mut client(setup, &gate, etcd).await?, revision).await?)
+        }
+        RestoreStep::AddLearner { restore_id: _, name, peer_urls } => {
+            add_learner(&mut client(setup, &gate, etcd).await?, &name, &peer_urls).await?
+        }
+        RestoreStep::Promote { restore_id: _, name: _, peer_urls } => {
+            promote(&mut client(setup, &gate, etcd).await?, &peer_urls).await?
+        }
+        RestoreStep::MoveLeaderAway { restore_id: _ } => {
+            move_leader_away(&mut client(setup, &gate, etcd).await?).await?
+        }
+        RestoreStep::RemoveMember { restore_id: _, peer_urls } => {
+            remove_member(&mut client(setup, &gate, etcd).await?, &peer_urls).await?
+        }
+        RestoreStep::Members { restore_id: _ } => {
+            StepDone::Members(members(&mut client(setup, &gate, etcd).await?).await?)
+        }
         RestoreStep::Release { restore_id } => {
             gate.release(&restore_id, GATE_TIMEOUT).await?;
             info!(%restore_id, "etcd runs with its own flags again");
@@ -315,7 +332,12 @@ async fn start(
     Ok(StepDone::Started)
 }
 
-async fn restore_client(setup: &RestoreSetup) -> Result<Client> {
+/// A client of this member: on the restore URL while the gate runs it with overrides (a restored or joining
+/// member), else on the agent's own etcd endpoint (a serving member helping a replacement).
+async fn client(setup: &RestoreSetup, gate: &GateControl, etcd: &EtcdMember) -> Result<Client> {
+    if gate.command()?.overrides.is_empty() {
+        return etcd.separate_client().await;
+    }
     let member = EtcdMember::connect(&setup.restore_url, &EtcdTls::default()).await?;
     member.separate_client().await
 }
@@ -327,8 +349,7 @@ async fn timed<T>(what: &str, f: impl std::future::Future<Output = Result<T, etc
         .with_context(|| format!("etcd {what}"))
 }
 
-async fn check(setup: &RestoreSetup, revision: i64) -> Result<RestoredMember> {
-    let mut c = restore_client(setup).await?;
+async fn check(c: &mut Client, revision: i64) -> Result<RestoredMember> {
     let st = timed("status", c.status()).await?;
     let header = st.header().context("etcd status carried no header")?;
     let mut out = RestoredMember {
@@ -366,8 +387,7 @@ fn same_urls(a: &[String], b: &str) -> bool {
     a == b
 }
 
-async fn add_learner(setup: &RestoreSetup, name: &str, peer_urls: &str) -> Result<StepDone> {
-    let mut c = restore_client(setup).await?;
+async fn add_learner(c: &mut Client, name: &str, peer_urls: &str) -> Result<StepDone> {
     let list = timed("member list", c.member_list()).await?;
     if list.members().iter().any(|m| same_urls(m.peer_urls(), peer_urls)) {
         return Ok(StepDone::MembershipChanged);
@@ -378,8 +398,7 @@ async fn add_learner(setup: &RestoreSetup, name: &str, peer_urls: &str) -> Resul
     Ok(StepDone::MembershipChanged)
 }
 
-async fn promote(setup: &RestoreSetup, peer_urls: &str) -> Result<StepDone> {
-    let mut c = restore_client(setup).await?;
+async fn promote(c: &mut Client, peer_urls: &str) -> Result<StepDone> {
     let list = timed("member list", c.member_list()).await?;
     let Some(m) = list.members().iter().find(|m| same_urls(m.peer_urls(), peer_urls)) else {
         bail!("no member with peer URLs {peer_urls} in the restored cluster");
@@ -389,6 +408,44 @@ async fn promote(setup: &RestoreSetup, peer_urls: &str) -> Result<StepDone> {
         info!(%peer_urls, "learner promoted");
     }
     Ok(StepDone::MembershipChanged)
+}
+
+async fn move_leader_away(c: &mut Client) -> Result<StepDone> {
+    let st = timed("status", c.status()).await?;
+    let me = st.header().context("etcd status carried no header")?.member_id();
+    if st.leader() != me {
+        return Ok(StepDone::MembershipChanged);
+    }
+    let list = timed("member list", c.member_list()).await?;
+    let Some(to) = list.members().iter().find(|m| m.id() != me && !m.is_learner()) else {
+        bail!("this member leads and no other voting member can take over");
+    };
+    timed("move leader", c.move_leader(to.id())).await?;
+    info!(to = %to.name(), "leadership moved away before this member is replaced");
+    Ok(StepDone::MembershipChanged)
+}
+
+async fn remove_member(c: &mut Client, peer_urls: &str) -> Result<StepDone> {
+    let list = timed("member list", c.member_list()).await?;
+    if let Some(m) = list.members().iter().find(|m| same_urls(m.peer_urls(), peer_urls)) {
+        timed("member remove", c.member_remove(m.id())).await?;
+        info!(%peer_urls, "member removed");
+    }
+    Ok(StepDone::MembershipChanged)
+}
+
+async fn members(c: &mut Client) -> Result<Vec<ClusterMember>> {
+    let list = timed("member list", c.member_list()).await?;
+    Ok(list
+        .members()
+        .iter()
+        .map(|m| ClusterMember {
+            id: m.id(),
+            name: m.name().to_string(),
+            peer_urls: m.peer_urls().to_vec(),
+            learner: m.is_learner(),
+        })
+        .collect())
 }
 
 fn unix_now() -> u64 {

@@ -409,6 +409,19 @@ pub enum RestoreStep {
         name: String,
         peer_urls: String,
     },
+    /// Member replacement: if this member leads, hand leadership to another voting member.
+    MoveLeaderAway {
+        restore_id: String,
+    },
+    /// Member replacement, asked of another member: remove the member with these peer URLs (done when absent).
+    RemoveMember {
+        restore_id: String,
+        peer_urls: String,
+    },
+    /// The cluster's members as this member sees them.
+    Members {
+        restore_id: String,
+    },
     /// etcd's own flags again: clients are served. The restore is over for this member.
     Release {
         restore_id: String,
@@ -461,6 +474,16 @@ pub enum StepDone {
     Checked(RestoredMember),
     MembershipChanged,
     Released,
+    Members(Vec<ClusterMember>),
+}
+
+/// One member of an etcd cluster as `MemberList` gives it (a member added but not started has no name yet).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMember {
+    pub id: u64,
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub learner: bool,
 }
 
 /// A member as its gate and data dir show it.

@@ -726,12 +726,17 @@ pub struct EtcdRestoreSpec {
     /// the refusal).
     #[serde(default)]
     pub confirm: String,
+    /// `replace-member` only: the member whose data dir is replaced by a fresh copy from the others.
+    #[serde(default)]
+    pub member: String,
 }
 
 /// The restore modes [`EtcdRestoreSpec::mode`] takes.
 pub mod restore_mode {
     pub const ALL_MEMBERS: &str = "all-members";
     pub const SEED_JOIN: &str = "seed-join";
+    /// Not a restore from a backup: one member removed, wiped and added back (`ferryctl member replace`).
+    pub const REPLACE_MEMBER: &str = "replace-member";
 }
 
 /// Phases of a restore, in order ([`EtcdRestoreStatusSpec::phase`]).
@@ -804,6 +809,9 @@ pub struct RestorePlanned {
     pub highestrevision: i64,
     pub bumpby: u64,
     pub createdat: Timestamp,
+    /// `replace-member`: the serving member that removes, adds and promotes the replaced one.
+    #[serde(default)]
+    pub helper: String,
 }
 
 /// A member as planned: the agent's member name and etcd's own name and peer URLs (from its gate).
@@ -820,7 +828,7 @@ pub struct PlannedMember {
 #[serde(deny_unknown_fields)]
 pub struct MemberRestoreStatus {
     pub member: String,
-    /// The last step done: `held`, `rebuilt`, `started`, `joined`, `released`.
+    /// The last step done: `held`, `removed`, `wiped`, `rebuilt`, `added`, `started`, `joined`, `released`.
     #[serde(default)]
     pub step: String,
     /// Backup bytes the member fetched so far.

@@ -1,6 +1,8 @@
 //! Admission of `EtcdRestores`: what may be restored, and when a restore must be confirmed.
 
-use ferry_common::resources::{restore_phase, EtcdRestoreSpec, Resource, ResourceType, Spec, Timestamp, LABEL_CLUSTER};
+use ferry_common::resources::{
+    restore_mode, restore_phase, EtcdRestoreSpec, Resource, ResourceType, Spec, Timestamp, LABEL_CLUSTER,
+};
 
 use super::{Api, ApiError};
 use crate::restore::plan::{self, human};
@@ -51,8 +53,24 @@ impl Api {
     /// Checks an `EtcdRestores` before it is written.
     pub(super) async fn check_restore(&self, cluster: &str, spec: &EtcdRestoreSpec) -> Result<()> {
         ferry_common::resources::validate_name("cluster", cluster)?;
-        plan::mode(spec).map_err(ApiError::Invalid)?;
-        if spec.backup.is_empty() {
+        let replace = plan::mode(spec).map_err(ApiError::Invalid)? == restore_mode::REPLACE_MEMBER;
+        if replace {
+            if spec.member.is_empty() {
+                return Err(ApiError::Invalid("replace-member needs spec.member: the member to replace".into()));
+            }
+            if !spec.backup.is_empty() || spec.before.is_some() || !spec.lostmembers.is_empty() {
+                return Err(ApiError::Invalid(
+                    "replace-member copies the member's data from the others: leave spec.backup, spec.before and \
+                     spec.lostmembers empty"
+                        .into(),
+                ));
+            }
+        } else if !spec.member.is_empty() {
+            return Err(ApiError::Invalid(
+                "spec.member goes with mode replace-member (`ferryctl member replace`); a restore restores every member"
+                    .into(),
+            ));
+        } else if spec.backup.is_empty() {
             return Err(ApiError::Invalid("spec.backup is empty: give a backup id or `latest`".into()));
         }
         let members = cluster_members(self.state.as_ref(), cluster)?;
@@ -100,6 +118,9 @@ impl Api {
                 ))
             });
         }
+        if replace {
+            return self.check_replacement(cluster, spec, &members);
+        }
         let manifest = self.resolve_restore(cluster, spec).await?;
         if spec.confirm != cluster {
             let healthy = self
@@ -117,6 +138,39 @@ impl Api {
                     self.what_is_lost(cluster, &manifest)?
                 )));
             }
+        }
+        Ok(())
+    }
+
+    /// `replace-member`: the member is one of the cluster's, the cluster keeps quorum without it, and a healthy
+    /// member is replaced only when confirmed.
+    fn check_replacement(&self, cluster: &str, spec: &EtcdRestoreSpec, members: &[String]) -> Result<()> {
+        let target = &spec.member;
+        if !members.contains(target) {
+            return Err(ApiError::Invalid(format!(
+                "spec.member {target:?} is not a member of cluster {cluster} (members: {})",
+                members.join(", ")
+            )));
+        }
+        let live = self.agents.live(cluster);
+        let healthy = |m: &str| {
+            live.iter()
+                .any(|a| a.member == m && a.facts.as_ref().is_some_and(|f| f.error.is_none() && f.member_id != 0))
+        };
+        let others = members.iter().filter(|m| *m != target && healthy(m)).count();
+        if others * 2 <= members.len() {
+            return Err(ApiError::Conflict(format!(
+                "cluster {cluster} would lose quorum without {target}: {others} of its {} members are healthy \
+                 besides it. Bring another member back first, or restore the cluster (`ferryctl restore {cluster}`)",
+                members.len()
+            )));
+        }
+        if healthy(target) && spec.confirm != cluster {
+            return Err(ApiError::Invalid(format!(
+                "member {target} of cluster {cluster} is healthy: replacing it moves its data dir aside and copies \
+                 the others' data into a fresh one. To replace it anyway, confirm (`ferryctl member replace \
+                 {cluster} {target} --yes`, or spec.confirm: {cluster})"
+            )));
         }
         Ok(())
     }

@@ -158,6 +158,11 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "30m", requires = "wait")]
         timeout: Duration,
     },
+    /// Work with a cluster's members.
+    Member {
+        #[command(subcommand)]
+        command: MemberCommand,
+    },
     /// Work with clusters.
     Cluster {
         #[command(subcommand)]
@@ -179,6 +184,26 @@ enum Command {
     Completion {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MemberCommand {
+    /// Replace a member's data with a fresh copy from the others, while the cluster keeps quorum without it:
+    /// leadership moved away, the member held and removed, its data dir moved aside (kept), added back as a
+    /// learner, started, promoted once caught up, released. Follow it with `get etcdrestorestatus CLUSTER`.
+    Replace {
+        cluster: String,
+        member: String,
+        /// Replace it even though it is healthy.
+        #[arg(long)]
+        yes: bool,
+        /// Follow it with a progress line; exit 0 once the member serves again, 2 if it fails.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up waiting after this long (the replacement goes on).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30m", requires = "wait")]
+        timeout: Duration,
     },
 }
 
@@ -426,6 +451,20 @@ async fn run(cli: Cli) -> Result<()> {
                 lost,
                 yes,
                 wait: wait.then_some(timeout),
+                member: None,
+            };
+            ferry_coordinator::cli::restore::run(&cfg()?, args).await?;
+        }
+        Command::Member { command: MemberCommand::Replace { cluster, member, yes, wait, timeout } } => {
+            let args = ferry_coordinator::cli::restore::RestoreArgs {
+                cluster,
+                backup: String::new(),
+                before: None,
+                mode: Some(ferry_common::resources::restore_mode::REPLACE_MEMBER.to_string()),
+                lost: Vec::new(),
+                yes,
+                wait: wait.then_some(timeout),
+                member: Some(member),
             };
             ferry_coordinator::cli::restore::run(&cfg()?, args).await?;
         }

@@ -24,6 +24,8 @@ pub struct RestoreArgs {
     pub lost: Vec<String>,
     pub yes: bool,
     pub wait: Option<Duration>,
+    /// `ferryctl member replace`: the member to replace (mode replace-member, no backup).
+    pub member: Option<String>,
 }
 
 /// The `EtcdRestores` resource for `args`.
@@ -36,6 +38,7 @@ pub fn resource(a: &RestoreArgs) -> Resource {
             mode: a.mode.clone().unwrap_or_default(),
             lostmembers: a.lost.clone(),
             confirm: if a.yes { a.cluster.clone() } else { String::new() },
+            member: a.member.clone().unwrap_or_default(),
         }),
     )
 }
@@ -66,7 +69,10 @@ pub async fn run(cfg: &FerryConfig, a: RestoreArgs) -> Result<()> {
         AdminResponse::Applied(_) => {}
         other => bail!("unexpected response {other:?}"),
     }
-    println!("restore of cluster {cluster} from backup {} requested", describe_backup(&a));
+    match &a.member {
+        Some(m) => println!("replacement of member {m} of cluster {cluster} requested"),
+        None => println!("restore of cluster {cluster} from backup {} requested", describe_backup(&a)),
+    }
     let Some(timeout) = a.wait else {
         println!("follow it with `ferryctl get -w etcdrestorestatus {cluster}`");
         return Ok(());
@@ -102,6 +108,10 @@ async fn follow(cfg: &FerryConfig, cluster: &str, before: Option<String>, timeou
                 if line != last_line {
                     eprintln!("{line}");
                     last_line = line;
+                }
+                if st.phase == restore_phase::DONE && st.verified.is_none() {
+                    println!("{} done: the member was replaced and serves", st.restoreid);
+                    return Ok(());
                 }
                 if st.phase == restore_phase::DONE {
                     let v = st.verified.unwrap_or_default();

@@ -49,6 +49,7 @@ const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(60);
 /// The steps a member goes through, as `MemberRestoreStatus::step` records them.
 mod step {
     pub(super) const HELD: &str = "held";
+    pub(super) const REMOVED: &str = "removed";
     pub(super) const REBUILT: &str = "rebuilt";
     pub(super) const WIPED: &str = "wiped";
     pub(super) const ADDED: &str = "added";
@@ -56,7 +57,7 @@ mod step {
     pub(super) const JOINED: &str = "joined";
     pub(super) const RELEASED: &str = "released";
     /// In order: a member at a later step has done every earlier one.
-    pub(super) const ORDER: [&str; 7] = [HELD, WIPED, REBUILT, ADDED, STARTED, JOINED, RELEASED];
+    pub(super) const ORDER: [&str; 8] = [HELD, REMOVED, WIPED, REBUILT, ADDED, STARTED, JOINED, RELEASED];
 }
 
 fn step_rank(s: &str) -> usize {
@@ -271,6 +272,15 @@ impl Driver {
             self.make_plan().await?;
         }
         let mode = self.plan()?.mode.clone();
+        if mode == restore_mode::REPLACE_MEMBER {
+            self.replace_member().await?;
+            self.st.phase = restore_phase::DONE.into();
+            self.st.waiting.clear();
+            self.st.finishedat = Some(Timestamp::now());
+            self.save()?;
+            info!("member replaced: removed, wiped, added back, caught up, promoted and serving");
+            return Ok(());
+        }
         if step_rank_all(&self.st) < step_rank(step::HELD) {
             self.set_phase(restore_phase::HOLDING)?;
             self.hold_all().await?;
@@ -422,6 +432,9 @@ impl Driver {
         let spec = self.spec.clone();
         plan::mode(&spec).map_err(Stop::Failed)?;
         let known = crate::api::cluster_members(self.deps.state.as_ref(), &self.cluster)?;
+        if plan::mode(&spec).map_err(Stop::Failed)? == restore_mode::REPLACE_MEMBER {
+            return self.plan_replacement(known).await;
+        }
         let planned: Vec<String> = known.into_iter().filter(|m| !spec.lostmembers.contains(m)).collect();
         let manifest =
             self.deps.api.resolve_restore(&self.cluster, &spec).await.map_err(|e| Stop::Failed(e.to_string()))?;
@@ -449,6 +462,11 @@ impl Driver {
             now: Timestamp::now(),
         })
         .map_err(Stop::Failed)?;
+        self.store_plan(p)
+    }
+
+    /// Stores `p` unless a plan is there already (then that one is kept), in one transaction.
+    fn store_plan(&mut self, p: RestorePlanned) -> Result<(), Stop> {
         // Fixed once: written only if no plan is there yet (a second leader racing this one keeps the first).
         let (cluster, id) = (self.cluster.clone(), self.id.clone());
         let mut stored = None;
@@ -494,6 +512,138 @@ impl Driver {
             "restore planned"
         );
         Ok(())
+    }
+
+    /// `replace-member`: the target as its gate describes it, and a healthy other member to help.
+    async fn plan_replacement(&mut self, known: Vec<String>) -> Result<(), Stop> {
+        let target = self.spec.member.clone();
+        // Asked now, not taken from the last reports (up to 10 s old): a member that just died must not count.
+        let others: Vec<String> =
+            self.deps.agents.live(&self.cluster).into_iter().map(|a| a.member).filter(|m| *m != target).collect();
+        let mut healthy = Vec::new();
+        for m in others {
+            if matches!(self.check(&m, 0).await, Ok(c) if c.has_leader && !c.learner) {
+                healthy.push(m);
+            }
+        }
+        if healthy.len() * 2 <= known.len() {
+            return Err(Stop::Failed(format!(
+                "cluster {} would lose quorum without {target}: {} of its {} members are healthy besides it; \
+                 restore the cluster instead (`ferryctl restore`). Nothing was touched",
+                self.cluster,
+                healthy.len(),
+                known.len()
+            )));
+        }
+        let mut helpers = healthy;
+        helpers.sort();
+        let helper = helpers[0].clone();
+        let layout = match self.step(&target, &|| RestoreStep::Describe).await? {
+            StepDone::Described(l) => l,
+            other => return Err(Stop::Failed(format!("member {target} answered {other:?} to Describe"))),
+        };
+        let layouts = BTreeMap::from([(target.clone(), layout)]);
+        let mut p = plan::make(&plan::PlanInput {
+            restore_id: &self.id,
+            spec: &self.spec,
+            layouts: &layouts,
+            backup_id: "",
+            backup_revision: 0,
+            backup_rawsize: 0,
+            backup_keys: 0,
+            highest_revision: 0,
+            now: Timestamp::now(),
+        })
+        .map_err(Stop::Failed)?;
+        p.helper = helper;
+        self.store_plan(p)
+    }
+
+    /// `replace-member`: leadership moved away, the member held, removed from the cluster (by the helper),
+    /// its data dir moved aside, added back as a learner, started to join, promoted once caught up, checked,
+    /// and released to its own flags.
+    async fn replace_member(&mut self) -> Result<(), Stop> {
+        let p = self.plan()?.clone();
+        let (target, helper) = (p.members[0].clone(), p.helper.clone());
+        let member = target.member.clone();
+        let id = self.id.clone();
+        self.set_phase(restore_phase::HOLDING)?;
+        if !self.at_least(&member, step::HELD) {
+            let i = id.clone();
+            self.step(&member, &move || RestoreStep::MoveLeaderAway { restore_id: i.clone() }).await?;
+            let i = id.clone();
+            self.step(&member, &move || RestoreStep::Hold { restore_id: i.clone() }).await?;
+            self.record(&member, step::HELD)?;
+        }
+        self.set_phase(restore_phase::JOINING)?;
+        if !self.at_least(&member, step::REMOVED) {
+            let remove = RestoreStep::RemoveMember { restore_id: id.clone(), peer_urls: target.peerurls.clone() };
+            self.retry_on(&helper, &member, remove, "being removed", MEMBERSHIP_TIMEOUT).await?;
+            self.record(&member, step::REMOVED)?;
+        }
+        if !self.at_least(&member, step::WIPED) {
+            let i = id.clone();
+            self.step(&member, &move || RestoreStep::Wipe { restore_id: i.clone() }).await?;
+            self.record(&member, step::WIPED)?;
+        }
+        if !self.at_least(&member, step::ADDED) {
+            let add = RestoreStep::AddLearner {
+                restore_id: id.clone(),
+                name: target.etcdname.clone(),
+                peer_urls: target.peerurls.clone(),
+            };
+            self.retry_on(&helper, &member, add, "being added as a learner", MEMBERSHIP_TIMEOUT).await?;
+            self.record(&member, step::ADDED)?;
+        }
+        if !self.at_least(&member, step::STARTED) {
+            let i = id.clone();
+            let members = match self.step(&helper, &move || RestoreStep::Members { restore_id: i.clone() }).await? {
+                StepDone::Members(m) => m,
+                other => return Err(Stop::Failed(format!("member {helper} answered {other:?} to Members"))),
+            };
+            let wanted: Vec<&str> = target.peerurls.split(',').map(str::trim).collect();
+            let initial_cluster = members
+                .iter()
+                .flat_map(|m| {
+                    let is_target = m.peer_urls.iter().all(|u| wanted.contains(&u.as_str()));
+                    let name = if is_target { target.etcdname.clone() } else { m.name.clone() };
+                    m.peer_urls.iter().map(move |u| format!("{name}={u}")).collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            let join = JoinFlags { initial_cluster, initial_cluster_token: p.initialclustertoken.clone() };
+            self.start(&member, Some(join)).await?;
+        }
+        if !self.at_least(&member, step::JOINED) {
+            let promote = RestoreStep::Promote {
+                restore_id: id.clone(),
+                name: target.etcdname.clone(),
+                peer_urls: target.peerurls.clone(),
+            };
+            self.retry_on(&helper, &member, promote, "catching up", PROMOTE_TIMEOUT).await?;
+            self.record(&member, step::JOINED)?;
+        }
+        self.set_phase(restore_phase::VERIFYING)?;
+        let deadline = tokio::time::Instant::now() + VERIFY_TIMEOUT;
+        loop {
+            let problem = match (self.check(&member, 0).await, self.check(&helper, 0).await) {
+                (Ok(t), Ok(h)) if t.has_leader && !t.learner && t.cluster_id == h.cluster_id => break,
+                (Ok(t), Ok(h)) => format!(
+                    "member {member}: leader {}, learner {}, cluster {:x} (the cluster is {:x})",
+                    t.has_leader, t.learner, t.cluster_id, h.cluster_id
+                ),
+                (Err(e), _) | (_, Err(e)) => e,
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Stop::Failed(format!("the replaced member did not verify: {problem}; it stays held")));
+            }
+            self.st.waiting = problem;
+            self.save()?;
+            self.pause(Duration::from_secs(1)).await?;
+        }
+        let i = id.clone();
+        self.step(&member, &move || RestoreStep::Release { restore_id: i.clone() }).await?;
+        self.record(&member, step::RELEASED)
     }
 
     async fn hold_all(&mut self) -> Result<(), Stop> {

@@ -26,6 +26,7 @@ pub fn mode(spec: &EtcdRestoreSpec) -> Result<&'static str, String> {
     match spec.mode.as_str() {
         "" | restore_mode::SEED_JOIN => Ok(restore_mode::SEED_JOIN),
         restore_mode::ALL_MEMBERS => Ok(restore_mode::ALL_MEMBERS),
+        restore_mode::REPLACE_MEMBER => Ok(restore_mode::REPLACE_MEMBER),
         other => Err(format!(
             "spec.mode {other:?} is not a restore mode: give {:?} (the default: one member restored, the others \
              added back) or {:?} (every member restored from the snapshot)",
@@ -60,7 +61,7 @@ pub fn make(input: &PlanInput<'_>) -> Result<RestorePlanned, String> {
                 return Err(format!("two members advertise the peer URL {u} (one is {member})"));
             }
         }
-        let need = room_needed(input.backup_rawsize);
+        let need = if mode == restore_mode::REPLACE_MEMBER { 0 } else { room_needed(input.backup_rawsize) };
         if l.free_bytes < need {
             return Err(format!(
                 "member {member} has {} free on its data dir's disk ({}), the restored database needs {}; free \
@@ -100,8 +101,13 @@ pub fn make(input: &PlanInput<'_>) -> Result<RestorePlanned, String> {
         initialclustertoken: format!("ferry-{}", input.restore_id),
         initialcluster,
         highestrevision: input.highest_revision,
-        bumpby: planned_bump(input.highest_revision, input.backup_revision),
+        bumpby: if mode == restore_mode::REPLACE_MEMBER {
+            0
+        } else {
+            planned_bump(input.highest_revision, input.backup_revision)
+        },
         createdat: input.now,
+        helper: String::new(),
     })
 }
 

@@ -482,3 +482,84 @@ async fn a_lying_member_cannot_get_a_restore_verified_and_nothing_serves() -> an
     }
     Ok(())
 }
+
+/// `ferryctl member replace` under a steady put load through the other members: the member is held,
+/// removed, wiped (its old data kept aside), added back as a learner, promoted and released, and it then
+/// holds every write acknowledged meanwhile. A replacement that would cost the cluster its quorum is refused.
+#[tokio::test]
+async fn member_replace_under_load_loses_no_write_and_never_costs_quorum() -> anyhow::Result<()> {
+    let mut etcd = EtcdCluster::start_gated(3).await?;
+    etcd.put_keys(100).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let _agents = start_gated_agents(&coordinator, &etcd).await?;
+    let ctl = coordinator.ctl().with_timeout(RESTORE_TIMEOUT);
+    let out = ctl.run(&["member", "replace", CLUSTER, "m3"]).await?;
+    assert!(out.stderr.contains("is healthy") && out.stderr.contains("--yes"), "{}", out.stderr);
+
+    // Writes through m1 and m2 only, for as long as the replacement runs; each acknowledged key is recorded.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let urls = vec![etcd.member(0).client_url().to_string(), etcd.member(1).client_url().to_string()];
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut c = crate::fixtures::etcd::connect(&urls).await?;
+            let mut acked = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("/load/{i:08}");
+                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), c.put(key.clone(), "v", None)).await {
+                    acked.push(key);
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            anyhow::Ok(acked)
+        })
+    };
+    let out = ctl.run(&["member", "replace", CLUSTER, "m3", "--yes", "--wait", "--timeout", "4m"]).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.await??;
+    assert!(out.success(), "{}\n{}", out.stdout, out.stderr);
+    assert!(acked.len() > 100, "the load ran throughout: {} writes acknowledged", acked.len());
+    let st = restore_status(&coordinator).await?;
+    assert_eq!(st["phase"], "done", "{st:#}");
+    assert_eq!(st["members"][0]["step"], "released", "{st:#}");
+    // m3 serves again, with every acknowledged write.
+    let on_m3 =
+        poll_until("m3 to hold every acknowledged write", Duration::from_secs(30), Duration::from_millis(500), || {
+            let url = etcd.member(2).client_url().to_string();
+            let n = acked.len();
+            async move {
+                let got = crate::fixtures::etcd::read_prefix(&[url], "/load/").await?;
+                Ok((got.len() >= n).then_some(got))
+            }
+        })
+        .await?;
+    for key in &acked {
+        assert!(on_m3.contains_key(key), "{key} was acknowledged but m3 does not have it");
+    }
+    let kept = std::fs::read_dir(etcd.member(2).data_dir())?
+        .filter_map(Result::ok)
+        .any(|e| e.file_name().to_string_lossy().starts_with(".ferry-old-"));
+    assert!(kept, "m3's old data is kept aside");
+    let mut c = crate::fixtures::etcd::connect(&[etcd.member(0).client_url().to_string()]).await?;
+    let members = c.member_list().await?;
+    assert_eq!(members.members().len(), 3);
+    assert!(members.members().iter().all(|m| !m.is_learner()), "every member votes");
+
+    // m2 gone: replacing m3 now would leave one member of three, no quorum. Refused, once m2's agent said so.
+    etcd.kill_member(1);
+    poll_until("m2's agent to report its etcd down", Duration::from_secs(40), Duration::from_millis(500), || {
+        let ctl = &ctl;
+        async move {
+            let a = ctl.get_json("agents", Some(&format!("{CLUSTER}/m2"))).await?;
+            Ok(a["spec"]["etcderror"].as_str().is_some_and(|e| !e.is_empty()).then_some(()))
+        }
+    })
+    .await?;
+    let out = ctl.run(&["member", "replace", CLUSTER, "m3", "--yes"]).await?;
+    assert!(out.stderr.contains("would lose quorum"), "{}", out.stderr);
+    assert!(!etcd.gate(2).command()?.hold, "m3 was not touched");
+    Ok(())
+}
