@@ -52,6 +52,11 @@ struct GateArgs {
     /// How long etcd gets to exit after SIGTERM before it is killed.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     stop_timeout: std::time::Duration,
+    /// A member of a new cluster to be restored from another cluster's backup (a cluster template's
+    /// `features.restoreFrom`): hold etcd from the very first start, until the coordinator restored it. Only
+    /// while no command.json exists: later starts follow it.
+    #[arg(long)]
+    start_held: bool,
     /// etcd's command line, after `--`: `-- etcd --name=m1 …`.
     #[arg(last = true, value_name = "ETCD_COMMAND")]
     etcd: Vec<String>,
@@ -198,6 +203,7 @@ async fn main() {
                 data_dir: g.data_dir,
                 stop_timeout: g.stop_timeout,
                 command: g.etcd,
+                start_held: g.start_held,
             };
             match ferry_agent::gate::run(config).await {
                 Ok(code) => std::process::exit(code),

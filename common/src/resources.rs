@@ -522,6 +522,24 @@ pub struct ClusterSpec {
     /// Automatic backups; `null` or absent turns them off.
     #[serde(default)]
     pub backupconfiguration: Option<BackupConfiguration>,
+    /// A new cluster that boots from another cluster's backup (a template's `features.restoreFrom`).
+    #[serde(default)]
+    pub restorefrom: Option<RestoreFrom>,
+}
+
+/// [`ClusterSpec::restorefrom`]: once `members` agents of the new cluster are connected (their gates hold
+/// etcd, `ferry-agent gate --start-held`), the coordinator restores them from `cluster`'s `backup`, once.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreFrom {
+    pub cluster: String,
+    /// A backup id of `cluster`, or `latest`.
+    pub backup: String,
+    /// How many members the new cluster has: the restore starts once that many agents are connected.
+    pub members: u32,
+    /// As [`EtcdRestoreSpec::mode`].
+    #[serde(default)]
+    pub mode: String,
 }
 
 /// A duration as the seed product writes it: `{seconds, nanos}`.
@@ -729,6 +747,10 @@ pub struct EtcdRestoreSpec {
     /// `replace-member` only: the member whose data dir is replaced by a fresh copy from the others.
     #[serde(default)]
     pub member: String,
+    /// The cluster whose backup is restored, when not this one: allowed only into a cluster whose spec says
+    /// `restorefrom` that cluster.
+    #[serde(default)]
+    pub fromcluster: String,
 }
 
 /// The restore modes [`EtcdRestoreSpec::mode`] takes.
@@ -812,6 +834,9 @@ pub struct RestorePlanned {
     /// `replace-member`: the serving member that removes, adds and promotes the replaced one.
     #[serde(default)]
     pub helper: String,
+    /// The cluster the backup belongs to (a new cluster restored from another's backup).
+    #[serde(default)]
+    pub backupcluster: String,
 }
 
 /// A member as planned: the agent's member name and etcd's own name and peer URLs (from its gate).

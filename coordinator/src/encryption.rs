@@ -110,7 +110,7 @@ mod tests {
             encryption: encryption.map(|recipients| EncryptionSettings { recipients }),
             ..Default::default()
         };
-        Resource::new(id, Spec::Cluster(ClusterSpec { backupconfiguration: Some(b) }))
+        Resource::new(id, Spec::Cluster(ClusterSpec { backupconfiguration: Some(b), restorefrom: None }))
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub struct GateConfig {
     pub stop_timeout: Duration,
     /// etcd's command line: the program, then its arguments.
     pub command: Vec<String>,
+    /// `--start-held`: with no command.json yet (a member never started), hold etcd from the start, so that
+    /// a new cluster is restored from a backup before its etcd serves for the first time.
+    pub start_held: bool,
 }
 
 /// Seconds since the Unix epoch.
@@ -95,6 +98,12 @@ impl Gate {
                 dir.display()
             )
         })?;
+        if config.start_held && !dir.join(COMMAND_FILE).exists() {
+            let hold = GateCommand { generation: 1, owner: "bootstrap".into(), hold: true, overrides: Vec::new() };
+            super::protocol::write_command(dir, &hold)
+                .with_context(|| format!("--start-held: write {}", dir.join(COMMAND_FILE).display()))?;
+            info!("--start-held: etcd waits for its restore (the coordinator's restoreFrom) before it first starts");
+        }
         let applied = read_command(dir).with_context(|| {
             format!(
                 "read {} at start: fix or remove it (the agent writes it; a missing file means \"run etcd on its \
@@ -427,6 +436,7 @@ mod tests {
             data_dir: dir.path().join("etcd"),
             stop_timeout: DEFAULT_STOP_TIMEOUT,
             command: vec![],
+            start_held: false,
         };
         let err = format!("{:#}", run(config).await.unwrap_err());
         assert!(err.contains("no etcd command after `--`"), "{err}");
@@ -441,6 +451,7 @@ mod tests {
             data_dir: dir.path().join("etcd"),
             stop_timeout: DEFAULT_STOP_TIMEOUT,
             command: vec!["true".into()],
+            start_held: false,
         };
         let err = format!("{:#}", run(config).await.unwrap_err());
         assert!(err.contains("command.json") && err.contains("key must be a string"), "{err}");
@@ -463,14 +474,47 @@ mod tests {
             data_dir: dir.path().join("etcd"),
             stop_timeout: DEFAULT_STOP_TIMEOUT,
             command: vec!["touch".into(), marker.display().to_string()],
+            start_held: false,
         };
         let gate = tokio::spawn(run(config));
         let control = super::super::GateControl::new(&gate_dir);
-        let status = control.hold("r2", Duration::from_secs(5)).await.unwrap();
+        let status = control.hold("r1", Duration::from_secs(5)).await.unwrap();
         assert_eq!((status.state, status.applied_generation, status.owner.as_str()), (GateState::Held, 3, "r1"));
-        assert_eq!(control.command().unwrap().generation, 3, "holding a held member writes no new generation");
+        assert_eq!(control.command().unwrap().generation, 3, "holding again for its owner writes nothing");
+        // Another restore takes the hold over (a failed one left it): a new generation, still held.
+        let status = control.hold("r2", Duration::from_secs(5)).await.unwrap();
+        assert_eq!((status.state, status.applied_generation, status.owner.as_str()), (GateState::Held, 4, "r2"));
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(!marker.exists(), "etcd must not start while held");
         gate.abort();
+    }
+
+    #[tokio::test]
+    async fn start_held_holds_a_member_never_started_and_only_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate_dir = dir.path().join("gate");
+        let marker = dir.path().join("ran");
+        let config = |start_held| GateConfig {
+            gate_dir: gate_dir.clone(),
+            data_dir: dir.path().join("etcd"),
+            stop_timeout: DEFAULT_STOP_TIMEOUT,
+            command: vec!["touch".into(), marker.display().to_string()],
+            start_held,
+        };
+        let gate = tokio::spawn(run(config(true)));
+        let control = super::super::GateControl::new(&gate_dir);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while control.status().ok().flatten().is_none_or(|s| s.state != GateState::Held) {
+            assert!(tokio::time::Instant::now() < deadline, "no held status");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(control.command().unwrap().owner, "bootstrap");
+        assert!(!marker.exists(), "etcd must not start before its restore");
+        gate.abort();
+        // Released (by a restore's end): a later start with the flag follows command.json, and runs etcd.
+        control.release("r1", Duration::from_millis(1)).await.ok();
+        let code = run(config(true)).await.unwrap();
+        assert_eq!(code, 0);
+        assert!(marker.exists(), "a released member starts etcd even with --start-held");
     }
 }

@@ -109,6 +109,20 @@ impl Api {
                 }
                 Spec::Cluster(spec) => {
                     validate_name("cluster", id)?;
+                    if let Some(r) = &spec.restorefrom {
+                        validate_name("spec.restorefrom.cluster", &r.cluster)?;
+                        if r.cluster == *id || r.members == 0 || r.members > 9 || r.backup.is_empty() {
+                            return invalid(format!(
+                                "cluster {id}: spec.restorefrom needs another cluster, a backup (an id or latest) and \
+                                 the new cluster's member count (1 to 9)"
+                            ));
+                        }
+                        crate::restore::plan::mode(&ferry_common::resources::EtcdRestoreSpec {
+                            mode: r.mode.clone(),
+                            ..Default::default()
+                        })
+                        .map_err(ApiError::Invalid)?;
+                    }
                     if let Some(cfg) = &spec.backupconfiguration {
                         // Without an interval or schedule: manual backups only, with the other settings.
                         if cfg.is_automatic() || *cfg == BackupConfiguration::default() {

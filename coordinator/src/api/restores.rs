@@ -29,6 +29,7 @@ pub fn cluster_members(state: &dyn StateStore, cluster: &str) -> std::result::Re
 impl Api {
     /// The backup a restore spec names: an id, or `latest` (before `before`, when given).
     pub(crate) async fn resolve_restore(&self, cluster: &str, spec: &EtcdRestoreSpec) -> Result<Manifest> {
+        let cluster = if spec.fromcluster.is_empty() { cluster } else { spec.fromcluster.as_str() };
         if spec.backup != "latest" {
             if spec.before.is_some() {
                 return Err(ApiError::Invalid(
@@ -91,6 +92,19 @@ impl Api {
             return Err(ApiError::Invalid(format!(
                 "spec.lostmembers names every member of cluster {cluster}: at least one must be left to restore"
             )));
+        }
+        if !spec.fromcluster.is_empty() {
+            let from = match self.state.get(ResourceType::Cluster, cluster)? {
+                Some(Resource { spec: Spec::Cluster(c), .. }) => c.restorefrom.map(|r| r.cluster),
+                _ => None,
+            };
+            if from.as_deref() != Some(spec.fromcluster.as_str()) {
+                return Err(ApiError::Invalid(format!(
+                    "spec.fromcluster {:?}: a backup of another cluster is restored only into a new cluster whose \
+                     template says `features.restoreFrom: {{cluster: {}}}`; cluster {cluster} does not",
+                    spec.fromcluster, spec.fromcluster
+                )));
+            }
         }
         if !spec.confirm.is_empty() && spec.confirm != cluster {
             return Err(ApiError::Invalid(format!(

@@ -258,7 +258,7 @@ mod tests {
     use super::*;
 
     fn cluster(b: Option<BackupConfiguration>) -> Resource {
-        Resource::new("c", Spec::Cluster(ClusterSpec { backupconfiguration: b }))
+        Resource::new("c", Spec::Cluster(ClusterSpec { backupconfiguration: b, restorefrom: None }))
     }
 
     #[test]

@@ -39,6 +39,7 @@ pub fn resource(a: &RestoreArgs) -> Resource {
             lostmembers: a.lost.clone(),
             confirm: if a.yes { a.cluster.clone() } else { String::new() },
             member: a.member.clone().unwrap_or_default(),
+            fromcluster: String::new(),
         }),
     )
 }

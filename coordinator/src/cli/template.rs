@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ferry_common::resources::{
     validate_name, BackupConfiguration, ClusterSpec, EncryptionSettings, Metadata, ProtoDuration, Resource,
-    ResourceType, Retention, Spec,
+    ResourceType, RestoreFrom, Retention, Spec,
 };
 use serde::Deserialize;
 use serde_yaml_ng::Value;
@@ -83,6 +83,7 @@ pub fn parse(text: &str) -> Result<(Vec<Desired>, Vec<String>), TemplateError> {
             .to_string();
         validate_name("cluster", &name).map_err(|e| err(e.to_string()))?;
         let mut backup = None;
+        let mut restorefrom = None;
         for (k, v) in &map {
             match k.as_str().unwrap_or_default() {
                 "kind" | "name" => {}
@@ -95,6 +96,11 @@ pub fn parse(text: &str) -> Result<(Vec<Desired>, Vec<String>), TemplateError> {
                                     .map_err(|e| err(format!("features.backupConfiguration: {e}")))?;
                                 backup = Some(convert(b).map_err(err)?);
                             }
+                            "restoreFrom" => {
+                                let r: TemplateRestoreFrom = serde_yaml_ng::from_value(fv.clone())
+                                    .map_err(|e| err(format!("features.restoreFrom: {e}")))?;
+                                restorefrom = Some(convert_restore_from(&name, r).map_err(err)?);
+                            }
                             other => notices
                                 .push(format!("cluster {name}: features.{other} is not managed by Ferry; ignored")),
                         }
@@ -106,12 +112,47 @@ pub fn parse(text: &str) -> Result<(Vec<Desired>, Vec<String>), TemplateError> {
         if out.iter().any(|d: &Desired| d.name == name) {
             return Err(err(format!("cluster {name} appears twice")));
         }
-        out.push(Desired { name, spec: ClusterSpec { backupconfiguration: backup } });
+        out.push(Desired { name, spec: ClusterSpec { backupconfiguration: backup, restorefrom } });
     }
     if out.is_empty() {
         return Err(TemplateError { doc: 0, msg: "no `kind: Cluster` document in the template".into() });
     }
     Ok((out, notices))
+}
+
+/// `features.restoreFrom`: the cluster this new one boots from.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TemplateRestoreFrom {
+    cluster: String,
+    #[serde(default = "latest")]
+    backup: String,
+    members: u32,
+    #[serde(default)]
+    mode: String,
+}
+
+fn latest() -> String {
+    "latest".into()
+}
+
+fn convert_restore_from(name: &str, r: TemplateRestoreFrom) -> Result<RestoreFrom, String> {
+    validate_name("cluster", &r.cluster).map_err(|e| format!("features.restoreFrom.cluster: {e}"))?;
+    if r.cluster == name {
+        return Err(format!(
+            "features.restoreFrom.cluster is {name} itself: a cluster restores its own backups with `ferryctl restore`"
+        ));
+    }
+    if r.members == 0 || r.members > 9 {
+        return Err(format!(
+            "features.restoreFrom.members {} is not a control plane's size: give the new cluster's member count (1 to 9, e.g. 3)",
+            r.members
+        ));
+    }
+    if !matches!(r.mode.as_str(), "" | "seed-join" | "all-members") {
+        return Err(format!("features.restoreFrom.mode {:?}: give seed-join (the default) or all-members", r.mode));
+    }
+    Ok(RestoreFrom { cluster: r.cluster, backup: r.backup, members: r.members, mode: r.mode })
 }
 
 fn convert(b: TemplateBackup) -> Result<BackupConfiguration, String> {

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use ferry_common::protocol::{JoinFlags, RebuildPlan, RestoreStep, RestoredMember, StepDone};
 use ferry_common::resources::{
-    restore_mode, restore_phase, EtcdRestoreSpec, EtcdRestoreStatusSpec, MemberRestoreStatus, Resource, ResourceType,
-    RestorePlanned, RestoreVerified, Spec, Timestamp,
+    restore_mode, restore_phase, ClusterSpec, EtcdRestoreSpec, EtcdRestoreStatusSpec, MemberRestoreStatus, Resource,
+    ResourceType, RestorePlanned, RestoreVerified, Spec, Timestamp,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -107,6 +107,9 @@ pub async fn run(deps: RestoreDeps, cancel: CancellationToken) {
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
     let tasks = TaskTracker::new();
     loop {
+        if let Err(e) = bootstrap(&deps) {
+            warn!("failed to start a new cluster's restore: {e}");
+        }
         match deps.state.list(ResourceType::EtcdRestore) {
             Ok(list) => {
                 for r in list {
@@ -138,6 +141,51 @@ pub async fn run(deps: RestoreDeps, cancel: CancellationToken) {
     }
     tasks.close();
     tasks.wait().await;
+}
+
+/// New clusters whose template says `restoreFrom`: once the expected members' agents are connected and none
+/// reaches a running etcd (their gates hold it from the first start), their restore is created — once: a
+/// cluster that ever had a restore status is never bootstrapped again.
+fn bootstrap(deps: &RestoreDeps) -> Result<(), StateError> {
+    for r in deps.state.list(ResourceType::Cluster)? {
+        let Spec::Cluster(ClusterSpec { restorefrom: Some(from), .. }) = &r.spec else { continue };
+        let cluster = r.metadata.id.as_str();
+        if deps.state.get(ResourceType::EtcdRestoreStatus, cluster)?.is_some()
+            || deps.state.get(ResourceType::EtcdRestore, cluster)?.is_some()
+        {
+            continue;
+        }
+        let live = deps.agents.live(cluster);
+        if live.len() < from.members as usize {
+            continue;
+        }
+        if live.iter().any(|a| a.facts.as_ref().is_some_and(|f| f.error.is_none() && f.member_id != 0)) {
+            // An etcd already serves: this is no new cluster waiting for its data. Never overwritten.
+            continue;
+        }
+        let spec = EtcdRestoreSpec {
+            backup: from.backup.clone(),
+            mode: from.mode.clone(),
+            confirm: cluster.to_string(),
+            fromcluster: from.cluster.clone(),
+            ..Default::default()
+        };
+        let mut created = false;
+        deps.state.transact(&mut |tx| {
+            created = false;
+            if tx.get(ResourceType::EtcdRestore, cluster)?.is_none()
+                && tx.get(ResourceType::EtcdRestoreStatus, cluster)?.is_none()
+            {
+                tx.put(Resource::new(cluster, Spec::EtcdRestore(spec.clone())))?;
+                created = true;
+            }
+            Ok(())
+        })?;
+        if created {
+            info!(%cluster, from = %from.cluster, backup = %from.backup, "a new cluster's members are here: restoring it from its template's restoreFrom");
+        }
+    }
+    Ok(())
 }
 
 /// Why a restore stopped before its end.
@@ -447,9 +495,14 @@ impl Driver {
                 other => return Err(Stop::Failed(format!("member {member} answered {other:?} to Describe"))),
             }
         }
-        let highest = self.deps.agents.highest_revision(&self.cluster).map_or(0, |(r, _)| r);
-        let highest = highest.max(crate::status::highest_recorded(self.deps.state.as_ref(), &self.cluster)?);
-        let keys = crate::status::drilled_keys(self.deps.state.as_ref(), &self.cluster, &manifest.id)?;
+        // A new cluster restored from another's backup: both clusters' histories count for the bump.
+        let from = if spec.fromcluster.is_empty() { self.cluster.clone() } else { spec.fromcluster.clone() };
+        let mut highest = 0;
+        for c in [&self.cluster, &from] {
+            highest = highest.max(self.deps.agents.highest_revision(c).map_or(0, |(r, _)| r));
+            highest = highest.max(crate::status::highest_recorded(self.deps.state.as_ref(), c)?);
+        }
+        let keys = crate::status::drilled_keys(self.deps.state.as_ref(), &from, &manifest.id)?;
         let p = plan::make(&plan::PlanInput {
             restore_id: &self.id,
             spec: &spec,
@@ -462,6 +515,8 @@ impl Driver {
             now: Timestamp::now(),
         })
         .map_err(Stop::Failed)?;
+        let mut p = p;
+        p.backupcluster = spec.fromcluster.clone();
         self.store_plan(p)
     }
 
@@ -708,8 +763,9 @@ impl Driver {
             return Ok(());
         }
         let plan = self.rebuild_plan(member, initial_cluster)?;
-        let backup = self.plan()?.backup.clone();
-        let manifest = self.deps.api.resolve(&self.cluster, &backup).await.map_err(|e| Stop::Failed(e.to_string()))?;
+        let (backup, from) = (self.plan()?.backup.clone(), self.plan()?.backupcluster.clone());
+        let from = if from.is_empty() { self.cluster.clone() } else { from };
+        let manifest = self.deps.api.resolve(&from, &backup).await.map_err(|e| Stop::Failed(e.to_string()))?;
         let limit = Duration::from_secs(600 + 2 * manifest.backup.size / (1 << 20));
         let mut failures = 0;
         loop {

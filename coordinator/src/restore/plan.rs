@@ -108,6 +108,7 @@ pub fn make(input: &PlanInput<'_>) -> Result<RestorePlanned, String> {
         },
         createdat: input.now,
         helper: String::new(),
+        backupcluster: String::new(),
     })
 }
 

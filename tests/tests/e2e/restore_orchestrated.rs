@@ -563,3 +563,63 @@ async fn member_replace_under_load_loses_no_write_and_never_costs_quorum() -> an
     assert!(!etcd.gate(2).command()?.hold, "m3 was not touched");
     Ok(())
 }
+
+/// A new cluster boots from an old cluster's backup: its template says `features.restoreFrom`, its gates
+/// start held (`--start-held`, etcd never starts on its own), and once its three agents are connected the
+/// coordinator restores it. A backup of another cluster is refused for a cluster without `restoreFrom`.
+#[tokio::test]
+async fn a_new_cluster_boots_from_another_clusters_backup_through_its_template() -> anyhow::Result<()> {
+    let old = EtcdCluster::start_gated(3).await?;
+    old.put_keys(300).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let _old_agents = start_gated_agents(&coordinator, &old).await?;
+    let (id, _) = backup(&coordinator, CLUSTER).await?;
+    let at_backup = keyspace(&old).await?;
+    let ctl = coordinator.ctl().with_timeout(RESTORE_TIMEOUT);
+
+    let new = EtcdCluster::start_gated_held(3).await?;
+    let template = format!(
+        "kind: Cluster\nname: fresh\nfeatures:\n  restoreFrom:\n    cluster: {CLUSTER}\n    backup: {id}\n    members: 3\n"
+    );
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), &template)?;
+    ctl.run(&["cluster", "template", "-f", &file.path().display().to_string(), "sync"]).await?.ok()?;
+    let mut agents = Vec::new();
+    for (i, member) in new.members().iter().enumerate() {
+        let creds = coordinator.issue_agent_credentials("fresh", member.name()).await?;
+        let args = vec![
+            "--gate-dir".to_string(),
+            new.gate_dir(i).display().to_string(),
+            "--data-dir".into(),
+            member.data_dir().display().to_string(),
+            "--restore-client-url".into(),
+            format!("http://127.0.0.1:{}", free_port()),
+        ];
+        let path = agent_path();
+        agents.push(Agent::spawn(&coordinator, &creds, member.client_url(), &args, &[("PATH", &path)])?);
+    }
+    let st = poll_until("the new cluster restored", RESTORE_TIMEOUT, Duration::from_millis(500), || {
+        let ctl = &ctl;
+        async move {
+            let list = ctl.list_json("etcdrestorestatus", None).await?;
+            let st = list.into_iter().find(|r| r["metadata"]["id"] == "fresh").map(|r| r["spec"].clone());
+            Ok(st.filter(|s| matches!(s["phase"].as_str(), Some("done" | "failed"))))
+        }
+    })
+    .await?;
+    assert_eq!(st["phase"], "done", "{st:#}");
+    assert_eq!(st["plan"]["backupcluster"], CLUSTER);
+    assert_eq!(keyspace(&new).await?, at_backup, "the new cluster serves the old one's backup");
+    let (new_id, _) = cluster_id_and_revision(&new).await?;
+    let (old_id, _) = cluster_id_and_revision(&old).await?;
+    assert_ne!(new_id, old_id, "two clusters, two ids");
+
+    // The old cluster has no restoreFrom: another cluster's backup is refused for it.
+    let out = ctl
+        .apply_yaml(&format!(
+            "metadata:\n  namespace: default\n  type: EtcdRestores.ferry.dev\n  id: {CLUSTER}\nspec:\n  backup: latest\n  fromcluster: fresh\n  confirm: {CLUSTER}\n"
+        ))
+        .await?;
+    assert!(out.stderr.contains("features.restoreFrom"), "{}", out.stderr);
+    Ok(())
+}
