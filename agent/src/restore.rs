@@ -68,20 +68,9 @@ pub(crate) fn read_marker(dir: &Path) -> Option<Restored> {
 }
 
 /// Whether a running etcd holds `dir`: etcd's bbolt keeps an exclusive `flock` on `member/snap/db` while it
-/// runs, so failing to take that lock for a moment means a live member.
+/// runs, so failing to take that lock for a moment means a live member (the gate's check, shared).
 pub(crate) fn held_by_live_etcd(dir: &Path) -> Result<bool> {
-    let db = dir.join("member").join("snap").join("db");
-    let f = match std::fs::File::open(&db) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e).with_context(|| format!("open {} to see whether etcd runs on it", db.display())),
-    };
-    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        // Released when `f` closes, at once.
-        Ok(()) => Ok(false),
-        Err(rustix::io::Errno::WOULDBLOCK) => Ok(true),
-        Err(e) => Err(std::io::Error::from(e)).with_context(|| format!("lock {}", db.display())),
-    }
+    crate::gate::data_dir_in_use(dir)
 }
 
 /// Who asks, and what to restore.

@@ -120,12 +120,7 @@ pub async fn listen(
     observed: Arc<dyn Observed>,
     cancel: CancellationToken,
 ) -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    Ok(async move {
-        if let Err(e) = serve(listener, observed, cancel, true).await {
-            tracing::warn!(%addr, "failed to serve /metrics: {e}");
-        }
-    })
+    bind(addr, observed, cancel, true).await
 }
 
 /// Binds `--health-listen`: `/healthz`, `/readyz` and `/leaderz` only, with connection caps of their own, so
@@ -136,10 +131,19 @@ pub async fn listen_health(
     observed: Arc<dyn Observed>,
     cancel: CancellationToken,
 ) -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    bind(addr, observed, cancel, false).await
+}
+
+async fn bind(
+    addr: SocketAddr,
+    observed: Arc<dyn Observed>,
+    cancel: CancellationToken,
+    with_metrics: bool,
+) -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     Ok(async move {
-        if let Err(e) = serve(listener, observed, cancel, false).await {
-            tracing::warn!(%addr, "failed to serve /healthz: {e}");
+        if let Err(e) = serve(listener, observed, cancel, with_metrics).await {
+            tracing::warn!(%addr, "failed to serve the metrics or health port: {e}");
         }
     })
 }

@@ -122,6 +122,22 @@ pub fn line(what: &str, done: u64, total: u64, elapsed: Duration) -> String {
     s
 }
 
+/// `1.5 MiB`: a size as people read it (binary units, one decimal; plain bytes below 1 KiB).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 fn mib(n: u64) -> String {
     format!("{:.1} MiB", n as f64 / 1_048_576.0)
 }

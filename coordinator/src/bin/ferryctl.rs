@@ -147,16 +147,8 @@ enum Command {
         /// Members whose agents cannot answer, declared gone: left out of the restored cluster (MEMBER,…).
         #[arg(long, value_delimiter = ',')]
         lost: Vec<String>,
-        /// Restore even though a majority of the cluster's members is healthy (what is lost is listed when
-        /// this is missing).
-        #[arg(long)]
-        yes: bool,
-        /// Follow the restore with a progress line; exit 0 once verified and serving, 2 if it fails.
-        #[arg(long)]
-        wait: bool,
-        /// With --wait: give up waiting after this long (the restore goes on).
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "30m", requires = "wait")]
-        timeout: Duration,
+        #[command(flatten)]
+        follow: Follow,
     },
     /// Work with a cluster's members.
     Member {
@@ -195,16 +187,24 @@ enum MemberCommand {
     Replace {
         cluster: String,
         member: String,
-        /// Replace it even though it is healthy.
-        #[arg(long)]
-        yes: bool,
-        /// Follow it with a progress line; exit 0 once the member serves again, 2 if it fails.
-        #[arg(long)]
-        wait: bool,
-        /// With --wait: give up waiting after this long (the replacement goes on).
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "30m", requires = "wait")]
-        timeout: Duration,
+        #[command(flatten)]
+        follow: Follow,
     },
+}
+
+/// What `restore` and `member replace` share.
+#[derive(clap::Args, Debug)]
+struct Follow {
+    /// Go ahead although the cluster (for `member replace`: the member) is healthy; without it the refusal
+    /// says what would be lost.
+    #[arg(long)]
+    yes: bool,
+    /// Follow it with a progress line; exit 0 once verified and serving, 2 if it fails.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: give up waiting after this long (the work goes on).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30m", requires = "wait")]
+    timeout: Duration,
 }
 
 /// An RFC 3339 time, e.g. 2026-12-07T03:00:00Z.
@@ -442,7 +442,7 @@ async fn run(cli: Cli) -> Result<()> {
             let ids = identity.as_deref().map(Identities::load).transpose()?;
             verify(&cfg()?, cluster, backup_id, ids.as_ref()).await?;
         }
-        Command::Restore { cluster, backup, before, mode, lost, yes, wait, timeout } => {
+        Command::Restore { cluster, backup, before, mode, lost, follow: Follow { yes, wait, timeout } } => {
             let args = ferry_coordinator::cli::restore::RestoreArgs {
                 cluster,
                 backup,
@@ -455,7 +455,9 @@ async fn run(cli: Cli) -> Result<()> {
             };
             ferry_coordinator::cli::restore::run(&cfg()?, args).await?;
         }
-        Command::Member { command: MemberCommand::Replace { cluster, member, yes, wait, timeout } } => {
+        Command::Member {
+            command: MemberCommand::Replace { cluster, member, follow: Follow { yes, wait, timeout } },
+        } => {
             let args = ferry_coordinator::cli::restore::RestoreArgs {
                 cluster,
                 backup: String::new(),

@@ -47,18 +47,7 @@ fn ts(t: &Option<Timestamp>) -> String {
 }
 
 fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    ferry_common::progress::human_bytes(n)
 }
 
 /// A cluster's automatic backups in one cell: the interval, the cron schedule, or `off`.

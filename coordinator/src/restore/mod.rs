@@ -778,6 +778,9 @@ impl Driver {
             match r {
                 Ok(_) => {
                     self.member_status(member).bytes = manifest.backup.size;
+                    let fetched: u64 = self.st.members.iter().map(|m| m.bytes).sum();
+                    let l = crate::metrics::Metrics::cluster(&self.cluster);
+                    self.deps.metrics.restore_bytes.get_or_create(&l).set(i64::try_from(fetched).unwrap_or(i64::MAX));
                     return self.record(member, step::REBUILT);
                 }
                 Err(StepError::Lost(e)) => {

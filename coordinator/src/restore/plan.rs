@@ -121,19 +121,9 @@ pub fn joining_cluster(plan: &RestorePlanned, n: usize) -> String {
         .join(",")
 }
 
+/// `1.5 MiB`: as `ferryctl get` prints sizes.
 pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    ferry_common::progress::human_bytes(bytes)
 }
 
 #[cfg(test)]

@@ -78,9 +78,13 @@ async fn a_hold_stops_etcd_unlocks_its_data_and_survives_a_killed_gate() -> anyh
     assert!(refuses(port).await, "a held etcd listens on nothing");
     assert!(!pid_alive(old_pid), "etcd {old_pid} is gone");
     assert!(!data_dir_in_use(etcd.member(0).data_dir())?, "the data dir is unlocked once held");
-    // Holding again: no new generation, same answer.
-    let again = gate.hold("someone-else", GATE_TIMEOUT).await?;
+    // Holding again for the same owner: no new generation, same answer.
+    let again = gate.hold(OWNER, GATE_TIMEOUT).await?;
     assert_eq!(again.applied_generation, status.applied_generation);
+    // Another owner (a new restore after a failed one) takes the hold over; etcd stays down.
+    let taken = gate.hold("someone-else", GATE_TIMEOUT).await?;
+    assert_eq!((taken.state, taken.owner.as_str()), (GateState::Held, "someone-else"));
+    assert!(taken.applied_generation > status.applied_generation);
 
     // A reboot: the gate dies without a word, and comes back with the same arguments.
     etcd.member_mut(0).kill_gate();

@@ -339,6 +339,21 @@ async fn bad_restore_requests_are_refused_with_what_to_change() -> anyhow::Resul
     Ok(())
 }
 
+/// A gated 3-member cluster with a backup, whose member m3's node is taken over: its real agent gone, the
+/// attacker connected with its certificate.
+async fn cluster_with_a_stolen_node(
+) -> anyhow::Result<(EtcdCluster, Coordinator, Vec<Agent>, crate::fixtures::hostile::HostileAgent, String)> {
+    let etcd = EtcdCluster::start_gated(3).await?;
+    etcd.put_keys(20).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let mut agents = start_gated_agents(&coordinator, &etcd).await?;
+    let (id, _) = backup(&coordinator, CLUSTER).await?;
+    agents[2].kill();
+    let creds = coordinator.dir().join("credentials").join(format!("{CLUSTER}-m3"));
+    let liar = crate::fixtures::hostile::HostileAgent::connect(&coordinator, &creds).await?;
+    Ok((etcd, coordinator, agents, liar, id))
+}
+
 /// Answers the restore steps the coordinator sends the liar with `answer` until `stop` says enough.
 async fn play_liar(
     liar: &crate::fixtures::hostile::HostileAgent,
@@ -369,15 +384,7 @@ async fn play_liar(
 #[tokio::test]
 async fn a_lying_member_cannot_steer_the_plan_onto_another_members_address() -> anyhow::Result<()> {
     use ferry_common::protocol::{MemberLayout, RestoreStep, StepDone, StepMsg};
-    let etcd = EtcdCluster::start_gated(3).await?;
-    etcd.put_keys(20).await?;
-    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
-    let mut agents = start_gated_agents(&coordinator, &etcd).await?;
-    let (id, _) = backup(&coordinator, CLUSTER).await?;
-    // m3's node is taken over: its real agent gone, the attacker holds its certificate.
-    agents[2].kill();
-    let creds = coordinator.dir().join("credentials").join(format!("{CLUSTER}-m3"));
-    let liar = crate::fixtures::hostile::HostileAgent::connect(&coordinator, &creds).await?;
+    let (etcd, coordinator, _agents, liar, id) = cluster_with_a_stolen_node().await?;
     let ctl = coordinator.ctl();
     let before = keyspace(&etcd).await?;
     ctl.run(&["restore", CLUSTER, "--backup", &id, "--mode", "all-members", "--yes"]).await?.ok()?;
@@ -419,15 +426,7 @@ async fn a_lying_member_cannot_steer_the_plan_onto_another_members_address() -> 
 #[tokio::test]
 async fn a_lying_member_cannot_get_a_restore_verified_and_nothing_serves() -> anyhow::Result<()> {
     use ferry_common::protocol::{MemberLayout, RestoreStep, RestoredMember, StepDone, StepMsg};
-    let etcd = EtcdCluster::start_gated(3).await?;
-    etcd.put_keys(20).await?;
-    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
-    let mut agents = start_gated_agents(&coordinator, &etcd).await?;
-    let (id, _) = backup(&coordinator, CLUSTER).await?;
-    // m3's node is taken over: its real agent gone, the attacker holds its certificate.
-    agents[2].kill();
-    let creds = coordinator.dir().join("credentials").join(format!("{CLUSTER}-m3"));
-    let liar = crate::fixtures::hostile::HostileAgent::connect(&coordinator, &creds).await?;
+    let (etcd, coordinator, _agents, liar, id) = cluster_with_a_stolen_node().await?;
     let ctl = coordinator.ctl();
     ctl.run(&["restore", CLUSTER, "--backup", &id, "--mode", "all-members", "--yes"]).await?.ok()?;
     let (name, url) = (etcd.member(2).name().to_string(), etcd.member(2).peer_url().to_string());
