@@ -27,8 +27,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use etcd_client::{Client, TxnOp};
-use ferry_tests::bench::{release_bin, Proc};
+use etcd_client::Client;
+use ferry_tests::bench::fill::{fill, DENSE_BLOB};
+use ferry_tests::bench::{cpu_seconds, proc_stats, release_bin, use_etcd_under_test, Proc};
 
 const ACCESS_KEY: &str = "benchaccess";
 const SECRET_KEY: &str = "benchsecretkey";
@@ -36,8 +37,6 @@ const BUCKET: &str = "bench";
 const CLUSTER: &str = "bench";
 /// The upload cap of the throttled run, Mbit/s: slower than etcd streams its snapshot.
 const THROTTLED_MBPS: u64 = 800;
-/// Bytes of random base64 the dense fill adds to each object.
-const DENSE_BLOB: usize = 700;
 /// Small puts per second while etcd's write latency is measured.
 const LATENCY_PUTS_PER_S: u64 = 200;
 
@@ -69,155 +68,6 @@ fn timed(cmd: &mut Command) -> Result<Duration> {
     Ok(t.elapsed())
 }
 
-/// Kubernetes-like objects from a fixed seed: JSON with repeated field names, names, labels, uids, image
-/// digests and a share of base64 secret data — compressible like real clusters, not zeros, not noise.
-/// `dense` adds an annotation of random base64 to every object (a cluster heavy in certificates, tokens and
-/// last-applied blobs), bringing zstd's ratio down to about 4–5×.
-struct Gen(u64, bool);
-
-impl Gen {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn hex(&mut self, n: usize) -> String {
-        let mut s = String::with_capacity(n);
-        while s.len() < n {
-            s.push_str(&format!("{:016x}", self.next()));
-        }
-        s.truncate(n);
-        s
-    }
-    fn b64(&mut self, n: usize) -> String {
-        const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        (0..n).map(|_| A[(self.next() % 64) as usize] as char).collect()
-    }
-    fn object(&mut self, i: u64) -> (String, String) {
-        let (key, mut v) = self.kind_object(i);
-        if self.1 {
-            // Before the closing brace of the object: an opaque annotation-like blob.
-            v.pop();
-            let blob = self.b64(DENSE_BLOB);
-            v.push_str(&format!(r#","x-opaque":"{blob}"}}"#));
-        }
-        (key, v)
-    }
-
-    fn kind_object(&mut self, i: u64) -> (String, String) {
-        let ns = format!("team-{}", i % 40);
-        let app = format!("svc-{}", (i / 7) % 300);
-        match i % 10 {
-            0 => {
-                let key = format!("/registry/secrets/{ns}/{app}-tls-{i}");
-                let v = format!(
-                    r#"{{"kind":"Secret","apiVersion":"v1","metadata":{{"name":"{app}-tls-{i}","namespace":"{ns}","uid":"{}","resourceVersion":"{}","creationTimestamp":"2026-0{}-1{}T0{}:1{}:00Z","labels":{{"app":"{app}"}}}},"type":"kubernetes.io/tls","data":{{"tls.crt":"{}","tls.key":"{}"}}}}"#,
-                    self.hex(32),
-                    i,
-                    1 + i % 9,
-                    i % 10,
-                    i % 10,
-                    i % 6,
-                    self.b64(1400),
-                    self.b64(900)
-                );
-                (key, v)
-            }
-            1 | 2 => {
-                let key = format!("/registry/configmaps/{ns}/{app}-config-{i}");
-                let mut data = String::new();
-                for k in 0..12 {
-                    data.push_str(&format!(
-                        r#""setting_{k}.yaml":"server:\n  port: {}\n  host: {app}.{ns}.svc.cluster.local\n  timeout: {}s\n  replicas: {}\nfeatures:\n  flag_{k}: true\n","#,
-                        8000 + self.next() % 1000, self.next() % 120, self.next() % 9
-                    ));
-                }
-                data.pop();
-                let v = format!(
-                    r#"{{"kind":"ConfigMap","apiVersion":"v1","metadata":{{"name":"{app}-config-{i}","namespace":"{ns}","uid":"{}","resourceVersion":"{i}","labels":{{"app":"{app}","tier":"backend"}}}},"data":{{{data}}}}}"#,
-                    self.hex(32)
-                );
-                (key, v)
-            }
-            _ => {
-                let key = format!("/registry/pods/{ns}/{app}-{}-{}", self.hex(10), self.hex(5));
-                let mut env = String::new();
-                for k in 0..14 {
-                    env.push_str(&format!(
-                        r#"{{"name":"ENV_{k}_{}","value":"{}"}},"#,
-                        app.to_uppercase(),
-                        self.hex(20)
-                    ));
-                }
-                env.pop();
-                let v = format!(
-                    r#"{{"kind":"Pod","apiVersion":"v1","metadata":{{"name":"{app}-{i}","generateName":"{app}-","namespace":"{ns}","uid":"{}","resourceVersion":"{i}","creationTimestamp":"2026-11-0{}T1{}:2{}:3{}Z","labels":{{"app":"{app}","pod-template-hash":"{}","team":"{ns}"}},"ownerReferences":[{{"apiVersion":"apps/v1","kind":"ReplicaSet","name":"{app}-{}","uid":"{}","controller":true,"blockOwnerDeletion":true}}],"managedFields":[{{"manager":"kube-controller-manager","operation":"Update","apiVersion":"v1","time":"2026-11-01T10:00:00Z","fieldsType":"FieldsV1","fieldsV1":{{"f:metadata":{{"f:generateName":{{}},"f:labels":{{".":{{}},"f:app":{{}},"f:pod-template-hash":{{}}}},"f:ownerReferences":{{}}}},"f:spec":{{"f:containers":{{}},"f:dnsPolicy":{{}},"f:restartPolicy":{{}},"f:schedulerName":{{}}}}}}}}]}},"spec":{{"containers":[{{"name":"{app}","image":"registry.example.com/{ns}/{app}@sha256:{}","ports":[{{"containerPort":{},"protocol":"TCP"}}],"env":[{env}],"resources":{{"limits":{{"cpu":"{}m","memory":"{}Mi"}},"requests":{{"cpu":"{}m","memory":"{}Mi"}}}},"volumeMounts":[{{"name":"kube-api-access-{}","readOnly":true,"mountPath":"/var/run/secrets/kubernetes.io/serviceaccount"}}],"terminationMessagePath":"/dev/termination-log","imagePullPolicy":"IfNotPresent"}}],"restartPolicy":"Always","terminationGracePeriodSeconds":30,"dnsPolicy":"ClusterFirst","serviceAccountName":"default","nodeName":"node-{}","schedulerName":"default-scheduler"}},"status":{{"phase":"Running","conditions":[{{"type":"Ready","status":"True","lastTransitionTime":"2026-11-01T10:00:0{}Z"}},{{"type":"ContainersReady","status":"True"}},{{"type":"PodScheduled","status":"True"}}],"hostIP":"10.0.{}.{}","podIP":"10.244.{}.{}","containerStatuses":[{{"name":"{app}","ready":true,"restartCount":{},"image":"registry.example.com/{ns}/{app}:v1.{}","imageID":"registry.example.com/{ns}/{app}@sha256:{}","containerID":"containerd://{}","started":true}}]}}}}"#,
-                    self.hex(32),
-                    i % 9,
-                    i % 10,
-                    i % 6,
-                    i % 10,
-                    self.hex(10),
-                    self.hex(10),
-                    self.hex(32),
-                    self.hex(64),
-                    8000 + i % 100,
-                    100 + i % 900,
-                    128 + i % 1024,
-                    50 + i % 200,
-                    64 + i % 512,
-                    self.hex(5),
-                    i % 60,
-                    i % 10,
-                    i % 250,
-                    i % 250,
-                    i % 250,
-                    i % 250,
-                    i % 5,
-                    i % 40,
-                    self.hex(64),
-                    self.hex(64)
-                );
-                (key, v)
-            }
-        }
-    }
-}
-
-/// Writes at least `bytes` of objects with 8 concurrent writers, 64 puts per transaction.
-async fn fill(endpoint: &str, bytes: u64, dense: bool) -> Result<(u64, u64)> {
-    let mut tasks = Vec::new();
-    let per_task = bytes / 8;
-    for t in 0..8u64 {
-        let endpoint = endpoint.to_string();
-        tasks.push(tokio::spawn(async move {
-            let mut client = Client::connect([endpoint], None).await?;
-            let mut g = Gen(0x9E37_79B9_7F4A_7C15 ^ (t + 1), dense);
-            let (mut written, mut keys, mut i) = (0u64, 0u64, t);
-            while written < per_task {
-                let mut ops = Vec::with_capacity(64);
-                for _ in 0..64 {
-                    let (k, v) = g.object(i);
-                    written += (k.len() + v.len()) as u64;
-                    ops.push(TxnOp::put(k, v, None));
-                    i += 8;
-                    keys += 1;
-                }
-                client.txn(etcd_client::Txn::new().and_then(ops)).await?;
-            }
-            anyhow::Ok((written, keys))
-        }));
-    }
-    let mut total = (0, 0);
-    for t in tasks {
-        let (w, k) = t.await??;
-        total.0 += w;
-        total.1 += k;
-    }
-    Ok(total)
-}
-
 fn db_size(endpoint: &str) -> Result<u64> {
     let out = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
@@ -229,18 +79,6 @@ fn db_size(endpoint: &str) -> Result<u64> {
 
 fn file_size(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
-}
-
-/// CPU seconds (user + system) from `/proc/<pid>/stat`: the process's own (`children` false) or that of its
-/// waited-for children.
-fn cpu_seconds(pid: &str, children: bool) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name's closing parenthesis, from field 3 (state) on.
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-    let at = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    let (u, s) = if children { (13, 14) } else { (11, 12) };
-    // Clock ticks: 100 per second on Linux.
-    (at(u) + at(s)) / 100.0
 }
 
 /// Runs a command; returns its wall time and CPU seconds.
@@ -298,26 +136,6 @@ fn percentiles(mut l: Vec<Duration>) -> (f64, f64, f64) {
     l.sort();
     let at = |q: f64| l[((l.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
     (at(0.5), at(0.99), at(1.0))
-}
-
-/// Peak RSS (VmHWM) and bytes written to storage by a process.
-fn proc_stats(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024;
-    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
-    let writes = io
-        .lines()
-        .find(|l| l.starts_with("write_bytes:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|b| b.parse().ok())
-        .unwrap_or(0);
-    (hwm, writes)
 }
 
 struct Ferry {
@@ -455,23 +273,6 @@ struct Row {
 
 fn mib(b: u64) -> String {
     format!("{:.1}", b as f64 / (1024.0 * 1024.0))
-}
-
-/// Puts the etcd under test first on PATH, for this process and every program it starts; returns its
-/// version line.
-fn use_etcd_under_test() -> Result<String> {
-    let dir = std::env::var_os("FERRY_ETCD_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/etcd-3.5/usr/bin"));
-    if !dir.join("etcd").is_file() {
-        bail!("no etcd in {}: run tests/setup.sh (or set FERRY_ETCD_DIR)", dir.display());
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let joined = std::env::join_paths(std::iter::once(dir.clone()).chain(std::env::split_paths(&path)))?;
-    // Single-threaded here: set before the runtime starts any task that reads the environment.
-    std::env::set_var("PATH", joined);
-    let out = Command::new(dir.join("etcd")).arg("--version").output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_owned())
 }
 
 /// Agent flags for a backup that is not itself measured: etcd's stream read at full speed.
@@ -915,7 +716,9 @@ async fn bench_size(
     let target = (gib * 1024.0 * 1024.0 * 1024.0) as u64;
     eprintln!("[{gib} GiB {data}] filling etcd…");
     let t = Instant::now();
-    let (written, keys) = fill(&etcd_url, target, run_.dense).await?;
+    let blob = if run_.dense { DENSE_BLOB } else { 0 };
+    let filled = fill(&etcd_url, target, blob, 0).await?;
+    let (written, keys) = (filled.written, filled.keys);
     let db = db_size(&etcd_url)?;
     let db_gib = db as f64 / (1024.0 * 1024.0 * 1024.0);
     eprintln!(
