@@ -29,6 +29,9 @@ use crate::scratch::ScratchChoice;
 const GATE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long one etcd call on the restore URL may take.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// `HashKV` and the key count read the whole database: seconds per GiB on a slow disk. Below the
+/// coordinator's step timeout (90 s), so a slow member is reported as such, not as a silent agent.
+const SCAN_TIMEOUT: Duration = Duration::from_secs(60);
 /// `Progress` at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// What `Wipe` writes as the restored backup in its marker.
@@ -343,7 +346,15 @@ async fn client(setup: &RestoreSetup, gate: &GateControl, etcd: &EtcdMember) -> 
 }
 
 async fn timed<T>(what: &str, f: impl std::future::Future<Output = Result<T, etcd_client::Error>>) -> Result<T> {
-    tokio::time::timeout(RPC_TIMEOUT, f)
+    timed_within(RPC_TIMEOUT, what, f).await
+}
+
+async fn timed_within<T>(
+    limit: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T> {
+    tokio::time::timeout(limit, f)
         .await
         .with_context(|| format!("etcd {what} timed out"))?
         .with_context(|| format!("etcd {what}"))
@@ -365,7 +376,7 @@ async fn check(c: &mut Client, revision: i64) -> Result<RestoredMember> {
         // A restored member's revision is its compaction mark: etcd 3.4 refuses HashKV at exactly the compacted
         // revision, but hashes its current one (asked as 0), which is the same revision when nothing wrote.
         let asked = if revision == out.revision { 0 } else { revision };
-        let h = timed("HashKV", c.hash_kv(asked)).await?;
+        let h = timed_within(SCAN_TIMEOUT, "HashKV", c.hash_kv(asked)).await?;
         let hashed_at = h.header().map_or(0, |h| h.revision());
         if hashed_at != revision {
             bail!("etcd hashed revision {hashed_at}, not {revision}: something wrote to the restored member");
@@ -373,7 +384,7 @@ async fn check(c: &mut Client, revision: i64) -> Result<RestoredMember> {
         out.hash = Some(h.hash());
         let opts = GetOptions::new().with_all_keys().with_count_only().with_serializable();
         let opts = if asked == 0 { opts } else { opts.with_revision(revision) };
-        let r = timed("count keys", c.get("", Some(opts))).await?;
+        let r = timed_within(SCAN_TIMEOUT, "count keys", c.get("", Some(opts))).await?;
         out.keys = Some(u64::try_from(r.count()).unwrap_or(0));
     }
     Ok(out)

@@ -360,9 +360,17 @@ impl Driver {
         // as an agent reports its released member reachable (agents report every few seconds).
         let released = self.st.finishedat.unwrap_or_default();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        // Every planned member's agent must have reported its restored member: with older facts (the old
+        // cluster's member ids) the backup's member check would take the restored snapshot for a foreign one.
+        let planned = self.planned_members()?;
         let reported = |agents: &Agents| {
-            agents.live(&self.cluster).iter().any(|a| {
-                a.last_heard > released && a.facts.as_ref().is_some_and(|f| f.error.is_none() && f.member_id != 0)
+            let live = agents.live(&self.cluster);
+            planned.iter().all(|m| {
+                live.iter().any(|a| {
+                    a.member == *m
+                        && a.last_heard > released
+                        && a.facts.as_ref().is_some_and(|f| f.error.is_none() && f.member_id != 0)
+                })
             })
         };
         while !reported(&self.deps.agents) && tokio::time::Instant::now() < deadline {
@@ -701,8 +709,41 @@ impl Driver {
         self.record(&member, step::RELEASED)
     }
 
+    /// One attempt of a step on several members at once (each on its own node, so in parallel); the members
+    /// it succeeded on are recorded at `done`. The others are left to the one-by-one path with its retries.
+    async fn at_once(
+        &mut self,
+        members: &[String],
+        done: &str,
+        make: &(dyn Fn() -> RestoreStep + Sync),
+    ) -> Result<(), Stop> {
+        self.deps.state.still_leading()?;
+        let live = self.deps.agents.live(&self.cluster);
+        let mut set = tokio::task::JoinSet::new();
+        for m in members.iter().filter(|m| !self.at_least(m, done)) {
+            if let Some(a) = live.iter().find(|a| a.member == *m).cloned() {
+                let step = make();
+                set.spawn(async move { (a.member.clone(), steps::ask(&a, step, STEP_TIMEOUT).await) });
+            }
+        }
+        let mut ok = Vec::new();
+        while let Some(joined) = set.join_next().await {
+            if let Ok((m, Ok(_))) = joined {
+                ok.push(m);
+            }
+        }
+        // Recorded in plan order, so that the status reads the same whatever answered first.
+        for m in members.iter().filter(|m| ok.contains(m)) {
+            self.record(m, done)?;
+        }
+        Ok(())
+    }
+
     async fn hold_all(&mut self) -> Result<(), Stop> {
         let id = self.id.clone();
+        let members = self.planned_members()?;
+        let i = id.clone();
+        self.at_once(&members, step::HELD, &move || RestoreStep::Hold { restore_id: i.clone() }).await?;
         for member in self.planned_members()? {
             if self.at_least(&member, step::HELD) {
                 continue;
@@ -813,7 +854,41 @@ impl Driver {
 
     async fn rebuild_all(&mut self) -> Result<(), Stop> {
         let initial = self.plan()?.initialcluster.clone();
-        for member in self.planned_members()? {
+        let members = self.planned_members()?;
+        // Every member fetches and rebuilds at once (each on its own node); what fails is retried one by one.
+        let p = self.plan()?.clone();
+        let from = if p.backupcluster.is_empty() { self.cluster.clone() } else { p.backupcluster.clone() };
+        let manifest = self.deps.api.resolve(&from, &p.backup).await.map_err(|e| Stop::Failed(e.to_string()))?;
+        let limit = Duration::from_secs(600 + 2 * manifest.backup.size / (1 << 20));
+        self.deps.state.still_leading()?;
+        let live = self.deps.agents.live(&self.cluster);
+        let mut set = tokio::task::JoinSet::new();
+        for m in members.iter().filter(|m| !self.at_least(m, step::REBUILT)) {
+            let Some(agent) = live.iter().find(|a| a.member == *m).cloned() else { continue };
+            let plan = self.rebuild_plan(m, &initial)?;
+            let (api, manifest) = (self.deps.api.clone(), manifest.clone());
+            set.spawn(async move {
+                let mut progress = |_: u64| {};
+                let r = steps::rebuild(&agent, plan, &api, &manifest, &mut progress, limit).await;
+                (agent.member.clone(), r)
+            });
+        }
+        let mut ok = Vec::new();
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok((m, Ok(_))) => ok.push(m),
+                Ok((m, Err(StepError::Failed { error, touched }))) => {
+                    self.touched |= touched;
+                    self.member_status(&m).error = error;
+                }
+                _ => {}
+            }
+        }
+        for m in members.iter().filter(|m| ok.contains(m)) {
+            self.member_status(m).bytes = manifest.backup.size;
+            self.record(m, step::REBUILT)?;
+        }
+        for member in members {
             self.rebuild(&member, &initial).await?;
         }
         Ok(())
@@ -829,6 +904,10 @@ impl Driver {
     }
 
     async fn start_all(&mut self) -> Result<(), Stop> {
+        let members = self.planned_members()?;
+        let id = self.id.clone();
+        self.at_once(&members, step::STARTED, &move || RestoreStep::Start { restore_id: id.clone(), join: None })
+            .await?;
         for member in self.planned_members()? {
             self.start(&member, None).await?;
         }
@@ -938,6 +1017,36 @@ impl Driver {
         }
     }
 
+    /// [`Self::check`] of every member at once; the answers in `members`' order.
+    async fn check_all(&self, members: &[String], revision: i64) -> Vec<(String, Result<RestoredMember, String>)> {
+        let live = self.deps.agents.live(&self.cluster);
+        let mut set = tokio::task::JoinSet::new();
+        for (i, m) in members.iter().enumerate() {
+            let agent = live.iter().find(|a| a.member == *m).cloned();
+            let (m, step) = (m.clone(), RestoreStep::Check { restore_id: self.id.clone(), revision });
+            set.spawn(async move {
+                let r = match agent {
+                    None => Err(format!("member {m}'s agent is not connected")),
+                    Some(a) => match steps::ask(&a, step, STEP_TIMEOUT).await {
+                        Ok(StepDone::Checked(c)) => Ok(c),
+                        Ok(other) => Err(format!("member {m} answered {other:?}")),
+                        Err(e) => Err(format!("member {m}: {e}")),
+                    },
+                };
+                (i, m, r)
+            });
+        }
+        // A member whose task did not end with an answer is one that did not answer: never left out.
+        let mut out: Vec<(String, Result<RestoredMember, String>)> =
+            members.iter().map(|m| (m.clone(), Err(format!("member {m} did not answer")))).collect();
+        while let Some(joined) = set.join_next().await {
+            if let Ok((i, m, r)) = joined {
+                out[i] = (m, r);
+            }
+        }
+        out
+    }
+
     async fn wait_healthy(&mut self, member: &str) -> Result<(), Stop> {
         let deadline = tokio::time::Instant::now() + VERIFY_TIMEOUT;
         loop {
@@ -989,15 +1098,15 @@ impl Driver {
     async fn verify_once(&mut self) -> Result<RestoreVerified, Result<String, String>> {
         let members = self.planned_members().map_err(|_| Err("no plan".to_string()))?;
         let mut first = Vec::new();
-        for m in &members {
-            let c = self.check(m, 0).await.map_err(Ok)?;
+        for (m, c) in self.check_all(&members, 0).await {
+            let c = c.map_err(Ok)?;
             if !c.has_leader {
                 return Err(Ok(format!("member {m} has no leader yet")));
             }
             if c.learner {
                 return Err(Ok(format!("member {m} is still a learner")));
             }
-            first.push((m.clone(), c));
+            first.push((m, c));
         }
         let cluster_id = first[0].1.cluster_id;
         if let Some((m, c)) = first.iter().find(|(_, c)| c.cluster_id != cluster_id) {
@@ -1005,9 +1114,10 @@ impl Driver {
         }
         let revision = first.iter().map(|(_, c)| c.revision).min().unwrap_or(0);
         let mut hashes = Vec::new();
-        for m in &members {
-            let c = self.check(m, revision).await.map_err(Ok)?;
-            hashes.push((m.clone(), c.hash.unwrap_or(0), c.keys.unwrap_or(0)));
+        // Each member hashes its whole key space: all at once, each on its own node.
+        for (m, c) in self.check_all(&members, revision).await {
+            let c = c.map_err(Ok)?;
+            hashes.push((m, c.hash.unwrap_or(0), c.keys.unwrap_or(0)));
         }
         let (hash, keys) = (hashes[0].1, hashes[0].2);
         if let Some((m, h, k)) = hashes.iter().find(|(_, h, k)| *h != hash || *k != keys) {
@@ -1042,6 +1152,9 @@ impl Driver {
 
     async fn release_all(&mut self) -> Result<(), Stop> {
         let id = self.id.clone();
+        let members = self.planned_members()?;
+        let i = id.clone();
+        self.at_once(&members, step::RELEASED, &move || RestoreStep::Release { restore_id: i.clone() }).await?;
         for member in self.planned_members()? {
             if self.at_least(&member, step::RELEASED) {
                 continue;
