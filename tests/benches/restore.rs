@@ -525,6 +525,9 @@ impl<'r> Bench<'r> {
             mib(db)
         );
         self.keys = keys;
+        // The coordinator refuses a snapshot over twice the members' reported DB size; they report every 10 s,
+        // and a fill this fast outruns the reports.
+        std::thread::sleep(std::time::Duration::from_secs(11));
         let t = Instant::now();
         self.ctl(&["backup", "now", CLUSTER, "--wait", "--timeout", "30m"])?;
         let b = self.newest_backup()?;
