@@ -125,7 +125,7 @@ pub(super) async fn take_with_failover(inner: &Inner, cluster: &str) -> Result<M
     bail!("the backup failed on every member: {}", failures.join("; "))
 }
 
-/// The cluster's live agents, once one is connected: a backup started while its agents are between
+/// The cluster's live agents, once one is connected and has reported: a backup started while its agents are between
 /// coordinators (a leader just failed over, a coordinator just restarted) waits for them, up to
 /// [`AGENT_WAIT`], saying so in the status, rather than failing at once. Agents that are connected but cannot
 /// reach etcd are a real failure and are not waited for.
@@ -135,7 +135,8 @@ async fn wait_for_agents(inner: &Inner, cluster: &str) -> Result<Vec<LiveAgent>>
     let mut waited = false;
     let agents = loop {
         let agents = deps.agents.live(cluster);
-        if !agents.is_empty() || tokio::time::Instant::now() >= deadline {
+        // An agent that just connected has not reported yet: it is still arriving, not failing.
+        if agents.iter().any(|a| a.facts.is_some()) || tokio::time::Instant::now() >= deadline {
             break agents;
         }
         if !waited {
