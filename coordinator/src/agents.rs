@@ -28,6 +28,13 @@ pub struct LiveAgent {
     pub last_heard: Timestamp,
 }
 
+impl LiveAgent {
+    /// Whether the agent's latest report reached its etcd member (and named it).
+    pub fn reaches_etcd(&self) -> bool {
+        self.facts.as_ref().is_some_and(|f| f.error.is_none() && f.member_id != 0)
+    }
+}
+
 /// The registry; cheap to clone (a handle).
 #[derive(Clone)]
 pub struct Agents {

@@ -137,12 +137,7 @@ impl Api {
         }
         let manifest = self.resolve_restore(cluster, spec).await?;
         if spec.confirm != cluster {
-            let healthy = self
-                .agents
-                .live(cluster)
-                .iter()
-                .filter(|a| a.facts.as_ref().is_some_and(|f| f.error.is_none() && f.member_id != 0))
-                .count();
+            let healthy = self.agents.live(cluster).iter().filter(|a| a.reaches_etcd()).count();
             if healthy * 2 > members.len() {
                 return Err(ApiError::Invalid(format!(
                     "cluster {cluster} is healthy ({healthy} of {} members answer): restoring would discard {}. \
@@ -167,10 +162,7 @@ impl Api {
             )));
         }
         let live = self.agents.live(cluster);
-        let healthy = |m: &str| {
-            live.iter()
-                .any(|a| a.member == m && a.facts.as_ref().is_some_and(|f| f.error.is_none() && f.member_id != 0))
-        };
+        let healthy = |m: &str| live.iter().any(|a| a.member == m && a.reaches_etcd());
         let others = members.iter().filter(|m| *m != target && healthy(m)).count();
         if others * 2 <= members.len() {
             return Err(ApiError::Conflict(format!(

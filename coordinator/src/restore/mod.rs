@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_common::protocol::{JoinFlags, RebuildPlan, RestoreStep, RestoredMember, StepDone};
+use ferry_common::protocol::{JoinFlags, MemberLayout, RebuildPlan, RestoreStep, RestoredMember, StepDone};
 use ferry_common::resources::{
     restore_mode, restore_phase, ClusterSpec, EtcdRestoreSpec, EtcdRestoreStatusSpec, MemberRestoreStatus, Resource,
     ResourceType, RestorePlanned, RestoreVerified, Spec, Timestamp,
@@ -29,6 +29,7 @@ use crate::api::Api;
 use crate::backup::{Jobs, Trigger};
 use crate::metrics::Metrics;
 use crate::state::{StateError, StateStore};
+use crate::store::Manifest;
 use steps::StepError;
 
 /// How often the owner looks for restores to run.
@@ -159,7 +160,7 @@ fn bootstrap(deps: &RestoreDeps) -> Result<(), StateError> {
         if live.len() < from.members as usize {
             continue;
         }
-        if live.iter().any(|a| a.facts.as_ref().is_some_and(|f| f.error.is_none() && f.member_id != 0)) {
+        if live.iter().any(|a| a.reaches_etcd()) {
             // An etcd already serves: this is no new cluster waiting for its data. Never overwritten.
             continue;
         }
@@ -301,6 +302,14 @@ impl Driver {
         )
     }
 
+    /// The restore is over: `done`, when.
+    fn finish(&mut self) -> Result<(), Stop> {
+        self.st.phase = restore_phase::DONE.into();
+        self.st.waiting.clear();
+        self.st.finishedat = Some(Timestamp::now());
+        self.save()
+    }
+
     fn set_phase(&mut self, phase: &str) -> Result<(), Stop> {
         if self.st.phase != phase {
             info!(phase, "restore phase");
@@ -322,10 +331,7 @@ impl Driver {
         let mode = self.plan()?.mode.clone();
         if mode == restore_mode::REPLACE_MEMBER {
             self.replace_member().await?;
-            self.st.phase = restore_phase::DONE.into();
-            self.st.waiting.clear();
-            self.st.finishedat = Some(Timestamp::now());
-            self.save()?;
+            self.finish()?;
             info!("member replaced: removed, wiped, added back, caught up, promoted and serving");
             return Ok(());
         }
@@ -348,10 +354,7 @@ impl Driver {
         self.st.verified = Some(verified);
         self.save()?;
         self.release_all().await?;
-        self.st.phase = restore_phase::DONE.into();
-        self.st.waiting.clear();
-        self.st.finishedat = Some(Timestamp::now());
-        self.save()?;
+        self.finish()?;
         let took = self.st.finishedat.unwrap_or_default().seconds - self.st.startedat.unwrap_or_default().seconds;
         let l = crate::metrics::Metrics::cluster(&self.cluster);
         self.deps.metrics.restore_duration.get_or_create(&l).set(took as f64);
@@ -365,13 +368,7 @@ impl Driver {
         let planned = self.planned_members()?;
         let reported = |agents: &Agents| {
             let live = agents.live(&self.cluster);
-            planned.iter().all(|m| {
-                live.iter().any(|a| {
-                    a.member == *m
-                        && a.last_heard > released
-                        && a.facts.as_ref().is_some_and(|f| f.error.is_none() && f.member_id != 0)
-                })
-            })
+            planned.iter().all(|m| live.iter().any(|a| a.member == *m && a.last_heard > released && a.reaches_etcd()))
         };
         while !reported(&self.deps.agents) && tokio::time::Instant::now() < deadline {
             self.pause(Duration::from_millis(500)).await?;
@@ -496,12 +493,8 @@ impl Driver {
             self.deps.api.resolve_restore(&self.cluster, &spec).await.map_err(|e| Stop::Failed(e.to_string()))?;
         let mut layouts = BTreeMap::new();
         for member in &planned {
-            match self.step(member, &|| RestoreStep::Describe).await? {
-                StepDone::Described(l) => {
-                    layouts.insert(member.clone(), l);
-                }
-                other => return Err(Stop::Failed(format!("member {member} answered {other:?} to Describe"))),
-            }
+            let layout = self.describe(member).await?;
+            layouts.insert(member.clone(), layout);
         }
         // A new cluster restored from another's backup: both clusters' histories count for the bump.
         let from = if spec.fromcluster.is_empty() { self.cluster.clone() } else { spec.fromcluster.clone() };
@@ -526,6 +519,14 @@ impl Driver {
         let mut p = p;
         p.backupcluster = spec.fromcluster.clone();
         self.store_plan(p)
+    }
+
+    /// The member as its gate describes it.
+    async fn describe(&mut self, member: &str) -> Result<MemberLayout, Stop> {
+        match self.step(member, &|| RestoreStep::Describe).await? {
+            StepDone::Described(l) => Ok(l),
+            other => Err(Stop::Failed(format!("member {member} answered {other:?} to Describe"))),
+        }
     }
 
     /// Stores `p` unless a plan is there already (then that one is kept), in one transaction.
@@ -601,10 +602,7 @@ impl Driver {
         let mut helpers = healthy;
         helpers.sort();
         let helper = helpers[0].clone();
-        let layout = match self.step(&target, &|| RestoreStep::Describe).await? {
-            StepDone::Described(l) => l,
-            other => return Err(Stop::Failed(format!("member {target} answered {other:?} to Describe"))),
-        };
+        let layout = self.describe(&target).await?;
         let layouts = BTreeMap::from([(target.clone(), layout)]);
         let mut p = plan::make(&plan::PlanInput {
             restore_id: &self.id,
@@ -798,31 +796,46 @@ impl Driver {
         })
     }
 
-    async fn rebuild(&mut self, member: &str, initial_cluster: &str) -> Result<(), Stop> {
+    /// The planned backup's manifest (of the cluster it belongs to), and how long one member's rebuild of it
+    /// may take.
+    async fn planned_backup(&self) -> Result<(Manifest, Duration), Stop> {
+        let p = self.plan()?;
+        let from = if p.backupcluster.is_empty() { self.cluster.as_str() } else { p.backupcluster.as_str() };
+        let manifest = self.deps.api.resolve(from, &p.backup).await.map_err(|e| Stop::Failed(e.to_string()))?;
+        let limit = Duration::from_secs(600 + 2 * manifest.backup.size / (1 << 20));
+        Ok((manifest, limit))
+    }
+
+    /// Records `member` rebuilt: the whole backup fetched, the fetched-bytes gauge, the step.
+    fn rebuilt(&mut self, member: &str, size: u64) -> Result<(), Stop> {
+        self.member_status(member).bytes = size;
+        let fetched: u64 = self.st.members.iter().map(|m| m.bytes).sum();
+        let l = crate::metrics::Metrics::cluster(&self.cluster);
+        self.deps.metrics.restore_bytes.get_or_create(&l).set(i64::try_from(fetched).unwrap_or(i64::MAX));
+        self.record(member, step::REBUILT)
+    }
+
+    async fn rebuild(
+        &mut self,
+        member: &str,
+        initial_cluster: &str,
+        manifest: &Manifest,
+        limit: Duration,
+    ) -> Result<(), Stop> {
         if self.at_least(member, step::REBUILT) {
             return Ok(());
         }
         let plan = self.rebuild_plan(member, initial_cluster)?;
-        let (backup, from) = (self.plan()?.backup.clone(), self.plan()?.backupcluster.clone());
-        let from = if from.is_empty() { self.cluster.clone() } else { from };
-        let manifest = self.deps.api.resolve(&from, &backup).await.map_err(|e| Stop::Failed(e.to_string()))?;
-        let limit = Duration::from_secs(600 + 2 * manifest.backup.size / (1 << 20));
         let mut failures = 0;
         loop {
             let agent = self.agent(member).await?;
             self.deps.state.still_leading()?;
             let bytes = std::sync::atomic::AtomicU64::new(0);
             let mut progress = |b: u64| bytes.store(b, std::sync::atomic::Ordering::Relaxed);
-            let r = steps::rebuild(&agent, plan.clone(), &self.deps.api, &manifest, &mut progress, limit).await;
+            let r = steps::rebuild(&agent, plan.clone(), &self.deps.api, manifest, &mut progress, limit).await;
             self.member_status(member).bytes = bytes.load(std::sync::atomic::Ordering::Relaxed);
             match r {
-                Ok(_) => {
-                    self.member_status(member).bytes = manifest.backup.size;
-                    let fetched: u64 = self.st.members.iter().map(|m| m.bytes).sum();
-                    let l = crate::metrics::Metrics::cluster(&self.cluster);
-                    self.deps.metrics.restore_bytes.get_or_create(&l).set(i64::try_from(fetched).unwrap_or(i64::MAX));
-                    return self.record(member, step::REBUILT);
-                }
+                Ok(_) => return self.rebuilt(member, manifest.backup.size),
                 Err(StepError::Lost(e)) => {
                     self.st.waiting = format!("member {member}: {e}");
                     self.save()?;
@@ -855,10 +868,7 @@ impl Driver {
         let initial = self.plan()?.initialcluster.clone();
         let members = self.planned_members()?;
         // Every member fetches and rebuilds at once (each on its own node); what fails is retried one by one.
-        let p = self.plan()?.clone();
-        let from = if p.backupcluster.is_empty() { self.cluster.clone() } else { p.backupcluster.clone() };
-        let manifest = self.deps.api.resolve(&from, &p.backup).await.map_err(|e| Stop::Failed(e.to_string()))?;
-        let limit = Duration::from_secs(600 + 2 * manifest.backup.size / (1 << 20));
+        let (manifest, limit) = self.planned_backup().await?;
         self.deps.state.still_leading()?;
         let live = self.deps.agents.live(&self.cluster);
         let mut set = tokio::task::JoinSet::new();
@@ -884,11 +894,10 @@ impl Driver {
             }
         }
         for m in members.iter().filter(|m| ok.contains(m)) {
-            self.member_status(m).bytes = manifest.backup.size;
-            self.record(m, step::REBUILT)?;
+            self.rebuilt(m, manifest.backup.size)?;
         }
         for member in members {
-            self.rebuild(&member, &initial).await?;
+            self.rebuild(&member, &initial, &manifest, limit).await?;
         }
         Ok(())
     }
@@ -918,7 +927,10 @@ impl Driver {
         let members = self.planned_members()?;
         let initial = self.plan()?.initialcluster.clone();
         let seed = members[0].clone();
-        self.rebuild(&seed, &initial).await?;
+        if !self.at_least(&seed, step::REBUILT) {
+            let (manifest, limit) = self.planned_backup().await?;
+            self.rebuild(&seed, &initial, &manifest, limit).await?;
+        }
         self.start(&seed, None).await?;
         let id = self.id.clone();
         for member in &members[1..] {
@@ -1005,15 +1017,9 @@ impl Driver {
         }
     }
 
-    async fn check(&mut self, member: &str, revision: i64) -> Result<RestoredMember, String> {
-        let agent = self.deps.agents.live(&self.cluster).into_iter().find(|a| a.member == member);
-        let agent = agent.ok_or_else(|| format!("member {member}'s agent is not connected"))?;
-        let step = RestoreStep::Check { restore_id: self.id.clone(), revision };
-        match steps::ask(&agent, step, STEP_TIMEOUT).await {
-            Ok(StepDone::Checked(c)) => Ok(c),
-            Ok(other) => Err(format!("member {member} answered {other:?}")),
-            Err(e) => Err(format!("member {member}: {e}")),
-        }
+    async fn check(&self, member: &str, revision: i64) -> Result<RestoredMember, String> {
+        let mut answers = self.check_all(&[member.to_string()], revision).await;
+        answers.pop().map_or_else(|| Err(format!("member {member} did not answer")), |(_, r)| r)
     }
 
     /// [`Self::check`] of every member at once; the answers in `members`' order.

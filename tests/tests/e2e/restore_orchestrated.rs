@@ -28,18 +28,20 @@ fn agent_path() -> String {
 
 /// One agent per gated member, with its gate, data dir and a restore URL of its own.
 async fn start_gated_agents(coordinator: &Coordinator, etcd: &EtcdCluster) -> anyhow::Result<Vec<Agent>> {
-    start_gated_agents_with_path(coordinator, etcd, &agent_path()).await
+    start_gated_agents_of(coordinator, etcd, CLUSTER, &agent_path()).await
 }
 
-/// [`start_gated_agents`] with the agents' `PATH` (where they find etcd's restore tool).
-async fn start_gated_agents_with_path(
+/// [`start_gated_agents`] as members of `cluster`, with the agents' `PATH` (where they find etcd's restore
+/// tool).
+async fn start_gated_agents_of(
     coordinator: &Coordinator,
     etcd: &EtcdCluster,
+    cluster: &str,
     path: &str,
 ) -> anyhow::Result<Vec<Agent>> {
     let mut agents = Vec::new();
     for (i, member) in etcd.members().iter().enumerate() {
-        let creds = coordinator.issue_agent_credentials(CLUSTER, member.name()).await?;
+        let creds = coordinator.issue_agent_credentials(cluster, member.name()).await?;
         let args = vec![
             "--gate-dir".to_string(),
             etcd.gate_dir(i).display().to_string(),
@@ -51,7 +53,7 @@ async fn start_gated_agents_with_path(
         agents.push(Agent::spawn(coordinator, &creds, member.client_url(), &args, &[("PATH", path)])?);
     }
     let names: Vec<&str> = etcd.members().iter().map(|m| m.name()).collect();
-    coordinator.wait_agents_connected(CLUSTER, &names, Duration::from_secs(30)).await?;
+    coordinator.wait_agents_connected(cluster, &names, Duration::from_secs(30)).await?;
     Ok(agents)
 }
 
@@ -273,7 +275,7 @@ async fn a_rebuild_refused_before_touching_anything_releases_every_member() -> a
     // etcdctl 3.4 from the system, no etcdutl: a restore cannot bump the revision.
     let tools = tempfile::tempdir()?;
     std::os::unix::fs::symlink("/usr/bin/etcdctl", tools.path().join("etcdctl"))?;
-    let _agents = start_gated_agents_with_path(&coordinator, &etcd, &tools.path().display().to_string()).await?;
+    let _agents = start_gated_agents_of(&coordinator, &etcd, CLUSTER, &tools.path().display().to_string()).await?;
     let (id, _) = backup(&coordinator, CLUSTER).await?;
     let before = keyspace(&etcd).await?;
     let ctl = coordinator.ctl().with_timeout(RESTORE_TIMEOUT);
@@ -583,20 +585,8 @@ async fn a_new_cluster_boots_from_another_clusters_backup_through_its_template()
     let file = tempfile::NamedTempFile::new()?;
     std::fs::write(file.path(), &template)?;
     ctl.run(&["cluster", "template", "-f", &file.path().display().to_string(), "sync"]).await?.ok()?;
-    let mut agents = Vec::new();
-    for (i, member) in new.members().iter().enumerate() {
-        let creds = coordinator.issue_agent_credentials("fresh", member.name()).await?;
-        let args = vec![
-            "--gate-dir".to_string(),
-            new.gate_dir(i).display().to_string(),
-            "--data-dir".into(),
-            member.data_dir().display().to_string(),
-            "--restore-client-url".into(),
-            format!("http://127.0.0.1:{}", free_port()),
-        ];
-        let path = agent_path();
-        agents.push(Agent::spawn(&coordinator, &creds, member.client_url(), &args, &[("PATH", &path)])?);
-    }
+    // Connected, not serving: their gates hold etcd until the restore.
+    let _agents = start_gated_agents_of(&coordinator, &new, "fresh", &agent_path()).await?;
     let st = poll_until("the new cluster restored", RESTORE_TIMEOUT, Duration::from_millis(500), || {
         let ctl = &ctl;
         async move {
