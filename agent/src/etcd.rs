@@ -1,10 +1,13 @@
 //! The agent's etcd member: facts for registration and the raw snapshot stream.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use etcd_client::{Certificate, Client, ConnectOptions, Identity, SnapshotStreaming, TlsOptions};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, GetOptions, Identity, SnapshotStreaming, TlsOptions, WatchOptions,
+};
 use ferry_common::protocol::{EtcdFacts, HashKvReply, HashKvResult};
 
 /// How long one etcd RPC (other than the snapshot stream) may take.
@@ -15,6 +18,13 @@ const HASH_KV_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long etcd may take to start a snapshot: it first commits its pending batch, an fsync that a busy disk
 /// (a big write just before, other I/O on the node) can hold for many seconds.
 const SNAPSHOT_OPEN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A key nobody writes, read at revision 1 and watched from it to learn etcd's compaction revision.
+const PROBE_KEY: &str = "\0ferry-compaction-probe";
+/// Compactions etcd keeps the hash of (etcd's `hashStorageMaxSize`).
+const HASHES_KEPT: usize = 10;
+/// Compaction hashes are kept in memory from etcd 3.5.5 on (etcd PR 14120).
+const HASHES_SINCE: (u64, u64, u64) = (3, 5, 5);
 
 /// TLS files for etcd's client port (kubeadm: /etc/kubernetes/pki/etcd/…).
 #[derive(Debug, Clone, Default)]
@@ -30,6 +40,48 @@ pub struct EtcdMember {
     client: Client,
     opts: ConnectOptions,
     pub endpoint: String,
+    compactions: Arc<Mutex<Compactions>>,
+    /// The largest database (bytes) whose `HashKV` may be computed afresh; see [`Self::hash_kv`].
+    hash_scan_limit: u64,
+}
+
+/// What this agent saw of etcd's compactions. etcd 3.5.5+ hashes the key space while it compacts, in small
+/// batches, and answers `HashKV` at a compaction revision from the last ten it keeps in memory. Any other
+/// `HashKV` hashes the whole key space with etcd's backend held: writes stall for seconds on a large
+/// database. Only compactions seen to happen (the revision moving between two polls, no failed poll between)
+/// are known to be held: etcd forgets them when it restarts.
+#[derive(Debug, Default)]
+struct Compactions {
+    last: Option<i64>,
+    hashed: Vec<i64>,
+}
+
+impl Compactions {
+    /// A poll's answer: `Some(revision)`, or `None` when etcd could not be asked.
+    fn observe(&mut self, now: Option<i64>, hashes_kept: bool) {
+        match (self.last, now) {
+            (Some(before), Some(now)) if now > before && hashes_kept => {
+                self.hashed.push(now);
+                if self.hashed.len() > HASHES_KEPT {
+                    self.hashed.remove(0);
+                }
+            }
+            (Some(before), Some(now)) if now >= before => {}
+            // Unreachable, or the revision went back (another etcd behind the URL): nothing is known.
+            _ => self.hashed.clear(),
+        }
+        self.last = now;
+    }
+}
+
+fn version_at_least(version: &str, min: (u64, u64, u64)) -> bool {
+    let mut parts = version.split(|c: char| !c.is_ascii_digit()).map(|p| p.parse::<u64>().unwrap_or(0));
+    let v = (parts.next().unwrap_or(0), parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    v >= min
+}
+
+fn is_compacted(e: &etcd_client::Error) -> bool {
+    e.to_string().contains("required revision has been compacted")
 }
 
 impl EtcdMember {
@@ -58,7 +110,19 @@ impl EtcdMember {
         let client = Client::connect([endpoint], Some(opts.clone()))
             .await
             .with_context(|| format!("connect to etcd at {endpoint}"))?;
-        Ok(Self { client, opts, endpoint: endpoint.to_string() })
+        Ok(Self {
+            client,
+            opts,
+            endpoint: endpoint.to_string(),
+            compactions: Arc::default(),
+            hash_scan_limit: u64::MAX,
+        })
+    }
+
+    /// Sets the largest database (bytes) whose `HashKV` may be computed afresh.
+    pub fn with_hash_scan_limit(mut self, bytes: u64) -> Self {
+        self.hash_scan_limit = bytes;
+        self
     }
 
     /// A client on a connection of its own, for requests that must not queue behind the snapshot stream.
@@ -76,6 +140,19 @@ impl EtcdMember {
             .with_context(|| format!("etcd status at {} timed out", self.endpoint))?
             .with_context(|| format!("etcd status at {}", self.endpoint))?;
         let header = st.header().context("etcd status carried no header")?;
+        let compacted = match self.compact_revision().await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::debug!("etcd's compaction revision is unknown: {e:#}");
+                None
+            }
+        };
+        let hashes_kept = version_at_least(st.version(), HASHES_SINCE);
+        let hashed_compactions = {
+            let mut c = self.compactions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            c.observe(compacted, hashes_kept);
+            c.hashed.clone()
+        };
         Ok(EtcdFacts {
             member_id: header.member_id(),
             cluster_id: header.cluster_id(),
@@ -86,26 +163,82 @@ impl EtcdMember {
             leader: st.leader() == header.member_id(),
             leader_id: st.leader(),
             error: None,
+            hashed_compactions,
         })
     }
 
+    /// etcd's compaction revision (0: never compacted). A read at revision 1 answers at once whether any
+    /// compaction happened; only then is a watch from revision 1 made, which etcd cancels at once naming its
+    /// compaction revision (a watch from an uncompacted revision 1 would make etcd read its whole history).
+    async fn compact_revision(&self) -> Result<i64> {
+        let mut c = self.client.clone();
+        let read = c.get(PROBE_KEY, Some(GetOptions::new().with_revision(1).with_count_only().with_serializable()));
+        match tokio::time::timeout(RPC_TIMEOUT, read).await.context("read at revision 1 timed out")? {
+            Ok(_) => return Ok(0),
+            Err(e) if is_compacted(&e) => {}
+            Err(e) => return Err(e).context("read at revision 1"),
+        }
+        let watched = async {
+            let mut stream = c.watch(PROBE_KEY, Some(WatchOptions::new().with_start_revision(1))).await?;
+            while let Some(r) = stream.message().await? {
+                if r.compact_revision() > 0 {
+                    return Ok(r.compact_revision());
+                }
+                if r.canceled() {
+                    break;
+                }
+            }
+            anyhow::bail!("the watch from revision 1 ended without a compaction revision")
+        };
+        tokio::time::timeout(RPC_TIMEOUT, watched).await.context("watch from revision 1 timed out")?
+    }
+
+    fn forget_compactions(&self) {
+        let mut c = self.compactions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *c = Compactions::default();
+    }
+
     /// etcd's `HashKV` at `revision`, with the member's identity and current revision; a failure is part of the
-    /// reply (the coordinator reports unreachable members, it does not guess).
+    /// reply (the coordinator reports unreachable members, it does not guess). Asked at a compaction etcd was
+    /// seen making, etcd answers from memory; any other revision makes etcd hash its whole key space while
+    /// holding its backend, which this agent does only for a database within the scan limit (a few ms).
     pub async fn hash_kv(&self, revision: i64) -> HashKvReply {
-        let (member_id, cluster_id, current_revision) = match self.facts().await {
-            Ok(f) => (f.member_id, f.cluster_id, f.revision),
+        let facts = match self.facts().await {
+            Ok(f) => f,
             Err(e) => {
                 let result = HashKvResult::Failed { error: format!("{e:#}") };
                 return HashKvReply { member_id: 0, cluster_id: 0, current_revision: 0, result };
             }
         };
+        let (member_id, cluster_id, current_revision) = (facts.member_id, facts.cluster_id, facts.revision);
+        let held = revision > 0 && facts.hashed_compactions.contains(&revision);
+        if !held && u64::try_from(facts.db_size).unwrap_or(u64::MAX) > self.hash_scan_limit {
+            let why = format!(
+                "etcd holds no hash of revision {revision} from a compaction this agent saw, and hashing its {:.1} \
+                 MiB database afresh would stall its writes (--hashkv-scan-limit-mib {})",
+                facts.db_size as f64 / f64::from(1 << 20),
+                self.hash_scan_limit >> 20
+            );
+            return HashKvReply { member_id, cluster_id, current_revision, result: HashKvResult::Skipped { why } };
+        }
         let mut c = self.client.clone();
         // HashKV reads the whole key space: give it longer than a status call.
         let result = match tokio::time::timeout(HASH_KV_TIMEOUT, c.hash_kv(revision)).await {
             Err(_) => HashKvResult::Failed { error: format!("etcd HashKV at {} timed out", self.endpoint) },
-            Ok(Ok(r)) => HashKvResult::Hash { hash: r.hash(), compact_revision: r.compact_version() },
+            Ok(Ok(r)) => {
+                // A hash from compaction names the compaction before it; one computed now names `revision`
+                // itself: etcd no longer held it (it restarted between two polls), so nothing it held is known.
+                if held && r.compact_version() == revision {
+                    tracing::warn!(
+                        revision,
+                        "etcd hashed its key space afresh: it no longer held its compaction hashes"
+                    );
+                    self.forget_compactions();
+                }
+                HashKvResult::Hash { hash: r.hash(), compact_revision: r.compact_version() }
+            }
             // etcd's words (mvcc.ErrCompacted, mvcc.ErrFutureRev); the gRPC code alone does not tell them apart.
-            Ok(Err(e)) if e.to_string().contains("required revision has been compacted") => HashKvResult::Compacted,
+            Ok(Err(e)) if is_compacted(&e) => HashKvResult::Compacted,
             Ok(Err(e)) if e.to_string().contains("required revision is a future revision") => {
                 HashKvResult::FutureRevision
             }
@@ -121,5 +254,43 @@ impl EtcdMember {
             .await
             .context("opening etcd's snapshot stream timed out")?
             .context("open etcd snapshot stream")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_compactions_seen_happening_are_held_and_a_failed_poll_forgets_them() {
+        let mut c = Compactions::default();
+        c.observe(Some(100), true);
+        assert!(c.hashed.is_empty(), "a compaction from before the agent started may predate etcd's restart");
+        c.observe(Some(100), true);
+        c.observe(Some(200), true);
+        c.observe(Some(300), true);
+        assert_eq!(c.hashed, [200, 300]);
+        c.observe(None, true);
+        assert!(c.hashed.is_empty());
+        c.observe(Some(400), true);
+        assert!(c.hashed.is_empty(), "the first answer after a failure is a new start");
+        c.observe(Some(500), false);
+        assert!(c.hashed.is_empty(), "an etcd before 3.5.5 keeps no hashes");
+        let mut c = Compactions::default();
+        for r in 0..20 {
+            c.observe(Some(r), true);
+        }
+        assert_eq!(c.hashed, (10..20).collect::<Vec<_>>(), "etcd keeps ten");
+        c.observe(Some(5), true);
+        assert!(c.hashed.is_empty(), "a revision going back is another etcd");
+    }
+
+    #[test]
+    fn versions_compare_by_number() {
+        assert!(version_at_least("3.5.16", HASHES_SINCE));
+        assert!(version_at_least("3.6.0", HASHES_SINCE));
+        assert!(!version_at_least("3.5.4", HASHES_SINCE));
+        assert!(!version_at_least("3.4.23", HASHES_SINCE));
+        assert!(!version_at_least("", HASHES_SINCE));
     }
 }

@@ -163,6 +163,12 @@ struct Args {
     /// (a snapshot holds a read transaction open in etcd). See docs/PERFORMANCE.md.
     #[arg(long, value_name = "MIB_PER_S", default_value_t = 40, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     etcd_read_limit_mibps: u32,
+    /// The largest etcd database, MiB, whose `HashKV` (the coordinator's check that members hold the same data)
+    /// may be computed afresh: that hashes the whole key space while holding etcd's backend, stalling its
+    /// writes (~3 ms per MiB of Kubernetes data). Above it only the hashes etcd 3.5.5+ keeps from its own
+    /// compactions are used (Kubernetes compacts every 5 minutes). See docs/PERFORMANCE.md.
+    #[arg(long, value_name = "MIB", default_value_t = 16, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+    hashkv_scan_limit_mib: u64,
     /// The gate's directory (`ferry-agent gate --gate-dir`, shared with etcd's container): lets the coordinator
     /// hold, restore and restart this member in an orchestrated restore. Needs --data-dir.
     #[arg(long, requires = "data_dir")]
@@ -241,7 +247,7 @@ async fn run(args: Args) -> Result<()> {
         anyhow::bail!("the certificate in --credentials is not an agent certificate; create one with `ferryctl agent-credentials`");
     };
     let tls = EtcdTls { cacert: args.etcd_cacert, cert: args.etcd_cert, key: args.etcd_key };
-    let etcd = EtcdMember::connect(&endpoint, &tls).await?;
+    let etcd = EtcdMember::connect(&endpoint, &tls).await?.with_hash_scan_limit(args.hashkv_scan_limit_mib << 20);
 
     let cancel = CancellationToken::new();
     let signals = cancel.clone();

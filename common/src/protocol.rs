@@ -43,7 +43,9 @@ use crate::resources::{Resource, ResourceType, Selector, Timestamp};
 ///    [`RenewCsr`] (its new key stays on the node), the coordinator with a [`RenewAnswer`], the agent with a
 ///    [`RenewReply`].
 /// 15: orchestrated restores: `JobRequest::Restore` carries one [`RestoreStep`], answered by [`StepMsg`]s.
-pub const PROTOCOL_VERSION: u32 = 15;
+/// 16: `EtcdFacts::hashed_compactions` and `HashKvResult::Skipped`: members are compared at the hashes etcd
+///    computes while compacting, not by a `HashKV` that stalls etcd's writes.
+pub const PROTOCOL_VERSION: u32 = 16;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
 pub const ALPN: &[u8] = b"ferry/1";
@@ -249,6 +251,10 @@ pub struct EtcdFacts {
     pub leader_id: u64,
     /// Set when the member could not be reached; the other fields are then from the last good report.
     pub error: Option<String>,
+    /// Compaction revisions whose key-space hash etcd holds (it hashed while compacting, and this agent saw the
+    /// compaction happen): `HashKV` there costs etcd nothing. Oldest first, at most ten.
+    #[serde(default)]
+    pub hashed_compactions: Vec<i64>,
 }
 
 /// Agent → coordinator on the control stream.
@@ -564,6 +570,9 @@ pub enum HashKvResult {
     FutureRevision,
     /// etcd could not be asked.
     Failed { error: String },
+    /// Not asked: etcd would have hashed its key space afresh, stalling its writes, on a database above the
+    /// agent's scan limit.
+    Skipped { why: String },
 }
 
 /// The result of a finished snapshot pipeline; the coordinator checks it against what it received.

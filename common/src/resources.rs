@@ -617,6 +617,10 @@ pub struct AgentSpec {
     /// The member's etcd revision at the last report.
     #[serde(default)]
     pub revision: i64,
+    /// The newest compaction whose key-space hash etcd holds, as the agent saw it happen (0: none yet): the
+    /// revision the members' data are compared at without stalling etcd.
+    #[serde(default)]
+    pub hashedcompaction: i64,
     pub leader: bool,
     /// Empty when the agent reaches its etcd member.
     #[serde(default)]

@@ -304,6 +304,7 @@ fn agent_spec(cluster: &str, a: &LiveAgent, connected: bool) -> AgentSpec {
         dbsize: f.db_size,
         raftappliedindex: f.raft_applied_index,
         revision: f.revision,
+        hashedcompaction: f.hashed_compactions.last().copied().unwrap_or_default(),
         leader: f.leader,
         etcderror: f.error.unwrap_or_default(),
         agentversion: a.software_version.clone(),

@@ -216,6 +216,7 @@ impl SimAgent {
             leader: self.member == 0,
             leader_id: cluster_id * 16,
             error: None,
+            hashed_compactions: Vec::new(),
         }
     }
 }

@@ -1,13 +1,17 @@
 //! Before a backup: do the members hold the same data? A member whose key space silently diverged (etcd
 //! corruption) takes a snapshot that restores perfectly and is wrong; a restore drill cannot see it.
 //!
-//! Every connected member's agent is asked for etcd's `HashKV` at one common revision: the lowest revision
-//! the members reported (so every member has it), moved up to the lowest current revision when a member
-//! says it is compacted. Hashes are compared only between members of the majority's etcd cluster ID (an
-//! agent pointed at an etcd holding other data is caught by its cluster ID alone) and with the same compact
-//! revision. A member outside the majority is *diverged* and is never chosen for a backup. Without a strict
-//! majority nothing is excluded (there is nobody to believe), but the disagreement is reported. Members that do
-//! not answer are reported as unreachable, not guessed.
+//! Every connected member's agent is asked for etcd's `HashKV` at one common revision. First choice: a
+//! compaction revision whose hash at least two members hold (etcd 3.5.5+ hashes its key space while it
+//! compacts, in small batches, and keeps the last ten): asking there costs etcd nothing. Any other `HashKV`
+//! hashes the whole key space while holding etcd's backend — seconds of stalled writes on a large database —
+//! so without such a compaction the lowest revision the members reported is asked, and each agent answers it
+//! only for a database within its scan limit (`--hashkv-scan-limit-mib`), else says it skipped. Hashes are
+//! compared only between members of the majority's etcd cluster ID (an agent pointed at an etcd holding other
+//! data is caught by its cluster ID alone) and with the same compaction behind them. A member outside the
+//! majority is *diverged* and is never chosen for a backup. Without a strict majority nothing is excluded
+//! (there is nobody to believe), but the disagreement is reported. Members that do not answer, or skip, are
+//! reported as not compared, not guessed.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -64,13 +68,17 @@ impl Divergence {
 
 /// Asks every agent in `agents` (the cluster's connected ones that reach etcd) and judges their answers.
 pub async fn check(agents: &[LiveAgent], cancel: &CancellationToken) -> Divergence {
+    let facts: Vec<&ferry_common::protocol::EtcdFacts> =
+        agents.iter().filter_map(|a| a.facts.as_ref().filter(|f| f.error.is_none())).collect();
+    if let Some(revision) = common_compaction(&facts) {
+        let replies = tokio::select! {
+            r = ask_all(agents, revision) => r,
+            () = cancel.cancelled() => return Divergence::default(),
+        };
+        return judge(revision, &replies);
+    }
     // Revisions of 0 or below are no revision: one member saying 0 must not turn the check off for all.
-    let Some(mut revision) = agents
-        .iter()
-        .filter_map(|a| a.facts.as_ref().filter(|f| f.error.is_none()).map(|f| f.revision))
-        .filter(|r| *r > 0)
-        .min()
-    else {
+    let Some(mut revision) = facts.iter().map(|f| f.revision).filter(|r| *r > 0).min() else {
         let inconclusive = (!agents.is_empty()).then(|| "not compared: no member reported a revision above 0".into());
         return Divergence { inconclusive, ..Default::default() };
     };
@@ -95,6 +103,22 @@ pub async fn check(agents: &[LiveAgent], cancel: &CancellationToken) -> Divergen
         }
     }
     judge(revision, &replies)
+}
+
+/// The newest compaction revision whose hash the most members hold, when at least two hold one. An agent's
+/// list is its word: revisions above its reported revision, or beyond the ten etcd keeps, are not believed.
+fn common_compaction(facts: &[&ferry_common::protocol::EtcdFacts]) -> Option<i64> {
+    let mut held: HashMap<i64, usize> = HashMap::new();
+    for f in facts {
+        let mut own: Vec<i64> =
+            f.hashed_compactions.iter().rev().take(10).copied().filter(|r| *r > 0 && *r <= f.revision).collect();
+        own.sort_unstable();
+        own.dedup();
+        for r in own {
+            *held.entry(r).or_default() += 1;
+        }
+    }
+    held.into_iter().filter(|(_, n)| *n >= 2).max_by_key(|(r, n)| (*n, *r)).map(|(r, _)| r)
 }
 
 /// Asks every agent at once; answers in the agents' order.
@@ -148,12 +172,14 @@ pub fn judge(revision: i64, replies: &Replies) -> Divergence {
         match r {
             Ok(reply) => match &reply.result {
                 HashKvResult::Failed { error } => d.unreachable.push((member.clone(), error.clone())),
+                HashKvResult::Skipped { why } => d.unreachable.push((member.clone(), why.clone())),
                 _ => answered.push((member, reply)),
             },
             Err(e) => d.unreachable.push((member.clone(), e.clone())),
         }
     }
     // The etcd cluster ID first: a strict majority of the answering members sets it.
+    d.unreachable.sort();
     let Some(cluster_id) = strict_majority(answered.iter().map(|(_, r)| r.cluster_id), answered.len()) else {
         if answered.len() > 1 {
             d.inconclusive = Some(format!(
@@ -177,8 +203,10 @@ pub fn judge(revision: i64, replies: &Replies) -> Divergence {
             ));
         }
     }
-    // Then the hashes, among members that could hash at this revision with the same compaction.
-    let hashes: Vec<(&str, (u32, i64))> = same
+    // Then the hashes, among members that could hash at this revision with the same compaction behind them:
+    // a hash etcd kept from compacting names the compaction before; one computed afresh (a member that
+    // restarted since) names this one, and covers other key versions.
+    let hashed: Vec<(&str, (u32, i64))> = same
         .iter()
         .filter_map(|(m, r)| match r.result {
             HashKvResult::Hash { hash, compact_revision } => Some((*m, (hash, compact_revision))),
@@ -188,6 +216,22 @@ pub fn judge(revision: i64, replies: &Replies) -> Divergence {
     for (m, r) in &same {
         if !matches!(r.result, HashKvResult::Hash { .. }) {
             d.unreachable.push((m.to_string(), format!("could not hash at revision {revision}: {:?}", r.result)));
+        }
+    }
+    let base = most_common(hashed.iter().map(|(_, (_, c))| *c));
+    let mut hashes = Vec::new();
+    for (m, (hash, compact)) in hashed {
+        if Some(compact) == base {
+            hashes.push((m, (hash, compact)));
+        } else {
+            d.unreachable.push((
+                m.to_string(),
+                format!(
+                    "not compared: its hash at revision {revision} covers key versions from compaction {compact}, \
+                     the others' from {}",
+                    base.unwrap_or_default()
+                ),
+            ));
         }
     }
     match strict_majority(hashes.iter().map(|(_, h)| *h), hashes.len()) {
@@ -218,6 +262,15 @@ pub fn judge(revision: i64, replies: &Replies) -> Divergence {
     d.unreachable.sort();
     d.agreeing.sort();
     d
+}
+
+/// The most common value (the largest among equals).
+fn most_common(values: impl Iterator<Item = i64>) -> Option<i64> {
+    let mut counts: HashMap<i64, usize> = HashMap::new();
+    for v in values {
+        *counts.entry(v).or_default() += 1;
+    }
+    counts.into_iter().max_by_key(|(v, n)| (*n, *v)).map(|(v, _)| v)
 }
 
 /// The value more than half of `total` share, if any.
@@ -262,6 +315,42 @@ mod tests {
     fn another_cluster_id_is_diverged_whatever_its_hash() {
         let d = judge(50, &[r("a", hashed(7, 1)), r("b", hashed(7, 1)), r("c", hashed(9, 1))]);
         assert!(d.is_diverged("c") && d.diverged[0].1.contains("another etcd cluster"), "{d:?}");
+    }
+
+    #[test]
+    fn a_member_whose_hash_covers_another_compaction_or_that_skipped_is_not_compared_not_diverged() {
+        let fresh = Ok(HashKvReply {
+            member_id: 1,
+            cluster_id: 7,
+            current_revision: 100,
+            result: HashKvResult::Hash { hash: 9, compact_revision: 50 },
+        });
+        let skipped = Ok(HashKvReply {
+            member_id: 1,
+            cluster_id: 7,
+            current_revision: 100,
+            result: HashKvResult::Skipped { why: "too big".into() },
+        });
+        let d = judge(50, &[r("a", hashed(7, 1)), r("b", hashed(7, 1)), r("c", fresh), r("d", skipped)]);
+        assert!(d.diverged.is_empty(), "{d:?}");
+        assert_eq!(d.agreeing, ["a", "b"]);
+        assert_eq!(d.unreachable.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>(), ["c", "d"]);
+        assert!(d.unreachable[0].1.contains("from compaction 50, the others' from 5"), "{d:?}");
+    }
+
+    fn facts(revision: i64, hashed_compactions: Vec<i64>) -> ferry_common::protocol::EtcdFacts {
+        ferry_common::protocol::EtcdFacts { revision, hashed_compactions, ..Default::default() }
+    }
+
+    #[test]
+    fn the_compaction_most_members_hold_is_chosen_and_a_lone_or_impossible_claim_is_not() {
+        let (a, b, c) = (facts(900, vec![100, 400, 700]), facts(900, vec![400, 700]), facts(900, vec![700, 800]));
+        assert_eq!(common_compaction(&[&a, &b, &c]), Some(700));
+        // 800 is c's alone; 5000 is above the revision its agent reports.
+        let liar = facts(900, vec![5000]);
+        assert_eq!(common_compaction(&[&liar, &facts(6000, vec![5000])]), None);
+        assert_eq!(common_compaction(&[&a, &facts(900, vec![])]), None);
+        assert_eq!(common_compaction(&[&a, &b]), Some(700));
     }
 
     #[test]

@@ -182,14 +182,18 @@ async fn an_agent_reaching_an_etcd_with_other_data_is_caught_and_never_backed_up
     }
     c.wait_agents_connected(CLUSTER, &["m1", "m2", "m3"], Duration::from_secs(30)).await?;
 
-    backups_never_from_m3(&c, port, "another etcd cluster").await?;
+    backups_never_from_m3(&c, port, "another etcd cluster", None).await?;
     Ok(())
 }
 
 /// Three backups in a row, none from m3: each member check names m3 alone as diverged, saying `why`; every
 /// manifest names another member; the metric says m3 diverged. Returns the backups, newest first.
-async fn backups_never_from_m3(c: &Coordinator, port: u16, why: &str) -> anyhow::Result<Vec<Value>> {
-    let mut previous: Option<Value> = None;
+async fn backups_never_from_m3(
+    c: &Coordinator,
+    port: u16,
+    why: &str,
+    mut previous: Option<Value>,
+) -> anyhow::Result<Vec<Value>> {
     for _ in 0..3 {
         let (_, status) = backup(c, previous.as_ref()).await?;
         assert_ne!(status["member"], "m3", "a backup was taken from the diverged member: {status}");
@@ -200,7 +204,8 @@ async fn backups_never_from_m3(c: &Coordinator, port: u16, why: &str) -> anyhow:
         assert!(check["revision"].as_i64().is_some_and(|r| r > 0), "{status}");
         previous = Some(status);
     }
-    let backups = c.backups(CLUSTER).await?;
+    // The three newest (listings are newest first).
+    let backups: Vec<Value> = c.backups(CLUSTER).await?.into_iter().take(3).collect();
     let members: Vec<&str> = backups.iter().filter_map(|b| b["spec"]["member"].as_str()).collect();
     assert_eq!(members.len(), 3, "{members:?}");
     assert!(members.iter().all(|m| *m != "m3"), "every manifest names another member: {members:?}");
@@ -249,9 +254,8 @@ async fn marked_value_on(url: &str) -> anyhow::Result<Option<Vec<u8>>> {
     Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
 }
 
-#[tokio::test]
-async fn a_member_whose_bbolt_file_was_altered_on_disk_is_caught_by_hashkv_and_never_backed_up_from(
-) -> anyhow::Result<()> {
+/// A 3-member etcd whose m3 serves an altered value of `MARKED_KEY` from its own bbolt file.
+async fn etcd_with_m3_altered() -> anyhow::Result<EtcdCluster> {
     let mut etcd = EtcdCluster::start(3).await?;
     etcd.put_keys(100).await?;
     let mut client = etcd.client().await?;
@@ -276,11 +280,12 @@ async fn a_member_whose_bbolt_file_was_altered_on_disk_is_caught_by_hashkv_and_n
     assert_eq!(marked_value_on(&victim).await?.as_deref(), Some(ALTERED), "m3 reads its altered bbolt file");
     let healthy = etcd.member(0).client_url().to_owned();
     assert_eq!(marked_value_on(&healthy).await?.as_deref(), Some(ORIGINAL));
+    Ok(etcd)
+}
 
-    let (c, port) = coordinator().await?;
-    let _agents = c.start_agents(CLUSTER, &etcd).await?;
-    // m3's agent reaches a healthy follower: without the member check it would be one of the two followers the
-    // scheduler rotates between, so one of any two backups in a row would come from it.
+/// Waits until m3's agent reports a healthy follower: without the member check it would be one of the two
+/// followers the scheduler rotates between, so one of any two backups in a row would come from it.
+async fn wait_m3_follower(c: &Coordinator) -> anyhow::Result<()> {
     poll_until(
         "m3's agent to report a healthy follower",
         Duration::from_secs(60),
@@ -291,9 +296,18 @@ async fn a_member_whose_bbolt_file_was_altered_on_disk_is_caught_by_hashkv_and_n
             Ok(m3.filter(|s| s["etcderror"] == "" && s["leader"] == false && s["etcdversion"] != "").map(|_| ()))
         },
     )
-    .await?;
+    .await
+}
 
-    let backups = backups_never_from_m3(&c, port, "key space differs").await?;
+#[tokio::test]
+async fn a_member_whose_bbolt_file_was_altered_on_disk_is_caught_by_hashkv_and_never_backed_up_from(
+) -> anyhow::Result<()> {
+    let etcd = etcd_with_m3_altered().await?;
+    let (c, port) = coordinator().await?;
+    let _agents = c.start_agents(CLUSTER, &etcd).await?;
+    wait_m3_follower(&c).await?;
+
+    let backups = backups_never_from_m3(&c, port, "key space differs", None).await?;
 
     // The backup holds what the cluster agreed on, not m3's altered bytes.
     let id = backups.first().and_then(|b| b["metadata"]["id"].as_str()).context("backup id")?.to_owned();
@@ -303,6 +317,53 @@ async fn a_member_whose_bbolt_file_was_altered_on_disk_is_caught_by_hashkv_and_n
     let restored = restore_and_read_raw(&snapshot).await?;
     assert_eq!(restored.get(MARKED_KEY).map(Vec::as_slice), Some(ORIGINAL), "the restored value");
     assert_eq!(restored.keys().filter(|k| k.starts_with(TEST_PREFIX)).count(), 100);
+    Ok(())
+}
+
+/// Issue 29: the member check never makes etcd hash its key space afresh (which holds etcd's backend, stalling
+/// its writes for seconds on a large database). With the agents' scan limit at 0 every database is "large":
+/// before any compaction nothing is compared and the backup goes on; once etcd compacts (kube-apiserver does
+/// every 5 minutes) the members are compared at the hash etcd computed while compacting, and m3's altered data
+/// is caught there.
+#[tokio::test]
+async fn members_are_compared_at_the_hashes_etcd_keeps_from_compacting_and_never_hashed_afresh_above_the_limit(
+) -> anyhow::Result<()> {
+    let etcd = etcd_with_m3_altered().await?;
+    let (c, port) = coordinator().await?;
+    let mut agents = Vec::new();
+    for member in etcd.members() {
+        let creds = c.issue_agent_credentials(CLUSTER, member.name()).await?;
+        let args = ["--hashkv-scan-limit-mib".to_owned(), "0".to_owned()];
+        agents.push(Agent::start_with_args(&c, &creds, member.client_url(), &args)?);
+    }
+    c.wait_agents_connected(CLUSTER, &["m1", "m2", "m3"], Duration::from_secs(30)).await?;
+    wait_m3_follower(&c).await?;
+
+    let (_, status) = backup(&c, None).await?;
+    let check = &status["membercheck"];
+    assert_eq!(check["diverged"], json!([]), "nothing compared, nobody excluded: {status}");
+    assert_eq!(check["unreachable"], json!(["m1", "m2", "m3"]), "{status}");
+    assert!(check["message"].as_str().unwrap_or_default().contains("would stall its writes"), "{status}");
+
+    let mut client = etcd.client().await?;
+    let revision = client.get("any", None).await.map_err(|e| anyhow::anyhow!("get: {e:?}"))?;
+    let revision = revision.header().map(|h| h.revision()).context("revision")?;
+    client.compact(revision, None).await.map_err(|e| anyhow::anyhow!("compact: {e:?}"))?;
+    poll_until("every agent to see the compaction", Duration::from_secs(40), Duration::from_millis(500), || async {
+        let agents = c.connected_agents(CLUSTER).await?;
+        let seen = agents.iter().filter(|a| a["spec"]["hashedcompaction"] == revision).count();
+        Ok((seen == 3).then_some(()))
+    })
+    .await?;
+    let backups = backups_never_from_m3(&c, port, "key space differs", Some(status)).await?;
+    let status = c.backup_status(CLUSTER).await?;
+    assert_eq!(status["membercheck"]["revision"], revision, "compared at the compaction: {status}");
+    assert_eq!(status["membercheck"]["unreachable"], json!([]), "{status}");
+    assert!(backups.len() >= 3);
+    for a in &agents {
+        let log = std::fs::read_to_string(a.log_path())?;
+        assert!(!log.contains("hashed its key space afresh"), "{}", a.log_path().display());
+    }
     Ok(())
 }
 

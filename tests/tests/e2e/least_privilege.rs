@@ -45,6 +45,7 @@ pub(crate) fn sane_facts(member_id: u64) -> EtcdFacts {
         leader: true,
         leader_id: member_id,
         error: None,
+        hashed_compactions: Vec::new(),
     }
 }
 
@@ -770,5 +771,70 @@ async fn a_download_the_client_stops_reading_is_dropped() -> anyhow::Result<()> 
     .await
     .context("the dropped stream neither ended nor failed")?;
     assert!(!ended_cleanly, "the stalled download was completed after all");
+    Ok(())
+}
+
+/// Issue 29: the members are compared at a compaction whose hash etcd keeps, so that no `HashKV` makes etcd
+/// hash its key space afresh (stalling its writes). Which compactions a member holds is its agent's word: a
+/// hostile m3 claiming thousands of them, none of which the honest members hold, cannot make the check ask
+/// them there. m1 and m2 (scan limit 0: they never hash afresh) are compared at the compaction they saw.
+#[tokio::test]
+async fn a_member_lying_about_its_compaction_hashes_cannot_choose_where_the_others_are_hashed() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(3).await?;
+    etcd.put_keys(50).await?;
+    let mut m3_client = crate::fixtures::etcd::connect(&[etcd.member(2).client_url().to_owned()]).await?;
+    let header = m3_client.status().await?.header().cloned().context("status header")?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let mut honest = Vec::new();
+    for member in &etcd.members()[..2] {
+        let creds = coordinator.issue_agent_credentials("prod", member.name()).await?;
+        let args = ["--hashkv-scan-limit-mib".to_owned(), "0".to_owned()];
+        honest.push(crate::fixtures::Agent::start_with_args(&coordinator, &creds, member.client_url(), &args)?);
+    }
+    let creds = coordinator.issue_agent_credentials("prod", "m3").await?;
+    let mut liar = HostileAgent::connect(&coordinator, &creds).await?;
+    coordinator.wait_agents_connected("prod", &["m1", "m2"], BACKUP_TIMEOUT).await?;
+
+    let mut client = etcd.client().await?;
+    let revision = client.get("any", None).await?.header().map(|h| h.revision()).context("revision")?;
+    client.compact(revision, None).await?;
+    poll_until("m1 and m2 to see the compaction", Duration::from_secs(40), Duration::from_millis(500), || async {
+        let agents = coordinator.connected_agents("prod").await?;
+        Ok((agents.iter().filter(|a| a["spec"]["hashedcompaction"] == revision).count() == 2).then_some(()))
+    })
+    .await?;
+    let lies: Vec<i64> = (revision + 1..revision + 5000).chain([i64::MAX, -1, 0]).collect();
+    let facts = EtcdFacts {
+        member_id: header.member_id(),
+        cluster_id: header.cluster_id(),
+        revision: revision + 10_000,
+        leader: false,
+        hashed_compactions: lies,
+        ..sane_facts(header.member_id())
+    };
+    liar.report(facts).await?;
+    coordinator.wait_agents_connected("prod", &["m1", "m2", "m3"], BACKUP_TIMEOUT).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let previous = coordinator.backup_status("prod").await.unwrap_or_default();
+    coordinator.manual_backup("prod").await?;
+    // The liar answers the member check as an etcd that cannot be asked, and drops a backup job if it gets one
+    // (the coordinator then moves on to an honest member).
+    let status = loop {
+        tokio::select! {
+            j = liar.next_job(BACKUP_TIMEOUT) => drop(j?),
+            s = coordinator.wait_next_backup_status("prod", &previous, BACKUP_TIMEOUT) => break s?,
+        }
+    };
+    assert_eq!(status["status"], STATUS_OK, "{status:#}");
+    let check = &status["membercheck"];
+    assert_eq!(check["revision"], revision, "compared at the compaction the honest members hold: {status:#}");
+    assert_eq!(check["diverged"], serde_json::json!([]), "{status:#}");
+    assert_eq!(check["unreachable"], serde_json::json!(["m3"]), "m1 and m2 were compared: {status:#}");
+    for a in &honest {
+        let log = std::fs::read_to_string(a.log_path())?;
+        assert!(!log.contains("afresh"), "{}", a.log_path().display());
+    }
+    liar.close().await;
     Ok(())
 }
