@@ -19,8 +19,9 @@ use ferry_common::resources::Timestamp;
 use quinn::{RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use crate::backoff::Pacer;
+use crate::backoff::{Pacer, PacingReport, PacingSettings};
 use crate::etcd::EtcdMember;
 use crate::metrics::METRICS;
 use crate::pipeline::{Compressed, Compressor, SnapshotVerifier, Verified};
@@ -32,7 +33,7 @@ use crate::upload::{JobLink, MultipartUpload};
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Messages in flight between stages (etcd sends 32 KiB messages; compressed chunks are up to DATA_CHUNK).
 const CHANNEL_DEPTH: usize = 8;
-/// etcd's messages are joined to this size for the compressor when the read is capped.
+/// etcd's messages are joined to this size for the compressor while the read is limited.
 const CAPPED_BATCH: usize = 128 << 10;
 /// Progress is reported at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -45,11 +46,8 @@ pub struct PipelineSettings {
     pub zstd_workers: u32,
     /// Nice value of the compression thread (and zstd's workers, which inherit it): 0 leaves it as is.
     pub nice: i32,
-    /// Pause reading etcd's snapshot while its latency is above this × its latency before the backup
-    /// (≤ 1: never).
-    pub backoff_factor: f64,
-    /// Bytes per second read from etcd's snapshot stream at most (0: unlimited).
-    pub read_limit_bps: u64,
+    /// How fast etcd's snapshot is read.
+    pub pacing: PacingSettings,
 }
 
 /// Runs a backup job on a job stream the coordinator opened; reports failure on the stream itself.
@@ -130,13 +128,13 @@ async fn pump(
 ) -> Result<BackupSummary> {
     // Checked before etcd is asked for anything: a bad recipient fails the job at once.
     let recipients = parse_recipients(&job.recipients).context("the job's encryption recipients")?;
-    let pacer = Pacer::start(etcd, pipeline.backoff_factor).await;
+    // Before the snapshot opens: etcd's latency without it is the baseline.
+    let pacer = Pacer::prepare(etcd, pipeline.pacing, cancel.child_token()).await;
     let snapshot = etcd.snapshot().await?;
     let (raw_tx, raw_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
     let (progress_tx, progress_rx) = tokio::sync::watch::channel(0u64);
-    let read_limit = pipeline.read_limit_bps;
-    let mut reader = AbortOnDrop(tokio::spawn(read_etcd(snapshot, raw_tx, progress_tx, pacer, read_limit)));
+    let mut reader = AbortOnDrop(tokio::spawn(read_etcd(snapshot, raw_tx, progress_tx, pacer).in_current_span()));
     let level = job.zstd_level;
     let compressor = tokio::task::spawn_blocking(move || compress(raw_rx, out_tx, level, &recipients, pipeline));
 
@@ -224,6 +222,8 @@ struct IdleOnDrop;
 impl Drop for IdleOnDrop {
     fn drop(&mut self) {
         METRICS.job_throughput.set(0.0);
+        METRICS.read_rate.set(0.0);
+        METRICS.read_limit.set(0.0);
     }
 }
 
@@ -240,65 +240,72 @@ async fn read_etcd(
     mut snapshot: etcd_client::SnapshotStreaming,
     raw_tx: mpsc::Sender<Vec<u8>>,
     progress: tokio::sync::watch::Sender<u64>,
-    mut pacer: Pacer,
-    read_limit_bps: u64,
+    pacer: Pacer,
 ) -> Result<Verified> {
     let mut verifier = SnapshotVerifier::default();
-    let mut read_limit: Option<Throttle> = None;
+    let mut next = next_message(&mut snapshot).await?;
+    // Started at the first message, which tells the snapshot's size (the floor rises for a large one).
+    let pace = pacer.start(next.as_ref().map_or(0, |m| m.blob().len() as u64 + m.remaining_bytes()));
+    let mut throttle = Throttle::new(0);
     let mut batch = Vec::new();
-    loop {
-        pacer.wait().await;
-        let msg = tokio::time::timeout(STALL_TIMEOUT, snapshot.message())
-            .await
-            .map_err(|_| anyhow!("etcd sent no snapshot data for {}s", STALL_TIMEOUT.as_secs()))?
-            .context("read etcd snapshot stream")?;
-        let Some(msg) = msg else { break };
-        METRICS.etcd_read_bytes.inc_by(msg.blob().len() as u64);
-        let limit = read_limit.get_or_insert_with(|| {
-            Throttle::new(read_rate(read_limit_bps, msg.blob().len() as u64 + msg.remaining_bytes()))
-        });
-        limit.consume(msg.blob().len()).await;
+    while let Some(msg) = next {
+        let n = msg.blob().len();
+        METRICS.etcd_read_bytes.inc_by(n as u64);
+        pace.read(n);
+        throttle.set_rate(pace.limit());
+        throttle.consume(n).await;
         if let Some(data) = verifier.push(msg.blob().to_vec()) {
-            if read_limit_bps == 0 {
+            if throttle.rate() == 0 && batch.is_empty() {
                 forward(&raw_tx, data).await?;
             } else {
-                // Under the cap the compressor waits on every message: one wake-up per 128 KiB, not per
-                // 32 KiB (a quarter of a second of CPU per GB).
+                // While the read is limited the compressor waits on every message: one wake-up per 128 KiB,
+                // not per 32 KiB (a quarter of a second of CPU per GB). Without a limit, what is batched goes.
                 batch.extend_from_slice(&data);
-                if batch.len() >= CAPPED_BATCH {
+                if batch.len() >= CAPPED_BATCH || throttle.rate() == 0 {
                     forward(&raw_tx, std::mem::replace(&mut batch, Vec::with_capacity(CAPPED_BATCH))).await?;
                 }
             }
             progress.send_replace(verifier.db_bytes());
         }
+        next = next_message(&mut snapshot).await?;
     }
     if !batch.is_empty() {
         forward(&raw_tx, batch).await?;
     }
     let verified = verifier.finish()?;
-    if !pacer.paused().is_zero() {
-        tracing::info!(
-            paused_ms = pacer.paused().as_millis() as u64,
-            "paused reading etcd's snapshot while etcd was slow"
-        );
-    }
+    log_pacing(&pace.finish().await);
     forward(&raw_tx, verified.trailer.clone()).await?;
     progress.send_replace(verified.file_bytes);
     Ok(verified)
 }
 
-/// A limited read of etcd's snapshot takes at most this long: the snapshot holds a bbolt read transaction
-/// open in etcd all along (pages freed meanwhile cannot be reused, so a busy database grows), and a large
-/// database is read faster than the limit rather than for longer.
-const MAX_LIMITED_READ: Duration = Duration::from_secs(120);
+/// etcd's next snapshot message; `None` at the end of the stream.
+async fn next_message(snapshot: &mut etcd_client::SnapshotStreaming) -> Result<Option<etcd_client::SnapshotResponse>> {
+    tokio::time::timeout(STALL_TIMEOUT, snapshot.message())
+        .await
+        .map_err(|_| anyhow!("etcd sent no snapshot data for {}s", STALL_TIMEOUT.as_secs()))?
+        .context("read etcd snapshot stream")
+}
 
-/// The read rate for a snapshot of `total` bytes: the limit, raised so the read ends within
-/// [`MAX_LIMITED_READ`]; 0 (unlimited) stays 0.
-fn read_rate(limit_bps: u64, total: u64) -> u64 {
-    if limit_bps == 0 {
-        return 0;
-    }
-    limit_bps.max(total / MAX_LIMITED_READ.as_secs())
+/// One line per backup: how fast etcd's snapshot was read and how long etcd's latency held it back.
+fn log_pacing(r: &PacingReport) {
+    let mib_per_s = |bps: u64| format!("{:.1}", bps as f64 / f64::from(1 << 20));
+    let secs = r.elapsed.as_secs_f64().max(0.001);
+    let avg = mib_per_s((r.read as f64 / secs) as u64);
+    let secs = format!("{secs:.2}");
+    let Some(s) = r.summary else {
+        tracing::info!(avg_mib_per_s = %avg, %secs, "read etcd's snapshot (its pacing failed)");
+        return;
+    };
+    tracing::info!(
+        avg_mib_per_s = %avg,
+        %secs,
+        min_limit_mib_per_s = %s.min_limit.map_or_else(|| "none".to_string(), mib_per_s),
+        slowed_secs = %format!("{:.2}", s.slowed.as_secs_f64()),
+        cuts = s.cuts,
+        adaptive = r.adapted,
+        "read etcd's snapshot"
+    );
 }
 
 async fn forward(tx: &mpsc::Sender<Vec<u8>>, data: Vec<u8>) -> Result<()> {
@@ -384,15 +391,6 @@ impl Drop for RestorePriority {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_large_snapshot_is_read_faster_than_the_limit_rather_than_for_longer() {
-        let mib = 1u64 << 20;
-        assert_eq!(read_rate(0, 8 << 30), 0, "unlimited stays unlimited");
-        assert_eq!(read_rate(40 * mib, mib << 10), 40 * mib, "1 GiB at 40 MiB/s: 26 s");
-        // 8 GiB at 40 MiB/s would hold etcd's read transaction for 205 s.
-        assert_eq!(read_rate(40 * mib, 8 << 30), (8 << 30) / 120);
-    }
 
     /// The loop shape of `pump`: a progress tick far more often than the stall limit, and no data. The stall
     /// must still fire (scaled down: 50 ms ticks, 300 ms limit).

@@ -6,6 +6,7 @@ pub mod gate;
 pub mod job;
 pub mod link;
 pub mod metrics;
+pub mod pacing;
 pub mod pipeline;
 pub mod restore;
 pub mod restore_steps;

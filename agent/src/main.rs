@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use ferry_agent::backoff::PacingSettings;
 use ferry_agent::etcd::{EtcdMember, EtcdTls};
 use ferry_agent::job::PipelineSettings;
 use ferry_agent::link::Link;
@@ -153,15 +154,16 @@ struct Args {
     /// request decides (docs/DEPLOY.md).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
     pipeline_nice: i32,
-    /// Pause reading etcd's snapshot while etcd's read latency stands above FACTOR × its latency before the
-    /// backup (at most half the backup's time; 0 or 1: never). See docs/PERFORMANCE.md.
+    /// How sensitive the read of etcd's snapshot is to etcd's latency: it starts at full speed (or the
+    /// ceiling), is halved while etcd, being written to, answers slower than FACTOR × its latency before the
+    /// backup (and 2 ms above it), and recovers while etcd is quiet; never below --etcd-read-floor-mibps.
+    /// 0 or 1: no adapting, the read goes at the ceiling. See docs/PERFORMANCE.md.
     #[arg(long, value_name = "FACTOR", default_value_t = 2.0, value_parser = backoff_factor)]
     etcd_latency_backoff: f64,
-    /// Read etcd's snapshot at most this fast, MiB/s (0: as fast as the pipeline goes). etcd spends CPU
-    /// serving the stream; spread over a longer backup it collides less with etcd's writes (measured on 2
-    /// cores: p99 put latency ~2× idle at 40, 8–12× uncapped). Raised so that no read takes over 2 minutes
-    /// (a snapshot holds a read transaction open in etcd). See docs/PERFORMANCE.md.
-    #[arg(long, value_name = "MIB_PER_S", default_value_t = 40, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    /// Read etcd's snapshot at most this fast, MiB/s, whatever etcd's latency allows (0: no ceiling, as fast
+    /// as the pipeline goes while etcd stays fast). Raised so that no read takes over 2 minutes (a snapshot
+    /// holds a read transaction open in etcd).
+    #[arg(long, value_name = "MIB_PER_S", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     etcd_read_limit_mibps: u32,
     /// The largest etcd database, MiB, whose `HashKV` (the coordinator's check that members hold the same data)
     /// may be computed afresh: that hashes the whole key space while holding etcd's backend, stalling its
@@ -169,6 +171,11 @@ struct Args {
     /// compactions are used (Kubernetes compacts every 5 minutes). See docs/PERFORMANCE.md.
     #[arg(long, value_name = "MIB", default_value_t = 16, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
     hashkv_scan_limit_mib: u64,
+    /// Read etcd's snapshot at least this fast, MiB/s, however slow etcd answers: the snapshot holds a read
+    /// transaction open in etcd until it is read. Raised so that no read takes over 2 minutes; a ceiling
+    /// below it wins.
+    #[arg(long, value_name = "MIB_PER_S", default_value_t = 20, value_parser = read_floor)]
+    etcd_read_floor_mibps: u32,
     /// The gate's directory (`ferry-agent gate --gate-dir`, shared with etcd's container): lets the coordinator
     /// hold, restore and restart this member in an orchestrated restore. Needs --data-dir.
     #[arg(long, requires = "data_dir")]
@@ -182,10 +189,22 @@ struct Args {
     restore_client_url: String,
 }
 
+fn read_floor(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(f) if (1..=100_000).contains(&f) => Ok(f),
+        _ => Err(format!(
+            "`{s}` is not a floor: give MiB/s from 1 to 100000, e.g. 20 (the read never stops: etcd holds a read \
+             transaction open until the snapshot is read)"
+        )),
+    }
+}
+
 fn backoff_factor(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(f) if f == 0.0 || (1.0..=100.0).contains(&f) => Ok(f),
-        _ => Err(format!("`{s}` is not a factor: give 0 (off) or a number from 1 to 100, e.g. 2")),
+        _ => Err(format!(
+            "`{s}` is not a factor: give 0 (read at the ceiling, no adapting) or a number from 1 to 100, e.g. 2"
+        )),
     }
 }
 
@@ -287,8 +306,11 @@ async fn run(args: Args) -> Result<()> {
         let pipeline = PipelineSettings {
             zstd_workers: args.zstd_workers,
             nice: args.pipeline_nice,
-            backoff_factor: args.etcd_latency_backoff,
-            read_limit_bps: u64::from(args.etcd_read_limit_mibps) << 20,
+            pacing: PacingSettings {
+                sensitivity: args.etcd_latency_backoff,
+                floor_bps: u64::from(args.etcd_read_floor_mibps) << 20,
+                ceiling_bps: u64::from(args.etcd_read_limit_mibps) << 20,
+            },
         };
         Link {
             coordinator,

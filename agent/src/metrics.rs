@@ -23,6 +23,8 @@ pub struct AgentMetrics {
     pub upload_parts: Family<PartLabels, Counter>,
     pub job_throughput: Gauge<f64, AtomicU64>,
     pub backoff_seconds: Counter<f64, AtomicU64>,
+    pub read_rate: Gauge<f64, AtomicU64>,
+    pub read_limit: Gauge<f64, AtomicU64>,
     pub coordinator_connected: Gauge,
     pub etcd_up: Gauge,
     rss: Gauge,
@@ -42,6 +44,8 @@ impl AgentMetrics {
             upload_parts: Family::default(),
             job_throughput: Gauge::default(),
             backoff_seconds: Counter::default(),
+            read_rate: Gauge::default(),
+            read_limit: Gauge::default(),
             coordinator_connected: Gauge::default(),
             etcd_up: Gauge::default(),
             rss: Gauge::default(),
@@ -58,8 +62,18 @@ impl AgentMetrics {
         );
         agent.register(
             "backoff_seconds",
-            "Time backups spent not reading etcd's snapshot because etcd's latency had risen",
+            "Time backups spent reading etcd's snapshot below their top rate because etcd's latency had risen",
             m.backoff_seconds.clone(),
+        );
+        agent.register(
+            "read_rate_bytes_per_second",
+            "Bytes per second read from etcd's snapshot in the running backup's last quarter second (0 when idle)",
+            m.read_rate.clone(),
+        );
+        agent.register(
+            "read_limit_bytes_per_second",
+            "Limit on reading etcd's snapshot in force in the running backup, lowered while etcd is slow (0: none, or idle)",
+            m.read_limit.clone(),
         );
         agent.register("coordinator_connected", "1 while linked to the coordinator", m.coordinator_connected.clone());
         agent.register("etcd_up", "1 while the agent's etcd member answers", m.etcd_up.clone());

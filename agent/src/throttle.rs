@@ -1,5 +1,5 @@
-//! A bandwidth cap for control planes on thin links: callers report bytes and are delayed so the average
-//! stays under the limit.
+//! A bandwidth cap: callers report bytes and are delayed so the average stays under the limit. It caps the
+//! upload for control planes on thin links, and the read of etcd's snapshot at the rate `pacing.rs` sets.
 
 use std::time::Duration;
 
@@ -22,6 +22,17 @@ impl Throttle {
     /// `bytes_per_sec == 0` means unlimited.
     pub fn new(bytes_per_sec: u64) -> Self {
         Self { bytes_per_sec, due: Instant::now() }
+    }
+
+    /// The limit from now on (0: none). Bytes already accounted keep their time: a cut charges nothing that was
+    /// read before it, so it never turns into a long stop.
+    pub fn set_rate(&mut self, bytes_per_sec: u64) {
+        self.bytes_per_sec = bytes_per_sec;
+    }
+
+    /// The limit in force (0: none).
+    pub fn rate(&self) -> u64 {
+        self.bytes_per_sec
     }
 
     /// Accounts for `n` bytes about to be sent, sleeping until they fit under the limit.
@@ -63,5 +74,26 @@ mod tests {
             t.consume(50_000).await;
         }
         assert!(start.elapsed() >= Duration::from_millis(145), "{:?}", start.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_lower_rate_applies_to_what_follows_only() {
+        // Read at full speed, then cut to 1 MB/s: 50 kB more take ~50 ms, not the 10 s that the 10 MB read
+        // before would cost at the new rate.
+        let mut t = Throttle::new(0);
+        t.consume(10_000_000).await;
+        t.set_rate(1_000_000);
+        assert_eq!(t.rate(), 1_000_000);
+        let start = tokio::time::Instant::now();
+        for _ in 0..5 {
+            t.consume(10_000).await;
+        }
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(45) && took < Duration::from_millis(500), "{took:?}");
+        // And back to none: no wait at all.
+        t.set_rate(0);
+        let start = tokio::time::Instant::now();
+        t.consume(10_000_000).await;
+        assert!(start.elapsed() < Duration::from_millis(50));
     }
 }

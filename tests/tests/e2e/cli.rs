@@ -199,3 +199,20 @@ async fn completion_scripts_load_and_daemons_print_their_versions() -> anyhow::R
     assert!(String::from_utf8(client.stdout)?.starts_with(&format!("ferryctl:    {VERSION} (protocol ")));
     Ok(())
 }
+
+#[tokio::test]
+async fn the_agent_refuses_pacing_flags_out_of_range_with_a_clear_error() -> anyhow::Result<()> {
+    let agent = ferry_bin("ferry-agent");
+    for (flag, value, says) in [
+        ("--etcd-read-floor-mibps", "0", "is not a floor: give MiB/s from 1 to 100000"),
+        ("--etcd-read-floor-mibps", "fast", "is not a floor"),
+        ("--etcd-latency-backoff", "0.5", "is not a factor: give 0"),
+        ("--etcd-read-limit-mibps", "100001", "100001 is not in 0..=100000"),
+    ] {
+        let out = tokio::process::Command::new(&agent).arg(format!("{flag}={value}")).output().await?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag) && stderr.contains(says), "{flag} {value}: {stderr}");
+    }
+    Ok(())
+}
