@@ -7,7 +7,8 @@
 //! 1. `etcdctl snapshot save` to local disk alone;
 //! 2. the sequential pipeline: `etcdctl snapshot save` → `zstd -3` → `aws s3 cp` to the same s3s-fs;
 //! 3. a Ferry backup to that s3s-fs (apply → status ok), with the agent's peak RSS and disk writes;
-//! 4. the same with the upload capped (S3 slower than etcd), to show memory stays flat under backpressure.
+//! 4. the same with the upload capped (S3 slower than etcd), to show memory stays flat under backpressure;
+//! 5. the defaults while 200 puts/s are written (paced by etcd's latency), and while nobody writes to etcd.
 //!
 //! Then it restores the newest backup with `zstd -d` + `etcdutl snapshot restore` (with and without fetching
 //! it first) and with `ferry-agent restore`, both bumping the revision as a Kubernetes restore needs.
@@ -37,6 +38,8 @@ const BUCKET: &str = "bench";
 const CLUSTER: &str = "bench";
 /// The upload cap of the throttled run, Mbit/s: slower than etcd streams its snapshot.
 const THROTTLED_MBPS: u64 = 800;
+/// The row of a backup with the defaults while nobody writes to etcd.
+const IDLE_DEFAULTS: &str = "ferry → S3, defaults, nobody writing to etcd";
 /// Small puts per second while etcd's write latency is measured.
 const LATENCY_PUTS_PER_S: u64 = 200;
 
@@ -864,7 +867,10 @@ async fn bench_size(
         uncapped(),
     ));
     runs.push(("ferry → S3, defaults (read paced by etcd's latency, zstd -1)".into(), vec![], vec![]));
+    // The same defaults with nobody writing to etcd: the case `etcdctl snapshot save` is compared with.
+    runs.push((IDLE_DEFAULTS.into(), vec![], vec![]));
     for (seq, (label, extra, agent_extra)) in runs.into_iter().enumerate() {
+        let puts = label != IDLE_DEFAULTS;
         eprintln!("[{gib} GiB {data}] {label}…");
         ferry.start_coordinator(&extra)?;
         let agent = ferry.start_agent(&agent_extra)?;
@@ -875,13 +881,16 @@ async fn bench_size(
         let others = |pids: [&str; 3]| pids.map(|p| cpu_seconds(p, false));
         let others_before = others([&etcd_pid, &coordinator_pid, &s3_pid]);
         let stop = flag::Stop::default();
-        let during = tokio::spawn(put_latencies(etcd_url.clone(), stop.clone()));
+        let during = puts.then(|| tokio::spawn(put_latencies(etcd_url.clone(), stop.clone())));
         let backup = {
             let ferry = &ferry;
             tokio::task::block_in_place(|| ferry.backup(seq as i64))
         };
         stop.set();
-        let latencies = during.await??;
+        let latencies = match during {
+            Some(d) => Some(d.await??),
+            None => None,
+        };
         let (wall, stored) = backup?;
         let cpu = cpu_seconds(&pid, false) - cpu_before;
         let after = others([&etcd_pid, &coordinator_pid, &s3_pid]);
@@ -894,7 +903,9 @@ async fn bench_size(
             wall.as_secs_f64() * cores as f64
         );
         let (rss, writes_after) = proc_stats(agent.0.id());
-        latency_rows.push(LatencyRow { gib: db_gib, data, during: label.clone(), latencies: percentiles(latencies) });
+        if let Some(latencies) = latencies {
+            latency_rows.push(LatencyRow { gib: db_gib, data, during: label.clone(), latencies: percentiles(latencies) });
+        }
         row(label, wall, Some(cpu), Some(rss), Some(writes_after - writes_before), stored);
     }
     restore_rows.extend(bench_restore(&ferry, db_gib)?);
