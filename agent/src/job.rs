@@ -17,6 +17,7 @@ use ferry_common::protocol::{
 };
 use ferry_common::resources::Timestamp;
 use quinn::{RecvStream, SendStream};
+use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -314,7 +315,7 @@ async fn forward(tx: &mpsc::Sender<Vec<u8>>, data: Vec<u8>) -> Result<()> {
 
 /// zstd, then (with recipients) age over the zstd stream: ciphertext does not compress, and the stored
 /// object stays `age -d | zstd -d`-able. Returns the zstd totals and, when encrypted, the stored object's
-/// size (the coordinator hashes the stored object itself).
+/// size and sha256 (an S3 upload verified by its parts is never read back, so only the agent can hash it).
 fn compress(
     mut rx: mpsc::Receiver<Vec<u8>>,
     tx: mpsc::Sender<Vec<u8>>,
@@ -329,11 +330,17 @@ fn compress(
         [] => None,
         r => Some(Sealer::new(r).context("start age encryption")?),
     };
-    let send = |out: Vec<u8>, sealer: &mut Option<Sealer>| -> Result<()> {
+    // Encrypted, everything sent is the stored age object (its last piece comes from the sealer's finish).
+    let encrypting = sealer.is_some();
+    let mut sealed_sha = Sha256::new();
+    let mut send = |out: Vec<u8>, sealer: &mut Option<Sealer>| -> Result<()> {
         let out = match sealer {
             Some(s) => s.seal(&out).context("age encrypt")?,
             None => out,
         };
+        if encrypting {
+            sealed_sha.update(&out);
+        }
         if !out.is_empty() {
             tx.blocking_send(out).map_err(|_| anyhow!("sender stopped"))?;
         }
@@ -350,10 +357,11 @@ fn compress(
         Some(s) => {
             let (last, sealed) = s.finish().context("age finish")?;
             send(last, &mut None)?;
-            Some(SealedObject { size: sealed.bytes })
+            Some(sealed.bytes)
         }
         None => None,
     };
+    let sealed = sealed.map(|size| SealedObject { size, sha256: sealed_sha.finalize().into() });
     Ok((totals, sealed))
 }
 

@@ -44,7 +44,9 @@ use crate::resources::{Resource, ResourceType, Selector, Timestamp};
 ///    [`RenewReply`].
 /// 15: orchestrated restores: `JobRequest::Restore` carries one [`RestoreStep`], answered by [`StepMsg`]s.
 /// 16: `EtcdFacts::hashed_compactions` and `HashKvResult::Skipped`: members are compared at the hashes etcd
-///    computes while compacting, not by a `HashKV` that stalls etcd's writes.
+///    computes while compacting, not by a `HashKV` that stalls etcd's writes; `SealedObject` carries the age
+///    object's sha256 again: an S3 upload verified by its parts (`--verify-upload parts`, the default) is never
+///    read back, so the coordinator cannot hash it.
 pub const PROTOCOL_VERSION: u32 = 16;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
@@ -593,12 +595,14 @@ pub struct BackupSummary {
     pub sealed: Option<SealedObject>,
 }
 
-/// The stored age object of an encrypted backup. Its size only: the coordinator hashes the stored object
-/// itself (it reads every byte for its commit check anyway), so the agent spends no second sha256 on the
-/// ciphertext; what is inside is authenticated by age and checked by `compressed_sha256` and `raw_sha256`.
+/// The stored age object of an encrypted backup: what the manifest's `size` and `sha256` record. The
+/// coordinator checks both against the stored object when it reads it (the local store, `--verify-upload
+/// full`); an upload verified by its parts is not read, so the hash must come from the agent. What is inside
+/// is authenticated by age and checked by `compressed_sha256` and `raw_sha256`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealedObject {
     pub size: u64,
+    pub sha256: [u8; 32],
 }
 
 /// Agent → coordinator on a job stream.

@@ -921,6 +921,45 @@ impl StreamCheck {
     }
 }
 
+/// The first bytes of every zstd frame (RFC 8878), so of every plain stored backup.
+pub const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
+
+/// The checks the first bytes of a stored object allow, for a store that proves an upload without reading
+/// it (`--verify-upload parts`): `head` (the object's first bytes: zstd's magic, or age's whole header) is
+/// framed as `spec` says. Plain: a zstd frame. Encrypted: a well-formed age header with one X25519 stanza
+/// per recipient, and `size` exactly what age makes of the declared zstd stream — so a plaintext upload
+/// where encryption was asked for, or a member adding its own recipient, is refused as by [`StreamCheck`].
+pub fn check_framing(head: &[u8], size: u64, spec: &EtcdBackupSpec) -> Result<(), SnapshotError> {
+    let sealed = head.starts_with(AGE_MAGIC);
+    match &spec.encryption {
+        Some(enc) => {
+            if !sealed {
+                let found = if head.starts_with(ZSTD_MAGIC) { "plain zstd (not encrypted)" } else { "not encrypted" };
+                return Err(SnapshotError::Sealing { found, expected: "an age (encrypted) file" });
+            }
+            let header = AgeHeader::parse(head)?;
+            if header.x25519_stanzas != enc.recipients.len() {
+                return Err(SnapshotError::Sealing {
+                    found: "sealed to a different number of recipients",
+                    expected: "sealed to exactly the cluster's recipients",
+                });
+            }
+            if header.sealed_size(enc.zstdsize) != size {
+                return Err(SnapshotError::Sealing {
+                    found: "not the size age gives its declared zstd stream",
+                    expected: "an age file of the declared zstd stream",
+                });
+            }
+            Ok(())
+        }
+        None if sealed => Err(SnapshotError::Sealing { found: "an age (encrypted) file", expected: "plain zstd" }),
+        None if !head.starts_with(ZSTD_MAGIC) => {
+            Err(SnapshotError::Decompress("it does not start with a zstd frame".into()))
+        }
+        None => Ok(()),
+    }
+}
+
 /// Membership of the member a snapshot is restored as.
 #[derive(Debug, Clone)]
 pub struct RestoreAs {
@@ -1267,6 +1306,54 @@ mod tests {
         assert!(matches!(check(&good, &lying, Some(&ids)), Err(SnapshotError::RawHash { .. })));
         // Without the identity the same lie passes: only the outside can be seen.
         check(&good, &lying, None).unwrap();
+    }
+
+    /// What the first bytes of an object tell without reading the rest (`--verify-upload parts`): its
+    /// framing, and for an age file its recipients' count and the size it must have.
+    #[test]
+    fn framing_is_checked_from_the_first_bytes() {
+        use crate::encryption::{keygen, parse_recipients, Sealer};
+        let raw = snapshot_file(&fake_bbolt(9, |i| (i % 89) as u8));
+        let (zstd, plain) = backup(&raw);
+        let (ours, own) = (keygen().recipient, keygen().recipient);
+        let seal = |to: &[&String]| {
+            let to: Vec<String> = to.iter().map(|r| (*r).clone()).collect();
+            let mut s = Sealer::new(&parse_recipients(&to).unwrap()).unwrap();
+            let mut out = s.seal(&zstd).unwrap();
+            out.extend(s.finish().unwrap().0);
+            out
+        };
+        let mut encrypted = plain.clone();
+        encrypted.encryption = Some(crate::resources::BackupEncryption {
+            recipients: vec![ours.clone()],
+            zstdsize: zstd.len() as u64,
+            zstdsha256: hex::encode(Sha256::digest(&zstd)),
+        });
+        let head = |object: &[u8]| object[..object.len().min(2048)].to_vec();
+        let size = |object: &[u8]| object.len() as u64;
+
+        check_framing(&zstd[..4], size(&zstd), &plain).unwrap();
+        let sealed = seal(&[&ours]);
+        check_framing(&head(&sealed), size(&sealed), &encrypted).unwrap();
+        // A plaintext upload where encryption was asked for, and the other way round.
+        let e = check_framing(&zstd[..4], size(&zstd), &encrypted).unwrap_err();
+        assert!(e.to_string().contains("plain zstd (not encrypted)"), "{e}");
+        let e = check_framing(&head(&sealed), size(&sealed), &plain).unwrap_err();
+        assert!(e.to_string().contains("an age (encrypted) file"), "{e}");
+        // Neither zstd nor age.
+        assert!(check_framing(b"\0\0\0\0", 4, &plain).is_err());
+        assert!(check_framing(b"", 0, &plain).is_err());
+        // A member's own recipient added; the plain zstd stream behind a real age header (another size).
+        let two = seal(&[&ours, &own]);
+        let e = check_framing(&head(&two), size(&two), &encrypted).unwrap_err();
+        assert!(e.to_string().contains("different number of recipients"), "{e}");
+        let header = AgeHeader::parse(&sealed).unwrap();
+        let mut behind = sealed[..header.len].to_vec();
+        behind.extend_from_slice(&zstd);
+        let e = check_framing(&head(&behind), size(&behind), &encrypted).unwrap_err();
+        assert!(e.to_string().contains("not the size age gives"), "{e}");
+        // A header cut short (the probe ends inside it) is no header.
+        assert!(check_framing(&sealed[..header.len - 10], size(&sealed), &encrypted).is_err());
     }
 
     /// A small object that inflates far beyond its manifest's raw size (a decompression bomb whose stored

@@ -55,6 +55,9 @@ pub struct Metrics {
     /// 1 while the state store can write.
     pub state_store_writable: Gauge,
     pub retention_deleted: Family<ClusterLabels, Counter>,
+    /// Bytes of uploaded objects the coordinator read back to verify them before their manifest: the whole
+    /// object with `--verify-upload full`, its first bytes (≤ 1 %, a few KiB) with `parts`.
+    pub store_verify_read: Counter,
     pub interval: Family<ClusterLabels, FloatGauge>,
     pub drill_last_success: Family<ClusterLabels, FloatGauge>,
     pub drill_keys: Family<ClusterLabels, Gauge>,
@@ -115,6 +118,7 @@ impl Default for Metrics {
             leader: Gauge::default(),
             state_store_writable: Gauge::default(),
             retention_deleted: Family::default(),
+            store_verify_read: Counter::default(),
             interval: Family::default(),
             drill_last_success: Family::default(),
             drill_keys: Family::default(),
@@ -189,6 +193,11 @@ impl Default for Metrics {
             "state_store_writable",
             "1 while the coordinator's state store can write (0: disk full or I/O errors; it recovers by itself)",
             m.state_store_writable.clone(),
+        );
+        registry.register(
+            "store_verify_read_bytes",
+            "Bytes of uploaded S3 objects read back to verify them before their manifest is written",
+            m.store_verify_read.clone(),
         );
         registry.register(
             "retention_deleted",

@@ -148,6 +148,8 @@ struct Ferry {
     s3_endpoint: String,
     etcd: String,
     coordinator: Option<Proc>,
+    /// The coordinator's `--metrics-listen` port (`ferry_store_verify_read_bytes_total`).
+    metrics_port: u16,
 }
 
 impl Ferry {
@@ -186,6 +188,7 @@ impl Ferry {
         cmd.arg("--state-dir")
             .arg(self.dir.join("state"))
             .args(["--listen", &self.addr, "--backup-store", "s3"])
+            .args(["--metrics-listen", &format!("127.0.0.1:{}", self.metrics_port)])
             .args(extra);
         self.coordinator = Some(spawn(&mut cmd, &self.dir.join("coordinator.log"))?);
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -235,6 +238,21 @@ impl Ferry {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Bytes the coordinator read back from S3 to verify uploads since it started
+    /// (`ferry_store_verify_read_bytes_total`; issue 29: ≤ 1 % of each object with the default).
+    fn verify_read_bytes(&self) -> Result<u64> {
+        use std::io::{Read as _, Write as _};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port))?;
+        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body)?;
+        body.lines()
+            .find_map(|l| l.strip_prefix("ferry_store_verify_read_bytes_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+            .context("no ferry_store_verify_read_bytes_total on the coordinator's /metrics")
     }
 
     /// One backup: (wall time from apply to status ok, stored bytes).
@@ -741,6 +759,7 @@ async fn bench_size(
         s3_endpoint: s3_endpoint.clone(),
         etcd: etcd_url.clone(),
         coordinator: None,
+        metrics_port: free_port()?,
     };
     if only_encryption() {
         bench_encryption(&mut ferry, db)?;
@@ -892,6 +911,12 @@ async fn bench_size(
             None => None,
         };
         let (wall, stored) = backup?;
+        // One backup per coordinator start: the counter is this backup's.
+        let read = ferry.verify_read_bytes()?;
+        println!(
+            "Verification [{db_gib:.2} GiB {data}] {label}: the coordinator read back {read} of {stored} bytes ({:.4} %)",
+            read as f64 * 100.0 / stored.max(1) as f64
+        );
         let cpu = cpu_seconds(&pid, false) - cpu_before;
         let after = others([&etcd_pid, &coordinator_pid, &s3_pid]);
         let [e, c, s3] = [0, 1, 2].map(|i| after[i] - others_before[i]);

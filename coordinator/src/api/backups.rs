@@ -43,10 +43,17 @@ async fn send_within(send: &mut SendStream, msg: &AdminResponse, deadline: Insta
     }
 }
 
+/// The annotation of an `EtcdBackups` resource saying how its commit proved the object (`parts` or `full`,
+/// the manifest's `verification`); absent for backups whose manifest predates it.
+const ANNOTATION_VERIFICATION: &str = "ferry.dev/verification";
+
 /// A stored backup as an `EtcdBackups` resource.
 pub(super) fn backup_resource(m: Manifest) -> Resource {
     let mut meta = Metadata::new(ResourceType::EtcdBackup, m.id);
     meta.labels.insert(LABEL_CLUSTER.into(), m.backup.cluster.clone());
+    if let Some(v) = m.verification {
+        meta.annotations.insert(ANNOTATION_VERIFICATION.into(), v.as_str().into());
+    }
     meta.created = Some(m.backup.createdat);
     meta.updated = Some(m.backup.createdat);
     meta.version = 1;

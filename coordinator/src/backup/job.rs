@@ -343,12 +343,11 @@ async fn stream(
                 // The coordinator's clock dates the backup: schedule, retention and alerts never depend on an
                 // agent's. The agent's own times are kept as it reported them.
                 let createdat = Timestamp::now();
-                // Encrypted: the stored object is the age file; the zstd stream is what it opens to. Its
-                // sha256 is left to the store, which hashes the object as stored in its commit check.
+                // Encrypted: the stored object is the age file; the zstd stream is what it opens to.
                 let (size, sha256, encryption) = match (summary.sealed, recipients.is_empty()) {
                     (Some(sealed), false) => (
                         sealed.size,
-                        String::new(),
+                        hex::encode(sealed.sha256),
                         Some(BackupEncryption {
                             recipients: recipients.clone(),
                             zstdsize: summary.compressed_size,

@@ -34,7 +34,7 @@ use ferry_coordinator::pki::Keys;
 use ferry_coordinator::schedule::{self, SchedulerDeps};
 use ferry_coordinator::state::{EtcdStore, EtcdStoreOptions, RedbStore, StateStore};
 use ferry_coordinator::status::Status;
-use ferry_coordinator::store::{BackupStore, S3Conn, DEFAULT_MAX_SNAPSHOT_SIZE};
+use ferry_coordinator::store::{BackupStore, S3Conn, Verification, DEFAULT_MAX_SNAPSHOT_SIZE};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -61,6 +61,27 @@ enum StateKind {
 enum StoreKind {
     Local,
     S3,
+}
+
+/// How an S3 upload is proven before its manifest is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum VerifyUpload {
+    /// Without downloading it: the stored parts are the announced ones (size, MD5, SHA-256), the completed
+    /// object's size and multipart ETag are theirs, and its first bytes (≤ 1 %, a few KiB) are framed as
+    /// asked (zstd, or age's header with the cluster's recipients); the drill proves it restores.
+    Parts,
+    /// Read back whole through every restore check (etcd's trailing hash, bbolt's meta page, the members):
+    /// one more read of every backup from the bucket.
+    Full,
+}
+
+impl From<VerifyUpload> for Verification {
+    fn from(v: VerifyUpload) -> Self {
+        match v {
+            VerifyUpload::Parts => Self::Parts,
+            VerifyUpload::Full => Self::Full,
+        }
+    }
 }
 
 /// Ferry coordinator: holds configuration and status, and commands the agents.
@@ -110,6 +131,10 @@ struct Args {
     /// Where backups are stored.
     #[arg(long, value_enum, default_value = "local")]
     backup_store: StoreKind,
+    /// How the coordinator proves an S3 upload before it lists it: `parts` reads no more than a few KiB of it,
+    /// `full` reads it back whole (the local store checks every byte it receives either way).
+    #[arg(long, value_enum, default_value = "parts")]
+    verify_upload: VerifyUpload,
     /// Directory of the local store [default: STATE_DIR/backups].
     #[arg(long)]
     local_store_dir: Option<PathBuf>,
@@ -295,6 +320,7 @@ async fn run(args: Args) -> Result<()> {
         }
         .with_deployment(deployment.clone())
         .with_max_snapshot_size(args.max_snapshot_size_mib << 20)
+        .with_verification(args.verify_upload.into(), metrics.store_verify_read.clone())
         .with_state(state.clone()),
     );
     let server_config = quinn_server_config(&pki.ca.pem().cert_pem, &pki.server)?;

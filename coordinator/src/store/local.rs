@@ -17,7 +17,9 @@ use ferry_common::snapshot::StreamCheck;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
-use super::{sort_newest_first, Manifest, StoreError, MANIFEST_SUFFIX, MAX_MANIFEST_BYTES, OBJECT_SUFFIX};
+use super::{
+    sort_newest_first, Manifest, StoreError, Verification, MANIFEST_SUFFIX, MAX_MANIFEST_BYTES, OBJECT_SUFFIX,
+};
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -253,7 +255,9 @@ impl PendingLocal {
             .map_err(io(format!("rename into {}", self.object.display())))?;
         spec.snapshot = format!("{}/{}{OBJECT_SUFFIX}", self.cluster, self.id);
         let deployment = (!self.deployment.is_empty()).then(|| self.deployment.clone());
-        let manifest = Manifest { format: 1, id: self.id.clone(), backup: spec, deployment };
+        // Every byte went through the check as it arrived.
+        let verification = Some(Verification::Full);
+        let manifest = Manifest { format: 1, id: self.id.clone(), backup: spec, deployment, verification };
         let dir = self.dir.clone();
         let id = self.id.clone();
         let object = self.object.clone();

@@ -47,6 +47,39 @@ pub struct Manifest {
     /// existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployment: Option<String>,
+    /// How the commit proved the object: read whole (`full`: the local store, `--verify-upload full`) or by
+    /// its parts (`parts`). Absent in manifests written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<Verification>,
+}
+
+/// How a commit proves the stored object before its manifest is written (`ferry-coordinator
+/// --verify-upload`; the local store always reads everything it receives).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verification {
+    /// Without reading the object: the parts the store holds are the announced ones (`ListParts`, and the
+    /// ETags the store answered each upload with), the completed object's size and multipart ETag are
+    /// theirs, and its first bytes are framed as the job asked (zstd, or age's header with the cluster's
+    /// recipients). What is inside is the drill's to prove.
+    #[default]
+    Parts,
+    /// Read back whole through every restore check (`snapshot::StreamCheck`).
+    Full,
+    /// A way a later version verified with; this one reads the manifest all the same.
+    #[serde(other)]
+    Other,
+}
+
+impl Verification {
+    /// `parts`, `full`, or `other`, as manifests and `get etcdbackup` name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Parts => "parts",
+            Self::Full => "full",
+            Self::Other => "other",
+        }
+    }
 }
 
 impl Manifest {
@@ -160,6 +193,9 @@ pub struct BackupStore {
     foreign_seen: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
+/// Bytes of stored objects a commit read back to verify them (`ferry_store_verify_read_bytes_total`).
+pub type ReadCounter = prometheus_client::metrics::counter::Counter;
+
 enum Backend {
     Local(LocalStore),
     S3(S3Store),
@@ -204,6 +240,16 @@ impl BackupStore {
     /// Largest snapshot taken, decompressed.
     pub fn max_snapshot_size(&self) -> u64 {
         self.max_snapshot_size
+    }
+
+    /// The same store, proving S3 uploads as `verification` says (the local store reads every byte anyway)
+    /// and counting what it reads back to do so in `read`.
+    pub fn with_verification(mut self, verification: Verification, read: ReadCounter) -> Self {
+        if let Backend::S3(s) = &mut self.backend {
+            s.verification = verification;
+            s.read = read;
+        }
+        self
     }
 
     /// The same store, recording open S3 multipart uploads in `state` until they are completed or aborted, so
@@ -463,10 +509,9 @@ impl Pending {
     }
 
     /// Makes the backup durable and listed. `spec` must describe what was written: the coordinator checks it
-    /// against the bytes it received (local) or the object it reads back (S3, after completing the upload
-    /// with `parts`) — sizes, hashes, etcd's trailing hash and bbolt's meta page. An encrypted backup's
-    /// `sha256` is left empty by the job: the store records the one it computes over the object as stored
-    /// (agents do not hash the ciphertext). On failure nothing is left behind.
+    /// against the bytes it received (local) or, after completing the upload with `parts` (S3), against the
+    /// object as [`Verification`] says — read back whole (sizes, hashes, etcd's trailing hash, bbolt's meta
+    /// page), or by its parts, size, multipart ETag and framing. On failure nothing is left behind.
     pub async fn commit(
         self,
         spec: EtcdBackupSpec,
@@ -554,9 +599,44 @@ mod tests {
                 encryption: None,
             },
             deployment: deployment.map(str::to_owned),
+            verification: None,
         };
         std::fs::create_dir_all(dir.join("prod")).unwrap();
         std::fs::write(dir.join(format!("prod/{id}{MANIFEST_SUFFIX}")), serde_json::to_vec(&m).unwrap()).unwrap();
+    }
+
+    /// Manifests live in buckets that later versions read: one without `verification` (written before it
+    /// existed) reads as unknown, one a later version verified another way still reads, and an old reader
+    /// (no `verification` field, fields unknown to it ignored) reads a new one.
+    #[test]
+    fn manifests_read_with_or_without_how_they_were_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        plant(dir.path(), "prod-1", None);
+        let text = std::fs::read_to_string(dir.path().join(format!("prod/prod-1{MANIFEST_SUFFIX}"))).unwrap();
+        assert!(!text.contains("verification"), "{text}");
+        let old: Manifest = serde_json::from_str(&text).unwrap();
+        assert_eq!(old.verification, None);
+        let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        json["verification"] = "parts".into();
+        let m: Manifest = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(m.verification, Some(Verification::Parts));
+        assert!(serde_json::to_string(&m).unwrap().contains(r#""verification":"parts""#));
+        json["verification"] = "checksums-of-the-future".into();
+        let m: Manifest = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(m.verification, Some(Verification::Other));
+
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct OldManifest {
+            format: u32,
+            id: String,
+            backup: EtcdBackupSpec,
+            #[serde(default)]
+            deployment: Option<String>,
+        }
+        json["verification"] = "full".into();
+        let older: OldManifest = serde_json::from_value(json).unwrap();
+        assert_eq!(older.id, "prod-1");
     }
 
     #[tokio::test]

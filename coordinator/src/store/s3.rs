@@ -19,12 +19,13 @@ use ferry_common::encryption::Identities;
 use ferry_common::protocol::{PartDigest, PresignedRequest, S3Upload, UploadedPart, MAX_PARTS, PRESIGNED_EXPIRY};
 use ferry_common::resources::{EtcdBackupS3ConfigSpec, EtcdBackupSpec, Timestamp};
 use ferry_common::s3::{self as common_s3, with_quick_retries, with_retries, S3Error, S3ErrorKind};
-use ferry_common::snapshot::{SnapshotError, StreamCheck};
+use ferry_common::snapshot::{check_framing, SnapshotError, StreamCheck, ZSTD_MAGIC};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
-    sort_newest_first, Manifest, StoreError, UploadSettings, MANIFEST_SUFFIX, MAX_MANIFEST_BYTES, OBJECT_SUFFIX,
+    sort_newest_first, Manifest, ReadCounter, StoreError, UploadSettings, Verification, MANIFEST_SUFFIX,
+    MAX_MANIFEST_BYTES, OBJECT_SUFFIX,
 };
 use crate::lock;
 use crate::state::StateStore;
@@ -34,6 +35,27 @@ const MIN_PART_SIZE: u64 = 5 << 20;
 
 /// How long `apply` waits for a new config's test listing.
 const VALIDATE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Most of an object's start read to check its framing (`--verify-upload parts`): a few KiB hold age's
+/// whole header for the most recipients a backup may have.
+const FRAMING_PROBE_MAX: u64 = 4096;
+/// Share of an object the framing check reads at most (1 %), beyond what the framing itself takes.
+const FRAMING_PROBE_DIVISOR: u64 = 100;
+/// What age's header takes besides its X25519 stanzas, with room: the version line (22 bytes), the MAC
+/// line (48) and one random "grease" stanza (up to ~210).
+const AGE_HEADER_BASE: u64 = 512;
+/// What each X25519 stanza takes, with room (98 bytes).
+const AGE_STANZA: u64 = 128;
+
+/// Bytes of an object of `size` the framing check reads: 1 % of it, but at least what its framing takes
+/// (zstd's magic; age's whole header for `recipients`) and at most [`FRAMING_PROBE_MAX`] or the object.
+fn framing_probe_len(size: u64, recipients: usize) -> u64 {
+    let framing = match recipients {
+        0 => ZSTD_MAGIC.len() as u64,
+        n => AGE_HEADER_BASE + AGE_STANZA * n as u64,
+    };
+    (size / FRAMING_PROBE_DIVISOR).max(framing).min(FRAMING_PROBE_MAX).min(size)
+}
 
 /// A working S3 configuration and its client.
 pub struct S3Conn {
@@ -89,6 +111,10 @@ struct Shared {
 #[derive(Default)]
 pub(super) struct S3Store {
     shared: Arc<Shared>,
+    /// How commits prove an upload (`--verify-upload`).
+    pub(super) verification: Verification,
+    /// Bytes commits read back to do so.
+    pub(super) read: ReadCounter,
 }
 
 /// Builds a client for `spec` and proves it works by listing the bucket with exactly these settings.
@@ -265,6 +291,8 @@ impl S3Store {
             opener: None,
             expected_members: Vec::new(),
             announced: Mutex::new(HashMap::new()),
+            verification: self.verification,
+            read: self.read.clone(),
         })
     }
 
@@ -506,8 +534,8 @@ fn presigned(p: &aws_sdk_s3::presigning::PresignedRequest) -> PresignedRequest {
 }
 
 /// One job's S3 upload: the coordinator created it, the agent fills it part by part through presigned
-/// requests, and the coordinator completes it, reads the object back through every check and only then
-/// writes the manifest — or aborts it.
+/// requests, and the coordinator completes it, verifies the object ([`Verification`]) and only then writes
+/// the manifest — or aborts it.
 pub(super) struct PendingUpload {
     pub(super) id: String,
     cluster: String,
@@ -523,6 +551,10 @@ pub(super) struct PendingUpload {
     pub(super) expected_members: Vec<u64>,
     /// What the agent announced of each part before its URL was signed: fixed at the first announcement.
     announced: Mutex<HashMap<u32, PartDigest>>,
+    /// How the commit proves the object.
+    verification: Verification,
+    /// Bytes the commit reads back.
+    read: ReadCounter,
 }
 
 impl PendingUpload {
@@ -628,15 +660,20 @@ impl PendingUpload {
     /// numbers, sizes and, where the store reports them, MD5 ETags and SHA-256 checksums. A part written by
     /// anything but the announced bytes (an `UploadPartCopy` smuggled onto a part's URL, on a server that does
     /// not refuse unsigned `x-amz-*` headers) is refused here, before the upload is completed.
-    async fn check_stored_parts(&self, reported: usize, cancel: &CancellationToken) -> Result<(), StoreError> {
+    /// Returns the announced digests of the parts, in order.
+    async fn check_stored_parts(
+        &self,
+        reported: &[UploadedPart],
+        cancel: &CancellationToken,
+    ) -> Result<Vec<PartDigest>, StoreError> {
         let stored = self.stored_parts(cancel).await?;
         let announced = lock(&self.announced).clone();
         compare_parts(&announced, reported, &stored)
     }
 
-    /// Completes the upload with the agent's `parts`, checks the object (read back whole: sizes, hashes,
-    /// etcd's trailing hash, bbolt's meta page) and writes its manifest. On failure the upload and object are
-    /// discarded, so nothing unchecked or unlisted lingers.
+    /// Completes the upload with the agent's `parts`, verifies the object ([`Verification`]: by its parts,
+    /// size, ETag and framing, or read back whole) and writes its manifest. On failure the upload and object
+    /// are discarded, so nothing unchecked or unlisted lingers.
     pub(super) async fn commit(
         mut self,
         mut spec: EtcdBackupSpec,
@@ -666,7 +703,12 @@ impl PendingUpload {
         }
     }
 
-    async fn complete(&self, parts: Vec<UploadedPart>, cancel: &CancellationToken) -> Result<(), StoreError> {
+    /// Completes the upload once the stored parts are the announced ones; returns their announced digests.
+    async fn complete(
+        &self,
+        parts: Vec<UploadedPart>,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<PartDigest>, StoreError> {
         let conn = &self.conn;
         let bucket = &conn.spec.bucket;
         let upload_id = self.upload_id.as_deref().ok_or_else(|| StoreError::Mismatch("no upload".into()))?;
@@ -677,7 +719,7 @@ impl PendingUpload {
                 parts.len()
             )));
         }
-        self.check_stored_parts(parts.len(), cancel).await?;
+        let digests = self.check_stored_parts(&parts, cancel).await?;
         let parts: Vec<CompletedPart> = parts
             .into_iter()
             .map(|p| CompletedPart::builder().part_number(p.number as i32).e_tag(p.etag).build())
@@ -697,13 +739,62 @@ impl PendingUpload {
             Ok(())
         })
         .await?;
-        Ok(())
+        Ok(digests)
     }
 
-    /// Reads the object back through [`StreamCheck`]: the coordinator itself sees that it is the snapshot
-    /// the manifest describes and a well-formed one (an encrypted one: opened with its identity if it holds
-    /// one, and hashed as stored).
-    async fn verify(&self, spec: &mut EtcdBackupSpec, cancel: &CancellationToken) -> Result<(), StoreError> {
+    /// Proves the completed object is the announced parts without reading it (`--verify-upload parts`): its
+    /// size is theirs and the agent's, its ETag the multipart ETag of their MD5s (where the store gives one
+    /// of that shape), and its first bytes — 1 % at most, beyond what the framing takes — are framed as the
+    /// job asked: zstd, or age's header with one stanza per recipient and the size age gives the declared
+    /// zstd stream. Parts bound to their MD5 and SHA-256 (signed headers, compared before completing) leave
+    /// no byte unaccounted for; whether they hold a snapshot that restores is the drill's to prove.
+    async fn verify_parts(
+        &self,
+        spec: &EtcdBackupSpec,
+        parts: &[PartDigest],
+        cancel: &CancellationToken,
+    ) -> Result<(), StoreError> {
+        let conn = &self.conn;
+        let bucket = &conn.spec.bucket;
+        let head = common_s3::head_object(&conn.client, bucket, &self.key, cancel).await?;
+        let announced: u64 = parts.iter().map(|p| p.size).sum();
+        let size = head.content_length().and_then(|n| u64::try_from(n).ok());
+        if size != Some(announced) || announced != spec.size {
+            return Err(StoreError::Mismatch(format!(
+                "the completed object is {} bytes, its announced parts {announced} bytes, and the agent declared \
+                 {} bytes",
+                size.map_or_else(|| "an unknown number of".to_string(), |n| n.to_string()),
+                spec.size
+            )));
+        }
+        let etag = head.e_tag().unwrap_or_default().trim_matches('"');
+        // Compared only when it has the multipart shape (`<md5 of the part MD5s>-<parts>`: AWS S3's, and
+        // s3s-fs 0.14.1's, which answers `"609ff2…a8cf-2"` for two parts): a store that gives another (the
+        // object's MD5, an opaque tag) cannot be compared with the parts' MD5s. As for the parts' ETags, this
+        // assumes MD5 ETags (not SSE-KMS or SSE-C, whose ETags are not MD5s; Ferry encrypts with age).
+        if common_s3::is_multipart_etag(etag) {
+            let want = common_s3::multipart_etag(parts.iter().map(|p| &p.md5));
+            if !etag.eq_ignore_ascii_case(&want) {
+                warn!(%etag, %want, "the completed object's ETag is not the one of its announced parts");
+                return Err(StoreError::Mismatch(format!(
+                    "the completed object's ETag {etag} is not the multipart ETag of the announced parts ({want})"
+                )));
+            }
+        } else {
+            debug!(%etag, "the store's ETag is not a multipart ETag; the object's ETag is not compared");
+        }
+        let recipients = spec.encryption.as_ref().map_or(0, |e| e.recipients.len());
+        let len = framing_probe_len(announced, recipients);
+        let (first, read) = common_s3::get_prefix(&conn.client, bucket, &self.key, len, cancel).await?;
+        self.read.inc_by(read);
+        check_framing(&first, announced, spec)
+            .map_err(|e| StoreError::Mismatch(format!("the uploaded object failed its checks: {e}")))
+    }
+
+    /// Reads the object back through [`StreamCheck`] (`--verify-upload full`): the coordinator itself sees
+    /// that it is the snapshot the manifest describes and a well-formed one (an encrypted one: opened with
+    /// its identity if it holds one, and hashed as stored).
+    async fn verify_full(&self, spec: &mut EtcdBackupSpec, cancel: &CancellationToken) -> Result<(), StoreError> {
         let conn = &self.conn;
         let bucket = &conn.spec.bucket;
         let head = common_s3::head_object(&conn.client, bucket, &self.key, cancel).await?;
@@ -733,6 +824,7 @@ impl PendingUpload {
                 retryable: true,
             })?;
             let Some(piece) = piece else { break };
+            self.read.inc_by(piece.len() as u64);
             check.write(&piece).map_err(|e| StoreError::Mismatch(format!("the uploaded object: {e}")))?;
             if check.bytes() > spec.size {
                 break;
@@ -750,14 +842,24 @@ impl PendingUpload {
         cancel: &CancellationToken,
     ) -> Result<Manifest, StoreError> {
         // A deposed leader (stopped past its lease, then resumed) completes nothing: the new leader aborts the
-        // upload it recorded. Checked again before the manifest, the commit point, after the long read-back.
+        // upload it recorded. Checked again before the manifest, the commit point, after the verification.
         self.shared.still_leading()?;
-        self.complete(parts, cancel).await?;
+        let digests = self.complete(parts, cancel).await?;
         *completed = true;
-        self.verify(&mut spec, cancel).await?;
+        let verification = match self.verification {
+            Verification::Full => {
+                self.verify_full(&mut spec, cancel).await?;
+                Verification::Full
+            }
+            Verification::Parts | Verification::Other => {
+                self.verify_parts(&spec, &digests, cancel).await?;
+                Verification::Parts
+            }
+        };
         self.shared.still_leading()?;
         let deployment = (!self.deployment.is_empty()).then(|| self.deployment.clone());
-        let manifest = Manifest { format: 1, id: self.id.clone(), backup: spec, deployment };
+        let verification = Some(verification);
+        let manifest = Manifest { format: 1, id: self.id.clone(), backup: spec, deployment, verification };
         let conn = &self.conn;
         let bucket = &conn.spec.bucket;
         let mkey = manifest_key(&conn.spec, &manifest.backup.cluster, &manifest.id);
@@ -790,16 +892,43 @@ impl PendingUpload {
     }
 }
 
-/// What [`PendingUpload::check_stored_parts`] decides, apart from S3: parts `1..=reported` were each
+/// Whether `etag` (quotes removed) is an MD5 ETag that differs from `md5`: single-part upload semantics; not
+/// under SSE-KMS, where ETags are opaque. Any other shape is not compared.
+fn md5_etag_differs(etag: &str, md5: &[u8; 16]) -> bool {
+    etag.len() == 32 && etag.bytes().all(|b| b.is_ascii_hexdigit()) && !etag.eq_ignore_ascii_case(&hex::encode(md5))
+}
+
+/// What [`PendingUpload::check_stored_parts`] decides, apart from S3: the agent's parts `1..=n` were each
 /// announced, and each stored part is one of them with the announced size, and the announced MD5 or SHA-256
-/// wherever the store reports an MD5 ETag or a SHA-256 checksum. Part numbers are all the agent learns of a
-/// mismatch; the stored values go to the log only.
+/// wherever the store reports an MD5 ETag or a SHA-256 checksum; the ETag the store answered each upload
+/// with (as the agent reports it) is the announced MD5 too — a part changed on its way is refused here even
+/// by a store that neither checks `Content-MD5` nor lists ETags (s3s-fs). Part numbers are all the agent
+/// learns of a mismatch; the stored values go to the log only. Returns the announced digests, in order.
 fn compare_parts(
     announced: &HashMap<u32, PartDigest>,
-    reported: usize,
+    reported: &[UploadedPart],
     stored: &[aws_sdk_s3::types::Part],
-) -> Result<(), StoreError> {
+) -> Result<Vec<PartDigest>, StoreError> {
     let b64 = base64::engine::general_purpose::STANDARD;
+    let mut digests = Vec::with_capacity(reported.len());
+    for part in reported {
+        let Some(want) = announced.get(&part.number) else {
+            return Err(StoreError::Mismatch(format!(
+                "the agent reported part {}, which was never announced",
+                part.number
+            )));
+        };
+        let etag = part.etag.trim_matches('"');
+        if md5_etag_differs(etag, &want.md5) {
+            warn!(number = part.number, %etag, md5 = %hex::encode(want.md5), "the store took another part than the one announced");
+            return Err(StoreError::Mismatch(format!(
+                "stored part {} is not the part the agent announced (the store answered its upload with another ETag)",
+                part.number
+            )));
+        }
+        digests.push(*want);
+    }
+    let reported = reported.len();
     let mut seen = std::collections::BTreeSet::new();
     for part in stored {
         let number = part.part_number().and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
@@ -812,11 +941,7 @@ fn compare_parts(
             differs.push(format!("size {:?}, announced {}", part.size(), want.size));
         }
         let etag = part.e_tag().unwrap_or_default().trim_matches('"');
-        // An MD5 ETag (single-part upload semantics; not under SSE-KMS, where ETags are opaque).
-        if etag.len() == 32
-            && etag.bytes().all(|b| b.is_ascii_hexdigit())
-            && !etag.eq_ignore_ascii_case(&hex::encode(want.md5))
-        {
+        if md5_etag_differs(etag, &want.md5) {
             differs.push(format!("ETag {etag}, announced MD5 {}", hex::encode(want.md5)));
         }
         if let Some(sum) = part.checksum_sha256() {
@@ -837,7 +962,7 @@ fn compare_parts(
             seen.intersection(&expected).count()
         )));
     }
-    Ok(())
+    Ok(digests)
 }
 
 /// The key prefix with one trailing slash, or empty.
@@ -865,22 +990,28 @@ mod tests {
             .build()
     }
 
+    /// Parts `1..=n` as an agent reports them, without ETags (a store that answers none is not compared).
+    fn reported(n: u32) -> Vec<UploadedPart> {
+        (1..=n).map(|number| UploadedPart { number, etag: String::new() }).collect()
+    }
+
     /// The comparison before completing an upload: the stored parts must be exactly the announced ones.
     #[test]
     fn only_the_announced_parts_pass_the_comparison() {
         let (one, two) = (vec![1u8; 100], vec![2u8; 50]);
         let announced: HashMap<u32, PartDigest> = [(1, PartDigest::of(&one)), (2, PartDigest::of(&two))].into();
-        compare_parts(&announced, 2, &[stored(2, &two), stored(1, &one)]).unwrap();
+        let digests = compare_parts(&announced, &reported(2), &[stored(2, &two), stored(1, &one)]).unwrap();
+        assert_eq!(digests, vec![announced[&1], announced[&2]], "the announced digests, in order");
 
         // A copy of something else: another size and MD5 (s3s-fs reports sizes only: the size alone refuses it).
         let foreign = vec![9u8; 4096];
         let copy = stored(1, &foreign);
-        assert!(compare_parts(&announced, 2, &[copy.clone(), stored(2, &two)]).is_err());
+        assert!(compare_parts(&announced, &reported(2), &[copy.clone(), stored(2, &two)]).is_err());
         let size_only = Part::builder().part_number(1).size(foreign.len() as i64).build();
-        assert!(compare_parts(&announced, 2, &[size_only, stored(2, &two)]).is_err());
+        assert!(compare_parts(&announced, &reported(2), &[size_only, stored(2, &two)]).is_err());
         // Same size, other bytes: the MD5 ETag refuses it.
         let same_size = vec![3u8; 100];
-        assert!(compare_parts(&announced, 2, &[stored(1, &same_size), stored(2, &two)]).is_err());
+        assert!(compare_parts(&announced, &reported(2), &[stored(1, &same_size), stored(2, &two)]).is_err());
         // ... and where the store reports SHA-256 but an opaque ETag (SSE-KMS), the checksum does.
         let b64 = base64::engine::general_purpose::STANDARD;
         let opaque = Part::builder()
@@ -889,21 +1020,51 @@ mod tests {
             .e_tag("\"opaque-kms-etag\"")
             .checksum_sha256(b64.encode(PartDigest::of(&same_size).sha256))
             .build();
-        assert!(compare_parts(&announced, 2, &[opaque, stored(2, &two)]).is_err());
+        assert!(compare_parts(&announced, &reported(2), &[opaque, stored(2, &two)]).is_err());
         let opaque_ok = Part::builder()
             .part_number(1)
             .size(100)
             .e_tag("\"opaque\"")
             .checksum_sha256(b64.encode(announced[&1].sha256))
             .build();
-        compare_parts(&announced, 2, &[opaque_ok, stored(2, &two)]).unwrap();
+        compare_parts(&announced, &reported(2), &[opaque_ok, stored(2, &two)]).unwrap();
 
         // A part never announced, a part missing, a reported count beyond what is stored.
-        assert!(compare_parts(&announced, 2, &[stored(1, &one), stored(2, &two), stored(3, &two)]).is_err());
-        assert!(compare_parts(&announced, 2, &[stored(1, &one)]).is_err());
-        assert!(compare_parts(&announced, 1, &[stored(1, &one), stored(2, &two)]).is_err());
+        assert!(compare_parts(&announced, &reported(2), &[stored(1, &one), stored(2, &two), stored(3, &two)]).is_err());
+        assert!(compare_parts(&announced, &reported(2), &[stored(1, &one)]).is_err());
+        assert!(compare_parts(&announced, &reported(1), &[stored(1, &one), stored(2, &two)]).is_err());
+        // The store answered a part's upload with the MD5 of other bytes (changed on their way): refused even
+        // where the listing shows sizes only; the announced MD5 (any case, quoted or not) passes.
+        let size_only = |n: i32, len: usize| Part::builder().part_number(n).size(len as i64).build();
+        let listed = [size_only(1, one.len()), size_only(2, two.len())];
+        let answered = |etag: String| vec![UploadedPart { number: 1, etag }, reported(2)[1].clone()];
+        let other_md5 = format!("\"{}\"", hex::encode(PartDigest::of(&same_size).md5));
+        let e = compare_parts(&announced, &answered(other_md5), &listed).unwrap_err().to_string();
+        assert!(e.contains("part 1 is not the part the agent announced"), "{e}");
+        let ok = compare_parts(&announced, &answered(hex::encode(announced[&1].md5).to_uppercase()), &listed);
+        assert_eq!(ok.unwrap(), vec![announced[&1], announced[&2]]);
+        assert!(compare_parts(&announced, &[UploadedPart { number: 3, etag: String::new() }], &listed).is_err());
+
         // What the agent may learn names the part, never a stored size or hash.
-        let e = compare_parts(&announced, 2, &[copy, stored(2, &two)]).unwrap_err().to_string();
+        let e = compare_parts(&announced, &reported(2), &[copy, stored(2, &two)]).unwrap_err().to_string();
         assert!(!e.contains("4096") && !e.contains(&hex::encode(PartDigest::of(&foreign).md5)), "{e}");
+    }
+
+    /// The framing check reads 1 % of an object, at least what its framing takes, at most a few KiB.
+    #[test]
+    fn the_framing_probe_is_one_percent_within_its_bounds() {
+        assert_eq!(framing_probe_len(1 << 30, 0), FRAMING_PROBE_MAX);
+        assert_eq!(framing_probe_len(100_000, 0), 1000);
+        assert_eq!(framing_probe_len(1000, 0), 10);
+        assert_eq!(framing_probe_len(100, 0), 4, "zstd's magic, whatever the size");
+        assert_eq!(framing_probe_len(2, 0), 2, "never more than the object");
+        assert_eq!(framing_probe_len(10_000, 1), AGE_HEADER_BASE + AGE_STANZA, "age's whole header");
+        assert_eq!(framing_probe_len(200_000, 1), 2000);
+        // The most recipients a backup may have still fit the cap.
+        let most = ferry_common::encryption::MAX_RECIPIENTS;
+        assert!(AGE_HEADER_BASE + AGE_STANZA * most as u64 <= FRAMING_PROBE_MAX);
+        for size in [4u64 << 10, 1 << 20, 1 << 30, 64 << 30] {
+            assert!(framing_probe_len(size, 0) * 100 <= size, "{size}");
+        }
     }
 }

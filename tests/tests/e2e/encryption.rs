@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use ferry_common::encryption::{parse_recipients, Sealer};
 use ferry_common::protocol::{
     expect_frame, write_frame, AdminRequest, AdminResponse, BackupSummary, JobMsg, JobReply, JobRequest, RestoreSource,
-    SealedObject,
+    SealedObject, UploadedPart,
 };
 use ferry_common::resources::Timestamp;
 use serde_json::{json, Value};
@@ -376,7 +376,7 @@ async fn hostile_object_backup(
         started_at: Timestamp::now(),
         finished_at: Timestamp::now(),
         parts: Vec::new(),
-        sealed: Some(SealedObject { size: object.len() as u64 }),
+        sealed: Some(SealedObject { size: object.len() as u64, sha256: Sha256::digest(object).into() }),
     };
     write_frame(&mut job.send, &JobMsg::Finished(summary)).await?;
     Ok((recipients, expect_frame(&mut job.recv).await?))
@@ -425,6 +425,83 @@ async fn a_member_cannot_skip_the_encryption_or_add_its_own_recipient() -> anyho
     assert!(matches!(reply, JobReply::Committed), "{reply:?}");
     evil.close().await;
     assert_no_unexpected_errors(coordinator.log_path(), &["not the size age gives", "different number of recipients"]);
+    Ok(())
+}
+
+/// Plays a hostile agent of "evil" (an S3 job) that uploads `object` in one part, with the store's true ETag,
+/// as the encrypted backup of `zstd` (of `raw`), every size and hash of it true.
+async fn hostile_s3_object_backup(
+    coordinator: &Coordinator,
+    evil: &HostileAgent,
+    object: &[u8],
+    zstd: &[u8],
+    raw: &[u8],
+) -> anyhow::Result<JobReply> {
+    coordinator.manual_backup("evil").await?;
+    let mut job = evil.next_job(HOSTILE_TIMEOUT).await?;
+    write_frame(&mut job.send, &JobMsg::Started(sane_facts(1))).await?;
+    let etag = job.upload_part(1, object, object).await?;
+    let summary = BackupSummary {
+        raw_size: raw.len() as u64,
+        raw_sha256: Sha256::digest(raw).into(),
+        compressed_size: zstd.len() as u64,
+        compressed_sha256: Sha256::digest(zstd).into(),
+        zstd_level: 3,
+        started_at: Timestamp::now(),
+        finished_at: Timestamp::now(),
+        parts: vec![UploadedPart { number: 1, etag }],
+        sealed: Some(SealedObject { size: object.len() as u64, sha256: Sha256::digest(object).into() }),
+    };
+    write_frame(&mut job.send, &JobMsg::Finished(summary)).await?;
+    Ok(expect_frame(&mut job.recv).await?)
+}
+
+/// Issue 29: an S3 upload verified by its parts (the default) is not read back, so its first bytes carry
+/// the encryption check. Where the cluster's backups must be encrypted, a member that uploads the plain zstd
+/// stream (saying it sealed it), or seals it to its own recipient too, gets nothing recorded; sealed as
+/// asked, its backup is committed.
+#[tokio::test]
+async fn s3_uploads_verified_by_their_parts_must_be_sealed_to_exactly_the_clusters_recipients() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    etcd.put_keys(50).await?;
+    let s3 = S3Server::start().await?;
+    let coordinator = Coordinator::start_s3(&s3, CoordinatorOptions::s3(&[])).await?;
+    let recipient = ferry_common::encryption::keygen().recipient;
+    let own = ferry_common::encryption::keygen().recipient;
+    let evil = hostile_sealing_member(&coordinator, &recipient).await?;
+    let snapshot = etcd_snapshot(etcd.member(0).client_url()).await?;
+    let zstd = zstd::encode_all(&snapshot[..], 3)?;
+    let two = seal(&[&recipient, &own], &zstd)?;
+    let cases: [(&str, &[u8], &str); 2] = [
+        ("the plain zstd stream", &zstd, "plain zstd (not encrypted)"),
+        ("sealed to the cluster's recipient and the member's own", &two, "different number of recipients"),
+    ];
+    let mut previous: Option<Value> = None;
+    for (what, object, refusal) in cases {
+        let reply = hostile_s3_object_backup(&coordinator, &evil, object, &zstd, &snapshot).await?;
+        assert!(matches!(reply, JobReply::Failed { .. }), "{what} was committed: {reply:?}");
+        let status = match &previous {
+            None => coordinator.wait_backup_status("evil", HOSTILE_TIMEOUT).await?,
+            Some(p) => coordinator.wait_next_backup_status("evil", p, HOSTILE_TIMEOUT).await?,
+        };
+        assert!(status["error"].as_str().is_some_and(|e| e.contains(refusal)), "{what}: {status:#}");
+        assert!(coordinator.backups("evil").await?.is_empty(), "{what} was listed");
+        previous = Some(status);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    let keys = s3.aws()?.list_keys(TEST_BUCKET, "").await?;
+    assert!(keys.is_empty(), "the refused objects were deleted: {keys:?}");
+    // Sealed as asked: committed, verified by its parts.
+    let sealed = seal(&[&recipient], &zstd)?;
+    let reply = hostile_s3_object_backup(&coordinator, &evil, &sealed, &zstd, &snapshot).await?;
+    assert!(matches!(reply, JobReply::Committed), "{reply:?}");
+    let listed = coordinator.backups("evil").await?;
+    assert_eq!(listed.len(), 1, "{listed:#?}");
+    assert_eq!(listed[0]["metadata"]["annotations"]["ferry.dev/verification"], "parts", "{:#}", listed[0]);
+    assert_eq!(listed[0]["spec"]["sha256"], hex::encode(Sha256::digest(&sealed)), "the stored object's sha256");
+    assert!(s3.leftover_uploads().is_empty(), "unfinished uploads: {:?}", s3.leftover_uploads());
+    evil.close().await;
+    assert_no_unexpected_errors(coordinator.log_path(), &[]);
     Ok(())
 }
 

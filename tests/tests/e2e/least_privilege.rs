@@ -411,6 +411,70 @@ async fn a_part_url_turned_into_a_copy_of_another_clusters_backup_commits_nothin
     Ok(())
 }
 
+/// Issue 29: with uploads verified by their parts (the default), an agent uploads other bytes than it
+/// announced — the same length, so the signed `Content-Length` holds — on a store that does not check the
+/// signed `Content-MD5` (s3s-fs), and lies about the store's answer (it reports the announced MD5 as the
+/// part's ETag) and about the whole (its summary describes the announced bytes). The parts' sizes match,
+/// but the completed object's multipart ETag is the MD5 of what was stored, not of what was announced:
+/// nothing is recorded, the object is deleted, and the agent learns nothing of why.
+#[tokio::test]
+async fn an_agent_uploading_other_bytes_than_it_announced_gets_nothing_recorded() -> anyhow::Result<()> {
+    let s3 = S3Server::start().await?;
+    let coordinator = Coordinator::start_s3(&s3, CoordinatorOptions::s3(&[])).await?;
+    let creds = coordinator.issue_agent_credentials("evil", "m1").await?;
+    let mut evil = HostileAgent::connect(&coordinator, &creds).await?;
+    evil.report(sane_facts(1)).await?;
+    coordinator.wait_agents_connected("evil", &["m1"], BACKUP_TIMEOUT).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = bucket_digest(&s3).await?;
+
+    // What it announces and declares: a whole zstd-compressed snapshot with every hash right.
+    let raw = {
+        let mut junk: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        let hash = Sha256::digest(&junk);
+        junk.extend_from_slice(&hash);
+        junk
+    };
+    let announced = zstd::encode_all(&raw[..], 3)?;
+    // What it uploads: other bytes of the same length (and the same zstd magic, for the framing check).
+    let mut sent = announced.clone();
+    let middle = sent.len() / 2;
+    sent[middle] ^= 0xff;
+    coordinator.manual_backup("evil").await?;
+    let mut job = evil.next_job(BACKUP_TIMEOUT).await?;
+    write_frame(&mut job.send, &JobMsg::Started(sane_facts(1))).await?;
+    let answered = job.upload_part(1, &announced, &sent).await?;
+    let lie = format!("\"{}\"", hex::encode(PartDigest::of(&announced).md5));
+    assert_ne!(answered, lie, "the store answered the MD5 of what it stored");
+    let summary = BackupSummary {
+        raw_size: raw.len() as u64,
+        raw_sha256: Sha256::digest(&raw).into(),
+        compressed_size: announced.len() as u64,
+        compressed_sha256: Sha256::digest(&announced).into(),
+        zstd_level: 3,
+        started_at: Timestamp::now(),
+        finished_at: Timestamp::now(),
+        parts: vec![UploadedPart { number: 1, etag: lie }],
+        sealed: None,
+    };
+    write_frame(&mut job.send, &JobMsg::Finished(summary)).await?;
+    let reply: JobReply = expect_frame(&mut job.recv).await?;
+    let JobReply::Failed { error } = &reply else { anyhow::bail!("other bytes were committed: {reply:?}") };
+    assert!(!error.contains("ETag") && !error.contains("bytes"), "the agent is told why: {error}");
+    let status = coordinator.wait_backup_status("evil", BACKUP_TIMEOUT).await?;
+    assert_eq!(status["status"], STATUS_ERROR, "{status:#}");
+    let why = status["error"].as_str().unwrap_or_default();
+    assert!(why.contains("not the multipart ETag of the announced parts"), "the completed object's ETag: {status:#}");
+    assert!(coordinator.backups("evil").await?.is_empty(), "something was recorded for evil");
+    poll_until("evil's upload to be gone", BACKUP_TIMEOUT, Duration::from_millis(250), || async {
+        Ok(s3.leftover_uploads().is_empty().then_some(()))
+    })
+    .await?;
+    assert_eq!(bucket_digest(&s3).await?, before, "the completed object (or a manifest) was kept");
+    evil.close().await;
+    Ok(())
+}
+
 /// Refused backups in a row that take a member out of rotation (the coordinator's `quarantine::STRIKES`).
 fn quarantine_strikes() -> u32 {
     3

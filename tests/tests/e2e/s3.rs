@@ -111,6 +111,33 @@ async fn wait_no_leftover_uploads(s3: &S3Server, timeout: Duration) -> anyhow::R
     .await
 }
 
+/// `ferry_store_verify_read_bytes_total` of the coordinator whose metrics listen on `port`: the bytes it read
+/// back from S3 to verify uploads.
+fn verify_read_bytes(port: u16) -> anyhow::Result<u64> {
+    let (_, body) = crate::observe::http_get(port, "/metrics")?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("ferry_store_verify_read_bytes_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .with_context(|| format!("no ferry_store_verify_read_bytes_total in:\n{body}"))
+}
+
+/// Backup `id`'s manifest as stored in the bucket, read with `aws`.
+async fn stored_manifest(s3: &S3Server, dir: &Path, id: &str) -> anyhow::Result<Value> {
+    let path = dir.join(format!("{id}.manifest.json"));
+    s3.aws()?.download(TEST_BUCKET, &format!("{S3_KEY_PREFIX}/{CLUSTER}/{id}.manifest.json"), &path).await?;
+    Ok(serde_json::from_slice(&std::fs::read(&path)?)?)
+}
+
+/// A coordinator on `s3` with its metrics on a port of its own, started with `args` too; and that port.
+async fn coordinator_with_metrics(s3: &S3Server, args: &[&str]) -> anyhow::Result<(Coordinator, u16)> {
+    let port = ports::free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut all = vec!["--metrics-listen", metrics.as_str()];
+    all.extend_from_slice(args);
+    Ok((Coordinator::start_s3(s3, CoordinatorOptions::s3(&all)).await?, port))
+}
+
 /// Only the keys under `prefix` of a key/value map.
 fn under<V: Clone>(kvs: &HashMap<String, V>, prefix: &str) -> HashMap<String, V> {
     kvs.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.clone(), v.clone())).collect()
@@ -420,6 +447,66 @@ async fn s3_status_shows_running_with_bytes_done() -> anyhow::Result<()> {
     let raw_size = spec["rawsize"].as_u64().context("backup spec.rawsize")?;
     assert!(bytes_done <= raw_size, "bytesdone {bytes_done} counts raw bytes, at most the snapshot's {raw_size}");
 
+    assert_daemon_logs_clean(&coordinator, &agents);
+    Ok(())
+}
+
+/// Issue 29: by default (`--verify-upload parts`) the coordinator proves an upload without downloading it —
+/// the stored parts are the announced ones, the completed object's size and multipart ETag are theirs, its
+/// first bytes are a zstd frame — so it reads at most 1 % of the object
+/// (`ferry_store_verify_read_bytes_total`). The manifest and the `EtcdBackups` resource say how it was
+/// verified, and the backup restores with etcd's own tools and through `ferryctl`, which check every hash.
+#[tokio::test]
+async fn s3_uploads_are_verified_by_their_parts_reading_at_most_one_percent() -> anyhow::Result<()> {
+    let s3 = S3Server::start().await?;
+    let etcd = EtcdCluster::start(1).await?;
+    let written = etcd.put_random_values(12 * MIB, 5).await?;
+    let (coordinator, metrics_port) = coordinator_with_metrics(&s3, &["--upload-part-size-mib", "5"]).await?;
+    let agents = coordinator.start_agents(CLUSTER, &etcd).await?;
+    assert_eq!(verify_read_bytes(metrics_port)?, 0, "nothing read before a backup");
+
+    let status = backup_and_wait(&coordinator).await?;
+    assert_eq!(status["status"], STATUS_OK, "backup failed: {status:#}");
+    let (id, spec) = only_backup(&coordinator).await?;
+    let size = spec["size"].as_u64().context("backup spec.size")?;
+    assert!(size > (2 * 5 * MIB) as u64, "several parts: {size} bytes");
+    let read = verify_read_bytes(metrics_port)?;
+    assert!(read > 0 && read * 100 <= size, "the coordinator read {read} of {size} bytes back: more than 1 %");
+    assert_eq!(stored_manifest(&s3, coordinator.dir(), &id).await?["verification"], "parts");
+    let listed = &coordinator.backups(CLUSTER).await?[0];
+    assert_eq!(listed["metadata"]["annotations"]["ferry.dev/verification"], "parts", "{listed:#}");
+
+    // What was stored is exactly what the agent sent, and restores with etcd's own tools.
+    let snapshot = fetch_with_aws(&s3, coordinator.dir(), &spec).await?;
+    let restored = restore_and_read_raw(&snapshot).await?;
+    assert_same_kvs(&written, &under(&restored, TEST_PREFIX), "random values restored from the S3 object");
+    let via_ferryctl = coordinator.dir().join("ferryctl.snapshot");
+    coordinator.download_backup(CLUSTER, &id, &via_ferryctl, true).await?;
+    assert!(std::fs::read(&via_ferryctl)? == std::fs::read(&snapshot)?, "ferryctl's download differs");
+
+    assert!(s3.leftover_uploads().is_empty(), "unfinished uploads: {:?}", s3.leftover_uploads());
+    assert_daemon_logs_clean(&coordinator, &agents);
+    eprintln!("VERIFY parts: read {read} of {size} bytes back ({:.3} %)", read as f64 * 100.0 / size as f64);
+    Ok(())
+}
+
+/// `--verify-upload full` reads every uploaded object back through every restore check, as before issue
+/// 29: every byte of it is counted, and the manifest says `full`.
+#[tokio::test]
+async fn s3_verify_upload_full_reads_the_whole_object_back() -> anyhow::Result<()> {
+    let s3 = S3Server::start().await?;
+    let etcd = EtcdCluster::start(1).await?;
+    etcd.put_keys(500).await?;
+    let (coordinator, metrics_port) = coordinator_with_metrics(&s3, &["--verify-upload", "full"]).await?;
+    let agents = coordinator.start_agents(CLUSTER, &etcd).await?;
+    let status = backup_and_wait(&coordinator).await?;
+    assert_eq!(status["status"], STATUS_OK, "backup failed: {status:#}");
+    let (id, spec) = only_backup(&coordinator).await?;
+    let size = spec["size"].as_u64().context("backup spec.size")?;
+    assert_eq!(verify_read_bytes(metrics_port)?, size, "the whole object is read back");
+    assert_eq!(stored_manifest(&s3, coordinator.dir(), &id).await?["verification"], "full");
+    let snapshot = fetch_with_aws(&s3, coordinator.dir(), &spec).await?;
+    restore_and_read(&snapshot).await?;
     assert_daemon_logs_clean(&coordinator, &agents);
     Ok(())
 }
