@@ -429,12 +429,7 @@ async fn an_agent_uploading_other_bytes_than_it_announced_gets_nothing_recorded(
     let before = bucket_digest(&s3).await?;
 
     // What it announces and declares: a whole zstd-compressed snapshot with every hash right.
-    let raw = {
-        let mut junk: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
-        let hash = Sha256::digest(&junk);
-        junk.extend_from_slice(&hash);
-        junk
-    };
+    let raw = junk_ending_in_its_sha256();
     let announced = zstd::encode_all(&raw[..], 3)?;
     // What it uploads: other bytes of the same length (and the same zstd magic, for the framing check).
     let mut sent = announced.clone();
@@ -446,17 +441,7 @@ async fn an_agent_uploading_other_bytes_than_it_announced_gets_nothing_recorded(
     let answered = job.upload_part(1, &announced, &sent).await?;
     let lie = format!("\"{}\"", hex::encode(PartDigest::of(&announced).md5));
     assert_ne!(answered, lie, "the store answered the MD5 of what it stored");
-    let summary = BackupSummary {
-        raw_size: raw.len() as u64,
-        raw_sha256: Sha256::digest(&raw).into(),
-        compressed_size: announced.len() as u64,
-        compressed_sha256: Sha256::digest(&announced).into(),
-        zstd_level: 3,
-        started_at: Timestamp::now(),
-        finished_at: Timestamp::now(),
-        parts: vec![UploadedPart { number: 1, etag: lie }],
-        sealed: None,
-    };
+    let summary = one_part_summary(&raw, &announced, lie);
     write_frame(&mut job.send, &JobMsg::Finished(summary)).await?;
     let reply: JobReply = expect_frame(&mut job.recv).await?;
     let JobReply::Failed { error } = &reply else { anyhow::bail!("other bytes were committed: {reply:?}") };
@@ -473,6 +458,29 @@ async fn an_agent_uploading_other_bytes_than_it_announced_gets_nothing_recorded(
     assert_eq!(bucket_digest(&s3).await?, before, "the completed object (or a manifest) was kept");
     evil.close().await;
     Ok(())
+}
+
+/// 64 KiB of junk ending in its own sha256, as etcd's snapshot ends in one: every hash declared of it is right.
+fn junk_ending_in_its_sha256() -> Vec<u8> {
+    let mut junk: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let hash = Sha256::digest(&junk);
+    junk.extend_from_slice(&hash);
+    junk
+}
+
+/// What an agent declares of `raw`, compressed to `object` and uploaded as one part answered with `etag`.
+fn one_part_summary(raw: &[u8], object: &[u8], etag: String) -> BackupSummary {
+    BackupSummary {
+        raw_size: raw.len() as u64,
+        raw_sha256: Sha256::digest(raw).into(),
+        compressed_size: object.len() as u64,
+        compressed_sha256: Sha256::digest(object).into(),
+        zstd_level: 3,
+        started_at: Timestamp::now(),
+        finished_at: Timestamp::now(),
+        parts: vec![UploadedPart { number: 1, etag }],
+        sealed: None,
+    }
 }
 
 /// Refused backups in a row that take a member out of rotation (the coordinator's `quarantine::STRIKES`).
@@ -900,5 +908,51 @@ async fn a_member_lying_about_its_compaction_hashes_cannot_choose_where_the_othe
         assert!(!log.contains("afresh"), "{}", a.log_path().display());
     }
     liar.close().await;
+    Ok(())
+}
+
+/// Issue 29: an S3 upload verified by its parts (the default) is not opened at commit, so a member can get
+/// well-framed junk, every part exactly as announced, listed for its own cluster (and for no other). Proving
+/// content is the drill's job: it fails on the junk and says why.
+#[tokio::test]
+async fn junk_uploaded_exactly_as_announced_is_listed_for_its_cluster_only_and_failed_by_the_drill(
+) -> anyhow::Result<()> {
+    let s3 = S3Server::start().await?;
+    let coordinator = Coordinator::start_s3(&s3, CoordinatorOptions::s3(&["--min-drill-interval", "1s"])).await?;
+    let creds = coordinator.issue_agent_credentials("evil", "m1").await?;
+    let mut evil = HostileAgent::connect(&coordinator, &creds).await?;
+    evil.report(sane_facts(1)).await?;
+    coordinator.wait_agents_connected("evil", &["m1"], BACKUP_TIMEOUT).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let raw = junk_ending_in_its_sha256();
+    let object = zstd::encode_all(&raw[..], 3)?;
+    coordinator.manual_backup("evil").await?;
+    let mut job = evil.next_job(BACKUP_TIMEOUT).await?;
+    write_frame(&mut job.send, &JobMsg::Started(sane_facts(1))).await?;
+    let etag = job.upload_part(1, &object, &object).await?;
+    let summary = one_part_summary(&raw, &object, etag);
+    write_frame(&mut job.send, &JobMsg::Finished(summary)).await?;
+    let reply: JobReply = expect_frame(&mut job.recv).await?;
+    assert!(matches!(reply, JobReply::Committed), "parts as announced are committed: {reply:?}");
+    let backups = coordinator.backups("evil").await?;
+    let id = backups[0]["metadata"]["id"].as_str().context("backup id")?.to_owned();
+    assert_eq!(backups[0]["metadata"]["annotations"]["ferry.dev/verification"], "parts", "{backups:#?}");
+
+    let mut cluster = coordinator.ctl().get_json("cluster", Some("evil")).await?;
+    cluster["spec"]["backupconfiguration"] = serde_json::json!({
+        "interval": { "seconds": 3600, "nanos": 0 },
+        "drillinterval": { "seconds": 2, "nanos": 0 },
+    });
+    coordinator.ctl().apply_yaml(&serde_json::to_string(&cluster)?).await?.ok()?;
+    let drill =
+        poll_until("the drill to fail the junk", Duration::from_secs(120), Duration::from_millis(500), || async {
+            let drill = coordinator.backup_status("evil").await?["drill"].clone();
+            Ok((drill["backup"] == id.as_str() && drill["result"] == STATUS_ERROR).then_some(drill))
+        })
+        .await?;
+    assert!(!drill["error"].as_str().unwrap_or_default().is_empty(), "the drill says why: {drill:#}");
+    assert!(coordinator.backups("prod").await?.is_empty(), "nothing is listed for any other cluster");
+    evil.close().await;
     Ok(())
 }
