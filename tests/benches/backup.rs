@@ -929,7 +929,12 @@ async fn bench_size(
         );
         let (rss, writes_after) = proc_stats(agent.0.id());
         if let Some(latencies) = latencies {
-            latency_rows.push(LatencyRow { gib: db_gib, data, during: label.clone(), latencies: percentiles(latencies) });
+            latency_rows.push(LatencyRow {
+                gib: db_gib,
+                data,
+                during: label.clone(),
+                latencies: percentiles(latencies),
+            });
         }
         row(label, wall, Some(cpu), Some(rss), Some(writes_after - writes_before), stored);
     }
