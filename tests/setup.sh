@@ -3,6 +3,7 @@
 #
 #   tests/setup.sh        everything below
 #   tests/setup.sh etcd   only etcd 3.5 into .tools/ (the demo uses this)
+#   tests/setup.sh ministack   only ministack into .tools/ministack
 #
 # - apt: etcd-server + etcd-client (the system's etcd: 3.4 on Debian bookworm, for the compatibility pass),
 #   protobuf-compiler (etcd-client's build needs protoc), zstd, prometheus (promtool + a real Prometheus),
@@ -12,6 +13,8 @@
 #   sources, with the suite trixie) and unpacked with `dpkg-deb -x` into .tools/etcd-3.5
 #   in this checkout. Nothing is added to the system's sources and the system's etcd is left alone.
 # - cargo: s3s-fs (a real S3 server; pinned because the tests read its on-disk layout).
+# - pip, into its own venv .tools/ministack: ministack (an S3 server that checks a part's signed Content-MD5
+#   and x-amz-checksum-sha256, which s3s-fs does not; pinned, and it pins botocore, hence the venv).
 # - pip: the aws CLI (an independent S3 client) and kubernetes-validate (checks deploy/kubernetes).
 #
 # Programs land in ~/.cargo/bin and ~/.local/bin; tests/run.sh puts both on PATH, and the test fixtures
@@ -23,6 +26,8 @@ TOOLS="$ROOT/.tools"
 ETCD35_DIR="$TOOLS/etcd-3.5"
 ETCD35_SUITE=trixie
 S3S_FS_VERSION=0.14.1
+MINISTACK_DIR="$TOOLS/ministack"
+MINISTACK_VERSION=1.5.33
 what="${1:-all}"
 
 SUDO=""
@@ -101,11 +106,38 @@ etcd35() {
     say "etcd 3.5 ready: $version"
 }
 
-if [[ $what == etcd ]]; then
-    etcd35
-    exit 0
-fi
-[[ $what == all ]] || { echo "usage: tests/setup.sh [all|etcd]" >&2; exit 2; }
+# --- ministack in its own venv under .tools ---------------------------------------------------------------
+# Its dist-info is written last by pip: present means a complete install of this version.
+ministack_installed() {
+    [[ -x "$MINISTACK_DIR/bin/ministack" ]] \
+        && compgen -G "$MINISTACK_DIR/lib/python3*/site-packages/ministack-$MINISTACK_VERSION.dist-info" >/dev/null
+}
+
+ministack() {
+    if ministack_installed; then
+        say "ministack $MINISTACK_VERSION present"
+        return
+    fi
+    # Debian's python3 makes a venv (with pip in it) only with python3-venv.
+    python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || apt_install python3-venv
+    python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+        || { echo "setup: ministack needs Python 3.10 or newer; python3 is $(python3 --version 2>&1)" >&2; exit 1; }
+    say "pip install ministack==$MINISTACK_VERSION into ${MINISTACK_DIR#"$ROOT"/} (its own venv)"
+    # A half-made venv (an interrupted run, another version) is made again from scratch.
+    rm -rf "$MINISTACK_DIR"
+    mkdir -p "$TOOLS"
+    python3 -m venv "$MINISTACK_DIR"
+    "$MINISTACK_DIR/bin/python" -m pip install -q --disable-pip-version-check "ministack==$MINISTACK_VERSION"
+    ministack_installed || { echo "setup: ministack $MINISTACK_VERSION is not in $MINISTACK_DIR after pip install" >&2; exit 1; }
+    say "ministack ready: $MINISTACK_VERSION"
+}
+
+case "$what" in
+    etcd) etcd35; exit 0 ;;
+    ministack) ministack; exit 0 ;;
+    all) ;;
+    *) echo "usage: tests/setup.sh [all|etcd|ministack]" >&2; exit 2 ;;
+esac
 
 # --- apt ---------------------------------------------------------------------------------------------------
 packages=()
@@ -129,6 +161,7 @@ else
 fi
 
 etcd35
+ministack
 
 # --- cargo -------------------------------------------------------------------------------------------------
 if have s3s-fs; then
@@ -151,4 +184,5 @@ fi
 for tool in etcd etcdctl protoc zstd promtool prometheus age faketime s3s-fs aws kubernetes-validate; do
     have "$tool" || { echo "setup: $tool is still missing after the install" >&2; exit 1; }
 done
+ministack_installed || { echo "setup: ministack is still missing after the install" >&2; exit 1; }
 say "done"

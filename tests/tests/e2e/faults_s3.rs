@@ -158,7 +158,7 @@ impl Rig {
 
 /// Takes a manual backup of [`CLUSTER`] and waits until it is final (ok or not); returns the status spec
 /// and how long it took.
-async fn backup_once(coordinator: &Coordinator) -> anyhow::Result<(Value, Duration)> {
+pub(crate) async fn backup_once(coordinator: &Coordinator) -> anyhow::Result<(Value, Duration)> {
     let before = coordinator.backup_status(CLUSTER).await.unwrap_or(Value::Null);
     // Manual backups are keyed by their second.
     let at = unix_now();
@@ -176,7 +176,7 @@ async fn backup_once(coordinator: &Coordinator) -> anyhow::Result<(Value, Durati
 }
 
 /// The part number of an UploadPart request.
-fn part_number(r: &Request) -> Option<u32> {
+pub(crate) fn part_number(r: &Request) -> Option<u32> {
     if !r.is_upload_part() {
         return None;
     }

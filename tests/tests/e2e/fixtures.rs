@@ -11,6 +11,8 @@
 //! - [`h2_corrupter`]: a proxy before etcd's client port that flips one bit inside a snapshot message.
 //! - [`hostile`]: a hostile agent speaking the wire protocol with a real agent certificate.
 //! - [`logs`]: checks on daemon logs.
+//! - [`ministack`]: [`ministack::Ministack`], a real S3 server that refuses a part whose body does not match
+//!   its signed checksums (s3s-fs does not).
 //! - [`restore`]: restore a snapshot with `etcdctl` and read it back; decompress with `zstd`.
 //! - [`s3`]: [`S3Server`] (a real `s3s-fs`), its Ferry config, and the `aws` CLI as an independent client.
 //! - [`s3_faults`]: [`s3_faults::FaultProxy`], a slow, flaky or dead S3 endpoint in front of `s3s-fs`.
@@ -27,6 +29,7 @@ pub(crate) mod ferry;
 pub(crate) mod h2_corrupter;
 pub(crate) mod hostile;
 pub(crate) mod logs;
+pub(crate) mod ministack;
 pub(crate) mod pki;
 pub(crate) mod ports;
 pub(crate) mod process;

@@ -26,6 +26,7 @@ mod rejections;
 mod restore;
 mod restore_orchestrated;
 mod s3;
+mod s3_checksums;
 mod s3_tls;
 mod schedule;
 mod security;
