@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use etcd_client::{
@@ -25,6 +25,9 @@ const PROBE_KEY: &str = "\0ferry-compaction-probe";
 const HASHES_KEPT: usize = 10;
 /// Compaction hashes are kept in memory from etcd 3.5.5 on (etcd PR 14120).
 const HASHES_SINCE: (u64, u64, u64) = (3, 5, 5);
+/// etcd sets the compaction revision before its compaction (in batches, 10 ms apart) has run, and keeps the
+/// hash only when it has: a compaction counts as held once seen this long (a minute covers millions of keys).
+const SETTLE: Duration = Duration::from_secs(60);
 
 /// TLS files for etcd's client port (kubeadm: /etc/kubernetes/pki/etcd/…).
 #[derive(Debug, Clone, Default)]
@@ -53,24 +56,30 @@ pub struct EtcdMember {
 #[derive(Debug, Default)]
 struct Compactions {
     last: Option<i64>,
-    hashed: Vec<i64>,
+    /// Compactions seen happening, with when.
+    seen: Vec<(i64, Instant)>,
 }
 
 impl Compactions {
-    /// A poll's answer: `Some(revision)`, or `None` when etcd could not be asked.
-    fn observe(&mut self, now: Option<i64>, hashes_kept: bool) {
-        match (self.last, now) {
+    /// A poll's answer at `at`: `Some(revision)`, or `None` when etcd could not be asked.
+    fn observe(&mut self, revision: Option<i64>, hashes_kept: bool, at: Instant) {
+        match (self.last, revision) {
             (Some(before), Some(now)) if now > before && hashes_kept => {
-                self.hashed.push(now);
-                if self.hashed.len() > HASHES_KEPT {
-                    self.hashed.remove(0);
+                self.seen.push((now, at));
+                if self.seen.len() > HASHES_KEPT {
+                    self.seen.remove(0);
                 }
             }
             (Some(before), Some(now)) if now >= before => {}
             // Unreachable, or the revision went back (another etcd behind the URL): nothing is known.
-            _ => self.hashed.clear(),
+            _ => self.seen.clear(),
         }
-        self.last = now;
+        self.last = revision;
+    }
+
+    /// The compactions whose hash etcd has computed by `at`, oldest first.
+    fn held(&self, at: Instant) -> Vec<i64> {
+        self.seen.iter().filter(|(_, seen)| at.saturating_duration_since(*seen) >= SETTLE).map(|(r, _)| *r).collect()
     }
 }
 
@@ -132,27 +141,39 @@ impl EtcdMember {
             .with_context(|| format!("connect to etcd at {}", self.endpoint))
     }
 
-    /// The member's status as the coordinator wants it.
+    /// The member's status as the coordinator wants it, having looked at etcd's compaction revision. etcd not
+    /// answering may be etcd restarting, which forgets its compaction hashes: so does this agent.
     pub async fn facts(&self) -> Result<EtcdFacts> {
+        let facts = self.read_facts(true).await;
+        if facts.is_err() {
+            self.forget_compactions();
+        }
+        facts
+    }
+
+    /// The member's status; with `observe`, etcd's compaction revision is polled too (only the periodic report
+    /// does: polls racing each other could see the revision go back).
+    async fn read_facts(&self, observe: bool) -> Result<EtcdFacts> {
         let mut c = self.client.clone();
         let st = tokio::time::timeout(RPC_TIMEOUT, c.status())
             .await
             .with_context(|| format!("etcd status at {} timed out", self.endpoint))?
             .with_context(|| format!("etcd status at {}", self.endpoint))?;
         let header = st.header().context("etcd status carried no header")?;
-        let compacted = match self.compact_revision().await {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::debug!("etcd's compaction revision is unknown: {e:#}");
-                None
-            }
-        };
-        let hashes_kept = version_at_least(st.version(), HASHES_SINCE);
-        let hashed_compactions = {
+        if observe {
+            let compacted = match self.compact_revision().await {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::debug!("etcd's compaction revision is unknown: {e:#}");
+                    None
+                }
+            };
+            let hashes_kept = version_at_least(st.version(), HASHES_SINCE);
             let mut c = self.compactions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            c.observe(compacted, hashes_kept);
-            c.hashed.clone()
-        };
+            c.observe(compacted, hashes_kept, Instant::now());
+        }
+        let hashed_compactions =
+            self.compactions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).held(Instant::now());
         Ok(EtcdFacts {
             member_id: header.member_id(),
             cluster_id: header.cluster_id(),
@@ -201,9 +222,9 @@ impl EtcdMember {
     /// etcd's `HashKV` at `revision`, with the member's identity and current revision; a failure is part of the
     /// reply (the coordinator reports unreachable members, it does not guess). Asked at a compaction etcd was
     /// seen making, etcd answers from memory; any other revision makes etcd hash its whole key space while
-    /// holding its backend, which this agent does only for a database within the scan limit (a few ms).
+    /// holding its backend, which this agent does only for a database within the scan limit (~50 ms).
     pub async fn hash_kv(&self, revision: i64) -> HashKvReply {
-        let facts = match self.facts().await {
+        let facts = match self.read_facts(false).await {
             Ok(f) => f,
             Err(e) => {
                 let result = HashKvResult::Failed { error: format!("{e:#}") };
@@ -262,27 +283,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_compactions_seen_happening_are_held_and_a_failed_poll_forgets_them() {
+    fn only_compactions_seen_happening_and_settled_are_held_and_a_failed_poll_forgets_them() {
+        let t0 = Instant::now();
+        let later = t0 + SETTLE;
         let mut c = Compactions::default();
-        c.observe(Some(100), true);
-        assert!(c.hashed.is_empty(), "a compaction from before the agent started may predate etcd's restart");
-        c.observe(Some(100), true);
-        c.observe(Some(200), true);
-        c.observe(Some(300), true);
-        assert_eq!(c.hashed, [200, 300]);
-        c.observe(None, true);
-        assert!(c.hashed.is_empty());
-        c.observe(Some(400), true);
-        assert!(c.hashed.is_empty(), "the first answer after a failure is a new start");
-        c.observe(Some(500), false);
-        assert!(c.hashed.is_empty(), "an etcd before 3.5.5 keeps no hashes");
+        c.observe(Some(100), true, t0);
+        assert!(c.held(later).is_empty(), "a compaction from before the agent started may predate etcd's restart");
+        c.observe(Some(100), true, t0);
+        c.observe(Some(200), true, t0);
+        c.observe(Some(300), true, t0 + Duration::from_secs(1));
+        assert_eq!(c.held(t0), Vec::<i64>::new(), "etcd may still be compacting");
+        assert_eq!(c.held(later), [200], "300 is not settled yet");
+        assert_eq!(c.held(later + Duration::from_secs(1)), [200, 300]);
+        c.observe(None, true, t0);
+        assert!(c.held(later).is_empty());
+        c.observe(Some(400), true, t0);
+        assert!(c.held(later).is_empty(), "the first answer after a failure is a new start");
+        c.observe(Some(500), false, t0);
+        assert!(c.held(later).is_empty(), "an etcd before 3.5.5 keeps no hashes");
         let mut c = Compactions::default();
         for r in 0..20 {
-            c.observe(Some(r), true);
+            c.observe(Some(r), true, t0);
         }
-        assert_eq!(c.hashed, (10..20).collect::<Vec<_>>(), "etcd keeps ten");
-        c.observe(Some(5), true);
-        assert!(c.hashed.is_empty(), "a revision going back is another etcd");
+        assert_eq!(c.held(later), (10..20).collect::<Vec<_>>(), "etcd keeps ten");
+        c.observe(Some(5), true, t0);
+        assert!(c.held(later).is_empty(), "a revision going back is another etcd");
     }
 
     #[test]

@@ -144,7 +144,8 @@ impl AgeHeader {
     /// The size of an age file with this header sealing `plain` bytes.
     pub fn sealed_size(&self, plain: u64) -> u64 {
         let chunks = plain.div_ceil(AGE_CHUNK as u64).max(1);
-        self.len as u64 + AGE_NONCE + plain + chunks * AGE_TAG as u64
+        // `plain` may be an agent's word: saturated, an absurd size matches no object instead of wrapping.
+        (self.len as u64 + AGE_NONCE).saturating_add(plain).saturating_add(chunks.saturating_mul(AGE_TAG as u64))
     }
 }
 

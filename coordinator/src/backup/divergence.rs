@@ -171,8 +171,8 @@ pub fn judge(revision: i64, replies: &Replies) -> Divergence {
     for (member, r) in replies {
         match r {
             Ok(reply) => match &reply.result {
-                HashKvResult::Failed { error } => d.unreachable.push((member.clone(), error.clone())),
-                HashKvResult::Skipped { why } => d.unreachable.push((member.clone(), why.clone())),
+                HashKvResult::Failed { error } => d.unreachable.push((member.clone(), bounded(error))),
+                HashKvResult::Skipped { why } => d.unreachable.push((member.clone(), bounded(why))),
                 _ => answered.push((member, reply)),
             },
             Err(e) => d.unreachable.push((member.clone(), e.clone())),
@@ -262,6 +262,14 @@ pub fn judge(revision: i64, replies: &Replies) -> Divergence {
     d.unreachable.sort();
     d.agreeing.sort();
     d
+}
+
+/// An agent's words as the status and the log keep them: at most 300 characters.
+fn bounded(s: &str) -> String {
+    match s.char_indices().nth(300) {
+        Some((end, _)) => format!("{}…", &s[..end]),
+        None => s.to_string(),
+    }
 }
 
 /// The most common value (the largest among equals).

@@ -386,8 +386,8 @@ async fn stream(
                     finishedat: summary.finished_at,
                     encryption,
                 };
-                // The local store stopped such a stream as it came in; an S3 upload is refused before its
-                // read-back would decompress it.
+                // The local store stopped such a stream as it came in; an S3 upload is refused here, before any
+                // read-back (`--verify-upload full`) or drill would decompress it.
                 // Twice the database size the cluster's members report (their median), never above the
                 // store's limit: a member declaring 2 GiB for a 66 KB upload would make every drill write that.
                 let reported = median_db_size(deps, cluster)

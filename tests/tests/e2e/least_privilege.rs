@@ -869,8 +869,10 @@ async fn a_member_lying_about_its_compaction_hashes_cannot_choose_where_the_othe
 
     let mut client = etcd.client().await?;
     let revision = client.get("any", None).await?.header().map(|h| h.revision()).context("revision")?;
+    // An agent reports a compaction once it has seen it for a minute (etcd keeps the hash only when its
+    // batched compaction has run).
     client.compact(revision, None).await?;
-    poll_until("m1 and m2 to see the compaction", Duration::from_secs(40), Duration::from_millis(500), || async {
+    poll_until("m1 and m2 to see the compaction", Duration::from_secs(120), Duration::from_millis(500), || async {
         let agents = coordinator.connected_agents("prod").await?;
         Ok((agents.iter().filter(|a| a["spec"]["hashedcompaction"] == revision).count() == 2).then_some(()))
     })
