@@ -180,6 +180,11 @@ impl S3Error {
         Self { kind: S3ErrorKind::Cancelled, message: format!("{what}: cancelled"), retryable: false }
     }
 
+    /// An object's body broke off while it was read: the connection's fault, worth another try.
+    pub fn body(what: &str, e: impl std::fmt::Display) -> Self {
+        Self { kind: S3ErrorKind::Unreachable, message: format!("{what}: {e}"), retryable: true }
+    }
+
     /// Classifies an SDK error; `what` names the call (e.g. `upload part 3 of backups/x.zst`).
     pub fn from_sdk<E>(what: &str, bucket: &str, e: &SdkError<E, HttpResponse>) -> Self
     where
@@ -412,11 +417,7 @@ pub async fn get_bytes(
         let mut body = r.body;
         let mut out = Vec::new();
         loop {
-            let piece = body.try_next().await.map_err(|e| S3Error {
-                kind: S3ErrorKind::Unreachable,
-                message: format!("{what}: {e}"),
-                retryable: true,
-            })?;
+            let piece = body.try_next().await.map_err(|e| S3Error::body(&what, e))?;
             let Some(piece) = piece else { break };
             if (out.len() + piece.len()) as u64 > max {
                 return Err(too_large());
@@ -455,11 +456,7 @@ pub async fn get_prefix(
             let mut body = r.body;
             let mut out = Vec::new();
             while (out.len() as u64) < len {
-                let piece = body.try_next().await.map_err(|e| S3Error {
-                    kind: S3ErrorKind::Unreachable,
-                    message: format!("{what}: {e}"),
-                    retryable: true,
-                })?;
+                let piece = body.try_next().await.map_err(|e| S3Error::body(what, e))?;
                 let Some(piece) = piece else { break };
                 arrived.fetch_add(piece.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 let take = piece.len().min((len - out.len() as u64) as usize);

@@ -818,11 +818,7 @@ impl PendingUpload {
                 p = body.try_next() => p,
                 () = cancel.cancelled() => return Err(StoreError::Cancelled),
             };
-            let piece = piece.map_err(|e| S3Error {
-                kind: S3ErrorKind::Unreachable,
-                message: format!("{what}: {e}"),
-                retryable: true,
-            })?;
+            let piece = piece.map_err(|e| S3Error::body(&what, e))?;
             let Some(piece) = piece else { break };
             self.read.inc_by(piece.len() as u64);
             check.write(&piece).map_err(|e| StoreError::Mismatch(format!("the uploaded object: {e}")))?;
