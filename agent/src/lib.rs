@@ -13,3 +13,4 @@ pub mod restore_steps;
 pub mod scratch;
 pub mod throttle;
 pub mod upload;
+pub mod watch;

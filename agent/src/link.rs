@@ -255,6 +255,16 @@ impl Link {
                                     .instrument(span)
                                     .await
                             }
+                            JobRequest::Watch(assignment) => {
+                                let span = info_span!(parent: &job_span, "watch", epoch = assignment.epoch);
+                                async move {
+                                    info!(from_revision = assignment.from_revision, "change-log watch started");
+                                    match crate::watch::run(etcd, *assignment, job_send, job_recv, cancel).await {
+                                        Ok(()) => info!("change-log watch ended"),
+                                        Err(e) => warn!("change-log watch failed: {e:#}"),
+                                    }
+                                }.instrument(span).await
+                            }
                             JobRequest::HashKv { revision } => {
                                 let span = info_span!(parent: &job_span, "hashkv", revision);
                                 async move {

@@ -12,5 +12,6 @@ pub mod progress;
 pub mod protocol;
 pub mod resources;
 pub mod s3;
+pub mod segment;
 pub mod snapshot;
 pub mod tls;

@@ -47,7 +47,9 @@ use crate::resources::{Resource, ResourceType, Selector, Timestamp};
 ///    computes while compacting, not by a `HashKV` that stalls etcd's writes; `SealedObject` carries the age
 ///    object's sha256 again: an S3 upload verified by its parts (`--verify-upload parts`, the default) is never
 ///    read back, so the coordinator cannot hash it.
-pub const PROTOCOL_VERSION: u32 = 16;
+/// 17: the change log: `JobRequest::Watch` makes an agent its cluster's watcher ([`WatchMsg`], [`WatchReply`]);
+///    `AdminRequest::Changes` lists what changed.
+pub const PROTOCOL_VERSION: u32 = 17;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
 pub const ALPN: &[u8] = b"ferry/1";
@@ -374,6 +376,122 @@ pub enum JobRequest {
     RenewCredentials,
     /// One step of an orchestrated restore; the agent answers with [`StepMsg`]s, the last `Done` or `Failed`.
     Restore(RestoreStep),
+    /// Become the cluster's change-log watcher for one epoch: the stream lives as long as the watch; the
+    /// agent sends [`WatchMsg`]s, the coordinator answers [`WatchReply`]s. It ends when either side ends it.
+    Watch(Box<WatchAssignment>),
+}
+
+/// What a change-log watcher is asked to do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WatchAssignment {
+    /// Only this epoch's segments are accepted; a new watcher gets a higher one.
+    pub epoch: u64,
+    pub lineage: u32,
+    /// The first revision to watch (the covered revision + 1); 0: the log starts now, at the member's
+    /// revision + 1 (the agent says where in [`WatchMsg::Started`]).
+    pub from_revision: i64,
+    /// The sha256 of the last stored segment (zeros: none), named by the first segment this watcher writes.
+    pub prev_sha256: [u8; 32],
+    /// Age recipients to seal segments to (empty: zstd only).
+    pub recipients: Vec<String>,
+    pub zstd_level: i32,
+    /// A segment with at least one revision is cut at the next revision boundary this long after it opened.
+    pub cut_after_ms: u64,
+    /// ... or once this many compressed bytes are in it.
+    pub cut_bytes: u64,
+    /// Sealed bytes the agent may keep on its disk while segments cannot be stored; beyond it, a gap.
+    pub spool_bytes: u64,
+    /// The coordinator's clock when it sent this: the agent times revisions from it with its monotonic clock.
+    pub coordinator_time: Timestamp,
+    /// Where segments go.
+    pub target: SegmentTarget,
+}
+
+/// Where a watcher's segments go.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum SegmentTarget {
+    /// On the watch stream ([`WatchMsg::SegmentData`]), to the coordinator's local store.
+    Coordinator,
+    /// To S3, one presigned PUT per segment ([`WatchReply::SegmentUrl`]); `cacert`: the endpoint's extra CAs.
+    S3 { cacert: String },
+}
+
+/// A sealed segment as the agent announces it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentInfo {
+    pub first_revision: i64,
+    pub last_revision: i64,
+    /// The stored object (zstd, or age over zstd).
+    pub size: u64,
+    pub sha256: [u8; 32],
+    pub md5: [u8; 16],
+    /// The previous segment's sha256, as the trailer inside names it.
+    pub prev_sha256: [u8; 32],
+    /// Events and plaintext bytes in it.
+    pub events: u64,
+    pub plain_bytes: u64,
+    /// Coordinator-clock times (Unix ms) of its first and last revision.
+    pub first_time_ms: i64,
+    pub last_time_ms: i64,
+}
+
+/// Agent → coordinator on a watch stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum WatchMsg {
+    /// The watch is open from `from_revision` on the member `member_id`.
+    Started {
+        from_revision: i64,
+        member_id: u64,
+        etcd_version: String,
+    },
+    /// A segment is sealed and waits to be stored: S3 answers with a [`WatchReply::SegmentUrl`]; for the
+    /// coordinator its bytes follow as `SegmentData`… then `SegmentEnd`.
+    Segment(SegmentInfo),
+    SegmentData(Vec<u8>),
+    SegmentEnd,
+    /// S3: the segment starting at `first_revision` was PUT (the coordinator checks it landed).
+    Uploaded {
+        first_revision: i64,
+    },
+    /// Every revision through `revision` is in a segment the coordinator acknowledged, or there was none:
+    /// sent only while no segment is open or waiting (idle time proven covered by etcd's progress notify).
+    Covered {
+        revision: i64,
+    },
+    /// Revisions lost for good (`to_revision` inclusive): etcd compacted them before they were watched, the
+    /// spool was full, or the watch skipped them. The watch goes on after `to_revision`.
+    Gap {
+        from_revision: i64,
+        to_revision: i64,
+        reason: String,
+    },
+    /// The watch ended on the agent's side (etcd unreachable, a check failed); the stream ends after it.
+    Failed {
+        error: String,
+    },
+}
+
+/// Coordinator → agent on a watch stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum WatchReply {
+    /// Where to PUT the segment starting at `first_revision` (signed for its key, size and sha256, and
+    /// refusing to overwrite an existing object).
+    SegmentUrl { first_revision: i64, request: PresignedRequest },
+    /// The segment is stored and indexed; `coordinator_time` re-anchors the agent's times.
+    Stored { first_revision: i64, last_revision: i64, coordinator_time: Timestamp },
+    /// This watcher's epoch is over or what it sent was refused (the reason says which); the stream ends.
+    Stop { reason: String },
+}
+
+/// One change as `ferryctl changes` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeRow {
+    pub revision: i64,
+    /// Coordinator-clock time the revision was received, Unix ms.
+    pub time_ms: i64,
+    pub kind: crate::segment::EventKind,
+    pub key: Vec<u8>,
+    pub value_size: u64,
 }
 
 /// A step of an orchestrated restore, as the coordinator's plan orders them. Each is idempotent on the agent
@@ -686,6 +804,17 @@ pub enum AdminRequest {
         cluster: Option<String>,
         backup: String,
     },
+    /// What changed in a cluster's change log (admins): answered by `Changes` pages, the last with `more: false`.
+    Changes {
+        cluster: String,
+        /// Unix ms bounds on the revision's time, inclusive; `None`: open.
+        since_ms: Option<i64>,
+        until_ms: Option<i64>,
+        /// Only keys starting with these bytes.
+        prefix: Vec<u8>,
+        /// At most this many rows (the newest dropped beyond it).
+        limit: u64,
+    },
 }
 
 /// Which agent certificates to revoke.
@@ -755,6 +884,11 @@ pub enum AdminResponse {
         /// The highest revision the cluster being restored was seen at, pinned for this restore so that
         /// every member computes the same revision bump; `None` when the coordinator never saw one.
         highest_revision: Option<RevisionSeen>,
+    },
+    /// Rows of a change listing; `more`: another page follows.
+    Changes {
+        rows: Vec<ChangeRow>,
+        more: bool,
     },
     /// The request failed; the message says why and what to do, the kind whose side the fault is on.
     Error {

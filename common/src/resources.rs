@@ -352,6 +352,56 @@ pub struct EtcdBackupStatusSpec {
     /// The latest check, before a backup, that the members hold the same data.
     #[serde(default)]
     pub membercheck: Option<MemberCheck>,
+    /// The change log (absent while point-in-time recovery is off and never was on).
+    #[serde(default)]
+    pub pointintime: Option<PointInTimeStatus>,
+}
+
+/// [`EtcdBackupStatusSpec::pointintime`]: how much of the cluster's history the change log holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointInTimeStatus {
+    #[serde(default)]
+    pub enabled: bool,
+    /// The member watching now (empty: none).
+    #[serde(default)]
+    pub watcher: String,
+    #[serde(default)]
+    pub epoch: u64,
+    /// The first revision of the log (the log holds `startrevision..=coveredrevision`, minus the gaps).
+    #[serde(default)]
+    pub startrevision: i64,
+    #[serde(default)]
+    pub starttime: Option<Timestamp>,
+    /// Every revision up to this one is stored (or was a gap).
+    #[serde(default)]
+    pub coveredrevision: i64,
+    /// When the coordinator learnt that [`Self::coveredrevision`] is covered.
+    #[serde(default)]
+    pub coveredtime: Option<Timestamp>,
+    #[serde(default)]
+    pub segments: u64,
+    #[serde(default)]
+    pub storedbytes: u64,
+    /// Revisions lost for good, newest last (at most the last 100).
+    #[serde(default)]
+    pub gaps: Vec<ChangeLogGap>,
+    /// Why the log is not being written right now (no agent, a failed watch); empty while it is.
+    #[serde(default)]
+    pub error: String,
+}
+
+/// A range of revisions the change log lost.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeLogGap {
+    pub fromrevision: i64,
+    pub torevision: i64,
+    pub reason: String,
+    pub at: Timestamp,
+    /// The full backup taken to close it (empty until one is stored).
+    #[serde(default)]
+    pub closedby: String,
 }
 
 /// Result of a restore drill: the newest backup restored into a throw-away etcd and read back.
@@ -571,6 +621,28 @@ pub struct BackupConfiguration {
     /// recipients stores this cluster's backups unencrypted); absent follows that resource.
     #[serde(default)]
     pub encryption: Option<EncryptionSettings>,
+    /// The continuous change log between full backups (point-in-time recovery); absent: off.
+    #[serde(default)]
+    pub pointintime: Option<PointInTime>,
+}
+
+/// `spec.backupconfiguration.pointintime`: keep a log of every etcd revision, restorable for `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointInTime {
+    #[serde(default)]
+    pub enabled: bool,
+    /// How far back the log keeps every moment restorable; absent: 7 days.
+    #[serde(default)]
+    pub window: Option<ProtoDuration>,
+}
+
+impl PointInTime {
+    pub const DEFAULT_WINDOW_SECONDS: i64 = 7 * 24 * 3600;
+
+    pub fn window_seconds(&self) -> i64 {
+        self.window.map_or(Self::DEFAULT_WINDOW_SECONDS, |w| w.seconds)
+    }
 }
 
 /// Age recipients backups are encrypted to (`EtcdBackupEncryptionConfigs.ferry.dev` spec, and a cluster's

@@ -295,8 +295,8 @@ async fn job(
                 _ => stats.failed.fetch_add(1, Ordering::Relaxed),
             };
         }
-        // Neither renewal nor restores happen in this bench.
-        JobRequest::RenewCredentials | JobRequest::Restore(_) => {}
+        // Neither renewal, restores nor the change log happen in this bench.
+        JobRequest::RenewCredentials | JobRequest::Restore(_) | JobRequest::Watch(_) => {}
     }
 }
 

@@ -159,6 +159,7 @@ impl Api {
             AdminRequest::Restore { cluster: Some(cluster), backup } => {
                 return self.restore(&cluster, &backup, send).await
             }
+            AdminRequest::Changes { .. } => Err(ApiError::Unavailable("listing changes is not built yet".into())),
             AdminRequest::Restore { cluster: None, .. } => Err(ApiError::Invalid(
                 "restoring with an admin credential needs the cluster to restore from (--from-cluster NAME)".into(),
             )),
@@ -197,6 +198,7 @@ fn request_name(request: &AdminRequest) -> &'static str {
         AdminRequest::Delete { .. } => "delete",
         AdminRequest::Download { .. } => "backup download",
         AdminRequest::Restore { .. } => "restore",
+        AdminRequest::Changes { .. } => "changes",
         AdminRequest::AgentCredentials { .. }
         | AdminRequest::RevokeAgentCredentials(_)
         | AdminRequest::ReadOnlyAdminCredentials { .. }

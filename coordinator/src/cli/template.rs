@@ -176,6 +176,7 @@ fn convert(b: TemplateBackup) -> Result<BackupConfiguration, String> {
         retention,
         drillinterval,
         encryption: b.encryption,
+        pointintime: None,
     })
 }
 
