@@ -29,7 +29,7 @@ proptest! {
 
     #[test]
     fn cron_strings_never_panic_the_planner(schedule in "[0-9*/,\\- A-Za-z?#LW]{0,60}") {
-        let cfg = BackupConfiguration { interval: None, schedule, retention: None, drillinterval: None, encryption: None };
+        let cfg = BackupConfiguration { interval: None, schedule, retention: None, drillinterval: None, encryption: None, pointintime: None };
         let _ = plan(&cfg, &bounds());
     }
 
@@ -41,7 +41,7 @@ proptest! {
     ) {
         let retention = Some(Retention { keeplast: keep.0, hourly: keep.1, daily: keep.2, weekly: keep.3 });
         let interval = Some(ProtoDuration { seconds, nanos });
-        let cfg = BackupConfiguration { interval, schedule: String::new(), retention, drillinterval: None, encryption: None };
+        let cfg = BackupConfiguration { interval, schedule: String::new(), retention, drillinterval: None, encryption: None, pointintime: None };
         let _ = plan(&cfg, &bounds());
     }
 
