@@ -21,6 +21,7 @@
 pub mod agents;
 pub mod api;
 pub mod backup;
+pub mod changelog;
 pub mod cli;
 pub mod config;
 pub mod credentials;

@@ -93,6 +93,12 @@ pub struct Metrics {
     pub restore_duration: Family<ClusterLabels, FloatGauge>,
     /// Backup bytes the members of a running restore fetched, summed.
     pub restore_bytes: Family<ClusterLabels, Gauge>,
+    /// The change log: the revision every revision up to which is stored (or a recorded gap), when that was
+    /// learnt, seconds since then while etcd moved on, and gaps recorded since start.
+    pub pitr_covered_revision: Family<ClusterLabels, Gauge>,
+    pub pitr_covered_time: Family<ClusterLabels, FloatGauge>,
+    pub pitr_lag: Family<ClusterLabels, FloatGauge>,
+    pub pitr_gaps: Family<ClusterLabels, Counter>,
     /// Members with a series in a per-member family other than `member_diverged` (reconnects, out of
     /// rotation, certificate expiry, predecessor use), per cluster, so deleting the cluster removes them.
     members_seen: std::sync::Mutex<std::collections::HashMap<String, std::collections::BTreeSet<String>>>,
@@ -132,6 +138,10 @@ impl Default for Metrics {
             restore_failed: Family::default(),
             restore_duration: Family::default(),
             restore_bytes: Family::default(),
+            pitr_covered_revision: Family::default(),
+            pitr_covered_time: Family::default(),
+            pitr_lag: Family::default(),
+            pitr_gaps: Family::default(),
             drill_key_drop: Family::default(),
             member_diverged: Family::default(),
             member_check_unreachable: Family::default(),
@@ -178,6 +188,26 @@ impl Default for Metrics {
             "backup_consecutive_failures",
             "Backups of the cluster failed in a row since its last success (0 after a success)",
             m.consecutive_failures.clone(),
+        );
+        registry.register(
+            "point_in_time_covered_revision",
+            "The change log holds every revision of the cluster up to this one (or recorded it as a gap)",
+            m.pitr_covered_revision.clone(),
+        );
+        registry.register(
+            "point_in_time_covered_timestamp_seconds",
+            "Unix time the coordinator learnt the covered revision was stored",
+            m.pitr_covered_time.clone(),
+        );
+        registry.register(
+            "point_in_time_lag_seconds",
+            "Seconds the cluster's newest changes have waited to be stored in the change log (0 while idle and covered)",
+            m.pitr_lag.clone(),
+        );
+        registry.register(
+            "point_in_time_gaps",
+            "Ranges of revisions the change log lost for good (each is closed by a full backup)",
+            m.pitr_gaps.clone(),
         );
         registry.register(
             "store_configuration_error",
@@ -347,9 +377,15 @@ impl Metrics {
     /// `cluster` was deleted: every series labelled with it goes, so dashboards and alerts forget it.
     pub fn remove_cluster(&self, cluster: &str) {
         let l = Self::cluster(cluster);
-        for family in
-            [&self.last_success, &self.last_attempt, &self.interval, &self.drill_last_success, &self.drill_interval]
-        {
+        for family in [
+            &self.last_success,
+            &self.last_attempt,
+            &self.interval,
+            &self.drill_last_success,
+            &self.drill_interval,
+            &self.pitr_covered_time,
+            &self.pitr_lag,
+        ] {
             family.remove(&l);
         }
         for family in [
@@ -366,12 +402,14 @@ impl Metrics {
             &self.restore_in_progress,
             &self.restore_failed,
             &self.restore_bytes,
+            &self.pitr_covered_revision,
         ] {
             family.remove(&l);
         }
         self.restore_started.remove(&l);
         self.restore_duration.remove(&l);
         self.retention_deleted.remove(&l);
+        self.pitr_gaps.remove(&l);
         for ok in [true, false] {
             self.backups.remove(&Self::result(cluster, ok));
         }

@@ -5,6 +5,7 @@
 //! (exit 1) from "the server failed" (exit 2).
 
 mod backups;
+mod changes;
 mod resources;
 mod restores;
 
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::Agents;
 use crate::backup::{Jobs, StartError};
+use crate::changelog::ChangeLog;
 use crate::config::Settings;
 use crate::credentials::Credentials;
 use crate::state::{StateError, StateStore};
@@ -109,6 +111,7 @@ pub struct Api {
     ca: CertAuthority,
     credentials: Credentials,
     settings: Settings,
+    changelog: ChangeLog,
     /// Cancels store calls of requests at shutdown.
     cancel: CancellationToken,
 }
@@ -123,13 +126,14 @@ pub struct ApiDeps {
     pub ca: CertAuthority,
     pub credentials: Credentials,
     pub settings: Settings,
+    pub changelog: ChangeLog,
     pub cancel: CancellationToken,
 }
 
 impl Api {
     pub fn new(d: ApiDeps) -> Self {
-        let ApiDeps { state, store, status, agents, jobs, ca, credentials, settings, cancel } = d;
-        Self { state, store, status, agents, jobs, ca, credentials, settings, cancel }
+        let ApiDeps { state, store, status, agents, jobs, ca, credentials, settings, changelog, cancel } = d;
+        Self { state, store, status, agents, jobs, ca, credentials, settings, changelog, cancel }
     }
 
     /// Answers one request on `send`. Agents may only ask where to restore their own cluster from.
@@ -159,7 +163,10 @@ impl Api {
             AdminRequest::Restore { cluster: Some(cluster), backup } => {
                 return self.restore(&cluster, &backup, send).await
             }
-            AdminRequest::Changes { .. } => Err(ApiError::Unavailable("listing changes is not built yet".into())),
+            AdminRequest::Changes { cluster, since_ms, until_ms, prefix, limit } => {
+                let q = crate::changelog::changes::Query { since_ms, until_ms, prefix, limit: limit as usize };
+                return self.changes(&cluster, q, send).await;
+            }
             AdminRequest::Restore { cluster: None, .. } => Err(ApiError::Invalid(
                 "restoring with an admin credential needs the cluster to restore from (--from-cluster NAME)".into(),
             )),

@@ -552,6 +552,18 @@ async fn lead(shared: &Shared<'_>, lost: &CancellationToken, shutdown: &Cancella
     if store.takes_s3_config() {
         load_s3_config(&state, &store, &status, &background, &background_tasks).await?;
     }
+    let changelog = ferry_coordinator::changelog::ChangeLog::new(ferry_coordinator::changelog::ChangeLogDeps {
+        state: state.clone(),
+        agents: agents.clone(),
+        store: store.clone(),
+        status: status.clone(),
+        metrics: metrics.clone(),
+        jobs: jobs.clone(),
+        identities: settings.identities.clone(),
+        settings: Default::default(),
+    });
+    let stop_changelog = CancellationToken::new();
+    let changelog_task = tokio::spawn(changelog.clone().run(stop_changelog.clone()));
     let api = Arc::new(Api::new(ApiDeps {
         state: state.clone(),
         store: store.clone(),
@@ -561,6 +573,7 @@ async fn lead(shared: &Shared<'_>, lost: &CancellationToken, shutdown: &Cancella
         ca,
         credentials: credentials.clone(),
         settings: settings.clone(),
+        changelog,
         cancel: background.clone(),
     }));
     let stop_restores = CancellationToken::new();
@@ -618,6 +631,9 @@ async fn lead(shared: &Shared<'_>, lost: &CancellationToken, shutdown: &Cancella
     // A restore pauses between steps (each is idempotent); the next leader, or this one restarted, goes on.
     stop_restores.cancel();
     let _ = restores.await;
+    // Watchers stop; the next leader (or this one restarted) goes on from the covered revision.
+    stop_changelog.cancel();
+    let _ = changelog_task.await;
     // A drill only reads: it is cancelled at once (its throw-away etcd is killed, its scratch dir removed).
     if !drills.stop(CANCEL_DEADLINE).await {
         warn!("the restore drill did not stop within {}s", CANCEL_DEADLINE.as_secs());

@@ -77,6 +77,14 @@ impl LocalStore {
         Ok(self.root.join(cluster))
     }
 
+    /// The path of a change-log segment of `cluster` (`name` from `segment::object_name`, checked).
+    pub(super) fn segment_path(&self, cluster: &str, name: &str) -> Result<PathBuf> {
+        if ferry_common::segment::parse_object_name(name).is_none() || name.contains("..") {
+            return Err(StoreError::BadName(format!("{name:?} is not a change-log segment name")));
+        }
+        Ok(self.cluster_dir(cluster)?.join(name))
+    }
+
     /// Starts a new backup of `cluster`, reserving a unique id `<cluster>-<unix seconds>[-N]`.
     pub(super) async fn begin(
         &self,

@@ -10,6 +10,7 @@
 mod failing;
 mod local;
 mod s3;
+mod segments;
 
 use std::sync::Arc;
 
@@ -24,6 +25,7 @@ pub use self::failing::Failures;
 use self::local::{LocalStore, PendingLocal};
 pub use self::s3::S3Conn;
 use self::s3::{PendingUpload, S3Store};
+pub use self::segments::MAX_SEGMENT_BYTES;
 
 pub const OBJECT_SUFFIX: &str = ".snapshot.zst";
 pub const MANIFEST_SUFFIX: &str = ".manifest.json";

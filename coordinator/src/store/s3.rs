@@ -136,6 +136,11 @@ fn object_key(spec: &EtcdBackupS3ConfigSpec, cluster: &str, id: &str) -> String 
     format!("{}{cluster}/{id}{OBJECT_SUFFIX}", prefix(spec))
 }
 
+/// The key of a change-log segment of `cluster` (`name` from `segment::object_name`).
+pub(super) fn segment_key(spec: &EtcdBackupS3ConfigSpec, cluster: &str, name: &str) -> String {
+    format!("{}{cluster}/{name}", prefix(spec))
+}
+
 fn manifest_key(spec: &EtcdBackupS3ConfigSpec, cluster: &str, id: &str) -> String {
     format!("{}{cluster}/{id}{MANIFEST_SUFFIX}", prefix(spec))
 }
@@ -518,12 +523,12 @@ async fn read_manifest(conn: &S3Conn, key: &str, cancel: &CancellationToken) -> 
 }
 
 /// The presigning settings of every request handed to an agent.
-fn presigning_config() -> Result<PresigningConfig, StoreError> {
+pub(super) fn presigning_config() -> Result<PresigningConfig, StoreError> {
     PresigningConfig::expires_in(PRESIGNED_EXPIRY).map_err(|e| StoreError::Corrupt(format!("presigning config: {e}")))
 }
 
 /// The SDK's presigned request as it travels to an agent.
-fn presigned(p: &aws_sdk_s3::presigning::PresignedRequest) -> PresignedRequest {
+pub(super) fn presigned(p: &aws_sdk_s3::presigning::PresignedRequest) -> PresignedRequest {
     let expires_at = Timestamp::now();
     PresignedRequest {
         method: p.method().to_string(),

@@ -5,6 +5,7 @@
 mod fixtures;
 
 mod backup;
+mod changelog;
 mod cli;
 mod coverage;
 mod credentials;

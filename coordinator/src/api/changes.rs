@@ -1,0 +1,63 @@
+//! `ferryctl changes`: the change log's rows, in pages.
+
+use anyhow::{Context, Result};
+use ferry_common::protocol::{write_frame, AdminResponse};
+use ferry_common::resources::validate_name;
+use quinn::SendStream;
+
+use super::{reply_error, Api, ApiError};
+use crate::changelog::changes::{ChangesError, Query};
+
+/// Rows listed at most in one request.
+pub(super) const MAX_ROWS: u64 = 100_000;
+/// Rows per page: a key may be up to 1.5 MiB (etcd's request limit) but rows carry no values; 2 000 rows of
+/// ordinary keys are far below a frame, and a page is cut earlier when its keys are long.
+const ROWS_PER_PAGE: usize = 2_000;
+const PAGE_KEY_BYTES: usize = ferry_common::protocol::LISTING_PAGE_BYTES / 2;
+
+impl Api {
+    pub(super) async fn changes(&self, cluster: &str, mut q: Query, send: &mut SendStream) -> Result<()> {
+        if let Err(e) = validate_name("cluster", cluster) {
+            return reply_error(send, ApiError::Invalid(e.to_string())).await;
+        }
+        if q.limit == 0 || q.limit as u64 > MAX_ROWS {
+            let e = ApiError::Invalid(format!("--limit must be within 1..={MAX_ROWS}, not {}", q.limit));
+            return reply_error(send, e).await;
+        }
+        if let (Some(a), Some(b)) = (q.since_ms, q.until_ms) {
+            if a > b {
+                return reply_error(send, ApiError::Invalid("--since is after --until".into())).await;
+            }
+        }
+        q.prefix.truncate(64 * 1024);
+        let rows = match self.changelog.changes(cluster, &q, &self.cancel).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                let e = match e {
+                    ChangesError::NoLog(_) => ApiError::NotFound(e.to_string()),
+                    ChangesError::Encrypted(_) => ApiError::Invalid(e.to_string()),
+                    ChangesError::Store(s) => s.into(),
+                    other => ApiError::Internal(other.to_string()),
+                };
+                return reply_error(send, e).await;
+            }
+        };
+        if rows.is_empty() {
+            return write_frame(send, &AdminResponse::Changes { rows, more: false }).await.context("send changes");
+        }
+        let mut page = Vec::new();
+        let mut key_bytes = 0;
+        let mut rows = rows.into_iter().peekable();
+        while let Some(row) = rows.next() {
+            key_bytes += row.key.len();
+            page.push(row);
+            let more = rows.peek().is_some();
+            if !more || page.len() >= ROWS_PER_PAGE || key_bytes >= PAGE_KEY_BYTES {
+                let rows = std::mem::take(&mut page);
+                write_frame(send, &AdminResponse::Changes { rows, more }).await.context("send changes")?;
+                key_bytes = 0;
+            }
+        }
+        Ok(())
+    }
+}

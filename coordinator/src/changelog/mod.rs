@@ -1,0 +1,366 @@
+//! The continuous change log (point-in-time recovery): for each cluster with
+//! `spec.backupconfiguration.pointintime.enabled`, one agent at a time watches etcd and stores every revision
+//! in segments between full backups.
+//!
+//! [`ChangeLog`] owns the per-cluster index ([`index`]) and the watchers: a supervisor task chooses a
+//! watcher like a backup's member (reachable, follower first, not a member that just failed), raises the
+//! cluster's epoch durably before it hands it out, and runs the watch stream ([`watcher`]); only the current
+//! epoch's segments are signed and indexed. A watcher that ends (its agent or member gone, a refused message)
+//! is replaced at the next tick from the covered revision; one whose covered revision stands still while
+//! the other members report etcd moving on is stopped and replaced. Gaps are recorded, counted and closed
+//! by an immediate full backup. [`changes`] reads the log back for `ferryctl changes`.
+
+pub mod changes;
+pub mod index;
+mod watcher;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_common::encryption::Identities;
+use ferry_common::resources::{PointInTimeStatus, Resource, ResourceType, Spec, Timestamp};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::agents::Agents;
+use crate::backup::{Jobs, Trigger};
+use crate::lock;
+use crate::metrics::Metrics;
+use crate::state::StateStore;
+use crate::status::Status;
+use crate::store::BackupStore;
+
+use self::index::Head;
+
+/// How often the supervisor looks at the clusters.
+const TICK: Duration = Duration::from_secs(1);
+/// Least time between two watchers of one cluster (a member whose watch fails at once is not hammered).
+const REASSIGN_PAUSE: Duration = Duration::from_secs(2);
+/// A watcher whose covered revision stands still this long while other members report etcd moving on is
+/// replaced (well inside the 5 minutes of history Kubernetes' compaction leaves).
+const STALL: Duration = Duration::from_secs(45);
+/// A member whose watch failed is passed over this long when another member can watch.
+const FAILED_MEMBER_PAUSE: Duration = Duration::from_secs(60);
+
+/// What a watcher is told to do with its segments.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub cut_after: Duration,
+    pub cut_bytes: u64,
+    pub spool_bytes: u64,
+    pub zstd_level: i32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self { cut_after: Duration::from_secs(10), cut_bytes: 4 << 20, spool_bytes: 256 << 20, zstd_level: 3 }
+    }
+}
+
+/// What the change log works with.
+pub struct ChangeLogDeps {
+    pub state: Arc<dyn StateStore>,
+    pub agents: Agents,
+    pub store: Arc<BackupStore>,
+    pub status: Status,
+    pub metrics: Arc<Metrics>,
+    pub jobs: Jobs,
+    /// Opens encrypted segments for `changes` (the coordinator's `--identity`).
+    pub identities: Option<Identities>,
+    pub settings: Settings,
+}
+
+/// The change log; cheap to clone (a handle).
+#[derive(Clone)]
+pub struct ChangeLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    deps: ChangeLogDeps,
+    /// The running watcher of each cluster.
+    running: Mutex<HashMap<String, Running>>,
+    /// Each cluster's head, as last stored (the watcher is its only writer while it runs, the supervisor
+    /// otherwise).
+    heads: Mutex<HashMap<String, Head>>,
+    /// When each cluster's last watcher ended, and the member, if it failed.
+    ended: Mutex<HashMap<String, (Instant, Option<String>)>>,
+    /// Clusters that need a full backup to close a gap.
+    need_full: Mutex<HashSet<String>>,
+    rotation: crate::backup::members::Rotation,
+    tracker: TaskTracker,
+}
+
+struct Running {
+    epoch: u64,
+    member: String,
+    since: Instant,
+    token: CancellationToken,
+}
+
+impl ChangeLog {
+    pub fn new(deps: ChangeLogDeps) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                deps,
+                running: Mutex::new(HashMap::new()),
+                heads: Mutex::new(HashMap::new()),
+                ended: Mutex::new(HashMap::new()),
+                need_full: Mutex::new(HashSet::new()),
+                rotation: Default::default(),
+                tracker: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// Runs the supervisor until `stop`; then stops every watcher and waits for them (bounded).
+    pub async fn run(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.inner.reconcile(),
+                () = stop.cancelled() => break,
+            }
+        }
+        for r in lock(&self.inner.running).values() {
+            r.token.cancel();
+        }
+        self.inner.tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.inner.tracker.wait()).await;
+    }
+
+    /// The change log's head of `cluster` (for `changes`).
+    pub fn head(&self, cluster: &str) -> Option<Head> {
+        self.inner.head(cluster).ok().flatten()
+    }
+
+    pub(crate) fn deps(&self) -> &ChangeLogDeps {
+        &self.inner.deps
+    }
+}
+
+impl Inner {
+    fn head(&self, cluster: &str) -> Result<Option<Head>, crate::state::StateError> {
+        if let Some(h) = lock(&self.heads).get(cluster) {
+            return Ok(Some(h.clone()));
+        }
+        let h = index::load_head(self.deps.state.as_ref(), cluster)?;
+        if let Some(h) = &h {
+            lock(&self.heads).insert(cluster.to_string(), h.clone());
+        }
+        Ok(h)
+    }
+
+    /// Stores `head` and shows it in the status and metrics.
+    fn save_head(
+        &self,
+        cluster: &str,
+        head: &Head,
+        watcher: &str,
+        error: &str,
+    ) -> Result<(), crate::state::StateError> {
+        index::save_head(self.deps.state.as_ref(), cluster, head)?;
+        lock(&self.heads).insert(cluster.to_string(), head.clone());
+        self.show(cluster, head, watcher, error);
+        Ok(())
+    }
+
+    fn show(&self, cluster: &str, head: &Head, watcher: &str, error: &str) {
+        let labels = Metrics::cluster(cluster);
+        let m = &self.deps.metrics;
+        m.pitr_covered_revision.get_or_create(&labels).set(head.covered_revision);
+        if let Some(t) = head.covered_time {
+            m.pitr_covered_time.get_or_create(&labels).set(t.seconds as f64);
+        }
+        let shown = PointInTimeStatus {
+            enabled: true,
+            watcher: watcher.to_string(),
+            epoch: head.epoch,
+            startrevision: head.start_revision,
+            starttime: head.start_time,
+            coveredrevision: head.covered_revision,
+            coveredtime: head.covered_time,
+            segments: head.segments,
+            storedbytes: head.stored_bytes,
+            gaps: head.gaps.clone(),
+            error: error.to_string(),
+        };
+        if let Err(e) = self.deps.status.update(cluster, |s| s.pointintime = Some(shown.clone())) {
+            warn!(%cluster, "failed to record the change log's status: {e}");
+        }
+    }
+
+    /// Records a gap and asks for a full backup to close it.
+    fn gap(&self, cluster: &str, head: &mut Head, from: i64, to: i64, reason: String) {
+        warn!(%cluster, from, to, %reason, "the change log lost revisions for good; a full backup closes the gap");
+        head.gap(from, to, reason);
+        self.deps.metrics.pitr_gaps.get_or_create(&Metrics::cluster(cluster)).inc();
+        lock(&self.need_full).insert(cluster.to_string());
+    }
+
+    fn enabled_clusters(&self) -> Vec<String> {
+        let clusters = match self.deps.state.list(ResourceType::Cluster) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("change log: failed to read the clusters: {e}");
+                return Vec::new();
+            }
+        };
+        clusters
+            .into_iter()
+            .filter_map(|r: Resource| match r.spec {
+                Spec::Cluster(c)
+                    if c.backupconfiguration.as_ref().and_then(|b| b.pointintime).is_some_and(|p| p.enabled) =>
+                {
+                    Some(r.metadata.id)
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn reconcile(self: &Arc<Self>) {
+        let enabled: HashSet<String> = self.enabled_clusters().into_iter().collect();
+        // Watchers of clusters turned off, deleted or being restored stop.
+        {
+            let running = lock(&self.running);
+            for (cluster, r) in running.iter() {
+                let restoring = crate::restore::active(self.deps.state.as_ref(), cluster).unwrap_or(false);
+                if !enabled.contains(cluster) || restoring {
+                    r.token.cancel();
+                }
+            }
+        }
+        for cluster in &enabled {
+            self.lag(cluster);
+            self.close_gaps(cluster);
+            let running = lock(&self.running).get(cluster).map(|r| (r.member.clone(), r.since, r.token.clone()));
+            match running {
+                Some((member, since, token)) => self.check_stall(cluster, &member, since, &token),
+                None => self.assign(cluster),
+            }
+        }
+    }
+
+    /// A full backup for each cluster with an open gap, once none runs.
+    fn close_gaps(&self, cluster: &str) {
+        if !lock(&self.need_full).contains(cluster) || self.deps.jobs.is_running(cluster) {
+            return;
+        }
+        match self.deps.jobs.start(cluster, Trigger::Manual) {
+            Ok(()) => {
+                info!(%cluster, "full backup started to close a gap in the change log");
+                lock(&self.need_full).remove(cluster);
+            }
+            Err(e) => warn!(%cluster, "cannot start the full backup that closes the change log's gap yet: {e}"),
+        }
+    }
+
+    /// `ferry_point_in_time_lag_seconds`: how long etcd's newest revision has waited to be covered.
+    fn lag(&self, cluster: &str) {
+        let Ok(Some(head)) = self.head(cluster) else { return };
+        let highest = self.deps.agents.highest_revision(cluster).map_or(0, |(r, _)| r);
+        let lag = match head.covered_time {
+            Some(t) if highest > head.covered_revision => (Timestamp::now().seconds - t.seconds).max(0) as f64,
+            _ => 0.0,
+        };
+        self.deps.metrics.pitr_lag.get_or_create(&Metrics::cluster(cluster)).set(lag);
+    }
+
+    fn check_stall(&self, cluster: &str, member: &str, since: Instant, token: &CancellationToken) {
+        if since.elapsed() < STALL {
+            return;
+        }
+        let Ok(Some(head)) = self.head(cluster) else { return };
+        let others = self
+            .deps
+            .agents
+            .live(cluster)
+            .into_iter()
+            .filter(|a| a.member != member)
+            .filter_map(|a| a.facts.filter(|f| f.error.is_none()).map(|f| f.revision))
+            .max();
+        let stale = head.covered_time.is_none_or(|t| Timestamp::now().seconds - t.seconds > STALL.as_secs() as i64);
+        if others.is_some_and(|r| r > head.covered_revision) && stale {
+            warn!(%cluster, %member, covered = head.covered_revision, "the change log's watcher stands still while etcd moves on; replacing it");
+            lock(&self.ended).insert(cluster.to_string(), (Instant::now(), Some(member.to_string())));
+            token.cancel();
+        }
+    }
+
+    fn assign(self: &Arc<Self>, cluster: &str) {
+        let ended = lock(&self.ended).get(cluster).cloned();
+        if ended.as_ref().is_some_and(|(at, _)| at.elapsed() < REASSIGN_PAUSE) {
+            return;
+        }
+        if crate::restore::active(self.deps.state.as_ref(), cluster).unwrap_or(true) {
+            return;
+        }
+        let live = self.deps.agents.live(cluster);
+        let facts: Vec<_> = live
+            .iter()
+            .filter(|a| a.reaches_etcd())
+            .filter_map(|a| Some((a.member.clone(), a.facts.clone()?)))
+            .collect();
+        let mut order = crate::backup::members::order_members(&facts, self.rotation.next(cluster));
+        if let Some((at, Some(failed))) = &ended {
+            if order.len() > 1 && at.elapsed() < FAILED_MEMBER_PAUSE {
+                order.retain(|m| m != failed);
+            }
+        }
+        let Some(member) = order.first().cloned() else {
+            let head = self.head(cluster).ok().flatten().unwrap_or_default();
+            self.show(cluster, &head, "", "no agent of the cluster is connected and reaches etcd");
+            return;
+        };
+        let Some(agent) = live.into_iter().find(|a| a.member == member) else { return };
+        let mut head = match self.head(cluster) {
+            Ok(h) => h.unwrap_or_default(),
+            Err(e) => return warn!(%cluster, "change log: failed to read its index: {e}"),
+        };
+        // The epoch is raised durably before anyone is told it: a coordinator restarted after a crash never
+        // hands out an epoch twice.
+        head.epoch += 1;
+        if let Err(e) = self.save_head(cluster, &head, &member, "") {
+            return warn!(%cluster, "change log: failed to raise the epoch: {e}");
+        }
+        let token = CancellationToken::new();
+        let epoch = head.epoch;
+        lock(&self.running).insert(
+            cluster.to_string(),
+            Running { epoch, member: member.clone(), since: Instant::now(), token: token.clone() },
+        );
+        let inner = self.clone();
+        let cluster = cluster.to_string();
+        let span = info_span!(parent: None, "changelog", %cluster, %member, epoch);
+        self.tracker.spawn(
+            async move {
+                info!("change-log watcher assigned");
+                let result = watcher::run(&inner, &cluster, &agent, epoch, &token).await;
+                let failed = match &result {
+                    Ok(()) => None,
+                    Err(e) => {
+                        warn!("change-log watcher ended: {e:#}");
+                        let head = inner.head(&cluster).ok().flatten().unwrap_or_default();
+                        inner.show(&cluster, &head, "", &format!("{e:#}"));
+                        Some(agent.member.clone())
+                    }
+                };
+                lock(&inner.ended).insert(cluster.clone(), (Instant::now(), failed));
+                let mut running = lock(&inner.running);
+                if running.get(&cluster).is_some_and(|r| r.epoch == epoch) {
+                    running.remove(&cluster);
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Whether `epoch` is still `cluster`'s current one (a replaced watcher's late messages are refused).
+    fn is_current(&self, cluster: &str, epoch: u64) -> bool {
+        lock(&self.running).get(cluster).is_some_and(|r| r.epoch == epoch && !r.token.is_cancelled())
+    }
+}
