@@ -22,11 +22,10 @@ use crate::least_privilege::sane_facts;
 const CLUSTER: &str = "prod";
 const COVER_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Turns the change log on for `cluster` (hourly backups so only the tests' own run).
+/// Turns the change log on for `cluster` (no automatic backups: only the tests' and the gaps' own run).
 async fn enable(c: &Coordinator, cluster: &str) -> anyhow::Result<()> {
     let mut r = c.ctl().get_json("cluster", Some(cluster)).await?;
     r["spec"]["backupconfiguration"] = json!({
-        "interval": { "seconds": 3600, "nanos": 0 },
         "pointintime": { "enabled": true, "window": { "seconds": 86400, "nanos": 0 } },
     });
     c.ctl().apply_yaml(&serde_json::to_string(&r)?).await?.ok()?;
@@ -154,7 +153,7 @@ async fn a_dead_watcher_is_replaced_from_the_covered_revision_and_no_revision_is
 {
     let etcd = EtcdCluster::start(3).await?;
     let s3 = S3Server::start().await?;
-    let c = Coordinator::start_s3(&s3, CoordinatorOptions::default()).await?;
+    let c = Coordinator::start_s3(&s3, CoordinatorOptions::s3(&[])).await?;
     let mut agents = c.start_agents(CLUSTER, &etcd).await?;
     c.wait_agents_connected(CLUSTER, &["m1", "m2", "m3"], Duration::from_secs(30)).await?;
     enable(&c, CLUSTER).await?;
@@ -266,6 +265,16 @@ async fn history_compacted_while_nobody_watched_is_a_recorded_gap_closed_by_a_fu
     Ok(())
 }
 
+/// The next watch job the hostile agent is given (a backup job is refused by dropping it).
+async fn next_watch(agent: &HostileAgent) -> anyhow::Result<crate::fixtures::hostile::HostileJob> {
+    loop {
+        let job = agent.next_job(Duration::from_secs(30)).await?;
+        if matches!(job.request, JobRequest::Watch(_)) {
+            return Ok(job);
+        }
+    }
+}
+
 /// A segment as a hostile watcher announces it.
 fn info_of(bytes: &[u8], first: i64, last: i64, prev: [u8; 32]) -> SegmentInfo {
     let digest = ferry_common::protocol::PartDigest::of(bytes);
@@ -286,14 +295,14 @@ fn info_of(bytes: &[u8], first: i64, last: i64, prev: [u8; 32]) -> SegmentInfo {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lying_watcher_adds_only_to_its_own_clusters_log_in_order_and_cannot_overwrite() -> anyhow::Result<()> {
     let s3 = S3Server::start().await?;
-    let c = Coordinator::start_s3(&s3, CoordinatorOptions::default()).await?;
+    let c = Coordinator::start_s3(&s3, CoordinatorOptions::s3(&[])).await?;
     let creds = c.issue_agent_credentials("evil", "m1").await?;
     let mut evil = HostileAgent::connect(&c, &creds).await?;
     evil.report(sane_facts(1)).await?;
     c.wait_agents_connected("evil", &["m1"], Duration::from_secs(30)).await?;
     enable(&c, "evil").await?;
 
-    let mut job = evil.next_job(Duration::from_secs(30)).await?;
+    let mut job = next_watch(&evil).await?;
     let JobRequest::Watch(a) = &job.request else { anyhow::bail!("a watch expected: {:?}", job.request) };
     assert_eq!((a.epoch, a.from_revision), (1, 0), "{a:?}");
     assert!(matches!(a.target, SegmentTarget::S3 { .. }), "{a:?}");
@@ -327,8 +336,8 @@ async fn a_lying_watcher_adds_only_to_its_own_clusters_log_in_order_and_cannot_o
     assert!(matches!(reply, Some(WatchReply::Stop { .. })), "{reply:?}");
     // The next epoch goes on from the covered revision; a segment that does not chain to the last stored one
     // is refused, and so is a claim of revisions far beyond what the other members report.
-    let mut job = evil.next_job(Duration::from_secs(30)).await?;
-    let JobRequest::Watch(a) = &job.request else { anyhow::bail!("a watch expected") };
+    let mut job = next_watch(&evil).await?;
+    let JobRequest::Watch(a) = &job.request else { anyhow::bail!("a watch expected: {:?}", job.request) };
     assert_eq!((a.epoch, a.from_revision, a.prev_sha256), (2, 6, info.sha256), "{a:?}");
     write_frame(&mut job.send, &WatchMsg::Started { from_revision: 6, member_id: 1, etcd_version: "3.5.16".into() })
         .await?;
@@ -341,10 +350,10 @@ async fn a_lying_watcher_adds_only_to_its_own_clusters_log_in_order_and_cannot_o
     honest.report(sane_facts(2)).await?; // revision 10
     c.wait_agents_connected("evil", &["m1", "m2"], Duration::from_secs(30)).await?;
     let (mut job, liar_is_m1) = tokio::select! {
-        j = evil.next_job(Duration::from_secs(30)) => (j?, true),
-        j = honest.next_job(Duration::from_secs(30)) => (j?, false),
+        j = next_watch(&evil) => (j?, true),
+        j = next_watch(&honest) => (j?, false),
     };
-    let JobRequest::Watch(a) = &job.request else { anyhow::bail!("a watch expected") };
+    let JobRequest::Watch(a) = &job.request else { anyhow::bail!("a watch expected: {:?}", job.request) };
     let member_id = if liar_is_m1 { 1 } else { 2 };
     write_frame(
         &mut job.send,
