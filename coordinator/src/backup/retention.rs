@@ -21,11 +21,12 @@ use crate::store::StoreError;
 /// committed, which the coordinator itself checked: it is never deleted, whatever dates other manifests carry;
 /// nor is the newest backup that passed a restore drill without a warning.
 pub(super) async fn apply(deps: &JobDeps, cluster: &str, verified: &str, cancel: &CancellationToken) -> Result<()> {
-    let policy = match deps.state.get(ResourceType::Cluster, cluster)? {
-        Some(Resource { spec: Spec::Cluster(c), .. }) => c.backupconfiguration.and_then(|b| b.retention),
+    let config = match deps.state.get(ResourceType::Cluster, cluster)? {
+        Some(Resource { spec: Spec::Cluster(c), .. }) => c.backupconfiguration,
         _ => None,
     };
-    let Some(policy) = policy else { return Ok(()) };
+    let window = config.as_ref().and_then(|b| b.pointintime).filter(|p| p.enabled).map(|p| p.window_seconds());
+    let Some(policy) = config.and_then(|b| b.retention) else { return Ok(()) };
     // The newest backup a restore drill proved (without a key-count warning) is kept whatever its age: it may
     // be the last one known to hold the cluster as it should be.
     let proved = deps.status.drill(cluster).map(|d| d.lastpassedbackup).unwrap_or_default();
@@ -34,7 +35,9 @@ pub(super) async fn apply(deps: &JobDeps, cluster: &str, verified: &str, cancel:
     let listed: Vec<(String, Timestamp)> = all.iter().map(|m| (m.id.clone(), m.backup.createdat)).collect();
     let members: Vec<(String, String)> = all.iter().map(|m| (m.id.clone(), m.backup.member.clone())).collect();
     let doomed = keep_two_members(to_delete(&listed, &policy), &listed, &members);
-    for id in doomed.into_iter().filter(|id| id != verified && *id != proved) {
+    // The change log's window starts from this backup: without it the window is not restorable.
+    let base = window.and_then(|w| point_in_time_base(&listed, w, Timestamp::now())).unwrap_or_default();
+    for id in doomed.into_iter().filter(|id| id != verified && *id != proved && *id != base) {
         let Some(m) = all.iter().find(|m| m.id == id) else { continue };
         // A deposed leader (stopped past its lease, then resumed) deletes nothing: checked before each delete.
         deps.state.still_leading().context("retention stops: this replica no longer leads")?;
@@ -50,6 +53,17 @@ pub(super) async fn apply(deps: &JobDeps, cluster: &str, verified: &str, cancel:
         info!(backup_id = %id, createdat = %m.backup.createdat.human(), ?policy, "retention deleted backup");
     }
     Ok(())
+}
+
+/// The backup a point-in-time window of `window_seconds` starts from: the newest one at least that old
+/// (`None` while every backup is younger: then nothing is old enough to be a base and the log is kept whole).
+pub fn point_in_time_base(backups: &[(String, Timestamp)], window_seconds: i64, now: Timestamp) -> Option<String> {
+    let cutoff = now.seconds.saturating_sub(window_seconds);
+    backups
+        .iter()
+        .filter(|(_, t)| t.seconds <= cutoff)
+        .max_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)))
+        .map(|(id, _)| id.clone())
 }
 
 /// Ids to delete, given `(id, createdat)` of every listed (successful) backup of one cluster.
@@ -149,6 +163,16 @@ mod tests {
     fn sorted(mut v: Vec<String>) -> Vec<String> {
         v.sort();
         v
+    }
+
+    #[test]
+    fn the_point_in_time_base_is_the_newest_backup_older_than_the_window() {
+        let b = vec![at("b0", 10 * H), at("b1", 20 * H), at("b2", 30 * H)];
+        let now = Timestamp { seconds: 40 * H, nanos: 0 };
+        assert_eq!(point_in_time_base(&b, 15 * H, now).as_deref(), Some("b1"));
+        assert_eq!(point_in_time_base(&b, 10 * H, now).as_deref(), Some("b2"), "exactly the window's age counts");
+        assert_eq!(point_in_time_base(&b, 31 * H, now), None, "every backup within the window: no base yet");
+        assert_eq!(point_in_time_base(&b, 7 * D, now), None);
     }
 
     #[test]

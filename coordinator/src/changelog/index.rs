@@ -118,6 +118,11 @@ pub fn save_segment(state: &dyn StateStore, cluster: &str, s: &SegmentEntry) -> 
     state.put_record(&segment_key(cluster, s.lineage, s.first_revision), &value)
 }
 
+/// Forgets one segment's entry (retention deleted it).
+pub fn delete_segment(state: &dyn StateStore, cluster: &str, s: &SegmentEntry) -> Result<(), StateError> {
+    state.delete_record(&segment_key(cluster, s.lineage, s.first_revision))
+}
+
 /// Every segment of `cluster`, in revision order (lineage, then first revision).
 pub fn segments(state: &dyn StateStore, cluster: &str) -> Result<Vec<SegmentEntry>, StateError> {
     let mut out = Vec::new();

@@ -12,6 +12,7 @@
 
 pub mod changes;
 pub mod index;
+mod retention;
 mod watcher;
 
 use std::collections::{HashMap, HashSet};
@@ -41,6 +42,8 @@ const REASSIGN_PAUSE: Duration = Duration::from_secs(2);
 /// A watcher whose covered revision stands still this long while other members report etcd moving on is
 /// replaced (well inside the 5 minutes of history Kubernetes' compaction leaves).
 const STALL: Duration = Duration::from_secs(45);
+/// How often each cluster's old segments are looked at.
+const RETENTION_EVERY: Duration = Duration::from_secs(600);
 /// A member whose watch failed is passed over this long when another member can watch.
 const FAILED_MEMBER_PAUSE: Duration = Duration::from_secs(60);
 
@@ -89,6 +92,10 @@ struct Inner {
     ended: Mutex<HashMap<String, (Instant, Option<String>)>>,
     /// Clusters that need a full backup to close a gap.
     need_full: Mutex<HashSet<String>>,
+    /// When each cluster's retention last ran.
+    retained: Mutex<HashMap<String, Instant>>,
+    /// Cancels retention's store calls at shutdown.
+    cancel: CancellationToken,
     rotation: crate::backup::members::Rotation,
     tracker: TaskTracker,
 }
@@ -109,6 +116,8 @@ impl ChangeLog {
                 heads: Mutex::new(HashMap::new()),
                 ended: Mutex::new(HashMap::new()),
                 need_full: Mutex::new(HashSet::new()),
+                retained: Mutex::new(HashMap::new()),
+                cancel: CancellationToken::new(),
                 rotation: Default::default(),
                 tracker: TaskTracker::new(),
             }),
@@ -128,6 +137,7 @@ impl ChangeLog {
         for r in lock(&self.inner.running).values() {
             r.token.cancel();
         }
+        self.inner.cancel.cancel();
         self.inner.tracker.close();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.inner.tracker.wait()).await;
     }
@@ -201,7 +211,8 @@ impl Inner {
         lock(&self.need_full).insert(cluster.to_string());
     }
 
-    fn enabled_clusters(&self) -> Vec<String> {
+    /// Clusters with the change log on, and their windows (seconds).
+    fn enabled_clusters(&self) -> Vec<(String, i64)> {
         let clusters = match self.deps.state.list(ResourceType::Cluster) {
             Ok(c) => c,
             Err(e) => {
@@ -212,18 +223,19 @@ impl Inner {
         clusters
             .into_iter()
             .filter_map(|r: Resource| match r.spec {
-                Spec::Cluster(c)
-                    if c.backupconfiguration.as_ref().and_then(|b| b.pointintime).is_some_and(|p| p.enabled) =>
-                {
-                    Some(r.metadata.id)
-                }
+                Spec::Cluster(c) => c
+                    .backupconfiguration
+                    .and_then(|b| b.pointintime)
+                    .filter(|p| p.enabled)
+                    .map(|p| (r.metadata.id, p.window_seconds())),
                 _ => None,
             })
             .collect()
     }
 
     fn reconcile(self: &Arc<Self>) {
-        let enabled: HashSet<String> = self.enabled_clusters().into_iter().collect();
+        let windows: HashMap<String, i64> = self.enabled_clusters().into_iter().collect();
+        let enabled: HashSet<String> = windows.keys().cloned().collect();
         // Watchers of clusters turned off, deleted or being restored stop.
         {
             let running = lock(&self.running);
@@ -234,15 +246,38 @@ impl Inner {
                 }
             }
         }
-        for cluster in &enabled {
+        for (cluster, window) in &windows {
             self.lag(cluster);
             self.close_gaps(cluster);
+            self.retain(cluster, *window);
             let running = lock(&self.running).get(cluster).map(|r| (r.member.clone(), r.since, r.token.clone()));
             match running {
                 Some((member, since, token)) => self.check_stall(cluster, &member, since, &token),
                 None => self.assign(cluster),
             }
         }
+    }
+
+    /// Deletes segments older than the window's base, every [`RETENTION_EVERY`] (in the background).
+    fn retain(self: &Arc<Self>, cluster: &str, window: i64) {
+        {
+            let mut retained = lock(&self.retained);
+            if retained.get(cluster).is_some_and(|t| t.elapsed() < RETENTION_EVERY) {
+                return;
+            }
+            retained.insert(cluster.to_string(), Instant::now());
+        }
+        let inner = self.clone();
+        let cluster = cluster.to_string();
+        let span = info_span!(parent: None, "changelog_retention", %cluster);
+        self.tracker.spawn(
+            async move {
+                if let Err(e) = retention::apply(&inner, &cluster, window, &inner.cancel).await {
+                    warn!("change-log retention failed: {e:#}");
+                }
+            }
+            .instrument(span),
+        );
     }
 
     /// A full backup for each cluster with an open gap, once none runs.

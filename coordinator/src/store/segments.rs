@@ -205,3 +205,30 @@ fn write_new(path: &std::path::Path, bytes: &[u8]) -> Result<(), StoreError> {
     }
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(format!("sync {}", dir.display())))
 }
+
+impl BackupStore {
+    /// Deletes segment `name` of `cluster` (retention); absent is fine.
+    pub async fn delete_segment(
+        &self,
+        cluster: &str,
+        name: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Local(l) => {
+                let path = l.segment_path(cluster, name)?;
+                match tokio::fs::remove_file(&path).await {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        Err(StoreError::io(format!("remove {}", path.display()))(e))
+                    }
+                    _ => Ok(()),
+                }
+            }
+            Backend::S3(s) => {
+                let conn = s.conn()?;
+                let key = s3::segment_key(&conn.spec, cluster, name);
+                Ok(common_s3::delete_object(&conn.client, &conn.spec.bucket, &key, cancel).await?)
+            }
+        }
+    }
+}
