@@ -389,6 +389,30 @@ pub struct PointInTimeStatus {
     /// Why the log is not being written right now (no agent, a failed watch); empty while it is.
     #[serde(default)]
     pub error: String,
+    /// The latest check of the log against the full backups (absent before the first).
+    #[serde(default)]
+    pub verification: Option<LogVerification>,
+}
+
+/// The check that proves the change log complete: the full backup `tobackup` rebuilt from `frombackup` plus
+/// the log's revisions `fromrevision+1..=torevision`, compared key by key (value, create and mod revision,
+/// version, lease) with `tobackup` itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogVerification {
+    pub time: Option<Timestamp>,
+    /// 1 passed, 2 failed (the `status` codes).
+    pub result: i32,
+    pub frombackup: String,
+    pub tobackup: String,
+    pub fromrevision: i64,
+    pub torevision: i64,
+    /// Keys compared.
+    #[serde(default)]
+    pub keys: u64,
+    /// What differs first (a key and how), or why the check could not run.
+    #[serde(default)]
+    pub error: String,
 }
 
 /// A range of revisions the change log lost.

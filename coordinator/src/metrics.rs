@@ -99,6 +99,8 @@ pub struct Metrics {
     pub pitr_covered_time: Family<ClusterLabels, FloatGauge>,
     pub pitr_lag: Family<ClusterLabels, FloatGauge>,
     pub pitr_gaps: Family<ClusterLabels, Counter>,
+    /// 1 when the latest check of the log against a full backup failed.
+    pub pitr_verification_failed: Family<ClusterLabels, Gauge>,
     /// Members with a series in a per-member family other than `member_diverged` (reconnects, out of
     /// rotation, certificate expiry, predecessor use), per cluster, so deleting the cluster removes them.
     members_seen: std::sync::Mutex<std::collections::HashMap<String, std::collections::BTreeSet<String>>>,
@@ -142,6 +144,7 @@ impl Default for Metrics {
             pitr_covered_time: Family::default(),
             pitr_lag: Family::default(),
             pitr_gaps: Family::default(),
+            pitr_verification_failed: Family::default(),
             drill_key_drop: Family::default(),
             member_diverged: Family::default(),
             member_check_unreachable: Family::default(),
@@ -203,6 +206,11 @@ impl Default for Metrics {
             "point_in_time_lag_seconds",
             "Seconds the cluster's newest changes have waited to be stored in the change log (0 while idle and covered)",
             m.pitr_lag.clone(),
+        );
+        registry.register(
+            "point_in_time_verification_failed",
+            "1 when the latest check of the change log against a full backup found a difference",
+            m.pitr_verification_failed.clone(),
         );
         registry.register(
             "point_in_time_gaps",
@@ -403,6 +411,7 @@ impl Metrics {
             &self.restore_failed,
             &self.restore_bytes,
             &self.pitr_covered_revision,
+            &self.pitr_verification_failed,
         ] {
             family.remove(&l);
         }

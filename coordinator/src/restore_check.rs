@@ -66,6 +66,116 @@ pub fn restore_and_read(
     })
 }
 
+/// One key of a restored snapshot, as the change log's check compares it (the value by its hash).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyState {
+    pub value_sha256: [u8; 32],
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    pub version: i64,
+    pub lease: i64,
+}
+
+/// Every key of a restored snapshot, by key.
+pub type KeySpace = BTreeMap<Vec<u8>, KeyState>;
+
+/// Keys (with their values) per etcdctl request when a key space is read whole: values weigh up to etcd's
+/// request limit, so pages are small.
+const PAGE_KEYS_WITH_VALUES: usize = 500;
+
+/// Restores `snapshot` like [`restore_and_read`] and reads every key with its value's hash, create and mod
+/// revision, version and lease at the restored revision. Blocking. Memory: the key names and 72 bytes a key.
+pub fn restore_and_dump(
+    snapshot: &Path,
+    scratch: &Path,
+    timeout: Duration,
+    stop: &CancellationToken,
+) -> Result<(i64, KeySpace)> {
+    let data_dir = scratch.join("restored");
+    let member = RestoreAs {
+        name: "drill".into(),
+        initial_cluster: format!("drill={PEER_URL}"),
+        initial_cluster_token: "ferry-drill".into(),
+        initial_advertise_peer_urls: PEER_URL.into(),
+    };
+    snapshot::restore(snapshot, &data_dir, &member, None)?;
+    let sockets = scratch.join("sockets");
+    create_private_dir(&sockets)?;
+    let etcd = ThrowAway::start(&data_dir, &sockets, &scratch.join("etcd.log"))?;
+    let deadline = Instant::now() + timeout;
+    let first = loop {
+        if stop.is_cancelled() {
+            bail!("cancelled");
+        }
+        match etcdctl_values(&sockets, b"", 0) {
+            Ok(page) => break page,
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!("the restored etcd did not answer within {}s", timeout.as_secs())))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    let revision = first.0;
+    let mut space = KeySpace::new();
+    let mut page = first;
+    loop {
+        let more = page.2;
+        let last = page.1.last().map(|(k, _)| k.clone());
+        space.extend(page.1);
+        let Some(last) = last.filter(|_| more) else { break };
+        if stop.is_cancelled() {
+            bail!("cancelled");
+        }
+        page = etcdctl_values(&sockets, from_arg(&last), revision)?;
+        // A page starting before the last key read (see `from_arg`) repeats keys: the map keeps one of each.
+        if page.1.iter().all(|(k, _)| space.contains_key(k)) && page.2 {
+            bail!("reading the restored key space made no progress after key {:?}", String::from_utf8_lossy(&last));
+        }
+    }
+    drop(etcd);
+    Ok((revision, space))
+}
+
+/// `etcdctl get --from-key FROM -w json` with values: (revision, keys, more).
+fn etcdctl_values(sockets: &Path, from: &[u8], revision: i64) -> Result<(i64, Vec<(Vec<u8>, KeyState)>, bool)> {
+    use sha2::Digest as _;
+    use std::os::unix::ffi::OsStrExt as _;
+    let out = Command::new("etcdctl")
+        .current_dir(sockets)
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", CLIENT_URL, "--dial-timeout", "2s", "--command-timeout", "60s"])
+        .args(["get", "--from-key", "-w", "json"])
+        .args(["--limit", &PAGE_KEYS_WITH_VALUES.to_string(), "--rev", &revision.to_string()])
+        .arg("--")
+        .arg(std::ffi::OsStr::from_bytes(from))
+        .stdin(Stdio::null())
+        .output()
+        .context("run etcdctl (is it on PATH?)")?;
+    if !out.status.success() {
+        bail!("etcdctl: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parse etcdctl output")?;
+    let revision = v["header"]["revision"].as_i64().context("etcdctl output carries no revision")?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut kvs = Vec::new();
+    for kv in v["kvs"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let key = b64.decode(kv["key"].as_str().unwrap_or_default()).context("decode a key from etcdctl")?;
+        let value = b64.decode(kv["value"].as_str().unwrap_or_default()).context("decode a value from etcdctl")?;
+        let int = |f: &str| kv[f].as_i64().unwrap_or(0);
+        kvs.push((
+            key,
+            KeyState {
+                value_sha256: sha2::Sha256::digest(&value).into(),
+                create_revision: int("create_revision"),
+                mod_revision: int("mod_revision"),
+                version: int("version"),
+                lease: int("lease"),
+            },
+        ));
+    }
+    Ok((revision, kvs, v["more"].as_bool().unwrap_or(false)))
+}
+
 fn create_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new().mode(0o700).create(dir).with_context(|| format!("create {}", dir.display()))

@@ -201,6 +201,14 @@ impl Status {
         }
     }
 
+    /// The change log's latest check of `cluster` (absent before the first).
+    pub fn log_verification(&self, cluster: &str) -> Option<ferry_common::resources::LogVerification> {
+        match self.state.get(ResourceType::EtcdBackupStatus, cluster) {
+            Ok(Some(Resource { spec: Spec::EtcdBackupStatus(s), .. })) => s.pointintime.and_then(|p| p.verification),
+            _ => None,
+        }
+    }
+
     /// Changes a cluster's backup status and mirrors it into the overall status, in one transaction.
     pub fn update(&self, cluster: &str, f: impl Fn(&mut EtcdBackupStatusSpec)) -> Result<(), StateError> {
         self.state.transact(&mut |tx| {

@@ -561,6 +561,7 @@ async fn lead(shared: &Shared<'_>, lost: &CancellationToken, shutdown: &Cancella
         jobs: jobs.clone(),
         identities: settings.identities.clone(),
         settings: Default::default(),
+        scratch: args.drill_scratch_dir.clone().unwrap_or_else(|| args.state_dir.join("drills")),
     });
     let stop_changelog = CancellationToken::new();
     let changelog_task = tokio::spawn(changelog.clone().run(stop_changelog.clone()));

@@ -13,6 +13,7 @@
 pub mod changes;
 pub mod index;
 mod retention;
+mod verify;
 mod watcher;
 
 use std::collections::{HashMap, HashSet};
@@ -44,6 +45,8 @@ const REASSIGN_PAUSE: Duration = Duration::from_secs(2);
 const STALL: Duration = Duration::from_secs(45);
 /// How often each cluster's old segments are looked at.
 const RETENTION_EVERY: Duration = Duration::from_secs(600);
+/// How often each cluster is looked at for a new full backup to check the log against.
+const VERIFY_EVERY: Duration = Duration::from_secs(60);
 /// A member whose watch failed is passed over this long when another member can watch.
 const FAILED_MEMBER_PAUSE: Duration = Duration::from_secs(60);
 
@@ -73,6 +76,8 @@ pub struct ChangeLogDeps {
     /// Opens encrypted segments for `changes` (the coordinator's `--identity`).
     pub identities: Option<Identities>,
     pub settings: Settings,
+    /// Where the log's check restores backups (the drills' scratch dir).
+    pub scratch: std::path::PathBuf,
 }
 
 /// The change log; cheap to clone (a handle).
@@ -94,6 +99,9 @@ struct Inner {
     need_full: Mutex<HashSet<String>>,
     /// When each cluster's retention last ran.
     retained: Mutex<HashMap<String, Instant>>,
+    /// When each cluster was last looked at for a log check; whether a check runs (one at a time).
+    verified: Mutex<HashMap<String, Instant>>,
+    verifying: std::sync::atomic::AtomicBool,
     /// Cancels retention's store calls at shutdown.
     cancel: CancellationToken,
     rotation: crate::backup::members::Rotation,
@@ -117,6 +125,8 @@ impl ChangeLog {
                 ended: Mutex::new(HashMap::new()),
                 need_full: Mutex::new(HashSet::new()),
                 retained: Mutex::new(HashMap::new()),
+                verified: Mutex::new(HashMap::new()),
+                verifying: std::sync::atomic::AtomicBool::new(false),
                 cancel: CancellationToken::new(),
                 rotation: Default::default(),
                 tracker: TaskTracker::new(),
@@ -197,8 +207,13 @@ impl Inner {
             storedbytes: head.stored_bytes,
             gaps: head.gaps.clone(),
             error: error.to_string(),
+            verification: None,
         };
-        if let Err(e) = self.deps.status.update(cluster, |s| s.pointintime = Some(shown.clone())) {
+        let update = |s: &mut ferry_common::resources::EtcdBackupStatusSpec| {
+            let verification = s.pointintime.take().and_then(|p| p.verification);
+            s.pointintime = Some(PointInTimeStatus { verification, ..shown.clone() });
+        };
+        if let Err(e) = self.deps.status.update(cluster, update) {
             warn!(%cluster, "failed to record the change log's status: {e}");
         }
     }
@@ -250,6 +265,7 @@ impl Inner {
             self.lag(cluster);
             self.close_gaps(cluster);
             self.retain(cluster, *window);
+            self.verify(cluster);
             let running = lock(&self.running).get(cluster).map(|r| (r.member.clone(), r.since, r.token.clone()));
             match running {
                 Some((member, since, token)) => self.check_stall(cluster, &member, since, &token),
@@ -274,6 +290,51 @@ impl Inner {
             async move {
                 if let Err(e) = retention::apply(&inner, &cluster, window, &inner.cancel).await {
                     warn!("change-log retention failed: {e:#}");
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Checks the log against a new full backup, every [`VERIFY_EVERY`], one cluster at a time.
+    fn verify(self: &Arc<Self>, cluster: &str) {
+        use std::sync::atomic::Ordering;
+        {
+            let mut verified = lock(&self.verified);
+            if verified.get(cluster).is_some_and(|t| t.elapsed() < VERIFY_EVERY) {
+                return;
+            }
+            if self.verifying.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            verified.insert(cluster.to_string(), Instant::now());
+        }
+        let inner = self.clone();
+        let cluster = cluster.to_string();
+        let span = info_span!(parent: None, "changelog_check", %cluster);
+        self.tracker.spawn(
+            async move {
+                let last = inner.deps.status.log_verification(&cluster).map(|v| v.tobackup).unwrap_or_default();
+                let checked = verify::run(&inner, &cluster, &inner.deps.scratch, &last, &inner.cancel).await;
+                inner.verifying.store(false, Ordering::SeqCst);
+                let v = match checked {
+                    Ok(Some(v)) => v,
+                    Ok(None) => return,
+                    Err(e) => return warn!("the change log's check could not run: {e:#}"),
+                };
+                let failed = v.result != ferry_common::resources::status::OK;
+                if failed {
+                    warn!(from = %v.frombackup, to = %v.tobackup, error = %v.error, "the change log does not rebuild the full backup");
+                } else {
+                    info!(from = %v.frombackup, to = %v.tobackup, keys = v.keys, "the change log rebuilds the full backup exactly");
+                }
+                inner.deps.metrics.pitr_verification_failed.get_or_create(&Metrics::cluster(&cluster)).set(i64::from(failed));
+                let recorded = inner.deps.status.update(&cluster, |s| {
+                    let p = s.pointintime.get_or_insert_with(Default::default);
+                    p.verification = Some(v.clone());
+                });
+                if let Err(e) = recorded {
+                    warn!("failed to record the change log's check: {e}");
                 }
             }
             .instrument(span),

@@ -273,19 +273,19 @@ fn checks_failed(e: SnapshotError) -> anyhow::Error {
     }
 }
 
-async fn restore(deps: &DrillDeps, manifest: &Manifest, cancel: &CancellationToken) -> Result<Restored> {
-    check_scratch_room(&deps.scratch, manifest.backup.rawsize)?;
-    let scratch = tempfile::Builder::new()
-        .prefix(&format!("{}-", manifest.backup.cluster))
-        .tempdir_in(&deps.scratch)
-        .context("create a scratch dir")?;
-    let snapshot = scratch.path().join("snapshot.db");
+/// Reads a backup from the store into `snapshot` (etcd's snapshot file) through every check a restore makes.
+pub async fn fetch(
+    store: &BackupStore,
+    identities: Option<&ferry_common::encryption::Identities>,
+    manifest: &Manifest,
+    snapshot: &std::path::Path,
+    cancel: &CancellationToken,
+) -> Result<()> {
     // The checks and zstd run on a blocking thread, fed through a small queue.
-    let w =
-        VerifyingWriter::create(&snapshot, &manifest.backup, true, deps.identities.as_ref()).map_err(checks_failed)?;
+    let w = VerifyingWriter::create(snapshot, &manifest.backup, true, identities).map_err(checks_failed)?;
     let mut writer = BackgroundWriter::spawn(w);
     let read = async {
-        let mut object = deps.store.open(manifest, cancel).await.context("open the backup object")?;
+        let mut object = store.open(manifest, cancel).await.context("open the backup object")?;
         let mut buf = vec![0u8; DATA_CHUNK];
         while let Some(piece) = object.next(&mut buf).await.context("read the backup object")? {
             if let Err(e) = writer.write(piece.into()).await {
@@ -308,7 +308,17 @@ async fn restore(deps: &DrillDeps, manifest: &Manifest, cancel: &CancellationTok
         bail!("cancelled");
     }
     checked.map_err(checks_failed)?;
-    read?;
+    read
+}
+
+async fn restore(deps: &DrillDeps, manifest: &Manifest, cancel: &CancellationToken) -> Result<Restored> {
+    check_scratch_room(&deps.scratch, manifest.backup.rawsize)?;
+    let scratch = tempfile::Builder::new()
+        .prefix(&format!("{}-", manifest.backup.cluster))
+        .tempdir_in(&deps.scratch)
+        .context("create a scratch dir")?;
+    let snapshot = scratch.path().join("snapshot.db");
+    fetch(&deps.store, deps.identities.as_ref(), manifest, &snapshot, cancel).await?;
     // The blocking restore owns the scratch dir and deletes it only once its throw-away etcd is dead. If this
     // future is dropped (the drill's time limit), the guard stops the restore at its next step.
     let stop = cancel.child_token();

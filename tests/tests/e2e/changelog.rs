@@ -89,6 +89,8 @@ async fn every_revision_lands_in_the_change_log_with_transactions_leases_and_del
     c.wait_agents_connected(CLUSTER, &["m1", "m2", "m3"], Duration::from_secs(30)).await?;
     enable(&c, CLUSTER).await?;
     let start = wait_started(&c, CLUSTER).await?;
+    // A full backup before the changes and one after: the log between them is checked against the second.
+    let first_backup = backup(&c, None).await?;
 
     let mut client = etcd.client().await?;
     for i in 0..20 {
@@ -107,6 +109,7 @@ async fn every_revision_lands_in_the_change_log_with_transactions_leases_and_del
     client.lease_revoke(lease).await?;
     client.put("/registry/secrets/big", vec![7u8; 100 * 1024], None).await?;
     let last = revision(&etcd).await?;
+    let second_backup = backup(&c, Some(&first_backup)).await?;
 
     let status = wait_covered(&c, CLUSTER, last).await?;
     assert!(status["segments"].as_u64().unwrap_or(0) >= 1, "{status}");
@@ -145,7 +148,42 @@ async fn every_revision_lands_in_the_change_log_with_transactions_leases_and_del
         })?;
     }
     assert_eq!(granted.get(&lease2), Some(&300), "lease {lease2:x} recorded with its TTL: {granted:?}");
+
+    // The log between the two full backups rebuilds the second exactly (every key, value, revision, version).
+    let check = poll_until(
+        "the log checked against the full backups",
+        Duration::from_secs(180),
+        Duration::from_secs(1),
+        || async {
+            let v = pitr(&c, CLUSTER).await?["verification"].clone();
+            Ok((!v.is_null()).then_some(v))
+        },
+    )
+    .await
+    .with_context(|| format!("coordinator log:\n{}", log_tail(c.log_path(), 60)))?;
+    assert_eq!(check["result"], crate::fixtures::STATUS_OK, "{check}");
+    assert_eq!(
+        check["tobackup"],
+        second_backup["lastbackupid"].clone().as_str().map_or(check["tobackup"].clone(), Value::from)
+    );
+    assert!(check["keys"].as_u64().unwrap_or(0) >= 60, "{check}");
+    assert!(check["torevision"].as_i64().unwrap_or(0) > check["fromrevision"].as_i64().unwrap_or(0), "{check}");
     Ok(())
+}
+
+/// A manual backup, which must succeed; returns its status.
+async fn backup(c: &Coordinator, previous: Option<&Value>) -> anyhow::Result<Value> {
+    if previous.is_some() {
+        // Backup ids are per second.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    c.manual_backup(CLUSTER).await?;
+    let status = match previous {
+        Some(p) => c.wait_next_backup_status(CLUSTER, p, Duration::from_secs(60)).await?,
+        None => c.wait_backup_status(CLUSTER, Duration::from_secs(60)).await?,
+    };
+    anyhow::ensure!(status["status"] == crate::fixtures::STATUS_OK, "backup failed: {status}");
+    Ok(status)
 }
 
 #[tokio::test(flavor = "multi_thread")]
