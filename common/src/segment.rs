@@ -76,7 +76,9 @@ pub struct Trailer {
     pub epoch: u64,
     pub first_revision: i64,
     pub last_revision: i64,
-    /// The sha256 of the previous segment's stored object; zeros for the first of a lineage (or after a gap).
+    /// The sha256 of the previous segment's stored object (after zstd and age); zeros only for the first
+    /// segment of a lineage. After a gap it still names the last segment stored: the chain links stored
+    /// objects, and gaps are recorded in the coordinator's index.
     pub prev_sha256: [u8; 32],
     /// The member watched.
     pub member_id: u64,

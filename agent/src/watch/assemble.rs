@@ -33,7 +33,11 @@ impl Response {
 pub enum Assembled {
     Revision(Revision),
     /// Revisions lost for good, `to` inclusive.
-    Gap { from: i64, to: i64, reason: String },
+    Gap {
+        from: i64,
+        to: i64,
+        reason: String,
+    },
 }
 
 pub const SKIPPED: &str = "the watch skipped revisions";
@@ -125,14 +129,7 @@ mod tests {
     use ferry_common::segment::EventKind;
 
     fn ev(key: &str) -> Event {
-        Event {
-            kind: EventKind::Put,
-            key: key.into(),
-            value: b"v".to_vec(),
-            create_revision: 1,
-            version: 1,
-            lease: 0,
-        }
+        Event { kind: EventKind::Put, key: key.into(), value: b"v".to_vec(), create_revision: 1, version: 1, lease: 0 }
     }
 
     fn resp(events: &[(i64, &str)], fragment: bool) -> Response {

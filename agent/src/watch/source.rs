@@ -97,7 +97,9 @@ pub async fn watch(
         }
         let since = *failing_since.get_or_insert_with(Instant::now);
         if since.elapsed() >= FAILING_LIMIT {
-            let _ = tx.send(Input::Failed(format!("etcd's watch failed for {}s: {error:#}", since.elapsed().as_secs()))).await;
+            let _ = tx
+                .send(Input::Failed(format!("etcd's watch failed for {}s: {error:#}", since.elapsed().as_secs())))
+                .await;
             return;
         }
         tracing::warn!("etcd's watch broke, resuming: {error:#}");
@@ -118,8 +120,7 @@ async fn watch_once(
     cancel: &CancellationToken,
     failing_since: &mut Option<Instant>,
 ) -> Result<Option<i64>> {
-    let options =
-        WatchOptions::new().with_all_keys().with_start_revision(from).with_progress_notify().with_fragment();
+    let options = WatchOptions::new().with_all_keys().with_start_revision(from).with_progress_notify().with_fragment();
     let mut stream = tokio::select! {
         s = client.watch(vec![0u8], Some(options)) => s.context("open etcd's watch")?,
         _ = cancel.cancelled() => return Ok(None),
@@ -173,7 +174,14 @@ fn convert(resp: etcd_client::WatchResponse) -> Response {
             let kv = e.kv?;
             // 0: PUT, 1: DELETE (etcd's mvccpb.Event.EventType).
             let event = if e.r#type == 1 {
-                Event { kind: EventKind::Delete, key: kv.key, value: Vec::new(), create_revision: 0, version: 0, lease: 0 }
+                Event {
+                    kind: EventKind::Delete,
+                    key: kv.key,
+                    value: Vec::new(),
+                    create_revision: 0,
+                    version: 0,
+                    lease: 0,
+                }
             } else {
                 Event {
                     kind: EventKind::Put,
