@@ -2,6 +2,8 @@
 //! (local store: segments arrive as chunks). etcd comes from `FERRY_ETCD_DIR`, the checkout's `.tools/etcd-3.5`
 //! (`tests/setup.sh etcd`) or the system's; without one the tests say so and pass.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

@@ -163,6 +163,7 @@ impl<R: Read> SegmentReader<R> {
 
     /// The next revision or lease; `Ok(None)` once the trailer was read and checked (returned by
     /// [`Self::finish`]).
+    #[allow(clippy::should_implement_trait)] // fallible: `Iterator` would hide the error in the item
     pub fn next(&mut self) -> Result<Option<Record>, SegmentError> {
         if self.done {
             return Ok(None);

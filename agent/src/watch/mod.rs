@@ -32,8 +32,8 @@ use segmenter::{SegmentParams, Segmenter};
 use session::{Ended, Session};
 use spool::Spool;
 
-/// Responses queued between etcd's watch and the loop.
-const INPUT_QUEUE: usize = 16;
+/// Responses queued between etcd's watch and the loop: few, a fragment may be 1.5 MiB (etcd's request limit).
+const INPUT_QUEUE: usize = 4;
 
 /// What the agent knows of itself for a watch.
 #[derive(Debug, Clone)]

@@ -32,6 +32,8 @@ const OUT_QUEUE: usize = 8;
 /// Lease ids remembered, and new ones looked up per cut (the rest at the next cut).
 const MAX_KNOWN_LEASES: usize = 100_000;
 const MAX_NEW_LEASES_PER_CUT: usize = 1_000;
+/// Time a cut may spend looking up new leases (the watch waits meanwhile); the rest at the next cut.
+const LEASE_LOOKUP_BUDGET: Duration = Duration::from_secs(2);
 /// How long the last messages (`Failed`) get to leave.
 const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
@@ -225,7 +227,11 @@ impl<L: Leases> Session<L> {
             }
         };
         let mut grants = Vec::new();
+        let started = Instant::now();
         for &id in listed.iter().filter(|id| !known.contains(id)).take(MAX_NEW_LEASES_PER_CUT) {
+            if started.elapsed() >= LEASE_LOOKUP_BUDGET {
+                break;
+            }
             match self.leases.granted_ttl(id).await {
                 Ok(Some(ttl)) => grants.push(LeaseGrant { id, granted_ttl: ttl, seen_at_revision: last }),
                 Ok(None) => {}
