@@ -62,6 +62,8 @@ pub struct Link {
     pub restore: Option<crate::restore_steps::RestoreSetup>,
     /// Restore steps run one at a time.
     pub restore_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Where a change-log watch spools its segments.
+    pub spool_dir: std::path::PathBuf,
 }
 
 impl Link {
@@ -218,6 +220,10 @@ impl Link {
                     let credentials_dir = self.credentials_dir.clone();
                     let restore = self.restore.clone();
                     let restore_lock = self.restore_lock.clone();
+                    let watch_settings = crate::watch::WatchSettings {
+                        cluster: self.cluster(),
+                        spool_dir: self.spool_dir.clone(),
+                    };
                     // Jobs get their own token: at shutdown they may finish within the grace period.
                     let cancel = jobs_cancel.child_token();
                     // Created here so the job's span hangs under this agent's (cluster, member) span.
@@ -259,7 +265,7 @@ impl Link {
                                 let span = info_span!(parent: &job_span, "watch", epoch = assignment.epoch);
                                 async move {
                                     info!(from_revision = assignment.from_revision, "change-log watch started");
-                                    match crate::watch::run(etcd, *assignment, job_send, job_recv, cancel).await {
+                                    match crate::watch::run(etcd, *assignment, watch_settings, job_send, job_recv, cancel).await {
                                         Ok(()) => info!("change-log watch ended"),
                                         Err(e) => warn!("change-log watch failed: {e:#}"),
                                     }
@@ -307,6 +313,14 @@ impl Link {
                 self.credentials = loaded;
             }
             Err(e) => warn!("the new certificate in --credentials is unusable, keeping the one in use: {e}"),
+        }
+    }
+
+    /// The cluster this agent's certificate names (empty if it names none: not an agent certificate).
+    fn cluster(&self) -> String {
+        match Identity::from_pem(&self.credentials.client.cert_pem) {
+            Ok(Identity::Agent { cluster, .. }) => cluster,
+            _ => String::new(),
         }
     }
 

@@ -187,6 +187,10 @@ struct Args {
     /// so that no client (kube-apiserver) reaches a restored member before the whole cluster is checked.
     #[arg(long, default_value = "http://127.0.0.1:2390")]
     restore_client_url: String,
+    /// Where the change-log watcher keeps sealed segments until they are stored (created 0700; emptied at
+    /// the start and end of each watch). Default: `ferry-agent-spool` under the OS temp dir.
+    #[arg(long, env = "FERRY_SPOOL_DIR")]
+    spool_dir: Option<PathBuf>,
 }
 
 fn read_floor(s: &str) -> Result<u32, String> {
@@ -321,6 +325,7 @@ async fn run(args: Args) -> Result<()> {
             pipeline,
             restore,
             restore_lock: Default::default(),
+            spool_dir: args.spool_dir.unwrap_or_else(ferry_agent::watch::default_spool_dir),
         }
         .run(cancel, jobs_cancel)
         .await?;

@@ -27,6 +27,10 @@ pub struct AgentMetrics {
     pub read_limit: Gauge<f64, AtomicU64>,
     pub coordinator_connected: Gauge,
     pub etcd_up: Gauge,
+    pub changelog_revisions: Counter,
+    pub changelog_segments: Counter,
+    pub changelog_spool_bytes: Gauge,
+    pub changelog_gaps: Counter,
     rss: Gauge,
     cpu: Counter<f64, AtomicU64>,
 }
@@ -48,6 +52,10 @@ impl AgentMetrics {
             read_limit: Gauge::default(),
             coordinator_connected: Gauge::default(),
             etcd_up: Gauge::default(),
+            changelog_revisions: Counter::default(),
+            changelog_segments: Counter::default(),
+            changelog_spool_bytes: Gauge::default(),
+            changelog_gaps: Counter::default(),
             rss: Gauge::default(),
             cpu: Counter::default(),
         };
@@ -77,6 +85,18 @@ impl AgentMetrics {
         );
         agent.register("coordinator_connected", "1 while linked to the coordinator", m.coordinator_connected.clone());
         agent.register("etcd_up", "1 while the agent's etcd member answers", m.etcd_up.clone());
+        agent.register(
+            "changelog_revisions",
+            "etcd revisions the change-log watcher put into segments",
+            m.changelog_revisions.clone(),
+        );
+        agent.register("changelog_segments", "Change-log segments sealed and spooled", m.changelog_segments.clone());
+        agent.register(
+            "changelog_spool_bytes",
+            "Sealed change-log bytes on disk waiting to be stored",
+            m.changelog_spool_bytes.clone(),
+        );
+        agent.register("changelog_gaps", "Gaps the change-log watcher reported", m.changelog_gaps.clone());
         registry.register("process_resident_memory_bytes", "Resident memory of this process", m.rss.clone());
         registry.register("process_cpu_seconds", "CPU time used by this process", m.cpu.clone());
         Self { registry, ..m }

@@ -76,7 +76,9 @@ pub struct Trailer {
     pub epoch: u64,
     pub first_revision: i64,
     pub last_revision: i64,
-    /// The sha256 of the previous segment's stored object; zeros for the first of a lineage (or after a gap).
+    /// The sha256 of the previous segment's stored object (after zstd and age); zeros only for the first
+    /// segment of a lineage. After a gap it still names the last segment stored: the chain links stored
+    /// objects, and gaps are recorded in the coordinator's index.
     pub prev_sha256: [u8; 32],
     /// The member watched.
     pub member_id: u64,
@@ -161,6 +163,7 @@ impl<R: Read> SegmentReader<R> {
 
     /// The next revision or lease; `Ok(None)` once the trailer was read and checked (returned by
     /// [`Self::finish`]).
+    #[allow(clippy::should_implement_trait)] // fallible: `Iterator` would hide the error in the item
     pub fn next(&mut self) -> Result<Option<Record>, SegmentError> {
         if self.done {
             return Ok(None);
