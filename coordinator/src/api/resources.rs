@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use ferry_common::protocol::{AdminResponse, ApplyOutcome, RevokeTarget};
 use ferry_common::resources::{
-    validate_name, BackupConfiguration, EtcdBackupS3ConfigSpec, EtcdManualBackupSpec, Resource, ResourceType, Selector,
-    Spec, Timestamp, ENCRYPTION_CONFIG_ID, LABEL_CLUSTER, REDACTED, S3_CONFIG_ID,
+    validate_name, BackupConfiguration, EtcdBackupS3ConfigSpec, EtcdManualBackupSpec, PointInTime, Resource,
+    ResourceType, Selector, Spec, Timestamp, ENCRYPTION_CONFIG_ID, LABEL_CLUSTER, REDACTED, S3_CONFIG_ID,
 };
 use ferry_common::tls::Identity;
 use tracing::{info, warn};
@@ -39,6 +39,22 @@ fn check_validity(valid_for_seconds: u64) -> Result<()> {
             "--valid-for {valid_for_seconds}s is out of bounds; give between 1m and 3650d (default 90d)"
         ));
     }
+    Ok(())
+}
+
+/// A cluster's `spec.backupconfiguration.pointintime`: the window within bounds (checked while the log is off
+/// too, so that turning it on later cannot fail on a window applied long before).
+fn check_point_in_time(cluster: &str, p: &PointInTime) -> Result<()> {
+    let Some(w) = &p.window else { return Ok(()) };
+    plan::point_in_time_window(w).or_else(|e| {
+        invalid(format!(
+            "cluster {cluster}: spec.backupconfiguration.pointintime.window {{seconds: {}, nanos: {}}} {e}; give \
+             between 1h and 400d in whole seconds, e.g. window: {{seconds: {}}} (7 days, the default when absent)",
+            w.seconds,
+            w.nanos,
+            PointInTime::DEFAULT_WINDOW_SECONDS
+        ))
+    })?;
     Ok(())
 }
 
@@ -138,6 +154,9 @@ impl Api {
                         if let Some(e) = &cfg.encryption {
                             let what = format!("cluster {id}: spec.backupconfiguration.encryption.recipients");
                             crate::encryption::check_settings(&what, e).or_else(invalid)?;
+                        }
+                        if let Some(p) = &cfg.pointintime {
+                            check_point_in_time(id, p)?;
                         }
                     }
                 }
@@ -434,5 +453,50 @@ impl Api {
             }
         }
         Ok(AdminResponse::Revoked(self.credentials.revoke(target)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_common::resources::ProtoDuration;
+
+    use super::*;
+
+    fn window(seconds: i64, nanos: i32) -> PointInTime {
+        PointInTime { enabled: true, window: Some(ProtoDuration { seconds, nanos }) }
+    }
+
+    fn refusal(p: &PointInTime) -> String {
+        match check_point_in_time("prod", p) {
+            Err(ApiError::Invalid(m)) => m,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_point_in_time_window_within_an_hour_to_400_days_is_taken() {
+        assert!(check_point_in_time("prod", &PointInTime { enabled: true, window: None }).is_ok());
+        assert!(check_point_in_time("prod", &window(3600, 0)).is_ok());
+        assert!(check_point_in_time("prod", &window(400 * 86_400, 0)).is_ok());
+        // A window kept while the log is off is fine.
+        assert!(check_point_in_time("prod", &PointInTime { enabled: false, ..window(86_400, 0) }).is_ok());
+    }
+
+    #[test]
+    fn a_point_in_time_window_out_of_bounds_is_refused_saying_what_to_give() {
+        for (p, why) in [
+            (window(1800, 0), "30m is shorter than 1h"),
+            (window(401 * 86_400, 0), "longer than 400d"),
+            (window(7200, 500), "nanos 500"),
+            (window(-5, 0), "negative"),
+            (PointInTime { enabled: false, ..window(60, 0) }, "shorter than 1h"),
+        ] {
+            let m = refusal(&p);
+            for needle in
+                ["cluster prod", "spec.backupconfiguration.pointintime.window", why, "between 1h and 400d", "604800"]
+            {
+                assert!(m.contains(needle), "{needle:?} not in {m:?}");
+            }
+        }
     }
 }

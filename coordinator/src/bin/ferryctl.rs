@@ -15,10 +15,11 @@ use ferry_common::resources::EtcdBackupSpec;
 use ferry_common::resources::{Resource, ResourceType, Selector, Spec, Timestamp};
 use ferry_common::snapshot::VerifyingWriter;
 use ferry_common::tls::CertifiedPem;
+use ferry_coordinator::cli::changes::{self, ChangesArgs, TimeArg, DEFAULT_LIMIT, MAX_LIMIT};
 use ferry_coordinator::cli::complete::TypeName;
-use ferry_coordinator::cli::render::{render, Format};
+use ferry_coordinator::cli::render::{render, render_with_statuses, Format};
 use ferry_coordinator::cli::request::{call, exit_code, Answered, EXIT_REFUSED};
-use ferry_coordinator::cli::{backup_now, template, watch};
+use ferry_coordinator::cli::{backup_now, request, template, watch};
 
 /// How long `backup verify` waits for its throw-away etcd to answer.
 const VERIFY_ETCD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -149,6 +150,28 @@ enum Command {
         lost: Vec<String>,
         #[command(flatten)]
         follow: Follow,
+    },
+    /// List what changed in a cluster's change log (point-in-time recovery), in revision order: revision,
+    /// time, put or delete, key and value size. Find the revision of a bad change before restoring to just
+    /// before it.
+    Changes {
+        cluster: String,
+        /// Changes at or after this time: RFC 3339 (e.g. 2026-12-07T03:00:00Z) or how long ago (e.g. 15m, 2h).
+        #[arg(long, value_name = "TIME", value_parser = TimeArg::parse)]
+        since: Option<TimeArg>,
+        /// Changes at or before this time: RFC 3339 or how long ago, as --since.
+        #[arg(long, value_name = "TIME", value_parser = TimeArg::parse)]
+        until: Option<TimeArg>,
+        /// Only keys starting with this, e.g. /registry/deployments/.
+        #[arg(long, value_name = "P")]
+        prefix: Option<String>,
+        /// At most this many changes (the oldest are listed).
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_LIMIT,
+              value_parser = clap::value_parser!(u64).range(1..=MAX_LIMIT))]
+        limit: u64,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: changes::Format,
     },
     /// Work with a cluster's members.
     Member {
@@ -317,7 +340,14 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Get { rt, id, output, selector, watch: false } => {
             let rt = ResourceType::parse(&rt)?;
             let single = id.is_some();
-            match call(&cfg()?, AdminRequest::Get { rt, id, selector }).await? {
+            let cfg = cfg()?;
+            match call(&cfg, AdminRequest::Get { rt, id, selector }).await? {
+                AdminResponse::Resources(rs) if rt == ResourceType::Cluster && output == Format::Table => {
+                    // The change log's coverage lives in the clusters' statuses; without them the column says
+                    // only whether it is on, rather than failing the listing.
+                    let statuses = request::get(&cfg, ResourceType::EtcdBackupStatus, None, None).await.ok();
+                    print!("{}", render_with_statuses(rt, &rs, output, single, statuses.as_deref())?)
+                }
                 AdminResponse::Resources(rs) => print!("{}", render(rt, &rs, output, single)?),
                 other => bail!("unexpected response {other:?}"),
             }
@@ -454,6 +484,12 @@ async fn run(cli: Cli) -> Result<()> {
                 member: None,
             };
             ferry_coordinator::cli::restore::run(&cfg()?, args).await?;
+        }
+        Command::Changes { cluster, since, until, prefix, limit, output } => {
+            let args = ChangesArgs { cluster, since, until, prefix: prefix.unwrap_or_default(), limit, format: output };
+            // Before the ferryconfig is read: backwards times are the input's fault whatever the config.
+            let request = changes::request(&args, changes::now_ms())?;
+            changes::run(&cfg()?, &args, request).await?;
         }
         Command::Member {
             command: MemberCommand::Replace { cluster, member, follow: Follow { yes, wait, timeout } },

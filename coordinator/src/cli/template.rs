@@ -2,15 +2,16 @@
 //! configure backups.
 //!
 //! A template is YAML documents. The `kind: Cluster` one carries `name` and
-//! `features.backupConfiguration.{interval | schedule, retention, encryption}`; Ferry owns exactly that. Documents of
-//! other kinds and fields Ferry does not manage (`kubernetes`, `talos`, `ControlPlane`, `Workers`, …) are
-//! accepted and reported as ignored, so a template shared with other tools still works.
+//! `features.backupConfiguration.{interval | schedule, retention, drillInterval, encryption, pointInTime}`; Ferry
+//! owns exactly that. Documents of other kinds and fields Ferry does not manage (`kubernetes`, `talos`,
+//! `ControlPlane`, `Workers`, …) are accepted and reported as ignored, so a template shared with other tools
+//! still works.
 
 use std::time::Duration;
 
 use ferry_common::resources::{
-    validate_name, BackupConfiguration, ClusterSpec, EncryptionSettings, Metadata, ProtoDuration, Resource,
-    ResourceType, RestoreFrom, Retention, Spec,
+    validate_name, BackupConfiguration, ClusterSpec, EncryptionSettings, Metadata, PointInTime, ProtoDuration,
+    Resource, ResourceType, RestoreFrom, Retention, Spec,
 };
 use serde::Deserialize;
 use serde_yaml_ng::Value;
@@ -44,6 +45,20 @@ struct TemplateBackup {
     /// `encryption: {recipients: [age1…]}`: this cluster's age recipients (an empty list: unencrypted).
     #[serde(default)]
     encryption: Option<EncryptionSettings>,
+    /// `pointInTime: {enabled: true, window: 7d}`: the change log; kept as YAML to word its errors (below).
+    #[serde(default)]
+    point_in_time: Option<Value>,
+}
+
+/// `features.backupConfiguration.pointInTime`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TemplatePointInTime {
+    #[serde(default)]
+    enabled: Option<bool>,
+    /// A humantime duration; absent: 7 days.
+    #[serde(default)]
+    window: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -170,14 +185,44 @@ fn convert(b: TemplateBackup) -> Result<BackupConfiguration, String> {
         ferry_common::encryption::parse_recipients(&e.recipients)
             .map_err(|e| format!("features.backupConfiguration.encryption.recipients: {e}"))?;
     }
+    let pointintime = b.point_in_time.map(convert_point_in_time).transpose()?;
     Ok(BackupConfiguration {
         interval,
         schedule: b.schedule.unwrap_or_default(),
         retention,
         drillinterval,
         encryption: b.encryption,
-        pointintime: None,
+        pointintime,
     })
+}
+
+/// How a template turns the change log on, for error messages.
+const POINT_IN_TIME_EXAMPLE: &str = "pointInTime: {enabled: true, window: 7d}";
+
+fn convert_point_in_time(v: Value) -> Result<PointInTime, String> {
+    const FIELD: &str = "features.backupConfiguration.pointInTime";
+    let p: TemplatePointInTime =
+        serde_yaml_ng::from_value(v).map_err(|e| format!("{FIELD}: {e}; write it as `{POINT_IN_TIME_EXAMPLE}`"))?;
+    let enabled = p.enabled.ok_or_else(|| {
+        format!("{FIELD} has no `enabled`: say `enabled: true` to keep the change log (or false), e.g. `{POINT_IN_TIME_EXAMPLE}`")
+    })?;
+    let window = match p.window {
+        None => None,
+        Some(s) => {
+            let d = humantime::parse_duration(&s)
+                .map_err(|e| format!("{FIELD}.window {s:?}: {e} (use e.g. 7d, 36h; the default is 7d)"))?;
+            let w = ProtoDuration {
+                seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                nanos: d.subsec_nanos() as i32,
+            };
+            // Checked here as the coordinator checks it on apply, but worded in the template's terms.
+            crate::schedule::plan::point_in_time_window(&w).map_err(|e| {
+                format!("{FIELD}.window {s:?} {e}; give between 1h and 400d in whole seconds, e.g. 7d (the default)")
+            })?;
+            Some(w)
+        }
+    };
+    Ok(PointInTime { enabled, window })
 }
 
 /// The diff header name of a cluster: `Clusters.ferry.dev(default/NAME)`.
@@ -263,6 +308,60 @@ machines: [d]
         assert!(d.starts_with("--- Clusters.ferry.dev(default/prod)\n+++ Clusters.ferry.dev(default/prod)\n"), "{d}");
         assert!(d.contains("+    interval:") && d.contains("-  backupconfiguration: null"), "{d}");
         assert_eq!(diff("prod", Some(want), want), "");
+    }
+
+    fn point_in_time(yaml: &str) -> Result<Option<PointInTime>, String> {
+        let t = format!("kind: Cluster\nname: p\nfeatures:\n  backupConfiguration:\n    interval: 1h\n{yaml}");
+        parse(&t)
+            .map(|(c, _)| c[0].spec.backupconfiguration.as_ref().and_then(|b| b.pointintime))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn point_in_time_turns_the_change_log_on_with_its_window() {
+        let days = |n: i64| Some(ProtoDuration { seconds: n * 86_400, nanos: 0 });
+        let on = point_in_time("    pointInTime: {enabled: true, window: 14d}\n").unwrap();
+        assert_eq!(on, Some(PointInTime { enabled: true, window: days(14) }));
+        // No window: the default (7 days), left absent as on a cluster applied without one.
+        let on = point_in_time("    pointInTime:\n      enabled: true\n").unwrap().unwrap();
+        assert_eq!((on.window, on.window_seconds()), (None, 7 * 86_400));
+        let off = point_in_time("    pointInTime: {enabled: false, window: 2d}\n").unwrap();
+        assert_eq!(off, Some(PointInTime { enabled: false, window: days(2) }));
+        assert_eq!(point_in_time("").unwrap(), None);
+    }
+
+    #[test]
+    fn point_in_time_shows_in_the_diff() {
+        let (clusters, _) = parse(TEMPLATE).unwrap();
+        let mut want = clusters[0].spec.clone();
+        let current = want.clone();
+        if let Some(b) = want.backupconfiguration.as_mut() {
+            b.pointintime = Some(PointInTime { enabled: true, window: None });
+        }
+        let d = diff("prod", Some(&current), &want);
+        assert!(d.contains("-    pointintime: null") && d.contains("+      enabled: true"), "{d}");
+    }
+
+    #[test]
+    fn bad_point_in_time_says_the_field_and_the_fix() {
+        for (yaml, needles) in [
+            ("    pointInTime: {enabled: true, window: soon}\n", &["pointInTime.window \"soon\"", "7d"][..]),
+            (
+                "    pointInTime: {enabled: true, window: 30m}\n",
+                &["pointInTime.window \"30m\"", "shorter than 1h", "between 1h and 400d"],
+            ),
+            ("    pointInTime: {enabled: true, window: 500d}\n", &["longer than 400d"]),
+            ("    pointInTime: {enabled: true, window: 2h 5ms}\n", &["whole seconds"]),
+            ("    pointInTime: {window: 7d}\n", &["no `enabled`", "enabled: true"]),
+            ("    pointInTime: true\n", &["features.backupConfiguration.pointInTime", "{enabled: true, window: 7d}"]),
+            ("    pointInTime: {enabled: yes please}\n", &["pointInTime", "{enabled: true, window: 7d}"]),
+            ("    pointInTime: {enable: true}\n", &["enable", "{enabled: true, window: 7d}"]),
+        ] {
+            let e = point_in_time(yaml).unwrap_err();
+            for n in needles {
+                assert!(e.contains(n), "{yaml:?}: {n:?} not in {e:?}");
+            }
+        }
     }
 
     #[test]

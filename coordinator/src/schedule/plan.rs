@@ -94,6 +94,37 @@ pub fn drill_period(d: &ProtoDuration, b: &Bounds) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Bounds of a change log's window (`backupconfiguration.pointintime.window`): under an hour the log barely
+/// outlives the full backup it starts from; over 400 days (a year and a margin) it only grows the store.
+pub const MIN_POINT_IN_TIME_WINDOW: Duration = Duration::from_secs(3600);
+pub const MAX_POINT_IN_TIME_WINDOW: Duration = Duration::from_secs(400 * 86_400);
+
+/// Checks a change log's window against [`MIN_POINT_IN_TIME_WINDOW`] and [`MAX_POINT_IN_TIME_WINDOW`]; the
+/// error says what is wrong, and the caller names the field and the fix in its own syntax.
+pub fn point_in_time_window(w: &ProtoDuration) -> Result<Duration, String> {
+    if w.nanos != 0 {
+        return Err(format!("has nanos {}; whole seconds only", w.nanos));
+    }
+    let (min, max) = (MIN_POINT_IN_TIME_WINDOW, MAX_POINT_IN_TIME_WINDOW);
+    let secs = u64::try_from(w.seconds).map_err(|_| format!("is negative ({}s)", w.seconds))?;
+    let d = Duration::from_secs(secs);
+    if d < min {
+        return Err(format!("{} is shorter than {}", window_human(d), window_human(min)));
+    }
+    if d > max {
+        return Err(format!("{} is longer than {}", window_human(d), window_human(max)));
+    }
+    Ok(d)
+}
+
+/// A window as it would be written: whole days as `400d` (humantime says `1year 1month 4days 7h 26m 24s`).
+fn window_human(d: Duration) -> String {
+    match d.as_secs() {
+        s if s >= 86_400 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+        _ => human(d),
+    }
+}
+
 fn to_chrono(t: Timestamp) -> DateTime<Utc> {
     DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32).unwrap_or_default()
 }
@@ -151,6 +182,20 @@ mod tests {
 
     fn every(secs: i64) -> BackupConfiguration {
         BackupConfiguration { interval: Some(ProtoDuration { seconds: secs, nanos: 0 }), ..Default::default() }
+    }
+
+    #[test]
+    fn point_in_time_windows_outside_an_hour_to_400_days_are_refused() {
+        let w = |seconds, nanos| point_in_time_window(&ProtoDuration { seconds, nanos });
+        assert_eq!(w(3600, 0), Ok(Duration::from_secs(3600)));
+        assert!(w(7 * 86_400, 0).is_ok());
+        assert!(w(400 * 86_400, 0).is_ok());
+        let e = w(3599, 0).unwrap_err();
+        assert!(e.contains("59m 59s") && e.contains("shorter than 1h"), "{e}");
+        let e = w(401 * 86_400, 0).unwrap_err();
+        assert_eq!(e, "401d is longer than 400d");
+        assert!(w(-1, 0).unwrap_err().contains("negative"));
+        assert!(w(7200, 5).unwrap_err().contains("nanos 5"));
     }
 
     #[test]

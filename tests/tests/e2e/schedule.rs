@@ -268,6 +268,28 @@ async fn out_of_bounds_interval_is_rejected_naming_the_bounds() -> anyhow::Resul
     let cluster = ctl.get_json("cluster", Some(CLUSTER)).await?;
     assert_eq!(cluster["spec"]["backupconfiguration"]["interval"]["seconds"], 3600, "{cluster:#}");
 
+    // A change log's window is held to 1h..400d, on apply (even with the log off) and in a template.
+    let with_window = |enabled: bool, seconds: i64| {
+        format!(
+            "{}    pointintime:\n      enabled: {enabled}\n      window: {{seconds: {seconds}, nanos: 0}}\n",
+            cluster_yaml(CLUSTER, 3600)
+        )
+    };
+    for (enabled, seconds, why) in [(true, 1800, "30m is shorter than 1h"), (false, 401 * 86_400, "401d is longer")] {
+        let out = ctl.apply_yaml(&with_window(enabled, seconds)).await?;
+        assert_refused_naming(&out, &["spec.backupconfiguration.pointintime.window", why, "between 1h and 400d"]);
+    }
+    std::fs::write(
+        &template,
+        "kind: Cluster\nname: prod\nfeatures:\n  backupConfiguration:\n    interval: 1h\n    pointInTime: {enabled: true, window: 30m}\n",
+    )?;
+    let out = ctl.run(&["cluster", "template", "-f", &template, "sync"]).await?;
+    assert_refused_naming(&out, &["pointInTime.window \"30m\"", "shorter than 1h", "7d"]);
+    ctl.apply_yaml(&with_window(true, 2 * 86_400)).await?.ok()?;
+    let cluster = ctl.get_json("cluster", Some(CLUSTER)).await?;
+    let pit = &cluster["spec"]["backupconfiguration"]["pointintime"];
+    assert_eq!(*pit, json!({ "enabled": true, "window": { "seconds": 172_800, "nanos": 0 } }), "{cluster:#}");
+
     assert_no_unexpected_errors(coordinator.log_path(), &[]);
     Ok(())
 }
@@ -286,6 +308,7 @@ features:
     interval: 10s
     retention:
       keepLast: 3
+    pointInTime: {enabled: false, window: 2d}
 ---
 kind: ControlPlane
 machines: [cp1, cp2, cp3]
@@ -308,7 +331,7 @@ machines: [w1]
     assert!(diff.stdout.starts_with(HEADER), "a unified diff headed by the cluster resource: {}", diff.stdout);
     let changed = |sign: char, text: &str| diff.stdout.lines().any(|l| l.starts_with(sign) && l[1..].trim() == text);
     assert!(changed('-', "backupconfiguration: null"), "the diff removes the empty configuration: {}", diff.stdout);
-    for added in ["seconds: 10", "keeplast: 3"] {
+    for added in ["seconds: 10", "keeplast: 3", "seconds: 172800"] {
         assert!(changed('+', added), "the diff adds `{added}`: {}", diff.stdout);
     }
     // What Ferry does not manage is accepted, with a notice naming it.
@@ -324,6 +347,7 @@ machines: [w1]
     let config = &after["spec"]["backupconfiguration"];
     assert_eq!(config["interval"], json!({ "seconds": 10, "nanos": 0 }), "{after:#}");
     assert_eq!(config["retention"]["keeplast"], 3, "{after:#}");
+    assert_eq!(config["pointintime"], json!({ "enabled": false, "window": { "seconds": 172_800, "nanos": 0 } }));
     assert_eq!(after["metadata"]["labels"]["ferry.dev/cluster"], CLUSTER, "sync keeps the labels: {after:#}");
 
     let second = ctl.run(&["cluster", "template", "-f", &path, "diff"]).await?.ok()?;
