@@ -119,6 +119,7 @@ impl<L: Leases> Session<L> {
         }
         drop(out);
         let _ = tokio::time::timeout(FLUSH_WAIT, writer).await;
+        info!(next = self.assembler.next(), duplicates = self.assembler.duplicates, "the watch ended");
         ended
     }
 
@@ -199,16 +200,25 @@ impl<L: Leases> Session<L> {
     async fn cut(&mut self, known: &mut HashSet<i64>) -> Result<()> {
         let Some((_, last)) = self.segmenter.range() else { return Ok(()) };
         let (grants, listed) = self.lease_grants(known, last).await;
-        let Some(sealed) = self.segmenter.cut(&grants, self.prev_sha256)? else { return Ok(()) };
+        let Some(cut) = self.segmenter.take() else { return Ok(()) };
+        // Finishing zstd, sealing, hashing and writing a few MiB: off the async threads.
+        let (prev, spool, leases) = (self.prev_sha256, self.spool.clone(), grants.clone());
+        let (info, spooled) = tokio::task::spawn_blocking(move || {
+            let sealed = cut.seal(&leases, prev)?;
+            let spooled = spool.offer(sealed.info.clone(), &sealed.bytes)?;
+            Ok::<_, anyhow::Error>((sealed.info, spooled))
+        })
+        .await
+        .map_err(|e| anyhow!("sealing task: {e}"))??;
         METRICS.changelog_segments.inc();
-        let (first, last) = (sealed.info.first_revision, sealed.info.last_revision);
-        if self.spool.offer(sealed.info.clone(), &sealed.bytes)? {
-            self.prev_sha256 = sealed.info.sha256;
+        let (first, last) = (info.first_revision, info.last_revision);
+        if spooled {
+            self.prev_sha256 = info.sha256;
             if let Some(listed) = listed {
                 known.retain(|id| listed.contains(id));
             }
             known.extend(grants.iter().map(|g| g.id).take(MAX_KNOWN_LEASES.saturating_sub(known.len())));
-            tracing::debug!(first, last, size = sealed.info.size, "segment spooled");
+            tracing::debug!(first, last, size = info.size, "segment spooled");
         } else {
             warn!(first, last, spooled = self.spool.bytes(), "the spool is full: segment dropped");
             self.gap(first, last, SPOOL_FULL);
