@@ -75,7 +75,17 @@ where
     let arrived = Instant::now();
     let prepared = async {
         let mut client = etcd.separate_client().await?;
-        let (member_id, etcd_version, revision) = source::member(&mut client).await?;
+        // etcd may be restarting: it gets as long as a broken watch does.
+        let (member_id, etcd_version, revision) = loop {
+            match source::member(&mut client).await {
+                Ok(m) => break m,
+                Err(e) if arrived.elapsed() < source::FAILING_LIMIT && !cancel.is_cancelled() => {
+                    warn!("etcd does not answer yet: {e:#}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let recipients = parse_recipients(&assignment.recipients)?;
         let spool = Spool::open(&settings.spool_dir, assignment.spool_bytes)?;
         Ok::<_, anyhow::Error>((client, member_id, etcd_version, revision, recipients, spool))
