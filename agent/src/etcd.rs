@@ -83,7 +83,7 @@ impl Compactions {
     }
 }
 
-fn version_at_least(version: &str, min: (u64, u64, u64)) -> bool {
+pub(crate) fn version_at_least(version: &str, min: (u64, u64, u64)) -> bool {
     let mut parts = version.split(|c: char| !c.is_ascii_digit()).map(|p| p.parse::<u64>().unwrap_or(0));
     let v = (parts.next().unwrap_or(0), parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     v >= min

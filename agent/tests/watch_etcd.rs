@@ -227,3 +227,58 @@ async fn a_compacted_start_is_a_gap_and_the_watch_goes_on() {
     drop(coord);
     task.await.unwrap().unwrap();
 }
+
+/// Not a benchmark: a rough look at ingest and memory (`cargo test --release -- --ignored ingest`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a rough measurement, seconds of load"]
+async fn ingest_rate_and_memory() {
+    let Some(etcd) = start_etcd().await else { return };
+    let spool = tempfile::tempdir().unwrap();
+    let mut a = assignment(0);
+    a.cut_after_ms = 10_000;
+    let (mut coord, task) = start_watch(etcd.endpoint.clone(), a, spool.path().to_owned());
+    let WatchMsg::Started { from_revision, .. } = coord.msg().await else { panic!("Started") };
+    let seconds = 15;
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let endpoint = etcd.endpoint.clone();
+            tokio::spawn(async move {
+                let mut c = Client::connect([&endpoint], None).await.unwrap();
+                let end = std::time::Instant::now() + Duration::from_secs(seconds);
+                let mut i = 0u64;
+                while std::time::Instant::now() < end {
+                    let ops: Vec<TxnOp> = (0..10)
+                        .map(|k| {
+                            TxnOp::put(format!("/registry/pods/w{w}/p{}", (i * 10 + k) % 5000), vec![b'x'; 300], None)
+                        })
+                        .collect();
+                    c.txn(Txn::new().and_then(ops)).await.unwrap();
+                    i += 1;
+                }
+                i * 10
+            })
+        })
+        .collect();
+    let mut events = 0;
+    for w in writers {
+        events += w.await.unwrap();
+    }
+    // Before the test reads the log back (which holds every revision): the watcher, etcd clients, runtime.
+    let (rss_loaded, _) = ferry_common::observe::process_stats();
+    let mut c = Client::connect([&etcd.endpoint], None).await.unwrap();
+    let last = c.status().await.unwrap().header().unwrap().revision();
+    let started = std::time::Instant::now();
+    let (mut revs, mut leases) = (Vec::new(), Vec::new());
+    coord.take_until(last, &mut revs, &mut leases).await;
+    let (rss, _) = ferry_common::observe::process_stats();
+    eprintln!(
+        "{events} events written in {seconds}s ({} events/s); {} revisions from {from_revision}; log caught up {:.1}s after; test process RSS {} MiB under load, {} MiB holding the log read back",
+        events / seconds,
+        revs.len(),
+        started.elapsed().as_secs_f64(),
+        rss_loaded >> 20,
+        rss >> 20
+    );
+    drop(coord);
+    task.await.unwrap().unwrap();
+}

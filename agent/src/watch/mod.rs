@@ -49,6 +49,16 @@ pub fn default_spool_dir() -> PathBuf {
     std::env::temp_dir().join("ferry-agent-spool")
 }
 
+/// etcd before 3.5.18 (3.4.36 on 3.4) could lose or repeat watch events near compaction.
+fn watch_is_sound(version: &str) -> bool {
+    use crate::etcd::version_at_least;
+    if version.starts_with("3.4.") {
+        version_at_least(version, (3, 4, 36))
+    } else {
+        version_at_least(version, (3, 5, 18))
+    }
+}
+
 /// Runs one watch epoch until the coordinator ends it, etcd fails or `cancel` fires.
 pub async fn run<W, R>(
     etcd: EtcdMember,
@@ -65,7 +75,17 @@ where
     let arrived = Instant::now();
     let prepared = async {
         let mut client = etcd.separate_client().await?;
-        let (member_id, etcd_version, revision) = source::member(&mut client).await?;
+        // etcd may be restarting: it gets as long as a broken watch does.
+        let (member_id, etcd_version, revision) = loop {
+            match source::member(&mut client).await {
+                Ok(m) => break m,
+                Err(e) if arrived.elapsed() < source::FAILING_LIMIT && !cancel.is_cancelled() => {
+                    warn!("etcd does not answer yet: {e:#}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let recipients = parse_recipients(&assignment.recipients)?;
         let spool = Spool::open(&settings.spool_dir, assignment.spool_bytes)?;
         Ok::<_, anyhow::Error>((client, member_id, etcd_version, revision, recipients, spool))
@@ -82,6 +102,9 @@ where
     };
     let from = if assignment.from_revision > 0 { assignment.from_revision } else { revision + 1 };
     info!(from, member_id, %etcd_version, "watching etcd");
+    if !watch_is_sound(&etcd_version) {
+        warn!(%etcd_version, "this etcd can lose or repeat watch events near a compaction (fixed in 3.5.18 and 3.4.36): the log's verification against the next full backup will tell");
+    }
     let next = Arc::new(AtomicI64::new(from));
     let (tx, input) = mpsc::channel(INPUT_QUEUE);
     let watch_cancel = cancel.child_token();
@@ -120,5 +143,15 @@ where
         }
         Ended::Closed => Ok(()),
         Ended::Failed(e) => bail!(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn etcd_versions_with_the_watch_bugs_are_known() {
+        for (v, sound) in [("3.5.16", false), ("3.5.18", true), ("3.6.0", true), ("3.4.23", false), ("3.4.36", true)] {
+            assert_eq!(super::watch_is_sound(v), sound, "{v}");
+        }
     }
 }

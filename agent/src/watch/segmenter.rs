@@ -36,13 +36,19 @@ struct Open {
 }
 
 pub struct Segmenter {
-    params: SegmentParams,
+    params: std::sync::Arc<SegmentParams>,
     open: Option<Open>,
+}
+
+/// A segment taken out to be finished and sealed (CPU work, done off the async threads).
+pub struct Cut {
+    params: std::sync::Arc<SegmentParams>,
+    open: Open,
 }
 
 impl Segmenter {
     pub fn new(params: SegmentParams) -> Self {
-        Self { params, open: None }
+        Self { params: std::sync::Arc::new(params), open: None }
     }
 
     /// The revisions in the open segment.
@@ -80,14 +86,25 @@ impl Segmenter {
         })
     }
 
-    /// Finishes the open segment (if any) with `leases` and the trailer naming `prev_sha256`, and seals it.
+    /// Takes the open segment (if any) out, to be sealed with [`Cut::seal`].
+    pub fn take(&mut self) -> Option<Cut> {
+        Some(Cut { params: self.params.clone(), open: self.open.take()? })
+    }
+
+    /// [`Self::take`] and [`Cut::seal`] at once.
     pub fn cut(&mut self, leases: &[LeaseGrant], prev_sha256: [u8; 32]) -> Result<Option<Sealed>> {
-        let Some(mut open) = self.open.take() else { return Ok(None) };
+        self.take().map(|c| c.seal(leases, prev_sha256)).transpose()
+    }
+}
+
+impl Cut {
+    /// Finishes the segment with `leases` and the trailer naming `prev_sha256`, and seals it.
+    pub fn seal(self, leases: &[LeaseGrant], prev_sha256: [u8; 32]) -> Result<Sealed> {
+        let Self { params: p, mut open } = self;
         for l in leases {
             open.writer.lease(*l)?;
         }
         let plain_bytes = open.writer.plain_bytes();
-        let p = &self.params;
         let trailer = Trailer {
             format: 0,
             cluster: p.cluster.clone(),
@@ -126,7 +143,7 @@ impl Segmenter {
             first_time_ms: open.first_time_ms,
             last_time_ms: open.last_time_ms,
         };
-        Ok(Some(Sealed { info, bytes }))
+        Ok(Sealed { info, bytes })
     }
 }
 

@@ -119,6 +119,7 @@ impl<L: Leases> Session<L> {
         }
         drop(out);
         let _ = tokio::time::timeout(FLUSH_WAIT, writer).await;
+        info!(next = self.assembler.next(), duplicates = self.assembler.duplicates, "the watch ended");
         ended
     }
 
@@ -199,16 +200,25 @@ impl<L: Leases> Session<L> {
     async fn cut(&mut self, known: &mut HashSet<i64>) -> Result<()> {
         let Some((_, last)) = self.segmenter.range() else { return Ok(()) };
         let (grants, listed) = self.lease_grants(known, last).await;
-        let Some(sealed) = self.segmenter.cut(&grants, self.prev_sha256)? else { return Ok(()) };
+        let Some(cut) = self.segmenter.take() else { return Ok(()) };
+        // Finishing zstd, sealing, hashing and writing a few MiB: off the async threads.
+        let (prev, spool, leases) = (self.prev_sha256, self.spool.clone(), grants.clone());
+        let (info, spooled) = tokio::task::spawn_blocking(move || {
+            let sealed = cut.seal(&leases, prev)?;
+            let spooled = spool.offer(sealed.info.clone(), &sealed.bytes)?;
+            Ok::<_, anyhow::Error>((sealed.info, spooled))
+        })
+        .await
+        .map_err(|e| anyhow!("sealing task: {e}"))??;
         METRICS.changelog_segments.inc();
-        let (first, last) = (sealed.info.first_revision, sealed.info.last_revision);
-        if self.spool.offer(sealed.info.clone(), &sealed.bytes)? {
-            self.prev_sha256 = sealed.info.sha256;
+        let (first, last) = (info.first_revision, info.last_revision);
+        if spooled {
+            self.prev_sha256 = info.sha256;
             if let Some(listed) = listed {
                 known.retain(|id| listed.contains(id));
             }
             known.extend(grants.iter().map(|g| g.id).take(MAX_KNOWN_LEASES.saturating_sub(known.len())));
-            tracing::debug!(first, last, size = sealed.info.size, "segment spooled");
+            tracing::debug!(first, last, size = info.size, "segment spooled");
         } else {
             warn!(first, last, spooled = self.spool.bytes(), "the spool is full: segment dropped");
             self.gap(first, last, SPOOL_FULL);
@@ -299,6 +309,10 @@ mod tests {
     }
 
     fn start(from: i64, spool_bytes: u64) -> Harness {
+        start_to(from, spool_bytes, SegmentTarget::Coordinator)
+    }
+
+    fn start_to(from: i64, spool_bytes: u64, target: SegmentTarget) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let (tx, input) = mpsc::channel(16);
         let session = Session {
@@ -307,7 +321,7 @@ mod tests {
             spool: Spool::open(dir.path(), spool_bytes).unwrap(),
             leases: FakeLeases,
             clock: Clock::new(Timestamp { seconds: 1_000, nanos: 0 }, Instant::now()),
-            target: SegmentTarget::Coordinator,
+            target,
             prev_sha256: [5; 32],
             next: Arc::new(AtomicI64::new(from)),
             input,
@@ -407,6 +421,76 @@ mod tests {
         }
         h.tx.send(Input::Failed("etcd is gone".into())).await.unwrap();
         assert!(matches!(h.msg().await, WatchMsg::Failed { .. }), "etcd's side ended: Failed");
+        assert!(matches!(h.done.await.unwrap(), Ended::Failed(_)));
+    }
+
+    /// A one-connection-at-a-time HTTP server answering every request with `statuses` in turn; returns its
+    /// address and the bodies and headers it received.
+    async fn s3_stub(statuses: Vec<u16>) -> (String, mpsc::Receiver<(String, Vec<u8>)>) {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(async move {
+            for status in statuses {
+                let (conn, _) = listener.accept().await.unwrap();
+                let mut conn = BufReader::new(conn);
+                let (mut head, mut len) = (String::new(), 0usize);
+                loop {
+                    let mut line = String::new();
+                    conn.read_line(&mut line).await.unwrap();
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                let mut body = vec![0; len];
+                conn.read_exact(&mut body).await.unwrap();
+                let reply = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                conn.get_mut().write_all(reply.as_bytes()).await.unwrap();
+                let _ = tx.send((head, body)).await;
+            }
+        });
+        (format!("http://{addr}"), rx)
+    }
+
+    fn presigned(base: &str, info: &ferry_common::protocol::SegmentInfo) -> ferry_common::protocol::PresignedRequest {
+        ferry_common::protocol::PresignedRequest {
+            method: "PUT".into(),
+            url: format!("{base}/bucket/seg-{}?X-Amz-Signature=secret", info.first_revision),
+            headers: vec![("If-None-Match".into(), "*".into()), ("x-test".into(), "signed".into())],
+            expires_at: Timestamp { seconds: 4_000_000_000, nanos: 0 },
+        }
+    }
+
+    #[tokio::test]
+    async fn s3_segments_are_put_with_the_signed_headers_and_an_existing_object_fails_the_watch() {
+        let (base, mut received) = s3_stub(vec![200, 412]).await;
+        let mut h = start_to(1, 1 << 20, SegmentTarget::S3 { cacert: String::new() });
+        assert!(matches!(h.msg().await, WatchMsg::Started { .. }));
+        h.events(vec![put(1, "/a")]).await;
+        let WatchMsg::Segment(info) = h.msg().await else { panic!("a segment") };
+        let url = WatchReply::SegmentUrl { first_revision: 1, request: presigned(&base, &info) };
+        write_frame(&mut h.send, &url).await.unwrap();
+        assert!(matches!(h.msg().await, WatchMsg::Uploaded { first_revision: 1 }));
+        let (head, body) = received.recv().await.unwrap();
+        assert!(head.starts_with("PUT /bucket/seg-1?X-Amz-Signature=secret"), "{head}");
+        assert!(head.to_ascii_lowercase().contains("if-none-match: *"), "{head}");
+        assert_eq!(body.len() as u64, info.size);
+        assert_eq!(read(&body).0[0].revision, 1);
+        h.stored(&info).await;
+        // The next object exists already: not retried, the watch fails saying so.
+        h.events(vec![put(2, "/b")]).await;
+        let WatchMsg::Segment(info) = h.msg().await else { panic!("a segment") };
+        let url = WatchReply::SegmentUrl { first_revision: 2, request: presigned(&base, &info) };
+        write_frame(&mut h.send, &url).await.unwrap();
+        match h.msg().await {
+            WatchMsg::Failed { error } => assert!(error.contains("already exists"), "{error}"),
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(h.done.await.unwrap(), Ended::Failed(_)));
     }
 }
