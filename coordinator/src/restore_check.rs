@@ -136,8 +136,11 @@ pub fn restore_and_dump(
     Ok((revision, space))
 }
 
-/// `etcdctl get --from-key FROM -w json` with values: (revision, keys, more).
-fn etcdctl_values(sockets: &Path, from: &[u8], revision: i64) -> Result<(i64, Vec<(Vec<u8>, KeyState)>, bool)> {
+/// A page of keys with their states: (revision, keys, more).
+type ValuesPage = (i64, Vec<(Vec<u8>, KeyState)>, bool);
+
+/// `etcdctl get --from-key FROM -w json` with values.
+fn etcdctl_values(sockets: &Path, from: &[u8], revision: i64) -> Result<ValuesPage> {
     use sha2::Digest as _;
     use std::os::unix::ffi::OsStrExt as _;
     let out = Command::new("etcdctl")

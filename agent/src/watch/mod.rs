@@ -45,6 +45,23 @@ pub struct WatchSettings {
 }
 
 /// The default spool directory: under the OS temp dir.
+/// Each epoch spools in a directory of its own, so a new watch never deletes what an ending one still
+/// sends; older epochs' directories (a crashed agent's, or an epoch the coordinator ended) are removed.
+fn epoch_spool(root: &std::path::Path, epoch: u64) -> PathBuf {
+    let dir = root.join(format!("epoch-{epoch:016x}"));
+    if let Ok(entries) = std::fs::read_dir(root) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let older =
+                name.strip_prefix("epoch-").and_then(|h| u64::from_str_radix(h, 16).ok()).is_some_and(|n| n < epoch);
+            if older {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    dir
+}
+
 pub fn default_spool_dir() -> PathBuf {
     std::env::temp_dir().join("ferry-agent-spool")
 }
@@ -73,6 +90,7 @@ where
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
 {
     let arrived = Instant::now();
+    let epoch_dir = settings.spool_dir.join(format!("epoch-{:016x}", assignment.epoch));
     let prepared = async {
         let mut client = etcd.separate_client().await?;
         // etcd may be restarting: it gets as long as a broken watch does.
@@ -87,7 +105,7 @@ where
             }
         };
         let recipients = parse_recipients(&assignment.recipients)?;
-        let spool = Spool::open(&settings.spool_dir, assignment.spool_bytes)?;
+        let spool = Spool::open(&epoch_spool(&settings.spool_dir, assignment.epoch), assignment.spool_bytes)?;
         Ok::<_, anyhow::Error>((client, member_id, etcd_version, revision, recipients, spool))
     }
     .await;
@@ -136,6 +154,7 @@ where
     if let Err(e) = spool.clean() {
         warn!("failed to clean the spool: {e:#}");
     }
+    let _ = std::fs::remove_dir(&epoch_dir);
     match ended {
         Ended::Stopped(reason) => {
             info!(%reason, "the coordinator stopped the watch");

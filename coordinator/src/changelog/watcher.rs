@@ -94,10 +94,7 @@ pub(super) async fn run(
                 return Ok(());
             }
         };
-        let msg = match msg.context("read from the watcher")? {
-            Some(m) => m,
-            None => bail!("the agent ended the watch"),
-        };
+        let Some(msg) = msg.context("read from the watcher")? else { bail!("the agent ended the watch") };
         if !inner.is_current(cluster, epoch) {
             let _ = write_frame(&mut send, &WatchReply::Stop { reason: "this watch epoch is over".into() }).await;
             return Ok(());
