@@ -101,7 +101,9 @@ fn read_rows(
     let reader = SegmentReader::new(decoder.take(u64::MAX));
     let trailer = reader
         .for_each(|r| {
-            let Record::Revision(rev) = r else { return };
+            let Record::Revision(mut rev) = r else { return };
+            // Times inside a segment are the agent's: held to the range the coordinator indexed.
+            rev.time_ms = rev.time_ms.clamp(s.first_time_ms, s.last_time_ms.max(s.first_time_ms));
             if q.since_ms.is_some_and(|t| rev.time_ms < t) || q.until_ms.is_some_and(|t| rev.time_ms > t) {
                 return;
             }

@@ -290,6 +290,13 @@ impl Watch<'_> {
         }
         self.inner.deps.state.still_leading()?;
         let info = &p.info;
+        // The agent's times place changes for `changes` and restores to a time: never after now, never before
+        // the log began, in order.
+        let ms = |t: Timestamp| t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000);
+        let now = ms(Timestamp::now());
+        let floor = self.head.start_time.map_or(0, ms).min(now);
+        let last_time_ms = info.last_time_ms.clamp(floor, now);
+        let first_time_ms = info.first_time_ms.clamp(floor, last_time_ms);
         let entry = SegmentEntry {
             lineage: self.head.lineage,
             first_revision: info.first_revision,
@@ -301,8 +308,8 @@ impl Watch<'_> {
             prev_sha256: hex::encode(info.prev_sha256),
             events: info.events,
             plain_bytes: info.plain_bytes,
-            first_time_ms: info.first_time_ms,
-            last_time_ms: info.last_time_ms,
+            first_time_ms,
+            last_time_ms,
             encrypted: self.encrypted,
             stored_at: Timestamp::now(),
         };

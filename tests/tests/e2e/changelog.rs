@@ -478,3 +478,105 @@ async fn a_lying_watcher_adds_only_to_its_own_clusters_log_in_order_and_cannot_o
     assert_eq!(status["segments"], 1, "{status}");
     Ok(())
 }
+
+/// The local store's path: the segment's bytes come on the watch stream. More bytes than announced, other
+/// bytes than announced, an upload that was never announced, a gap claimed far beyond what etcd reached and a
+/// failure message of a megabyte: each is refused (the epoch ends) and nothing is indexed; an agent
+/// certificate cannot list any cluster's changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lying_watcher_cannot_slip_other_bytes_or_claims_into_the_local_store() -> anyhow::Result<()> {
+    let c = Coordinator::start(CoordinatorOptions::default()).await?;
+    let creds = c.issue_agent_credentials("evil", "m1").await?;
+    let mut evil = HostileAgent::connect(&c, &creds).await?;
+    evil.report(sane_facts(1)).await?;
+    let creds2 = c.issue_agent_credentials("evil", "m2").await?;
+    let mut other = HostileAgent::connect(&c, &creds2).await?;
+    other.report(sane_facts(2)).await?; // revision 10: what a claim is weighed against
+    c.wait_agents_connected("evil", &["m1", "m2"], Duration::from_secs(30)).await?;
+    enable(&c, "evil").await?;
+
+    let seg = b"segment bytes".to_vec();
+    // Each attempt on a fresh epoch (whichever hostile member is given it): start, then one lie.
+    type Lie = Box<dyn Fn(SegmentInfo) -> Vec<WatchMsg>>;
+    let lies: Vec<(&str, Lie)> = vec![
+        ("more bytes than announced", {
+            let seg = seg.clone();
+            Box::new(move |info| {
+                vec![WatchMsg::Segment(info), WatchMsg::SegmentData(seg.clone()), WatchMsg::SegmentData(vec![1])]
+            })
+        }),
+        ("other bytes than announced", {
+            let seg = seg.clone();
+            Box::new(move |info| {
+                let mut forged = seg.clone();
+                forged[0] ^= 1;
+                vec![WatchMsg::Segment(info), WatchMsg::SegmentData(forged), WatchMsg::SegmentEnd]
+            })
+        }),
+        (
+            "an upload never announced",
+            Box::new(|info: SegmentInfo| vec![WatchMsg::Uploaded { first_revision: info.first_revision }]),
+        ),
+        (
+            "a gap beyond what etcd reached",
+            Box::new(|info: SegmentInfo| {
+                vec![WatchMsg::Gap { from_revision: info.first_revision, to_revision: 50_000_000, reason: "x".into() }]
+            }),
+        ),
+        ("a megabyte of failure", Box::new(|_| vec![WatchMsg::Failed { error: "e".repeat(1 << 20) }])),
+    ];
+    let mut epoch = 0;
+    for (what, lie) in &lies {
+        let (mut job, m) = tokio::select! {
+            j = next_watch(&evil) => (j?, 1),
+            j = next_watch(&other) => (j?, 2),
+        };
+        let JobRequest::Watch(a) = &job.request else { anyhow::bail!("a watch expected") };
+        assert!(a.epoch > epoch, "{what}: epochs rise: {a:?}");
+        epoch = a.epoch;
+        assert!(matches!(a.target, SegmentTarget::Coordinator), "{a:?}");
+        let from = if a.from_revision == 0 { 5 } else { a.from_revision };
+        write_frame(
+            &mut job.send,
+            &WatchMsg::Started { from_revision: from, member_id: m, etcd_version: "3.5.16".into() },
+        )
+        .await?;
+        let info = info_of(&seg, from, from, a.prev_sha256);
+        for msg in lie(info) {
+            // The coordinator may end the stream before all of it is sent.
+            if write_frame(&mut job.send, &msg).await.is_err() {
+                break;
+            }
+        }
+        let reply: Option<WatchReply> = tokio::time::timeout(Duration::from_secs(20), read_frame(&mut job.recv))
+            .await
+            .with_context(|| format!("{what}: no answer"))?
+            .unwrap_or(None);
+        assert!(matches!(reply, None | Some(WatchReply::Stop { .. })), "{what} was not refused: {reply:?}");
+    }
+    let status = pitr(&c, "evil").await?;
+    assert_eq!(status["segments"], 0, "{status}");
+    assert_eq!(status["gaps"], json!([]), "{status}");
+    assert!(status["error"].as_str().unwrap_or_default().len() < 2000, "an agent's words are cut: {status}");
+    let names = crate::fixtures::files_under(&c.store_dir()).unwrap_or_default();
+    assert!(names.iter().all(|p| !p.to_string_lossy().ends_with(".fseg")), "nothing stored: {names:?}");
+
+    // An agent certificate may not read the change log, not even its own cluster's.
+    let asked = crate::fixtures::hostile::agent_request(
+        &c,
+        &creds,
+        &ferry_common::protocol::AdminRequest::Changes {
+            cluster: "evil".into(),
+            since_ms: None,
+            until_ms: None,
+            prefix: Vec::new(),
+            limit: 10,
+        },
+    )
+    .await?;
+    assert!(
+        matches!(asked.as_slice(), [ferry_common::protocol::AdminResponse::Error { .. }]),
+        "an agent listed changes: {asked:?}"
+    );
+    Ok(())
+}
