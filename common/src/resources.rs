@@ -366,6 +366,9 @@ pub struct PointInTimeStatus {
     /// The member watching now (empty: none).
     #[serde(default)]
     pub watcher: String,
+    /// The log's branch: each restore of the cluster starts a new one (the earlier ones stay as they were).
+    #[serde(default)]
+    pub lineage: u32,
     #[serde(default)]
     pub epoch: u64,
     /// The first revision of the log (the log holds `startrevision..=coveredrevision`, minus the gaps).

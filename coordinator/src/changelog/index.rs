@@ -13,6 +13,7 @@ pub const MAX_GAPS: usize = 100;
 
 /// A cluster's change log as the coordinator knows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Head {
     pub lineage: u32,
     /// The last epoch handed to a watcher; every assignment raises it first.
@@ -28,9 +29,44 @@ pub struct Head {
     pub segments: u64,
     pub stored_bytes: u64,
     pub gaps: Vec<ChangeLogGap>,
+    /// The restore that started this lineage (empty for the first): a restored cluster has a new history,
+    /// so the log goes on as a new branch and the old one stays as it was.
+    pub restore_id: String,
+    /// The lineages before this one, oldest first.
+    pub earlier: Vec<EarlierLineage>,
+}
+
+/// A lineage a restore ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarlierLineage {
+    pub lineage: u32,
+    pub start_revision: i64,
+    pub covered_revision: i64,
+    pub covered_time: Option<Timestamp>,
 }
 
 impl Head {
+    /// The log after `restore_id` restored the cluster: a new lineage from the restored cluster's revision
+    /// on, the current one kept as it was (its segments stay under their lineage).
+    pub fn fork(&self, restore_id: &str) -> Head {
+        let mut earlier = self.earlier.clone();
+        if self.start_revision != 0 {
+            earlier.push(EarlierLineage {
+                lineage: self.lineage,
+                start_revision: self.start_revision,
+                covered_revision: self.covered_revision,
+                covered_time: self.covered_time,
+            });
+        }
+        Head {
+            lineage: self.lineage + 1,
+            epoch: self.epoch,
+            restore_id: restore_id.to_string(),
+            earlier,
+            ..Default::default()
+        }
+    }
+
     pub fn last_sha256(&self) -> [u8; 32] {
         let mut out = [0u8; 32];
         if let Ok(v) = hex::decode(&self.last_sha256) {

@@ -197,6 +197,7 @@ impl Inner {
         }
         let shown = PointInTimeStatus {
             enabled: true,
+            lineage: head.lineage,
             watcher: watcher.to_string(),
             epoch: head.epoch,
             startrevision: head.start_revision,
@@ -417,6 +418,10 @@ impl Inner {
             Ok(h) => h.unwrap_or_default(),
             Err(e) => return warn!(%cluster, "change log: failed to read its index: {e}"),
         };
+        if let Some(restore_id) = self.restored_since(cluster, &head) {
+            info!(%cluster, %restore_id, lineage = head.lineage + 1, "the cluster was restored: the change log goes on as a new lineage");
+            head = head.fork(&restore_id);
+        }
         // The epoch is raised durably before anyone is told it: a coordinator restarted after a crash never
         // hands out an epoch twice.
         head.epoch += 1;
@@ -453,6 +458,19 @@ impl Inner {
             }
             .instrument(span),
         );
+    }
+
+    /// A restore of `cluster` that ended since the head's lineage began (its id), if any.
+    fn restored_since(&self, cluster: &str, head: &Head) -> Option<String> {
+        let r = match self.deps.state.get(ResourceType::EtcdRestoreStatus, cluster) {
+            Ok(Some(Resource { spec: Spec::EtcdRestoreStatus(r), .. })) => r,
+            _ => return None,
+        };
+        let ended = r.finishedat?;
+        let fresh = !r.restoreid.is_empty() && r.restoreid != head.restore_id;
+        // A restore that ended before this log began changed nothing the log holds.
+        let after_start = head.start_time.is_none_or(|t| ended >= t) && head.start_revision != 0;
+        (fresh && after_start).then_some(r.restoreid)
     }
 
     /// Whether `epoch` is still `cluster`'s current one (a replaced watcher's late messages are refused).
