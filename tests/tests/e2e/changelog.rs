@@ -23,7 +23,7 @@ const CLUSTER: &str = "prod";
 const COVER_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Turns the change log on for `cluster` (no automatic backups: only the tests' and the gaps' own run).
-async fn enable(c: &Coordinator, cluster: &str) -> anyhow::Result<()> {
+pub(crate) async fn enable(c: &Coordinator, cluster: &str) -> anyhow::Result<()> {
     let mut r = c.ctl().get_json("cluster", Some(cluster)).await?;
     r["spec"]["backupconfiguration"] = json!({
         "pointintime": { "enabled": true, "window": { "seconds": 86400, "nanos": 0 } },
@@ -32,12 +32,12 @@ async fn enable(c: &Coordinator, cluster: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn pitr(c: &Coordinator, cluster: &str) -> anyhow::Result<Value> {
+pub(crate) async fn pitr(c: &Coordinator, cluster: &str) -> anyhow::Result<Value> {
     Ok(c.backup_status(cluster).await?["pointintime"].clone())
 }
 
 /// Waits until the log has started; returns its first revision.
-async fn wait_started(c: &Coordinator, cluster: &str) -> anyhow::Result<i64> {
+pub(crate) async fn wait_started(c: &Coordinator, cluster: &str) -> anyhow::Result<i64> {
     poll_until("the change log to start", COVER_TIMEOUT, Duration::from_millis(200), || async {
         let p = pitr(c, cluster).await?;
         Ok(p["startrevision"].as_i64().filter(|r| *r > 0))
@@ -47,7 +47,7 @@ async fn wait_started(c: &Coordinator, cluster: &str) -> anyhow::Result<i64> {
 }
 
 /// Waits until every revision up to `revision` is covered; returns the status.
-async fn wait_covered(c: &Coordinator, cluster: &str, revision: i64) -> anyhow::Result<Value> {
+pub(crate) async fn wait_covered(c: &Coordinator, cluster: &str, revision: i64) -> anyhow::Result<Value> {
     poll_until(&format!("revision {revision} covered"), COVER_TIMEOUT, Duration::from_millis(250), || async {
         let p = pitr(c, cluster).await?;
         Ok((p["coveredrevision"].as_i64().unwrap_or(0) >= revision).then_some(p))
@@ -63,7 +63,7 @@ async fn revision(etcd: &EtcdCluster) -> anyhow::Result<i64> {
 }
 
 /// `ferryctl changes CLUSTER -o json`, one object per row.
-async fn changes(c: &Coordinator, cluster: &str, extra: &[&str]) -> anyhow::Result<Vec<Value>> {
+pub(crate) async fn changes(c: &Coordinator, cluster: &str, extra: &[&str]) -> anyhow::Result<Vec<Value>> {
     let mut args = vec!["changes", cluster, "-o", "json", "--limit", "100000"];
     args.extend_from_slice(extra);
     let out = c.ctl().run(&args).await?.ok()?;

@@ -612,3 +612,49 @@ async fn a_new_cluster_boots_from_another_clusters_backup_through_its_template()
     assert!(out.stderr.contains("features.restoreFrom"), "{}", out.stderr);
     Ok(())
 }
+
+/// A restore gives the cluster a new history: the change log goes on as a new lineage from the restored
+/// cluster's revision, and the old lineage (with the changes the restore discarded) stays listed.
+#[tokio::test]
+async fn a_restore_starts_a_new_lineage_of_the_change_log_and_keeps_the_old_one() -> anyhow::Result<()> {
+    use crate::changelog::{changes, enable, pitr, wait_covered, wait_started};
+    let etcd = EtcdCluster::start_gated(3).await?;
+    etcd.put_keys(50).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let _agents = start_gated_agents(&coordinator, &etcd).await?;
+    enable(&coordinator, CLUSTER).await?;
+    wait_started(&coordinator, CLUSTER).await?;
+    let (id, _) = backup(&coordinator, CLUSTER).await?;
+    let mut c = etcd.client().await?;
+    for i in 0..10 {
+        c.put(format!("/after-backup/{i}"), "lost", None).await?;
+    }
+    let (_, before) = cluster_id_and_revision(&etcd).await?;
+    wait_covered(&coordinator, CLUSTER, before).await?;
+    assert_eq!(pitr(&coordinator, CLUSTER).await?["lineage"], 0);
+
+    let ctl = coordinator.ctl().with_timeout(RESTORE_TIMEOUT + Duration::from_secs(30));
+    let out = ctl.run(&["restore", CLUSTER, "--backup", &id, "--mode", "all-members", "--yes", "--wait"]).await?;
+    assert!(out.success(), "restore failed: {}\n{}", out.stdout, out.stderr);
+    let mut c = etcd.client().await?;
+    c.put("/after-restore/x", "kept", None).await?;
+    let (_, after) = cluster_id_and_revision(&etcd).await?;
+    let status =
+        poll_until("the log on a new lineage", Duration::from_secs(90), Duration::from_millis(500), || async {
+            let p = pitr(&coordinator, CLUSTER).await?;
+            let on = p["lineage"] == 1 && p["coveredrevision"].as_i64().unwrap_or(0) >= after;
+            Ok(on.then_some(p))
+        })
+        .await
+        .with_context(|| crate::fixtures::logs::log_tail(coordinator.log_path(), 60))?;
+    assert!(
+        status["startrevision"].as_i64().unwrap_or(0) > before,
+        "the new branch starts after the restore: {status}"
+    );
+    assert_eq!(status["gaps"], serde_json::json!([]), "a restore is a new lineage, not a gap: {status}");
+    let rows = changes(&coordinator, CLUSTER, &[]).await?;
+    let lost = rows.iter().filter(|r| r["key"].as_str().is_some_and(|k| k.starts_with("/after-backup/"))).count();
+    assert_eq!(lost, 10, "the old lineage keeps what the restore discarded");
+    assert!(rows.iter().any(|r| r["key"] == "/after-restore/x"), "the new lineage has the new write");
+    Ok(())
+}
