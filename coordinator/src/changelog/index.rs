@@ -46,9 +46,10 @@ pub struct EarlierLineage {
 }
 
 impl Head {
-    /// The log after `restore_id` restored the cluster: a new lineage from the restored cluster's revision
-    /// on, the current one kept as it was (its segments stay under their lineage).
-    pub fn fork(&self, restore_id: &str) -> Head {
+    /// The log after `restore_id` restored the cluster: a new lineage from the restored cluster's verified
+    /// revision + 1 on (0: from wherever the next watcher finds etcd), the current one kept as it was (its
+    /// segments stay under their lineage).
+    pub fn fork(&self, restore_id: &str, restored_revision: i64) -> Head {
         let mut earlier = self.earlier.clone();
         if self.start_revision != 0 {
             earlier.push(EarlierLineage {
@@ -58,11 +59,17 @@ impl Head {
                 covered_time: self.covered_time,
             });
         }
+        let now = Some(Timestamp::now());
+        let started = restored_revision > 0;
         Head {
             lineage: self.lineage + 1,
             epoch: self.epoch,
             restore_id: restore_id.to_string(),
             earlier,
+            start_revision: if started { restored_revision + 1 } else { 0 },
+            start_time: now.filter(|_| started),
+            covered_revision: restored_revision.max(0),
+            covered_time: now.filter(|_| started),
             ..Default::default()
         }
     }

@@ -418,9 +418,9 @@ impl Inner {
             Ok(h) => h.unwrap_or_default(),
             Err(e) => return warn!(%cluster, "change log: failed to read its index: {e}"),
         };
-        if let Some(restore_id) = self.restored_since(cluster, &head) {
-            info!(%cluster, %restore_id, lineage = head.lineage + 1, "the cluster was restored: the change log goes on as a new lineage");
-            head = head.fork(&restore_id);
+        if let Some((restore_id, revision)) = self.restored_since(cluster, &head) {
+            info!(%cluster, %restore_id, lineage = head.lineage + 1, from = revision + 1, "the cluster was restored: the change log goes on as a new lineage");
+            head = head.fork(&restore_id, revision);
         }
         // The epoch is raised durably before anyone is told it: a coordinator restarted after a crash never
         // hands out an epoch twice.
@@ -460,8 +460,9 @@ impl Inner {
         );
     }
 
-    /// A restore of `cluster` that ended since the head's lineage began (its id), if any.
-    fn restored_since(&self, cluster: &str, head: &Head) -> Option<String> {
+    /// A restore of `cluster` that ended since the head's lineage began: its id and the revision the restored
+    /// cluster was verified at (0 when it was not verified).
+    fn restored_since(&self, cluster: &str, head: &Head) -> Option<(String, i64)> {
         let r = match self.deps.state.get(ResourceType::EtcdRestoreStatus, cluster) {
             Ok(Some(Resource { spec: Spec::EtcdRestoreStatus(r), .. })) => r,
             _ => return None,
@@ -470,7 +471,8 @@ impl Inner {
         let fresh = !r.restoreid.is_empty() && r.restoreid != head.restore_id;
         // A restore that ended before this log began changed nothing the log holds.
         let after_start = head.start_time.is_none_or(|t| ended >= t) && head.start_revision != 0;
-        (fresh && after_start).then_some(r.restoreid)
+        let revision = r.verified.as_ref().map_or(0, |v| v.revision);
+        (fresh && after_start).then_some((r.restoreid, revision))
     }
 
     /// Whether `epoch` is still `cluster`'s current one (a replaced watcher's late messages are refused).
