@@ -463,9 +463,10 @@ impl Inner {
     /// A restore of `cluster` that ended since the head's lineage began: its id and the revision the restored
     /// cluster was verified at (0 when it was not verified).
     fn restored_since(&self, cluster: &str, head: &Head) -> Option<(String, i64)> {
-        let r = match self.deps.state.get(ResourceType::EtcdRestoreStatus, cluster) {
-            Ok(Some(Resource { spec: Spec::EtcdRestoreStatus(r), .. })) => r,
-            _ => return None,
+        let Ok(Some(Resource { spec: Spec::EtcdRestoreStatus(r), .. })) =
+            self.deps.state.get(ResourceType::EtcdRestoreStatus, cluster)
+        else {
+            return None;
         };
         let ended = r.finishedat?;
         let fresh = !r.restoreid.is_empty() && r.restoreid != head.restore_id;
