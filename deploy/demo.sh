@@ -120,7 +120,7 @@ fi
 # etcd 3.5 (etcd, etcdctl, etcdutl) into .tools/, leaving any system etcd alone.
 "$ROOT/tests/setup.sh" etcd | sed 's/^/  /'
 export PATH="$ROOT/.tools/etcd-3.5/usr/bin:$PATH"
-info "$(etcd --version | head -n 1)"
+info "$(etcd --version | sed -n 1p)"
 
 if [[ -n "${DEMO_BIN_DIR:-}" ]]; then
     BIN="$(cd "$DEMO_BIN_DIR" && pwd)"
@@ -242,7 +242,7 @@ printf '%s\n' "$MANUAL" | "$FERRYCTL" apply -f -
 # backup_status: spec.status of the cluster's EtcdBackupStatus (1 ok, 2 error, 3 running, 0 unknown).
 backup_status() {
     "$FERRYCTL" get etcdbackupstatus "$CLUSTER" -o json 2>/dev/null \
-        | grep -o '"status": *[0-9]*' | head -n 1 | grep -o '[0-9]*$'
+        | grep -o '"status": *[0-9]*' | sed -n 1p | grep -o '[0-9]*$'
 }
 backup_done() { local s; s=$(backup_status) && [[ $s == 1 || $s == 2 ]]; }
 wait_for "backup finished" 120 backup_done \
@@ -260,7 +260,7 @@ echo "\$ ferryctl get etcdbackup --selector ferry.dev/cluster=$CLUSTER"
 
 # The newest backup comes first; its metadata.id is the first "id" in the JSON.
 BACKUP_ID=$("$FERRYCTL" get etcdbackup --selector "ferry.dev/cluster=$CLUSTER" -o json \
-    | sed -n 's/^ *"id": *"\([^"]*\)".*/\1/p' | head -n 1)
+    | sed -n 's/^ *"id": *"\([^"]*\)".*/\1/p' | sed -n 1p)
 [[ -n "$BACKUP_ID" ]] || fail "no backup listed for cluster $CLUSTER"
 
 # --- 4. restore -----------------------------------------------------------------------------------------
@@ -290,20 +290,20 @@ wait_for "restored etcd health" 30 etcdctl --endpoints "http://127.0.0.1:$RESTOR
     || fail_with_logs "etcd on the restored data did not come up" "$WORK/etcd-restored.log"
 RESTORED=$(count_keys "http://127.0.0.1:$RESTORE_CLIENT")
 info "keys under /demo/ in the restored etcd: $RESTORED (written: $KEYS)"
-info "revision of the restored etcd: $(etcdctl --endpoints "http://127.0.0.1:$RESTORE_CLIENT" endpoint status -w json | grep -o '"revision":[0-9]*' | head -n 1 | cut -d: -f2) (bumped past the backup's)"
+info "revision of the restored etcd: $(etcdctl --endpoints "http://127.0.0.1:$RESTORE_CLIENT" endpoint status -w json | grep -o '"revision":[0-9]*' | sed -n 1p | cut -d: -f2) (bumped past the backup's)"
 SAMPLE=$(printf '/demo/key-%05d' $((KEYS / 2)))
 info "$SAMPLE = $(etcdctl --endpoints "http://127.0.0.1:$RESTORE_CLIENT" get "$SAMPLE" --print-value-only)"
 ((RESTORED == KEYS)) || fail "the restored etcd has $RESTORED keys, expected $KEYS"
 
 # --- 5. the whole cluster back with one command ---------------------------------------------------------
 section "5. Damage: 100 keys deleted, 50 written after the backup; then ferryctl restore"
-OLD_ID=$(etcdctl --endpoints "$ENDPOINTS" endpoint status -w json | grep -o '"cluster_id":[0-9]*' | head -n 1 | cut -d: -f2)
+OLD_ID=$(etcdctl --endpoints "$ENDPOINTS" endpoint status -w json | grep -o '"cluster_id":[0-9]*' | sed -n 1p | cut -d: -f2)
 etcdctl --endpoints "$ENDPOINTS" del /demo/key-000 --prefix >/dev/null
 for i in $(seq 1 50); do etcdctl --endpoints "$ENDPOINTS" put "/after-backup/$i" lost >/dev/null; done
 info "keys under /demo/ now: $(count_keys "$ENDPOINTS"), under /after-backup/: $(etcdctl --endpoints "$ENDPOINTS" get /after-backup/ --prefix --keys-only | grep -c .)"
 # Every change since the backup is in the change log within seconds: what a restore to just before the
 # damage will replay (point-in-time restores are next; today the log shows what happened, and when).
-REV=$(etcdctl --endpoints "$ENDPOINTS" endpoint status -w json | grep -o '"revision":[0-9]*' | head -n 1 | cut -d: -f2)
+REV=$(etcdctl --endpoints "$ENDPOINTS" endpoint status -w json | grep -o '"revision":[0-9]*' | sed -n 1p | cut -d: -f2)
 covered() {
     local c
     c=$("$FERRYCTL" get etcdbackupstatus "$CLUSTER" -o json | grep -o '"coveredrevision": *[0-9]*' | grep -o '[0-9]*$')
@@ -333,7 +333,7 @@ for m in "${MEMBERS[@]}"; do
 done
 LOST=$(etcdctl --endpoints "$ENDPOINTS" get /after-backup/ --prefix --keys-only | { grep -c . || true; })
 ((LOST == 0)) || fail "$LOST keys written after the backup are still there"
-NEW_ID=$(etcdctl --endpoints "$ENDPOINTS" endpoint status -w json | grep -o '"cluster_id":[0-9]*' | head -n 1 | cut -d: -f2)
+NEW_ID=$(etcdctl --endpoints "$ENDPOINTS" endpoint status -w json | grep -o '"cluster_id":[0-9]*' | sed -n 1p | cut -d: -f2)
 info "cluster id: $OLD_ID -> $NEW_ID (a restored cluster is a new one); writes after the backup gone"
 [[ "$NEW_ID" != "$OLD_ID" ]] || fail "the cluster id did not change"
 

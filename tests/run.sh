@@ -15,7 +15,7 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$HOME/.local/bin:$PATH"
 
 echo "=== cargo build --workspace --bins"
 cargo build --workspace --bins
-echo "=== cargo test --workspace (etcd: $("$ROOT/.tools/etcd-3.5/usr/bin/etcd" --version | head -n 1))"
+echo "=== cargo test --workspace (etcd: $("$ROOT/.tools/etcd-3.5/usr/bin/etcd" --version | sed -n 1p))"
 cargo test --workspace "$@"
 
 # etcd 3.4 is still in the field: backup, S3 backup and restore on it too. Bookworm's etcd-server is 3.4.
@@ -24,7 +24,7 @@ if ! "$ETCD34_DIR/etcd" --version 2>/dev/null | grep -q '^etcd Version: 3\.4\.';
     echo "the compatibility pass needs etcd 3.4 in $ETCD34_DIR (Debian bookworm's etcd-server), or FERRY_ETCD34_DIR" >&2
     exit 1
 fi
-echo "=== compatibility pass on $("$ETCD34_DIR/etcd" --version | head -n 1)"
+echo "=== compatibility pass on $("$ETCD34_DIR/etcd" --version | sed -n 1p)"
 FERRY_ETCD_DIR="$ETCD34_DIR" cargo test -p ferry-tests --test e2e -- --exact \
     backup::manual_backup_of_three_member_cluster_restores_every_key \
     s3::s3_backup_restores_with_independent_tools \

@@ -71,7 +71,7 @@ debian_mirror() {
 
 etcd35() {
     if [[ -x "$ETCD35_DIR/usr/bin/etcdutl" ]] && "$ETCD35_DIR/usr/bin/etcd" --version 2>/dev/null | grep -q '^etcd Version: 3\.5\.'; then
-        say "etcd 3.5 present: $("$ETCD35_DIR/usr/bin/etcd" --version | head -n 1)"
+        say "etcd 3.5 present: $("$ETCD35_DIR/usr/bin/etcd" --version | sed -n 1p)"
         return
     fi
     have apt-get && have dpkg-deb || { echo "setup: apt-get and dpkg-deb are needed to fetch etcd 3.5" >&2; exit 1; }
@@ -91,7 +91,7 @@ etcd35() {
         || { cat "$work/download.log" >&2; exit 1; }
     for deb in "$work"/debs/*.deb; do dpkg-deb -x "$deb" "$work/root"; done
     local version
-    version="$("$work/root/usr/bin/etcd" --version | head -n 1)"
+    version="$("$work/root/usr/bin/etcd" --version | sed -n 1p)"
     case "$version" in
         "etcd Version: 3.5."*) ;;
         *) echo "setup: trixie's etcd is '$version', not 3.5: update ETCD35_SUITE in tests/setup.sh" >&2; exit 1 ;;

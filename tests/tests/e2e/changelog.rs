@@ -580,3 +580,52 @@ async fn a_lying_watcher_cannot_slip_other_bytes_or_claims_into_the_local_store(
     );
     Ok(())
 }
+
+/// With the cluster's backups encrypted, every segment is sealed with age to the same recipients (the bucket
+/// never holds a value in the clear); a coordinator with `--identity` opens them for `changes` and for the
+/// check against full backups.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_encrypted_clusters_log_is_sealed_and_read_back_only_with_the_identity() -> anyhow::Result<()> {
+    use crate::encryption::{age_identity, encrypt_to};
+    let s3 = S3Server::start().await?;
+    let etcd = EtcdCluster::start(1).await?;
+    let dir = crate::fixtures::test_dir("changelog-age")?;
+    let (key, recipient) = age_identity(dir.path())?;
+    let args = vec!["--identity".to_owned(), key.display().to_string()];
+    let c = Coordinator::start_s3(&s3, CoordinatorOptions { extra_args: args, ..CoordinatorOptions::s3(&[]) }).await?;
+    let _agents = c.start_agents(CLUSTER, &etcd).await?;
+    c.wait_agents_connected(CLUSTER, &["m1"], Duration::from_secs(30)).await?;
+    encrypt_to(&c, &[&recipient]).await?;
+    enable(&c, CLUSTER).await?;
+    wait_started(&c, CLUSTER).await?;
+    let first = backup(&c, None).await?;
+    let mut client = etcd.client().await?;
+    let secret = "the-secret-value-that-must-not-be-in-the-bucket";
+    for i in 0..10 {
+        client.put(format!("/registry/secrets/default/s{i}"), secret, None).await?;
+    }
+    backup(&c, Some(&first)).await?;
+    wait_covered(&c, CLUSTER, revision(&etcd).await?).await?;
+
+    let rows = changes(&c, CLUSTER, &["--prefix", "/registry/secrets/"]).await?;
+    assert_eq!(rows.len(), 10, "{rows:?}");
+    // Every segment in the bucket is an age file; none holds the value.
+    let prefix = format!("backups/{CLUSTER}/log/");
+    let keys = s3.aws()?.list_keys(crate::fixtures::TEST_BUCKET, &prefix).await?;
+    assert!(!keys.is_empty());
+    for k in &keys {
+        let path = s3.root().join(crate::fixtures::TEST_BUCKET).join(k);
+        let bytes = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+        assert!(bytes.starts_with(b"age-encryption.org/v1"), "{k} is not sealed with age");
+        assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "{k} holds the value in the clear");
+    }
+    // The check against the full backups opens the sealed segments too.
+    let check = poll_until("the encrypted log checked", Duration::from_secs(180), Duration::from_secs(1), || async {
+        let v = pitr(&c, CLUSTER).await?["verification"].clone();
+        Ok((!v.is_null()).then_some(v))
+    })
+    .await
+    .with_context(|| format!("coordinator log:\n{}", log_tail(c.log_path(), 60)))?;
+    assert_eq!(check["result"], crate::fixtures::STATUS_OK, "{check}");
+    Ok(())
+}
