@@ -15,8 +15,9 @@
 //!    revision (scraped every 200 ms) — the stored bytes against the key + value bytes written, and the
 //!    segments written (objects per cluster-day extrapolated from them);
 //! 3. `ingest`: transactions of `FERRY_BENCH_INGEST_TXN` puts (default 20) at `FERRY_BENCH_INGEST_EVENTS`
-//!    events/s (default 6 000; 0: as fast as etcd takes them) for `FERRY_BENCH_INGEST_SECS` (default 60): the
-//!    events/s the agent puts into segments (its `ferry_agent_changelog_revisions_total`) and its memory;
+//!    events/s (default 6 000; 0: as fast as etcd takes them) for `FERRY_BENCH_INGEST_SECS` (default 60; 0 skips
+//!    the phase): the events/s the agent puts into segments (its `ferry_agent_changelog_revisions_total`) and
+//!    its memory;
 //! 4. `off` again (the log turned off): the baseline after, so that drift over the run shows.
 //!
 //! Writes come from `FERRY_BENCH_WRITERS` connections (default 4; `FERRY_BENCH_INGEST_WRITERS`, default 8, in
@@ -788,16 +789,21 @@ async fn bench_kind(c: &Config, kind: Kind, n: usize, rows: &mut Vec<Row>, notes
     rows.push(logged_phase(&f, kind, "log on", 3, c.rate, 1, c.secs, c.writers).await?);
     compact(&f.etcd).await?;
 
-    let txn_rate = c.ingest_events / c.ingest_txn;
-    eprintln!(
-        "[{name}] ingest: transactions of {} puts at {} events/s for {} s…",
-        c.ingest_txn,
-        if txn_rate == 0 { "as many".to_string() } else { (txn_rate * c.ingest_txn).to_string() },
-        c.ingest_secs
-    );
-    let ingest_label = format!("log on, txns of {}", c.ingest_txn);
-    rows.push(logged_phase(&f, kind, &ingest_label, 4, txn_rate, c.ingest_txn, c.ingest_secs, c.ingest_writers).await?);
-    compact(&f.etcd).await?;
+    // FERRY_BENCH_INGEST_SECS=0: no ingest phase (off, log, off: only the latency bracket).
+    if c.ingest_secs > 0 {
+        let txn_rate = c.ingest_events / c.ingest_txn;
+        eprintln!(
+            "[{name}] ingest: transactions of {} puts at {} events/s for {} s…",
+            c.ingest_txn,
+            if txn_rate == 0 { "as many".to_string() } else { (txn_rate * c.ingest_txn).to_string() },
+            c.ingest_secs
+        );
+        let ingest_label = format!("log on, txns of {}", c.ingest_txn);
+        rows.push(
+            logged_phase(&f, kind, &ingest_label, 4, txn_rate, c.ingest_txn, c.ingest_secs, c.ingest_writers).await?,
+        );
+        compact(&f.etcd).await?;
+    }
 
     let status = tokio::task::block_in_place(|| f.pitr())?;
     notes.push(format!(
