@@ -45,6 +45,12 @@ pub fn restore_and_read(
     timeout: Duration,
     stop: &CancellationToken,
 ) -> Result<Restored> {
+    with_restored(snapshot, scratch, |sockets| read_keys(sockets, timeout, stop))
+}
+
+/// Restores `snapshot` into `scratch/restored`, starts a throw-away etcd on it, runs `read` with its socket dir
+/// and kills it before returning; an error carries etcd's last log lines.
+fn with_restored<T>(snapshot: &Path, scratch: &Path, read: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
     let data_dir = scratch.join("restored");
     let member = RestoreAs {
         name: "drill".into(),
@@ -57,13 +63,30 @@ pub fn restore_and_read(
     create_private_dir(&sockets)?;
     let log = scratch.join("etcd.log");
     let etcd = ThrowAway::start(&data_dir, &sockets, &log)?;
-    let result = read_keys(&sockets, timeout, stop);
+    let result = read(&sockets);
     drop(etcd);
     result.map_err(|e| {
         let tail = std::fs::read_to_string(&log).unwrap_or_default();
         let tail: Vec<&str> = tail.lines().rev().take(3).collect();
         e.context(format!("etcd's last log lines: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | ")))
     })
+}
+
+/// Asks the throw-away etcd with `ask` until it answers, for at most `timeout` (or until `stop`).
+fn first_answer<T>(timeout: Duration, stop: &CancellationToken, mut ask: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if stop.is_cancelled() {
+            bail!("cancelled");
+        }
+        match ask() {
+            Ok(answer) => return Ok(answer),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!("the restored etcd did not answer within {}s", timeout.as_secs())))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
 }
 
 /// One key of a restored snapshot, as the change log's check compares it (the value by its hash).
@@ -91,30 +114,12 @@ pub fn restore_and_dump(
     timeout: Duration,
     stop: &CancellationToken,
 ) -> Result<(i64, KeySpace)> {
-    let data_dir = scratch.join("restored");
-    let member = RestoreAs {
-        name: "drill".into(),
-        initial_cluster: format!("drill={PEER_URL}"),
-        initial_cluster_token: "ferry-drill".into(),
-        initial_advertise_peer_urls: PEER_URL.into(),
-    };
-    snapshot::restore(snapshot, &data_dir, &member, None)?;
-    let sockets = scratch.join("sockets");
-    create_private_dir(&sockets)?;
-    let etcd = ThrowAway::start(&data_dir, &sockets, &scratch.join("etcd.log"))?;
-    let deadline = Instant::now() + timeout;
-    let first = loop {
-        if stop.is_cancelled() {
-            bail!("cancelled");
-        }
-        match etcdctl_values(&sockets, b"", 0) {
-            Ok(page) => break page,
-            Err(e) if Instant::now() > deadline => {
-                return Err(e.context(format!("the restored etcd did not answer within {}s", timeout.as_secs())))
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    };
+    with_restored(snapshot, scratch, |sockets| dump_keys(sockets, timeout, stop))
+}
+
+/// Reads every key with its state from the throw-away etcd at `sockets`, page by page at one revision.
+fn dump_keys(sockets: &Path, timeout: Duration, stop: &CancellationToken) -> Result<(i64, KeySpace)> {
+    let first = first_answer(timeout, stop, || etcdctl_values(sockets, b"", 0))?;
     let revision = first.0;
     let mut space = KeySpace::new();
     let mut page = first;
@@ -126,13 +131,12 @@ pub fn restore_and_dump(
         if stop.is_cancelled() {
             bail!("cancelled");
         }
-        page = etcdctl_values(&sockets, from_arg(&last), revision)?;
+        page = etcdctl_values(sockets, from_arg(&last), revision)?;
         // A page starting before the last key read (see `from_arg`) repeats keys: the map keeps one of each.
         if page.1.iter().all(|(k, _)| space.contains_key(k)) && page.2 {
             bail!("reading the restored key space made no progress after key {:?}", String::from_utf8_lossy(&last));
         }
     }
-    drop(etcd);
     Ok((revision, space))
 }
 
@@ -231,19 +235,7 @@ struct Page {
 /// Polls the throw-away etcd until it answers, then reads every key name (not the values) page by page at the
 /// revision of the first page. `stop` ends the wait and the paging (the caller kills etcd).
 fn read_keys(sockets: &Path, timeout: Duration, stop: &CancellationToken) -> Result<Restored> {
-    let deadline = Instant::now() + timeout;
-    let first = loop {
-        if stop.is_cancelled() {
-            bail!("cancelled");
-        }
-        match etcdctl_page(sockets, b"", 0, PAGE_KEYS) {
-            Ok(page) => break page,
-            Err(e) if Instant::now() > deadline => {
-                return Err(e.context(format!("the restored etcd did not answer within {}s", timeout.as_secs())))
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    };
+    let first = first_answer(timeout, stop, || etcdctl_page(sockets, b"", 0, PAGE_KEYS))?;
     let revision = first.revision;
     read_all(first, stop, |from, limit| etcdctl_page(sockets, from, revision, limit))
 }

@@ -89,7 +89,7 @@ pub(super) async fn run(
         let msg = tokio::select! {
             m = read_frame_within::<_, WatchMsg>(&mut recv, MAX_WATCH_FRAME) => m,
             () = cancel.cancelled() => {
-                let _ = write_frame(&mut send, &WatchReply::Stop { reason: "another watcher takes over".into() }).await;
+                let _ = write_frame(&mut send, &WatchReply::Stop { reason: "the coordinator ended this watch (the log turned off, a restore, a stalled watch, or a shutdown)".into() }).await;
                 let _ = send.finish();
                 return Ok(());
             }

@@ -199,20 +199,7 @@ async fn a_dead_watcher_is_replaced_from_the_covered_revision_and_no_revision_is
 
     // A steady write load while the watcher's agent is killed.
     let endpoints = etcd.client_urls();
-    let stop = stop_flag();
-    let writer = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut client = crate::fixtures::etcd::connect(&endpoints).await?;
-            let mut i = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                client.put(format!("/registry/events/e{i}"), format!("{i}"), None).await?;
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            anyhow::Ok(i)
-        })
-    };
+    let (stop, writer) = spawn_writer(endpoints, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_secs(3)).await;
     let index = ["m1", "m2", "m3"].iter().position(|m| *m == watcher).context("watcher member")?;
     agents[index].kill();
@@ -264,20 +251,7 @@ async fn the_log_rides_out_a_dead_member_an_s3_outage_and_a_coordinator_restart(
 
     let endpoints: Vec<String> =
         etcd.client_urls().into_iter().enumerate().filter(|(i, _)| *i != index).map(|(_, u)| u).collect();
-    let stop = stop_flag();
-    let writer = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut client = crate::fixtures::etcd::connect(&endpoints).await?;
-            let mut i = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                client.put(format!("/registry/events/e{i}"), format!("{i}"), None).await?;
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-            anyhow::Ok(i)
-        })
-    };
+    let (stop, writer) = spawn_writer(endpoints, Duration::from_millis(25));
     tokio::time::sleep(Duration::from_secs(2)).await;
     // 1. The watcher's member dies: another member's agent takes over.
     etcd.kill_member(index);
@@ -320,9 +294,25 @@ async fn the_log_rides_out_a_dead_member_an_s3_outage_and_a_coordinator_restart(
     Ok(())
 }
 
-/// A flag for the writer task (the tests crate has no tokio-util).
-fn stop_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
-    std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))
+/// A steady write load: one put under `/registry/events/` every `every` until the flag is set; the task
+/// returns how many it wrote.
+fn spawn_writer(
+    endpoints: Vec<String>,
+    every: Duration,
+) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, tokio::task::JoinHandle<anyhow::Result<u64>>) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let writer = tokio::spawn(async move {
+        let mut client = crate::fixtures::etcd::connect(&endpoints).await?;
+        let mut i = 0u64;
+        while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+            client.put(format!("/registry/events/e{i}"), format!("{i}"), None).await?;
+            i += 1;
+            tokio::time::sleep(every).await;
+        }
+        anyhow::Ok(i)
+    });
+    (stop, writer)
 }
 
 #[tokio::test(flavor = "multi_thread")]
