@@ -49,7 +49,7 @@ use crate::resources::{Resource, ResourceType, Selector, Timestamp};
 ///    read back, so the coordinator cannot hash it.
 /// 17: the change log: `JobRequest::Watch` makes an agent its cluster's watcher ([`WatchMsg`], [`WatchReply`]);
 ///    `AdminRequest::Changes` lists what changed.
-pub const PROTOCOL_VERSION: u32 = 17;
+pub const PROTOCOL_VERSION: u32 = 18;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
 pub const ALPN: &[u8] = b"ferry/1";
@@ -494,6 +494,57 @@ pub struct ChangeRow {
     pub value_size: u64,
 }
 
+/// A point in a cluster's history, as a point-in-time request names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PointInTime {
+    /// The newest revision the change log covers.
+    Latest,
+    /// The state at this revision (its changes included).
+    Revision(i64),
+    /// Everything before this revision, not its changes: the revision of a bad change, found with
+    /// `ferryctl changes`.
+    BeforeRevision(i64),
+    /// The newest revision received at or before this time (Unix ms, the coordinator's clock).
+    Time(i64),
+}
+
+/// How to rebuild a cluster's state at a point: a full backup and the change log after it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PointInTimePlan {
+    pub cluster: String,
+    /// The target resolved: the state after this revision.
+    pub revision: i64,
+    /// When that revision was received (coordinator clock, Unix ms; 0 if the log never saw it arrive, e.g. a
+    /// base backup's own revision).
+    pub time_ms: i64,
+    /// The lineage (branch) of the log the revision is in.
+    pub lineage: u32,
+    /// Full backups to start from (`EtcdBackups` resources), newest first: the first whose snapshot is at or
+    /// before `revision` is used (a snapshot's revision can be above the one recorded when it was taken).
+    pub bases: Vec<Resource>,
+    /// The segments from the oldest base's recorded revision + 1 through `revision`, in order, chained.
+    pub segments: Vec<PlanSegment>,
+    /// What the log covers in this lineage now: the state a restore would undo runs up to here.
+    pub covered_revision: i64,
+    pub covered_time_ms: i64,
+}
+
+/// One stored segment a plan reads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlanSegment {
+    /// Its object name under the cluster (`segment::object_name`): ask for it with `AdminRequest::Segment`.
+    pub name: String,
+    pub first_revision: i64,
+    pub last_revision: i64,
+    pub size: u64,
+    /// sha256 (hex) of the stored object, and of the one before it (the chain).
+    pub sha256: String,
+    pub prev_sha256: String,
+    pub encrypted: bool,
+    pub first_time_ms: i64,
+    pub last_time_ms: i64,
+}
+
 /// A step of an orchestrated restore, as the coordinator's plan orders them. Each is idempotent on the agent
 /// (asked again after a coordinator failover, a step already done answers `Done` at once) and none touches
 /// the data dir unless the member's gate holds etcd stopped.
@@ -815,6 +866,19 @@ pub enum AdminRequest {
         /// At most this many rows (the newest dropped beyond it).
         limit: u64,
     },
+    /// How to rebuild a cluster's state at a point (admins): answered by `PointInTimePlan`, or an error naming
+    /// the covered window or the gap that stands in the way.
+    PointInTime {
+        cluster: String,
+        at: PointInTime,
+        /// Also the segments after the point, through the covered revision (what a restore would undo).
+        through_covered: bool,
+    },
+    /// One stored segment of a cluster's change log (admins): `Data`…, `DownloadEnd`.
+    Segment {
+        cluster: String,
+        name: String,
+    },
 }
 
 /// Which agent certificates to revoke.
@@ -890,6 +954,7 @@ pub enum AdminResponse {
         rows: Vec<ChangeRow>,
         more: bool,
     },
+    PointInTimePlan(Box<PointInTimePlan>),
     /// The request failed; the message says why and what to do, the kind whose side the fault is on.
     Error {
         kind: ErrorKind,

@@ -32,6 +32,7 @@ pub mod limits;
 pub mod metrics;
 pub mod net;
 pub mod pki;
+pub mod pointintime;
 pub mod restore;
 pub mod restore_check;
 pub mod schedule;

@@ -8,7 +8,7 @@
 //! the process's working directory (also keeping them short of the 108-byte socket path limit).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -51,6 +51,36 @@ pub fn restore_and_read(
 /// Restores `snapshot` into `scratch/restored`, starts a throw-away etcd on it, runs `read` with its socket dir
 /// and kills it before returning; an error carries etcd's last log lines.
 fn with_restored<T>(snapshot: &Path, scratch: &Path, read: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    let etcd = start_restored(snapshot, scratch, &[])?;
+    let result = read(&etcd.sockets);
+    result.map_err(|e| etcd.with_log(e))
+}
+
+/// A throw-away etcd on a restored snapshot, on unix sockets only; killed and reaped when dropped.
+pub struct Running {
+    _etcd: ThrowAway,
+    /// The dir its sockets are in (0700).
+    pub sockets: PathBuf,
+    log: PathBuf,
+}
+
+impl Running {
+    /// The client socket's path.
+    pub fn client_socket(&self) -> PathBuf {
+        self.sockets.join(CLIENT_URL.trim_start_matches("unix://"))
+    }
+
+    /// `e` with etcd's last log lines added.
+    pub fn with_log(&self, e: anyhow::Error) -> anyhow::Error {
+        let tail = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = tail.lines().rev().take(3).collect();
+        e.context(format!("etcd's last log lines: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | ")))
+    }
+}
+
+/// Restores `snapshot` into `scratch/restored` with etcd's own tool and starts a throw-away etcd on it, with
+/// `extra` flags. Blocking.
+pub fn start_restored(snapshot: &Path, scratch: &Path, extra: &[&str]) -> Result<Running> {
     let data_dir = scratch.join("restored");
     let member = RestoreAs {
         name: "drill".into(),
@@ -62,14 +92,27 @@ fn with_restored<T>(snapshot: &Path, scratch: &Path, read: impl FnOnce(&Path) ->
     let sockets = scratch.join("sockets");
     create_private_dir(&sockets)?;
     let log = scratch.join("etcd.log");
-    let etcd = ThrowAway::start(&data_dir, &sockets, &log)?;
-    let result = read(&sockets);
-    drop(etcd);
-    result.map_err(|e| {
-        let tail = std::fs::read_to_string(&log).unwrap_or_default();
-        let tail: Vec<&str> = tail.lines().rev().take(3).collect();
-        e.context(format!("etcd's last log lines: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | ")))
-    })
+    let etcd = ThrowAway::start(&data_dir, &sockets, &log, extra)?;
+    Ok(Running { _etcd: etcd, sockets, log })
+}
+
+/// `etcdctl snapshot save OUT` against the throw-away etcd: etcd's own tool checks the snapshot's trailing
+/// hash as it saves it. Blocking.
+pub fn save_snapshot(etcd: &Running, out: &Path) -> Result<()> {
+    let out_abs = std::path::absolute(out).with_context(|| format!("resolve {}", out.display()))?;
+    let result = Command::new("etcdctl")
+        .current_dir(&etcd.sockets)
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", CLIENT_URL, "--dial-timeout", "5s", "--command-timeout", "3600s"])
+        .args(["snapshot", "save"])
+        .arg(&out_abs)
+        .stdin(Stdio::null())
+        .output()
+        .context("run etcdctl snapshot save (is etcdctl on PATH?)")?;
+    if !result.status.success() {
+        bail!("etcdctl snapshot save: {}", String::from_utf8_lossy(&result.stderr).trim());
+    }
+    Ok(())
 }
 
 /// Asks the throw-away etcd with `ask` until it answers, for at most `timeout` (or until `stop`).
@@ -192,7 +235,7 @@ fn create_private_dir(dir: &Path) -> Result<()> {
 struct ThrowAway(Child);
 
 impl ThrowAway {
-    fn start(data_dir: &Path, sockets: &Path, log: &Path) -> Result<Self> {
+    fn start(data_dir: &Path, sockets: &Path, log: &Path, extra: &[&str]) -> Result<Self> {
         let log = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
         let child = Command::new("etcd")
             .current_dir(sockets)
@@ -201,6 +244,7 @@ impl ThrowAway {
             .args(["--listen-client-urls", CLIENT_URL, "--advertise-client-urls", CLIENT_URL])
             .args(["--listen-peer-urls", PEER_URL, "--initial-advertise-peer-urls", PEER_URL])
             .args(["--initial-cluster", &format!("drill={PEER_URL}")])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

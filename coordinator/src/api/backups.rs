@@ -48,7 +48,7 @@ async fn send_within(send: &mut SendStream, msg: &AdminResponse, deadline: Insta
 const ANNOTATION_VERIFICATION: &str = "ferry.dev/verification";
 
 /// A stored backup as an `EtcdBackups` resource.
-pub(super) fn backup_resource(m: Manifest) -> Resource {
+pub(crate) fn backup_resource(m: Manifest) -> Resource {
     let mut meta = Metadata::new(ResourceType::EtcdBackup, m.id);
     meta.labels.insert(LABEL_CLUSTER.into(), m.backup.cluster.clone());
     if let Some(v) = m.verification {

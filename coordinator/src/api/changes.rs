@@ -61,3 +61,57 @@ impl Api {
         Ok(())
     }
 }
+
+impl Api {
+    /// `AdminRequest::PointInTime`: how to rebuild a cluster's state at a point, or why it cannot be.
+    pub(super) async fn point_in_time(
+        &self,
+        cluster: &str,
+        at: ferry_common::protocol::PointInTime,
+        through_covered: bool,
+    ) -> Result<AdminResponse, ApiError> {
+        use crate::pointintime::plan::PlanError;
+        use ferry_common::protocol::PointInTime as P;
+        validate_name("cluster", cluster).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        if let P::Revision(n) | P::BeforeRevision(n) = at {
+            if n < 1 {
+                return Err(ApiError::Invalid(format!("revision {n} is not an etcd revision (they start at 1)")));
+            }
+        }
+        match self.changelog.plan(cluster, at, through_covered, &self.cancel).await {
+            Ok(plan) => Ok(AdminResponse::PointInTimePlan(Box::new(plan))),
+            Err(e) => Err(match e {
+                PlanError::NoLog(_) => ApiError::NotFound(e.to_string()),
+                PlanError::Outside(_) | PlanError::Gap(_) | PlanError::NoBase(_) => ApiError::Invalid(e.to_string()),
+                PlanError::Store(s) => s.into(),
+                other => ApiError::Internal(other.to_string()),
+            }),
+        }
+    }
+
+    /// `AdminRequest::Segment`: one indexed segment's stored bytes as `Data` frames, then `DownloadEnd`.
+    pub(super) async fn segment(&self, cluster: &str, name: &str, send: &mut SendStream) -> Result<()> {
+        if let Err(e) = validate_name("cluster", cluster) {
+            return reply_error(send, ApiError::Invalid(e.to_string())).await;
+        }
+        // Only a segment the index holds for this cluster: never a key a caller made up.
+        let indexed = match crate::changelog::index::segments(self.state.as_ref(), cluster) {
+            Ok(all) => all.into_iter().any(|s| s.name == name),
+            Err(e) => return reply_error(send, ApiError::Internal(e.to_string())).await,
+        };
+        if !indexed || ferry_common::segment::parse_object_name(name).is_none() {
+            let e = ApiError::NotFound(format!(
+                "cluster {cluster} has no change-log segment {name:?}; a point-in-time plan names the segments to read"
+            ));
+            return reply_error(send, e).await;
+        }
+        let bytes = match self.store.read_segment(cluster, name, &self.cancel).await {
+            Ok(b) => b,
+            Err(e) => return reply_error(send, e.into()).await,
+        };
+        for chunk in bytes.chunks(ferry_common::protocol::DATA_CHUNK) {
+            write_frame(send, &AdminResponse::Data(chunk.to_vec())).await.context("send segment")?;
+        }
+        write_frame(send, &AdminResponse::DownloadEnd).await.context("send segment end")
+    }
+}

@@ -4,7 +4,7 @@
 //! Every failure is an [`ApiError`] whose kind travels on the wire, so ferryctl can tell "your input is wrong"
 //! (exit 1) from "the server failed" (exit 2).
 
-mod backups;
+pub(crate) mod backups;
 mod changes;
 mod resources;
 mod restores;
@@ -167,6 +167,10 @@ impl Api {
                 let q = crate::changelog::changes::Query { since_ms, until_ms, prefix, limit: limit as usize };
                 return self.changes(&cluster, q, send).await;
             }
+            AdminRequest::Segment { cluster, name } => return self.segment(&cluster, &name, send).await,
+            AdminRequest::PointInTime { cluster, at, through_covered } => {
+                self.point_in_time(&cluster, at, through_covered).await
+            }
             AdminRequest::Restore { cluster: None, .. } => Err(ApiError::Invalid(
                 "restoring with an admin credential needs the cluster to restore from (--from-cluster NAME)".into(),
             )),
@@ -206,6 +210,8 @@ fn request_name(request: &AdminRequest) -> &'static str {
         AdminRequest::Download { .. } => "backup download",
         AdminRequest::Restore { .. } => "restore",
         AdminRequest::Changes { .. } => "changes",
+        AdminRequest::PointInTime { .. } => "a point-in-time plan",
+        AdminRequest::Segment { .. } => "reading the change log",
         AdminRequest::AgentCredentials { .. }
         | AdminRequest::RevokeAgentCredentials(_)
         | AdminRequest::ReadOnlyAdminCredentials { .. }

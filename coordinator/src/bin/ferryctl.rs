@@ -9,17 +9,15 @@ use clap::{CommandFactory, Parser, Subcommand};
 use ferry_common::client::Session;
 use ferry_common::config::{AgentCredentials, FerryConfig, CREDENTIALS_CA, CREDENTIALS_CERT, CREDENTIALS_KEY};
 use ferry_common::encryption::Identities;
-use ferry_common::progress::{Lines, Progress};
-use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, ApplyOutcome, RevokeTarget, PROTOCOL_VERSION};
-use ferry_common::resources::EtcdBackupSpec;
+use ferry_common::protocol::{AdminRequest, AdminResponse, ApplyOutcome, RevokeTarget, PROTOCOL_VERSION};
 use ferry_common::resources::{Resource, ResourceType, Selector, Spec, Timestamp};
-use ferry_common::snapshot::VerifyingWriter;
 use ferry_common::tls::CertifiedPem;
 use ferry_coordinator::cli::changes::{self, ChangesArgs, TimeArg, DEFAULT_LIMIT, MAX_LIMIT};
 use ferry_coordinator::cli::complete::TypeName;
+use ferry_coordinator::cli::download::fetch;
 use ferry_coordinator::cli::render::{render, render_with_statuses, Format};
-use ferry_coordinator::cli::request::{call, exit_code, Answered, EXIT_REFUSED};
-use ferry_coordinator::cli::{backup_now, request, template, watch};
+use ferry_coordinator::cli::request::{call, exit_code, EXIT_REFUSED};
+use ferry_coordinator::cli::{backup_now, pointintime, request, template, watch};
 
 /// How long `backup verify` waits for its throw-away etcd to answer.
 const VERIFY_ETCD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -149,7 +147,36 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         lost: Vec<String>,
         #[command(flatten)]
+        point: PointArgs,
+        /// With a point: print the plan and what the restore would change, and stop.
+        #[arg(long)]
+        dry_run: bool,
+        /// An age identity file (0600) that opens the change log, if the cluster's backups are encrypted.
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
+        #[command(flatten)]
         follow: Follow,
+    },
+    /// Print a key's value at a point in the change log (`--prefix`: every key under it, as JSON lines), to
+    /// re-create one object without rolling the cluster back.
+    GetKey {
+        cluster: String,
+        key: String,
+        /// The time: RFC 3339 (e.g. 2026-12-07T03:00:00Z) or how long ago (e.g. 15m).
+        #[arg(long, value_name = "TIME", value_parser = TimeArg::parse, required_unless_present = "at_revision")]
+        at: Option<TimeArg>,
+        /// The revision (the state after it).
+        #[arg(long, value_name = "N", conflicts_with = "at")]
+        at_revision: Option<i64>,
+        /// Every key starting with KEY.
+        #[arg(long)]
+        prefix: bool,
+        /// raw: the value alone (default for one key); json: etcd's key/value JSON, one line per key.
+        #[arg(short, long, value_enum)]
+        output: Option<pointintime::KeyFormat>,
+        /// An age identity file (0600) that opens the cluster's backups and change log, if encrypted.
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
     },
     /// List what changed in a cluster's change log (point-in-time recovery), in revision order: revision,
     /// time, put or delete, key and value size. Find the revision of a bad change before restoring to just
@@ -213,6 +240,21 @@ enum MemberCommand {
         #[command(flatten)]
         follow: Follow,
     },
+}
+
+/// A point in the change log to restore to (instead of a backup).
+#[derive(clap::Args, Debug)]
+struct PointArgs {
+    /// Restore the state at this time: RFC 3339 (e.g. 2026-12-07T03:00:00Z) or how long ago (e.g. 15m),
+    /// resolved to a revision with the coordinator's clock.
+    #[arg(long, value_name = "TIME", value_parser = TimeArg::parse, conflicts_with_all = ["to_revision", "before_revision", "backup", "before"])]
+    to_time: Option<TimeArg>,
+    /// Restore the state at this revision (its changes included).
+    #[arg(long, value_name = "N", conflicts_with_all = ["before_revision", "backup", "before"])]
+    to_revision: Option<i64>,
+    /// Restore everything before this revision, not its changes (a bad change found with `ferryctl changes`).
+    #[arg(long, value_name = "N", conflicts_with_all = ["backup", "before"])]
+    before_revision: Option<i64>,
 }
 
 /// What `restore` and `member replace` share.
@@ -293,15 +335,24 @@ enum BackupCommand {
     /// Fetch a backup, verify its sha256 and write it (zstd as stored, or the etcd snapshot with --decompress).
     Download {
         cluster: String,
-        backup_id: String,
+        /// A backup id, or `latest`; not with --at / --at-revision.
+        #[arg(required_unless_present_any = ["at", "at_revision"], conflicts_with_all = ["at", "at_revision"])]
+        backup_id: Option<String>,
         #[arg(short, long)]
         output: PathBuf,
         /// Write the plain etcd snapshot (restorable with `etcdctl snapshot restore`).
         #[arg(long)]
         decompress: bool,
-        /// With --decompress: an age identity file (0600) that opens the backup, if it is encrypted. Without
-        /// --decompress an encrypted backup is written as stored (an age file: `age -d -i FILE | zstd -d`).
-        #[arg(long, value_name = "FILE", requires = "decompress")]
+        /// The state at this time, rebuilt from a full backup and the change log here, as a plain etcd
+        /// snapshot: RFC 3339 (e.g. 2026-12-07T03:00:00Z) or how long ago (e.g. 15m).
+        #[arg(long, value_name = "TIME", value_parser = TimeArg::parse, conflicts_with = "at_revision")]
+        at: Option<TimeArg>,
+        /// The state at this revision, as --at.
+        #[arg(long, value_name = "N")]
+        at_revision: Option<i64>,
+        /// An age identity file (0600) that opens the backup (and change log), if encrypted: with --decompress
+        /// or a point. Without them an encrypted backup is written as stored (an age file: `age -d -i FILE | zstd -d`).
+        #[arg(long, value_name = "FILE")]
         identity: Option<PathBuf>,
     },
 }
@@ -451,9 +502,27 @@ async fn run(cli: Cli) -> Result<()> {
                 other => bail!("unexpected response {other:?}"),
             }
         }
-        Command::Backup { command: BackupCommand::Download { cluster, backup_id, output, decompress, identity } } => {
+        Command::Backup {
+            command: BackupCommand::Download { cluster, backup_id, output, decompress, at, at_revision, identity },
+        } => {
             let ids = identity.as_deref().map(Identities::load).transpose()?;
-            download(&cfg()?, cluster, backup_id, &output, decompress, ids.as_ref()).await?;
+            if at.is_some() || at_revision.is_some() {
+                let point = pointintime::At::from_flags(at, at_revision, None, false)?;
+                pointintime::download_at(&cfg()?, &cluster, point, &output, ids.as_ref()).await?;
+            } else {
+                if ids.is_some() && !decompress {
+                    bail!("--identity opens the backup for --decompress (or a point); without them the backup is written as stored");
+                }
+                let backup_id = backup_id.ok_or_else(|| anyhow!("give a backup id (or latest), or --at"))?;
+                download(&cfg()?, cluster, backup_id, &output, decompress, ids.as_ref()).await?;
+            }
+        }
+        Command::GetKey { cluster, key, at, at_revision, prefix, output, identity } => {
+            let ids = identity.as_deref().map(Identities::load).transpose()?;
+            let point = pointintime::At::from_flags(at, at_revision, None, false)?;
+            let format =
+                output.unwrap_or(if prefix { pointintime::KeyFormat::Json } else { pointintime::KeyFormat::Raw });
+            pointintime::get_key(&cfg()?, &cluster, key.as_bytes(), prefix, point, format, ids.as_ref()).await?;
         }
         Command::Encryption { command: EncryptionCommand::Keygen { out } } => {
             let new = ferry_common::encryption::keygen();
@@ -472,7 +541,32 @@ async fn run(cli: Cli) -> Result<()> {
             let ids = identity.as_deref().map(Identities::load).transpose()?;
             verify(&cfg()?, cluster, backup_id, ids.as_ref()).await?;
         }
-        Command::Restore { cluster, backup, before, mode, lost, follow: Follow { yes, wait, timeout } } => {
+        Command::Restore {
+            cluster,
+            point: PointArgs { to_time, to_revision, before_revision },
+            dry_run,
+            identity,
+            ..
+        } if to_time.is_some() || to_revision.is_some() || before_revision.is_some() || dry_run => {
+            let ids = identity.as_deref().map(Identities::load).transpose()?;
+            let point = if to_time.is_none() && to_revision.is_none() && before_revision.is_none() {
+                pointintime::At::Latest
+            } else {
+                pointintime::At::from_flags(to_time, to_revision, before_revision, false)?
+            };
+            let cfg = cfg()?;
+            pointintime::show_plan(&cfg, &cluster, point, ids.as_ref()).await?;
+            if !dry_run {
+                return Err(request::Answered {
+                    kind: ferry_common::protocol::ErrorKind::Invalid,
+                    message: format!(
+                        "a live restore to a point is not available yet; this was the plan only. Rebuild the state with `ferryctl backup download {cluster} --at … -o FILE` (or get one object back with `ferryctl get-key`)"
+                    ),
+                }
+                .into());
+            }
+        }
+        Command::Restore { cluster, backup, before, mode, lost, follow: Follow { yes, wait, timeout }, .. } => {
             let args = ferry_coordinator::cli::restore::RestoreArgs {
                 cluster,
                 backup,
@@ -587,48 +681,6 @@ fn print_outcomes(outcomes: Vec<ApplyOutcome>) {
             ApplyOutcome::Unchanged { rt, id } => println!("{rt}/{id} unchanged"),
         }
     }
-}
-
-/// Fetches a backup through `VerifyingWriter`: the file appears at `output` only if every check passed.
-async fn fetch(
-    cfg: &FerryConfig,
-    cluster: String,
-    backup_id: String,
-    output: &Path,
-    decompress: bool,
-    identities: Option<&Identities>,
-) -> Result<EtcdBackupSpec> {
-    let request = AdminRequest::Download { cluster, backup_id };
-    let mut s = Session::open(&cfg.coordinator, &cfg.ca, &cfg.client_pem(), &request).await?;
-    let result = async {
-        let (id, backup) = match expect_frame(&mut s.recv).await.context("read response")? {
-            AdminResponse::DownloadStart(r) => match r.spec {
-                Spec::EtcdBackup(b) => (r.metadata.id, b),
-                other => bail!("unexpected download header {other:?}"),
-            },
-            AdminResponse::Error { kind, message } => return Err(Answered { kind, message }.into()),
-            other => bail!("unexpected response {other:?}"),
-        };
-        let mut w = VerifyingWriter::create(output, &backup, decompress, identities)?;
-        let mut progress = Progress::new(format!("download {id}"), backup.size, Lines::Stderr);
-        loop {
-            match expect_frame(&mut s.recv).await.context("read backup data")? {
-                AdminResponse::Data(d) => {
-                    w.write(&d)?;
-                    progress.set(w.bytes());
-                }
-                AdminResponse::DownloadEnd => break,
-                AdminResponse::Error { kind, message } => return Err(Answered { kind, message }.into()),
-                other => bail!("unexpected response {other:?}"),
-            }
-        }
-        w.finish()?;
-        progress.finish();
-        Ok(backup)
-    }
-    .await;
-    s.close().await;
-    result
 }
 
 async fn download(

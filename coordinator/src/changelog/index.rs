@@ -38,11 +38,14 @@ pub struct Head {
 
 /// A lineage a restore ended.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct EarlierLineage {
     pub lineage: u32,
     pub start_revision: i64,
     pub covered_revision: i64,
     pub covered_time: Option<Timestamp>,
+    /// Its gaps, as they stood when the restore ended it.
+    pub gaps: Vec<ChangeLogGap>,
 }
 
 impl Head {
@@ -57,6 +60,7 @@ impl Head {
                 start_revision: self.start_revision,
                 covered_revision: self.covered_revision,
                 covered_time: self.covered_time,
+                gaps: self.gaps.clone(),
             });
         }
         let now = Some(Timestamp::now());

@@ -5,6 +5,8 @@
 pub mod backup_now;
 pub mod changes;
 pub mod complete;
+pub mod download;
+pub mod pointintime;
 pub mod render;
 pub mod request;
 pub mod restore;

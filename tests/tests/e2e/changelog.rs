@@ -56,7 +56,7 @@ pub(crate) async fn wait_covered(c: &Coordinator, cluster: &str, revision: i64) 
     .with_context(|| format!("coordinator log:\n{}", log_tail(c.log_path(), 60)))
 }
 
-async fn revision(etcd: &EtcdCluster) -> anyhow::Result<i64> {
+pub(crate) async fn revision(etcd: &EtcdCluster) -> anyhow::Result<i64> {
     let mut client = etcd.client().await?;
     let r = client.get("/", None).await.map_err(|e| anyhow::anyhow!("get: {e:?}"))?;
     r.header().map(|h| h.revision()).context("revision")
@@ -170,7 +170,7 @@ async fn every_revision_lands_in_the_change_log_with_transactions_leases_and_del
 }
 
 /// A manual backup, which must succeed; returns its status.
-async fn backup(c: &Coordinator, previous: Option<&Value>) -> anyhow::Result<Value> {
+pub(crate) async fn backup(c: &Coordinator, previous: Option<&Value>) -> anyhow::Result<Value> {
     if previous.is_some() {
         // Backup ids are per second.
         tokio::time::sleep(Duration::from_millis(1100)).await;

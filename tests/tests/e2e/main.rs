@@ -23,6 +23,7 @@ mod least_privilege;
 mod network;
 mod observe;
 mod persistence;
+mod pointintime;
 mod rejections;
 mod restore;
 mod restore_orchestrated;
