@@ -198,6 +198,11 @@ pub async fn download_at(
         o.segments_read,
         o.elapsed.as_secs_f64()
     );
+    if o.sequential {
+        eprintln!(
+            "note: etcd applied the log out of order when pipelined; it was rebuilt again one revision at a time"
+        );
+    }
     if o.leases_unknown > 0 {
         eprintln!(
             "note: {} lease(s) were granted with a TTL of an hour: the log did not record their TTL",

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use etcd_client::{Client, LeaseGrantOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, LeaseGrantOptions, PutOptions, Txn, TxnOp, TxnResponse};
 use ferry_common::encryption::Identities;
 use ferry_common::protocol::PlanSegment;
 use ferry_common::segment::{EventKind, Revision};
@@ -41,6 +41,7 @@ fn etcd_flags() -> Vec<&'static str> {
         "--snapshot-count",
         "1000000",
     ];
+
     // etcd 3.4 (without etcdutl) has no such flag.
     if ferry_common::snapshot::restore_tool() == "etcdutl" {
         v.push("--unsafe-no-fsync");
@@ -61,6 +62,8 @@ pub struct Outcome {
     pub leases_granted: u64,
     /// Leases granted with [`UNKNOWN_LEASE_TTL`] because no grant was recorded.
     pub leases_unknown: u64,
+    /// etcd applied the pipelined transactions out of order, so the rebuild ran again one at a time.
+    pub sequential: bool,
     pub elapsed: Duration,
 }
 
@@ -148,6 +151,16 @@ async fn keep_alive(mut client: Client, leases: Leases, stop: CancellationToken)
     }
 }
 
+/// Transactions sent before the first is answered. etcd may apply concurrent requests out of the order they
+/// were sent in; every answer is checked to land on its own revision, so a reordering is always seen, and the
+/// rebuild then starts again one transaction at a time.
+const PIPELINE: usize = 64;
+
+/// The rebuild saw etcd apply a transaction on another revision than the log's.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Misapplied(String);
+
 /// Rebuilds the state at `target` from `snapshot` (a plain etcd snapshot file, checked already) and the
 /// plan's `segments` (fetched from `source`, each checked against its plan entry and the one before it),
 /// in a throw-away etcd under `scratch`. Fails, saying why, if the snapshot is past `target` or the log does
@@ -164,6 +177,42 @@ pub async fn rebuild(
     cancel: &CancellationToken,
 ) -> Result<Rebuilt> {
     let started = Instant::now();
+    let first = scratch.join("pipelined");
+    std::fs::create_dir(&first).with_context(|| format!("create {}", first.display()))?;
+    let r = rebuild_with(snapshot, &first, target, segments, source, identities, progress, cancel, PIPELINE).await;
+    let mut rebuilt = match r {
+        Err(e) if e.downcast_ref::<Misapplied>().is_some() => {
+            tracing::warn!(error = %e, "etcd applied the log out of order; rebuilding one transaction at a time");
+            let _ = std::fs::remove_dir_all(&first);
+            let again = scratch.join("sequential");
+            std::fs::create_dir(&again).with_context(|| format!("create {}", again.display()))?;
+            let mut r =
+                rebuild_with(snapshot, &again, target, segments, source, identities, progress, cancel, 1).await?;
+            r.outcome.sequential = true;
+            r
+        }
+        r => r?,
+    };
+    rebuilt.outcome.elapsed = started.elapsed();
+    Ok(rebuilt)
+}
+
+/// A transaction in flight: its revision and etcd's answer.
+type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = (i64, Result<TxnResponse>)> + Send>>;
+
+#[allow(clippy::too_many_arguments)]
+async fn rebuild_with(
+    snapshot: &Path,
+    scratch: &Path,
+    target: i64,
+    segments: &[PlanSegment],
+    source: &mut impl SegmentSource,
+    identities: Option<&Identities>,
+    progress: &mut dyn FnMut(i64),
+    cancel: &CancellationToken,
+    depth: usize,
+) -> Result<Rebuilt> {
+    use futures_util::StreamExt as _;
     let (snap, dir) = (snapshot.to_path_buf(), scratch.to_path_buf());
     let etcd = tokio::task::spawn_blocking(move || start_restored(&snap, &dir, &etcd_flags()))
         .await
@@ -182,6 +231,8 @@ pub async fn rebuild(
         let stop = cancel.child_token();
         let _stop_keepalive = stop.clone().drop_guard();
         tokio::spawn(keep_alive(client.clone(), leases.clone(), stop));
+        let kv = client.kv_client();
+        let mut inflight: futures_util::stream::FuturesOrdered<InFlight> = Default::default();
         let mut outcome = Outcome { base_revision: base, revision: base, ..Default::default() };
         let mut granted_ttls: HashMap<i64, i64> = HashMap::new();
         let mut next = base + 1;
@@ -212,7 +263,7 @@ pub async fn rebuild(
             for l in &opened.leases {
                 granted_ttls.insert(l.id, l.granted_ttl);
             }
-            for rev in &opened.revisions {
+            for rev in opened.revisions {
                 if rev.revision < next || rev.revision > target {
                     continue;
                 }
@@ -222,24 +273,40 @@ pub async fn rebuild(
                 if rev.revision != next {
                     bail!("the log misses revisions {next}..{} (segment {})", rev.revision, s.name);
                 }
-                grant_missing(&mut client, rev, &leases, &granted_ttls, &mut outcome).await?;
-                apply(&mut client, rev).await?;
-                outcome.revisions_applied += 1;
+                grant_missing(&mut client, &rev, &leases, &granted_ttls, &mut outcome).await?;
                 outcome.events_applied += rev.events.len() as u64;
+                let txn = transaction(&rev);
+                let mut kv = kv.clone();
+                let r = rev.revision;
+                inflight.push_back(Box::pin(async move {
+                    let answer = kv.txn(txn).await.with_context(|| format!("apply revision {r}"));
+                    (r, answer)
+                }));
                 next += 1;
-                progress(rev.revision);
+                while inflight.len() >= depth {
+                    if let Some((r, answer)) = inflight.next().await {
+                        check_landed(r, answer?)?;
+                        outcome.revisions_applied += 1;
+                        progress(r);
+                    }
+                }
             }
+        }
+        while let Some((r, answer)) = inflight.next().await {
+            check_landed(r, answer?)?;
+            outcome.revisions_applied += 1;
+            progress(r);
         }
         if next <= target {
             bail!("the log ends at revision {}, before the target {target}", next - 1);
         }
         outcome.revision = target;
-        outcome.elapsed = started.elapsed();
         Ok((client, outcome))
     }
     .await;
     match result {
         Ok((client, outcome)) => Ok(Rebuilt { etcd, client, outcome }),
+        Err(e) if e.downcast_ref::<Misapplied>().is_some() => Err(e),
         Err(e) => Err(etcd.with_log(e)),
     }
 }
@@ -273,8 +340,8 @@ async fn grant_missing(
     Ok(())
 }
 
-/// Applies one revision as one transaction and checks it landed on that revision.
-async fn apply(client: &mut Client, rev: &Revision) -> Result<()> {
+/// One revision as one transaction.
+fn transaction(rev: &Revision) -> Txn {
     let ops: Vec<TxnOp> = rev
         .events
         .iter()
@@ -286,14 +353,19 @@ async fn apply(client: &mut Client, rev: &Revision) -> Result<()> {
             EventKind::Delete => TxnOp::delete(e.key.clone(), None),
         })
         .collect();
-    let resp =
-        client.txn(Txn::new().and_then(ops)).await.with_context(|| format!("apply revision {}", rev.revision))?;
+    Txn::new().and_then(ops)
+}
+
+/// Checks that revision `r`'s transaction made exactly revision `r`: one transaction makes one revision, so
+/// every answer landing on its own revision means they were applied in the log's order, each changing what
+/// the log says it changed (a delete of a key the state lacks makes no revision).
+fn check_landed(r: i64, resp: TxnResponse) -> Result<()> {
     let landed = resp.header().map(|h| h.revision()).unwrap_or(0);
-    if landed != rev.revision {
-        bail!(
-            "applying revision {} left the rebuilt etcd at revision {landed}: the log and the full backup do not join (a delete of a key the backup does not hold, or a lease that expired)",
-            rev.revision
-        );
+    if landed != r {
+        return Err(Misapplied(format!(
+            "revision {r} of the log landed on revision {landed} of the rebuilt etcd (applied out of order, or the log and the full backup do not join: a delete of a key the backup does not hold, a lease that expired)"
+        ))
+        .into());
     }
     Ok(())
 }

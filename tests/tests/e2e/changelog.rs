@@ -362,6 +362,10 @@ async fn history_compacted_while_nobody_watched_is_a_recorded_gap_closed_by_a_fu
     // The log goes on after the gap.
     let rows = changes(&c, CLUSTER, &[]).await?;
     assert!(rows.iter().any(|r| r["key"] == "/registry/pods/after"), "{rows:?}");
+    // No state inside the gap can be rebuilt: refused, naming the gap.
+    let inside = gaps[0]["fromrevision"].as_i64().context("gap start")?.to_string();
+    let out = c.ctl().run(&["get-key", CLUSTER, "/registry/pods/p0", "--at-revision", &inside]).await?;
+    assert!(!out.success() && out.stderr.contains("inside a gap of the change log"), "{out:?}");
     Ok(())
 }
 
