@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use etcd_client::{PutOptions, Txn, TxnOp};
+use ferry_common::protocol::{AdminRequest, AdminResponse, PointInTime};
 
 use crate::changelog::{backup, enable, revision, wait_covered, wait_started};
 use crate::fixtures::restore::{dump_at, restore_and_dump, KeyState};
@@ -171,6 +172,23 @@ async fn the_state_at_any_covered_point_is_rebuilt_exactly_from_a_full_backup_an
     assert_eq!(pods_line.split_whitespace().skip(1).collect::<Vec<_>>(), ["1", "0", "2"], "{}", plan.stdout);
     let live = c.ctl().run(&["restore", CLUSTER, "--to-revision", &r(txn)]).await?;
     assert!(!live.success() && live.stderr.contains("not available yet"), "{live:?}");
+
+    // A stolen node, of this cluster or another, can neither plan a point nor read a segment.
+    let keys = s3.aws()?.list_keys(crate::fixtures::TEST_BUCKET, &format!("backups/{CLUSTER}/log/")).await?;
+    let name = keys.first().context("a stored segment")?.trim_start_matches(&format!("backups/{CLUSTER}/")).to_owned();
+    for (cluster, member) in [("evil", "m1"), (CLUSTER, "m9")] {
+        let creds = c.issue_agent_credentials(cluster, member).await?;
+        for request in [
+            AdminRequest::PointInTime { cluster: CLUSTER.into(), at: PointInTime::Latest, through_covered: true },
+            AdminRequest::Segment { cluster: CLUSTER.into(), name: name.clone() },
+        ] {
+            let asked = crate::fixtures::hostile::agent_request(&c, &creds, &request).await?;
+            assert!(
+                matches!(asked.as_slice(), [AdminResponse::Error { .. }]),
+                "an agent of {cluster} got an answer to {request:?}: {asked:?}"
+            );
+        }
+    }
     Ok(())
 }
 
