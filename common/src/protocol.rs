@@ -874,6 +874,12 @@ pub enum AdminRequest {
         /// Also the segments after the point, through the covered revision (what a restore would undo).
         through_covered: bool,
     },
+    /// The state at a point rebuilt by the coordinator (with its own `--identity` for an encrypted cluster),
+    /// as an etcd snapshot (admins): `PointInTimePlan`, then `Data`…, `DownloadEnd`.
+    PointInTimeSnapshot {
+        cluster: String,
+        at: PointInTime,
+    },
     /// One stored segment of a cluster's change log (admins): `Data`…, `DownloadEnd`.
     Segment {
         cluster: String,

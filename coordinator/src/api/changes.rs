@@ -115,3 +115,53 @@ impl Api {
         write_frame(send, &AdminResponse::DownloadEnd).await.context("send segment end")
     }
 }
+
+impl Api {
+    /// `AdminRequest::PointInTimeSnapshot`: the plan, then the rebuilt snapshot's bytes.
+    pub(super) async fn point_in_time_snapshot(
+        &self,
+        cluster: &str,
+        at: ferry_common::protocol::PointInTime,
+        send: &mut SendStream,
+    ) -> Result<()> {
+        let plan = match self.point_in_time(cluster, at, false).await {
+            Ok(AdminResponse::PointInTimePlan(p)) => p,
+            Ok(other) => return write_frame(send, &other).await.context("send response"),
+            Err(e) => return reply_error(send, e).await,
+        };
+        let scratch_root = self.changelog.deps().scratch.clone();
+        let scratch = match std::fs::create_dir_all(&scratch_root)
+            .and_then(|()| tempfile::Builder::new().prefix(&format!("{cluster}-pit-")).tempdir_in(&scratch_root))
+        {
+            Ok(d) => d,
+            Err(e) => return reply_error(send, ApiError::Internal(format!("create a scratch dir: {e}"))).await,
+        };
+        let out = scratch.path().join("point.db");
+        let span = tracing::info_span!("pointintime", %cluster, revision = plan.revision);
+        let rebuilt = tracing::Instrument::instrument(
+            self.changelog.rebuild_to_file(&plan, scratch.path(), &out, &self.cancel),
+            span,
+        )
+        .await;
+        let outcome = match rebuilt {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(%cluster, error = %format!("{e:#}"), "point-in-time rebuild failed");
+                return reply_error(send, ApiError::Invalid(format!("{e:#}"))).await;
+            }
+        };
+        tracing::info!(%cluster, revision = outcome.revision, revisions = outcome.revisions_applied, secs = outcome.elapsed.as_secs_f64(), "rebuilt a point in time");
+        write_frame(send, &AdminResponse::PointInTimePlan(plan)).await.context("send the plan")?;
+        let mut f = tokio::fs::File::open(&out).await.with_context(|| format!("open {}", out.display()))?;
+        let mut buf = vec![0u8; ferry_common::protocol::DATA_CHUNK];
+        loop {
+            use tokio::io::AsyncReadExt as _;
+            let n = f.read(&mut buf).await.context("read the rebuilt snapshot")?;
+            if n == 0 {
+                break;
+            }
+            write_frame(send, &AdminResponse::Data(buf[..n].to_vec())).await.context("send snapshot")?;
+        }
+        write_frame(send, &AdminResponse::DownloadEnd).await.context("send snapshot end")
+    }
+}

@@ -168,6 +168,9 @@ impl Api {
                 return self.changes(&cluster, q, send).await;
             }
             AdminRequest::Segment { cluster, name } => return self.segment(&cluster, &name, send).await,
+            AdminRequest::PointInTimeSnapshot { cluster, at } => {
+                return self.point_in_time_snapshot(&cluster, at, send).await
+            }
             AdminRequest::PointInTime { cluster, at, through_covered } => {
                 self.point_in_time(&cluster, at, through_covered).await
             }
@@ -212,6 +215,7 @@ fn request_name(request: &AdminRequest) -> &'static str {
         AdminRequest::Changes { .. } => "changes",
         AdminRequest::PointInTime { .. } => "a point-in-time plan",
         AdminRequest::Segment { .. } => "reading the change log",
+        AdminRequest::PointInTimeSnapshot { .. } => "a point-in-time rebuild",
         AdminRequest::AgentCredentials { .. }
         | AdminRequest::RevokeAgentCredentials(_)
         | AdminRequest::ReadOnlyAdminCredentials { .. }

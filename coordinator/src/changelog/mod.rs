@@ -102,6 +102,8 @@ struct Inner {
     /// When each cluster was last looked at for a log check; whether a check runs (one at a time).
     verified: Mutex<HashMap<String, Instant>>,
     verifying: std::sync::atomic::AtomicBool,
+    /// Whether a point-in-time rebuild runs (one at a time).
+    rebuilding: std::sync::atomic::AtomicBool,
     /// Cancels retention's store calls at shutdown.
     cancel: CancellationToken,
     rotation: crate::backup::members::Rotation,
@@ -127,6 +129,7 @@ impl ChangeLog {
                 retained: Mutex::new(HashMap::new()),
                 verified: Mutex::new(HashMap::new()),
                 verifying: std::sync::atomic::AtomicBool::new(false),
+                rebuilding: std::sync::atomic::AtomicBool::new(false),
                 cancel: CancellationToken::new(),
                 rotation: Default::default(),
                 tracker: TaskTracker::new(),
@@ -159,6 +162,22 @@ impl ChangeLog {
 
     pub(crate) fn deps(&self) -> &ChangeLogDeps {
         &self.inner.deps
+    }
+
+    /// The one slot for a point-in-time rebuild on this coordinator; `None` while another runs.
+    pub(crate) fn rebuild_slot(&self) -> Option<RebuildSlot> {
+        use std::sync::atomic::Ordering;
+        let busy = &self.inner.rebuilding;
+        (!busy.swap(true, Ordering::AcqRel)).then(|| RebuildSlot(self.inner.clone()))
+    }
+}
+
+/// Held while a point-in-time rebuild runs.
+pub(crate) struct RebuildSlot(Arc<Inner>);
+
+impl Drop for RebuildSlot {
+    fn drop(&mut self) {
+        self.0.rebuilding.store(false, std::sync::atomic::Ordering::Release);
     }
 }
 

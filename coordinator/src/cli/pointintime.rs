@@ -178,6 +178,12 @@ pub async fn download_at(
     }
     let p = plan(cfg, cluster, at, false).await?;
     describe(&p);
+    let base_encrypted = p.bases.iter().any(|b| matches!(&b.spec, Spec::EtcdBackup(s) if s.encryption.is_some()));
+    let log_encrypted = p.segments.iter().any(|s| s.encrypted && s.first_revision <= p.revision);
+    if identities.is_none() && (base_encrypted || log_encrypted) {
+        eprintln!("the cluster's backups are encrypted and no --identity was given: the coordinator rebuilds the point with its own");
+        return download_from_coordinator(cfg, cluster, p.revision, output).await;
+    }
     let scratch = scratch_dir()?;
     let cancel = CancellationToken::new();
     let rebuilt = rebuild_plan(cfg, &p, identities, scratch.path(), &cancel).await?;
@@ -210,6 +216,68 @@ pub async fn download_at(
         );
     }
     Ok(())
+}
+
+/// `backup download --at` rebuilt by the coordinator: its snapshot streamed into `output` (through a temp
+/// file beside it, renamed only once etcd's trailing hash checks out).
+async fn download_from_coordinator(cfg: &FerryConfig, cluster: &str, revision: i64, output: &Path) -> Result<()> {
+    use sha2::Digest as _;
+    let request =
+        AdminRequest::PointInTimeSnapshot { cluster: cluster.to_string(), at: PointInTime::Revision(revision) };
+    let mut session = Session::open(&cfg.coordinator, &cfg.ca, &cfg.client_pem(), &request).await?;
+    let part = output.with_extension("part");
+    let result = async {
+        match expect_frame(&mut session.recv).await.context("read response")? {
+            AdminResponse::PointInTimePlan(_) => {}
+            AdminResponse::Error { kind, message } => return Err(Answered { kind, message }.into()),
+            other => bail!("unexpected response {other:?}"),
+        }
+        let mut f =
+            ferry_common::config::create_private(&part).with_context(|| format!("create {}", part.display()))?;
+        // etcd's snapshot ends with the sha256 of everything before it: hash all but the last 32 bytes.
+        let mut hash = sha2::Sha256::new();
+        let mut tail: Vec<u8> = Vec::new();
+        let mut total = 0u64;
+        loop {
+            match expect_frame(&mut session.recv).await.context("read the snapshot")? {
+                AdminResponse::Data(d) => {
+                    f.write_all(&d).with_context(|| format!("write {}", part.display()))?;
+                    total += d.len() as u64;
+                    tail.extend_from_slice(&d);
+                    if tail.len() > 32 {
+                        let cut = tail.len() - 32;
+                        hash.update(&tail[..cut]);
+                        tail.drain(..cut);
+                    }
+                }
+                AdminResponse::DownloadEnd => break,
+                AdminResponse::Error { kind, message } => return Err(Answered { kind, message }.into()),
+                other => bail!("unexpected response {other:?}"),
+            }
+        }
+        let sum: [u8; 32] = hash.finalize().into();
+        if tail.len() != 32 || tail[..] != sum[..] {
+            bail!("the snapshot the coordinator sent fails etcd's own hash ({total} bytes); nothing was written");
+        }
+        f.sync_all().with_context(|| format!("sync {}", part.display()))?;
+        std::fs::rename(&part, output).with_context(|| format!("rename {} to {}", part.display(), output.display()))?;
+        Ok(total)
+    }
+    .await;
+    session.close().await;
+    match result {
+        Ok(total) => {
+            println!(
+                "wrote {}: cluster {cluster} at revision {revision}, rebuilt by the coordinator ({total} bytes, etcd's hash checked); restore it with `etcdutl snapshot restore`",
+                output.display()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&part);
+            Err(e)
+        }
+    }
 }
 
 /// How `get-key` prints.

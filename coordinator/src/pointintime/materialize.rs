@@ -173,7 +173,7 @@ pub async fn rebuild(
     segments: &[PlanSegment],
     source: &mut impl SegmentSource,
     identities: Option<&Identities>,
-    progress: &mut dyn FnMut(i64),
+    progress: &mut (dyn FnMut(i64) + Send),
     cancel: &CancellationToken,
 ) -> Result<Rebuilt> {
     let started = Instant::now();
@@ -208,7 +208,7 @@ async fn rebuild_with(
     segments: &[PlanSegment],
     source: &mut impl SegmentSource,
     identities: Option<&Identities>,
-    progress: &mut dyn FnMut(i64),
+    progress: &mut (dyn FnMut(i64) + Send),
     cancel: &CancellationToken,
     depth: usize,
 ) -> Result<Rebuilt> {

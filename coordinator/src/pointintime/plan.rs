@@ -279,3 +279,83 @@ fn bases<'a>(backups: &'a [Manifest], l: &Lineage, revision: i64) -> Vec<&'a Man
     v.truncate(MAX_BASES);
     v
 }
+
+/// Segments read from the backup store (the coordinator's own rebuilds).
+struct StoreSource<'a> {
+    store: &'a crate::store::BackupStore,
+    cluster: &'a str,
+    cancel: &'a CancellationToken,
+}
+
+impl super::materialize::SegmentSource for StoreSource<'_> {
+    async fn fetch(&mut self, s: &PlanSegment) -> anyhow::Result<Vec<u8>> {
+        Ok(self.store.read_segment(self.cluster, &s.name, self.cancel).await?)
+    }
+}
+
+impl ChangeLog {
+    /// Rebuilds `plan`'s point on the coordinator (with its own `--identity` for an encrypted cluster) under
+    /// `scratch`, and writes it as an etcd snapshot to `out`. One at a time: a rebuild runs etcd and reads the
+    /// whole base.
+    pub async fn rebuild_to_file(
+        &self,
+        plan: &PointInTimePlan,
+        scratch: &std::path::Path,
+        out: &std::path::Path,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<super::materialize::Outcome> {
+        use anyhow::Context as _;
+        let _one = self.rebuild_slot().ok_or_else(|| {
+            anyhow::anyhow!("the coordinator is rebuilding another point in time; try again when it is done")
+        })?;
+        let deps = self.deps();
+        let ids = deps.identities.as_ref();
+        let encrypted = plan.segments.iter().any(|s| s.encrypted && s.first_revision <= plan.revision);
+        if encrypted && ids.is_none() {
+            anyhow::bail!("the change log of {} is encrypted and this coordinator has no --identity; rebuild it with ferryctl and the identity (`--identity FILE`)", plan.cluster);
+        }
+        let mut why_not = Vec::new();
+        for (i, base) in plan.bases.iter().enumerate() {
+            let Some(m) = deps.store.find(&plan.cluster, &base.metadata.id, cancel).await? else {
+                why_not.push(format!("backup {} is gone", base.metadata.id));
+                continue;
+            };
+            let snapshot = scratch.join(format!("base-{i}.db"));
+            crate::drill::fetch(&deps.store, ids, &m, &snapshot, cancel).await?;
+            let s = snapshot.clone();
+            let status = tokio::task::spawn_blocking(move || ferry_common::snapshot::status(&s))
+                .await
+                .map_err(|e| anyhow::anyhow!("snapshot status panicked: {e}"))??;
+            if status.revision > plan.revision {
+                why_not.push(format!("backup {} is at revision {}", m.id, status.revision));
+                let _ = std::fs::remove_file(&snapshot);
+                continue;
+            }
+            let dir = scratch.join(format!("etcd-{i}"));
+            std::fs::create_dir(&dir).with_context(|| format!("create {}", dir.display()))?;
+            let mut source = StoreSource { store: &deps.store, cluster: &plan.cluster, cancel };
+            let rebuilt = super::materialize::rebuild(
+                &snapshot,
+                &dir,
+                plan.revision,
+                &plan.segments,
+                &mut source,
+                ids,
+                &mut |_| {},
+                cancel,
+            )
+            .await?;
+            let _ = std::fs::remove_file(&snapshot);
+            let outcome = rebuilt.outcome.clone();
+            let etcd = rebuilt.etcd;
+            let out = out.to_path_buf();
+            tokio::task::spawn_blocking(move || {
+                crate::restore_check::save_snapshot(&etcd, &out).map_err(|e| etcd.with_log(e))
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("saving the snapshot panicked: {e}"))??;
+            return Ok(outcome);
+        }
+        anyhow::bail!("every full backup offered is past revision {} ({})", plan.revision, why_not.join(", "))
+    }
+}

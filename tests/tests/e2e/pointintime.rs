@@ -199,7 +199,8 @@ async fn an_encrypted_log_rebuilds_a_point_only_with_the_identity() -> anyhow::R
     let etcd = EtcdCluster::start(1).await?;
     let dir = crate::fixtures::test_dir("pit-age")?;
     let (key, recipient) = age_identity(dir.path())?;
-    let c = Coordinator::start_s3(&s3, CoordinatorOptions::s3(&[])).await?;
+    let args = vec!["--identity".to_owned(), key.display().to_string()];
+    let c = Coordinator::start_s3(&s3, CoordinatorOptions { extra_args: args, ..CoordinatorOptions::s3(&[]) }).await?;
     let _agents = c.start_agents(CLUSTER, &etcd).await?;
     c.wait_agents_connected(CLUSTER, &["m1"], Duration::from_secs(30)).await?;
     encrypt_to(&c, &[&recipient]).await?;
@@ -214,7 +215,7 @@ async fn an_encrypted_log_rebuilds_a_point_only_with_the_identity() -> anyhow::R
 
     let key_s = key.display().to_string();
     let p = point.to_string();
-    // The coordinator has no identity: a revision target still plans; the segments open only here, with it.
+    // The segments open on ferryctl's machine only with the identity.
     let without = c.ctl().run(&["get-key", CLUSTER, "/registry/secrets/default/s", "--at-revision", &p]).await?;
     assert!(!without.success() && without.stderr.contains("--identity"), "{without:?}");
     let with = c
@@ -231,6 +232,19 @@ async fn an_encrypted_log_rebuilds_a_point_only_with_the_identity() -> anyhow::R
         .await?
         .ok()?;
     let (rev, got) = restore_and_dump(&out).await?;
+    assert_eq!(rev, point);
+    assert_eq!(got.get(b"/registry/secrets/default/s".as_slice()).map(|k| k.0.clone()), Some(b"one".to_vec()));
+    // Without it here, the coordinator rebuilds the point with its own identity and sends the snapshot.
+    let remote = dir.path().join("remote.db");
+    let remote_s = remote.display().to_string();
+    let run = c
+        .ctl()
+        .with_timeout(Duration::from_secs(120))
+        .run(&["backup", "download", CLUSTER, "--at-revision", &p, "-o", &remote_s])
+        .await?
+        .ok()?;
+    assert!(run.stdout.contains("rebuilt by the coordinator"), "{}", run.stdout);
+    let (rev, got) = restore_and_dump(&remote).await?;
     assert_eq!(rev, point);
     assert_eq!(got.get(b"/registry/secrets/default/s".as_slice()).map(|k| k.0.clone()), Some(b"one".to_vec()));
     Ok(())
