@@ -359,3 +359,80 @@ impl ChangeLog {
         anyhow::bail!("every full backup offered is past revision {} ({})", plan.revision, why_not.join(", "))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_common::resources::EtcdBackupSpec;
+
+    fn backup(id: &str, revision: i64) -> Manifest {
+        Manifest {
+            format: 1,
+            id: id.into(),
+            backup: EtcdBackupSpec {
+                cluster: "c".into(),
+                createdat: Timestamp::default(),
+                snapshot: String::new(),
+                size: 1,
+                rawsize: 1,
+                member: "m1".into(),
+                memberid: String::new(),
+                etcdclusterid: String::new(),
+                etcdversion: String::new(),
+                revision,
+                sha256: String::new(),
+                rawsha256: String::new(),
+                zstdlevel: 3,
+                startedat: Timestamp::default(),
+                finishedat: Timestamp::default(),
+                encryption: None,
+            },
+            deployment: None,
+            verification: None,
+        }
+    }
+
+    fn gap(from: i64, to: i64) -> ChangeLogGap {
+        ChangeLogGap { fromrevision: from, torevision: to, ..Default::default() }
+    }
+
+    fn segment(name: &str, first: i64, last: i64, sha: &str, prev: &str) -> PlanSegment {
+        PlanSegment {
+            name: name.into(),
+            first_revision: first,
+            last_revision: last,
+            size: 1,
+            sha256: sha.into(),
+            prev_sha256: prev.into(),
+            encrypted: false,
+            first_time_ms: 0,
+            last_time_ms: 0,
+        }
+    }
+
+    /// A base must be at or before the point, the log must continue from it (its revision + 1 at or after the
+    /// lineage's start) and no gap may lie between it and the point; the newest come first.
+    #[test]
+    fn bases_are_the_newest_full_backups_the_log_continues_from_without_a_gap() {
+        let backups = [backup("old", 5), backup("a", 20), backup("b", 40), backup("c", 60), backup("late", 90)];
+        let l = Lineage { lineage: 0, start_revision: 10, covered_revision: 100, covered_time_ms: 0, gaps: vec![] };
+        let ids = |v: Vec<&Manifest>| v.into_iter().map(|m| m.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(bases(&backups, &l, 70)), ["c", "b", "a"], "old is before the log, late after the point");
+        assert_eq!(ids(bases(&backups, &l, 9)), Vec::<String>::new());
+        let with_gap = Lineage { gaps: vec![gap(45, 50)], ..l.clone() };
+        assert_eq!(ids(bases(&backups, &with_gap, 70)), ["c"], "a and b are behind the gap");
+        assert_eq!(ids(bases(&backups, &with_gap, 44)), ["b", "a"]);
+        assert!(bases(&backups, &Lineage { gaps: vec![gap(61, 65)], ..l }, 70).is_empty());
+    }
+
+    #[test]
+    fn a_chain_joins_only_when_each_segment_names_the_one_before_and_starts_after_it() {
+        let a = segment("a", 1, 10, "h1", "00");
+        let b = segment("b", 11, 20, "h2", "h1");
+        assert!(check_chain(&[a.clone(), b.clone()]).is_ok());
+        let hole = segment("b", 12, 20, "h2", "h1");
+        assert!(check_chain(&[a.clone(), hole]).is_err_and(|e| e.contains("misses revisions 11..=11")));
+        let foreign = segment("b", 11, 20, "h2", "hx");
+        assert!(check_chain(&[a, foreign]).is_err_and(|e| e.contains("does not name")));
+    }
+}
