@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use ferry_common::resources::{status, LogVerification, Timestamp};
-use ferry_common::segment::{EventKind, Record, SegmentReader};
+use ferry_common::segment::EventKind;
 use sha2::Digest as _;
 use tokio_util::sync::CancellationToken;
 
@@ -139,57 +139,43 @@ fn apply(
     mut next: i64,
     last: i64,
 ) -> Result<i64> {
-    if hex::encode(sha2::Sha256::digest(bytes)) != s.sha256 {
-        bail!("segment {} is not the one indexed (its sha256 differs)", s.name);
-    }
-    let plain = if s.encrypted {
-        let ids = identities.ok_or_else(|| anyhow!("the log is encrypted and the coordinator has no --identity"))?;
-        let mut out = Vec::new();
-        ids.open(bytes, &mut out).with_context(|| format!("open segment {}", s.name))?;
-        out
-    } else {
-        bytes.to_vec()
-    };
-    let decoder = zstd::Decoder::new(&plain[..]).with_context(|| format!("decompress segment {}", s.name))?;
+    let opened = crate::pointintime::open_segment(&s.into(), bytes, identities)?;
     let mut failure: Option<String> = None;
-    SegmentReader::new(decoder)
-        .for_each(|r| {
-            let Record::Revision(rev) = r else { return };
-            if failure.is_some() || rev.revision < next || rev.revision > last {
-                return;
-            }
-            if rev.revision != next {
-                failure = Some(format!("the log misses revisions {next}..{}", rev.revision));
-                return;
-            }
-            for e in rev.events {
-                match e.kind {
-                    EventKind::Put => {
-                        space.insert(
-                            e.key,
-                            KeyState {
-                                value_sha256: sha2::Sha256::digest(&e.value).into(),
-                                create_revision: e.create_revision,
-                                mod_revision: rev.revision,
-                                version: e.version,
-                                lease: e.lease,
-                            },
-                        );
-                    }
-                    EventKind::Delete => {
-                        if space.remove(&e.key).is_none() {
-                            failure = Some(format!(
-                                "revision {} deletes key {:?}, which the rebuilt state does not hold",
-                                rev.revision,
-                                String::from_utf8_lossy(&e.key)
-                            ));
-                        }
+    for rev in opened.revisions {
+        if failure.is_some() || rev.revision < next || rev.revision > last {
+            continue;
+        }
+        if rev.revision != next {
+            failure = Some(format!("the log misses revisions {next}..{}", rev.revision));
+            continue;
+        }
+        for e in rev.events {
+            match e.kind {
+                EventKind::Put => {
+                    space.insert(
+                        e.key,
+                        KeyState {
+                            value_sha256: sha2::Sha256::digest(&e.value).into(),
+                            create_revision: e.create_revision,
+                            mod_revision: rev.revision,
+                            version: e.version,
+                            lease: e.lease,
+                        },
+                    );
+                }
+                EventKind::Delete => {
+                    if space.remove(&e.key).is_none() {
+                        failure = Some(format!(
+                            "revision {} deletes key {:?}, which the rebuilt state does not hold",
+                            rev.revision,
+                            String::from_utf8_lossy(&e.key)
+                        ));
                     }
                 }
             }
-            next = rev.revision + 1;
-        })
-        .with_context(|| format!("read segment {}", s.name))?;
+        }
+        next = rev.revision + 1;
+    }
     match failure {
         Some(f) => bail!(f),
         None => Ok(next),

@@ -21,7 +21,7 @@ use super::changes::TimeArg;
 use super::download::fetch;
 use super::request::{call, Answered};
 use crate::pointintime::diff::Diff;
-use crate::pointintime::materialize::{rebuild, Rebuilt, SegmentSource};
+use crate::pointintime::materialize::{rebuild, Rebuild, Rebuilt, SegmentSource};
 use crate::pointintime::open_segment;
 use crate::pointintime::plan::human_ms;
 
@@ -152,8 +152,8 @@ async fn rebuild_plan(
         let mut fetcher = Fetcher { cfg, cluster: p.cluster.clone(), bytes: 0 };
         let from = status.revision;
         let mut tick = |r: i64| progress.set((r - from) as u64);
-        let rebuilt =
-            rebuild(&snapshot, &dir, p.revision, &p.segments, &mut fetcher, identities, &mut tick, cancel).await?;
+        let what = Rebuild { snapshot: &snapshot, target: p.revision, segments: &p.segments, identities };
+        let rebuilt = rebuild(what, &dir, &mut fetcher, &mut tick, cancel).await?;
         progress.finish();
         let _ = std::fs::remove_file(&snapshot);
         return Ok(rebuilt);

@@ -161,33 +161,38 @@ const PIPELINE: usize = 64;
 #[error("{0}")]
 struct Misapplied(String);
 
-/// Rebuilds the state at `target` from `snapshot` (a plain etcd snapshot file, checked already) and the
-/// plan's `segments` (fetched from `source`, each checked against its plan entry and the one before it),
-/// in a throw-away etcd under `scratch`. Fails, saying why, if the snapshot is past `target` or the log does
-/// not reach it. `progress` is told each revision applied.
-#[allow(clippy::too_many_arguments)]
+/// What to rebuild: the state at `target` from `snapshot` (a plain etcd snapshot file, checked already) and
+/// the plan's `segments` (each checked against its plan entry and the one before it; opened with
+/// `identities` when sealed).
+#[derive(Clone, Copy)]
+pub struct Rebuild<'a> {
+    pub snapshot: &'a Path,
+    pub target: i64,
+    pub segments: &'a [PlanSegment],
+    pub identities: Option<&'a Identities>,
+}
+
+/// Rebuilds `what` in a throw-away etcd under `scratch`, the segments fetched from `source`. Fails, saying
+/// why, if the snapshot is past the target or the log does not reach it. `progress` is told each revision
+/// applied.
 pub async fn rebuild(
-    snapshot: &Path,
+    what: Rebuild<'_>,
     scratch: &Path,
-    target: i64,
-    segments: &[PlanSegment],
     source: &mut impl SegmentSource,
-    identities: Option<&Identities>,
     progress: &mut (dyn FnMut(i64) + Send),
     cancel: &CancellationToken,
 ) -> Result<Rebuilt> {
     let started = Instant::now();
     let first = scratch.join("pipelined");
     std::fs::create_dir(&first).with_context(|| format!("create {}", first.display()))?;
-    let r = rebuild_with(snapshot, &first, target, segments, source, identities, progress, cancel, PIPELINE).await;
+    let r = rebuild_with(what, &first, source, progress, cancel, PIPELINE).await;
     let mut rebuilt = match r {
         Err(e) if e.downcast_ref::<Misapplied>().is_some() => {
             tracing::warn!(error = %e, "etcd applied the log out of order; rebuilding one transaction at a time");
             let _ = std::fs::remove_dir_all(&first);
             let again = scratch.join("sequential");
             std::fs::create_dir(&again).with_context(|| format!("create {}", again.display()))?;
-            let mut r =
-                rebuild_with(snapshot, &again, target, segments, source, identities, progress, cancel, 1).await?;
+            let mut r = rebuild_with(what, &again, source, progress, cancel, 1).await?;
             r.outcome.sequential = true;
             r
         }
@@ -200,19 +205,16 @@ pub async fn rebuild(
 /// A transaction in flight: its revision and etcd's answer.
 type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = (i64, Result<TxnResponse>)> + Send>>;
 
-#[allow(clippy::too_many_arguments)]
 async fn rebuild_with(
-    snapshot: &Path,
+    what: Rebuild<'_>,
     scratch: &Path,
-    target: i64,
-    segments: &[PlanSegment],
     source: &mut impl SegmentSource,
-    identities: Option<&Identities>,
     progress: &mut (dyn FnMut(i64) + Send),
     cancel: &CancellationToken,
     depth: usize,
 ) -> Result<Rebuilt> {
     use futures_util::StreamExt as _;
+    let Rebuild { snapshot, target, segments, identities } = what;
     let (snap, dir) = (snapshot.to_path_buf(), scratch.to_path_buf());
     let etcd = tokio::task::spawn_blocking(move || start_restored(&snap, &dir, &etcd_flags()))
         .await
@@ -285,17 +287,13 @@ async fn rebuild_with(
                 next += 1;
                 while inflight.len() >= depth {
                     if let Some((r, answer)) = inflight.next().await {
-                        check_landed(r, answer?)?;
-                        outcome.revisions_applied += 1;
-                        progress(r);
+                        landed(r, answer, &mut outcome, progress)?;
                     }
                 }
             }
         }
         while let Some((r, answer)) = inflight.next().await {
-            check_landed(r, answer?)?;
-            outcome.revisions_applied += 1;
-            progress(r);
+            landed(r, answer, &mut outcome, progress)?;
         }
         if next <= target {
             bail!("the log ends at revision {}, before the target {target}", next - 1);
@@ -359,13 +357,20 @@ fn transaction(rev: &Revision) -> Txn {
 /// Checks that revision `r`'s transaction made exactly revision `r`: one transaction makes one revision, so
 /// every answer landing on its own revision means they were applied in the log's order, each changing what
 /// the log says it changed (a delete of a key the state lacks makes no revision).
-fn check_landed(r: i64, resp: TxnResponse) -> Result<()> {
-    let landed = resp.header().map(|h| h.revision()).unwrap_or(0);
+fn landed(
+    r: i64,
+    answer: Result<TxnResponse>,
+    outcome: &mut Outcome,
+    progress: &mut (dyn FnMut(i64) + Send),
+) -> Result<()> {
+    let landed = answer?.header().map(|h| h.revision()).unwrap_or(0);
     if landed != r {
         return Err(Misapplied(format!(
             "revision {r} of the log landed on revision {landed} of the rebuilt etcd (applied out of order, or the log and the full backup do not join: a delete of a key the backup does not hold, a lease that expired)"
         ))
         .into());
     }
+    outcome.revisions_applied += 1;
+    progress(r);
     Ok(())
 }

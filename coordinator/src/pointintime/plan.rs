@@ -334,17 +334,13 @@ impl ChangeLog {
             let dir = scratch.join(format!("etcd-{i}"));
             std::fs::create_dir(&dir).with_context(|| format!("create {}", dir.display()))?;
             let mut source = StoreSource { store: &deps.store, cluster: &plan.cluster, cancel };
-            let rebuilt = super::materialize::rebuild(
-                &snapshot,
-                &dir,
-                plan.revision,
-                &plan.segments,
-                &mut source,
-                ids,
-                &mut |_| {},
-                cancel,
-            )
-            .await?;
+            let what = super::materialize::Rebuild {
+                snapshot: &snapshot,
+                target: plan.revision,
+                segments: &plan.segments,
+                identities: ids,
+            };
+            let rebuilt = super::materialize::rebuild(what, &dir, &mut source, &mut |_| {}, cancel).await?;
             let _ = std::fs::remove_file(&snapshot);
             let outcome = rebuilt.outcome.clone();
             let etcd = rebuilt.etcd;
