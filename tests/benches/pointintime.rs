@@ -16,7 +16,8 @@
 //!    `pointintime.coveredrevision` reaches the last revision (LAST);
 //! 3. measures, each after a `sync`, with wall time, CPU seconds (the command and every child it waited for —
 //!    ferryctl's throw-away etcd, etcd's tools — from /proc/self/stat's cutime + cstime around it) and peak
-//!    RSS (the command's process tree, VmRSS summed, sampled every 100 ms; and its largest process's VmHWM):
+//!    RSS (the command's process tree, VmRSS summed, sampled every 100 ms; and its largest process's VmHWM),
+//!    and the coordinator's CPU seconds meanwhile (it serves the backup and the segments):
 //!    - the baseline, the full's restore: `ferryctl backup download prod latest -o F --decompress`, then
 //!      `etcdutl snapshot restore F --data-dir D`;
 //!    - `ferryctl backup download prod --at-revision LAST -o OUT`: the base downloaded and restored, every
@@ -31,6 +32,7 @@
 //! another) with the release binaries in target/release. Temp dirs under $TMPDIR (`FERRY_BENCH_KEEP=1` keeps
 //! the logs). It is a benchmark, never a pass/fail test.
 
+use std::collections::HashMap;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -546,11 +548,19 @@ fn tree(root: u32) -> Vec<u32> {
     out
 }
 
-/// Samples a process tree's memory every 100 ms until finished: the peak of the VmRSS sum, and the largest
-/// VmHWM any process of it reported.
+/// What a process tree used: the peak of its VmRSS sum and the largest VmHWM of one process (bytes), and the
+/// CPU seconds of each program in it as last sampled (a process's last 100 ms are missed).
+#[derive(Debug, Clone, Default)]
+struct TreeUse {
+    rss_sum: u64,
+    rss_max: u64,
+    cpu_by_program: Vec<(String, f64)>,
+}
+
+/// Samples a process tree every 100 ms until finished.
 struct TreeSampler {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<(u64, u64)>,
+    thread: std::thread::JoinHandle<TreeUse>,
 }
 
 impl TreeSampler {
@@ -559,20 +569,35 @@ impl TreeSampler {
         let thread = {
             let stop = stop.clone();
             std::thread::spawn(move || {
-                let (mut sum_peak, mut hwm) = (0u64, 0u64);
+                let mut u = TreeUse::default();
+                // pid → (program, CPU seconds when last seen)
+                let mut cpu: HashMap<u32, (String, f64)> = HashMap::new();
                 while !stop.load(Ordering::Relaxed) {
                     let pids = tree(root);
-                    sum_peak = sum_peak.max(pids.iter().map(|p| status_bytes(*p, "VmRSS:")).sum());
-                    hwm = hwm.max(pids.iter().map(|p| status_bytes(*p, "VmHWM:")).max().unwrap_or(0));
+                    u.rss_sum = u.rss_sum.max(pids.iter().map(|p| status_bytes(*p, "VmRSS:")).sum());
+                    u.rss_max = u.rss_max.max(pids.iter().map(|p| status_bytes(*p, "VmHWM:")).max().unwrap_or(0));
+                    for p in pids {
+                        let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+                        let seconds = cpu_seconds(&p.to_string(), false);
+                        if !comm.is_empty() {
+                            cpu.insert(p, (comm.trim().to_owned(), seconds));
+                        }
+                    }
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                (sum_peak, hwm)
+                let mut by: HashMap<String, f64> = HashMap::new();
+                for (comm, seconds) in cpu.into_values() {
+                    *by.entry(comm).or_default() += seconds;
+                }
+                u.cpu_by_program = by.into_iter().collect();
+                u.cpu_by_program.sort_by(|a, b| b.1.total_cmp(&a.1));
+                u
             })
         };
         Self { stop, thread }
     }
 
-    fn finish(self) -> (u64, u64) {
+    fn finish(self) -> TreeUse {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap_or_default()
     }
@@ -583,9 +608,9 @@ impl TreeSampler {
 struct Measured {
     wall: f64,
     cpu: f64,
-    /// Peak of the tree's VmRSS sum (sampled), and the largest process's VmHWM; bytes.
-    rss_sum: u64,
-    rss_max: u64,
+    /// The coordinator's CPU seconds meanwhile (it serves the backup and the segments).
+    coordinator_cpu: f64,
+    tree: TreeUse,
     stdout: Vec<u8>,
     log: PathBuf,
 }
@@ -599,8 +624,9 @@ impl Measured {
     }
 }
 
-/// Runs `cmd` to its end after a `sync` (no step pays for another's writeback): stdout kept, stderr to `log`.
-fn measure(cmd: &mut Command, log: &Path) -> Result<Measured> {
+/// Runs `cmd` to its end after a `sync` (no step pays for another's writeback): stdout kept, stderr to `log`;
+/// the CPU seconds of the coordinator (`coordinator`, a pid) meanwhile.
+fn measure(cmd: &mut Command, log: &Path, coordinator: u32) -> Result<Measured> {
     let synced = Command::new("sync").status()?;
     if !synced.success() {
         bail!("sync: {synced}");
@@ -608,6 +634,7 @@ fn measure(cmd: &mut Command, log: &Path) -> Result<Measured> {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::from(std::fs::File::create(log)?));
     // The children this process waits for, with theirs: nothing else of the bench ends while it runs.
     let cpu_before = cpu_seconds("self", true);
+    let coordinator_before = cpu_seconds(&coordinator.to_string(), false);
     let t = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("spawn {cmd:?}"))?;
     let sampler = TreeSampler::start(child.id());
@@ -617,12 +644,13 @@ fn measure(cmd: &mut Command, log: &Path) -> Result<Measured> {
     }
     let status = child.wait()?;
     let wall = t.elapsed().as_secs_f64();
-    let (rss_sum, rss_max) = sampler.finish();
+    let tree = sampler.finish();
     let cpu = cpu_seconds("self", true) - cpu_before;
+    let coordinator_cpu = cpu_seconds(&coordinator.to_string(), false) - coordinator_before;
     if !status.success() {
         bail!("{cmd:?} failed ({status}):\n{}", tail(log, 20));
     }
-    Ok(Measured { wall, cpu, rss_sum, rss_max, stdout, log: log.to_owned() })
+    Ok(Measured { wall, cpu, coordinator_cpu, tree, stdout, log: log.to_owned() })
 }
 
 /// The number right after `pattern` in `text` (digits and a decimal point).
@@ -798,6 +826,7 @@ fn bench_kind(rt: &tokio::runtime::Runtime, c: &Config, kind: Kind, n: usize, ro
         cmd.args(args);
         Ok(cmd)
     };
+    let coordinator = f.coordinator.as_ref().map_or(0, |p| p.0.id());
     let last_s = last.to_string();
     let work = dir.join("work");
     std::fs::create_dir_all(&work)?;
@@ -811,11 +840,12 @@ fn bench_kind(rt: &tokio::runtime::Runtime, c: &Config, kind: Kind, n: usize, ro
     let dl = measure(
         &mut ctl(&["backup", "download", CLUSTER, "latest", "-o", &path("full.db"), "--decompress"])?,
         &dir.join("download-full.log"),
+        coordinator,
     )?;
     row("download latest --decompress", &dl, format!("{:.0} MiB snapshot", mib(s.full_raw as f64)));
     let mut etcdutl = Command::new("etcdutl");
     etcdutl.args(["snapshot", "restore", &path("full.db"), "--data-dir", &path("full-restored")]);
-    let rs = measure(&mut etcdutl, &dir.join("etcdutl-full.log"))?;
+    let rs = measure(&mut etcdutl, &dir.join("etcdutl-full.log"), coordinator)?;
     row("etcdutl snapshot restore", &rs, String::new());
     s.baseline = dl.wall + rs.wall;
     s.restore_base = rs.wall;
@@ -826,6 +856,7 @@ fn bench_kind(rt: &tokio::runtime::Runtime, c: &Config, kind: Kind, n: usize, ro
     let at = measure(
         &mut ctl(&["backup", "download", CLUSTER, "--at-revision", &last_s, "-o", &path("at.db")])?,
         &dir.join("download-at.log"),
+        coordinator,
     )?;
     let r = parse_rebuild(&at.stdout())?;
     if r.revision != last {
@@ -837,12 +868,13 @@ fn bench_kind(rt: &tokio::runtime::Runtime, c: &Config, kind: Kind, n: usize, ro
         "download --at-revision LAST",
         &at,
         format!(
-            "base {} + {} revisions, {} segments; restore + replay {:.1} s = {:.0} rev/s",
+            "base {} + {} revisions, {} segments; restore + replay {:.1} s = {:.0} rev/s, the rest {:.1} s",
             r.base_revision,
             r.applied,
             r.segments,
             r.secs,
-            r.applied as f64 / r.secs.max(1e-9)
+            r.applied as f64 / r.secs.max(1e-9),
+            at.wall - r.secs
         ),
     );
     let out = Command::new("etcdutl").args(["snapshot", "status", &path("at.db"), "-w", "json"]).output()?;
@@ -853,7 +885,7 @@ fn bench_kind(rt: &tokio::runtime::Runtime, c: &Config, kind: Kind, n: usize, ro
     let at_size = std::fs::metadata(work.join("at.db")).map(|m| m.len()).unwrap_or(0);
     let mut etcdutl = Command::new("etcdutl");
     etcdutl.args(["snapshot", "restore", &path("at.db"), "--data-dir", &path("at-restored")]);
-    let rs_at = measure(&mut etcdutl, &dir.join("etcdutl-at.log"))?;
+    let rs_at = measure(&mut etcdutl, &dir.join("etcdutl-at.log"), coordinator)?;
     row("etcdutl snapshot restore (rebuilt)", &rs_at, format!("{:.0} MiB snapshot", mib(at_size as f64)));
     let _ = std::fs::remove_dir_all(work.join("at-restored"));
     let _ = std::fs::remove_file(work.join("at.db"));
@@ -868,6 +900,7 @@ fn bench_kind(rt: &tokio::runtime::Runtime, c: &Config, kind: Kind, n: usize, ro
         let m = measure(
             &mut ctl(&["get-key", CLUSTER, key, "--at-revision", &last_s])?,
             &dir.join(format!("get-key-{i}.log")),
+            coordinator,
         )?;
         let found_in_log = m.stderr().contains("found in the change log");
         if m.stdout.len() != *len || found_in_log != *from_log {
@@ -941,25 +974,32 @@ fn print_tables(c: &Config, etcd: &str, rows: &[Row], sums: &[Summary]) {
     }
     println!();
     println!(
-        "| {:<6} | {:<36} | {:>7} | {:>7} | {:>20} | {:<70} |",
-        "data", "step", "wall s", "CPU s", "RSS MiB (sum / max)", "notes"
+        "| {:<6} | {:<36} | {:>7} | {:>7} | {:>9} | {:>20} | {:<70} |",
+        "data", "step", "wall s", "CPU s", "coord. s", "RSS MiB (sum / max)", "notes"
     );
-    println!("|{:-<8}|{:-<38}|{:-<9}|{:-<9}|{:-<22}|{:-<72}|", "", "", "", "", "", "");
+    println!("|{:-<8}|{:-<38}|{:-<9}|{:-<9}|{:-<11}|{:-<22}|{:-<72}|", "", "", "", "", "", "", "");
     for r in rows {
         println!(
-            "| {:<6} | {:<36} | {:>7.2} | {:>7.2} | {:>20} | {:<70} |",
+            "| {:<6} | {:<36} | {:>7.2} | {:>7.2} | {:>9.2} | {:>20} | {:<70} |",
             r.kind,
             r.step,
             r.m.wall,
             r.m.cpu,
-            format!("{:.0} / {:.0}", mib(r.m.rss_sum as f64), mib(r.m.rss_max as f64)),
+            r.m.coordinator_cpu,
+            format!("{:.0} / {:.0}", mib(r.m.tree.rss_sum as f64), mib(r.m.tree.rss_max as f64)),
             r.note
         );
     }
     println!(
-        "(CPU s: the command and every child it waited for; RSS: the peak of its process tree's VmRSS sum, sampled \
-         every 100 ms / the largest VmHWM of one process in it)"
+        "(CPU s: the command and every child it waited for; coord. s: the coordinator's CPU seconds meanwhile; RSS: \
+         the peak of the command's process tree's VmRSS sum, sampled every 100 ms / the largest VmHWM of one \
+         process in it)"
     );
+    println!("CPU seconds by program (sampled every 100 ms), where it is more than one:");
+    for r in rows.iter().filter(|r| r.m.tree.cpu_by_program.len() > 1) {
+        let by: Vec<String> = r.m.tree.cpu_by_program.iter().map(|(p, s)| format!("{p} {s:.2}")).collect();
+        println!("  {} {}: {}", r.kind, r.step, by.join(", "));
+    }
 }
 
 /// The issue's targets against what was measured, the log's part extrapolated to an hour at 500 revisions/s.
@@ -1005,7 +1045,9 @@ fn print_targets(sums: &[Summary]) {
             // Reading back costs per segment, so per revision between the point and the change.
             s.get_newest + (s.get_oldest - s.get_newest) * HOUR_REVISIONS / (s.oldest_distance as f64).max(1.0)
         );
-        let base_hour = s.get_base + (HOUR_REVISIONS - n) / rate;
+        // It reads every segment first (not there), then rebuilds: both grow with the revisions.
+        let scan_per_revision = (s.get_oldest - s.get_newest).max(0.0) / (s.oldest_distance as f64).max(1.0);
+        let base_hour = s.get_base + (HOUR_REVISIONS - n) * (1.0 / rate + scan_per_revision);
         println!(
             "  {} get-key ≤ 5 s, a key only in the full [{}]: {:.2} s; 1 h ≈ {base_hour:.0} s (extrapolated)",
             mark(s.get_base <= 5.0 && base_hour <= 5.0),
