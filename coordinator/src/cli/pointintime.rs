@@ -124,12 +124,14 @@ fn describe(p: &PointInTimePlan) {
 }
 
 /// Rebuilds the plan's point under `scratch`: the newest base whose snapshot is at or before the point, then
-/// the log. The returned etcd serves the state until dropped.
+/// the log (with `base_only`, the base alone: for a key the log does not touch up to the point). The
+/// returned etcd serves the state until dropped.
 async fn rebuild_plan(
     cfg: &FerryConfig,
     p: &PointInTimePlan,
     identities: Option<&Identities>,
     scratch: &Path,
+    base_only: bool,
     cancel: &CancellationToken,
 ) -> Result<Rebuilt> {
     let mut why_not = Vec::new();
@@ -152,7 +154,8 @@ async fn rebuild_plan(
         let mut fetcher = Fetcher { cfg, cluster: p.cluster.clone(), bytes: 0 };
         let from = status.revision;
         let mut tick = |r: i64| progress.set((r - from) as u64);
-        let what = Rebuild { snapshot: &snapshot, target: p.revision, segments: &p.segments, identities };
+        let (target, segments) = if base_only { (status.revision, &[][..]) } else { (p.revision, &p.segments[..]) };
+        let what = Rebuild { snapshot: &snapshot, target, segments, identities };
         let rebuilt = rebuild(what, &dir, &mut fetcher, &mut tick, cancel).await?;
         progress.finish();
         let _ = std::fs::remove_file(&snapshot);
@@ -186,7 +189,7 @@ pub async fn download_at(
     }
     let scratch = scratch_dir()?;
     let cancel = CancellationToken::new();
-    let rebuilt = rebuild_plan(cfg, &p, identities, scratch.path(), &cancel).await?;
+    let rebuilt = rebuild_plan(cfg, &p, identities, scratch.path(), false, &cancel).await?;
     let o = rebuilt.outcome.clone();
     let out: PathBuf = output.to_path_buf();
     let etcd = rebuilt.etcd;
@@ -378,9 +381,11 @@ pub async fn get_key(
             }
         }
     }
+    // A key the log does not touch between the base and the point holds the base's value: the base alone
+    // answers (every segment up to the point was read above).
     let scratch = scratch_dir()?;
     let cancel = CancellationToken::new();
-    let mut rebuilt = rebuild_plan(cfg, &p, identities, scratch.path(), &cancel).await?;
+    let mut rebuilt = rebuild_plan(cfg, &p, identities, scratch.path(), !prefix, &cancel).await?;
     let opts = if prefix { Some(etcd_client::GetOptions::new().with_prefix()) } else { None };
     let resp = rebuilt.client.get(key.to_vec(), opts).await.context("read the rebuilt state")?;
     if resp.kvs().is_empty() {
