@@ -307,6 +307,22 @@ impl Ferry {
         }
     }
 
+    /// Waits until the agent has reported a database of at least `bytes` (every 10 s): the coordinator does not
+    /// believe a snapshot more than twice the size its members last reported.
+    fn wait_reported_db(&self, bytes: i64) -> Result<()> {
+        let t = Instant::now();
+        loop {
+            let v = self.ctl_json(&["get", "agents", "-o", "json"])?;
+            if v.as_array().is_some_and(|a| a.iter().any(|a| a["spec"]["dbsize"].as_i64() >= Some(bytes))) {
+                return Ok(());
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("the agent did not report a {bytes}-byte database within 60 s: {v}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     /// Turns the change log on, as an operator would: the cluster resource applied with ferryctl.
     fn enable_log(&self) -> Result<()> {
         let mut r = self.ctl_json(&["get", "cluster", CLUSTER, "-o", "json"])?;
@@ -759,6 +775,7 @@ fn bench_kind(rt: &tokio::runtime::Runtime, c: &Config, kind: Kind, n: usize, ro
         anyhow::Ok((kv.key_str()?.to_owned(), kv.value().len()))
     })?;
 
+    f.wait_reported_db(s.base_db * 9 / 10)?;
     f.enable_log()?;
     f.wait_started()?;
     let now = rt.block_on(current_revision(&f.etcd))?;
