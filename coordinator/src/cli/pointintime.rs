@@ -22,7 +22,7 @@ use super::download::fetch;
 use super::request::{call, Answered};
 use crate::pointintime::diff::Diff;
 use crate::pointintime::materialize::{rebuild, Rebuild, Rebuilt, SegmentSource};
-use crate::pointintime::open_segment;
+use crate::pointintime::open_segment_blocking;
 use crate::pointintime::plan::human_ms;
 
 /// A point as ferryctl's flags give it.
@@ -207,11 +207,6 @@ pub async fn download_at(
         o.segments_read,
         o.elapsed.as_secs_f64()
     );
-    if o.sequential {
-        eprintln!(
-            "note: etcd applied the log out of order when pipelined; it was rebuilt again one revision at a time"
-        );
-    }
     if o.leases_unknown > 0 {
         eprintln!(
             "note: {} lease(s) were granted with a TTL of an hour: the log did not record their TTL",
@@ -345,10 +340,7 @@ pub async fn get_key(
         let mut fetcher = Fetcher { cfg, cluster: p.cluster.clone(), bytes: 0 };
         for s in p.segments.iter().rev().filter(|s| s.first_revision <= p.revision) {
             let stored = fetcher.fetch(s).await?;
-            let (plan, ids) = (s.clone(), identities.cloned());
-            let opened = tokio::task::spawn_blocking(move || open_segment(&plan, &stored, ids.as_ref()))
-                .await
-                .map_err(|e| anyhow!("reading a segment panicked: {e}"))??;
+            let opened = open_segment_blocking(s, stored, identities).await?;
             let last = opened
                 .revisions
                 .iter()
@@ -422,10 +414,7 @@ pub async fn show_plan(cfg: &FerryConfig, cluster: &str, at: At, identities: Opt
     let mut read = 0u64;
     for s in p.segments.iter().filter(|s| s.last_revision > p.revision) {
         let stored = fetcher.fetch(s).await?;
-        let (plan, ids) = (s.clone(), identities.cloned());
-        let opened = tokio::task::spawn_blocking(move || open_segment(&plan, &stored, ids.as_ref()))
-            .await
-            .map_err(|e| anyhow!("reading a segment panicked: {e}"))??;
+        let opened = open_segment_blocking(s, stored, identities).await?;
         for r in &opened.revisions {
             diff.add(r);
         }

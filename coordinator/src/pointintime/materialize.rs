@@ -19,7 +19,7 @@ use ferry_common::protocol::PlanSegment;
 use ferry_common::segment::{EventKind, Revision};
 use tokio_util::sync::CancellationToken;
 
-use super::open_segment;
+use super::{check_chain, open_segment_blocking};
 use crate::restore_check::{start_restored, Running};
 
 /// A lease a put needs that no segment recorded a grant for (the watcher saw its keys before it could ask
@@ -62,8 +62,6 @@ pub struct Outcome {
     pub leases_granted: u64,
     /// Leases granted with [`UNKNOWN_LEASE_TTL`] because no grant was recorded.
     pub leases_unknown: u64,
-    /// etcd applied the pipelined transactions out of order, so the rebuild ran again one at a time.
-    pub sequential: bool,
     pub elapsed: Duration,
 }
 
@@ -151,16 +149,6 @@ async fn keep_alive(mut client: Client, leases: Leases, stop: CancellationToken)
     }
 }
 
-/// Transactions sent before the first is answered. etcd may apply concurrent requests out of the order they
-/// were sent in; every answer is checked to land on its own revision, so a reordering is always seen, and the
-/// rebuild then starts again one transaction at a time.
-const PIPELINE: usize = 64;
-
-/// The rebuild saw etcd apply a transaction on another revision than the log's.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct Misapplied(String);
-
 /// What to rebuild: the state at `target` from `snapshot` (a plain etcd snapshot file, checked already) and
 /// the plan's `segments` (each checked against its plan entry and the one before it; opened with
 /// `identities` when sealed).
@@ -174,7 +162,8 @@ pub struct Rebuild<'a> {
 
 /// Rebuilds `what` in a throw-away etcd under `scratch`, the segments fetched from `source`. Fails, saying
 /// why, if the snapshot is past the target or the log does not reach it. `progress` is told each revision
-/// applied.
+/// applied. One transaction at a time: etcd applies concurrent requests in no promised order (sent 64 deep,
+/// it reordered them in every benchmark run), and the log's order is what makes the revisions match.
 pub async fn rebuild(
     what: Rebuild<'_>,
     scratch: &Path,
@@ -183,37 +172,6 @@ pub async fn rebuild(
     cancel: &CancellationToken,
 ) -> Result<Rebuilt> {
     let started = Instant::now();
-    let first = scratch.join("pipelined");
-    std::fs::create_dir(&first).with_context(|| format!("create {}", first.display()))?;
-    let r = rebuild_with(what, &first, source, progress, cancel, PIPELINE).await;
-    let mut rebuilt = match r {
-        Err(e) if e.downcast_ref::<Misapplied>().is_some() => {
-            tracing::warn!(error = %e, "etcd applied the log out of order; rebuilding one transaction at a time");
-            let _ = std::fs::remove_dir_all(&first);
-            let again = scratch.join("sequential");
-            std::fs::create_dir(&again).with_context(|| format!("create {}", again.display()))?;
-            let mut r = rebuild_with(what, &again, source, progress, cancel, 1).await?;
-            r.outcome.sequential = true;
-            r
-        }
-        r => r?,
-    };
-    rebuilt.outcome.elapsed = started.elapsed();
-    Ok(rebuilt)
-}
-
-/// A transaction in flight: its revision and etcd's answer.
-type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = (i64, Result<TxnResponse>)> + Send>>;
-
-async fn rebuild_with(
-    what: Rebuild<'_>,
-    scratch: &Path,
-    source: &mut impl SegmentSource,
-    progress: &mut (dyn FnMut(i64) + Send),
-    cancel: &CancellationToken,
-    depth: usize,
-) -> Result<Rebuilt> {
-    use futures_util::StreamExt as _;
     let Rebuild { snapshot, target, segments, identities } = what;
     let (snap, dir) = (snapshot.to_path_buf(), scratch.to_path_buf());
     let etcd = tokio::task::spawn_blocking(move || start_restored(&snap, &dir, &etcd_flags()))
@@ -233,22 +191,14 @@ async fn rebuild_with(
         let stop = cancel.child_token();
         let _stop_keepalive = stop.clone().drop_guard();
         tokio::spawn(keep_alive(client.clone(), leases.clone(), stop));
-        let kv = client.kv_client();
-        let mut inflight: futures_util::stream::FuturesOrdered<InFlight> = Default::default();
         let mut outcome = Outcome { base_revision: base, revision: base, ..Default::default() };
         let mut granted_ttls: HashMap<i64, i64> = HashMap::new();
         let mut next = base + 1;
-        let mut previous: Option<&PlanSegment> = None;
+        check_chain(segments).map_err(|e| anyhow!(e))?;
         for s in segments {
             if next > target {
                 break;
             }
-            if let Some(p) = previous {
-                if s.prev_sha256 != p.sha256 || s.first_revision != p.last_revision + 1 {
-                    bail!("segment {} does not follow segment {} in the chain", s.name, p.name);
-                }
-            }
-            previous = Some(s);
             if s.last_revision < next {
                 continue;
             }
@@ -256,11 +206,7 @@ async fn rebuild_with(
                 bail!("the log misses revisions {next}..{} before segment {}", s.first_revision, s.name);
             }
             let stored = source.fetch(s).await.with_context(|| format!("fetch segment {}", s.name))?;
-            let plan = s.clone();
-            let ids = identities.cloned();
-            let opened = tokio::task::spawn_blocking(move || open_segment(&plan, &stored, ids.as_ref()))
-                .await
-                .map_err(|e| anyhow!("reading a segment panicked: {e}"))??;
+            let opened = open_segment_blocking(s, stored, identities).await?;
             outcome.segments_read += 1;
             for l in &opened.leases {
                 granted_ttls.insert(l.id, l.granted_ttl);
@@ -276,35 +222,24 @@ async fn rebuild_with(
                     bail!("the log misses revisions {next}..{} (segment {})", rev.revision, s.name);
                 }
                 grant_missing(&mut client, &rev, &leases, &granted_ttls, &mut outcome).await?;
+                let answer = client.txn(transaction(&rev)).await.with_context(|| format!("apply revision {next}"))?;
+                check_landed(next, &answer)?;
+                outcome.revisions_applied += 1;
                 outcome.events_applied += rev.events.len() as u64;
-                let txn = transaction(&rev);
-                let mut kv = kv.clone();
-                let r = rev.revision;
-                inflight.push_back(Box::pin(async move {
-                    let answer = kv.txn(txn).await.with_context(|| format!("apply revision {r}"));
-                    (r, answer)
-                }));
+                progress(next);
                 next += 1;
-                while inflight.len() >= depth {
-                    if let Some((r, answer)) = inflight.next().await {
-                        landed(r, answer, &mut outcome, progress)?;
-                    }
-                }
             }
-        }
-        while let Some((r, answer)) = inflight.next().await {
-            landed(r, answer, &mut outcome, progress)?;
         }
         if next <= target {
             bail!("the log ends at revision {}, before the target {target}", next - 1);
         }
         outcome.revision = target;
+        outcome.elapsed = started.elapsed();
         Ok((client, outcome))
     }
     .await;
     match result {
         Ok((client, outcome)) => Ok(Rebuilt { etcd, client, outcome }),
-        Err(e) if e.downcast_ref::<Misapplied>().is_some() => Err(e),
         Err(e) => Err(etcd.with_log(e)),
     }
 }
@@ -355,22 +290,14 @@ fn transaction(rev: &Revision) -> Txn {
 }
 
 /// Checks that revision `r`'s transaction made exactly revision `r`: one transaction makes one revision, so
-/// every answer landing on its own revision means they were applied in the log's order, each changing what
-/// the log says it changed (a delete of a key the state lacks makes no revision).
-fn landed(
-    r: i64,
-    answer: Result<TxnResponse>,
-    outcome: &mut Outcome,
-    progress: &mut (dyn FnMut(i64) + Send),
-) -> Result<()> {
-    let landed = answer?.header().map(|h| h.revision()).unwrap_or(0);
+/// an answer elsewhere means the log and the full backup do not join (a delete of a key the backup does not
+/// hold makes no revision) or something else wrote (a lease that expired).
+fn check_landed(r: i64, answer: &TxnResponse) -> Result<()> {
+    let landed = answer.header().map(|h| h.revision()).unwrap_or(0);
     if landed != r {
-        return Err(Misapplied(format!(
-            "revision {r} of the log landed on revision {landed} of the rebuilt etcd (applied out of order, or the log and the full backup do not join: a delete of a key the backup does not hold, a lease that expired)"
-        ))
-        .into());
+        bail!(
+            "revision {r} of the log landed on revision {landed} of the rebuilt etcd: the log and the full backup do not join (a delete of a key the backup does not hold, or a lease that expired)"
+        );
     }
-    outcome.revisions_applied += 1;
-    progress(r);
     Ok(())
 }

@@ -102,6 +102,18 @@ pub fn open_segment(
     Ok(OpenSegment { revisions, leases, trailer })
 }
 
+/// [`open_segment`] off the async runtime (zstd and age over up to a few MiB).
+pub async fn open_segment_blocking(
+    s: &PlanSegment,
+    stored: Vec<u8>,
+    identities: Option<&Identities>,
+) -> Result<OpenSegment, SegmentReadError> {
+    let (plan, ids) = (s.clone(), identities.cloned());
+    tokio::task::spawn_blocking(move || open_segment(&plan, &stored, ids.as_ref())).await.unwrap_or_else(|e| {
+        Err(SegmentReadError::Damaged { name: s.name.clone(), why: format!("reading it panicked: {e}") })
+    })
+}
+
 /// Checks that `segments` join: each names the one before it as its previous object and starts where it
 /// ended. `Err` says where the chain breaks.
 pub fn check_chain(segments: &[PlanSegment]) -> Result<(), String> {

@@ -7,7 +7,7 @@ use ferry_common::protocol::{PlanSegment, PointInTime, PointInTimePlan};
 use ferry_common::resources::{ChangeLogGap, Timestamp};
 use tokio_util::sync::CancellationToken;
 
-use super::{check_chain, open_segment, SegmentReadError};
+use super::{check_chain, open_segment_blocking, SegmentReadError};
 use crate::changelog::index::{self, Head, SegmentEntry};
 use crate::changelog::ChangeLog;
 use crate::store::{Manifest, StoreError};
@@ -245,13 +245,9 @@ impl ChangeLog {
             // Nothing changed between this segment's last revision and `t`: the covered time proves it.
             return Ok((l.clone(), s.last_revision, s.last_time_ms));
         }
-        let plan_segment = PlanSegment::from(s);
         let stored = deps.store.read_segment(cluster, &s.name, cancel).await?;
-        let ids = deps.identities.clone();
-        let opened = tokio::task::spawn_blocking(move || open_segment(&plan_segment, &stored, ids.as_ref()))
-            .await
-            .map_err(|e| PlanError::Gap(format!("reading a segment panicked: {e}")))?
-            .map_err(|e| match e {
+        let opened =
+            open_segment_blocking(&PlanSegment::from(s), stored, deps.identities.as_ref()).await.map_err(|e| match e {
                 SegmentReadError::Encrypted(_) => PlanError::Outside(format!(
                     "the change log of {cluster} is encrypted and this coordinator has no --identity to find the revision at {}; give a revision instead, or ask a coordinator started with --identity",
                     human_ms(t)
