@@ -4,7 +4,7 @@
 //! (`pointintime::materialize`), so an encrypted cluster's identity never has to be on the coordinator.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
@@ -13,7 +13,7 @@ use ferry_common::config::FerryConfig;
 use ferry_common::encryption::Identities;
 use ferry_common::progress::{Lines, Progress};
 use ferry_common::protocol::{expect_frame, AdminRequest, AdminResponse, PlanSegment, PointInTime, PointInTimePlan};
-use ferry_common::resources::Spec;
+use ferry_common::resources::{Resource, Spec};
 use ferry_common::segment::EventKind;
 use tokio_util::sync::CancellationToken;
 
@@ -21,7 +21,7 @@ use super::changes::TimeArg;
 use super::download::fetch;
 use super::request::{call, Answered};
 use crate::pointintime::diff::Diff;
-use crate::pointintime::materialize::{rebuild, Rebuild, Rebuilt, SegmentSource};
+use crate::pointintime::materialize::{rebuild_plan, save, Rebuilt, Source};
 use crate::pointintime::open_segment_blocking;
 use crate::pointintime::plan::human_ms;
 
@@ -69,15 +69,20 @@ pub async fn plan(cfg: &FerryConfig, cluster: &str, at: At, through_covered: boo
     }
 }
 
-/// Fetches segments from the coordinator, one request each.
+/// Fetches bases and segments from the coordinator, one request each.
 struct Fetcher<'a> {
     cfg: &'a FerryConfig,
     cluster: String,
-    bytes: u64,
+    identities: Option<&'a Identities>,
 }
 
-impl SegmentSource for Fetcher<'_> {
-    async fn fetch(&mut self, s: &PlanSegment) -> Result<Vec<u8>> {
+impl Source for Fetcher<'_> {
+    async fn base(&mut self, base: &Resource, out: &Path) -> Result<bool> {
+        fetch(self.cfg, self.cluster.clone(), base.metadata.id.clone(), out, true, self.identities).await?;
+        Ok(true)
+    }
+
+    async fn segment(&mut self, s: &PlanSegment) -> Result<Vec<u8>> {
         let request = AdminRequest::Segment { cluster: self.cluster.clone(), name: s.name.clone() };
         let mut session = Session::open(&self.cfg.coordinator, &self.cfg.ca, &self.cfg.client_pem(), &request).await?;
         let result = async {
@@ -98,9 +103,7 @@ impl SegmentSource for Fetcher<'_> {
         }
         .await;
         session.close().await;
-        let out = result?;
-        self.bytes += out.len() as u64;
-        Ok(out)
+        result
     }
 }
 
@@ -123,10 +126,8 @@ fn describe(p: &PointInTimePlan) {
     }
 }
 
-/// Rebuilds the plan's point under `scratch`: the newest base whose snapshot is at or before the point, then
-/// the log (with `base_only`, the base alone: for a key the log does not touch up to the point). The
-/// returned etcd serves the state until dropped.
-async fn rebuild_plan(
+/// Rebuilds the plan's point under `scratch` (see `materialize::rebuild_plan`), with a progress line.
+async fn rebuild_here(
     cfg: &FerryConfig,
     p: &PointInTimePlan,
     identities: Option<&Identities>,
@@ -134,34 +135,20 @@ async fn rebuild_plan(
     base_only: bool,
     cancel: &CancellationToken,
 ) -> Result<Rebuilt> {
-    let mut why_not = Vec::new();
-    for (i, base) in p.bases.iter().enumerate() {
-        let snapshot = scratch.join(format!("base-{i}.db"));
-        fetch(cfg, p.cluster.clone(), base.metadata.id.clone(), &snapshot, true, identities).await?;
-        let s = snapshot.clone();
-        let status = tokio::task::spawn_blocking(move || ferry_common::snapshot::status(&s))
-            .await
-            .map_err(|e| anyhow!("snapshot status panicked: {e}"))??;
-        if status.revision > p.revision {
-            why_not.push(format!("backup {} is at revision {}", base.metadata.id, status.revision));
-            let _ = std::fs::remove_file(&snapshot);
-            continue;
-        }
-        let dir = scratch.join(format!("etcd-{i}"));
-        std::fs::create_dir(&dir).with_context(|| format!("create {}", dir.display()))?;
-        let todo = (p.revision - status.revision).max(0) as u64;
-        let mut progress = Progress::new(format!("apply {todo} revision(s)"), todo, Lines::Stderr);
-        let mut fetcher = Fetcher { cfg, cluster: p.cluster.clone(), bytes: 0 };
-        let from = status.revision;
-        let mut tick = |r: i64| progress.set((r - from) as u64);
-        let (target, segments) = if base_only { (status.revision, &[][..]) } else { (p.revision, &p.segments[..]) };
-        let what = Rebuild { snapshot: &snapshot, target, segments, identities };
-        let rebuilt = rebuild(what, &dir, &mut fetcher, &mut tick, cancel).await?;
-        progress.finish();
-        let _ = std::fs::remove_file(&snapshot);
-        return Ok(rebuilt);
+    let mut fetcher = Fetcher { cfg, cluster: p.cluster.clone(), identities };
+    let mut progress: Option<Progress> = None;
+    let target = p.revision;
+    let mut tick = |from: i64, r: i64| {
+        let todo = (target - from).max(0) as u64;
+        let line =
+            progress.get_or_insert_with(|| Progress::new(format!("apply {todo} revision(s)"), todo, Lines::Stderr));
+        line.set((r - from) as u64);
+    };
+    let rebuilt = rebuild_plan(p, identities, scratch, base_only, &mut fetcher, &mut tick, cancel).await?;
+    if let Some(line) = progress {
+        line.finish();
     }
-    bail!("every full backup offered is past revision {} ({}); pick a later point", p.revision, why_not.join(", "))
+    Ok(rebuilt)
 }
 
 fn scratch_dir() -> Result<tempfile::TempDir> {
@@ -189,14 +176,8 @@ pub async fn download_at(
     }
     let scratch = scratch_dir()?;
     let cancel = CancellationToken::new();
-    let rebuilt = rebuild_plan(cfg, &p, identities, scratch.path(), false, &cancel).await?;
-    let o = rebuilt.outcome.clone();
-    let out: PathBuf = output.to_path_buf();
-    let etcd = rebuilt.etcd;
-    tokio::task::spawn_blocking(move || crate::restore_check::save_snapshot(&etcd, &out).map_err(|e| etcd.with_log(e)))
-        .await
-        .map_err(|e| anyhow!("saving the snapshot panicked: {e}"))??;
-    drop(rebuilt.client);
+    let rebuilt = rebuild_here(cfg, &p, identities, scratch.path(), false, &cancel).await?;
+    let o = save(rebuilt, output).await?;
     println!(
         "wrote {}: cluster {cluster} at revision {} (base revision {} + {} revision(s), {} event(s) from {} segment(s), every hash checked; {:.1}s); restore it with `etcdutl snapshot restore`",
         output.display(),
@@ -337,9 +318,9 @@ pub async fn get_key(
     describe(&p);
     let name = String::from_utf8_lossy(key).into_owned();
     if !prefix {
-        let mut fetcher = Fetcher { cfg, cluster: p.cluster.clone(), bytes: 0 };
+        let mut fetcher = Fetcher { cfg, cluster: p.cluster.clone(), identities };
         for s in p.segments.iter().rev().filter(|s| s.first_revision <= p.revision) {
-            let stored = fetcher.fetch(s).await?;
+            let stored = fetcher.segment(s).await?;
             let opened = open_segment_blocking(s, stored, identities).await?;
             let last = opened
                 .revisions
@@ -377,7 +358,7 @@ pub async fn get_key(
     // answers (every segment up to the point was read above).
     let scratch = scratch_dir()?;
     let cancel = CancellationToken::new();
-    let mut rebuilt = rebuild_plan(cfg, &p, identities, scratch.path(), !prefix, &cancel).await?;
+    let mut rebuilt = rebuild_here(cfg, &p, identities, scratch.path(), !prefix, &cancel).await?;
     let opts = if prefix { Some(etcd_client::GetOptions::new().with_prefix()) } else { None };
     let resp = rebuilt.client.get(key.to_vec(), opts).await.context("read the rebuilt state")?;
     if resp.kvs().is_empty() {
@@ -409,11 +390,11 @@ pub async fn get_key(
 pub async fn show_plan(cfg: &FerryConfig, cluster: &str, at: At, identities: Option<&Identities>) -> Result<()> {
     let p = plan(cfg, cluster, at, true).await?;
     describe(&p);
-    let mut fetcher = Fetcher { cfg, cluster: p.cluster.clone(), bytes: 0 };
+    let mut fetcher = Fetcher { cfg, cluster: p.cluster.clone(), identities };
     let mut diff = Diff::new(p.revision);
     let mut read = 0u64;
     for s in p.segments.iter().filter(|s| s.last_revision > p.revision) {
-        let stored = fetcher.fetch(s).await?;
+        let stored = fetcher.segment(s).await?;
         let opened = open_segment_blocking(s, stored, identities).await?;
         for r in &opened.revisions {
             diff.add(r);

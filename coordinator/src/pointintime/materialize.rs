@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use etcd_client::{Client, LeaseGrantOptions, PutOptions, Txn, TxnOp, TxnResponse};
 use ferry_common::encryption::Identities;
-use ferry_common::protocol::PlanSegment;
+use ferry_common::protocol::{PlanSegment, PointInTimePlan};
+use ferry_common::resources::Resource;
 use ferry_common::segment::{EventKind, Revision};
 use tokio_util::sync::CancellationToken;
 
@@ -72,9 +73,13 @@ pub struct Rebuilt {
     pub outcome: Outcome,
 }
 
-/// Where the segments come from: their stored bytes, one at a time, in plan order.
-pub trait SegmentSource {
-    fn fetch(&mut self, s: &PlanSegment) -> impl std::future::Future<Output = Result<Vec<u8>>>;
+/// Where a rebuild reads from: ferryctl through the coordinator, the coordinator from its store.
+pub trait Source {
+    /// Writes the plan's full backup `base` (an `EtcdBackups` resource) as a plain etcd snapshot at `out`,
+    /// through every check a restore makes; `false` when it is no longer stored.
+    fn base(&mut self, base: &Resource, out: &Path) -> impl std::future::Future<Output = Result<bool>>;
+    /// A segment's stored bytes, one at a time, in plan order.
+    fn segment(&mut self, s: &PlanSegment) -> impl std::future::Future<Output = Result<Vec<u8>>>;
 }
 
 /// Connects to the throw-away etcd's unix socket, for at most `timeout`.
@@ -152,22 +157,21 @@ async fn keep_alive(mut client: Client, leases: Leases, stop: CancellationToken)
 /// What to rebuild: the state at `target` from `snapshot` (a plain etcd snapshot file, checked already) and
 /// the plan's `segments` (each checked against its plan entry and the one before it; opened with
 /// `identities` when sealed).
-#[derive(Clone, Copy)]
-pub struct Rebuild<'a> {
-    pub snapshot: &'a Path,
-    pub target: i64,
-    pub segments: &'a [PlanSegment],
-    pub identities: Option<&'a Identities>,
+struct Rebuild<'a> {
+    snapshot: &'a Path,
+    target: i64,
+    segments: &'a [PlanSegment],
+    identities: Option<&'a Identities>,
 }
 
 /// Rebuilds `what` in a throw-away etcd under `scratch`, the segments fetched from `source`. Fails, saying
 /// why, if the snapshot is past the target or the log does not reach it. `progress` is told each revision
 /// applied. One transaction at a time: etcd applies concurrent requests in no promised order (sent 64 deep,
 /// it reordered them in every benchmark run), and the log's order is what makes the revisions match.
-pub async fn rebuild(
+async fn rebuild(
     what: Rebuild<'_>,
     scratch: &Path,
-    source: &mut impl SegmentSource,
+    source: &mut impl Source,
     progress: &mut (dyn FnMut(i64) + Send),
     cancel: &CancellationToken,
 ) -> Result<Rebuilt> {
@@ -205,7 +209,7 @@ pub async fn rebuild(
             if s.first_revision > next {
                 bail!("the log misses revisions {next}..{} before segment {}", s.first_revision, s.name);
             }
-            let stored = source.fetch(s).await.with_context(|| format!("fetch segment {}", s.name))?;
+            let stored = source.segment(s).await.with_context(|| format!("fetch segment {}", s.name))?;
             let opened = open_segment_blocking(s, stored, identities).await?;
             outcome.segments_read += 1;
             for l in &opened.leases {
@@ -241,6 +245,106 @@ pub async fn rebuild(
     match result {
         Ok((client, outcome)) => Ok(Rebuilt { etcd, client, outcome }),
         Err(e) => Err(etcd.with_log(e)),
+    }
+}
+
+/// Rebuilds `plan`'s point under `scratch` from the first base it offers whose snapshot is at or before the
+/// point (a snapshot's true revision can pass the one recorded), then the log; with `base_only`, the base
+/// alone (for a key the log does not touch up to the point). `progress` is told the base's revision and each
+/// revision applied.
+pub async fn rebuild_plan(
+    plan: &PointInTimePlan,
+    identities: Option<&Identities>,
+    scratch: &Path,
+    base_only: bool,
+    source: &mut impl Source,
+    progress: &mut (dyn FnMut(i64, i64) + Send),
+    cancel: &CancellationToken,
+) -> Result<Rebuilt> {
+    let mut why_not = Vec::new();
+    for (i, base) in plan.bases.iter().enumerate() {
+        let snapshot = scratch.join(format!("base-{i}.db"));
+        if !source.base(base, &snapshot).await? {
+            why_not.push(format!("backup {} is gone", base.metadata.id));
+            continue;
+        }
+        let s = snapshot.clone();
+        let status = tokio::task::spawn_blocking(move || ferry_common::snapshot::status(&s))
+            .await
+            .map_err(|e| anyhow!("snapshot status panicked: {e}"))??;
+        if status.revision > plan.revision {
+            why_not.push(format!("backup {} is at revision {}", base.metadata.id, status.revision));
+            let _ = std::fs::remove_file(&snapshot);
+            continue;
+        }
+        let dir = scratch.join(format!("etcd-{i}"));
+        std::fs::create_dir(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let (target, segments) =
+            if base_only { (status.revision, &[][..]) } else { (plan.revision, &plan.segments[..]) };
+        let what = Rebuild { snapshot: &snapshot, target, segments, identities };
+        let mut tick = |r: i64| progress(status.revision, r);
+        let rebuilt = rebuild(what, &dir, source, &mut tick, cancel).await?;
+        let _ = std::fs::remove_file(&snapshot);
+        return Ok(rebuilt);
+    }
+    bail!("every full backup offered is past revision {} ({}); pick a later point", plan.revision, why_not.join(", "))
+}
+
+/// Writes the rebuilt state to `out` with `etcdctl snapshot save` (etcd's tool checks the hash) and stops
+/// the throw-away etcd.
+pub async fn save(rebuilt: Rebuilt, out: &Path) -> Result<Outcome> {
+    let Rebuilt { etcd, client, outcome } = rebuilt;
+    drop(client);
+    let out = out.to_path_buf();
+    tokio::task::spawn_blocking(move || crate::restore_check::save_snapshot(&etcd, &out).map_err(|e| etcd.with_log(e)))
+        .await
+        .map_err(|e| anyhow!("saving the snapshot panicked: {e}"))??;
+    Ok(outcome)
+}
+
+/// Segments and bases read from the coordinator's own store.
+struct StoreSource<'a> {
+    store: &'a crate::store::BackupStore,
+    identities: Option<&'a Identities>,
+    cluster: &'a str,
+    cancel: &'a CancellationToken,
+}
+
+impl Source for StoreSource<'_> {
+    async fn base(&mut self, base: &Resource, out: &Path) -> Result<bool> {
+        let Some(m) = self.store.find(self.cluster, &base.metadata.id, self.cancel).await? else { return Ok(false) };
+        crate::drill::fetch(self.store, self.identities, &m, out, self.cancel).await?;
+        Ok(true)
+    }
+
+    async fn segment(&mut self, s: &PlanSegment) -> Result<Vec<u8>> {
+        Ok(self.store.read_segment(self.cluster, &s.name, self.cancel).await?)
+    }
+}
+
+impl crate::changelog::ChangeLog {
+    /// Rebuilds `plan`'s point on the coordinator (with its own `--identity` for an encrypted cluster) under
+    /// `scratch`, and writes it as an etcd snapshot to `out`. One at a time: a rebuild runs etcd and reads the
+    /// whole base.
+    pub async fn rebuild_to_file(
+        &self,
+        plan: &PointInTimePlan,
+        scratch: &Path,
+        out: &Path,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome> {
+        let _one = self
+            .rebuild_slot()
+            .ok_or_else(|| anyhow!("the coordinator is rebuilding another point in time; try again when it is done"))?;
+        let deps = self.deps();
+        let ids = deps.identities.as_ref();
+        let encrypted = plan.segments.iter().any(|s| s.encrypted && s.first_revision <= plan.revision);
+        if encrypted && ids.is_none() {
+            bail!("the change log of {} is encrypted and this coordinator has no --identity; rebuild it with ferryctl and the identity (`--identity FILE`)", plan.cluster);
+        }
+        let mut source = StoreSource { store: &deps.store, identities: ids, cluster: &plan.cluster, cancel };
+        let rebuilt = rebuild_plan(plan, ids, scratch, false, &mut source, &mut |_, _| {}, cancel).await?;
+        save(rebuilt, out).await
     }
 }
 
