@@ -94,12 +94,18 @@ impl Api {
         if let Err(e) = validate_name("cluster", cluster) {
             return reply_error(send, ApiError::Invalid(e.to_string())).await;
         }
-        // Only a segment the index holds for this cluster: never a key a caller made up.
-        let indexed = match crate::changelog::index::segments(self.state.as_ref(), cluster) {
-            Ok(all) => all.into_iter().any(|s| s.name == name),
-            Err(e) => return reply_error(send, ApiError::Internal(e.to_string())).await,
+        // Only a segment the index holds for this cluster: never a key a caller made up. Looked up by the
+        // lineage and first revision its name says (a rebuild asks for hundreds, one request each).
+        let indexed = match ferry_common::segment::parse_object_name(name) {
+            Some((lineage, first, _, _)) => {
+                match crate::changelog::index::segment(self.state.as_ref(), cluster, lineage, first) {
+                    Ok(entry) => entry.is_some_and(|s| s.name == name),
+                    Err(e) => return reply_error(send, ApiError::Internal(e.to_string())).await,
+                }
+            }
+            None => false,
         };
-        if !indexed || ferry_common::segment::parse_object_name(name).is_none() {
+        if !indexed {
             let e = ApiError::NotFound(format!(
                 "cluster {cluster} has no change-log segment {name:?}; a point-in-time plan names the segments to read"
             ));

@@ -144,14 +144,18 @@ fn corrupt(key: &str, error: serde_json::Error) -> StateError {
     StateError::Corrupt { key: key.to_string(), error }
 }
 
-pub fn load_head(state: &dyn StateStore, cluster: &str) -> Result<Option<Head>, StateError> {
-    let key = head_key(cluster);
-    for (k, v) in state.list_records(&key)? {
+/// The record at exactly `key` (the store lists by prefix).
+fn get<T: serde::de::DeserializeOwned>(state: &dyn StateStore, key: &str) -> Result<Option<T>, StateError> {
+    for (k, v) in state.list_records(key)? {
         if k == key {
             return serde_json::from_slice(&v).map(Some).map_err(|e| corrupt(&k, e));
         }
     }
     Ok(None)
+}
+
+pub fn load_head(state: &dyn StateStore, cluster: &str) -> Result<Option<Head>, StateError> {
+    get(state, &head_key(cluster))
 }
 
 pub fn save_head(state: &dyn StateStore, cluster: &str, head: &Head) -> Result<(), StateError> {
@@ -168,6 +172,16 @@ pub fn save_segment(state: &dyn StateStore, cluster: &str, s: &SegmentEntry) -> 
 /// Forgets one segment's entry (retention deleted it).
 pub fn delete_segment(state: &dyn StateStore, cluster: &str, s: &SegmentEntry) -> Result<(), StateError> {
     state.delete_record(&segment_key(cluster, s.lineage, s.first_revision))
+}
+
+/// The segment of `cluster` that starts at `first` in `lineage`, if indexed.
+pub fn segment(
+    state: &dyn StateStore,
+    cluster: &str,
+    lineage: u32,
+    first: i64,
+) -> Result<Option<SegmentEntry>, StateError> {
+    get(state, &segment_key(cluster, lineage, first))
 }
 
 /// Every segment of `cluster`, in revision order (lineage, then first revision).
