@@ -49,7 +49,9 @@ use crate::resources::{Resource, ResourceType, Selector, Timestamp};
 ///    read back, so the coordinator cannot hash it.
 /// 17: the change log: `JobRequest::Watch` makes an agent its cluster's watcher ([`WatchMsg`], [`WatchReply`]);
 ///    `AdminRequest::Changes` lists what changed.
-pub const PROTOCOL_VERSION: u32 = 18;
+/// 18: point in time: `AdminRequest::PointInTime`, `Segment`, `PointInTimeSnapshot`.
+/// 19: `DrillStatus::agreement`: a drill compares the restored key space with another member's etcd hash.
+pub const PROTOCOL_VERSION: u32 = 19;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
 pub const ALPN: &[u8] = b"ferry/1";

@@ -459,9 +459,14 @@ pub struct DrillStatus {
     /// What dropped since the previous drill, when the result is a warning.
     #[serde(default)]
     pub warning: String,
-    /// The newest backup that passed a drill without a warning: retention never deletes it.
+    /// The newest backup that passed a drill without a warning and whose restored key space agrees with
+    /// another member's etcd (`agreement`): retention never deletes it.
     #[serde(default)]
     pub lastpassedbackup: String,
+    /// Whether the restored key space's etcd hash agrees with another member's (not the backing-up member's),
+    /// at which revision; or why it was not compared.
+    #[serde(default)]
+    pub agreement: String,
     /// When a drill last passed (ok or warning).
     #[serde(default)]
     pub lastsuccesstime: Option<Timestamp>,

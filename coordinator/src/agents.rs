@@ -256,6 +256,18 @@ impl Agents {
         Ok(out)
     }
 
+    /// The members of `cluster` whose agent ever registered, connected or not.
+    pub fn members(&self, cluster: &str) -> Result<Vec<String>, StateError> {
+        let all = self.inner.state.list(ResourceType::Agent)?;
+        Ok(all
+            .into_iter()
+            .filter_map(|r| match r.spec {
+                Spec::Agent(a) if a.cluster == cluster => Some(a.member),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// Connected agents of a cluster.
     pub fn live(&self, cluster: &str) -> Vec<LiveAgent> {
         lock(&self.inner.live).iter().filter(|((c, _), _)| c == cluster).map(|(_, a)| a.clone()).collect()

@@ -48,6 +48,69 @@ pub fn restore_and_read(
     with_restored(snapshot, scratch, |sockets| read_keys(sockets, timeout, stop))
 }
 
+/// etcd's `HashKV` of a key space at one revision, and the compaction behind it: two key spaces holding the
+/// same history answer the same hash only when they were compacted at the same revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashAt {
+    pub revision: i64,
+    pub hash: u32,
+    /// The compaction the hash starts from (-1: never compacted), as etcd answers it.
+    pub compact_revision: i64,
+}
+
+/// What [`restore_read_and_hash`] hashed in the restored key space.
+#[derive(Debug, Clone, Default)]
+pub struct Hashes {
+    /// At the restored revision.
+    pub at_revision: Option<HashAt>,
+    /// At the first of the compactions asked for that is after the snapshot's own compaction and not after its
+    /// revision: where the members' etcd kept the hash it computed while compacting.
+    pub at_compaction: Option<HashAt>,
+}
+
+/// [`restore_and_read`], then etcd's `HashKV` of the restored key space at its revision and at the first of
+/// `compactions` (ascending) it can be compared at (see [`Hashes::at_compaction`]). Blocking.
+pub fn restore_read_and_hash(
+    snapshot: &Path,
+    scratch: &Path,
+    timeout: Duration,
+    stop: &CancellationToken,
+    compactions: &[i64],
+) -> Result<(Restored, Hashes)> {
+    with_restored(snapshot, scratch, |sockets| {
+        let restored = read_keys(sockets, timeout, stop)?;
+        let at_revision = etcdctl_hash_kv(sockets, restored.revision)?;
+        let mut hashes = Hashes { at_revision: Some(at_revision), at_compaction: None };
+        let comparable = |c: &&i64| **c > at_revision.compact_revision && **c <= restored.revision;
+        if let Some(&c) = compactions.iter().find(comparable) {
+            hashes.at_compaction = Some(etcdctl_hash_kv(sockets, c)?);
+        }
+        Ok((restored, hashes))
+    })
+}
+
+/// `etcdctl endpoint hashkv --rev REVISION` against the throw-away etcd.
+fn etcdctl_hash_kv(sockets: &Path, revision: i64) -> Result<HashAt> {
+    let out = Command::new("etcdctl")
+        .current_dir(sockets)
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", CLIENT_URL, "--dial-timeout", "2s", "--command-timeout", "600s"])
+        .args(["endpoint", "hashkv", "-w", "json", "--rev", &revision.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .context("run etcdctl (is it on PATH?)")?;
+    if !out.status.success() {
+        bail!("etcdctl endpoint hashkv --rev {revision}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parse etcdctl hashkv output")?;
+    let h = &v[0]["HashKV"];
+    let hash = h["hash"].as_u64().and_then(|h| u32::try_from(h).ok());
+    let hash = hash.with_context(|| format!("etcdctl hashkv output carries no hash: {v}"))?;
+    // etcd leaves the field out at 0.
+    let compact_revision = h["compact_revision"].as_i64().unwrap_or(0);
+    Ok(HashAt { revision, hash, compact_revision })
+}
+
 /// Restores `snapshot` into `scratch/restored`, starts a throw-away etcd on it, runs `read` with its socket dir
 /// and kills it before returning; an error carries etcd's last log lines.
 fn with_restored<T>(snapshot: &Path, scratch: &Path, read: impl FnOnce(&Path) -> Result<T>) -> Result<T> {

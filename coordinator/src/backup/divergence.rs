@@ -121,8 +121,8 @@ fn common_compaction(facts: &[&ferry_common::protocol::EtcdFacts]) -> Option<i64
     held.into_iter().filter(|(_, n)| *n >= 2).max_by_key(|(r, n)| (*n, *r)).map(|(r, _)| r)
 }
 
-/// Asks every agent at once; answers in the agents' order.
-async fn ask_all(agents: &[LiveAgent], revision: i64) -> Vec<(String, Result<HashKvReply, String>)> {
+/// Asks every agent at once; answers in the agents' order. Also the restore drill's comparison.
+pub(crate) async fn ask_all(agents: &[LiveAgent], revision: i64) -> Vec<(String, Result<HashKvReply, String>)> {
     let mut set = tokio::task::JoinSet::new();
     for (i, a) in agents.iter().enumerate() {
         let a = a.clone();
@@ -265,7 +265,7 @@ pub fn judge(revision: i64, replies: &Replies) -> Divergence {
 }
 
 /// An agent's words as the status and the log keep them: at most 300 characters.
-fn bounded(s: &str) -> String {
+pub(crate) fn bounded(s: &str) -> String {
     match s.char_indices().nth(300) {
         Some((end, _)) => format!("{}…", &s[..end]),
         None => s.to_string(),

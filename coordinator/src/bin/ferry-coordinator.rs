@@ -598,6 +598,7 @@ async fn lead(shared: &Shared<'_>, lost: &CancellationToken, shutdown: &Cancella
         scratch: args.drill_scratch_dir.clone().unwrap_or_else(|| args.state_dir.join("drills")),
         identities: settings.identities.clone(),
         key_drop: settings.drill_key_drop,
+        agents: agents.clone(),
     })?;
     let stop_scheduler = CancellationToken::new();
     let scheduler = schedule::spawn(

@@ -3,13 +3,17 @@
 //! (sizes, both sha256, etcd's trailing hash, bbolt's meta page), restores it with etcd's own tool into a
 //! scratch dir under `STATE_DIR/drills`, reads revision and key counts from a throw-away etcd
 //! ([`crate::restore_check`]), compares the per-resource counts with the previous drill of another backup
-//! ([`compare`]), records the result in the cluster's status and metrics, and deletes the scratch dir.
+//! ([`compare`]), compares the restored key space's etcd hash with another member's ([`agree`]: only then is
+//! the backup "last passed"), records the result in the cluster's status and metrics, and deletes the scratch
+//! dir.
 //!
 //! One drill at a time per coordinator, in its own task: drills never take a backup job slot, so they never
 //! delay a backup.
 
+pub mod agree;
 pub mod compare;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,11 +26,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, warn, Instrument};
 
+use self::agree::Agreement;
+use crate::agents::LiveAgent;
 use crate::lock;
 use crate::metrics::Metrics;
-use crate::restore_check::{restore_and_read, Restored};
+use crate::restore_check::{restore_read_and_hash, Restored};
 use crate::status::Status;
 use crate::store::{BackupStore, Manifest};
+
+/// A drill that could not compare the backup with another member runs again this soon (the next
+/// compaction, whose hash the members' etcd keeps, comes within Kubernetes' 5 minutes).
+const RETRY_UNCOMPARED: Duration = Duration::from_secs(300);
 
 /// How long the throw-away etcd may take to answer.
 const ETCD_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -43,6 +53,8 @@ pub struct DrillDeps {
     pub identities: Option<ferry_common::encryption::Identities>,
     /// When a resource's key count dropped enough to warn (`--drill-key-drop-percent`, `--drill-key-drop-min-keys`).
     pub key_drop: compare::KeyDrop,
+    /// The connected agents: other members' etcd hashes to compare a restored backup with.
+    pub agents: crate::agents::Agents,
 }
 
 /// The drill runner; cheap to clone (a handle).
@@ -55,6 +67,8 @@ struct Inner {
     deps: DrillDeps,
     /// The cluster being drilled; one drill at a time.
     running: Mutex<Option<String>>,
+    /// Clusters whose last drill could not compare the backup with another member: drilled again at this time.
+    retry: Mutex<HashMap<String, Timestamp>>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -82,6 +96,7 @@ impl Drills {
             inner: Arc::new(Inner {
                 deps,
                 running: Mutex::new(None),
+                retry: Mutex::default(),
                 tracker: TaskTracker::new(),
                 cancel: CancellationToken::new(),
             }),
@@ -100,6 +115,7 @@ impl Drills {
             }
             *running = Some(cluster.to_string());
         }
+        lock(&self.inner.retry).remove(cluster);
         let guard = RunningGuard(self.inner.clone());
         let inner = self.inner.clone();
         let cluster = cluster.to_string();
@@ -125,6 +141,12 @@ impl Drills {
             }
         }
         d.time
+    }
+
+    /// Whether `cluster`'s last drill could not compare its backup with another member and is due again by
+    /// `now` (sooner than its interval).
+    pub fn retry_due(&self, cluster: &str, now: Timestamp) -> bool {
+        lock(&self.inner.retry).get(cluster).is_some_and(|t| *t <= now)
     }
 
     /// Whether a drill is running.
@@ -171,7 +193,7 @@ async fn drill(inner: &Inner, cluster: &str) {
             ..Default::default()
         };
         match &outcome {
-            Ok(r) => {
+            Ok(Drilled { restored: r, agreement }) => {
                 // The baseline is the latest passed drill of *another* backup: drilling the same backup again
                 // keeps comparing with what came before it.
                 if previous.backup != backup && previous.result != status::ERROR && !previous.backup.is_empty() {
@@ -182,9 +204,26 @@ async fn drill(inner: &Inner, cluster: &str) {
                 d.keys = r.keys;
                 d.resources = r.resources.clone();
                 d.warning = deps.key_drop.drops(&d.baselineresources, &r.resources).join("; ");
+                let agreed = match agreement {
+                    Agreement::Agreed(line) => {
+                        d.agreement = line.clone();
+                        true
+                    }
+                    // Restores, but nobody vouched for its content yet: not the one retention keeps above all.
+                    Agreement::NotCompared(why) | Agreement::Differs(why) => {
+                        d.agreement = format!(
+                            "not compared with another member ({why}); not yet the last passed backup, the drill \
+                             repeats within {} minutes",
+                            RETRY_UNCOMPARED.as_secs() / 60
+                        );
+                        false
+                    }
+                };
                 if d.warning.is_empty() {
                     d.result = status::OK;
-                    d.lastpassedbackup = backup.clone();
+                    if agreed {
+                        d.lastpassedbackup = backup.clone();
+                    }
                 } else {
                     d.result = DRILL_WARNING;
                     d.warning = format!("fewer keys than the drill of {}: {}", d.baselinebackup, d.warning);
@@ -202,8 +241,11 @@ async fn drill(inner: &Inner, cluster: &str) {
         warn!("failed to record the drill: {e:#}");
     }
     m.drill_duration.observe(secs);
+    if let Ok(Drilled { agreement: Agreement::NotCompared(_), .. }) = &outcome {
+        lock(&inner.retry).insert(cluster.to_string(), plan_shift(now, RETRY_UNCOMPARED));
+    }
     match outcome {
-        Ok(r) => {
+        Ok(Drilled { restored: r, .. }) => {
             let warned = deps.status.drill(cluster).is_some_and(|d| d.result == DRILL_WARNING);
             info!(backup_id = %backup, revision = r.revision, keys = r.keys, secs, warned, "restore drill passed");
             m.drill_last_success.get_or_create(&labels).set(now.seconds as f64);
@@ -221,7 +263,11 @@ async fn drill(inner: &Inner, cluster: &str) {
     }
 }
 
-type DrillResult = Result<Option<(String, Restored)>, (String, anyhow::Error)>;
+fn plan_shift(t: Timestamp, by: Duration) -> Timestamp {
+    crate::schedule::plan::shift(t, by.as_millis() as i64)
+}
+
+type DrillResult = Result<Option<(String, Drilled)>, (String, anyhow::Error)>;
 
 /// Restores the newest backup; `Ok(None)` when there is none. Errors carry the backup id.
 async fn restore_newest(deps: &DrillDeps, cluster: &str, cancel: &CancellationToken) -> DrillResult {
@@ -311,7 +357,7 @@ pub async fn fetch(
     read
 }
 
-async fn restore(deps: &DrillDeps, manifest: &Manifest, cancel: &CancellationToken) -> Result<Restored> {
+async fn restore(deps: &DrillDeps, manifest: &Manifest, cancel: &CancellationToken) -> Result<Drilled> {
     check_scratch_room(&deps.scratch, manifest.backup.rawsize)?;
     let scratch = tempfile::Builder::new()
         .prefix(&format!("{}-", manifest.backup.cluster))
@@ -319,12 +365,20 @@ async fn restore(deps: &DrillDeps, manifest: &Manifest, cancel: &CancellationTok
         .context("create a scratch dir")?;
     let snapshot = scratch.path().join("snapshot.db");
     fetch(&deps.store, deps.identities.as_ref(), manifest, &snapshot, cancel).await?;
+    // Compared with the members that did not take the backup: the one that did could lie twice.
+    let others: Vec<LiveAgent> = deps
+        .agents
+        .live(&manifest.backup.cluster)
+        .into_iter()
+        .filter(|a| a.member != manifest.backup.member && a.reaches_etcd())
+        .collect();
+    let compactions = agree::compactions(&others);
     // The blocking restore owns the scratch dir and deletes it only once its throw-away etcd is dead. If this
     // future is dropped (the drill's time limit), the guard stops the restore at its next step.
     let stop = cancel.child_token();
     let _stop_if_dropped = stop.clone().drop_guard();
-    let restored = tokio::task::spawn_blocking(move || {
-        let r = restore_and_read(&snapshot, scratch.path(), ETCD_ANSWER_TIMEOUT, &stop);
+    let (restored, hashes) = tokio::task::spawn_blocking(move || {
+        let r = restore_read_and_hash(&snapshot, scratch.path(), ETCD_ANSWER_TIMEOUT, &stop, &compactions);
         drop(scratch);
         r
     })
@@ -337,7 +391,29 @@ async fn restore(deps: &DrillDeps, manifest: &Manifest, cancel: &CancellationTok
             manifest.backup.revision
         );
     }
-    Ok(restored)
+    let agreement = tokio::select! {
+        a = agree::compare(&others, &hashes) => a,
+        () = cancel.cancelled() => bail!("cancelled"),
+    };
+    let agreement = match agreement {
+        Agreement::Differs(why) => bail!("{why} (the backup was taken by member {})", manifest.backup.member),
+        Agreement::NotCompared(why) => {
+            let members = deps.agents.members(&manifest.backup.cluster).unwrap_or_default();
+            if members.len() <= 1 {
+                Agreement::Agreed("not compared: the cluster has one member, nothing to compare with".into())
+            } else {
+                Agreement::NotCompared(why)
+            }
+        }
+        agreed => agreed,
+    };
+    Ok(Drilled { restored, agreement })
+}
+
+/// A drill's findings: what restored, and whether another member's etcd holds the same.
+struct Drilled {
+    restored: Restored,
+    agreement: Agreement,
 }
 
 #[cfg(test)]

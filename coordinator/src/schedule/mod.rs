@@ -95,7 +95,7 @@ async fn run(
                 }
                 // Drills run in their own slot, one at a time: they never hold up a backup.
                 let now = Timestamp::now();
-                for cluster in s.drills_due(now, clusters, &|c| drills.last_drill(c)) {
+                for cluster in s.drills_due(now, clusters, &|c| drills.last_drill(c), &|c| drills.retry_due(c, now)) {
                     if drills.try_start(&cluster) {
                         s.drill_started(&cluster, now);
                     }
@@ -262,12 +262,14 @@ impl Scheduler {
     }
 
     /// The clusters whose restore drill is due now, in name order. `last_drill` reads when a cluster's latest
-    /// drill ended (once per cluster, after a restart). A cluster is drilled only once it has a backup.
+    /// drill ended (once per cluster, after a restart); `retry_due` says a drill is due sooner. A cluster is
+    /// drilled only once it has a backup.
     fn drills_due(
         &mut self,
         now: Timestamp,
         clusters: &[(String, Option<BackupConfiguration>)],
         last_drill: &dyn Fn(&str) -> Option<Timestamp>,
+        retry_due: &dyn Fn(&str) -> bool,
     ) -> Vec<String> {
         let mut due = Vec::new();
         for (cluster, cfg) in clusters {
@@ -296,7 +298,8 @@ impl Scheduler {
             let next = *st
                 .drill_next
                 .get_or_insert_with(|| last_drill(cluster).map_or(now, |t| plan::shift(t, period.as_millis() as i64)));
-            if next <= now {
+            // A drill that could not compare its backup with another member comes back sooner.
+            if next <= now || retry_due(cluster) {
                 due.push(cluster.clone());
             }
         }

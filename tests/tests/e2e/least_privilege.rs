@@ -647,6 +647,19 @@ async fn a_snapshot_of_another_etcd_cluster_is_refused_by_its_members() -> anyho
     Ok(())
 }
 
+/// A manual backup of `cluster`; its status once done. The liar answers the member check as an etcd that
+/// cannot be asked, and drops a backup job if it gets one (the coordinator then moves on to an honest member).
+async fn backup_past_a_liar(coordinator: &Coordinator, cluster: &str, liar: &HostileAgent) -> anyhow::Result<Value> {
+    let previous = coordinator.backup_status(cluster).await.unwrap_or_default();
+    coordinator.manual_backup(cluster).await?;
+    loop {
+        tokio::select! {
+            j = liar.next_job(BACKUP_TIMEOUT) => drop(j?),
+            s = coordinator.wait_next_backup_status(cluster, &previous, BACKUP_TIMEOUT) => return s,
+        }
+    }
+}
+
 /// Issue 26, finding 10: a member held its cluster's backup "running" with no bytes by asking for a new part
 /// URL every 119 s (each new part moved the byte-stall deadline). A part's URL is now handed out only once the
 /// parts before those in flight are stored.
@@ -890,16 +903,7 @@ async fn a_member_lying_about_its_compaction_hashes_cannot_choose_where_the_othe
     coordinator.wait_agents_connected("prod", &["m1", "m2", "m3"], BACKUP_TIMEOUT).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let previous = coordinator.backup_status("prod").await.unwrap_or_default();
-    coordinator.manual_backup("prod").await?;
-    // The liar answers the member check as an etcd that cannot be asked, and drops a backup job if it gets one
-    // (the coordinator then moves on to an honest member).
-    let status = loop {
-        tokio::select! {
-            j = liar.next_job(BACKUP_TIMEOUT) => drop(j?),
-            s = coordinator.wait_next_backup_status("prod", &previous, BACKUP_TIMEOUT) => break s?,
-        }
-    };
+    let status = backup_past_a_liar(&coordinator, "prod", &liar).await?;
     assert_eq!(status["status"], STATUS_OK, "{status:#}");
     let check = &status["membercheck"];
     assert_eq!(check["revision"], revision, "compared at the compaction the honest members hold: {status:#}");
@@ -956,5 +960,123 @@ async fn junk_uploaded_exactly_as_announced_is_listed_for_its_cluster_only_and_f
     assert!(!drill["error"].as_str().unwrap_or_default().is_empty(), "the drill says why: {drill:#}");
     assert!(coordinator.backups("prod").await?.is_empty(), "nothing is listed for any other cluster");
     evil.close().await;
+    Ok(())
+}
+
+/// Issue 26, finding 2: a member's real snapshot with one value rewritten and etcd's trailing hash recomputed
+/// restored perfectly, passed its drill, and retention then kept it above all others. A drill now hashes the
+/// restored key space with etcd's `HashKV` and compares it with what the *other* members' etcd answer at that
+/// revision: the doctored backup fails its drill and never becomes the last passed; an honest member's backup
+/// agrees and does.
+#[tokio::test]
+async fn a_doctored_snapshot_fails_its_drill_against_the_other_members_hashes() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(3).await?;
+    etcd.put_keys(50).await?;
+    let mut client = etcd.client().await?;
+    client.put("/registry/secrets/default/admin-token", "genuine-token-000", None).await?;
+    let extra = ["--min-drill-interval", "1s"].map(str::to_owned).to_vec();
+    let coordinator = Coordinator::start(CoordinatorOptions { extra_args: extra, ..Default::default() }).await?;
+    // The liar holds a follower's certificate (a leader is chosen only after every follower); the other two
+    // members run real agents.
+    let mut statuses = Vec::new();
+    for member in etcd.members() {
+        let mut c = crate::fixtures::etcd::connect(&[member.client_url().to_owned()]).await?;
+        statuses.push(c.status().await?);
+    }
+    let liar_at = (0..3).find(|i| statuses[*i].header().is_some_and(|h| h.member_id() != statuses[*i].leader()));
+    let liar_at = liar_at.context("a follower")?;
+    let liar_name = etcd.member(liar_at).name().to_owned();
+    let mut honest = Vec::new();
+    for (i, member) in etcd.members().iter().enumerate().filter(|(i, _)| *i != liar_at) {
+        let creds = coordinator.issue_agent_credentials("prod", member.name()).await?;
+        honest.push((i, crate::fixtures::Agent::start(&coordinator, &creds, member.client_url())?));
+    }
+    let st = &statuses[liar_at];
+    let header = st.header().cloned().context("status header")?;
+    let facts = EtcdFacts {
+        member_id: header.member_id(),
+        cluster_id: header.cluster_id(),
+        db_size: st.db_size(),
+        raft_applied_index: st.raft_applied_index(),
+        revision: header.revision(),
+        leader: false,
+        leader_id: st.leader(),
+        ..sane_facts(header.member_id())
+    };
+    let creds = coordinator.issue_agent_credentials("prod", &liar_name).await?;
+    let mut liar = HostileAgent::connect(&coordinator, &creds).await?;
+    liar.report(facts.clone()).await?;
+    coordinator.wait_agents_connected("prod", &["m1", "m2", "m3"], BACKUP_TIMEOUT).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The liar's genuine snapshot, one value rewritten in place (same length), etcd's trailing hash recomputed.
+    let mut doctored = etcd_snapshot(etcd.member(liar_at).client_url()).await?;
+    let at = doctored.windows(17).position(|w| w == b"genuine-token-000").context("the value in the snapshot")?;
+    doctored[at..at + 17].copy_from_slice(b"attacker-token-00");
+    let n = doctored.len() - 32;
+    let trailer: [u8; 32] = Sha256::digest(&doctored[..n]).into();
+    doctored[n..].copy_from_slice(&trailer);
+
+    // Followers take turns: back up until the liar was chosen and its doctored snapshot committed.
+    let mut doctored_id = None;
+    for _ in 0..6 {
+        let previous = coordinator.backup_status("prod").await.unwrap_or_default();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        coordinator.manual_backup("prod").await?;
+        let mut reply = None;
+        let status = loop {
+            tokio::select! {
+                j = liar.next_job(BACKUP_TIMEOUT) => {
+                    reply = Some(send_snapshot(j?, &doctored, facts.clone(), Timestamp::now()).await?);
+                }
+                s = coordinator.wait_next_backup_status("prod", &previous, BACKUP_TIMEOUT) => break s?,
+            }
+        };
+        if matches!(reply, Some(JobReply::Committed)) {
+            assert_eq!(status["member"], liar_name.as_str(), "{status:#}");
+            let newest = coordinator.backups("prod").await?;
+            doctored_id = newest[0]["metadata"]["id"].as_str().map(str::to_owned);
+            break;
+        }
+    }
+    let doctored_id = doctored_id.context("the liar was never chosen for a backup")?;
+
+    let mut cluster = coordinator.ctl().get_json("cluster", Some("prod")).await?;
+    cluster["spec"]["backupconfiguration"] = serde_json::json!({
+        "interval": { "seconds": 3600, "nanos": 0 },
+        "drillinterval": { "seconds": 2, "nanos": 0 },
+    });
+    coordinator.ctl().apply_yaml(&serde_json::to_string(&cluster)?).await?.ok()?;
+    let drill = poll_until(
+        "the drill of the doctored backup",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || async {
+            let drill = coordinator.backup_status("prod").await?["drill"].clone();
+            Ok((drill["backup"] == doctored_id.as_str() && drill["time"].is_object()).then_some(drill))
+        },
+    )
+    .await?;
+    assert_eq!(drill["result"], STATUS_ERROR, "{drill:#}");
+    let error = drill["error"].as_str().unwrap_or_default();
+    assert!(error.contains("not the data the cluster held"), "{drill:#}");
+    assert!(error.contains(&format!("taken by member {liar_name}")), "{drill:#}");
+    assert_ne!(drill["lastpassedbackup"], doctored_id.as_str(), "{drill:#}");
+
+    // An honest member's backup (the liar drops its jobs) agrees with the other members and becomes the proof.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let status = backup_past_a_liar(&coordinator, "prod", &liar).await?;
+    assert_eq!(status["status"], STATUS_OK, "{status:#}");
+    let honest_id = coordinator.backups("prod").await?[0]["metadata"]["id"].as_str().context("id")?.to_owned();
+    let drill =
+        poll_until("the drill of the honest backup", Duration::from_secs(120), Duration::from_millis(500), || async {
+            let drill = coordinator.backup_status("prod").await?["drill"].clone();
+            Ok((drill["backup"] == honest_id.as_str() && drill["result"] == STATUS_OK).then_some(drill))
+        })
+        .await?;
+    assert_eq!(drill["lastpassedbackup"], honest_id.as_str(), "{drill:#}");
+    let agreement = drill["agreement"].as_str().unwrap_or_default();
+    assert!(agreement.starts_with("agrees with m") && !agreement.contains(&liar_name), "{drill:#}");
+    liar.close().await;
     Ok(())
 }
