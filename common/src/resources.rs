@@ -511,6 +511,11 @@ pub struct RestorePlan {
     pub highestrevisionat: Option<Timestamp>,
     /// When the first member asked; the plan holds for [`RESTORE_PLAN_HOLDS_SECONDS`] after it.
     pub createdat: Timestamp,
+    /// The etcd cluster id the cluster's agents reported when the plan was made (0: none known). Seen moving
+    /// past `highestrevision` after that, that etcd was not down for a restore: the plan is made anew. A
+    /// restored member has a new cluster id, so its bumped revision does not move the plan.
+    #[serde(default)]
+    pub etcdclusterid: u64,
 }
 
 /// How long the members restoring one backup keep getting the same revision floor: long enough for an

@@ -47,30 +47,51 @@ pub(crate) fn raise_highest_revision(
     })
 }
 
+/// What the cluster's connected agents say of their etcd when a member asks to restore.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct LiveEtcd {
+    /// The registry's highest revision and when (it may not be persisted yet).
+    pub highest: Option<(i64, Timestamp)>,
+    /// The etcd cluster id most agents report (0: none).
+    pub cluster_id: u64,
+    /// The highest revision agents reaching etcd now report per cluster id: see [`restore_plan`].
+    pub moving: Option<(u64, i64)>,
+}
+
 /// The revision floor for a restore of `backup` of `cluster`: the plan of an earlier member restoring the
-/// same backup while it holds, else a new plan from the highest revision recorded or `live` (the registry's
-/// newest, which may not be persisted yet).
+/// same backup while it holds, else a new plan from the highest revision recorded or `live.highest`.
+///
+/// A plan holds for a day, unless the etcd cluster it was made for is seen serving past its floor: then that
+/// etcd was never down for a restore (any agent can ask, a stolen node included, and a floor pinned hours
+/// before a real restore would land it below what watchers saw). A restored member's new cluster id never
+/// moves it, so every member of one restore gets one floor.
 pub(crate) fn restore_plan(
     state: &dyn StateStore,
     cluster: &str,
     backup: &str,
-    live: Option<(i64, Timestamp)>,
+    live: LiveEtcd,
     now: Timestamp,
 ) -> Result<RestorePlan, StateError> {
     let mut plan = RestorePlan::default();
     update_cluster(state, cluster, &mut |st| {
         if let Some(p) = &st.restoreplan {
-            if p.backup == backup && now.seconds - p.createdat.seconds < RESTORE_PLAN_HOLDS_SECONDS {
+            let moved_on = live.moving.is_some_and(|(id, r)| id != 0 && id == p.etcdclusterid && r > p.highestrevision);
+            if p.backup == backup && now.seconds - p.createdat.seconds < RESTORE_PLAN_HOLDS_SECONDS && !moved_on {
                 plan = p.clone();
                 return;
             }
         }
         let (mut revision, mut at) = (st.highestrevision, st.highestrevisionat);
-        if let Some((r, t)) = live.filter(|(r, _)| *r > revision) {
+        if let Some((r, t)) = live.highest.filter(|(r, _)| *r > revision) {
             (revision, at) = (r, Some(t));
         }
-        plan =
-            RestorePlan { backup: backup.to_owned(), highestrevision: revision, highestrevisionat: at, createdat: now };
+        plan = RestorePlan {
+            backup: backup.to_owned(),
+            highestrevision: revision,
+            highestrevisionat: at,
+            createdat: now,
+            etcdclusterid: live.cluster_id,
+        };
         st.restoreplan = Some(plan.clone());
     })?;
     Ok(plan)
@@ -246,26 +267,50 @@ mod tests {
 
     fn restore_plans_hold(t: &TestState) {
         let at = |s| Timestamp { seconds: s, nanos: 0 };
+        let live =
+            |highest: Option<(i64, Timestamp)>, moving: Option<(u64, i64)>| LiveEtcd { highest, cluster_id: 7, moving };
         {
             let state = t.open();
             let state = state.as_ref();
             raise_highest_revision(state, "c", 5_000, at(100)).unwrap();
             raise_highest_revision(state, "c", 4_000, at(200)).unwrap(); // lower: ignored
-            let first = restore_plan(state, "c", "c-1", Some((5_200, at(300))), at(1_000)).unwrap();
+            let first = restore_plan(state, "c", "c-1", live(Some((5_200, at(300))), None), at(1_000)).unwrap();
             assert_eq!((first.highestrevision, first.highestrevisionat), (5_200, Some(at(300))));
+            assert_eq!(first.etcdclusterid, 7);
             raise_highest_revision(state, "c", 900_000, at(1_100)).unwrap(); // a restored member reports
-            let second = restore_plan(state, "c", "c-1", Some((900_000, at(1_100))), at(1_200)).unwrap();
+            let restored = live(Some((900_000, at(1_100))), Some((8, 900_000))); // under its new cluster id
+            let second = restore_plan(state, "c", "c-1", restored, at(1_200)).unwrap();
             assert_eq!(second, first, "the second member gets the first member's floor");
         }
         // After a coordinator restart the plan and the highest revision are still there.
         let state = t.open();
         let state = state.as_ref();
-        let third = restore_plan(state, "c", "c-1", None, at(2_000)).unwrap();
+        let third = restore_plan(state, "c", "c-1", LiveEtcd::default(), at(2_000)).unwrap();
         assert_eq!(third.highestrevision, 5_200);
-        let later = restore_plan(state, "c", "c-1", None, at(1_000 + RESTORE_PLAN_HOLDS_SECONDS)).unwrap();
+        let later =
+            restore_plan(state, "c", "c-1", LiveEtcd::default(), at(1_000 + RESTORE_PLAN_HOLDS_SECONDS)).unwrap();
         assert_eq!(later.highestrevision, 900_000, "a day later the same backup plans anew");
-        let other = restore_plan(state, "c", "c-2", None, at(1_000 + RESTORE_PLAN_HOLDS_SECONDS)).unwrap();
+        let other =
+            restore_plan(state, "c", "c-2", LiveEtcd::default(), at(1_000 + RESTORE_PLAN_HOLDS_SECONDS)).unwrap();
         assert_eq!((other.backup.as_str(), other.highestrevision), ("c-2", 900_000));
+    }
+
+    /// Finding 3 of issue 26: any agent (a stolen node's) asking to restore pinned the floor for a day. The etcd
+    /// the plan was made for serving past the floor afterwards was never down for a restore: planned anew.
+    #[test]
+    fn a_plan_whose_etcd_serves_past_its_floor_is_made_anew() {
+        let t = TestState::redb();
+        let state = t.open();
+        let state = state.as_ref();
+        let at = |s| Timestamp { seconds: s, nanos: 0 };
+        let pinned = LiveEtcd { highest: Some((5_000, at(100))), cluster_id: 7, moving: Some((7, 5_000)) };
+        let first = restore_plan(state, "c", "c-1", pinned, at(200)).unwrap();
+        assert_eq!(first.highestrevision, 5_000);
+        let unchanged = LiveEtcd { highest: Some((5_000, at(100))), cluster_id: 7, moving: Some((7, 5_000)) };
+        assert_eq!(restore_plan(state, "c", "c-1", unchanged, at(300)).unwrap(), first, "not moved: it holds");
+        let moved = LiveEtcd { highest: Some((400_000, at(5_000))), cluster_id: 7, moving: Some((7, 400_000)) };
+        let real = restore_plan(state, "c", "c-1", moved, at(5_100)).unwrap();
+        assert_eq!((real.highestrevision, real.createdat), (400_000, at(5_100)));
     }
 
     /// Progress ticks (read-modify-write of the cluster status, mirrored into the overall status) racing

@@ -117,13 +117,9 @@ impl Api {
         };
         info!(%cluster, backup_id = %manifest.id, "restore requested");
         // One floor for every member restoring this backup: see `status::restore_plan`.
-        let plan = match crate::status::restore_plan(
-            self.state.as_ref(),
-            cluster,
-            &manifest.id,
-            self.agents.highest_revision(cluster),
-            Timestamp::now(),
-        ) {
+        let live = live_etcd(&self.agents, cluster);
+        let plan = match crate::status::restore_plan(self.state.as_ref(), cluster, &manifest.id, live, Timestamp::now())
+        {
             Ok(p) => p,
             Err(e) => return reply_error(send, ApiError::Internal(format!("plan the restore: {e}"))).await,
         };
@@ -208,4 +204,21 @@ mod tests {
         assert_eq!(stream_deadline(1 << 30), STREAM_BASE_DEADLINE + STREAM_TIME_PER_MIB * 1024);
         assert!(stream_deadline(u64::MAX) > Duration::from_secs(86_400), "no overflow");
     }
+}
+
+/// What `cluster`'s connected agents say of their etcd, for a restore's plan (`status::restore_plan`).
+fn live_etcd(agents: &crate::agents::Agents, cluster: &str) -> crate::status::LiveEtcd {
+    let live = agents.live(cluster);
+    // A member whose etcd is down keeps its last good report: its cluster id still counts.
+    let facts: Vec<&ferry_common::protocol::EtcdFacts> = live.iter().filter_map(|a| a.facts.as_ref()).collect();
+    let mut ids: Vec<u64> = facts.iter().map(|f| f.cluster_id).filter(|id| *id != 0).collect();
+    ids.sort_unstable();
+    let cluster_id = ids.chunk_by(|a, b| a == b).max_by_key(|run| run.len()).map_or(0, |run| run[0]);
+    let moving = facts
+        .iter()
+        .filter(|f| f.error.is_none() && f.cluster_id == cluster_id && cluster_id != 0)
+        .map(|f| f.revision)
+        .max()
+        .map(|r| (cluster_id, r));
+    crate::status::LiveEtcd { highest: agents.highest_revision(cluster), cluster_id, moving }
 }

@@ -1080,3 +1080,46 @@ async fn a_doctored_snapshot_fails_its_drill_against_the_other_members_hashes() 
     liar.close().await;
     Ok(())
 }
+
+/// Issue 26, finding 3: any agent's `Restore` request pinned the restore's revision floor for a day, so a real
+/// restore hours later landed below what watchers had seen. The floor a stolen node pins while its etcd is
+/// serving is dropped as soon as that etcd is seen past it: a later request gets the cluster's real height.
+#[tokio::test]
+async fn a_restore_request_from_a_serving_cluster_does_not_pin_an_old_revision_floor() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(3).await?;
+    etcd.put_keys(20).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let mut agents = Vec::new();
+    for member in etcd.members() {
+        let creds = coordinator.issue_agent_credentials("prod", member.name()).await?;
+        agents.push((creds.clone(), crate::fixtures::Agent::start(&coordinator, &creds, member.client_url())?));
+    }
+    coordinator.wait_agents_connected("prod", &["m1", "m2", "m3"], BACKUP_TIMEOUT).await?;
+    backup_ok(&coordinator, "prod").await?;
+    let floor = |answers: &[AdminResponse]| match answers.first() {
+        Some(AdminResponse::RestoreFrom { highest_revision: Some(seen), .. }) => Ok(seen.revision),
+        other => anyhow::bail!("a restore answer with a revision floor expected: {other:?}"),
+    };
+    let ask = AdminRequest::Restore { cluster: None, backup: "latest".into() };
+    let pinned = floor(&agent_request(&coordinator, &agents[2].0, &ask).await?)?;
+
+    // The cluster goes on serving; its agents report it (every 10 s).
+    let now = etcd.put_keys(200).await?;
+    anyhow::ensure!(now > pinned, "etcd moved on: {now} > {pinned}");
+    poll_until(
+        "the agents to report the new revision",
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        || async {
+            let agents = coordinator.connected_agents("prod").await?;
+            Ok(agents.iter().any(|a| a["spec"]["revision"].as_i64().is_some_and(|r| r >= now)).then_some(()))
+        },
+    )
+    .await?;
+    let later = floor(&agent_request(&coordinator, &agents[0].0, &ask).await?)?;
+    assert!(
+        later >= now,
+        "a request after the cluster moved on plans from {later}, not the pinned {pinned} (now {now})"
+    );
+    Ok(())
+}
