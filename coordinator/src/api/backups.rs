@@ -194,18 +194,6 @@ impl Api {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_download_deadline_grows_with_the_size() {
-        assert_eq!(stream_deadline(0), STREAM_BASE_DEADLINE);
-        assert_eq!(stream_deadline(1 << 30), STREAM_BASE_DEADLINE + STREAM_TIME_PER_MIB * 1024);
-        assert!(stream_deadline(u64::MAX) > Duration::from_secs(86_400), "no overflow");
-    }
-}
-
 /// What `cluster`'s connected agents say of their etcd, for a restore's plan (`status::restore_plan`).
 fn live_etcd(agents: &crate::agents::Agents, cluster: &str) -> crate::status::LiveEtcd {
     let live = agents.live(cluster);
@@ -221,4 +209,16 @@ fn live_etcd(agents: &crate::agents::Agents, cluster: &str) -> crate::status::Li
         .max()
         .map(|r| (cluster_id, r));
     crate::status::LiveEtcd { highest: agents.highest_revision(cluster), cluster_id, moving }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_download_deadline_grows_with_the_size() {
+        assert_eq!(stream_deadline(0), STREAM_BASE_DEADLINE);
+        assert_eq!(stream_deadline(1 << 30), STREAM_BASE_DEADLINE + STREAM_TIME_PER_MIB * 1024);
+        assert!(stream_deadline(u64::MAX) > Duration::from_secs(86_400), "no overflow");
+    }
 }
