@@ -228,10 +228,11 @@ impl EtcdMember {
             Ok(f) => f,
             Err(e) => {
                 let result = HashKvResult::Failed { error: format!("{e:#}") };
-                return HashKvReply { member_id: 0, cluster_id: 0, current_revision: 0, result };
+                return HashKvReply { member_id: 0, cluster_id: 0, current_revision: 0, db_size: 0, result };
             }
         };
         let (member_id, cluster_id, current_revision) = (facts.member_id, facts.cluster_id, facts.revision);
+        let db_size = facts.db_size;
         let held = revision > 0 && facts.hashed_compactions.contains(&revision);
         if !held && u64::try_from(facts.db_size).unwrap_or(u64::MAX) > self.hash_scan_limit {
             let why = format!(
@@ -240,7 +241,8 @@ impl EtcdMember {
                 facts.db_size as f64 / f64::from(1 << 20),
                 self.hash_scan_limit >> 20
             );
-            return HashKvReply { member_id, cluster_id, current_revision, result: HashKvResult::Skipped { why } };
+            let result = HashKvResult::Skipped { why };
+            return HashKvReply { member_id, cluster_id, current_revision, db_size, result };
         }
         let mut c = self.client.clone();
         // HashKV reads the whole key space: give it longer than a status call.
@@ -265,7 +267,7 @@ impl EtcdMember {
             }
             Ok(Err(e)) => HashKvResult::Failed { error: format!("etcd HashKV at {}: {e}", self.endpoint) },
         };
-        HashKvReply { member_id, cluster_id, current_revision, result }
+        HashKvReply { member_id, cluster_id, current_revision, db_size, result }
     }
 
     /// Opens etcd's snapshot stream. etcd holds a bbolt read transaction open until the stream ends.

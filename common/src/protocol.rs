@@ -50,7 +50,8 @@ use crate::resources::{Resource, ResourceType, Selector, Timestamp};
 /// 17: the change log: `JobRequest::Watch` makes an agent its cluster's watcher ([`WatchMsg`], [`WatchReply`]);
 ///    `AdminRequest::Changes` lists what changed.
 /// 18: point in time: `AdminRequest::PointInTime`, `Segment`, `PointInTimeSnapshot`.
-/// 19: `DrillStatus::agreement`: a drill compares the restored key space with another member's etcd hash.
+/// 19: `DrillStatus::agreement`: a drill compares the restored key space with another member's etcd hash;
+///    `HashKvReply::db_size`.
 pub const PROTOCOL_VERSION: u32 = 19;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
@@ -729,6 +730,9 @@ pub struct HashKvReply {
     pub cluster_id: u64,
     /// The member's revision now (0 when etcd could not be asked).
     pub current_revision: i64,
+    /// etcd's database size now (0 when etcd could not be asked): fresher than the last report (10 s), for the
+    /// backup's size bound after a fast growth.
+    pub db_size: i64,
     pub result: HashKvResult,
 }
 

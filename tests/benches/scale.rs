@@ -284,6 +284,7 @@ async fn job(
                 member_id: facts.member_id,
                 cluster_id: facts.cluster_id,
                 current_revision: revision.max(facts.revision),
+                db_size: facts.db_size,
                 result,
             };
             let _ = answer_hash_kv(&mut send, &reply).await;

@@ -40,6 +40,8 @@ pub struct Divergence {
     pub inconclusive: Option<String>,
     /// Members that agree with the majority.
     pub agreeing: Vec<String>,
+    /// The database sizes the members' answers carried (fresher than their reports), by member.
+    pub db_sizes: Vec<(String, i64)>,
 }
 
 impl Divergence {
@@ -167,6 +169,10 @@ fn needs_another_round(replies: &Replies) -> bool {
 /// The verdict over one round's answers (pure).
 pub fn judge(revision: i64, replies: &Replies) -> Divergence {
     let mut d = Divergence { revision, ..Default::default() };
+    d.db_sizes = replies
+        .iter()
+        .filter_map(|(m, r)| r.as_ref().ok().filter(|r| r.db_size > 0).map(|r| (m.clone(), r.db_size)))
+        .collect();
     let mut answered: Vec<(&str, &HashKvReply)> = Vec::new();
     for (member, r) in replies {
         match r {
@@ -299,6 +305,7 @@ mod tests {
             member_id: 1,
             cluster_id,
             current_revision: 100,
+            db_size: 1 << 20,
             result: HashKvResult::Hash { hash, compact_revision: 5 },
         })
     }
@@ -331,12 +338,14 @@ mod tests {
             member_id: 1,
             cluster_id: 7,
             current_revision: 100,
+            db_size: 1 << 20,
             result: HashKvResult::Hash { hash: 9, compact_revision: 50 },
         });
         let skipped = Ok(HashKvReply {
             member_id: 1,
             cluster_id: 7,
             current_revision: 100,
+            db_size: 1 << 20,
             result: HashKvResult::Skipped { why: "too big".into() },
         });
         let d = judge(50, &[r("a", hashed(7, 1)), r("b", hashed(7, 1)), r("c", fresh), r("d", skipped)]);

@@ -99,7 +99,7 @@ pub(super) async fn take_with_failover(inner: &Inner, cluster: &str) -> Result<M
             continue;
         };
         deps.status.update(cluster, |s| s.member = member.clone())?;
-        match take(inner, cluster, &agent).await {
+        match take(inner, cluster, &agent, &check.db_sizes).await {
             Ok(m) => {
                 inner.quarantine.committed(cluster, member);
                 return Ok(m);
@@ -191,7 +191,8 @@ fn record_member_check(inner: &Inner, cluster: &str, checked: &[LiveAgent], chec
     }
 }
 
-async fn take(inner: &Inner, cluster: &str, agent: &LiveAgent) -> Result<Manifest> {
+/// `fresh`: the database sizes the members' answers to the member check carried, by member.
+async fn take(inner: &Inner, cluster: &str, agent: &LiveAgent, fresh: &[(String, i64)]) -> Result<Manifest> {
     let deps = &inner.deps;
     let member = agent.member.clone();
     let upload = UploadSettings { part_size: deps.settings.part_size, parts_in_flight: deps.settings.parts_in_flight };
@@ -200,9 +201,9 @@ async fn take(inner: &Inner, cluster: &str, agent: &LiveAgent) -> Result<Manifes
     info!(%member, %backup_id, "backup started");
     // The members' median DB size, not the chosen member's word: one member claiming a huge DB cannot hold
     // its cluster's backup (and a job slot) for hours.
-    let db_size = median_db_size(deps, cluster).unwrap_or_else(|| agent.facts.as_ref().map_or(0, |f| f.db_size));
+    let db_size = median_db_size(deps, cluster, fresh).unwrap_or_else(|| agent.facts.as_ref().map_or(0, |f| f.db_size));
     let limit = job_timeout(db_size, deps.settings.upload_limit_bps);
-    let streamed = match tokio::time::timeout(limit, stream(inner, cluster, agent, &mut pending)).await {
+    let streamed = match tokio::time::timeout(limit, stream(inner, cluster, agent, fresh, &mut pending)).await {
         Ok(r) => r,
         Err(_) => Err(anyhow!("the backup from {member} did not finish within {}s", limit.as_secs())),
     };
@@ -264,6 +265,7 @@ async fn stream(
     inner: &Inner,
     cluster: &str,
     agent: &LiveAgent,
+    fresh: &[(String, i64)],
     pending: &mut Pending,
 ) -> Result<(EtcdBackupSpec, Vec<UploadedPart>, quinn::SendStream)> {
     let deps = &inner.deps;
@@ -390,7 +392,7 @@ async fn stream(
                 // read-back (`--verify-upload full`) or drill would decompress it.
                 // Twice the database size the cluster's members report (their median), never above the
                 // store's limit: a member declaring 2 GiB for a 66 KB upload would make every drill write that.
-                let reported = median_db_size(deps, cluster)
+                let reported = median_db_size(deps, cluster, fresh)
                     .map_or(u64::MAX, |m| (m.max(0) as u64).saturating_mul(2).max(MIN_SIZE_LIMIT));
                 if summary.raw_size > reported {
                     bail!(
@@ -417,9 +419,16 @@ async fn stream(
     }
 }
 
-/// The median of the DB sizes the cluster's connected agents report (`None` without a report).
-fn median_db_size(deps: &super::JobDeps, cluster: &str) -> Option<i64> {
-    median(deps.agents.live(cluster).iter().filter_map(|a| a.facts.as_ref().map(|f| f.db_size)).collect())
+/// The median of the DB sizes the cluster's connected agents report (`None` without a report), each member's
+/// from its answer to the member check when it gave one (seconds old, where a report can be 10 s old: a
+/// database that doubled in between is not a lie).
+fn median_db_size(deps: &super::JobDeps, cluster: &str, fresh: &[(String, i64)]) -> Option<i64> {
+    let live = deps.agents.live(cluster);
+    let sizes = live.iter().filter_map(|a| {
+        let answered = fresh.iter().find(|(m, _)| *m == a.member).map(|(_, s)| *s);
+        answered.or(a.facts.as_ref().map(|f| f.db_size))
+    });
+    median(sizes.collect())
 }
 
 /// The median of `values` (the lower middle one of an even count: a liar among two is not believed upward).

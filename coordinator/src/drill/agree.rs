@@ -112,7 +112,7 @@ mod tests {
     use super::*;
 
     fn reply(result: HashKvResult) -> Result<HashKvReply, String> {
-        Ok(HashKvReply { member_id: 1, cluster_id: 2, current_revision: 100, result })
+        Ok(HashKvReply { member_id: 1, cluster_id: 2, current_revision: 100, db_size: 1 << 20, result })
     }
 
     fn hash(hash: u32, compact_revision: i64) -> Result<HashKvReply, String> {
