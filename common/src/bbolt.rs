@@ -240,6 +240,196 @@ impl MembersReader {
     }
 }
 
+/// etcd's `meta` bucket key holding the revision of its last finished compaction.
+const FINISHED_COMPACT: &[u8] = b"finishedCompactRev";
+/// Leaf pages (with their overflow) longer than this are passed over: etcd's values are at most its request
+/// limit (1.5 MiB by default, a few MiB where raised).
+const MAX_LEAF: usize = 64 << 20;
+
+/// The revision an etcd snapshot is at, read while it streams past, in one pass whatever the page order: the
+/// highest revision among the `key` bucket's entries on every leaf page (an entry's key is its revision, 8
+/// bytes main, `_`, 8 bytes sub, `t` for a deletion; a put's value must carry that main revision as its
+/// `mod_revision`), and the `meta` bucket's finished compaction. A freed page holds older entries only, so the
+/// highest is the snapshot's: what etcd itself starts at (`mvcc.store.restore`). Every page is looked at
+/// (a freed run's later pages may be live pages again); a page whose header does not name its own id is not
+/// the start of a page.
+#[derive(Debug, Default)]
+pub struct RevisionReader {
+    page_size: u64,
+    /// Bytes from page `pos` on (from `front`), kept until the leaf run starting there is whole.
+    window: Vec<u8>,
+    front: usize,
+    pos: u64,
+    highest: i64,
+    compacted: i64,
+    failed: Option<String>,
+}
+
+impl RevisionReader {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn write(&mut self, data: &[u8]) {
+        if self.failed.is_some() {
+            return;
+        }
+        self.window.extend_from_slice(data);
+        if self.page_size == 0 {
+            if self.window.len() < 4096 {
+                return;
+            }
+            let page_size = u64::from(u32_at(&self.window, PAGE_HEADER + 8));
+            if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
+                self.failed = Some(format!("page size {page_size}"));
+                self.window = Vec::new();
+                return;
+            }
+            self.page_size = page_size;
+        }
+        self.pages(false);
+    }
+
+    /// Looks at every whole page in the window; a leaf run is read once it is whole (or at the end, `last`).
+    fn pages(&mut self, last: bool) {
+        let ps = self.page_size as usize;
+        while self.window.len() - self.front >= ps {
+            let page = &self.window[self.front..];
+            let (id, flags, overflow) = (u64_at(page, 0), u16_at(page, 8), u64::from(u32_at(page, 12)));
+            if id == self.pos && flags & LEAF != 0 {
+                let need = (overflow + 1).saturating_mul(self.page_size);
+                let need = usize::try_from(need).unwrap_or(usize::MAX);
+                if need <= MAX_LEAF {
+                    if page.len() < need && !last {
+                        break;
+                    }
+                    let run = &self.window[self.front..self.front + need.min(page.len())];
+                    scan_leaf(run, 0, &mut self.highest, &mut self.compacted);
+                }
+            }
+            self.front += ps;
+            self.pos += 1;
+        }
+        if self.front >= 1 << 20 || self.front == self.window.len() {
+            self.window.drain(..self.front);
+            self.front = 0;
+        }
+    }
+
+    /// The snapshot's revision (0: none found), or why it could not be read.
+    pub fn finish(mut self) -> Result<i64, String> {
+        if self.page_size > 0 && self.failed.is_none() {
+            self.pages(true);
+        }
+        if let Some(why) = self.failed {
+            return Err(why);
+        }
+        if self.page_size == 0 {
+            return Err("shorter than one page".into());
+        }
+        Ok(self.highest.max(self.compacted))
+    }
+}
+
+/// Every entry of a leaf page, raising `highest` (revision keys) and `compacted` (the finished compaction);
+/// inline buckets (small buckets live inside their parent's page) too.
+fn scan_leaf(page: &[u8], depth: usize, highest: &mut i64, compacted: &mut i64) {
+    let count = usize::from(u16_at(page, 10));
+    for i in 0..count {
+        let e = PAGE_HEADER + i * ELEMENT;
+        if e + ELEMENT > page.len() {
+            return;
+        }
+        let (eflags, pos, ksize, vsize) = (
+            u32_at(page, e),
+            u32_at(page, e + 4) as usize,
+            u32_at(page, e + 8) as usize,
+            u32_at(page, e + 12) as usize,
+        );
+        let k = e.saturating_add(pos);
+        let v = k.saturating_add(ksize);
+        let end = v.saturating_add(vsize);
+        if end > page.len() {
+            return;
+        }
+        let (key, value) = (&page[k..v], &page[v..end]);
+        if eflags & BUCKET_LEAF != 0 {
+            if depth < 4 && value.len() >= BUCKET_HEADER + PAGE_HEADER && u64_at(value, 0) == 0 {
+                scan_leaf(&value[BUCKET_HEADER..], depth + 1, highest, compacted);
+            }
+            continue;
+        }
+        if key == FINISHED_COMPACT && value.len() >= 8 {
+            *compacted = (*compacted).max(main_revision(value));
+            continue;
+        }
+        let main = match key.len() {
+            17 if key[8] == b'_' => main_revision(key),
+            18 if key[8] == b'_' && key[17] == b't' => main_revision(key),
+            _ => continue,
+        };
+        if main <= *highest {
+            continue;
+        }
+        let believed = if key.len() == 17 { mod_revision(value) == Some(main) } else { only_a_key(value) };
+        if believed {
+            *highest = main;
+        }
+    }
+}
+
+/// The main revision of an etcd revision key (big-endian, first 8 bytes).
+fn main_revision(b: &[u8]) -> i64 {
+    let mut m = [0u8; 8];
+    m.copy_from_slice(&b[..8]);
+    i64::from_be_bytes(m)
+}
+
+/// A protobuf varint at `b[*at..]`, moving `at` past it.
+fn varint(b: &[u8], at: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*at)?;
+        *at += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// The fields of an encoded `mvccpb.KeyValue`, as (field, varint value or 0); `None` when it is not one.
+fn kv_fields(b: &[u8]) -> Option<Vec<(u64, u64)>> {
+    let mut at = 0;
+    let mut out = Vec::new();
+    while at < b.len() {
+        let tag = varint(b, &mut at)?;
+        let (field, wire) = (tag >> 3, tag & 7);
+        match wire {
+            0 => out.push((field, varint(b, &mut at)?)),
+            2 => {
+                let len = usize::try_from(varint(b, &mut at)?).ok()?;
+                at = at.checked_add(len).filter(|end| *end <= b.len())?;
+                out.push((field, 0));
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// A put's `mod_revision` (field 3).
+fn mod_revision(value: &[u8]) -> Option<i64> {
+    let fields = kv_fields(value)?;
+    fields.iter().find(|(f, _)| *f == 3).and_then(|(_, v)| i64::try_from(*v).ok())
+}
+
+/// A deletion's value: a `KeyValue` holding only its key.
+fn only_a_key(value: &[u8]) -> bool {
+    kv_fields(value).is_some_and(|f| f.len() == 1 && f[0].0 == 1)
+}
+
 fn u16_at(b: &[u8], at: usize) -> u16 {
     b.get(at..at + 2).map_or(0, |s| u16::from_le_bytes([s[0], s[1]]))
 }
@@ -341,5 +531,69 @@ mod tests {
         assert!(matches!(read(&f, 4096), Members::Unread(_)));
         assert!(matches!(read(&f[..4096 * 2 + 10], 4096), Members::Unread(_)));
         assert!(matches!(read(&[0xffu8; 20_000], 4096), Members::Unread(_)));
+    }
+
+    /// An etcd revision key and a put's value carrying `mod` as its mod_revision.
+    fn put(main: i64, sub: i64, m: i64) -> (u32, Vec<u8>, Vec<u8>) {
+        let mut k = main.to_be_bytes().to_vec();
+        k.push(b'_');
+        k.extend_from_slice(&sub.to_be_bytes());
+        let mut v = vec![0x0a, 1, b'k', 0x10, 2];
+        v.push(0x18);
+        let mut m = m as u64;
+        while m >= 0x80 {
+            v.push((m as u8 & 0x7f) | 0x80);
+            m >>= 7;
+        }
+        v.push(m as u8);
+        (0, k, v)
+    }
+
+    fn el(v: &[(u32, Vec<u8>, Vec<u8>)]) -> Vec<(u32, &[u8], Vec<u8>)> {
+        v.iter().map(|(f, k, v)| (*f, &k[..], v.clone())).collect()
+    }
+
+    fn revision(f: &[u8], piece: usize) -> Result<i64, String> {
+        let mut r = RevisionReader::new();
+        for c in f.chunks(piece) {
+            r.write(c);
+        }
+        r.finish()
+    }
+
+    #[test]
+    fn the_revision_is_the_highest_believed_key_or_the_finished_compaction_in_any_page_order() {
+        let high = vec![put(900, 0, 900), put(901, 1, 901)];
+        let low = vec![put(5, 0, 5), put(7, 0, 7)];
+        // A key of revision shape whose value does not carry it (another bucket's key, a stale value) is not
+        // believed; a deletion (`t`) counts.
+        let mut tomb = put(950, 0, 950);
+        tomb.1.push(b't');
+        tomb.2 = vec![0x0a, 1, b'k'];
+        let liar = vec![put(5_000, 0, 7), tomb];
+        let pages = [(2u64, leaf(2, &el(&high))), (3, leaf(3, &el(&low))), (5, leaf(5, &el(&liar)))];
+        let f = file(8, 9, &pages);
+        for piece in [1, 100, 4096, 1 << 20] {
+            assert_eq!(revision(&f, piece), Ok(950), "piece {piece}");
+        }
+        // A page whose header names another id is no page start (the rest of a freed run): not read.
+        let mut stale = leaf(6, &el(&[put(7_000, 0, 7_000)]));
+        stale[..8].copy_from_slice(&99u64.to_le_bytes());
+        let f = file(8, 9, &[(2, leaf(2, &el(&high))), (6, stale.clone())]);
+        assert_eq!(revision(&f, 4096), Ok(901));
+        // A restore marked compacted above its keys: the `meta` bucket (inline) names the revision.
+        let meta = leaf(
+            0,
+            &[(0, FINISHED_COMPACT, {
+                let mut v = 2_000i64.to_be_bytes().to_vec();
+                v.push(b'_');
+                v.extend_from_slice(&0i64.to_be_bytes());
+                v
+            })],
+        );
+        let root = leaf(4, &[(BUCKET_LEAF, b"meta", bucket(0, Some(meta)))]);
+        let f = file(8, 4, &[(2, leaf(2, &el(&high))), (4, root)]);
+        assert_eq!(revision(&f, 333), Ok(2_000));
+        assert!(revision(&f[..100], 10).is_err(), "shorter than a page");
     }
 }

@@ -15,7 +15,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use crate::bbolt::{Members, MembersReader};
+use crate::bbolt::{Members, MembersReader, RevisionReader};
 use crate::encryption::{AgeHeader, EncryptionError, Identities, OpeningWriter, AGE_MAGIC, MAX_AGE_HEADER};
 use crate::resources::EtcdBackupSpec;
 
@@ -62,6 +62,13 @@ pub enum SnapshotError {
          not among them ({reported}); it is another etcd cluster's snapshot"
     )]
     ForeignMembers { found: String, reported: String },
+    /// The backing-up member declared a revision the snapshot does not reach: a restore bumped from it would
+    /// land below the revisions Kubernetes' watchers saw.
+    #[error(
+        "the manifest says the snapshot is at revision {declared} but it holds revision {holds}: the declared \
+         revision is not the snapshot's (a restore bumped from it could land below what watchers saw)"
+    )]
+    RevisionAbove { declared: i64, holds: i64 },
     #[error(transparent)]
     Encryption(#[from] EncryptionError),
     #[error(
@@ -178,6 +185,8 @@ struct RawCheck<W: Write> {
     /// The etcd member ids the cluster's connected agents report (empty: not compared), and the snapshot's.
     expected_members: Vec<u64>,
     members: MembersReader,
+    /// The revision the snapshot holds, read as it streams.
+    revision: RevisionReader,
 }
 
 impl<W: Write> RawCheck<W> {
@@ -191,6 +200,7 @@ impl<W: Write> RawCheck<W> {
             max,
             expected_members: Vec::new(),
             members: MembersReader::new(),
+            revision: RevisionReader::new(),
         }
     }
 
@@ -243,6 +253,15 @@ impl<W: Write> RawCheck<W> {
         }
         check_bbolt(&self.head, self.bytes - 32)?;
         self.check_members()?;
+        // The declared revision is what etcd reported just before the snapshot began: never above what it holds
+        // (an etcd with no key yet is at revision 1).
+        match std::mem::take(&mut self.revision).finish() {
+            Ok(holds) if spec.revision > holds.max(1) => {
+                return Err(SnapshotError::RevisionAbove { declared: spec.revision, holds })
+            }
+            Ok(_) => {}
+            Err(why) => tracing::warn!("the snapshot's revision was not read: {why}"),
+        }
         Ok(self.out)
     }
 }
@@ -258,6 +277,8 @@ impl<W: Write> Write for RawCheck<W> {
         if !self.expected_members.is_empty() {
             self.members.write(buf);
         }
+        // The trailing hash is passed to it too: it lies past the last page, where nothing is read.
+        self.revision.write(buf);
         if self.head.len() < BBOLT_HEAD {
             let n = (BBOLT_HEAD - self.head.len()).min(buf.len());
             self.head.extend_from_slice(&buf[..n]);

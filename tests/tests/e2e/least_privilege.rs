@@ -41,7 +41,7 @@ pub(crate) fn sane_facts(member_id: u64) -> EtcdFacts {
         etcd_version: "3.5.16".into(),
         db_size: 1 << 20,
         raft_applied_index: 100,
-        revision: 10,
+        revision: 1,
         leader: true,
         leader_id: member_id,
         error: None,
@@ -752,6 +752,43 @@ async fn a_snapshot_declared_far_larger_than_the_database_is_refused() -> anyhow
     assert_eq!(status["status"], STATUS_ERROR, "{status:#}");
     assert!(status["error"].as_str().unwrap_or_default().contains("twice the database size"), "{status:#}");
     assert!(coordinator.backups("evil").await?.is_empty());
+    evil.close().await;
+    Ok(())
+}
+
+/// Issue 26, findings 2 and 4: the revision recorded was the agent's word, and a restore's bump is planned from
+/// it. The snapshot's own revision is read as it streams (the highest revision key its bbolt pages hold, or
+/// its finished compaction): a member declaring more than the snapshot holds is refused.
+#[tokio::test]
+async fn a_revision_above_what_the_snapshot_holds_is_refused() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let holds = etcd.put_keys(30).await?;
+    let coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
+    let creds = coordinator.issue_agent_credentials("evil", "m1").await?;
+    let mut evil = HostileAgent::connect(&coordinator, &creds).await?;
+    // Its reports say the cluster is far ahead, so the declared revision is within what was seen.
+    let ahead = EtcdFacts { revision: holds + 40_000, ..sane_facts(1) };
+    evil.report(ahead.clone()).await?;
+    coordinator.wait_agents_connected("evil", &["m1"], BACKUP_TIMEOUT).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let snapshot = etcd_snapshot(etcd.member(0).client_url()).await?;
+    for (declared, committed) in [(holds + 40_000, false), (holds, true)] {
+        let previous = coordinator.backup_status("evil").await.unwrap_or_default();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        coordinator.manual_backup("evil").await?;
+        let job = evil.next_job(BACKUP_TIMEOUT).await?;
+        let reply =
+            send_snapshot(job, &snapshot, EtcdFacts { revision: declared, ..ahead.clone() }, Timestamp::now()).await?;
+        let status = coordinator.wait_next_backup_status("evil", &previous, BACKUP_TIMEOUT).await?;
+        assert_eq!(matches!(reply, JobReply::Committed), committed, "declared {declared}: {reply:?} {status:#}");
+        if !committed {
+            let error = status["error"].as_str().unwrap_or_default();
+            assert!(error.contains(&format!("it holds revision {holds}")), "{status:#}");
+        }
+    }
+    let backups = coordinator.backups("evil").await?;
+    assert_eq!(backups.len(), 1, "{backups:#?}");
+    assert_eq!(backups[0]["spec"]["revision"], holds);
     evil.close().await;
     Ok(())
 }
