@@ -256,9 +256,8 @@ const MAX_LEAF: usize = 64 << 20;
 #[derive(Debug, Default)]
 pub struct RevisionReader {
     page_size: u64,
-    /// Bytes from page `pos` on (from `front`), kept until the leaf run starting there is whole.
+    /// Bytes from page `pos` on that could not be looked at yet: a part page, or a leaf run not yet whole.
     window: Vec<u8>,
-    front: usize,
     pos: u64,
     highest: i64,
     compacted: i64,
@@ -274,8 +273,8 @@ impl RevisionReader {
         if self.failed.is_some() {
             return;
         }
-        self.window.extend_from_slice(data);
         if self.page_size == 0 {
+            self.window.extend_from_slice(data);
             if self.window.len() < 4096 {
                 return;
             }
@@ -286,15 +285,31 @@ impl RevisionReader {
                 return;
             }
             self.page_size = page_size;
+            self.rescan(false);
+        } else if self.window.is_empty() {
+            // Straight from the caller's buffer: only what is left over is copied.
+            let used = self.scan(data, false);
+            self.window.extend_from_slice(&data[used..]);
+        } else {
+            self.window.extend_from_slice(data);
+            self.rescan(false);
         }
-        self.pages(false);
     }
 
-    /// Looks at every whole page in the window; a leaf run is read once it is whole (or at the end, `last`).
-    fn pages(&mut self, last: bool) {
+    fn rescan(&mut self, last: bool) {
+        let window = std::mem::take(&mut self.window);
+        let used = self.scan(&window, last);
+        self.window = window;
+        self.window.drain(..used);
+    }
+
+    /// Looks at every whole page of `buf` (page `pos` first); a leaf run is read once it is whole (or at the
+    /// end, `last`). Returns the bytes done with.
+    fn scan(&mut self, buf: &[u8], last: bool) -> usize {
         let ps = self.page_size as usize;
-        while self.window.len() - self.front >= ps {
-            let page = &self.window[self.front..];
+        let mut at = 0;
+        while buf.len() - at >= ps {
+            let page = &buf[at..];
             let (id, flags, overflow) = (u64_at(page, 0), u16_at(page, 8), u64::from(u32_at(page, 12)));
             if id == self.pos && flags & LEAF != 0 {
                 let need = (overflow + 1).saturating_mul(self.page_size);
@@ -303,23 +318,19 @@ impl RevisionReader {
                     if page.len() < need && !last {
                         break;
                     }
-                    let run = &self.window[self.front..self.front + need.min(page.len())];
-                    scan_leaf(run, 0, &mut self.highest, &mut self.compacted);
+                    scan_leaf(&page[..need.min(page.len())], 0, &mut self.highest, &mut self.compacted);
                 }
             }
-            self.front += ps;
+            at += ps;
             self.pos += 1;
         }
-        if self.front >= 1 << 20 || self.front == self.window.len() {
-            self.window.drain(..self.front);
-            self.front = 0;
-        }
+        at
     }
 
     /// The snapshot's revision (0: none found), or why it could not be read.
     pub fn finish(mut self) -> Result<i64, String> {
         if self.page_size > 0 && self.failed.is_none() {
-            self.pages(true);
+            self.rescan(true);
         }
         if let Some(why) = self.failed {
             return Err(why);
