@@ -93,6 +93,13 @@ pub enum SnapshotError {
     CannotBump { found: String },
 }
 
+/// What a failed etcd tool said: its panic when it panicked (a damaged database: the stack trace's last line
+/// says nothing), else its last line.
+fn tool_failure(stderr: &str) -> String {
+    let panic = stderr.lines().find(|l| l.starts_with("panic:")).map(|l| format!("etcd's tool panicked: {l}"));
+    panic.unwrap_or_else(|| stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string())
+}
+
 /// The first etcdutl with `snapshot restore --bump-revision --mark-compacted`.
 pub const MIN_BUMP_VERSION: &str = "3.5.10";
 /// The restored revision lands at least this far above the highest revision the cluster is known to have
@@ -1063,8 +1070,7 @@ pub fn restore(
         detail: format!("cannot run it ({e}); install etcd's client tools"),
     })?;
     if !out.status.success() {
-        let detail =
-            String::from_utf8_lossy(&out.stderr).lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+        let detail = tool_failure(&String::from_utf8_lossy(&out.stderr));
         return Err(SnapshotError::Tool { tool: format!("{tool} snapshot restore"), detail });
     }
     Ok(())

@@ -793,6 +793,67 @@ async fn a_revision_above_what_the_snapshot_holds_is_refused() -> anyhow::Result
     Ok(())
 }
 
+/// Issue 26, finding 2: a snapshot with a corrupted bbolt page (trailing hash recomputed) was listed and drilled
+/// "OK" while etcd's own tool panics on it. Every hash is right, so it commits (only the member's own cluster
+/// lists it); its drill runs etcd on it, fails, and says so; it never becomes the last passed backup.
+#[tokio::test]
+async fn a_snapshot_with_a_corrupted_page_fails_its_drill() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    etcd.put_keys(200).await?;
+    let extra = ["--min-drill-interval", "1s"].map(str::to_owned).to_vec();
+    let coordinator = Coordinator::start(CoordinatorOptions { extra_args: extra, ..Default::default() }).await?;
+    let creds = coordinator.issue_agent_credentials("evil", "m1").await?;
+    let mut evil = HostileAgent::connect(&coordinator, &creds).await?;
+    evil.report(sane_facts(1)).await?;
+    coordinator.wait_agents_connected("evil", &["m1"], BACKUP_TIMEOUT).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Every leaf page of etcd's `key` bucket (its first key is a revision: 8 bytes, `_`, 8 bytes) turned
+    // into a freelist page; etcd's trailing hash recomputed.
+    let mut snapshot = etcd_snapshot(etcd.member(0).client_url()).await?;
+    let page_size = u32::from_le_bytes(snapshot[24..28].try_into()?) as usize;
+    let mut corrupted = 0;
+    for at in (0..snapshot.len() - 32).step_by(page_size).skip(2) {
+        let page = &snapshot[at..at + page_size];
+        let (id, flags, count) = (u64::from_le_bytes(page[..8].try_into()?), page[8], page[10]);
+        let (pos, ksize) = (u32::from_le_bytes(page[20..24].try_into()?) as usize, page[24]);
+        let key = page.get(16 + pos..16 + pos + 17).unwrap_or_default();
+        if id as usize * page_size == at && flags == 0x02 && count > 0 && ksize == 17 && key[8] == b'_' {
+            snapshot[at + 8] = 0x10;
+            corrupted += 1;
+        }
+    }
+    anyhow::ensure!(corrupted > 0, "no leaf page of the key bucket found");
+    let n = snapshot.len() - 32;
+    let trailer: [u8; 32] = Sha256::digest(&snapshot[..n]).into();
+    snapshot[n..].copy_from_slice(&trailer);
+    let reply = send_backup(&coordinator, &evil, &snapshot, Timestamp::now()).await?;
+    assert!(matches!(reply, JobReply::Committed), "every hash is right: {reply:?}");
+    let id = coordinator.backups("evil").await?[0]["metadata"]["id"].as_str().context("id")?.to_owned();
+
+    let mut cluster = coordinator.ctl().get_json("cluster", Some("evil")).await?;
+    cluster["spec"]["backupconfiguration"] = serde_json::json!({
+        "interval": { "seconds": 3600, "nanos": 0 },
+        "drillinterval": { "seconds": 2, "nanos": 0 },
+    });
+    coordinator.ctl().apply_yaml(&serde_json::to_string(&cluster)?).await?.ok()?;
+    let drill = poll_until(
+        "the drill of the corrupted backup",
+        Duration::from_secs(180),
+        Duration::from_millis(500),
+        || async {
+            let drill = coordinator.backup_status("evil").await?["drill"].clone();
+            Ok((drill["backup"] == id.as_str() && drill["time"].is_object()).then_some(drill))
+        },
+    )
+    .await?;
+    assert_eq!(drill["result"], STATUS_ERROR, "{drill:#}");
+    assert!(drill["error"].as_str().unwrap_or_default().contains("etcd's tool panicked"), "{drill:#}");
+    assert_ne!(drill["lastpassedbackup"], id.as_str(), "{drill:#}");
+    evil.close().await;
+    Ok(())
+}
+
 /// The bound above used the members' last reports (every 10 s): a backup asked for right after the database
 /// more than doubled was refused as a lie. The member check's answers, taken as the backup starts, carry each
 /// member's database size now.
