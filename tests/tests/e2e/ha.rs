@@ -244,6 +244,61 @@ async fn a_backup_asked_for_right_after_the_leader_died_waits_for_its_agents_and
     Ok(())
 }
 
+/// Issue 27, the scheduled variant: the leader is killed while a scheduled backup it started is uploading,
+/// every agent connected to it. The new leader's schedule goes on: scheduled backups commit again within a
+/// minute of the kill, and no backup is listed twice.
+#[tokio::test]
+async fn a_scheduled_round_in_flight_when_the_leader_dies_goes_on_through_the_new_leader() -> anyhow::Result<()> {
+    let s3 = S3Server::start().await?;
+    let state = EtcdCluster::start(3).await?;
+    let alpha = EtcdCluster::start(3).await?;
+    alpha.put_keys(200).await?;
+    // 6 MiB of incompressible values at 1 MB/s: each backup uploads for about 6 s.
+    alpha.put_random_values(6 * MIB, 7).await?;
+    let (mut replicas, addresses) =
+        start_replicas(&s3, &state, &["--upload-limit-mbps", "8", "--min-backup-interval", "1s"]).await?;
+    let first = wait_new_leader(&state, None, TAKEOVER).await?;
+    let dead = index_of(&addresses, &first)?;
+    let _agents = replicas[dead].start_agents("alpha", &alpha).await?;
+    replicas[dead].wait_agents_connected("alpha", &["m1", "m2", "m3"], Duration::from_secs(60)).await?;
+    let cluster = "metadata:\n  namespace: default\n  type: Clusters.ferry.dev\n  id: alpha\n  labels:\n    \
+                   ferry.dev/cluster: alpha\nspec:\n  backupconfiguration:\n    interval:\n      seconds: 5\n      \
+                   nanos: 0\n";
+    replicas[dead].ctl().apply_yaml(cluster).await?.ok()?;
+    replicas[dead].wait_backup_running("alpha", Duration::from_secs(60)).await?;
+    replicas[dead].kill();
+    let killed_at = unix_now();
+    let second = wait_new_leader(&state, Some(&first), TAKEOVER).await?;
+    let lead = index_of(&addresses, &second)?;
+    let committed_after = poll_until(
+        "two scheduled backups committed after the kill",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || async {
+            let backups = replicas[lead].backups("alpha").await?;
+            let after: Vec<i64> = backups
+                .iter()
+                .filter_map(|b| b["spec"]["createdat"]["seconds"].as_i64())
+                .filter(|t| *t >= killed_at)
+                .collect();
+            Ok((after.len() >= 2).then_some(after))
+        },
+    )
+    .await?;
+    let first_after = committed_after.iter().min().copied().unwrap_or(i64::MAX) - killed_at;
+    println!("the first scheduled backup after the kill was created {first_after} s after it");
+    assert!(first_after <= 60, "the schedule went on within a minute: {first_after} s");
+    let backups = replicas[lead].backups("alpha").await?;
+    let ids: HashSet<&str> = backups.iter().filter_map(|b| b["metadata"]["id"].as_str()).collect();
+    assert_eq!(backups.len(), ids.len(), "no backup listed twice: {backups:#?}");
+    // The dead leader's upload is cleaned up by the new one.
+    poll_until("no multipart upload left behind", Duration::from_secs(120), Duration::from_millis(500), || async {
+        Ok(s3.leftover_uploads().is_empty().then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
 /// Sends `signal` (`STOP`, `CONT`) to process `pid`.
 fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
     let ok = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status()?.success();
