@@ -660,6 +660,26 @@ async fn backup_past_a_liar(coordinator: &Coordinator, cluster: &str, liar: &Hos
     }
 }
 
+/// Drills `cluster` every 2 s and waits for a drill of backup `id` that `done` accepts; returns its status.
+async fn drill_of(
+    coordinator: &Coordinator,
+    cluster: &str,
+    id: &str,
+    done: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let mut c = coordinator.ctl().get_json("cluster", Some(cluster)).await?;
+    c["spec"]["backupconfiguration"] = serde_json::json!({
+        "interval": { "seconds": 3600, "nanos": 0 },
+        "drillinterval": { "seconds": 2, "nanos": 0 },
+    });
+    coordinator.ctl().apply_yaml(&serde_json::to_string(&c)?).await?.ok()?;
+    poll_until(&format!("a drill of {id}"), Duration::from_secs(180), Duration::from_millis(500), || async {
+        let drill = coordinator.backup_status(cluster).await?["drill"].clone();
+        Ok((drill["backup"] == id && done(&drill)).then_some(drill))
+    })
+    .await
+}
+
 /// Issue 26, finding 10: a member held its cluster's backup "running" with no bytes by asking for a new part
 /// URL every 119 s (each new part moved the byte-stall deadline). A part's URL is now handed out only once the
 /// parts before those in flight are stored.
@@ -831,22 +851,7 @@ async fn a_snapshot_with_a_corrupted_page_fails_its_drill() -> anyhow::Result<()
     assert!(matches!(reply, JobReply::Committed), "every hash is right: {reply:?}");
     let id = coordinator.backups("evil").await?[0]["metadata"]["id"].as_str().context("id")?.to_owned();
 
-    let mut cluster = coordinator.ctl().get_json("cluster", Some("evil")).await?;
-    cluster["spec"]["backupconfiguration"] = serde_json::json!({
-        "interval": { "seconds": 3600, "nanos": 0 },
-        "drillinterval": { "seconds": 2, "nanos": 0 },
-    });
-    coordinator.ctl().apply_yaml(&serde_json::to_string(&cluster)?).await?.ok()?;
-    let drill = poll_until(
-        "the drill of the corrupted backup",
-        Duration::from_secs(180),
-        Duration::from_millis(500),
-        || async {
-            let drill = coordinator.backup_status("evil").await?["drill"].clone();
-            Ok((drill["backup"] == id.as_str() && drill["time"].is_object()).then_some(drill))
-        },
-    )
-    .await?;
+    let drill = drill_of(&coordinator, "evil", &id, |d| d["time"].is_object()).await?;
     assert_eq!(drill["result"], STATUS_ERROR, "{drill:#}");
     assert!(drill["error"].as_str().unwrap_or_default().contains("etcd's tool panicked"), "{drill:#}");
     assert_ne!(drill["lastpassedbackup"], id.as_str(), "{drill:#}");
@@ -1075,18 +1080,7 @@ async fn junk_uploaded_exactly_as_announced_is_listed_for_its_cluster_only_and_f
     let id = backups[0]["metadata"]["id"].as_str().context("backup id")?.to_owned();
     assert_eq!(backups[0]["metadata"]["annotations"]["ferry.dev/verification"], "parts", "{backups:#?}");
 
-    let mut cluster = coordinator.ctl().get_json("cluster", Some("evil")).await?;
-    cluster["spec"]["backupconfiguration"] = serde_json::json!({
-        "interval": { "seconds": 3600, "nanos": 0 },
-        "drillinterval": { "seconds": 2, "nanos": 0 },
-    });
-    coordinator.ctl().apply_yaml(&serde_json::to_string(&cluster)?).await?.ok()?;
-    let drill =
-        poll_until("the drill to fail the junk", Duration::from_secs(120), Duration::from_millis(500), || async {
-            let drill = coordinator.backup_status("evil").await?["drill"].clone();
-            Ok((drill["backup"] == id.as_str() && drill["result"] == STATUS_ERROR).then_some(drill))
-        })
-        .await?;
+    let drill = drill_of(&coordinator, "evil", &id, |d| d["result"] == STATUS_ERROR).await?;
     assert!(!drill["error"].as_str().unwrap_or_default().is_empty(), "the drill says why: {drill:#}");
     assert!(coordinator.backups("prod").await?.is_empty(), "nothing is listed for any other cluster");
     evil.close().await;
@@ -1171,22 +1165,7 @@ async fn a_doctored_snapshot_fails_its_drill_against_the_other_members_hashes() 
     }
     let doctored_id = doctored_id.context("the liar was never chosen for a backup")?;
 
-    let mut cluster = coordinator.ctl().get_json("cluster", Some("prod")).await?;
-    cluster["spec"]["backupconfiguration"] = serde_json::json!({
-        "interval": { "seconds": 3600, "nanos": 0 },
-        "drillinterval": { "seconds": 2, "nanos": 0 },
-    });
-    coordinator.ctl().apply_yaml(&serde_json::to_string(&cluster)?).await?.ok()?;
-    let drill = poll_until(
-        "the drill of the doctored backup",
-        Duration::from_secs(120),
-        Duration::from_millis(500),
-        || async {
-            let drill = coordinator.backup_status("prod").await?["drill"].clone();
-            Ok((drill["backup"] == doctored_id.as_str() && drill["time"].is_object()).then_some(drill))
-        },
-    )
-    .await?;
+    let drill = drill_of(&coordinator, "prod", &doctored_id, |d| d["time"].is_object()).await?;
     assert_eq!(drill["result"], STATUS_ERROR, "{drill:#}");
     let error = drill["error"].as_str().unwrap_or_default();
     assert!(error.contains("not the data the cluster held"), "{drill:#}");
