@@ -59,7 +59,7 @@ pub(super) async fn take_with_failover(inner: &Inner, cluster: &str) -> Result<M
         .filter(|a| !check.is_diverged(&a.member))
         .filter_map(|a| a.facts.clone().map(|f| (a.member.clone(), f)))
         .collect();
-    let mut order = order_members(&facts, inner.rotation.next(cluster));
+    let mut order = prefer_agreeing(order_members(&facts, inner.rotation.next(cluster)), &check.agreeing);
     let mut out = Vec::new();
     order.retain(|m| match inner.quarantine.out_for(cluster, m) {
         Some(left) => {
@@ -431,6 +431,14 @@ fn median_db_size(deps: &super::JobDeps, cluster: &str, fresh: &[(String, i64)])
     median(sizes.collect())
 }
 
+/// `order` with the members the check compared and found agreeing first (in their order): a member that could
+/// not be compared (it skipped, or forgot its compactions on a restart) may hold diverged data nobody saw.
+fn prefer_agreeing(order: Vec<String>, agreeing: &[String]) -> Vec<String> {
+    let (mut first, rest): (Vec<String>, Vec<String>) = order.into_iter().partition(|m| agreeing.contains(m));
+    first.extend(rest);
+    first
+}
+
 /// The median of `values` (the lower middle one of an even count: a liar among two is not believed upward).
 fn median(mut values: Vec<i64>) -> Option<i64> {
     values.sort_unstable();
@@ -453,6 +461,13 @@ fn wrong_path(e: StoreError, member: &str) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn members_compared_and_agreeing_come_first_in_their_order() {
+        let order = ["b", "c", "a"].map(String::from).to_vec();
+        assert_eq!(prefer_agreeing(order.clone(), &["a".into(), "c".into()]), ["c", "a", "b"]);
+        assert_eq!(prefer_agreeing(order.clone(), &[]), order, "nobody compared: unchanged");
+    }
 
     #[test]
     fn the_median_db_size_ignores_one_liar() {

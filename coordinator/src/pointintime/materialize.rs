@@ -293,7 +293,16 @@ pub async fn rebuild_plan(
 /// Writes the rebuilt state to `out` with `etcdctl snapshot save` (etcd's tool checks the hash) and stops
 /// the throw-away etcd.
 pub async fn save(rebuilt: Rebuilt, out: &Path) -> Result<Outcome> {
-    let Rebuilt { etcd, client, outcome } = rebuilt;
+    let Rebuilt { etcd, mut client, outcome } = rebuilt;
+    // The state at the point, not the log's history up to it (≈ 3.7 KB a revision: a 378 MiB base grew to
+    // 908 MiB over 150 000 revisions): compacted there and defragmented before it is saved. Keys keep their
+    // create and mod revisions and versions; a restore marks it compacted anyway.
+    let compact = etcd_client::CompactionOptions::new().with_physical();
+    client
+        .compact(outcome.revision, Some(compact))
+        .await
+        .map_err(|e| etcd.with_log(anyhow!("compact at the point: {e}")))?;
+    client.defragment().await.map_err(|e| etcd.with_log(anyhow!("defragment the rebuilt etcd: {e}")))?;
     drop(client);
     let out = out.to_path_buf();
     tokio::task::spawn_blocking(move || crate::restore_check::save_snapshot(&etcd, &out).map_err(|e| etcd.with_log(e)))
