@@ -132,11 +132,13 @@ impl MembersReader {
 
     /// The meta page is whole: the page size and the root bucket's page.
     fn start(&mut self) {
-        let page_size = u64::from(u32_at(&self.head, PAGE_HEADER + 8));
-        if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
-            self.unread = Some(format!("page size {page_size}"));
-            return;
-        }
+        let page_size = match page_size_of(&self.head) {
+            Ok(p) => p,
+            Err(why) => {
+                self.unread = Some(why);
+                return;
+            }
+        };
         self.page_size = page_size;
         let root = u64_at(&self.head, PAGE_HEADER + 16);
         self.head = Vec::new();
@@ -183,15 +185,9 @@ impl MembersReader {
             if flags & LEAF == 0 {
                 return Err(format!("page {pgid} is neither a branch nor a leaf page"));
             }
-            let (eflags, pos, ksize, vsize) =
-                (u32_at(page, e), u32_at(page, e + 4) as usize, u32_at(page, e + 8) as usize, u32_at(page, e + 12));
-            let k = e.saturating_add(pos);
-            let v = k.saturating_add(ksize);
-            let end = v.saturating_add(vsize as usize);
-            if end > page.len() {
+            let Some((eflags, key, value)) = leaf_element(page, e) else {
                 return Err(format!("an element of page {pgid} runs past the page"));
-            }
-            let (key, value) = (&page[k..v], &page[v..end]);
+            };
             match want {
                 Want::Root if key == MEMBERS_BUCKET && eflags & BUCKET_LEAF != 0 => {
                     self.located = true;
@@ -278,13 +274,14 @@ impl RevisionReader {
             if self.window.len() < 4096 {
                 return;
             }
-            let page_size = u64::from(u32_at(&self.window, PAGE_HEADER + 8));
-            if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
-                self.failed = Some(format!("page size {page_size}"));
-                self.window = Vec::new();
-                return;
+            match page_size_of(&self.window) {
+                Ok(p) => self.page_size = p,
+                Err(why) => {
+                    self.failed = Some(why);
+                    self.window = Vec::new();
+                    return;
+                }
             }
-            self.page_size = page_size;
             self.rescan(false);
         } else if self.window.is_empty() {
             // Straight from the caller's buffer: only what is left over is copied.
@@ -351,19 +348,7 @@ fn scan_leaf(page: &[u8], depth: usize, highest: &mut i64, compacted: &mut i64) 
         if e + ELEMENT > page.len() {
             return;
         }
-        let (eflags, pos, ksize, vsize) = (
-            u32_at(page, e),
-            u32_at(page, e + 4) as usize,
-            u32_at(page, e + 8) as usize,
-            u32_at(page, e + 12) as usize,
-        );
-        let k = e.saturating_add(pos);
-        let v = k.saturating_add(ksize);
-        let end = v.saturating_add(vsize);
-        if end > page.len() {
-            return;
-        }
-        let (key, value) = (&page[k..v], &page[v..end]);
+        let Some((eflags, key, value)) = leaf_element(page, e) else { return };
         if eflags & BUCKET_LEAF != 0 {
             if depth < 4 && value.len() >= BUCKET_HEADER + PAGE_HEADER && u64_at(value, 0) == 0 {
                 scan_leaf(&value[BUCKET_HEADER..], depth + 1, highest, compacted);
@@ -439,6 +424,25 @@ fn mod_revision(value: &[u8]) -> Option<i64> {
 /// A deletion's value: a `KeyValue` holding only its key.
 fn only_a_key(value: &[u8]) -> bool {
     kv_fields(value).is_some_and(|f| f.len() == 1 && f[0].0 == 1)
+}
+
+/// The page size a bbolt file's first (meta) page names, when it is one bbolt could have written.
+fn page_size_of(head: &[u8]) -> Result<u64, String> {
+    let page_size = u64::from(u32_at(head, PAGE_HEADER + 8));
+    if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
+        return Err(format!("page size {page_size}"));
+    }
+    Ok(page_size)
+}
+
+/// The leaf element whose header is at `e` (its flags, key and value), or `None` when it runs past the page.
+fn leaf_element(page: &[u8], e: usize) -> Option<(u32, &[u8], &[u8])> {
+    let (eflags, pos, ksize, vsize) =
+        (u32_at(page, e), u32_at(page, e + 4) as usize, u32_at(page, e + 8) as usize, u32_at(page, e + 12) as usize);
+    let k = e.saturating_add(pos);
+    let v = k.saturating_add(ksize);
+    let end = v.saturating_add(vsize);
+    (end <= page.len()).then(|| (eflags, &page[k..v], &page[v..end]))
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
