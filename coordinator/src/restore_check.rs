@@ -91,12 +91,8 @@ pub fn restore_read_and_hash(
 
 /// `etcdctl endpoint hashkv --rev REVISION` against the throw-away etcd.
 fn etcdctl_hash_kv(sockets: &Path, revision: i64) -> Result<HashAt> {
-    let out = Command::new("etcdctl")
-        .current_dir(sockets)
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", CLIENT_URL, "--dial-timeout", "2s", "--command-timeout", "600s"])
+    let out = etcdctl(sockets, "2s", "600s")
         .args(["endpoint", "hashkv", "-w", "json", "--rev", &revision.to_string()])
-        .stdin(Stdio::null())
         .output()
         .context("run etcdctl (is it on PATH?)")?;
     if !out.status.success() {
@@ -109,6 +105,15 @@ fn etcdctl_hash_kv(sockets: &Path, revision: i64) -> Result<HashAt> {
     // etcd leaves the field out at 0.
     let compact_revision = h["compact_revision"].as_i64().unwrap_or(0);
     Ok(HashAt { revision, hash, compact_revision })
+}
+
+/// etcdctl against the throw-away etcd whose sockets are in `sockets` (its URLs are relative to that dir),
+/// with its dial and command timeouts; stdin closed.
+fn etcdctl(sockets: &Path, dial_timeout: &str, command_timeout: &str) -> Command {
+    let mut c = Command::new("etcdctl");
+    c.current_dir(sockets).env("ETCDCTL_API", "3").stdin(Stdio::null());
+    c.args(["--endpoints", CLIENT_URL, "--dial-timeout", dial_timeout, "--command-timeout", command_timeout]);
+    c
 }
 
 /// Restores `snapshot` into `scratch/restored`, starts a throw-away etcd on it, runs `read` with its socket dir
@@ -163,13 +168,9 @@ pub fn start_restored(snapshot: &Path, scratch: &Path, extra: &[&str]) -> Result
 /// hash as it saves it. Blocking.
 pub fn save_snapshot(etcd: &Running, out: &Path) -> Result<()> {
     let out_abs = std::path::absolute(out).with_context(|| format!("resolve {}", out.display()))?;
-    let result = Command::new("etcdctl")
-        .current_dir(&etcd.sockets)
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", CLIENT_URL, "--dial-timeout", "5s", "--command-timeout", "3600s"])
+    let result = etcdctl(&etcd.sockets, "5s", "3600s")
         .args(["snapshot", "save"])
         .arg(&out_abs)
-        .stdin(Stdio::null())
         .output()
         .context("run etcdctl snapshot save (is etcdctl on PATH?)")?;
     if !result.status.success() {
@@ -253,15 +254,11 @@ type ValuesPage = (i64, Vec<(Vec<u8>, KeyState)>, bool);
 fn etcdctl_values(sockets: &Path, from: &[u8], revision: i64) -> Result<ValuesPage> {
     use sha2::Digest as _;
     use std::os::unix::ffi::OsStrExt as _;
-    let out = Command::new("etcdctl")
-        .current_dir(sockets)
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", CLIENT_URL, "--dial-timeout", "2s", "--command-timeout", "60s"])
+    let out = etcdctl(sockets, "2s", "60s")
         .args(["get", "--from-key", "-w", "json"])
         .args(["--limit", &PAGE_KEYS_WITH_VALUES.to_string(), "--rev", &revision.to_string()])
         .arg("--")
         .arg(std::ffi::OsStr::from_bytes(from))
-        .stdin(Stdio::null())
         .output()
         .context("run etcdctl (is it on PATH?)")?;
     if !out.status.success() {
@@ -399,16 +396,12 @@ fn from_arg(last: &[u8]) -> &[u8] {
 /// every key.
 fn etcdctl_page(sockets: &Path, from: &[u8], revision: i64, limit: usize) -> Result<Page> {
     use std::os::unix::ffi::OsStrExt as _;
-    let out = Command::new("etcdctl")
-        .current_dir(sockets)
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", CLIENT_URL, "--dial-timeout", "2s", "--command-timeout", "60s"])
+    let out = etcdctl(sockets, "2s", "60s")
         .args(["get", "--from-key", "--keys-only", "-w", "json"])
         .args(["--limit", &limit.to_string(), "--rev", &revision.to_string()])
         // `--`: a key starting with `-` is not a flag.
         .arg("--")
         .arg(std::ffi::OsStr::from_bytes(from))
-        .stdin(Stdio::null())
         .output()
         .context("run etcdctl (is it on PATH?)")?;
     if !out.status.success() {
