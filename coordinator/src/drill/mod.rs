@@ -398,8 +398,8 @@ async fn restore(deps: &DrillDeps, manifest: &Manifest, cancel: &CancellationTok
     let agreement = match agreement {
         Agreement::Differs(why) => bail!("{why} (the backup was taken by member {})", manifest.backup.member),
         Agreement::NotCompared(why) => {
-            let members = deps.agents.members(&manifest.backup.cluster).unwrap_or_default();
-            if members.len() <= 1 {
+            // A state error is no proof of one member: then the backup is not vouched for.
+            if deps.agents.members(&manifest.backup.cluster).is_ok_and(|m| m.len() <= 1) {
                 Agreement::Agreed("not compared: the cluster has one member, nothing to compare with".into())
             } else {
                 Agreement::NotCompared(why)
