@@ -199,9 +199,8 @@ fn live_etcd(agents: &crate::agents::Agents, cluster: &str) -> crate::status::Li
     let live = agents.live(cluster);
     // A member whose etcd is down keeps its last good report: its cluster id still counts.
     let facts: Vec<&ferry_common::protocol::EtcdFacts> = live.iter().filter_map(|a| a.facts.as_ref()).collect();
-    let mut ids: Vec<u64> = facts.iter().map(|f| f.cluster_id).filter(|id| *id != 0).collect();
-    ids.sort_unstable();
-    let cluster_id = ids.chunk_by(|a, b| a == b).max_by_key(|run| run.len()).map_or(0, |run| run[0]);
+    let ids = facts.iter().map(|f| f.cluster_id).filter(|id| *id != 0);
+    let cluster_id = crate::backup::divergence::most_common(ids).unwrap_or(0);
     let moving = facts
         .iter()
         .filter(|f| f.error.is_none() && f.cluster_id == cluster_id && cluster_id != 0)

@@ -112,8 +112,7 @@ pub async fn check(agents: &[LiveAgent], cancel: &CancellationToken) -> Divergen
 fn common_compaction(facts: &[&ferry_common::protocol::EtcdFacts]) -> Option<i64> {
     let mut held: HashMap<i64, usize> = HashMap::new();
     for f in facts {
-        let mut own: Vec<i64> =
-            f.hashed_compactions.iter().rev().take(10).copied().filter(|r| *r > 0 && *r <= f.revision).collect();
+        let mut own: Vec<i64> = believed_compactions(f).collect();
         own.sort_unstable();
         own.dedup();
         for r in own {
@@ -121,6 +120,12 @@ fn common_compaction(facts: &[&ferry_common::protocol::EtcdFacts]) -> Option<i64
         }
     }
     held.into_iter().filter(|(_, n)| *n >= 2).max_by_key(|(r, n)| (*n, *r)).map(|(r, _)| r)
+}
+
+/// The compactions whose hash a member's agent says its etcd holds, as far as they are believed: above 0, not
+/// above its reported revision, the newest ten (etcd keeps no more). Newest first.
+pub(crate) fn believed_compactions(f: &ferry_common::protocol::EtcdFacts) -> impl Iterator<Item = i64> + '_ {
+    f.hashed_compactions.iter().rev().take(10).copied().filter(|r| *r > 0 && *r <= f.revision)
 }
 
 /// Asks every agent at once; answers in the agents' order. Also the restore drill's comparison.
@@ -279,8 +284,8 @@ pub(crate) fn bounded(s: &str) -> String {
 }
 
 /// The most common value (the largest among equals).
-fn most_common(values: impl Iterator<Item = i64>) -> Option<i64> {
-    let mut counts: HashMap<i64, usize> = HashMap::new();
+pub(crate) fn most_common<T: Eq + std::hash::Hash + Ord + Copy>(values: impl Iterator<Item = T>) -> Option<T> {
+    let mut counts: HashMap<T, usize> = HashMap::new();
     for v in values {
         *counts.entry(v).or_default() += 1;
     }

@@ -12,7 +12,7 @@
 use ferry_common::protocol::{HashKvReply, HashKvResult};
 
 use crate::agents::LiveAgent;
-use crate::backup::divergence::{ask_all, bounded};
+use crate::backup::divergence::{ask_all, believed_compactions, bounded};
 use crate::restore_check::{HashAt, Hashes};
 
 /// What the comparison found.
@@ -27,14 +27,10 @@ pub enum Agreement {
 }
 
 /// The compactions whose hash other members said their etcd holds, ascending: where to hash the restored key
-/// space. An agent's list is its word; a wrong one only makes the comparison fail to compare.
+/// space. An agent's list is its word, believed as the member check believes it; a wrong one only makes the
+/// comparison fail to compare.
 pub fn compactions(others: &[LiveAgent]) -> Vec<i64> {
-    let mut out: Vec<i64> = others
-        .iter()
-        .filter_map(|a| a.facts.as_ref())
-        .flat_map(|f| f.hashed_compactions.iter().rev().take(10).copied())
-        .filter(|r| *r > 0)
-        .collect();
+    let mut out: Vec<i64> = others.iter().filter_map(|a| a.facts.as_ref()).flat_map(believed_compactions).collect();
     out.sort_unstable();
     out.dedup();
     out
