@@ -660,6 +660,13 @@ async fn backup_past_a_liar(coordinator: &Coordinator, cluster: &str, liar: &Hos
     }
 }
 
+/// Recomputes etcd's trailing sha256 of an altered snapshot, as an attacker would.
+fn reseal(snapshot: &mut [u8]) {
+    let n = snapshot.len() - 32;
+    let trailer: [u8; 32] = Sha256::digest(&snapshot[..n]).into();
+    snapshot[n..].copy_from_slice(&trailer);
+}
+
 /// Drills `cluster` every 2 s and waits for a drill of backup `id` that `done` accepts; returns its status.
 async fn drill_of(
     coordinator: &Coordinator,
@@ -844,9 +851,7 @@ async fn a_snapshot_with_a_corrupted_page_fails_its_drill() -> anyhow::Result<()
         }
     }
     anyhow::ensure!(corrupted > 0, "no leaf page of the key bucket found");
-    let n = snapshot.len() - 32;
-    let trailer: [u8; 32] = Sha256::digest(&snapshot[..n]).into();
-    snapshot[n..].copy_from_slice(&trailer);
+    reseal(&mut snapshot);
     let reply = send_backup(&coordinator, &evil, &snapshot, Timestamp::now()).await?;
     assert!(matches!(reply, JobReply::Committed), "every hash is right: {reply:?}");
     let id = coordinator.backups("evil").await?[0]["metadata"]["id"].as_str().context("id")?.to_owned();
@@ -1137,9 +1142,7 @@ async fn a_doctored_snapshot_fails_its_drill_against_the_other_members_hashes() 
     let mut doctored = etcd_snapshot(etcd.member(liar_at).client_url()).await?;
     let at = doctored.windows(17).position(|w| w == b"genuine-token-000").context("the value in the snapshot")?;
     doctored[at..at + 17].copy_from_slice(b"attacker-token-00");
-    let n = doctored.len() - 32;
-    let trailer: [u8; 32] = Sha256::digest(&doctored[..n]).into();
-    doctored[n..].copy_from_slice(&trailer);
+    reseal(&mut doctored);
 
     // Followers take turns: back up until the liar was chosen and its doctored snapshot committed. It answers
     // the member check with its etcd's true hash (members that were not compared are tried last).
