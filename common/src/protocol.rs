@@ -52,7 +52,8 @@ use crate::resources::{Resource, ResourceType, Selector, Timestamp};
 /// 18: point in time: `AdminRequest::PointInTime`, `Segment`, `PointInTimeSnapshot`.
 /// 19: `DrillStatus::agreement`: a drill compares the restored key space with another member's etcd hash;
 ///    `HashKvReply::db_size`.
-pub const PROTOCOL_VERSION: u32 = 19;
+/// 20: `AdminRequest::Ca`, `AdminResponse::Ca`: the CAs in force and their rotation.
+pub const PROTOCOL_VERSION: u32 = 20;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
 pub const ALPN: &[u8] = b"ferry/1";
@@ -891,6 +892,44 @@ pub enum AdminRequest {
         cluster: String,
         name: String,
     },
+    /// The CAs in force, or a step of their rotation (full admins): answered by `Ca`.
+    Ca(CaStep),
+}
+
+/// What `AdminRequest::Ca` asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CaStep {
+    /// Only the status.
+    Status,
+    /// Make a new CA, trusted beside the current one, that signs every client certificate from now on; agents
+    /// renew onto it at once.
+    Start,
+    /// Trust only the new CA; refused while a member would be locked out, unless `force`.
+    Finish { force: bool },
+}
+
+/// One CA, as shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaInfo {
+    pub name: String,
+    pub serial: String,
+    pub notafter: crate::resources::Timestamp,
+}
+
+/// The CAs in force and how far a rotation has come.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaStatus {
+    /// Signs the coordinator's server certificate (and, outside a rotation, every client certificate).
+    pub current: CaInfo,
+    /// During a rotation: the CA every client certificate is signed by, trusted beside `current`.
+    pub next: Option<CaInfo>,
+    pub rotatingsince: Option<crate::resources::Timestamp>,
+    /// `cluster/member`s whose certificate is still of `current` (finishing would lock them out).
+    pub membersonoldca: Vec<String>,
+    /// Serials of live admin certificates of `current` (they stop working when the rotation finishes).
+    pub adminsonoldca: Vec<String>,
+    /// What the step did, or what to do next.
+    pub message: String,
 }
 
 /// Which agent certificates to revoke.
@@ -967,6 +1006,7 @@ pub enum AdminResponse {
         more: bool,
     },
     PointInTimePlan(Box<PointInTimePlan>),
+    Ca(Box<CaStatus>),
     /// The request failed; the message says why and what to do, the kind whose side the fault is on.
     Error {
         kind: ErrorKind,

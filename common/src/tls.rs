@@ -230,6 +230,26 @@ pub fn pem_serial_and_expiry(cert_pem: &str) -> Result<(String, std::time::Syste
     Ok((certificate_serial(der)?, std::time::UNIX_EPOCH + Duration::from_secs(not_after)))
 }
 
+/// Whether the DER certificate `der` names the first certificate of `ca_pem` as its issuer (Ferry's CAs have
+/// names of their own; the chain itself is checked by TLS).
+pub fn issued_by(der: &[u8], ca_pem: &str) -> Result<bool, TlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| TlsError::Certificate(format!("unparseable certificate: {e}")))?;
+    let ca_der = &certs(ca_pem, "CA certificate")?[0];
+    let (_, ca) = x509_parser::parse_x509_certificate(ca_der)
+        .map_err(|e| TlsError::Certificate(format!("unparseable CA certificate: {e}")))?;
+    Ok(cert.issuer().as_raw() == ca.subject().as_raw())
+}
+
+/// The subject's common name of the first certificate of a PEM bundle (for showing a CA).
+pub fn pem_common_name(cert_pem: &str) -> Result<String, TlsError> {
+    let all = certs(cert_pem, "certificate")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&all[0])
+        .map_err(|e| TlsError::Certificate(format!("unparseable certificate: {e}")))?;
+    let name = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).unwrap_or_default();
+    Ok(name.to_string())
+}
+
 /// The coordinator's certificate authority.
 pub struct CertAuthority {
     pem: CertifiedPem,
@@ -260,7 +280,9 @@ impl CertAuthority {
     /// A fresh CA.
     pub fn generate() -> Result<Self, TlsError> {
         let key = KeyPair::generate()?;
-        let mut params = base_params("Ferry CA");
+        // A name of its own: while a rotation trusts two CAs, which one issued a certificate is read from its
+        // issuer name ([`issued_by`]).
+        let mut params = base_params(&format!("Ferry CA {:08x}", rand::random::<u32>()));
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages =
             vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
@@ -529,6 +551,19 @@ mod tests {
         tampered[mid] = if tampered[mid] == b'A' { b'B' } else { b'A' };
         assert!(csr_public_key(&String::from_utf8(tampered).unwrap()).is_err());
         assert!(csr_public_key("not a csr").is_err());
+    }
+
+    #[test]
+    fn a_certificate_names_the_ca_that_issued_it() {
+        let (old, new) = (CertAuthority::generate().unwrap(), CertAuthority::generate().unwrap());
+        let cert = new.issue_agent("c", "m", Duration::from_secs(60)).unwrap();
+        let der = &certs(&cert.pem.cert_pem, "t").unwrap()[0];
+        assert!(issued_by(der, &new.pem().cert_pem).unwrap());
+        assert!(!issued_by(der, &old.pem().cert_pem).unwrap());
+        assert!(pem_common_name(&new.pem().cert_pem).unwrap().starts_with("Ferry CA "));
+        // A bundle of both CAs is what clients trust during a rotation.
+        let both = format!("{}{}", old.pem().cert_pem, new.pem().cert_pem);
+        quinn_client_config(&both, &cert.pem).unwrap();
     }
 
     #[test]

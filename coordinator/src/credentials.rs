@@ -18,11 +18,12 @@ use ferry_common::protocol::RevokeTarget;
 use ferry_common::resources::{
     AdminCredentialSpec, AgentCredentialSpec, Resource, ResourceType, Spec, Timestamp, LABEL_CLUSTER, LABEL_MEMBER,
 };
-use ferry_common::tls::{csr_public_key, CertAuthority, Identity, IssuedCert, SignedCert};
+use ferry_common::tls::{csr_public_key, Identity, IssuedCert, SignedCert};
 use tracing::{info, warn};
 
 use crate::lock;
 use crate::metrics::{Metrics, SerialLabels};
+use crate::pki::Authority;
 use crate::state::{StateError, StateStore};
 
 /// QUIC close code of a connection whose certificate was revoked or is not recorded.
@@ -97,7 +98,7 @@ pub struct Credentials {
 struct Inner {
     state: Arc<dyn StateStore>,
     /// Signs renewed certificates.
-    ca: CertAuthority,
+    authority: Arc<Authority>,
     metrics: Arc<Metrics>,
     /// Open connections by certificate serial, by a per-connection id.
     open: Mutex<HashMap<String, HashMap<u64, quinn::Connection>>>,
@@ -124,9 +125,63 @@ impl Drop for OpenConnection {
 }
 
 impl Credentials {
-    pub fn new(state: Arc<dyn StateStore>, ca: CertAuthority, metrics: Arc<Metrics>) -> Self {
+    pub fn new(state: Arc<dyn StateStore>, authority: Arc<Authority>, metrics: Arc<Metrics>) -> Self {
         let open = Mutex::new(HashMap::new());
-        Self { inner: Arc::new(Inner { state, ca, metrics, open, next_id: AtomicU64::new(1) }) }
+        Self { inner: Arc::new(Inner { state, authority, metrics, open, next_id: AtomicU64::new(1) }) }
+    }
+
+    /// Members with a live certificate issued before `since` (of the CA a rotation retires) and none issued
+    /// since that a connection used: finishing the rotation would lock them out (`cluster/member`, sorted).
+    pub fn members_on_old_ca(&self, since: SystemTime) -> Result<Vec<String>, StateError> {
+        let (since, now) = (Timestamp::from(since), Timestamp::now());
+        let mut old: std::collections::BTreeMap<String, bool> = std::collections::BTreeMap::new();
+        for r in self.inner.state.list(ResourceType::AgentCredential)? {
+            let Spec::AgentCredential(s) = r.spec else { continue };
+            if s.revoked || s.notafter <= now {
+                continue;
+            }
+            let member = format!("{}/{}", s.cluster, s.member);
+            if s.issuedat < since {
+                old.entry(member).or_insert(true);
+            } else if s.firstusedat.is_some() {
+                old.insert(member, false);
+            }
+        }
+        Ok(old.into_iter().filter(|(_, on_old)| *on_old).map(|(m, _)| m).collect())
+    }
+
+    /// Serials of the live admin certificates issued before `since` (of the CA a rotation retires).
+    pub fn admins_on_old_ca(&self, since: SystemTime) -> Result<Vec<String>, StateError> {
+        let (since, now) = (Timestamp::from(since), Timestamp::now());
+        Ok(self
+            .inner
+            .state
+            .list(ResourceType::AdminCredential)?
+            .into_iter()
+            .filter_map(|r| match r.spec {
+                Spec::AdminCredential(s) if !s.revoked && s.notafter > now && s.issuedat < since => Some(s.serial),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Revokes every live certificate, agent's or admin's, issued before `since` (the CA that signed them is
+    /// retired) and closes their connections; returns how many.
+    pub fn retire_issued_before(&self, since: SystemTime) -> Result<usize, StateError> {
+        let ts = Timestamp::from(since);
+        let agents: Vec<String> = self
+            .inner
+            .state
+            .list(ResourceType::AgentCredential)?
+            .into_iter()
+            .filter_map(|r| match r.spec {
+                Spec::AgentCredential(s) if !s.revoked && s.issuedat < ts => Some(s.serial),
+                _ => None,
+            })
+            .collect();
+        let admins = self.admins_on_old_ca(since)?;
+        let n = self.revoke_serials(ResourceType::AgentCredential, &agents)?.len();
+        Ok(n + self.revoke_serials(ResourceType::AdminCredential, &admins)?.len())
     }
 
     /// Sets the certificate expiry gauges from the records (at the start of a term of leadership): the newest
@@ -239,9 +294,14 @@ impl Credentials {
         Ok(!self.revoke_serials(ResourceType::AdminCredential, &[serial.to_string()])?.is_empty())
     }
 
-    /// The CA certificate (PEM) agents verify the coordinator with.
+    /// The CA certificates (PEM) agents verify the coordinator with: both during a rotation.
     pub fn ca_pem(&self) -> String {
-        self.inner.ca.pem().cert_pem.clone()
+        self.inner.authority.get().trust_pem()
+    }
+
+    /// The CAs in force.
+    pub fn authority(&self) -> &Arc<Authority> {
+        &self.inner.authority
     }
 
     /// When the agent certificate `serial` is due for renewal; `None` when it is not a recorded, unrevoked
@@ -283,7 +343,9 @@ impl Credentials {
         let (_, lifetime) = life(&s);
         let signed = self
             .inner
-            .ca
+            .authority
+            .get()
+            .signer()
             .issue_agent_for_key(&s.cluster, &s.member, lifetime, &key)
             .map_err(|e| Refused::Issue(e.to_string()))?;
         self.put_record(&s.cluster, &s.member, &signed.serial, signed.not_after, Some(serial))?;
@@ -540,13 +602,13 @@ mod tests {
     fn a_used_successor_revokes_its_predecessor_which_is_never_renewed_again() {
         let dir = tempfile::tempdir().unwrap();
         let state: Arc<dyn StateStore> = Arc::new(RedbStore::open(&dir.path().join("state.redb")).unwrap());
-        let ca = CertAuthority::generate().unwrap();
+        let authority =
+            Authority::load(crate::pki::Keys::Dir(dir.path().to_path_buf()), "127.0.0.1:1".parse().unwrap(), &[])
+                .unwrap();
+        let set = authority.get();
+        let ca = &set.current;
         let metrics = Arc::new(Metrics::default());
-        let c = Credentials::new(
-            state,
-            CertAuthority::from_pem(&ca.pem().cert_pem, &ca.pem().key_pem).unwrap(),
-            metrics.clone(),
-        );
+        let c = Credentials::new(state, authority.clone(), metrics.clone());
         let first = ca.issue_agent("prod", "m1", Duration::from_secs(120)).unwrap();
         c.record("prod", "m1", &first).unwrap();
         let due = c.renewal_due(&first.serial).unwrap().unwrap();

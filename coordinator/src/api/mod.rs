@@ -5,6 +5,7 @@
 //! (exit 1) from "the server failed" (exit 2).
 
 pub(crate) mod backups;
+mod ca;
 mod changes;
 mod resources;
 mod restores;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use ferry_common::protocol::{listing_pages, write_frame, AdminRequest, AdminResponse, ErrorKind};
 use ferry_common::resources::InvalidName;
-use ferry_common::tls::{CertAuthority, Identity};
+use ferry_common::tls::Identity;
 use quinn::SendStream;
 use tokio_util::sync::CancellationToken;
 
@@ -108,7 +109,6 @@ pub struct Api {
     status: Status,
     agents: Agents,
     jobs: Jobs,
-    ca: CertAuthority,
     credentials: Credentials,
     settings: Settings,
     changelog: ChangeLog,
@@ -123,7 +123,6 @@ pub struct ApiDeps {
     pub status: Status,
     pub agents: Agents,
     pub jobs: Jobs,
-    pub ca: CertAuthority,
     pub credentials: Credentials,
     pub settings: Settings,
     pub changelog: ChangeLog,
@@ -132,8 +131,8 @@ pub struct ApiDeps {
 
 impl Api {
     pub fn new(d: ApiDeps) -> Self {
-        let ApiDeps { state, store, status, agents, jobs, ca, credentials, settings, changelog, cancel } = d;
-        Self { state, store, status, agents, jobs, ca, credentials, settings, changelog, cancel }
+        let ApiDeps { state, store, status, agents, jobs, credentials, settings, changelog, cancel } = d;
+        Self { state, store, status, agents, jobs, credentials, settings, changelog, cancel }
     }
 
     /// Answers one request on `send`. Agents may only ask where to restore their own cluster from.
@@ -198,6 +197,7 @@ impl Api {
             AdminRequest::ReadOnlyAdminCredentials { valid_for_seconds } => self.issue_admin(true, valid_for_seconds),
             AdminRequest::AdminCredentials { valid_for_seconds } => self.issue_admin(false, valid_for_seconds),
             AdminRequest::RevokeAdminCredentials { serial } => self.revoke_admin(&serial),
+            AdminRequest::Ca(step) => tokio::task::block_in_place(|| self.ca(step)),
         };
         let response = response.unwrap_or_else(ApiError::into_response);
         write_frame(send, &response).await.context("send response")
@@ -221,6 +221,7 @@ fn request_name(request: &AdminRequest) -> &'static str {
         | AdminRequest::ReadOnlyAdminCredentials { .. }
         | AdminRequest::AdminCredentials { .. }
         | AdminRequest::RevokeAdminCredentials { .. } => "issuing or revoking credentials",
+        AdminRequest::Ca(_) => "the CA's status or rotation",
     }
 }
 

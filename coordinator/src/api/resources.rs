@@ -391,7 +391,10 @@ impl Api {
         check_validity(valid_for_seconds)?;
         let identity = if read_only { Identity::AdminReadOnly } else { Identity::Admin };
         let issued = self
-            .ca
+            .credentials
+            .authority()
+            .get()
+            .signer()
             .issue_expiring(&identity, Duration::from_secs(valid_for_seconds))
             .map_err(|e| ApiError::Internal(format!("issue admin certificate: {e}")))?;
         self.credentials.record_admin(&issued.serial, read_only, issued.not_after)?;
@@ -412,7 +415,7 @@ impl Api {
     /// The answer to a credentials request: the CA and the new certificate and key.
     fn credentials_response(&self, issued: ferry_common::tls::IssuedCert) -> AdminResponse {
         AdminResponse::Credentials {
-            ca_pem: self.ca.pem().cert_pem.clone(),
+            ca_pem: self.credentials.ca_pem(),
             cert_pem: issued.pem.cert_pem,
             key_pem: issued.pem.key_pem,
             serial: issued.serial,
@@ -430,7 +433,10 @@ impl Api {
         validate_name("member", member)?;
         check_validity(valid_for_seconds)?;
         let issued = self
-            .ca
+            .credentials
+            .authority()
+            .get()
+            .signer()
             .issue_agent(cluster, member, Duration::from_secs(valid_for_seconds))
             .map_err(|e| ApiError::Internal(format!("issue agent certificate: {e}")))?;
         let revoked = self.credentials.record(cluster, member, &issued)?;

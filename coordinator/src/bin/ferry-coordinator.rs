@@ -18,8 +18,7 @@ use ferry_common::config::{create_private, create_private_dir};
 use ferry_common::encryption::Identities;
 use ferry_common::observe::{init_logging, listen, shutdown_signal, LogFormat, Observed};
 use ferry_common::resources::{Resource, ResourceType, Spec, S3_CONFIG_ID};
-use ferry_common::tls::CertAuthority;
-use ferry_common::tls::{pem_serial_and_expiry, quinn_server_config};
+use ferry_common::tls::pem_serial_and_expiry;
 use ferry_coordinator::agents::Agents;
 use ferry_coordinator::api::{Api, ApiDeps};
 use ferry_coordinator::backup::{JobDeps, Jobs};
@@ -30,7 +29,7 @@ use ferry_coordinator::drill::{DrillDeps, Drills};
 use ferry_coordinator::leader::{Election, Term};
 use ferry_coordinator::metrics::{Metrics, Observer};
 use ferry_coordinator::net::{redirect_to_leader, Server};
-use ferry_coordinator::pki::Keys;
+use ferry_coordinator::pki::{Authority, Keys};
 use ferry_coordinator::schedule::{self, SchedulerDeps};
 use ferry_coordinator::state::{EtcdStore, EtcdStoreOptions, RedbStore, StateStore};
 use ferry_coordinator::status::Status;
@@ -277,32 +276,33 @@ async fn run(args: Args) -> Result<()> {
         }
     };
     let keys = match election {
-        Some(_) => Keys::Shared(state.as_ref()),
-        None => Keys::Dir(&args.state_dir),
+        Some(_) => Keys::Shared(state.clone()),
+        None => Keys::Dir(args.state_dir.clone()),
     };
-    let pki = ferry_coordinator::pki::init(
-        &keys,
+    let authority = Authority::load(keys.clone(), args.listen, &args.advertise_names)?;
+    ferry_coordinator::pki::init(
+        &authority,
         &args.state_dir,
         args.listen,
         &args.advertise_names,
         &args.replica_addresses,
     )?;
-    // Before any election: with replicas, whichever leads must accept every replica's admin.ferryconfig.
-    let own_ca =
-        CertAuthority::from_pem(&pki.ca.pem().cert_pem, &pki.ca.pem().key_pem).context("load the coordinator CA")?;
     let metrics = Arc::new(Metrics::default());
-    match pem_serial_and_expiry(&pki.ca.pem().cert_pem) {
-        Ok((_, not_after)) => {
-            let seconds = not_after.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-            metrics.ca_certificate_expiry.set(seconds);
-        }
-        Err(e) => warn!("failed to read the CA certificate's expiry: {e}"),
-    }
-    let own_credentials = Credentials::new(state.clone(), own_ca, metrics.clone());
-    ferry_coordinator::pki::ensure_own_admin(&pki.ca, &args.state_dir, &own_credentials)
+    set_ca_expiry(&metrics, &authority);
+    // Before any election: with replicas, whichever leads must accept every replica's admin.ferryconfig.
+    let own_credentials = Credentials::new(state.clone(), authority.clone(), metrics.clone());
+    ferry_coordinator::pki::ensure_own_admin(&authority, &args.state_dir, &own_credentials)
         .context("check the coordinator's admin.ferryconfig")?;
     let store_dir = args.local_store_dir.clone().unwrap_or_else(|| args.state_dir.join("backups"));
-    let deployment = args.deployment_id.clone().unwrap_or_else(|| deployment_id_from_ca(&pki.ca.pem().cert_pem));
+    let deployment = match &args.deployment_id {
+        Some(id) => id.clone(),
+        // Named after the first CA and kept: a CA rotation must not move the backups' prefix.
+        None => {
+            let ca = authority.get().current.pem().cert_pem.clone();
+            let id = state.blob_or_create("deployment-id", &mut || Ok(deployment_id_from_ca(&ca).into_bytes()))?;
+            String::from_utf8(id).context("the deployment id in the state store is not UTF-8")?
+        }
+    };
     let store = Arc::new(
         match args.backup_store {
             StoreKind::Local => {
@@ -323,7 +323,6 @@ async fn run(args: Args) -> Result<()> {
         .with_verification(args.verify_upload.into(), metrics.store_verify_read.clone())
         .with_state(state.clone()),
     );
-    let server_config = quinn_server_config(&pki.ca.pem().cert_pem, &pki.server)?;
     if args.min_backup_interval > args.max_backup_interval {
         bail!("--min-backup-interval is longer than --max-backup-interval");
     }
@@ -359,7 +358,7 @@ async fn run(args: Args) -> Result<()> {
     let endpoint_config = ferry_coordinator::pki::quic_endpoint_config(&keys)?;
     let socket = std::net::UdpSocket::bind(args.listen).with_context(|| format!("listen on {} (UDP)", args.listen))?;
     let endpoint =
-        quinn::Endpoint::new(endpoint_config, Some(server_config.clone()), socket, Arc::new(quinn::TokioRuntime))
+        quinn::Endpoint::new(endpoint_config, Some(authority.server_config()?), socket, Arc::new(quinn::TokioRuntime))
             .with_context(|| format!("listen on {} (UDP)", args.listen))?;
     info!(listen = %args.listen, store = store.name(), state = ?args.state_store, %deployment, "coordinator ready");
     let process = CancellationToken::new();
@@ -377,6 +376,14 @@ async fn run(args: Args) -> Result<()> {
             }
         }
     });
+    process_tasks.spawn(follow_the_cas(
+        authority.clone(),
+        matches!(keys, Keys::Shared(_)),
+        endpoint.clone(),
+        metrics.clone(),
+        (args.state_dir.clone(), own_credentials),
+        process.clone(),
+    ));
     if let Some(addr) = args.health_listen {
         let serve = ferry_common::observe::listen_health(addr, observer.clone() as Arc<dyn Observed>, process.clone())
             .await
@@ -402,7 +409,7 @@ async fn run(args: Args) -> Result<()> {
         store,
         settings,
         metrics: metrics.clone(),
-        ca: pki.ca,
+        authority: authority.clone(),
         endpoint: endpoint.clone(),
     };
     loop {
@@ -411,9 +418,8 @@ async fn run(args: Args) -> Result<()> {
             Some(election) => {
                 // Until elected, every client is sent to the leader.
                 let stop_redirecting = CancellationToken::new();
-                let ca = &shared.ca.pem();
-                let ca = CertAuthority::from_pem(&ca.cert_pem, &ca.key_pem).context("load the coordinator CA")?;
-                let credentials = Credentials::new(shared.state.clone(), ca, shared.metrics.clone());
+                let credentials =
+                    Credentials::new(shared.state.clone(), shared.authority.clone(), shared.metrics.clone());
                 let redirect = tokio::spawn(redirect_to_leader(
                     endpoint.clone(),
                     election.clone(),
@@ -436,7 +442,13 @@ async fn run(args: Args) -> Result<()> {
             }
         };
         let lost = term.as_ref().map_or_else(CancellationToken::new, |t: &Term| t.lost.clone());
-        endpoint.set_server_config(Some(server_config.clone()));
+        // Another replica may have rotated the CAs since they were last read.
+        if term.is_some() {
+            if let Err(e) = tokio::task::block_in_place(|| shared.authority.reload()) {
+                warn!("failed to read the CAs from the state store: {e:#}");
+            }
+        }
+        endpoint.set_server_config(Some(shared.authority.server_config()?));
         metrics.leader.set(1);
         let ended = lead(&shared, &lost, &shutdown).await;
         metrics.leader.set(0);
@@ -456,7 +468,7 @@ async fn run(args: Args) -> Result<()> {
         if shutdown.is_cancelled() {
             break;
         }
-        endpoint.set_server_config(Some(server_config.clone()));
+        endpoint.set_server_config(Some(shared.authority.server_config()?));
     }
     process.cancel();
     process_tasks.close();
@@ -474,8 +486,59 @@ struct Shared<'a> {
     store: Arc<BackupStore>,
     settings: Settings,
     metrics: Arc<Metrics>,
-    ca: CertAuthority,
+    authority: Arc<Authority>,
     endpoint: quinn::Endpoint,
+}
+
+/// How often replicas read the shared CAs again (another replica may have rotated them).
+const CA_POLL: Duration = Duration::from_secs(5);
+
+/// Keeps what depends on the CAs in force current: the server config new connections get, the CA expiry
+/// metric and this coordinator's own `admin.ferryconfig`. Replicas also poll the shared CAs.
+async fn follow_the_cas(
+    authority: Arc<Authority>,
+    shared: bool,
+    endpoint: quinn::Endpoint,
+    metrics: Arc<Metrics>,
+    (state_dir, own_credentials): (std::path::PathBuf, Credentials),
+    cancel: CancellationToken,
+) {
+    let mut changed = authority.subscribe();
+    let mut poll = tokio::time::interval(CA_POLL);
+    loop {
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { return },
+            _ = poll.tick(), if shared => {
+                if let Err(e) = tokio::task::block_in_place(|| authority.reload()) {
+                    warn!("failed to read the CAs from the state store: {e:#}");
+                }
+                continue;
+            }
+            () = cancel.cancelled() => return,
+        }
+        match authority.server_config() {
+            Ok(config) => endpoint.set_server_config(Some(config)),
+            Err(e) => warn!("failed to make the server config for the CAs in force: {e:#}"),
+        }
+        set_ca_expiry(&metrics, &authority);
+        // A follower cannot write (its records are fenced): it rewrites the file when it next leads or starts.
+        if let Err(e) = tokio::task::block_in_place(|| {
+            ferry_coordinator::pki::ensure_own_admin(&authority, &state_dir, &own_credentials)
+        }) {
+            warn!("failed to rewrite admin.ferryconfig for the CAs in force: {e:#}");
+        }
+        info!("the CAs in force changed: new connections are served with them");
+    }
+}
+
+fn set_ca_expiry(metrics: &Metrics, authority: &Authority) {
+    match pem_serial_and_expiry(&authority.get().current.pem().cert_pem) {
+        Ok((_, not_after)) => {
+            let seconds = not_after.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+            metrics.ca_certificate_expiry.set(seconds);
+        }
+        Err(e) => warn!("failed to read the CA certificate's expiry: {e}"),
+    }
 }
 
 /// Opens the embedded state store in the state dir.
@@ -518,18 +581,17 @@ fn etcd_options(args: &Args) -> Result<EtcdStoreOptions> {
 /// run until `shutdown` (ordered, with the grace period) or until `lost` (at once: running backups are
 /// cancelled, their uploads aborted, and every connection closes so clients go to the new leader).
 async fn lead(shared: &Shared<'_>, lost: &CancellationToken, shutdown: &CancellationToken) -> Result<()> {
-    let Shared { args, state, store, settings, metrics, ca, endpoint } = shared;
+    let Shared { args, state, store, settings, metrics, authority, endpoint } = shared;
     let (state, store, settings, metrics) = (state.clone(), store.clone(), settings.clone(), metrics.clone());
-    let ca = CertAuthority::from_pem(&ca.pem().cert_pem, &ca.pem().key_pem).context("load the coordinator CA")?;
     // The owners, each with its own handle.
     let status = Status::new(state.clone(), metrics.clone(), store.name(), store.initial_configuration_error())
         .context("initialize status")?;
     let agents = Agents::new(state.clone(), metrics.clone()).context("initialize agents")?;
-    let credentials = Credentials::new(
-        state.clone(),
-        CertAuthority::from_pem(&ca.pem().cert_pem, &ca.pem().key_pem).context("load the coordinator CA")?,
-        metrics.clone(),
-    );
+    let credentials = Credentials::new(state.clone(), authority.clone(), metrics.clone());
+    // A follower could not record a new admin.ferryconfig when the CAs changed (its writes are fenced).
+    if let Err(e) = ferry_coordinator::pki::ensure_own_admin(authority, &args.state_dir, &credentials) {
+        warn!("failed to rewrite admin.ferryconfig for the CAs in force: {e:#}");
+    }
     if let Err(e) = credentials.seed_metrics() {
         warn!("failed to read the certificates' records for their expiry metrics: {e}");
     }
@@ -571,7 +633,6 @@ async fn lead(shared: &Shared<'_>, lost: &CancellationToken, shutdown: &Cancella
         status: status.clone(),
         agents: agents.clone(),
         jobs: jobs.clone(),
-        ca,
         credentials: credentials.clone(),
         settings: settings.clone(),
         changelog,

@@ -9,7 +9,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use ferry_common::client::Session;
 use ferry_common::config::{AgentCredentials, FerryConfig, CREDENTIALS_CA, CREDENTIALS_CERT, CREDENTIALS_KEY};
 use ferry_common::encryption::Identities;
-use ferry_common::protocol::{AdminRequest, AdminResponse, ApplyOutcome, RevokeTarget, PROTOCOL_VERSION};
+use ferry_common::protocol::{AdminRequest, AdminResponse, ApplyOutcome, CaStep, RevokeTarget, PROTOCOL_VERSION};
 use ferry_common::resources::{Resource, ResourceType, Selector, Spec, Timestamp};
 use ferry_common::tls::CertifiedPem;
 use ferry_coordinator::cli::changes::{self, ChangesArgs, TimeArg, DEFAULT_LIMIT, MAX_LIMIT};
@@ -57,6 +57,33 @@ enum AdminCredentialsCommand {
         /// The serial shown by `ferryctl get admincredentials`.
         #[arg(long)]
         serial: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// The CAs in force and, during a rotation, the members and admin certificates still on the old one.
+    Status {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Rotate the CA without a backup pause: `start` makes a new CA, trusted beside the old one, that signs
+    /// every certificate from then on (connected agents renew onto it at once); `finish` trusts only the new
+    /// one once no member is left on the old.
+    Rotate {
+        #[command(subcommand)]
+        step: RotateStep,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RotateStep {
+    Start,
+    Finish {
+        /// Finish even though these members are still on the old CA: they are locked out until given new
+        /// credentials with `ferryctl agent-credentials`.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -124,6 +151,11 @@ enum Command {
         /// How long the certificate is valid, e.g. 90d, 12h.
         #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
         valid_for: std::time::Duration,
+    },
+    /// The coordinator's CAs: their status, and their rotation without a backup pause.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
     },
     /// Work with stored backups.
     Backup {
@@ -466,6 +498,17 @@ async fn run(cli: Cli) -> Result<()> {
                         not_after.human()
                     );
                 }
+                other => bail!("unexpected response {other:?}"),
+            }
+        }
+        Command::Ca { command } => {
+            let (step, output) = match command {
+                CaCommand::Status { output } => (CaStep::Status, output),
+                CaCommand::Rotate { step: RotateStep::Start } => (CaStep::Start, Format::Table),
+                CaCommand::Rotate { step: RotateStep::Finish { force } } => (CaStep::Finish { force }, Format::Table),
+            };
+            match call(&cfg()?, AdminRequest::Ca(step)).await? {
+                AdminResponse::Ca(status) => print!("{}", ferry_coordinator::cli::render::ca_status(&status, output)?),
                 other => bail!("unexpected response {other:?}"),
             }
         }

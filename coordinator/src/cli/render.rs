@@ -55,6 +55,42 @@ pub fn render_with_statuses(
     })
 }
 
+/// `ferryctl ca status` (and the answer to a rotation step).
+pub fn ca_status(st: &ferry_common::protocol::CaStatus, format: Format) -> Result<String> {
+    Ok(match format {
+        Format::Json => serde_json::to_string_pretty(st)? + "\n",
+        Format::Yaml => serde_yaml_ng::to_string(st)?,
+        Format::Table => {
+            let mut s = String::new();
+            if !st.message.is_empty() {
+                s.push_str(&format!("{}\n\n", st.message));
+            }
+            let ca = |c: &ferry_common::protocol::CaInfo| {
+                format!("{} (serial {}, valid until {})", c.name, c.serial, c.notafter.human())
+            };
+            s.push_str(&format!("CURRENT  {}\n", ca(&st.current)));
+            match (&st.next, &st.rotatingsince) {
+                (Some(next), since) => {
+                    s.push_str(&format!("NEXT     {} — rotating since {}\n", ca(next), ts(since)));
+                    if st.membersonoldca.is_empty() {
+                        s.push_str("no member is on the old CA: `ferryctl ca rotate finish` locks nobody out\n");
+                    } else {
+                        s.push_str(&format!("members on the old CA: {}\n", st.membersonoldca.join(", ")));
+                    }
+                    if !st.adminsonoldca.is_empty() {
+                        s.push_str(&format!(
+                            "admin certificates of the old CA (they stop working at finish): {}\n",
+                            st.adminsonoldca.join(", ")
+                        ));
+                    }
+                }
+                (None, _) => s.push_str("no rotation under way\n"),
+            }
+            s
+        }
+    })
+}
+
 fn ts(t: &Option<Timestamp>) -> String {
     t.map(|t| t.human()).unwrap_or_else(|| "-".into())
 }

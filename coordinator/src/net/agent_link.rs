@@ -111,6 +111,7 @@ async fn reports(
 /// certificate; the agent reconnects with the new one) or when the certificate is revoked or renewed already.
 async fn renew_when_due(credentials: &Credentials, serial: &str, conn: &quinn::Connection, cancel: &CancellationToken) {
     let mut failures: u32 = 0;
+    let mut ca_changed = credentials.authority().subscribe();
     loop {
         let plan = match credentials.renewal_due(serial) {
             Ok(Some(plan)) => plan,
@@ -123,10 +124,15 @@ async fn renew_when_due(credentials: &Credentials, serial: &str, conn: &quinn::C
                 }
             }
         };
-        let wait = plan.due.duration_since(SystemTime::now()).unwrap_or_default();
+        // During a CA rotation a certificate of the old CA is due at once.
+        let on_signer =
+            super::peer_certificate(conn).is_some_and(|der| credentials.authority().get().signed_by_signer(&der));
+        let wait =
+            if on_signer { plan.due.duration_since(SystemTime::now()).unwrap_or_default() } else { Duration::ZERO };
         if !wait.is_zero() {
             tokio::select! {
                 () = tokio::time::sleep(wait) => continue,
+                changed = ca_changed.changed() => if changed.is_ok() { continue } else { return },
                 () = cancel.cancelled() => return,
             }
         }

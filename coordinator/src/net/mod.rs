@@ -283,6 +283,13 @@ fn identity_key(identity: &Identity) -> String {
     }
 }
 
+/// The peer's own certificate (DER), if it presented one.
+fn peer_certificate(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let any = conn.peer_identity()?;
+    let certs = any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    certs.first().map(|c| c.to_vec())
+}
+
 /// The peer's identity and its certificate's serial (hex).
 fn peer_identity(conn: &quinn::Connection) -> Result<(Identity, String)> {
     let any = conn.peer_identity().ok_or_else(|| anyhow!("no client certificate"))?;

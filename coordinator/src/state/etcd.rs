@@ -457,4 +457,17 @@ impl StateStore for EtcdStore {
         self.check_fence()?;
         self.get_raw(k.clone())?.0.ok_or_else(|| StateError::Etcd(format!("{k} vanished right after it was created")))
     }
+
+    fn replace_blob(&self, name: &str, expected: &[u8], value: &[u8]) -> Result<bool, StateError> {
+        let k = format!("{}blobs/{name}", self.prefix);
+        let mut compares = vec![Compare::value(k.as_str(), CompareOp::Equal, expected.to_vec())];
+        compares.extend(self.fence_compare());
+        let txn = Txn::new().when(compares).and_then([TxnOp::put(k.as_str(), value.to_vec(), None)]);
+        let mut c = self.client.clone();
+        let replaced = run_on(self.rt(), "replace a blob", async move { Ok(c.txn(txn).await?.succeeded()) })?;
+        if !replaced {
+            self.check_fence()?;
+        }
+        Ok(replaced)
+    }
 }

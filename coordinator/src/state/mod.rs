@@ -85,6 +85,9 @@ pub trait StateStore: Send + Sync {
         name: &str,
         create: &mut dyn FnMut() -> Result<Vec<u8>, StateError>,
     ) -> Result<Vec<u8>, StateError>;
+    /// Replaces the blob `name` with `value` if it still holds `expected` (a CA rotation step); `false` when it
+    /// changed meanwhile.
+    fn replace_blob(&self, name: &str, expected: &[u8], value: &[u8]) -> Result<bool, StateError>;
     /// Stores a record of Ferry's own bookkeeping that is no resource (an open multipart upload to abort if
     /// its backup never finishes), replacing one under the same key.
     fn put_record(&self, key: &str, value: &[u8]) -> Result<(), StateError>;

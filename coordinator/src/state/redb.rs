@@ -340,6 +340,22 @@ impl StateStore for RedbStore {
         })
     }
 
+    fn replace_blob(&self, name: &str, expected: &[u8], value: &[u8]) -> Result<bool, StateError> {
+        self.run(true, |db| {
+            let tx = db.begin_write()?;
+            let replaced = {
+                let mut table = tx.open_table(BLOBS)?;
+                let same = table.get(name)?.is_some_and(|v| v.value() == expected);
+                if same {
+                    table.insert(name, value)?;
+                }
+                same
+            };
+            tx.commit()?;
+            Ok(replaced)
+        })
+    }
+
     fn put_record(&self, key: &str, value: &[u8]) -> Result<(), StateError> {
         self.run(true, |db| {
             let tx = db.begin_write()?;

@@ -23,13 +23,13 @@ use crate::observe::http_get;
 /// The election's name under the default `--state-etcd-prefix`.
 const ELECTION: &str = "/ferry/leader";
 /// What the issue asks of a failover.
-const TAKEOVER: Duration = Duration::from_secs(15);
+pub(crate) const TAKEOVER: Duration = Duration::from_secs(15);
 /// Agents of a SIGKILLed leader are on the new one within this (their links time out after 4 s of silence).
 const AGENTS_BACK: Duration = Duration::from_secs(15);
 const MIB: usize = 1024 * 1024;
 
 /// The replica flags for state on `state_etcd` (endpoints as given) and these replica addresses.
-fn replica_options(endpoints: &str, addresses: &[String], extra: &[&str]) -> CoordinatorOptions {
+pub(crate) fn replica_options(endpoints: &str, addresses: &[String], extra: &[&str]) -> CoordinatorOptions {
     let all = addresses.join(",");
     let mut args = vec!["--state-store", "etcd", "--state-etcd-endpoints", endpoints, "--replica-addresses", &all];
     args.extend_from_slice(extra);
@@ -37,7 +37,7 @@ fn replica_options(endpoints: &str, addresses: &[String], extra: &[&str]) -> Coo
 }
 
 /// The client address of the leader, as the state etcd's election says.
-async fn leader(state: &EtcdCluster) -> anyhow::Result<Option<String>> {
+pub(crate) async fn leader(state: &EtcdCluster) -> anyhow::Result<Option<String>> {
     let mut client = state.client().await?;
     Ok(match client.leader(ELECTION).await {
         Ok(resp) => resp.kv().and_then(|kv| kv.value_str().ok()).map(str::to_owned),
@@ -46,7 +46,11 @@ async fn leader(state: &EtcdCluster) -> anyhow::Result<Option<String>> {
 }
 
 /// Waits until the election names a leader other than `not`; returns it and how long that took.
-async fn wait_new_leader(state: &EtcdCluster, not: Option<&str>, timeout: Duration) -> anyhow::Result<String> {
+pub(crate) async fn wait_new_leader(
+    state: &EtcdCluster,
+    not: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<String> {
     poll_until("a new leader", timeout, Duration::from_millis(200), || async {
         Ok(leader(state).await?.filter(|l| Some(l.as_str()) != not))
     })
@@ -54,7 +58,7 @@ async fn wait_new_leader(state: &EtcdCluster, not: Option<&str>, timeout: Durati
 }
 
 /// Starts three replicas (the first applies the S3 config) and returns them with the leader's index.
-async fn start_replicas(
+pub(crate) async fn start_replicas(
     s3: &S3Server,
     state: &EtcdCluster,
     extra: &[&str],
@@ -74,7 +78,7 @@ async fn start_replicas(
     Ok((replicas, addresses))
 }
 
-fn index_of(addresses: &[String], leader: &str) -> anyhow::Result<usize> {
+pub(crate) fn index_of(addresses: &[String], leader: &str) -> anyhow::Result<usize> {
     addresses.iter().position(|a| a == leader).with_context(|| format!("the leader {leader} is not a replica"))
 }
 

@@ -5,6 +5,7 @@
 mod fixtures;
 
 mod backup;
+mod ca_rotation;
 mod changelog;
 mod cli;
 mod coverage;
