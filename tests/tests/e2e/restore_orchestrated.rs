@@ -162,12 +162,36 @@ async fn ferryctl_restore_seeds_one_member_and_joins_the_others_by_default() -> 
     restore_whole_cluster(None).await
 }
 
+/// Whether a restore status has come as far as a coordinator is killed at.
+type KillAt = fn(&Value) -> bool;
+
+/// A restored member runs, unverified (all-members).
+fn a_member_started(st: &Value) -> bool {
+    st["members"].as_array().is_some_and(|ms| ms.iter().any(|m| m["step"] == "started"))
+}
+
+/// The seed serves and the others are being added back (seed-join).
+fn mid_join(st: &Value) -> bool {
+    st["phase"] == "joining" && st["members"].as_array().is_some_and(|ms| ms.iter().any(|m| m["step"] == "started"))
+}
+
 /// The coordinator SIGKILLed once a restored member runs: no client reaches it on the normal client URL
 /// (it serves only on the agent's loopback restore URL until the cluster is verified); the coordinator
 /// started again carries the same plan on to the end.
 #[tokio::test]
 async fn a_coordinator_killed_mid_restore_carries_on_and_no_client_writes_before_it_is_verified() -> anyhow::Result<()>
 {
+    coordinator_killed_mid_restore("all-members", a_member_started).await
+}
+
+/// The same in the default mode, killed while the other members are being added back to the seed: no member
+/// is added twice (three members at the end), the plan is kept.
+#[tokio::test]
+async fn a_coordinator_killed_mid_join_carries_the_seed_join_on() -> anyhow::Result<()> {
+    coordinator_killed_mid_restore("seed-join", mid_join).await
+}
+
+async fn coordinator_killed_mid_restore(mode: &str, kill_at: KillAt) -> anyhow::Result<()> {
     let etcd = EtcdCluster::start_gated(3).await?;
     etcd.put_keys(300).await?;
     let mut coordinator = Coordinator::start(CoordinatorOptions::default()).await?;
@@ -175,39 +199,80 @@ async fn a_coordinator_killed_mid_restore_carries_on_and_no_client_writes_before
     let (id, _) = backup(&coordinator, CLUSTER).await?;
     let at_backup = keyspace(&etcd).await?;
     let ctl = coordinator.ctl();
-    ctl.run(&["restore", CLUSTER, "--backup", &id, "--mode", "all-members", "--yes"]).await?.ok()?;
-    let plan = poll_until("a restored member started", RESTORE_TIMEOUT, Duration::from_millis(100), || {
-        let coordinator = &coordinator;
-        async move {
-            let st = restore_status(coordinator).await?;
-            let started = st["members"].as_array().is_some_and(|ms| ms.iter().any(|m| m["step"] == "started"));
-            Ok(started.then(|| st["plan"].clone()))
-        }
-    })
-    .await?;
+    ctl.run(&["restore", CLUSTER, "--backup", &id, "--mode", mode, "--yes"]).await?.ok()?;
+    let plan =
+        poll_until("the restore to come as far as the kill", RESTORE_TIMEOUT, Duration::from_millis(100), || {
+            let coordinator = &coordinator;
+            async move {
+                let st = restore_status(coordinator).await?;
+                Ok(kill_at(&st).then(|| st["plan"].clone()))
+            }
+        })
+        .await?;
     coordinator.kill();
-    // Not verified yet: whatever member runs serves no client on its normal URL.
-    for m in etcd.members() {
-        let reached = async {
-            let mut c = crate::fixtures::etcd::connect(&[m.client_url().to_string()]).await?;
-            tokio::time::timeout(Duration::from_secs(3), c.put("/sneaked-in", "before verification", None))
-                .await?
-                .map_err(|e| anyhow::anyhow!("{e:?}"))
+    if mode == "all-members" {
+        // Not verified yet: whatever member runs serves no client on its normal URL.
+        for m in etcd.members() {
+            let reached = async {
+                let mut c = crate::fixtures::etcd::connect(&[m.client_url().to_string()]).await?;
+                tokio::time::timeout(Duration::from_secs(3), c.put("/sneaked-in", "before verification", None))
+                    .await?
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))
+            }
+            .await;
+            assert!(reached.is_err(), "member {} took a write before the restore was verified", m.name());
         }
-        .await;
-        assert!(reached.is_err(), "member {} took a write before the restore was verified", m.name());
     }
     coordinator.restart(Stop::Kill).await?;
-    let out = poll_until("the restore to end", RESTORE_TIMEOUT, Duration::from_millis(500), || {
-        let coordinator = &coordinator;
+    let out = wait_restore_end(&coordinator).await?;
+    assert_eq!(out["phase"], "done", "{out:#}");
+    assert_eq!(out["plan"], plan, "the new run kept the plan it found");
+    assert_eq!(keyspace(&etcd).await?, at_backup);
+    let mut c = etcd.client().await?;
+    let members = c.member_list().await?;
+    assert_eq!(members.members().len(), 3, "no member added twice: {:?}", members.members());
+    assert!(members.members().iter().all(|m| !m.is_learner()), "every member promoted: {:?}", members.members());
+    Ok(())
+}
+
+async fn wait_restore_end(coordinator: &Coordinator) -> anyhow::Result<Value> {
+    poll_until("the restore to end", RESTORE_TIMEOUT, Duration::from_millis(500), || async move {
+        let st = restore_status(coordinator).await?;
+        Ok(matches!(st["phase"].as_str(), Some("done" | "failed")).then_some(st))
+    })
+    .await
+}
+
+/// Replicas on a state etcd: the leader SIGKILLed with a restored member running, unverified; the replica
+/// elected next carries the same plan to the end, through agents that moved to it.
+#[tokio::test]
+async fn a_restore_survives_the_failover_of_the_leading_replica() -> anyhow::Result<()> {
+    use crate::ha::{index_of, start_replicas, wait_new_leader, TAKEOVER};
+    let s3 = crate::fixtures::S3Server::start().await?;
+    let state = EtcdCluster::start(3).await?;
+    let etcd = EtcdCluster::start_gated(3).await?;
+    etcd.put_keys(300).await?;
+    let (mut replicas, addresses) = start_replicas(&s3, &state, &[]).await?;
+    let first = wait_new_leader(&state, None, TAKEOVER).await?;
+    let lead = index_of(&addresses, &first)?;
+    let _agents = start_gated_agents(&replicas[lead], &etcd).await?;
+    let (id, _) = backup(&replicas[lead], CLUSTER).await?;
+    let at_backup = keyspace(&etcd).await?;
+    replicas[lead].ctl().run(&["restore", CLUSTER, "--backup", &id, "--mode", "all-members", "--yes"]).await?.ok()?;
+    let plan = poll_until("a restored member started", RESTORE_TIMEOUT, Duration::from_millis(100), || {
+        let leader = &replicas[lead];
         async move {
-            let st = restore_status(coordinator).await?;
-            Ok(matches!(st["phase"].as_str(), Some("done" | "failed")).then_some(st))
+            let st = restore_status(leader).await?;
+            Ok(a_member_started(&st).then(|| st["plan"].clone()))
         }
     })
     .await?;
+    replicas[lead].kill();
+    let second = wait_new_leader(&state, Some(&first), TAKEOVER).await?;
+    let next = index_of(&addresses, &second)?;
+    let out = wait_restore_end(&replicas[next]).await?;
     assert_eq!(out["phase"], "done", "{out:#}");
-    assert_eq!(out["plan"], plan, "the new run kept the plan it found");
+    assert_eq!(out["plan"], plan, "the new leader kept the plan it found");
     assert_eq!(keyspace(&etcd).await?, at_backup);
     Ok(())
 }
