@@ -52,7 +52,8 @@ use crate::resources::{Resource, ResourceType, Selector, Timestamp};
 /// 18: point in time: `AdminRequest::PointInTime`, `Segment`, `PointInTimeSnapshot`.
 /// 19: `DrillStatus::agreement`: a drill compares the restored key space with another member's etcd hash;
 ///    `HashKvReply::db_size`.
-/// 20: `AdminRequest::Ca`, `AdminResponse::Ca`: the CAs in force and their rotation.
+/// 20: `AdminRequest::Ca`, `AdminResponse::Ca`: the CAs in force and their rotation; `AdminRequest::DeriveBackup`,
+///    `AdminResponse::Derived`, `EtcdBackupSpec::derivedfrom`: a restore to a point.
 pub const PROTOCOL_VERSION: u32 = 20;
 
 /// TLS ALPN of Ferry's QUIC protocol; both sides must set it or the handshake fails (crypto error 0x78).
@@ -894,6 +895,12 @@ pub enum AdminRequest {
     },
     /// The CAs in force, or a step of their rotation (full admins): answered by `Ca`.
     Ca(CaStep),
+    /// Rebuild the state at a point on the coordinator and store it as a derived backup (admins): answered by
+    /// `Derived` (the new `EtcdBackups` resource), or an error naming the window or the gap.
+    DeriveBackup {
+        cluster: String,
+        at: PointInTime,
+    },
 }
 
 /// What `AdminRequest::Ca` asks.
@@ -1007,6 +1014,11 @@ pub enum AdminResponse {
     },
     PointInTimePlan(Box<PointInTimePlan>),
     Ca(Box<CaStatus>),
+    /// The derived backup stored, and the plan it was rebuilt by.
+    Derived {
+        backup: Box<Resource>,
+        plan: Box<PointInTimePlan>,
+    },
     /// The request failed; the message says why and what to do, the kind whose side the fault is on.
     Error {
         kind: ErrorKind,

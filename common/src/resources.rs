@@ -569,6 +569,21 @@ pub struct EtcdBackupSpec {
     /// self-describing.)
     #[serde(default)]
     pub encryption: Option<BackupEncryption>,
+    /// Set for a backup the coordinator derived (the state at a point in time, rebuilt from a full backup and
+    /// the change log): where it came from. Null for a backup an agent took.
+    #[serde(default)]
+    pub derivedfrom: Option<DerivedFrom>,
+}
+
+/// Where a derived backup came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DerivedFrom {
+    /// The full backup the rebuild started from.
+    pub backup: String,
+    /// Its snapshot's revision, and the revision rebuilt: the change log's revisions in between were applied.
+    pub baserevision: i64,
+    pub revision: i64,
 }
 
 /// How a stored backup is encrypted: what a restore needs and what it checks after decrypting.

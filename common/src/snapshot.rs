@@ -313,11 +313,18 @@ impl<W: Write> Write for RawCheck<W> {
     }
 }
 
-/// Counts and hashes what passes through: the zstd stream inside an encrypted backup.
-struct Counted<W> {
-    inner: W,
-    sha: Sha256,
-    bytes: u64,
+/// Counts and hashes what passes through: the zstd stream inside an encrypted backup, a derived backup's
+/// stored object.
+pub struct Counted<W> {
+    pub inner: W,
+    pub sha: Sha256,
+    pub bytes: u64,
+}
+
+impl<W> Counted<W> {
+    pub fn new(inner: W) -> Self {
+        Self { inner, sha: Sha256::new(), bytes: 0 }
+    }
 }
 
 impl<W: Write> Write for Counted<W> {
@@ -421,8 +428,7 @@ fn opening<W: Write + Send + 'static>(
     let want = max_raw.unwrap_or(u64::MAX);
     let raw = RawCheck::new(out, max_raw).expecting(members);
     let decoder = zstd::stream::write::Decoder::new(raw).map_err(|e| raw_error(e, want))?;
-    OpeningWriter::new(ids, Counted { inner: decoder, sha: Sha256::new(), bytes: 0 })
-        .map_err(|e| opening_error(e, want))
+    OpeningWriter::new(ids, Counted::new(decoder)).map_err(|e| opening_error(e, want))
 }
 
 /// The checks once an encrypted object was opened whole: the zstd stream inside against the manifest's
@@ -1129,6 +1135,7 @@ mod tests {
             startedat: Default::default(),
             finishedat: Default::default(),
             encryption: None,
+            derivedfrom: None,
         };
         (stored, spec)
     }

@@ -171,3 +171,68 @@ impl Api {
         write_frame(send, &AdminResponse::DownloadEnd).await.context("send snapshot end")
     }
 }
+
+impl Api {
+    /// Rebuilds the state at `at` and stores it as a derived backup of `cluster` (what a restore to a point
+    /// restores).
+    pub(super) async fn derive_backup(
+        &self,
+        cluster: &str,
+        at: ferry_common::protocol::PointInTime,
+    ) -> Result<AdminResponse, ApiError> {
+        let plan = match self.point_in_time(cluster, at, false).await? {
+            AdminResponse::PointInTimePlan(p) => p,
+            other => return Err(ApiError::Internal(format!("unexpected plan answer {other:?}"))),
+        };
+        let scratch_root = self.changelog.deps().scratch.clone();
+        let scratch = std::fs::create_dir_all(&scratch_root)
+            .and_then(|()| tempfile::Builder::new().prefix(&format!("{cluster}-derive-")).tempdir_in(&scratch_root))
+            .map_err(|e| ApiError::Internal(format!("create a scratch dir: {e}")))?;
+        let out = scratch.path().join("point.db");
+        let startedat = ferry_common::resources::Timestamp::now();
+        let span = tracing::info_span!("derive", %cluster, revision = plan.revision);
+        let outcome = tracing::Instrument::instrument(
+            self.changelog.rebuild_to_file(&plan, scratch.path(), &out, &self.cancel),
+            span.clone(),
+        )
+        .await
+        .map_err(|e| ApiError::Invalid(format!("{e:#}")))?;
+        let base = plan
+            .bases
+            .iter()
+            .find(|b| b.metadata.id == outcome.base_id)
+            .and_then(|b| match &b.spec {
+                ferry_common::resources::Spec::EtcdBackup(s) => Some(s.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| ApiError::Internal(format!("the rebuild's base {} is not in the plan", outcome.base_id)))?;
+        let recipients = crate::encryption::recipients_for(self.state.as_ref(), cluster)?;
+        let derive = crate::pointintime::derive::Derive {
+            cluster,
+            snapshot: &out,
+            base: &base,
+            from: ferry_common::resources::DerivedFrom {
+                backup: outcome.base_id.clone(),
+                baserevision: outcome.base_revision,
+                revision: outcome.revision,
+            },
+            recipients,
+            zstd_level: self.settings.zstd_level,
+            startedat,
+        };
+        let stored = tracing::Instrument::instrument(
+            crate::pointintime::derive::store(
+                &self.store,
+                self.settings.identities.as_ref(),
+                derive,
+                scratch.path(),
+                &self.cancel,
+            ),
+            span,
+        )
+        .await
+        .map_err(|e| ApiError::Internal(format!("store the derived backup: {e:#}")))?;
+        tracing::info!(%cluster, backup = %stored.id, base = %outcome.base_id, revision = outcome.revision, revisions = outcome.revisions_applied, "stored a derived backup");
+        Ok(AdminResponse::Derived { backup: Box::new(super::backups::backup_resource(stored)), plan })
+    }
+}

@@ -198,6 +198,7 @@ impl Api {
             AdminRequest::AdminCredentials { valid_for_seconds } => self.issue_admin(false, valid_for_seconds),
             AdminRequest::RevokeAdminCredentials { serial } => self.revoke_admin(&serial),
             AdminRequest::Ca(step) => tokio::task::block_in_place(|| self.ca(step)),
+            AdminRequest::DeriveBackup { cluster, at } => self.derive_backup(&cluster, at).await,
         };
         let response = response.unwrap_or_else(ApiError::into_response);
         write_frame(send, &response).await.context("send response")
@@ -222,6 +223,7 @@ fn request_name(request: &AdminRequest) -> &'static str {
         | AdminRequest::AdminCredentials { .. }
         | AdminRequest::RevokeAdminCredentials { .. } => "issuing or revoking credentials",
         AdminRequest::Ca(_) => "the CA's status or rotation",
+        AdminRequest::DeriveBackup { .. } => "a derived backup",
     }
 }
 

@@ -387,6 +387,7 @@ async fn stream(
                     startedat: summary.started_at,
                     finishedat: summary.finished_at,
                     encryption,
+                    derivedfrom: None,
                 };
                 // The local store stopped such a stream as it came in; an S3 upload is refused here, before any
                 // read-back (`--verify-upload full`) or drill would decompress it.
@@ -511,6 +512,7 @@ mod tests {
             startedat: now,
             finishedat: now,
             encryption: None,
+            derivedfrom: None,
         };
         let r = tokio::time::timeout(Duration::from_secs(5), commit_within(pending, spec, Vec::new(), &cancel, limit))
             .await;

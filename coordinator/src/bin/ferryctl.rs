@@ -180,7 +180,9 @@ enum Command {
         lost: Vec<String>,
         #[command(flatten)]
         point: PointArgs,
-        /// With a point: print the plan and what the restore would change, and stop.
+        /// With a point: print the plan and what the restore would change, and stop (also what a point without
+        /// --yes does). With --yes the coordinator rebuilds the state at the point, stores it as a derived
+        /// backup and restores that.
         #[arg(long)]
         dry_run: bool,
         /// An age identity file (0600) that opens the change log, if the cluster's backups are encrypted.
@@ -589,6 +591,9 @@ async fn run(cli: Cli) -> Result<()> {
             point: PointArgs { to_time, to_revision, before_revision },
             dry_run,
             identity,
+            mode,
+            lost,
+            follow: Follow { yes, wait, timeout },
             ..
         } if to_time.is_some() || to_revision.is_some() || before_revision.is_some() || dry_run => {
             let ids = identity.as_deref().map(Identities::load).transpose()?;
@@ -598,16 +603,27 @@ async fn run(cli: Cli) -> Result<()> {
                 pointintime::At::from_flags(to_time, to_revision, before_revision, false)?
             };
             let cfg = cfg()?;
-            pointintime::show_plan(&cfg, &cluster, point, ids.as_ref()).await?;
-            if !dry_run {
-                return Err(request::Answered {
-                    kind: ferry_common::protocol::ErrorKind::Invalid,
-                    message: format!(
-                        "a live restore to a point is not available yet; this was the plan only. Rebuild the state with `ferryctl backup download {cluster} --at … -o FILE` (or get one object back with `ferryctl get-key`)"
-                    ),
-                }
-                .into());
+            let revision = pointintime::show_plan(&cfg, &cluster, point, ids.as_ref()).await?;
+            if dry_run || !yes {
+                println!(
+                    "nothing was restored{}; pass --yes to restore {cluster} to revision {revision}",
+                    if dry_run { " (--dry-run)" } else { "" }
+                );
+                return Ok(());
             }
+            // The revision shown, not the time again: what is restored is what the plan said.
+            let backup = pointintime::derive(&cfg, &cluster, revision).await?;
+            let args = ferry_coordinator::cli::restore::RestoreArgs {
+                cluster,
+                backup,
+                before: None,
+                mode,
+                lost,
+                yes,
+                wait: wait.then_some(timeout),
+                member: None,
+            };
+            ferry_coordinator::cli::restore::run(&cfg, args).await?;
         }
         Command::Restore { cluster, backup, before, mode, lost, follow: Follow { yes, wait, timeout }, .. } => {
             let args = ferry_coordinator::cli::restore::RestoreArgs {

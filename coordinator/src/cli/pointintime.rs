@@ -387,7 +387,31 @@ pub async fn get_key(
 
 /// What a restore to the point would change, read from the log after it (`restore --to-… ` without `--yes`,
 /// or with `--dry-run`).
-pub async fn show_plan(cfg: &FerryConfig, cluster: &str, at: At, identities: Option<&Identities>) -> Result<()> {
+/// Has the coordinator rebuild the state at `revision` and store it as a derived backup; returns its id.
+pub async fn derive(cfg: &FerryConfig, cluster: &str, revision: i64) -> Result<String> {
+    eprintln!("rebuilding the state at revision {revision} on the coordinator and storing it as a backup…");
+    let request = AdminRequest::DeriveBackup { cluster: cluster.to_string(), at: PointInTime::Revision(revision) };
+    match call(cfg, request).await? {
+        AdminResponse::Derived { backup, plan: _ } => {
+            let from = match &backup.spec {
+                Spec::EtcdBackup(s) => s.derivedfrom.clone(),
+                _ => None,
+            };
+            match from {
+                Some(f) => println!(
+                    "stored the state at revision {} as derived backup {} (backup {} at revision {} and the change log after it)",
+                    f.revision, backup.metadata.id, f.backup, f.baserevision
+                ),
+                None => println!("stored derived backup {}", backup.metadata.id),
+            }
+            Ok(backup.metadata.id.clone())
+        }
+        other => bail!("unexpected response {other:?}"),
+    }
+}
+
+/// Prints the plan to restore `cluster` to `at` and what it would change; returns the revision it resolved to.
+pub async fn show_plan(cfg: &FerryConfig, cluster: &str, at: At, identities: Option<&Identities>) -> Result<i64> {
     let p = plan(cfg, cluster, at, true).await?;
     describe(&p);
     let mut fetcher = Fetcher { cfg, cluster: p.cluster.clone(), identities };
@@ -418,5 +442,5 @@ pub async fn show_plan(cfg: &FerryConfig, cluster: &str, at: At, identities: Opt
         }
         println!("  (restored: deleted since the point; reverted: changed since; removed: created since)");
     }
-    Ok(())
+    Ok(p.revision)
 }

@@ -53,7 +53,8 @@ fn etcd_flags() -> Vec<&'static str> {
 /// What a rebuild did.
 #[derive(Debug, Clone, Default)]
 pub struct Outcome {
-    /// The revision the full backup's snapshot is at.
+    /// The full backup the rebuild started from, and the revision its snapshot is at.
+    pub base_id: String,
     pub base_revision: i64,
     /// The revision rebuilt.
     pub revision: i64,
@@ -283,7 +284,8 @@ pub async fn rebuild_plan(
             if base_only { (status.revision, &[][..]) } else { (plan.revision, &plan.segments[..]) };
         let what = Rebuild { snapshot: &snapshot, target, segments, identities };
         let mut tick = |r: i64| progress(status.revision, r);
-        let rebuilt = rebuild(what, &dir, source, &mut tick, cancel).await?;
+        let mut rebuilt = rebuild(what, &dir, source, &mut tick, cancel).await?;
+        rebuilt.outcome.base_id = base.metadata.id.clone();
         let _ = std::fs::remove_file(&snapshot);
         return Ok(rebuilt);
     }

@@ -3,6 +3,7 @@
 //! checked ([`open_segment`]), and rebuilding the state at the point in a throw-away etcd ([`materialize`]),
 //! which `ferryctl backup download --at`, `ferryctl get-key --at` and a point-in-time restore share.
 
+pub mod derive;
 pub mod diff;
 pub mod materialize;
 pub mod plan;

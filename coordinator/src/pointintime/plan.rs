@@ -302,6 +302,7 @@ mod tests {
                 startedat: Timestamp::default(),
                 finishedat: Timestamp::default(),
                 encryption: None,
+                derivedfrom: None,
             },
             deployment: None,
             verification: None,

@@ -497,6 +497,28 @@ impl Pending {
         }
     }
 
+    /// Appends the next piece of a backup the coordinator writes itself (a derived one): to the file (local),
+    /// or as part `number` of the upload (S3; returned for the commit).
+    pub async fn put(
+        &mut self,
+        number: u32,
+        data: Vec<u8>,
+        cancel: &CancellationToken,
+    ) -> Result<Option<UploadedPart>, StoreError> {
+        match &mut self.kind {
+            PendingKind::Local(p) => p.write(&data, cancel).await.map(|()| None),
+            PendingKind::S3(p) => p.put_part(number, data, cancel).await.map(Some),
+        }
+    }
+
+    /// The part size a coordinator-written backup uses (S3 parts; the local store takes any).
+    pub fn part_size(&self) -> usize {
+        match &self.kind {
+            PendingKind::Local(_) => 8 << 20,
+            PendingKind::S3(p) => p.target.part_size as usize,
+        }
+    }
+
     /// A presigned `UploadPart` request for part `number` of this job's upload (S3).
     pub async fn part_url(
         &self,
@@ -599,6 +621,7 @@ mod tests {
                 startedat: now,
                 finishedat: now,
                 encryption: None,
+                derivedfrom: None,
             },
             deployment: deployment.map(str::to_owned),
             verification: None,

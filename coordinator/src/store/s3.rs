@@ -607,26 +607,53 @@ impl PendingUpload {
                 v.insert(digest);
             }
         }
-        let upload_id = self.upload_id.as_deref().ok_or_else(|| StoreError::Mismatch("no upload".into()))?;
         let bucket = &self.conn.spec.bucket;
+        let p = self.upload_part(number, &digest)?.presigned(presigning_config()?).await.map_err(|e| {
+            S3Error::from_sdk(&format!("presign part {number} of s3://{bucket}/{}", self.key), bucket, &e)
+        })?;
+        Ok(presigned(&p))
+    }
+
+    /// An `UploadPart` of part `number`, for exactly the bytes `digest` describes.
+    fn upload_part(
+        &self,
+        number: u32,
+        digest: &PartDigest,
+    ) -> Result<aws_sdk_s3::operation::upload_part::builders::UploadPartFluentBuilder, StoreError> {
+        let upload_id = self.upload_id.as_deref().ok_or_else(|| StoreError::Mismatch("no upload".into()))?;
         let b64 = base64::engine::general_purpose::STANDARD;
-        let p = self
+        Ok(self
             .conn
             .client
             .upload_part()
-            .bucket(bucket)
+            .bucket(&self.conn.spec.bucket)
             .key(&self.key)
             .upload_id(upload_id)
             .part_number(number as i32)
             .content_length(digest.size as i64)
             .content_md5(b64.encode(digest.md5))
-            .checksum_sha256(b64.encode(digest.sha256))
-            .presigned(presigning_config()?)
-            .await
-            .map_err(|e| {
-                S3Error::from_sdk(&format!("presign part {number} of s3://{bucket}/{}", self.key), bucket, &e)
-            })?;
-        Ok(presigned(&p))
+            .checksum_sha256(b64.encode(digest.sha256)))
+    }
+
+    /// Uploads part `number` itself (a backup the coordinator derived), through the same checks as an agent's
+    /// part: its digest is fixed first.
+    pub(super) async fn put_part(
+        &self,
+        number: u32,
+        part: Vec<u8>,
+        cancel: &CancellationToken,
+    ) -> Result<UploadedPart, StoreError> {
+        let digest = PartDigest::of(&part);
+        self.part_url(number, digest, cancel).await?;
+        let bucket = &self.conn.spec.bucket;
+        let send = self.upload_part(number, &digest)?.body(ByteStream::from(part)).send();
+        let out = tokio::select! {
+            r = send => r.map_err(|e| {
+                S3Error::from_sdk(&format!("upload part {number} of s3://{bucket}/{}", self.key), bucket, &e)
+            })?,
+            () = cancel.cancelled() => return Err(StoreError::Cancelled),
+        };
+        Ok(UploadedPart { number, etag: out.e_tag().unwrap_or_default().to_string() })
     }
 
     /// The parts the store holds for this upload.

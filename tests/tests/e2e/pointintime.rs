@@ -170,8 +170,9 @@ async fn the_state_at_any_covered_point_is_rebuilt_exactly_from_a_full_backup_an
     assert_eq!(cm.split_whitespace().skip(1).collect::<Vec<_>>(), ["1", "0", "0"], "{}", plan.stdout);
     let pods_line = line("/registry/pods/").context("pods line")?;
     assert_eq!(pods_line.split_whitespace().skip(1).collect::<Vec<_>>(), ["1", "0", "2"], "{}", plan.stdout);
-    let live = c.ctl().run(&["restore", CLUSTER, "--to-revision", &r(txn)]).await?;
-    assert!(!live.success() && live.stderr.contains("not available yet"), "{live:?}");
+    // Without --yes a restore to a point is a dry run too.
+    let live = c.ctl().run(&["restore", CLUSTER, "--to-revision", &r(txn)]).await?.ok()?;
+    assert!(live.stdout.contains("nothing was restored") && live.stdout.contains("--yes"), "{live:?}");
 
     // A stolen node, of this cluster or another, can neither plan a point nor read a segment.
     let keys = s3.aws()?.list_keys(crate::fixtures::TEST_BUCKET, &format!("backups/{CLUSTER}/log/")).await?;
@@ -181,6 +182,7 @@ async fn the_state_at_any_covered_point_is_rebuilt_exactly_from_a_full_backup_an
         for request in [
             AdminRequest::PointInTime { cluster: CLUSTER.into(), at: PointInTime::Latest, through_covered: true },
             AdminRequest::Segment { cluster: CLUSTER.into(), name: name.clone() },
+            AdminRequest::DeriveBackup { cluster: CLUSTER.into(), at: PointInTime::Latest },
         ] {
             let asked = crate::fixtures::hostile::agent_request(&c, &creds, &request).await?;
             assert!(

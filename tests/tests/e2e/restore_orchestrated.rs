@@ -73,6 +73,20 @@ async fn cluster_id_and_revision(etcd: &EtcdCluster) -> anyhow::Result<(u64, i64
     Ok((h.cluster_id(), h.revision()))
 }
 
+/// `ferryctl ARGS` (a restore, given time to finish), which must succeed; the coordinator's log otherwise.
+async fn restore_ok(coordinator: &Coordinator, args: &[&str]) -> anyhow::Result<crate::fixtures::ferry::CtlOutput> {
+    let ctl = coordinator.ctl().with_timeout(RESTORE_TIMEOUT + Duration::from_secs(30));
+    let out = ctl.run(args).await?;
+    anyhow::ensure!(
+        out.success(),
+        "{args:?} failed: {}\n{}\ncoordinator log:\n{}",
+        out.stdout,
+        out.stderr,
+        crate::fixtures::logs::log_tail(coordinator.log_path(), 40)
+    );
+    Ok(out)
+}
+
 async fn restore_status(coordinator: &Coordinator) -> anyhow::Result<Value> {
     Ok(coordinator.ctl().get_json("etcdrestorestatus", Some(CLUSTER)).await?["spec"].clone())
 }
@@ -110,14 +124,7 @@ async fn restore_whole_cluster(mode: Option<&str>) -> anyhow::Result<()> {
         refused.stderr
     );
     args.extend(["--yes", "--wait", "--timeout", "5m"]);
-    let out = ctl.run(&args).await?;
-    assert!(
-        out.success(),
-        "restore failed: {}\n{}\ncoordinator log:\n{}",
-        out.stdout,
-        out.stderr,
-        crate::fixtures::logs::log_tail(coordinator.log_path(), 40)
-    );
+    let out = restore_ok(&coordinator, &args).await?;
     assert!(out.stdout.contains("done"), "{}", out.stdout);
 
     assert_eq!(keyspace(&etcd).await?, at_backup, "the restored keyspace is the backup's, the later writes gone");
@@ -721,5 +728,61 @@ async fn a_restore_starts_a_new_lineage_of_the_change_log_and_keeps_the_old_one(
     let lost = rows.iter().filter(|r| r["key"].as_str().is_some_and(|k| k.starts_with("/after-backup/"))).count();
     assert_eq!(lost, 10, "the old lineage keeps what the restore discarded");
     assert!(rows.iter().any(|r| r["key"] == "/after-restore/x"), "the new lineage has the new write");
+    Ok(())
+}
+
+/// A live restore to a point (issue 31): `ferryctl restore --to-revision N --yes --wait` on three gated
+/// members rebuilds the state at N on the coordinator, stores it as a derived backup (listed, naming its base
+/// and revisions) and restores it through the orchestrated restore: the later writes and deletes are undone,
+/// everything up to N is back, the revision is above any the cluster was seen at.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_restore_to_a_point_undoes_later_writes_and_deletes_and_keeps_earlier_ones() -> anyhow::Result<()> {
+    use crate::changelog::{enable, revision, wait_covered, wait_started};
+    let s3 = crate::fixtures::S3Server::start().await?;
+    let etcd = EtcdCluster::start_gated(3).await?;
+    let coordinator = Coordinator::start_s3(&s3, CoordinatorOptions::s3(&[])).await?;
+    let _agents = start_gated_agents(&coordinator, &etcd).await?;
+    enable(&coordinator, CLUSTER).await?;
+    wait_started(&coordinator, CLUSTER).await?;
+    let mut c = etcd.client().await?;
+    for i in 0..10 {
+        c.put(format!("/registry/pods/default/a{i}"), format!("v{i}"), None).await?;
+    }
+    let (base, _) = backup(&coordinator, CLUSTER).await?;
+    // After the full backup, kept by the restore: in the log only.
+    c.put("/registry/pods/default/new1", "n1", None).await?;
+    for i in 0..3 {
+        c.put(format!("/registry/pods/default/a{i}"), format!("w{i}"), None).await?;
+    }
+    c.delete("/registry/pods/default/a9", None).await?;
+    let good = revision(&etcd).await?;
+    let at_good = keyspace(&etcd).await?;
+    // The bad change found late: undone by the restore.
+    c.delete("/registry/pods/default/", Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
+    c.put("/registry/secrets/default/planted", "bad", None).await?;
+    let (_, highest) = cluster_id_and_revision(&etcd).await?;
+    wait_covered(&coordinator, CLUSTER, highest).await?;
+    // Let the agents report the newest revision.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+
+    let good_s = good.to_string();
+    let args = ["restore", CLUSTER, "--to-revision", &good_s, "--yes", "--wait", "--timeout", "5m"];
+    let out = restore_ok(&coordinator, &args).await?;
+    assert!(out.stdout.contains("derived backup"), "{}", out.stdout);
+    assert_eq!(keyspace(&etcd).await?, at_good, "the key space is the one at revision {good}");
+    let (_, revision_now) = cluster_id_and_revision(&etcd).await?;
+    assert!(revision_now > highest, "revision {revision_now} must be above the {highest} the cluster was seen at");
+    let derived = coordinator
+        .backups(CLUSTER)
+        .await?
+        .into_iter()
+        .find(|b| !b["spec"]["derivedfrom"].is_null())
+        .context("the derived backup is listed")?;
+    assert_eq!(derived["spec"]["derivedfrom"]["backup"], base.as_str(), "{derived}");
+    assert_eq!(derived["spec"]["derivedfrom"]["revision"], good, "{derived}");
+    assert_eq!(derived["spec"]["revision"], good, "{derived}");
+    let st = restore_status(&coordinator).await?;
+    assert_eq!(st["phase"], "done", "{st:#}");
+    assert_no_unexpected_errors(coordinator.log_path(), &[]);
     Ok(())
 }
