@@ -731,8 +731,8 @@ async fn a_restore_starts_a_new_lineage_of_the_change_log_and_keeps_the_old_one(
     Ok(())
 }
 
-/// A live restore to a point (issue 31): `ferryctl restore --to-revision N --yes --wait` on three gated
-/// members rebuilds the state at N on the coordinator, stores it as a derived backup (listed, naming its base
+/// A live restore to a point (issue 31): `ferryctl restore --to-time T --yes --wait` on three gated members
+/// resolves T to the last revision before it (N), rebuilds the state at N on the coordinator, stores it as a derived backup (listed, naming its base
 /// and revisions) and restores it through the orchestrated restore: the later writes and deletes are undone,
 /// everything up to N is back, the revision is above any the cluster was seen at.
 #[tokio::test(flavor = "multi_thread")]
@@ -757,6 +757,10 @@ async fn a_live_restore_to_a_point_undoes_later_writes_and_deletes_and_keeps_ear
     c.delete("/registry/pods/default/a9", None).await?;
     let good = revision(&etcd).await?;
     let at_good = keyspace(&etcd).await?;
+    // The point is given as a time between the good and the bad changes (the coordinator's clock).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let point = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     // The bad change found late: undone by the restore.
     c.delete("/registry/pods/default/", Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
     c.put("/registry/secrets/default/planted", "bad", None).await?;
@@ -765,8 +769,7 @@ async fn a_live_restore_to_a_point_undoes_later_writes_and_deletes_and_keeps_ear
     // Let the agents report the newest revision.
     tokio::time::sleep(Duration::from_secs(11)).await;
 
-    let good_s = good.to_string();
-    let args = ["restore", CLUSTER, "--to-revision", &good_s, "--yes", "--wait", "--timeout", "5m"];
+    let args = ["restore", CLUSTER, "--to-time", &point, "--yes", "--wait", "--timeout", "5m"];
     let out = restore_ok(&coordinator, &args).await?;
     assert!(out.stdout.contains("derived backup"), "{}", out.stdout);
     assert_eq!(keyspace(&etcd).await?, at_good, "the key space is the one at revision {good}");
