@@ -184,6 +184,16 @@ impl Api {
             AdminResponse::PointInTimePlan(p) => p,
             other => return Err(ApiError::Internal(format!("unexpected plan answer {other:?}"))),
         };
+        let encrypted = plan.segments.iter().any(|s| s.encrypted && s.first_revision <= plan.revision);
+        if encrypted && self.settings.identities.is_none() {
+            return Err(ApiError::Invalid(format!(
+                "the change log of {cluster} is encrypted and this coordinator has no --identity, so it cannot rebuild \
+                 the state at revision {} to restore it; start the coordinator with --identity FILE, or rebuild the \
+                 state with `ferryctl backup download {cluster} --at-revision {} --identity FILE -o OUT` and restore \
+                 that file by hand (docs/RESTORE.md)",
+                plan.revision, plan.revision
+            )));
+        }
         let scratch_root = self.changelog.deps().scratch.clone();
         let scratch = std::fs::create_dir_all(&scratch_root)
             .and_then(|()| tempfile::Builder::new().prefix(&format!("{cluster}-derive-")).tempdir_in(&scratch_root))

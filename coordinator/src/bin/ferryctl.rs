@@ -356,6 +356,17 @@ enum BackupCommand {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "10m", requires = "wait")]
         timeout: Duration,
     },
+    /// Store the state at a point as a backup of its own (a derived backup, restorable like any: what
+    /// `restore --to-…` restores), rebuilt by the coordinator from a full backup and the change log.
+    Derive {
+        cluster: String,
+        /// RFC 3339 (e.g. 2026-12-07T03:00:00Z) or how long ago (e.g. 15m), resolved with the coordinator's clock.
+        #[arg(long, value_name = "TIME", value_parser = TimeArg::parse, required_unless_present = "at_revision", conflicts_with = "at_revision")]
+        at: Option<TimeArg>,
+        /// The state at this revision (its changes included).
+        #[arg(long, value_name = "N")]
+        at_revision: Option<i64>,
+    },
     /// Check a backup without touching production: download, verify every hash, restore it into a scratch dir
     /// with etcd's own tool, and report revision, key count and DB size.
     Verify {
@@ -581,6 +592,12 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Backup { command: BackupCommand::Now { cluster, wait, timeout } } => {
             backup_now::run(&cfg()?, &cluster, wait.then_some(timeout)).await?;
+        }
+        Command::Backup { command: BackupCommand::Derive { cluster, at, at_revision } } => {
+            let cfg = cfg()?;
+            let point = pointintime::At::from_flags(at, at_revision, None, false)?;
+            let plan = pointintime::plan(&cfg, &cluster, point, false).await?;
+            pointintime::derive(&cfg, &cluster, plan.revision).await?;
         }
         Command::Backup { command: BackupCommand::Verify { cluster, backup_id, identity } } => {
             let ids = identity.as_deref().map(Identities::load).transpose()?;

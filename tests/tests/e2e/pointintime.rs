@@ -249,5 +249,57 @@ async fn an_encrypted_log_rebuilds_a_point_only_with_the_identity() -> anyhow::R
     let (rev, got) = restore_and_dump(&remote).await?;
     assert_eq!(rev, point);
     assert_eq!(got.get(b"/registry/secrets/default/s".as_slice()).map(|k| k.0.clone()), Some(b"one".to_vec()));
+
+    // Stored as a derived backup (what a restore to the point restores), it is sealed like the cluster's own:
+    // as stored it is an age file, and only the identity opens it back to the state at the point.
+    c.ctl()
+        .with_timeout(Duration::from_secs(120))
+        .run(&["backup", "derive", CLUSTER, "--at-revision", &p])
+        .await?
+        .ok()?;
+    let derived =
+        c.backups(CLUSTER).await?.into_iter().find(|b| !b["spec"]["derivedfrom"].is_null()).context("derived")?;
+    assert_eq!(derived["spec"]["encryption"]["recipients"][0], recipient.as_str(), "{derived}");
+    assert_eq!(derived["spec"]["revision"], point, "{derived}");
+    let id = derived["metadata"]["id"].as_str().context("id")?.to_owned();
+    let sealed = dir.path().join("derived.age");
+    c.download_backup(CLUSTER, &id, &sealed, false).await?;
+    assert!(std::fs::read(&sealed)?.starts_with(b"age-encryption.org/v1"), "stored sealed");
+    let opened = dir.path().join("derived.db");
+    let opened_s = opened.display().to_string();
+    c.ctl()
+        .run(&["backup", "download", CLUSTER, &id, "-o", &opened_s, "--decompress", "--identity", &key_s])
+        .await?
+        .ok()?;
+    let (rev, got) = restore_and_dump(&opened).await?;
+    assert_eq!(rev, point);
+    assert_eq!(got.get(b"/registry/secrets/default/s".as_slice()).map(|k| k.0.clone()), Some(b"one".to_vec()));
+    Ok(())
+}
+
+/// A restore to a point of an encrypted cluster needs the coordinator's identity (it rebuilds the state);
+/// without one it is refused before anything happens, saying how to do it instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_to_a_point_of_an_encrypted_log_without_the_coordinators_identity_is_refused() -> anyhow::Result<()> {
+    use crate::encryption::{age_identity, encrypt_to};
+    let s3 = S3Server::start().await?;
+    let etcd = EtcdCluster::start(1).await?;
+    let dir = crate::fixtures::test_dir("pit-age-none")?;
+    let (_key, recipient) = age_identity(dir.path())?;
+    let c = Coordinator::start_s3(&s3, CoordinatorOptions::s3(&[])).await?;
+    let _agents = c.start_agents(CLUSTER, &etcd).await?;
+    encrypt_to(&c, &[&recipient]).await?;
+    enable(&c, CLUSTER).await?;
+    wait_started(&c, CLUSTER).await?;
+    backup(&c, None).await?;
+    etcd.client().await?.put("/registry/secrets/default/s", "one", None).await?;
+    let point = revision(&etcd).await?;
+    wait_covered(&c, CLUSTER, point).await?;
+    let out = c.ctl().run(&["backup", "derive", CLUSTER, "--at-revision", &point.to_string()]).await?;
+    assert!(
+        !out.success() && out.stderr.contains("no --identity") && out.stderr.contains("--identity FILE"),
+        "{out:?}"
+    );
+    assert!(c.backups(CLUSTER).await?.iter().all(|b| b["spec"]["derivedfrom"].is_null()), "nothing derived");
     Ok(())
 }
