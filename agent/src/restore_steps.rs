@@ -369,6 +369,7 @@ async fn check(c: &mut Client, revision: i64) -> Result<RestoredMember> {
         revision: header.revision(),
         has_leader: st.leader() != 0,
         learner: st.is_learner(),
+        leader: st.leader() != 0 && st.leader() == header.member_id(),
         hash: None,
         keys: None,
     };

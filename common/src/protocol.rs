@@ -692,6 +692,8 @@ pub struct RestoredMember {
     pub has_leader: bool,
     /// Whether the member is a learner.
     pub learner: bool,
+    /// Whether the member is its cluster's leader.
+    pub leader: bool,
     /// `HashKV` at the asked revision (when asked with one).
     pub hash: Option<u32>,
     /// Keys at the asked revision (when asked with one).

@@ -1193,9 +1193,25 @@ impl Driver {
     }
 
     async fn release_all(&mut self) -> Result<(), Stop> {
-        // In turn, as holding: a release restarts etcd, and restarts at once cost a leader's handover timeout.
+        // As holding: the followers at once, then the leader (a release restarts etcd, and a leader restarted
+        // while its peers restart too waits out a handover timeout).
         let id = self.id.clone();
-        for member in self.planned_members()? {
+        let mut members = self.planned_members()?;
+        let pending: Vec<String> = members.iter().filter(|m| !self.at_least(m, step::RELEASED)).cloned().collect();
+        let leader = self
+            .check_all(&pending, 0)
+            .await
+            .into_iter()
+            .find(|(_, c)| c.as_ref().is_ok_and(|c| c.leader))
+            .map(|(m, _)| m);
+        let followers: Vec<String> = pending.iter().filter(|m| Some(*m) != leader.as_ref()).cloned().collect();
+        if leader.is_some() && followers.len() > 1 {
+            let i = id.clone();
+            self.at_once(&followers, step::RELEASED, &move || RestoreStep::Release { restore_id: i.clone() }).await?;
+        }
+        // What is left one by one, with retries: the leader last.
+        members.sort_by_key(|m| Some(m) == leader.as_ref());
+        for member in members {
             if self.at_least(&member, step::RELEASED) {
                 continue;
             }

@@ -523,6 +523,7 @@ async fn a_lying_member_cannot_get_a_restore_verified_and_nothing_serves() -> an
                 revision: 1 << 40,
                 has_leader: true,
                 learner: false,
+                leader: false,
                 hash: (*revision > 0).then_some(0xbad),
                 keys: (*revision > 0).then_some(1),
             })),
