@@ -25,9 +25,9 @@ PIDS=()
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
-    ((${#PIDS[@]})) && kill -TERM "${PIDS[@]}" 2>/dev/null
+    ((${#PIDS[@]})) && kill -TERM "${PIDS[@]}" 2>/dev/null || true
     sleep 2
-    ((${#PIDS[@]})) && kill -KILL "${PIDS[@]}" 2>/dev/null
+    ((${#PIDS[@]})) && kill -KILL "${PIDS[@]}" 2>/dev/null || true
     wait 2>/dev/null || true
     exit "$status"
 }

@@ -341,14 +341,18 @@ impl Credentials {
         }
         let key = csr_public_key(csr_pem).map_err(|e| Refused::Csr(e.to_string()))?;
         let (_, lifetime) = life(&s);
-        let signed = self
-            .inner
-            .authority
-            .get()
+        let cas = self.inner.authority.get();
+        let signed = cas
             .signer()
             .issue_agent_for_key(&s.cluster, &s.member, lifetime, &key)
             .map_err(|e| Refused::Issue(e.to_string()))?;
         self.put_record(&s.cluster, &s.member, &signed.serial, signed.not_after, Some(serial))?;
+        // A rotation step between signing and recording would date an old CA's certificate as the new one's
+        // (a rotation judges records by their issue time): that one is not handed out, the renewal is retried.
+        if !Arc::ptr_eq(&cas, &self.inner.authority.get()) {
+            self.revoke_serials(ResourceType::AgentCredential, std::slice::from_ref(&signed.serial))?;
+            return Err(Refused::Issue("the CAs changed while renewing; it is retried".into()));
+        }
         let unused = self.serials(&s.cluster, |o| {
             o.member == s.member && o.renewedfrom.as_deref() == Some(serial) && o.serial != signed.serial
         })?;
