@@ -762,6 +762,24 @@ impl Driver {
         Ok(())
     }
 
+    /// Hold and release order: one attempt of the step on every follower at once (when the leader is known and
+    /// there are several), then the planned members for the one-by-one path with its retries, the leader last
+    /// (a member already at `done` is skipped there).
+    async fn followers_first(
+        &mut self,
+        leader: Option<String>,
+        done: &str,
+        make: &(dyn Fn() -> RestoreStep + Sync),
+    ) -> Result<Vec<String>, Stop> {
+        let mut members = self.planned_members()?;
+        let followers: Vec<String> = members.iter().filter(|m| Some(*m) != leader.as_ref()).cloned().collect();
+        if leader.is_some() && followers.len() > 1 {
+            self.at_once(&followers, done, make).await?;
+        }
+        members.sort_by_key(|m| Some(m) == leader.as_ref());
+        Ok(members)
+    }
+
     async fn hold_all(&mut self) -> Result<(), Stop> {
         // The followers at once, then the leader: a leader stopped while its peers stop too spends seconds trying
         // to hand its leadership over (measured: 6 s for the last of three held at once, ~1.3 s each in turn),
@@ -769,16 +787,9 @@ impl Driver {
         let id = self.id.clone();
         let leader =
             self.deps.agents.live(&self.cluster).into_iter().find(|a| a.facts.as_ref().is_some_and(|f| f.leader));
-        let leader = leader.map(|a| a.member);
-        let mut members = self.planned_members()?;
-        let followers: Vec<String> = members.iter().filter(|m| Some(*m) != leader.as_ref()).cloned().collect();
-        if leader.is_some() && followers.len() > 1 {
-            let i = id.clone();
-            self.at_once(&followers, step::HELD, &move || RestoreStep::Hold { restore_id: i.clone() }).await?;
-        }
-        // What is left one by one, with retries: the leader last.
-        members.sort_by_key(|m| Some(m) == leader.as_ref());
-        for member in members {
+        let i = id.clone();
+        let hold = move || RestoreStep::Hold { restore_id: i.clone() };
+        for member in self.followers_first(leader.map(|a| a.member), step::HELD, &hold).await? {
             if self.at_least(&member, step::HELD) {
                 continue;
             }
@@ -1196,22 +1207,17 @@ impl Driver {
         // As holding: the followers at once, then the leader (a release restarts etcd, and a leader restarted
         // while its peers restart too waits out a handover timeout).
         let id = self.id.clone();
-        let mut members = self.planned_members()?;
-        let pending: Vec<String> = members.iter().filter(|m| !self.at_least(m, step::RELEASED)).cloned().collect();
+        let pending: Vec<String> =
+            self.planned_members()?.into_iter().filter(|m| !self.at_least(m, step::RELEASED)).collect();
         let leader = self
             .check_all(&pending, 0)
             .await
             .into_iter()
             .find(|(_, c)| c.as_ref().is_ok_and(|c| c.leader))
             .map(|(m, _)| m);
-        let followers: Vec<String> = pending.iter().filter(|m| Some(*m) != leader.as_ref()).cloned().collect();
-        if leader.is_some() && followers.len() > 1 {
-            let i = id.clone();
-            self.at_once(&followers, step::RELEASED, &move || RestoreStep::Release { restore_id: i.clone() }).await?;
-        }
-        // What is left one by one, with retries: the leader last.
-        members.sort_by_key(|m| Some(m) == leader.as_ref());
-        for member in members {
+        let i = id.clone();
+        let release = move || RestoreStep::Release { restore_id: i.clone() };
+        for member in self.followers_first(leader, step::RELEASED, &release).await? {
             if self.at_least(&member, step::RELEASED) {
                 continue;
             }
